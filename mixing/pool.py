@@ -1,0 +1,260 @@
+"""A bounded, device-resident pool of generated samples, filled asynchronously by a producer thread.
+
+The producer calls ``produce()`` (a callable returning a :class:`hands.sample.HandBatch` on the pool's
+device: in practice :meth:`mixing.source.SyntheticSource.generate`) whenever the pool has room, while the
+trainer draws samples with :meth:`SamplePool.take`. Each sample carries a reuse count; a sample drawn
+``max_reuse`` times leaves the pool. ``take`` prefers fresh samples, then the least-reused ones, so the
+trainer never waits while the pool holds enough usable samples; it waits (and the wait is counted as
+stall time) only when fewer than the requested number are usable.
+
+On a CUDA device the producer runs on its own stream; every chunk it adds carries an event, and ``take``
+makes the consumer's current stream wait on the events of the chunks it reads, so there is no host sync.
+
+Failures: a generated sample with a non-finite image is dropped and counted (``dropped_nonfinite``); an
+exception in ``produce`` stops the producer and is re-raised in the trainer by the next ``take`` (as a
+``RuntimeError`` whose ``__cause__`` is the original), never a hang. ``close()`` stops and joins the
+producer; the pool is also a context manager.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from hands.sample import HandBatch, concat_batches
+
+__all__ = ["SamplePool", "PoolStats", "ProducerError"]
+
+
+class ProducerError(RuntimeError):
+    """The pool's producer raised; ``__cause__`` holds the original exception."""
+
+
+@dataclass
+class PoolStats:
+    """Counters of a :class:`SamplePool` (all plain Python numbers; read them with :meth:`SamplePool.stats`)."""
+
+    produced: int = 0
+    dropped_nonfinite: int = 0
+    evicted: int = 0
+    taken: int = 0
+    taken_fresh: int = 0
+    stall_s: float = 0.0
+    busy_s: float = 0.0
+    reuse_histogram: Counter = field(default_factory=Counter)  # reuse count at the time of drawing -> n
+
+    def as_dict(self, wall_s: float | None = None) -> dict:
+        out = {
+            "produced": self.produced,
+            "dropped_nonfinite": self.dropped_nonfinite,
+            "evicted": self.evicted,
+            "taken": self.taken,
+            "fresh_fraction": self.taken_fresh / self.taken if self.taken else 0.0,
+            "mean_reuse": (
+                sum(k * v for k, v in self.reuse_histogram.items()) / self.taken if self.taken else 0.0
+            ),
+            "reuse_histogram": {str(k): v for k, v in sorted(self.reuse_histogram.items())},
+            "trainer_stall_s": self.stall_s,
+            "generator_busy_s": self.busy_s,
+            "images_per_s": self.produced / self.busy_s if self.busy_s > 0 else 0.0,
+        }
+        if wall_s:
+            out["stall_fraction"] = self.stall_s / wall_s
+        return out
+
+
+class _Chunk:
+    """One produced HandBatch and the reuse count of each of its samples."""
+
+    def __init__(self, batch: HandBatch, event):
+        self.batch = batch
+        self.reuse = [0] * len(batch)
+        self.alive = [True] * len(batch)
+        self.event = event  # a torch.cuda.Event on CUDA, else None
+
+    def n_alive(self) -> int:
+        return sum(self.alive)
+
+
+class SamplePool:
+    """A bounded pool of generated samples with a background producer.
+
+    Args:
+        produce: callable returning a HandBatch of new samples (on ``device``).
+        capacity: the most samples the pool holds (it stops producing when full).
+        max_reuse: a sample is drawn at most this many times.
+        device: where the samples live; a CUDA device gives the producer its own stream.
+        seed: seeds the tie-breaking among equally-reused samples, so runs repeat.
+        start: start the producer thread now (else call :meth:`start`).
+    """
+
+    def __init__(
+        self,
+        produce: Callable[[], HandBatch],
+        *,
+        capacity: int = 256,
+        max_reuse: int = 4,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        start: bool = True,
+    ):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if max_reuse < 1:
+            raise ValueError(f"max_reuse must be >= 1, got {max_reuse}")
+        self.produce = produce
+        self.capacity = capacity
+        self.max_reuse = max_reuse
+        self.device = torch.device(device)
+        self._chunks: list[_Chunk] = []
+        self._lock = threading.Condition()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._rng = torch.Generator().manual_seed(seed)
+        self._stats = PoolStats()
+        self._started_at = time.perf_counter()
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ producer side
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="SamplePool-producer", daemon=True)
+        self._thread.start()
+
+    def _size(self) -> int:
+        return sum(c.n_alive() for c in self._chunks)
+
+    def _run(self) -> None:
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        try:
+            while not self._stop.is_set():
+                with self._lock:
+                    while self._size() >= self.capacity and not self._stop.is_set():
+                        self._lock.wait(timeout=0.1)
+                if self._stop.is_set():
+                    return
+                started = time.perf_counter()
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        batch = self.produce()
+                        batch = self._drop_nonfinite(batch)
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                else:
+                    batch = self._drop_nonfinite(self.produce())
+                    event = None
+                busy = time.perf_counter() - started
+                with self._lock:
+                    self._stats.busy_s += busy
+                    if batch is not None and len(batch):
+                        self._chunks.append(_Chunk(batch, event))
+                        self._stats.produced += len(batch)
+                    self._lock.notify_all()
+        except BaseException as exc:  # surfaced in the trainer by take()
+            with self._lock:
+                self._error = exc
+                self._lock.notify_all()
+
+    def _drop_nonfinite(self, batch: HandBatch) -> HandBatch | None:
+        # One reduction per produced chunk; the host reads it to decide what to keep (outside the trainer).
+        finite = torch.isfinite(batch.image.flatten(1)).all(1)
+        n_bad = int((~finite).sum())
+        if n_bad == 0:
+            return batch
+        with self._lock:
+            self._stats.dropped_nonfinite += n_bad
+        return batch.select(finite) if n_bad < len(batch) else None
+
+    # ------------------------------------------------------------------ consumer side
+    def take(self, n: int, timeout: float | None = None) -> HandBatch:
+        """Draw ``n`` samples: fresh ones first, then the least reused; waits only if fewer are usable.
+
+        Raises :class:`ProducerError` if the producer failed, ``TimeoutError`` after ``timeout`` seconds.
+        """
+        if n < 1:
+            raise ValueError(f"take: n must be >= 1, got {n}")
+        if n > self.capacity:
+            raise ValueError(f"take: asked for {n} samples but the pool holds at most {self.capacity}")
+        waited = 0.0
+        with self._lock:
+            start = time.perf_counter()
+            while self._size() < n:
+                if self._error is not None:
+                    raise ProducerError(f"the sample pool's producer failed: {self._error!r}") from self._error
+                if self._thread is None or not self._thread.is_alive():
+                    if self._error is None:
+                        raise ProducerError("the sample pool's producer is not running (closed or never started)")
+                self._lock.wait(timeout=0.05)
+                if timeout is not None and time.perf_counter() - start > timeout:
+                    raise TimeoutError(f"take({n}): the pool did not fill within {timeout} s")
+            waited = time.perf_counter() - start
+            picks = self._pick(n)
+            parts, events = [], []
+            for chunk, positions in picks:
+                parts.append(chunk.batch.select(positions))
+                if chunk.event is not None:
+                    events.append(chunk.event)
+                for p in positions:
+                    self._stats.reuse_histogram[chunk.reuse[p]] += 1
+                    if chunk.reuse[p] == 0:
+                        self._stats.taken_fresh += 1
+                    chunk.reuse[p] += 1
+                    if chunk.reuse[p] >= self.max_reuse:
+                        chunk.alive[p] = False
+                        self._stats.evicted += 1
+            self._chunks = [c for c in self._chunks if c.n_alive() > 0]
+            self._stats.taken += n
+            self._stats.stall_s += waited
+            self._lock.notify_all()
+        if events:
+            current = torch.cuda.current_stream(self.device)
+            for event in events:
+                current.wait_event(event)
+        return concat_batches(parts)
+
+    def _pick(self, n: int) -> list[tuple[_Chunk, list[int]]]:
+        candidates = [
+            (chunk.reuse[p], int(torch.randint(1 << 30, (1,), generator=self._rng)), ci, p)
+            for ci, chunk in enumerate(self._chunks)
+            for p in range(len(chunk.reuse))
+            if chunk.alive[p]
+        ]
+        candidates.sort()
+        chosen: dict[int, list[int]] = {}
+        for _, _, ci, p in candidates[:n]:
+            chosen.setdefault(ci, []).append(p)
+        return [(self._chunks[ci], sorted(ps)) for ci, ps in sorted(chosen.items())]
+
+    # ------------------------------------------------------------------ bookkeeping
+    def __len__(self) -> int:
+        with self._lock:
+            return self._size()
+
+    def stats(self) -> dict:
+        """Fresh fraction, mean reuse, reuse histogram, trainer stall and generator busy time, images/s."""
+        with self._lock:
+            return self._stats.as_dict(wall_s=time.perf_counter() - self._started_at)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the producer and join it (it finishes the chunk it is generating)."""
+        self._stop.set()
+        with self._lock:
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+            if self._thread.is_alive():
+                raise RuntimeError(f"the sample pool's producer did not stop within {timeout} s")
+            self._thread = None
+
+    def __enter__(self) -> "SamplePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
