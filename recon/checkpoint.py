@@ -1,0 +1,257 @@
+"""Checkpoints: weights, training state and a JSON sidecar that describes them.
+
+A checkpoint named ``step_000200`` in a folder is three files, written in this order, each to a temporary
+name first and then moved into place with ``os.replace`` (atomic on one file system):
+
+- ``step_000200.safetensors``: the model's weights (``safetensors.torch.save_model``).
+- ``step_000200.state.pt``: what resuming needs besides the weights: the optimizer's ``state_dict`` and the
+  random-number states (torch CPU and CUDA, NumPy, Python), saved with ``torch.save`` and read back with
+  ``weights_only=True``. A separate file keeps the weights file loadable by any safetensors reader.
+- ``step_000200.json``: the sidecar, written last, so its presence marks a complete checkpoint: format
+  version, the regressor's registry name and constructor arguments, the full run config, the data-order
+  state (epoch, step, step within the epoch, sampler seed, world size) and the SHA-256 of the two other
+  files, which turns a truncated or swapped file into a clear error rather than silent garbage.
+
+``recon.test`` needs the ``.safetensors`` and ``.json`` files only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "save_checkpoint",
+    "read_checkpoint_info",
+    "find_checkpoint",
+    "load_weights",
+    "load_training_state",
+    "capture_rng_state",
+    "restore_rng_state",
+]
+
+FORMAT = "attentionhand-aug/recon-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^step_(\d+)\.json$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, in one line naming the file and what is wrong."""
+
+
+@dataclass
+class CheckpointInfo:
+    """The parsed sidecar of one checkpoint.
+
+    json_path: the sidecar; weights_path / state_path: the other two files.
+    meta: the sidecar's content (arch, model_kwargs, config, step, epoch, step_in_epoch, ...).
+    """
+
+    json_path: Path
+    weights_path: Path
+    state_path: Path
+    meta: dict
+
+    @property
+    def arch(self) -> str:
+        return self.meta["arch"]
+
+    @property
+    def model_kwargs(self) -> dict:
+        return dict(self.meta["model_kwargs"])
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _replace_atomically(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+
+
+def capture_rng_state() -> dict:
+    """The random states of torch (CPU and every CUDA device), NumPy and Python, as torch-loadable values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(
+    folder: str | Path,
+    *,
+    model: nn.Module,
+    arch: str,
+    model_kwargs: dict,
+    config: dict,
+    optimizer: Optional[torch.optim.Optimizer],
+    progress: dict,
+    keep_last: int = 0,
+    extra: Optional[dict] = None,
+) -> Path:
+    """Write ``folder/step_<progress['step']>.{safetensors,state.pt,json}`` atomically; returns the JSON path.
+
+    progress: data-order state, at least ``step`` (optimizer steps done), ``epoch``, ``step_in_epoch``
+        (batches of ``epoch`` already consumed), ``sampler_seed`` and ``world_size``.
+    keep_last: when > 0, delete older complete checkpoints in ``folder`` beyond the newest ``keep_last``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"step_{int(progress['step']):06d}"
+    weights_path, state_path, json_path = (folder / f"{stem}{suffix}" for suffix in (".safetensors", ".state.pt", ".json"))
+    tmp = f".tmp-{os.getpid()}"
+
+    weights_tmp = weights_path.with_name(weights_path.name + tmp)
+    save_model(model, str(weights_tmp), metadata={"format": FORMAT, "arch": arch})
+    _replace_atomically(weights_tmp, weights_path)
+
+    state = {"optimizer": optimizer.state_dict() if optimizer is not None else None, "rng": capture_rng_state()}
+    state_tmp = state_path.with_name(state_path.name + tmp)
+    torch.save(state, state_tmp)
+    _replace_atomically(state_tmp, state_path)
+
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": arch,
+        "model_kwargs": model_kwargs,
+        "config": config,
+        **{key: value for key, value in progress.items()},
+        "weights": weights_path.name,
+        "weights_sha256": _sha256(weights_path),
+        "state": state_path.name,
+        "state_sha256": _sha256(state_path),
+        **(extra or {}),
+    }
+    json_tmp = json_path.with_name(json_path.name + tmp)
+    json_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    _replace_atomically(json_tmp, json_path)
+
+    if keep_last > 0:
+        for old in _complete_checkpoints(folder)[:-keep_last]:
+            for path in (old, old.with_suffix(".safetensors"), old.with_name(old.stem + ".state.pt")):
+                path.unlink(missing_ok=True)  # the JSON first: a half-deleted checkpoint is never "complete"
+    return json_path
+
+
+def _complete_checkpoints(folder: Path) -> list[Path]:
+    """Sidecars in ``folder`` ordered by step (oldest first)."""
+    found = [(int(m.group(1)), p) for p in folder.glob("step_*.json") if (m := _NAME.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """Resolve a user's checkpoint path to a sidecar: a ``.json`` sidecar, a ``.safetensors`` file (its
+    sidecar beside it), or a folder (its newest checkpoint, also looking into ``checkpoints/``)."""
+    path = Path(path)
+    if path.is_dir():
+        for folder in (path, path / "checkpoints"):
+            found = _complete_checkpoints(folder) if folder.is_dir() else []
+            if found:
+                return found[-1]
+        raise CheckpointError(f"{path}: no checkpoint (step_*.json) in this folder or its checkpoints/")
+    if path.suffix == ".safetensors":
+        sidecar = path.with_suffix(".json")
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
+        if not sidecar.is_file():
+            raise CheckpointError(f"{path}: its sidecar {sidecar.name} is missing (the checkpoint is incomplete)")
+        return sidecar
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
+        return path
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    raise CheckpointError(f"{path}: expected a .safetensors or .json checkpoint file or a run folder")
+
+
+def read_checkpoint_info(path: str | Path, *, need_state: bool = False) -> CheckpointInfo:
+    """Parse and check a checkpoint's sidecar and the presence and checksums of its files."""
+    json_path = find_checkpoint(path)
+    try:
+        meta = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{json_path}: not a valid JSON sidecar ({error.__class__.__name__}: {error})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{json_path}: not a recon checkpoint sidecar (no format {FORMAT!r})")
+    if int(meta.get("version", -1)) > VERSION:
+        raise CheckpointError(f"{json_path}: checkpoint format version {meta.get('version')} is newer than {VERSION}")
+    for key in ("arch", "model_kwargs", "config", "step", "weights", "weights_sha256"):
+        if key not in meta:
+            raise CheckpointError(f"{json_path}: sidecar lacks the key {key!r}")
+    weights_path = json_path.with_name(meta["weights"])
+    state_path = json_path.with_name(meta.get("state", ""))
+    if not weights_path.is_file():
+        raise CheckpointError(f"{json_path}: its weights file {weights_path.name} is missing")
+    if _sha256(weights_path) != meta["weights_sha256"]:
+        raise CheckpointError(
+            f"{weights_path}: checksum differs from the sidecar's (truncated, corrupt or replaced weights)"
+        )
+    if need_state:
+        if not state_path.is_file():
+            raise CheckpointError(f"{json_path}: its training-state file {state_path.name} is missing")
+        if _sha256(state_path) != meta.get("state_sha256"):
+            raise CheckpointError(f"{state_path}: checksum differs from the sidecar's (truncated or corrupt)")
+    return CheckpointInfo(json_path=json_path, weights_path=weights_path, state_path=state_path, meta=meta)
+
+
+def load_weights(model: nn.Module, info: CheckpointInfo, device: str | torch.device = "cpu") -> None:
+    """Load the checkpoint's weights into ``model`` (strict); mismatches raise CheckpointError in one line."""
+    try:
+        missing, unexpected = load_model(model, str(info.weights_path), strict=False, device=str(device))
+    except SafetensorError as error:
+        raise CheckpointError(f"{info.weights_path}: unreadable safetensors file ({error})") from None
+    except RuntimeError as error:  # size mismatches from load_state_dict
+        first = " ".join(str(error).split())[:300]
+        raise CheckpointError(f"{info.weights_path}: weights do not fit regressor {info.arch!r}: {first}") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{info.weights_path}: weights do not fit regressor {info.arch!r}: "
+            f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
+        )
+
+
+def load_training_state(info: CheckpointInfo) -> dict:
+    """The optimizer state and RNG states saved with the checkpoint (``{"optimizer": ..., "rng": ...}``)."""
+    try:
+        return torch.load(info.state_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle/zip errors of a damaged file
+        raise CheckpointError(f"{info.state_path}: unreadable training state ({type(error).__name__}: {error})") from None

@@ -1,0 +1,284 @@
+"""The configuration of a training run: typed dataclasses, YAML files, ``key=value`` overrides.
+
+One config system (OmegaConf structured configs) with strict keys. A run's config is built in layers, each
+overriding the previous one:
+
+1. the dataclass defaults below;
+2. ``configs/recon/<profile>.yaml`` (``demo``: sized for 2 CPU cores; ``paper``: the recipe of the paper);
+3. ``configs/recon/<arch>.yaml`` and ``configs/recon/<arch>.<profile>.yaml`` when they exist (the
+   regressor's constructor arguments under ``model:``);
+4. ``--config FILE``;
+5. the command-line flags (``--epochs``, ``--batch-size``, ...);
+6. ``key=value`` overrides (``train.lr=3e-4 model.backbone=resnet34``).
+
+An unknown key or a value of the wrong type fails with one line naming the key and where it came from.
+The ``model`` section is checked against the regressor's constructor signature (its annotated keyword
+arguments are its schema). :func:`from_config` is the one place where a config becomes constructor
+arguments.
+"""
+import dataclasses
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "RunConfig",
+    "CONFIG_DIR",
+    "load_config",
+    "from_config",
+    "model_schema",
+    "to_dict",
+    "from_dict",
+]
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "recon"
+PROFILES = ("demo", "paper")
+
+
+class ConfigError(ValueError):
+    """A config problem, in one line that names the key and its source."""
+
+
+@dataclass
+class DataConfig:
+    """Which data to train and test on and how samples become model inputs.
+
+    root: a folder holding one sub-folder per dataset (``<root>/ih26m``, ``<root>/reih``, ``<root>/hic``,
+        ``<root>/synthlab``), or the one dataset's own folder when a single dataset is named; None: the
+        embedded synthlab benchmark (written on first use into the cache folder).
+    train / test: dataset specs ``name`` or ``name:split`` (split defaults: synthlab train-lab / test-lab and
+        test-wild; others train / test).
+    image_size: (H, W) pixels of the model input (crop around both hands, resized).
+    """
+
+    root: Optional[str] = None
+    train: List[str] = field(default_factory=lambda: ["synthlab"])
+    test: List[str] = field(default_factory=lambda: ["synthlab"])
+    image_size: Tuple[int, int] = (128, 128)
+    augment: bool = True
+    num_workers: int = 0
+    max_train_samples: Optional[int] = None
+    max_test_samples: Optional[int] = None
+    # Sizes of the embedded synthlab benchmark when it has to be written (samples per split, image side).
+    synthlab_train_size: int = 256
+    synthlab_test_size: int = 64
+    synthlab_image_size: int = 128
+
+
+@dataclass
+class OptimConfig:
+    """Adam with step decay by epoch: ``lr * lr_decay_gamma ** (number of lr_decay_epochs <= epoch)``."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_decay_epochs: List[int] = field(default_factory=list)
+    lr_decay_gamma: float = 0.1
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (across epochs)
+    batch_size: int = 16  # per process
+    synthetic_ratio: float = 0.0  # share of each batch from the generator (mixing package), 0 <= r < 1
+    ckpt_every: int = 200  # steps between checkpoints (a final one is always written)
+    log_every: int = 10  # steps between TensorBoard scalars
+    image_every: int = 100  # steps between TensorBoard image grids; 0 disables them
+    backbone_weights: Optional[str] = None  # a file the regressor's load_backbone_weights() reads
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    at_end: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; written into every checkpoint."""
+
+    arch: str = "baseline"
+    profile: str = "demo"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out: str = "runs/recon"
+    mano_dir: Optional[str] = None  # official MANO_RIGHT/LEFT.pkl; None: the procedural hand
+    model: Dict[str, Any] = field(default_factory=dict)  # the regressor's constructor arguments
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _one_line(error: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(error, "full_key", None) or "?"
+    message = str(getattr(error, "msg", None) or error).splitlines()[0]
+    if "not in" in message and "Key" in message:
+        return ConfigError(f"config ({source}): unknown key '{key}'")
+    return ConfigError(f"config ({source}): bad value for '{key}': {message}")
+
+
+def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    try:
+        layer_cfg = layer if isinstance(layer, DictConfig) else OmegaConf.create(layer)
+        return OmegaConf.merge(base, layer_cfg)
+    except OmegaConfBaseException as error:
+        raise _one_line(error, source) from None
+
+
+def _read_yaml(path: Path, source: str) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config ({source}): no such file {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as error:  # yaml.YAMLError and OmegaConf's own errors
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"config ({source}): cannot parse {path}: {first}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config ({source}): {path} must hold a mapping at the top level")
+    return loaded
+
+
+def _parse_overrides(overrides: List[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.lr=3e-4)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as error:
+        raise _one_line(error, "key=value overrides") from None
+
+
+def load_config(
+    *,
+    profile: Optional[str] = None,
+    arch: Optional[str] = None,
+    config_file: Optional[str] = None,
+    flags: Optional[Dict[str, Any]] = None,
+    overrides: Optional[List[str]] = None,
+) -> DictConfig:
+    """Build a run's config from the layers described in the module docstring.
+
+    profile / arch: None takes them from the later layers (or the defaults). flags: dotted keys from
+    command-line flags, e.g. ``{"train.epochs": 2}`` (None values are skipped). overrides: ``key=value``
+    strings. Returns a read-only, fully typed DictConfig. Raises ConfigError with one line.
+    """
+    flags = {key: value for key, value in (flags or {}).items() if value is not None}
+    override_cfg = _parse_overrides(overrides or [])
+    file_cfg = _read_yaml(Path(config_file), f"--config {config_file}") if config_file else OmegaConf.create()
+    flag_cfg = OmegaConf.create()
+    for key, value in flags.items():
+        OmegaConf.update(flag_cfg, key, value, force_add=True)
+
+    # The profile and the arch decide which files come in; the later layers may name them.
+    def pick(key: str, explicit: Optional[str], default: str) -> str:
+        if explicit is not None:
+            return explicit
+        for layer in (override_cfg, flag_cfg, file_cfg):
+            value = OmegaConf.select(layer, key)
+            if value is not None:
+                return str(value)
+        return default
+
+    profile = pick("profile", profile, RunConfig.profile)
+    arch = pick("arch", arch, RunConfig.arch)
+    if profile not in PROFILES:
+        raise ConfigError(f"--profile {profile}: expected one of {', '.join(PROFILES)}")
+
+    cfg = OmegaConf.structured(RunConfig)
+    OmegaConf.set_struct(cfg, True)
+    cfg = _merge(cfg, _read_yaml(CONFIG_DIR / f"{profile}.yaml", f"profile {profile}"), f"{profile}.yaml")
+    for name in (f"{arch}.yaml", f"{arch}.{profile}.yaml"):
+        if (CONFIG_DIR / name).is_file():
+            cfg = _merge(cfg, _read_yaml(CONFIG_DIR / name, name), name)
+    cfg = _merge(cfg, file_cfg, f"--config {config_file}")
+    cfg = _merge(cfg, flag_cfg, "command-line flags")
+    cfg = _merge(cfg, override_cfg, "key=value overrides")
+    cfg = _merge(cfg, {"profile": profile, "arch": arch}, "command-line flags")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def model_schema(cls: type) -> type:
+    """A dataclass whose fields are the keyword arguments of ``cls.__init__`` (annotations and defaults),
+    so that OmegaConf checks a ``model:`` section against the constructor. Unannotated arguments and types
+    OmegaConf cannot check become ``Any``."""
+    signature = inspect.signature(cls.__init__)
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that does not resolve: check names only
+        hints = {}
+    fields = []
+    for name, parameter in signature.parameters.items():
+        if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        annotation = hints.get(name, Any)
+        default = parameter.default
+        if default is inspect.Parameter.empty:
+            spec = field(default=None)
+            annotation = Optional[annotation] if annotation is not Any else Any
+        elif isinstance(default, (list, dict, set)):
+            spec = field(default_factory=lambda value=default: type(value)(value))
+        else:
+            spec = field(default=default)
+        fields.append((name, annotation, spec))
+    schema = dataclasses.make_dataclass(f"{cls.__name__}Args", fields)
+    try:
+        OmegaConf.structured(schema)
+    except OmegaConfBaseException:
+        loose = [(name, Any, spec) for name, _, spec in fields]
+        schema = dataclasses.make_dataclass(f"{cls.__name__}Args", loose)
+    return schema
+
+
+def from_config(cfg: DictConfig, cls: type) -> Dict[str, Any]:
+    """The regressor's constructor arguments from a run config: the ``model`` section, checked against the
+    constructor of ``cls`` (unknown keys / wrong types raise ConfigError naming ``model.<key>``), plus
+    ``mano_dir`` when the constructor takes it and the model section does not set it."""
+    schema = OmegaConf.structured(model_schema(cls))
+    OmegaConf.set_struct(schema, True)
+    try:
+        checked = OmegaConf.merge(schema, cfg.model)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "?"
+        message = str(getattr(error, "msg", None) or error).splitlines()[0]
+        if "not in" in message and "Key" in message:
+            known = ", ".join(f.name for f in dataclasses.fields(model_schema(cls)))
+            raise ConfigError(
+                f"config: unknown key 'model.{key}' for regressor {cfg.arch!r}; it takes: {known}"
+            ) from None
+        raise ConfigError(f"config: bad value for 'model.{key}': {message}") from None
+    given = set(cfg.model.keys())
+    kwargs = OmegaConf.to_container(checked, resolve=True)  # every argument, defaults filled in, typed
+    parameters = inspect.signature(cls.__init__).parameters
+    if "mano_dir" in parameters and "mano_dir" not in given:
+        kwargs["mano_dir"] = cfg.mano_dir
+    for name, parameter in parameters.items():
+        if parameter.default is inspect.Parameter.empty and name in kwargs and name not in given:
+            raise ConfigError(f"config: regressor {cfg.arch!r} needs 'model.{name}' (it has no default)")
+    return kwargs
+
+
+def to_dict(cfg: DictConfig) -> Dict[str, Any]:
+    """A plain, JSON-serialisable dict of a config (tuples become lists)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def from_dict(data: Dict[str, Any]) -> DictConfig:
+    """The inverse of :func:`to_dict`, checked against :class:`RunConfig` (for checkpoints)."""
+    cfg = OmegaConf.structured(RunConfig)
+    OmegaConf.set_struct(cfg, True)
+    cfg = _merge(cfg, data, "checkpoint")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
