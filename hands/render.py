@@ -1,0 +1,583 @@
+"""A batched pure-torch rasterizer for MANO-sized meshes, and the mesh images of AttentionHand.
+
+Conventions (shared by every function here):
+
+- Image points are pixels, x right, y down, pixel centres at integer coordinates: pixel ``(row i, col j)``
+  is covered by a triangle when the point ``(x=j, y=i)`` lies inside it (or on its edge, see the tie rule).
+- ``verts_img_z`` (B, V, 3) carries ``x, y`` in pixels and ``z`` the camera-space depth in metres
+  (+z in front of the camera). Camera space is OpenCV's (x right, y down, z forward), as in hands.camera.
+- Images are (B, C, H, W) floats in [0, 1]; per-pixel maps are (B, H, W).
+- Face indices in fragments index the faces tensor given for that batch element (0..F-1); -1 is empty.
+
+Why our own rasterizer: pytorch3d (the renderer AttentionHand used) cannot be installed on these machines,
+and the mesh images must be made on the device of the labels, inside the training loop. moderngl is not
+differentiable and needs a GL context. So this is a small torch rasterizer:
+
+1. every face's pixel bounding box is computed and clipped to the image; faces with a vertex behind the
+   near plane, non-finite vertices, zero screen area or no pixel centre inside their box are dropped;
+2. faces are bucketed by the size of their box: bucket k holds faces whose box side is at most 2**k
+   pixels (windows 1, 2, 4, ..., capped at the image size, so the last bucket is the fallback that holds
+   faces as large as the image); each bucket evaluates its faces' windows densely (edge functions), so the
+   work is at most 4x the faces' box areas and no face is ever clipped by its window;
+3. candidates are reduced per pixel with ``scatter_reduce(..., "amin")`` on one int64 key that packs
+   (float32 depth bits, face index): the nearest face wins, exact depth ties go to the lower face index;
+4. barycentrics and depth are recomputed once per pixel from the winning face (differentiable w.r.t.
+   the vertices, though not through the choice of the winner).
+
+Tie rule: coverage is inclusive, a pixel centre exactly on an edge belongs to every face sharing that edge
+(no cracks between adjacent faces; the z-buffer then picks one of them).
+
+Host synchronisation: one, the ``.tolist()`` of the per-bucket face counts that sizes the buckets'
+tensors (see :func:`rasterize`). Everything else stays on the inputs' device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hands.camera import bbox_crop_affine, crop_image, project, scale_bbox, square_bbox
+
+__all__ = [
+    "Fragments",
+    "MeshRender",
+    "RenderOutput",
+    "RIGHT_HAND_COLOR",
+    "LEFT_HAND_COLOR",
+    "DEFAULT_AMBIENT",
+    "DEFAULT_LIGHT_DIR",
+    "SIDE_BACKGROUND",
+    "SIDE_RIGHT",
+    "SIDE_LEFT",
+    "rasterize",
+    "vertex_normals",
+    "interpolate",
+    "shade",
+    "render_mesh",
+    "render_hands",
+    "crop_local",
+]
+
+# Colours of the two hands in mesh images (linear RGB in [0, 1], before shading). AttentionHand's mesh
+# images are grey-shaded; we tint the sides so that the generator can tell the right hand from the left.
+RIGHT_HAND_COLOR = (0.55, 0.78, 0.95)  # light cyan / blue-grey
+LEFT_HAND_COLOR = (0.98, 0.68, 0.55)  # light orange / pink
+# Lambert shading: intensity = ambient + (1 - ambient) * |n . l| (two-sided: MANO's wrist is open, so the
+# inside of the mesh can be seen and is lit as well).
+DEFAULT_AMBIENT = 0.3
+# Direction from the surface towards the light, camera space: a light at the camera, shining along +z.
+DEFAULT_LIGHT_DIR = (0.0, 0.0, -1.0)
+# Values of RenderOutput.side.
+SIDE_BACKGROUND, SIDE_RIGHT, SIDE_LEFT = 0, 1, 2
+
+# Faces are evaluated in chunks of at most this many candidate pixels (bounds the temporaries' memory).
+_MAX_CANDIDATES = 1 << 22
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+
+@dataclass
+class Fragments:
+    """Per-pixel rasterization result.
+
+    face_index: (B, H, W) long, index of the visible face in that batch element's faces, -1 where empty.
+    bary: (B, H, W, 3) perspective-correct barycentric coordinates of the pixel centre in that face
+        (zeros where empty).
+    depth: (B, H, W) camera-space depth in metres, +inf where empty.
+    """
+
+    face_index: Tensor
+    bary: Tensor
+    depth: Tensor
+
+    @property
+    def mask(self) -> Tensor:
+        """(B, H, W) bool, True where a face is visible."""
+        return self.face_index >= 0
+
+
+@dataclass
+class MeshRender:
+    """Output of :func:`render_mesh`.
+
+    image: (B, 3, H, W) shaded colours in [0, 1], ``background`` where empty.
+    depth: (B, H, W) metres, +inf where empty. mask: (B, H, W) bool.
+    fragments: the :class:`Fragments` it was shaded from.
+    """
+
+    image: Tensor
+    depth: Tensor
+    mask: Tensor
+    fragments: Fragments
+
+
+@dataclass
+class RenderOutput:
+    """Output of :func:`render_hands`.
+
+    image: (B, 3, H, W) float in [0, 1], black background, right hand in RIGHT_HAND_COLOR and left hand in
+        LEFT_HAND_COLOR, Lambert-shaded with a light at the camera.
+    depth: (B, H, W) metres, +inf where empty.
+    side: (B, H, W) int8, SIDE_BACKGROUND (0), SIDE_RIGHT (1) or SIDE_LEFT (2).
+    mask: (B, H, W) bool, True where either hand is visible.
+    """
+
+    image: Tensor
+    depth: Tensor
+    side: Tensor
+    mask: Tensor
+
+
+def _check_image_size(image_size) -> tuple[int, int]:
+    try:
+        height, width = (int(image_size[0]), int(image_size[1]))
+    except (TypeError, IndexError, ValueError):
+        raise ValueError(f"image_size must be (H, W) integers, got {image_size!r}") from None
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image_size must be positive (H, W), got {image_size!r}")
+    return height, width
+
+
+def _batched_faces(faces: Tensor, batch: int, num_verts: int, name: str = "faces") -> Tensor:
+    """faces: (F, 3) or (B, F, 3) -> (B, F, 3) long, checked."""
+    if faces.dim() == 2:
+        faces = faces.unsqueeze(0).expand(batch, -1, -1)
+    if faces.dim() != 3 or faces.shape[-1] != 3 or faces.shape[0] != batch:
+        raise ValueError(f"{name} must be (F, 3) or (B={batch}, F, 3), got {tuple(faces.shape)}")
+    if faces.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be an integer tensor, got {faces.dtype}")
+    return faces.long()
+
+
+def _gather_faces(verts: Tensor, faces: Tensor) -> Tensor:
+    """verts: (B, V, C); faces: (B, F, 3) -> (B, F, 3, C) the vertices of each face."""
+    batch, num_faces = faces.shape[:2]
+    index = faces.reshape(batch, num_faces * 3, 1).expand(-1, -1, verts.shape[-1])
+    return torch.gather(verts, 1, index).reshape(batch, num_faces, 3, verts.shape[-1])
+
+
+def _edge_functions(tri: Tensor, px: Tensor, py: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Screen-space barycentrics of pixel centres.
+
+    tri: (..., 3, 3) face vertices (x, y pixels; z metres) broadcastable against px, py (...) pixel
+    coordinates (already expanded so that ``tri[..., i, c]`` broadcasts with px). Returns l0, l1, l2 (...)
+    with l0 + l1 + l2 = 1 (affine barycentrics in the image plane) and the signed doubled area (...).
+    """
+    x0, y0 = tri[..., 0, 0], tri[..., 0, 1]
+    x1, y1 = tri[..., 1, 0], tri[..., 1, 1]
+    x2, y2 = tri[..., 2, 0], tri[..., 2, 1]
+    area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
+    w0 = (x1 - px) * (y2 - py) - (y1 - py) * (x2 - px)
+    w1 = (x2 - px) * (y0 - py) - (y2 - py) * (x0 - px)
+    w2 = (x0 - px) * (y1 - py) - (y0 - py) * (x1 - px)
+    return w0 / area, w1 / area, w2 / area, area
+
+
+def _perspective(l0: Tensor, l1: Tensor, l2: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """Screen-space barycentrics (...) and vertex depths z (..., 3) -> (bary (..., 3), depth (...)).
+
+    1/z is affine in the image plane for a perspective projection, so depth = 1 / sum(l_i / z_i) and the
+    perspective-correct barycentrics are (l_i / z_i) * depth.
+    """
+    q = torch.stack([l0, l1, l2], -1) / z  # (..., 3)
+    inv_depth = q.sum(-1)
+    depth = 1.0 / inv_depth
+    return q * depth.unsqueeze(-1), depth
+
+
+def _depth_key(depth: Tensor, face_id: Tensor) -> Tensor:
+    """Pack (depth > 0, face_id >= 0) into one int64 whose order is (depth, face_id) order.
+
+    The bit pattern of a positive float32 is monotonic in its value, so (bits << 32) | face_id sorts by
+    depth first (float32 precision) and by face index on exact ties.
+    """
+    bits = depth.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    return (bits << 32) | face_id
+
+
+def rasterize(
+    verts_img_z: Tensor,
+    faces: Tensor,
+    image_size,
+    *,
+    near: float = 1e-3,
+    cull_backfaces: bool = False,
+    face_valid: Tensor | None = None,
+    max_candidates: int = _MAX_CANDIDATES,
+) -> Fragments:
+    """Rasterize triangle meshes with a z-buffer.
+
+    verts_img_z: (B, V, 3) vertex x, y in pixels (pixel centres at integer coordinates, x right, y down) and
+        z, the camera-space depth in metres.
+    faces: (F, 3) shared by the batch, or (B, F, 3) one face list per batch element; long.
+    image_size: (H, W) pixels.
+    near: faces with any vertex at z <= near (metres) are dropped (no clipping).
+    cull_backfaces: drop faces whose normal (v1 - v0) x (v2 - v0) points away from the camera, which in
+        this image convention (x right, y down) is a positive screen-space signed area. Off by default
+        (MANO's wrist is open, so its inside can be seen).
+    face_valid: optional (B, F) bool, faces to draw (False faces are dropped).
+    max_candidates: a bucket's faces are evaluated in chunks of at most this many candidate pixels.
+
+    Returns :class:`Fragments` on the device of ``verts_img_z``; bary and depth in its dtype (computed in
+    at least float32).
+    """
+    if verts_img_z.dim() != 3 or verts_img_z.shape[-1] != 3:
+        raise ValueError(f"verts_img_z must be (B, V, 3), got {tuple(verts_img_z.shape)}")
+    if not verts_img_z.is_floating_point():
+        raise ValueError(f"verts_img_z must be a floating tensor, got {verts_img_z.dtype}")
+    height, width = _check_image_size(image_size)
+    batch, num_verts = verts_img_z.shape[:2]
+    device, out_dtype = verts_img_z.device, verts_img_z.dtype
+    dtype = torch.promote_types(out_dtype, torch.float32)  # edge functions need at least float32
+    verts_img_z = verts_img_z.to(dtype)
+    faces = _batched_faces(faces.to(device), batch, num_verts)
+    num_faces = faces.shape[1]
+    if face_valid is not None and tuple(face_valid.shape) != (batch, num_faces):
+        raise ValueError(f"face_valid must be (B={batch}, F={num_faces}), got {tuple(face_valid.shape)}")
+
+    num_pixels = batch * height * width
+    key = torch.full((num_pixels,), _INT64_MAX, dtype=torch.int64, device=device)
+    tri = _gather_faces(verts_img_z, faces)  # (B, F, 3, 3)
+    tri_flat = tri.reshape(batch * num_faces, 3, 3)  # (N, 3, 3), N = B * F
+
+    if num_faces > 0:
+        # 1. Boxes of pixel centres covered by each face's bounding box, clipped to the image.
+        x, y, z = tri_flat[..., 0], tri_flat[..., 1], tri_flat[..., 2]  # (N, 3)
+        valid = (z > near).all(-1) & torch.isfinite(tri_flat).all(-1).all(-1)
+        area = (tri_flat[:, 1, 0] - tri_flat[:, 0, 0]) * (tri_flat[:, 2, 1] - tri_flat[:, 0, 1]) - (
+            tri_flat[:, 1, 1] - tri_flat[:, 0, 1]
+        ) * (tri_flat[:, 2, 0] - tri_flat[:, 0, 0])
+        valid &= area != 0
+        if cull_backfaces:
+            valid &= area < 0
+        if face_valid is not None:
+            valid &= face_valid.reshape(-1).to(device=device, dtype=torch.bool)
+        # Clamp before rounding so huge / non-finite coordinates cannot overflow the integer conversion.
+        x = torch.nan_to_num(x, nan=-2.0).clamp(-2.0, width + 1.0)
+        y = torch.nan_to_num(y, nan=-2.0).clamp(-2.0, height + 1.0)
+        col0 = torch.ceil(x.amin(-1)).long().clamp(min=0)
+        col1 = torch.floor(x.amax(-1)).long().clamp(max=width - 1)
+        row0 = torch.ceil(y.amin(-1)).long().clamp(min=0)
+        row1 = torch.floor(y.amax(-1)).long().clamp(max=height - 1)
+        box_w = col1 - col0 + 1
+        box_h = row1 - row0 + 1
+        valid &= (box_w > 0) & (box_h > 0)
+
+        # 2. Buckets: bucket k holds faces with max(box_w, box_h) <= 2**k; the window is capped at the image.
+        side = torch.maximum(box_w, box_h)
+        num_buckets = max(max(height, width) - 1, 1).bit_length() + 1  # 2**(num_buckets-1) >= max(H, W)
+        powers = torch.tensor([1 << k for k in range(num_buckets)], device=device)
+        bucket = (side.unsqueeze(-1) > powers).sum(-1)  # (N,), 0 .. num_buckets - 1
+        bucket = torch.where(valid, bucket, torch.full_like(bucket, num_buckets))  # dropped faces last
+        order = torch.argsort(bucket)
+        # Host sync (the only one): the face count of each bucket sizes its dense window tensors.
+        counts = torch.bincount(bucket, minlength=num_buckets + 1).tolist()
+
+        face_in_batch = torch.arange(num_faces, device=device).repeat(batch)  # (N,)
+        batch_of_face = torch.arange(batch, device=device).repeat_interleave(num_faces)  # (N,)
+        start = 0
+        for k in range(num_buckets):
+            count = counts[k]
+            if count == 0:
+                continue
+            win_w, win_h = min(1 << k, width), min(1 << k, height)
+            chunk = max(1, max_candidates // (win_w * win_h))
+            for lo in range(start, start + count, chunk):
+                idx = order[lo : min(lo + chunk, start + count)]
+                _rasterize_window(
+                    key,
+                    tri_flat[idx],
+                    col0[idx],
+                    row0[idx],
+                    col1[idx],
+                    row1[idx],
+                    face_in_batch[idx],
+                    batch_of_face[idx],
+                    win_w,
+                    win_h,
+                    height,
+                    width,
+                )
+            start += count
+
+    # 3. Winners: unpack the face index and recompute barycentrics / depth from the winning face.
+    hit = key != _INT64_MAX
+    face_index = torch.where(hit, key & 0xFFFFFFFF, torch.full_like(key, -1))  # (B*H*W,)
+    face_flat = torch.where(hit, face_index, torch.zeros_like(face_index))
+    face_flat = face_flat + torch.arange(batch, device=device).repeat_interleave(height * width) * num_faces
+    pix = torch.arange(height * width, device=device)
+    px = (pix % width).to(dtype).repeat(batch)
+    py = torch.div(pix, width, rounding_mode="floor").to(dtype).repeat(batch)
+    if num_faces > 0:
+        tri_pix = tri_flat[face_flat]  # (B*H*W, 3, 3)
+        l0, l1, l2, _ = _edge_functions(tri_pix, px, py)
+        bary, depth = _perspective(l0, l1, l2, tri_pix[..., 2])
+        bary = torch.where(hit.unsqueeze(-1), bary, torch.zeros_like(bary))
+        depth = torch.where(hit, depth, torch.full_like(depth, float("inf")))
+    else:
+        bary = torch.zeros(num_pixels, 3, dtype=dtype, device=device)
+        depth = torch.full((num_pixels,), float("inf"), dtype=dtype, device=device)
+    return Fragments(
+        face_index=face_index.reshape(batch, height, width),
+        bary=bary.reshape(batch, height, width, 3).to(out_dtype),
+        depth=depth.reshape(batch, height, width).to(out_dtype),
+    )
+
+
+def _rasterize_window(
+    key: Tensor,
+    tri: Tensor,
+    col0: Tensor,
+    row0: Tensor,
+    col1: Tensor,
+    row1: Tensor,
+    face_id: Tensor,
+    batch_id: Tensor,
+    win_w: int,
+    win_h: int,
+    height: int,
+    width: int,
+) -> None:
+    """Evaluate n faces over a dense (win_h, win_w) window anchored at their box corner; update ``key``.
+
+    key: (B*H*W,) int64 packed (depth, face) z-buffer, updated in place with scatter_reduce "amin".
+    tri: (n, 3, 3) faces (x, y pixels, z metres); col0/row0/col1/row1: (n,) clipped pixel boxes, inclusive;
+    face_id: (n,) face index within the batch element; batch_id: (n,).
+    """
+    dx = torch.arange(win_w, device=key.device)
+    dy = torch.arange(win_h, device=key.device)
+    cols = col0[:, None, None] + dx[None, None, :]  # (n, 1, win_w)
+    rows = row0[:, None, None] + dy[None, :, None]  # (n, win_h, 1)
+    inside_box = (cols <= col1[:, None, None]) & (rows <= row1[:, None, None])  # (n, win_h, win_w)
+    px = cols.to(tri.dtype)
+    py = rows.to(tri.dtype)
+    t = tri[:, None, None]  # (n, 1, 1, 3, 3)
+    l0, l1, l2, _ = _edge_functions(t, px, py)  # (n, win_h, win_w)
+    inside = inside_box & (l0 >= 0) & (l1 >= 0) & (l2 >= 0)
+    _, depth = _perspective(l0, l1, l2, t[..., 2])  # (n, win_h, win_w)
+    depth = torch.where(inside, depth, torch.ones_like(depth))  # keep the packed key well defined
+    cand = _depth_key(depth, face_id[:, None, None].expand_as(depth))
+    cand = torch.where(inside, cand, torch.full_like(cand, _INT64_MAX))
+    pixel = (batch_id[:, None, None] * height + rows.clamp(max=height - 1)) * width + cols.clamp(max=width - 1)
+    key.scatter_reduce_(0, pixel.expand_as(cand).reshape(-1), cand.reshape(-1), reduce="amin", include_self=True)
+
+
+def vertex_normals(verts: Tensor, faces: Tensor) -> Tensor:
+    """Area-weighted unit vertex normals.
+
+    verts: (B, V, 3) positions (any frame, e.g. camera space, metres); faces: (F, 3) or (B, F, 3) long.
+    Returns (B, V, 3) in the same frame; a vertex on no (or only degenerate) faces gets a zero normal.
+    The orientation follows the faces' winding: n = sum over faces of (v1 - v0) x (v2 - v0).
+    """
+    batch, num_verts = verts.shape[:2]
+    faces = _batched_faces(faces.to(verts.device), batch, num_verts)
+    tri = _gather_faces(verts, faces)  # (B, F, 3, 3)
+    face_normal = torch.linalg.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0])  # (B, F, 3)
+    normals = torch.zeros_like(verts)
+    for corner in range(3):
+        normals = normals.scatter_add(1, faces[:, :, corner, None].expand(-1, -1, 3), face_normal)
+    return torch.nn.functional.normalize(normals, dim=-1, eps=1e-12)
+
+
+def interpolate(fragments: Fragments, faces: Tensor, vertex_attrs: Tensor) -> Tensor:
+    """Interpolate per-vertex attributes at each pixel with the perspective-correct barycentrics.
+
+    fragments: from :func:`rasterize`; faces: (F, 3) or (B, F, 3), the faces it was rasterized with;
+    vertex_attrs: (B, V, C). Returns (B, H, W, C), zeros where empty.
+    """
+    batch, height, width = fragments.face_index.shape
+    faces = _batched_faces(faces.to(vertex_attrs.device), batch, vertex_attrs.shape[1])
+    face_attrs = _gather_faces(vertex_attrs, faces)  # (B, F, 3, C)
+    channels = vertex_attrs.shape[-1]
+    face = fragments.face_index.clamp(min=0).reshape(batch, height * width)  # (B, HW)
+    corner = torch.gather(face_attrs, 1, face[:, :, None, None].expand(-1, -1, 3, channels))  # (B, HW, 3, C)
+    bary = fragments.bary.reshape(batch, height * width, 3, 1).to(vertex_attrs.dtype)
+    out = (corner * bary).sum(-2).reshape(batch, height, width, channels)
+    return torch.where(fragments.mask.unsqueeze(-1), out, torch.zeros_like(out))
+
+
+def shade(
+    fragments: Fragments,
+    verts_cam: Tensor,
+    faces: Tensor,
+    vertex_colors: Tensor | None = None,
+    face_colors: Tensor | None = None,
+    light_dir=DEFAULT_LIGHT_DIR,
+    ambient: float = DEFAULT_AMBIENT,
+    background=0.0,
+) -> Tensor:
+    """Two-sided Lambert + ambient shading with interpolated vertex normals.
+
+    fragments: from :func:`rasterize` of these vertices; verts_cam: (B, V, 3) camera space, metres;
+    faces: (F, 3) or (B, F, 3). Colour per pixel: vertex_colors (B, V, 3) interpolated, or face_colors
+    (B, F, 3) flat, or white when neither is given (grey shading). light_dir: (3,) or (B, 3) direction from
+    the surface towards a directional light, camera space (default: the camera, (0, 0, -1)).
+    intensity = ambient + (1 - ambient) * |n . l|. background: a float or (3,) colour for empty pixels.
+    Returns (B, 3, H, W) in [0, 1], in the dtype of verts_cam.
+    """
+    if vertex_colors is not None and face_colors is not None:
+        raise ValueError("give vertex_colors or face_colors, not both")
+    batch, height, width = fragments.face_index.shape
+    dtype, device = verts_cam.dtype, verts_cam.device
+    normals = interpolate(fragments, faces, vertex_normals(verts_cam, faces))  # (B, H, W, 3)
+    normals = torch.nn.functional.normalize(normals, dim=-1, eps=1e-12)
+    light = torch.as_tensor(light_dir, dtype=dtype, device=device).reshape(-1, 1, 1, 3)
+    light = torch.nn.functional.normalize(light, dim=-1)
+    intensity = ambient + (1.0 - ambient) * (normals * light).sum(-1).abs()  # (B, H, W)
+    if vertex_colors is not None:
+        color = interpolate(fragments, faces, vertex_colors.to(dtype))
+    elif face_colors is not None:
+        face = fragments.face_index.clamp(min=0).reshape(batch, height * width, 1).expand(-1, -1, 3)
+        color = torch.gather(face_colors.to(dtype), 1, face).reshape(batch, height, width, 3)
+    else:
+        color = torch.ones(batch, height, width, 3, dtype=dtype, device=device)
+    lit = (color * intensity.unsqueeze(-1)).clamp(0.0, 1.0)
+    bg = torch.as_tensor(background, dtype=dtype, device=device).expand(3)
+    image = torch.where(fragments.mask.unsqueeze(-1), lit, bg)
+    return image.permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+
+
+def render_mesh(
+    verts_cam: Tensor,
+    faces: Tensor,
+    K: Tensor,
+    image_size,
+    vertex_colors: Tensor | None = None,
+    *,
+    face_colors: Tensor | None = None,
+    face_valid: Tensor | None = None,
+    light_dir=DEFAULT_LIGHT_DIR,
+    ambient: float = DEFAULT_AMBIENT,
+    background=0.0,
+    near: float = 1e-3,
+    cull_backfaces: bool = False,
+) -> MeshRender:
+    """Project, rasterize and shade meshes.
+
+    verts_cam: (B, V, 3) camera space, metres; faces: (F, 3) or (B, F, 3); K: (3, 3) or (B, 3, 3)
+    intrinsics, pixels; image_size: (H, W). vertex_colors (B, V, 3) / face_colors (B, F, 3) in [0, 1]
+    (grey when neither); face_valid: (B, F) bool faces to draw. See :func:`shade` for the lighting.
+    """
+    if verts_cam.dim() != 3 or verts_cam.shape[-1] != 3:
+        raise ValueError(f"verts_cam must be (B, V, 3), got {tuple(verts_cam.shape)}")
+    K = K.to(verts_cam.dtype)
+    if K.dim() == 2:
+        K = K.expand(verts_cam.shape[0], 3, 3)
+    if tuple(K.shape) != (verts_cam.shape[0], 3, 3):
+        raise ValueError(f"K must be (3, 3) or (B={verts_cam.shape[0]}, 3, 3), got {tuple(K.shape)}")
+    verts_img = project(verts_cam, K)  # (B, V, 2)
+    verts_img_z = torch.cat([verts_img, verts_cam[..., 2:3]], -1)
+    fragments = rasterize(
+        verts_img_z, faces, image_size, near=near, cull_backfaces=cull_backfaces, face_valid=face_valid
+    )
+    image = shade(
+        fragments,
+        verts_cam,
+        faces,
+        vertex_colors=vertex_colors,
+        face_colors=face_colors,
+        light_dir=light_dir,
+        ambient=ambient,
+        background=background,
+    )
+    return MeshRender(image=image, depth=fragments.depth, mask=fragments.mask, fragments=fragments)
+
+
+def render_hands(
+    right_verts_cam: Tensor,
+    left_verts_cam: Tensor,
+    faces_right: Tensor,
+    faces_left: Tensor,
+    K: Tensor,
+    image_size,
+    right_valid: Tensor | None = None,
+    left_valid: Tensor | None = None,
+    *,
+    right_color=RIGHT_HAND_COLOR,
+    left_color=LEFT_HAND_COLOR,
+    light_dir=DEFAULT_LIGHT_DIR,
+    ambient: float = DEFAULT_AMBIENT,
+) -> RenderOutput:
+    """The global mesh image of AttentionHand: both hands in one z-buffer, sides in distinguishable colours.
+
+    right_verts_cam, left_verts_cam: (B, V_r, 3), (B, V_l, 3) camera space, metres (V = 778 for MANO);
+    faces_right, faces_left: (F_r, 3), (F_l, 3) long (each indexes its own hand's vertices);
+    K: (B, 3, 3) or (3, 3) intrinsics in pixels; image_size: (H, W);
+    right_valid, left_valid: (B,) bool, hands that exist (invalid hands are not drawn); default all valid.
+    Returns :class:`RenderOutput` (image (B, 3, H, W) in [0, 1] with a black background, depth (B, H, W),
+    side (B, H, W) int8, mask (B, H, W) bool), in the dtype / on the device of right_verts_cam.
+    """
+    batch, num_right = right_verts_cam.shape[:2]
+    num_left = left_verts_cam.shape[1]
+    if left_verts_cam.shape[0] != batch:
+        raise ValueError(
+            f"right_verts_cam and left_verts_cam must have the same batch size, got "
+            f"{tuple(right_verts_cam.shape)} and {tuple(left_verts_cam.shape)}"
+        )
+    dtype, device = right_verts_cam.dtype, right_verts_cam.device
+    if faces_right.dim() != 2 or faces_left.dim() != 2:
+        raise ValueError(
+            f"faces_right / faces_left must be (F, 3), got {tuple(faces_right.shape)} / {tuple(faces_left.shape)}"
+        )
+    num_faces_right = faces_right.shape[0]
+    verts = torch.cat([right_verts_cam, left_verts_cam.to(dtype)], 1)  # (B, V_r + V_l, 3)
+    faces = torch.cat([faces_right.long(), faces_left.long() + num_right], 0).to(device)  # (F_r + F_l, 3)
+
+    def _valid(v: Tensor | None, name: str) -> Tensor:
+        if v is None:
+            return torch.ones(batch, dtype=torch.bool, device=device)
+        if tuple(v.shape) != (batch,):
+            raise ValueError(f"{name} must be (B={batch},), got {tuple(v.shape)}")
+        return v.to(device=device, dtype=torch.bool)
+
+    face_valid = torch.cat(
+        [
+            _valid(right_valid, "right_valid")[:, None].expand(-1, num_faces_right),
+            _valid(left_valid, "left_valid")[:, None].expand(-1, faces_left.shape[0]),
+        ],
+        1,
+    )  # (B, F_r + F_l)
+    colors = torch.cat(
+        [
+            torch.as_tensor(right_color, dtype=dtype, device=device).expand(batch, num_right, 3),
+            torch.as_tensor(left_color, dtype=dtype, device=device).expand(batch, num_left, 3),
+        ],
+        1,
+    )  # (B, V_r + V_l, 3)
+    out = render_mesh(
+        verts, faces, K, image_size, vertex_colors=colors, face_valid=face_valid, light_dir=light_dir, ambient=ambient
+    )
+    face_index = out.fragments.face_index
+    side = torch.full_like(face_index, SIDE_LEFT, dtype=torch.int8)
+    side = side.masked_fill(face_index < num_faces_right, SIDE_RIGHT).masked_fill(face_index < 0, SIDE_BACKGROUND)
+    return RenderOutput(image=out.image, depth=out.depth, side=side, mask=out.mask)
+
+
+def crop_local(
+    images: Tensor,
+    bbox: Tensor,
+    size: int,
+    scale: float = 1.0,
+    *,
+    mode: str = "bilinear",
+    return_affine: bool = False,
+):
+    """The local image of AttentionHand: a square crop around a hand box, resized to (size, size).
+
+    images: (B, C, H, W) (RGB or mesh images); bbox: (B, 4) x0, y0, x1, y1 pixels; size: output side in
+    pixels; scale: the square box (the box extended to a square about its centre) is grown by this factor.
+    mode: "bilinear" or "nearest" (use nearest for label maps).
+    Returns (B, C, size, size), zeros outside the source image; with return_affine=True also the (B, 2, 3)
+    affine mapping source pixels to crop pixels (hands.camera.apply_affine maps points with it).
+    """
+    if images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be a floating (B, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+    if bbox.shape != (images.shape[0], 4):
+        raise ValueError(f"bbox must be (B={images.shape[0]}, 4), got {tuple(bbox.shape)}")
+    if int(size) <= 0:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    size = int(size)
+    box = scale_bbox(square_bbox(bbox.to(device=images.device, dtype=images.dtype)), scale)
+    affine = bbox_crop_affine(box, (size, size))  # (B, 2, 3)
+    crops = crop_image(images, affine, (size, size), mode=mode)
+    return (crops, affine) if return_affine else crops
