@@ -23,7 +23,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -237,6 +237,7 @@ def load_weights(model: nn.Module, info: CheckpointInfo, device: str | torch.dev
     """Load the checkpoint's weights into ``model`` (strict); mismatches raise CheckpointError in one line."""
     try:
         missing, unexpected = load_model(model, str(info.weights_path), strict=False, device=str(device))
+        missing, unexpected = sorted(missing), sorted(unexpected)
     except SafetensorError as error:
         raise CheckpointError(f"{info.weights_path}: unreadable safetensors file ({error})") from None
     except RuntimeError as error:  # size mismatches from load_state_dict

@@ -65,6 +65,7 @@ class DataConfig:
     train: List[str] = field(default_factory=lambda: ["synthlab"])
     test: List[str] = field(default_factory=lambda: ["synthlab"])
     image_size: Tuple[int, int] = (128, 128)
+    crop: str = "hands"  # "hands": the union of the hand boxes x1.3; "image": the whole image (InterWild)
     augment: bool = True
     num_workers: int = 0
     max_train_samples: Optional[int] = None
@@ -121,6 +122,14 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+def _schema() -> DictConfig:
+    """RunConfig as a strict OmegaConf node; ``model`` stays open (the regressor's signature checks it)."""
+    cfg = OmegaConf.structured(RunConfig)
+    OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_struct(cfg.model, False)
+    return cfg
+
+
 def _one_line(error: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(error, "full_key", None) or "?"
     message = str(getattr(error, "msg", None) or error).splitlines()[0]
@@ -167,12 +176,14 @@ def load_config(
     config_file: Optional[str] = None,
     flags: Optional[Dict[str, Any]] = None,
     overrides: Optional[List[str]] = None,
+    base: Optional[DictConfig] = None,
 ) -> DictConfig:
     """Build a run's config from the layers described in the module docstring.
 
     profile / arch: None takes them from the later layers (or the defaults). flags: dotted keys from
     command-line flags, e.g. ``{"train.epochs": 2}`` (None values are skipped). overrides: ``key=value``
-    strings. Returns a read-only, fully typed DictConfig. Raises ConfigError with one line.
+    strings. base: a complete config (a checkpoint's, when resuming) that replaces layers 1-4.
+    Returns a read-only, fully typed DictConfig. Raises ConfigError with one line.
     """
     flags = {key: value for key, value in (flags or {}).items() if value is not None}
     override_cfg = _parse_overrides(overrides or [])
@@ -180,6 +191,13 @@ def load_config(
     flag_cfg = OmegaConf.create()
     for key, value in flags.items():
         OmegaConf.update(flag_cfg, key, value, force_add=True)
+
+    if base is not None:
+        cfg = _merge(_schema(), base, "checkpoint config")
+        cfg = _merge(cfg, flag_cfg, "command-line flags")
+        cfg = _merge(cfg, override_cfg, "key=value overrides")
+        OmegaConf.set_readonly(cfg, True)
+        return cfg
 
     # The profile and the arch decide which files come in; the later layers may name them.
     def pick(key: str, explicit: Optional[str], default: str) -> str:
@@ -196,8 +214,7 @@ def load_config(
     if profile not in PROFILES:
         raise ConfigError(f"--profile {profile}: expected one of {', '.join(PROFILES)}")
 
-    cfg = OmegaConf.structured(RunConfig)
-    OmegaConf.set_struct(cfg, True)
+    cfg = _schema()
     cfg = _merge(cfg, _read_yaml(CONFIG_DIR / f"{profile}.yaml", f"profile {profile}"), f"{profile}.yaml")
     for name in (f"{arch}.yaml", f"{arch}.{profile}.yaml"):
         if (CONFIG_DIR / name).is_file():
@@ -277,8 +294,6 @@ def to_dict(cfg: DictConfig) -> Dict[str, Any]:
 
 def from_dict(data: Dict[str, Any]) -> DictConfig:
     """The inverse of :func:`to_dict`, checked against :class:`RunConfig` (for checkpoints)."""
-    cfg = OmegaConf.structured(RunConfig)
-    OmegaConf.set_struct(cfg, True)
-    cfg = _merge(cfg, data, "checkpoint")
+    cfg = _merge(_schema(), data, "checkpoint")
     OmegaConf.set_readonly(cfg, True)
     return cfg

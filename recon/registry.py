@@ -30,7 +30,7 @@ from typing import Callable, Generic, Iterator, TypeVar
 
 from torch import nn
 
-__all__ = ["Registry", "REGRESSORS", "build_regressor", "import_plugin", "load_builtin_regressors"]
+__all__ = ["Registry", "PluginError", "REGRESSORS", "build_regressor", "import_plugin", "load_builtin_regressors"]
 
 T = TypeVar("T")
 
@@ -92,6 +92,10 @@ def _qualname(obj: object) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
+class PluginError(ValueError):
+    """A --plugin that cannot be found or imported (one line)."""
+
+
 REGRESSORS: Registry[type[nn.Module]] = Registry("regressor")
 REGRESSORS.__doc__ = __doc__
 
@@ -126,18 +130,18 @@ def build_regressor(name: str, **kwargs) -> nn.Module:
 
 def import_plugin(spec: str) -> None:
     """Import a user module that registers regressors: a module name (``my_pkg.my_regressor``) or the path
-    of a ``.py`` file. Raises ValueError with one line when it cannot be imported."""
+    of a ``.py`` file. Raises PluginError with one line when it cannot be found."""
     path = Path(spec)
     if spec.endswith(".py") or path.is_file():
         if not path.is_file():
-            raise ValueError(f"--plugin {spec}: no such file")
+            raise PluginError(f"--plugin {spec}: no such file")
         digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
         module_name = f"recon_plugin_{path.stem}_{digest}"
         if module_name in sys.modules:
             return
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         if module_spec is None or module_spec.loader is None:
-            raise ValueError(f"--plugin {spec}: not an importable Python file")
+            raise PluginError(f"--plugin {spec}: not an importable Python file")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
         try:
@@ -150,5 +154,5 @@ def import_plugin(spec: str) -> None:
         importlib.import_module(spec)
     except ModuleNotFoundError as error:
         if error.name and spec.startswith(error.name):
-            raise ValueError(f"--plugin {spec}: no module named {error.name!r} (give a module name or a .py path)") from error
+            raise PluginError(f"--plugin {spec}: no module named {error.name!r} (give a module name or a .py path)") from error
         raise

@@ -1,0 +1,65 @@
+"""recon.config: layering, strictness (unknown keys, wrong types name the key), model-section checks."""
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+from omegaconf import OmegaConf
+
+from recon.config import ConfigError, from_config, from_dict, load_config, to_dict
+
+
+def test_layers_profile_arch_file_flags_overrides(tmp_path):
+    demo = load_config()
+    assert demo.profile == "demo" and demo.arch == "baseline" and demo.model.backbone == "resnet18"
+    paper = load_config(profile="paper")
+    assert paper.model.backbone == "resnet50"  # configs/recon/baseline.paper.yaml
+    assert paper.train.batch_size == 32 and list(paper.optim.lr_decay_epochs) == [4]
+    extra = tmp_path / "mine.yaml"
+    extra.write_text("train:\n  epochs: 9\n  batch_size: 5\n")
+    cfg = load_config(config_file=str(extra), flags={"train.batch_size": 7}, overrides=["optim.lr=3e-4", "model.hidden_dim=64"])
+    assert cfg.train.epochs == 9  # from the file
+    assert cfg.train.batch_size == 7  # the flag beats the file
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.model.hidden_dim == 64
+    # a checkpoint's config round-trips through JSON-able dicts
+    assert OmegaConf.to_container(from_dict(to_dict(cfg))) == OmegaConf.to_container(cfg)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(overrides=["train.lrr=1"]), r"^config \(key=value overrides\): unknown key 'train.lrr'$"),
+        (dict(overrides=["optim.lr=fast"]), r"bad value for 'optim.lr'"),
+        (dict(overrides=["train.epochs=1.5"]), r"bad value for 'train.epochs'"),
+        (dict(overrides=["epochs"]), r"override 'epochs': expected key=value"),
+        (dict(profile="huge"), r"--profile huge: expected one of demo, paper"),
+        (dict(config_file="/nonexistent/x.yaml"), r"no such file"),
+    ],
+)
+def test_bad_keys_and_values_fail_naming_the_key(kwargs, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_key_in_a_config_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  image_sise: [64, 64]\n")
+    with pytest.raises(ConfigError, match=r"--config .*bad.yaml\): unknown key 'data.image_sise'"):
+        load_config(config_file=str(bad))
+
+
+class _Model:
+    def __init__(self, *, width: int = 8, name: str = "x", mano_dir: Optional[str] = None, scale: float = 1.0):
+        pass
+
+
+def test_from_config_checks_the_model_section_against_the_constructor():
+    cfg = load_config(arch="_model", overrides=["model.width=16", "mano_dir=/some/mano"])  # no _model.yaml
+    kwargs = from_config(cfg, _Model)
+    assert kwargs == {"width": 16, "name": "x", "mano_dir": "/some/mano", "scale": 1.0}
+    with pytest.raises(ConfigError, match=r"unknown key 'model.depth' for regressor '_model'; it takes: width, name, mano_dir, scale"):
+        from_config(load_config(arch="_model", overrides=["model.depth=3"]), _Model)
+    with pytest.raises(ConfigError, match=r"bad value for 'model.width'"):
+        from_config(load_config(arch="_model", overrides=["model.width=wide"]), _Model)
