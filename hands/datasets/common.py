@@ -1,0 +1,319 @@
+"""What every reader shares: the error type, skip counting, file loading and HandLabels assembly.
+
+Conventions (all readers):
+- Positions are metres in the camera frame of the sample's image; datasets' millimetres are converted on
+  load with :func:`hands.units.mm_to_m`.
+- Bad input: a missing file or folder raises :class:`DatasetError` naming the path and what the reader
+  expected there. A bad *record* (missing keys, wrong types, NaN, an empty or out-of-image box) is dropped
+  when the index is built and counted in ``dataset.skipped`` by reason. An image that does not decode is
+  found in ``__getitem__``: the reader counts it, remembers it, and returns the next valid sample
+  (deterministically: index + 1, + 2, ...) with ``meta["substituted_for"]`` naming the sample it replaces, so
+  that counts made in DataLoader worker processes are not lost. ``report_skips()`` logs the counts once
+  (call it once per epoch).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from hands.camera import bbox_from_points, project, scale_bbox
+from hands.sample import Camera, HandLabels, HandSample
+
+__all__ = [
+    "DatasetError",
+    "BadRecord",
+    "HandDataset",
+    "require_dir",
+    "require_file",
+    "load_json",
+    "load_image",
+    "as_array",
+    "as_int",
+    "project_points",
+    "hand_bbox_from_joints",
+    "make_hand_labels",
+    "assemble_sample",
+]
+
+logger = logging.getLogger("hands.datasets")
+
+
+class DatasetError(ValueError):
+    """A dataset file or folder is missing, unreadable or not in the expected layout.
+
+    The message names the path and what the reader expected there.
+    """
+
+
+class BadRecord(Exception):
+    """Raised inside a reader for one bad record; the reader catches it and counts ``reason``."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """``path`` if it is a folder, else a DatasetError naming it and ``what`` should be there."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DatasetError(f"{path}: expected a folder ({what}), found {'a file' if path.exists() else 'nothing'}")
+    return path
+
+
+def require_file(path: Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: expected a file ({what}), found {'a folder' if path.exists() else 'nothing'}")
+    return path
+
+
+def load_json(path: Path, what: str, expect: type | None = dict) -> Any:
+    """Parse a JSON file; any failure (missing, truncated, wrong top-level type) is a DatasetError naming it."""
+    path = require_file(path, what)
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: not valid JSON ({what}): {exc}") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read ({what}): {exc}") from None
+    if expect is not None and not isinstance(data, expect):
+        raise DatasetError(f"{path}: expected a JSON {expect.__name__} at the top level ({what}), got {type(data).__name__}")
+    return data
+
+
+def load_image(path: Path) -> Tensor:
+    """Decode an image file -> (3, H, W) float32 RGB in [0, 1]. Raises BadRecord when it does not decode."""
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise BadRecord("image file missing") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise BadRecord("image does not decode") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def as_array(value: Any, shape: Sequence[int], field: str, allow_nan: bool = False) -> np.ndarray:
+    """A JSON value -> float64 array of ``shape``; a wrong type/shape or a NaN/inf raises BadRecord."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise BadRecord(f"{field}: not numeric") from None
+    if array.size != int(np.prod(shape)):
+        raise BadRecord(f"{field}: wrong size")
+    array = array.reshape(shape)
+    if not allow_nan and not np.isfinite(array).all():
+        raise BadRecord(f"{field}: NaN or inf")
+    return array
+
+
+def as_int(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise BadRecord(f"{field}: not an integer")
+    try:
+        number = float(value)
+    except ValueError:
+        raise BadRecord(f"{field}: not an integer") from None
+    if not math.isfinite(number) or number != int(number):
+        raise BadRecord(f"{field}: not an integer")
+    return int(number)
+
+
+def project_points(points_cam: Tensor, K: Tensor, dist: Tensor | None = None) -> Tensor:
+    """points_cam: (N, 3) metres, camera frame; K: (3, 3); dist: (4,) fisheye k1..k4 or None -> (N, 2) px.
+
+    With non-zero ``dist`` the OpenCV fisheye (Kannala-Brandt) model is used, via kornia.
+    """
+    if dist is None or not bool(dist.abs().sum() > 0):
+        return project(points_cam, K)
+    from kornia.geometry.camera.distortion_kannala_brandt import distort_points_kannala_brandt
+
+    z = points_cam[:, 2:3].clamp(min=1e-6)
+    normalized = points_cam[:, :2] / z  # (N, 2) on the z = 1 plane
+    params = torch.cat([K[0, 0:1], K[1, 1:2], K[0, 2:3], K[1, 2:3], dist.to(K.dtype)])  # (8,)
+    return distort_points_kannala_brandt(normalized, params.expand(normalized.shape[0], 8))
+
+
+def hand_bbox_from_joints(
+    joints_img: Tensor, joints_valid: Tensor, image_size: tuple[int, int], extend: float = 1.2
+) -> Tensor | None:
+    """A hand box from its projected joints (InterWild's rule: the joints inside the image, box x1.2).
+
+    joints_img: (21, 2) px; joints_valid: (21,) bool; image_size: (H, W).
+    Returns (4,) x0, y0, x1, y1 clipped to the image, or None when no valid joint lies in the image.
+    """
+    height, width = image_size
+    inside = (
+        joints_valid
+        & (joints_img[:, 0] >= 0)
+        & (joints_img[:, 0] <= width - 1)
+        & (joints_img[:, 1] >= 0)
+        & (joints_img[:, 1] <= height - 1)
+    )
+    if not bool(inside.any()):
+        return None
+    box = scale_bbox(bbox_from_points(joints_img, inside), extend)
+    box = torch.stack(
+        [box[0].clamp(0, width - 1), box[1].clamp(0, height - 1), box[2].clamp(0, width - 1), box[3].clamp(0, height - 1)]
+    )
+    if bool(box[2] - box[0] < 1) or bool(box[3] - box[1] < 1):
+        return None
+    return box
+
+
+def make_hand_labels(
+    *,
+    joints_cam: Tensor,
+    joints_valid: Tensor,
+    K: Tensor,
+    image_size: tuple[int, int],
+    dist: Tensor | None = None,
+    mano_pose: Tensor | None = None,
+    mano_shape: Tensor | None = None,
+    verts_cam: Tensor | None = None,
+    mesh_wrist_cam: Tensor | None = None,
+) -> HandLabels:
+    """Assemble one hand's HandLabels in camera space (metres).
+
+    joints_cam: (21, 3) our joint order; joints_valid: (21,) bool; K: (3, 3); image_size: (H, W);
+    mano_pose (48,) / mano_shape (10,) / verts_cam (778, 3): a MANO fit already in camera space;
+    ``mano_valid`` is set when pose and verts are given (a mesh without parameters, as HIC's, sets
+    ``verts_cam`` only); mesh_wrist_cam (3,): the mesh's wrist (regressor row 0), used as root when the
+    wrist joint is not valid.
+
+    The hand is ``valid`` when a valid joint projects into the image; ``bbox`` is then the joint box of
+    :func:`hand_bbox_from_joints`. ``root_cam`` is the annotated wrist when valid, else the mesh wrist.
+    """
+    dtype = torch.float32
+    joints_cam = joints_cam.to(dtype)
+    joints_valid = joints_valid.bool() & torch.isfinite(joints_cam).all(-1)
+    joints_cam = torch.where(joints_valid[:, None], joints_cam, torch.zeros_like(joints_cam))
+    labels = HandLabels.empty(dtype)
+    joints_img = project_points(joints_cam, K.to(dtype), dist)
+    joints_img = torch.where(joints_valid[:, None], joints_img, torch.zeros_like(joints_img))
+    bbox = hand_bbox_from_joints(joints_img, joints_valid, image_size)
+    has_mano = mano_pose is not None and verts_cam is not None
+    if bbox is None:
+        return labels  # no valid joint in the image: the hand is absent from this sample
+    labels.joints_cam = joints_cam
+    labels.joints_img = joints_img
+    labels.joints_valid = joints_valid
+    labels.bbox = bbox.to(dtype)
+    labels.valid = torch.tensor(True)
+    if bool(joints_valid[0]):
+        labels.root_cam = joints_cam[0].clone()
+    elif mesh_wrist_cam is not None:
+        labels.root_cam = mesh_wrist_cam.to(dtype)
+    if verts_cam is not None:
+        labels.verts_cam = verts_cam.to(dtype).reshape(778, 3)
+    if has_mano:
+        labels.mano_pose = mano_pose.to(dtype).reshape(48)
+        labels.mano_shape = (mano_shape if mano_shape is not None else torch.zeros(10)).to(dtype).reshape(10)
+        labels.mano_valid = torch.tensor(True)
+    return labels
+
+
+def assemble_sample(
+    *,
+    image: Tensor,
+    right: HandLabels,
+    left: HandLabels,
+    K: Tensor,
+    dist: Tensor | None,
+    hand_type: str,
+    meta: dict,
+) -> HandSample:
+    """A HandSample with ``rel_root`` = left wrist - right wrist when both wrist joints are valid."""
+    both = bool(right.valid and left.valid and right.joints_valid[0] and left.joints_valid[0])
+    rel_root = (left.root_cam - right.root_cam) if both else torch.zeros(3)
+    return HandSample(
+        image=image,
+        right=right,
+        left=left,
+        rel_root=rel_root.float(),
+        rel_root_valid=torch.tensor(both),
+        camera=Camera(K=K.float(), dist=(dist if dist is not None else torch.zeros(4)).float()),
+        hand_type=hand_type,
+        meta=meta,
+    )
+
+
+class HandDataset(torch.utils.data.Dataset):
+    """Base of the readers: an index of records, skip counting, decode-failure substitution.
+
+    Subclasses fill ``self.records`` (a list, one per sample) in their constructor, counting dropped
+    records with :meth:`skip`, and implement :meth:`load(record) -> HandSample` which may raise
+    :class:`BadRecord` (an image that does not decode).
+
+    Attributes:
+        skipped: Counter of dropped records by reason (index-time skips and decode failures seen by this
+            process).
+    """
+
+    name = "base"
+
+    def __init__(self) -> None:
+        self.records: list = []
+        self.skipped: Counter = Counter()
+        self._bad: set[int] = set()
+        self._reported: Counter = Counter()
+
+    # -- bookkeeping --------------------------------------------------------------------------------------
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] += 1
+
+    def report_skips(self, log: Callable[[str], None] | None = None) -> str | None:
+        """Log (as one warning) the records skipped since the last report; return the message or None."""
+        new = self.skipped - self._reported
+        if not new:
+            return None
+        self._reported = Counter(self.skipped)
+        parts = ", ".join(f"{reason}: {count}" for reason, count in sorted(new.items()))
+        message = f"{self.name} ({self.describe()}): skipped {sum(new.values())} record(s) ({parts})"
+        (log or logger.warning)(message)
+        return message
+
+    def describe(self) -> str:
+        return self.name
+
+    # -- access -------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, record) -> HandSample:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> HandSample:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range for {len(self)} samples")
+        for offset in range(len(self)):
+            current = (index + offset) % len(self)
+            if current in self._bad:
+                continue
+            try:
+                sample = self.load(self.records[current])
+            except BadRecord as bad:
+                self._bad.add(current)
+                self.skip(bad.reason)
+                logger.debug("%s: record %d skipped (%s)", self.name, current, bad.reason)
+                continue
+            if offset:
+                sample.meta["substituted_for"] = self.record_id(self.records[index])
+            return sample
+        raise DatasetError(f"{self.name} ({self.describe()}): no sample could be loaded; every image failed to decode")
+
+    def record_id(self, record) -> str:
+        return str(record)

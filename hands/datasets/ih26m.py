@@ -1,0 +1,375 @@
+"""InterHand2.6M in its released layout (FACTS.md §2).
+
+Layout under ``root`` (or under ``root/<variant folder>``)::
+
+    annotations/{split}/InterHand2.6M_{split}_data.json          COCO: images + annotations
+    annotations/{split}/InterHand2.6M_{split}_camera.json        [capture][campos|camrot|focal|princpt][cam]
+    annotations/{split}/InterHand2.6M_{split}_joint_3d.json      [capture][frame] world_coord (42x3 mm), joint_valid
+    annotations/{split}/InterHand2.6M_{split}_MANO_NeuralAnnot.json  [capture][frame][right|left] pose/shape/trans or null
+    images/{split}/{file_name}
+    aid_human_annot_{split}.txt   (optional; also looked for in annotations/ and annotations/{split}/)
+
+Variants: ``variant="5fps"`` reads ``root/InterHand2.6M_5fps_batch1``, ``variant="30fps"`` reads
+``root/InterHand2.6M_30fps_batch1``; any other value names a sub-folder of ``root``; ``None`` reads ``root``
+itself when it holds ``annotations/``, else the single variant folder found under it.
+
+Cameras: ``X_cam = R X_world + t`` with ``t = -R campos`` (campos in mm). Joints: the 42-joint order
+(per hand thumb tip..base, index, middle, ring, pinky, wrist last) mapped to ours with
+:data:`hands.joints.IH26M_TO_OURS`; a joint is valid when both the frame's ``joint_3d`` validity and the
+annotation's ``joint_valid`` say so; a hand is present when one of its valid joints projects into the image.
+MANO fits (world, metres, flat_hand_mean=False) are moved into camera space with
+:func:`hands.datasets.mano_fit.fit_to_camera` and meshed with the hand model in ``__getitem__``; a null fit
+gives ``mano_valid`` False. ``joints_cam`` always comes from ``joint_3d``, never from MANO.
+``meta``: dataset, id (annotation id), is_synthetic, image_path, capture, camera, frame_idx,
+hand_type_valid, bbox_ann (x0, y0, x1, y1 of the annotation's box).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hands.datasets.common import (
+    BadRecord,
+    DatasetError,
+    HandDataset,
+    as_array,
+    as_int,
+    assemble_sample,
+    load_image,
+    load_json,
+    make_hand_labels,
+    require_dir,
+    require_file,
+)
+from hands.joints import IH26M_TO_OURS
+from hands.sample import HAND_TYPES, SIDES
+from hands.units import mm_to_m
+
+__all__ = ["InterHand26M", "VARIANT_FOLDERS", "resolve_variant_root"]
+
+VARIANT_FOLDERS = {"5fps": "InterHand2.6M_5fps_batch1", "30fps": "InterHand2.6M_30fps_batch1"}
+_IH_SIDE_ROWS = {"right": np.array(IH26M_TO_OURS), "left": np.array(IH26M_TO_OURS) + 21}
+_IMAGE_KEYS = ("id", "file_name", "width", "height", "capture", "camera", "frame_idx")
+_ANN_KEYS = ("id", "image_id", "bbox", "joint_valid", "hand_type")
+
+
+def resolve_variant_root(root: Path, variant: str | None) -> Path:
+    """The folder holding ``annotations/`` and ``images/`` for ``variant`` (see the module docstring)."""
+    root = require_dir(Path(root).expanduser(), "the InterHand2.6M root")
+    if variant is not None:
+        folder = VARIANT_FOLDERS.get(variant, variant)
+        return require_dir(root / folder, f"the InterHand2.6M {variant!r} variant with annotations/ and images/")
+    if (root / "annotations").is_dir():
+        return root
+    found = [root / name for name in VARIANT_FOLDERS.values() if (root / name / "annotations").is_dir()]
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise DatasetError(f"{root}: holds several variants {[p.name for p in found]}; pass variant='5fps' or '30fps'")
+    raise DatasetError(
+        f"{root / 'annotations'}: expected a folder (InterHand2.6M annotations/{{split}}/...), found nothing; "
+        f"nor a variant folder {sorted(VARIANT_FOLDERS.values())}"
+    )
+
+
+def _camera_params(cameras: dict, capture: str, camera: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """-> R (3, 3), t (3,) metres, focal (2,), princpt (2,); BadRecord when missing or malformed."""
+    try:
+        entry = cameras[capture]
+        campos = entry["campos"][camera]
+        camrot = entry["camrot"][camera]
+        focal = entry["focal"][camera]
+        princpt = entry["princpt"][camera]
+    except (KeyError, TypeError):
+        raise BadRecord("camera parameters missing") from None
+    R = as_array(camrot, (3, 3), "camrot")
+    position_m = mm_to_m(as_array(campos, (3,), "campos"))
+    t = -R @ position_m
+    focal = as_array(focal, (2,), "focal")
+    princpt = as_array(princpt, (2,), "princpt")
+    if (focal <= 0).any():
+        raise BadRecord("focal: not positive")
+    return R, t, focal, princpt
+
+
+def _mano_fit(entry: Any, side: str) -> dict | None:
+    """A side's NeuralAnnot fit -> {pose (48,), shape (10,), trans (3,)} arrays, None for null."""
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise BadRecord("mano fit: not an object")
+    fit = entry.get(side)
+    if fit is None:
+        return None
+    if not isinstance(fit, dict):
+        raise BadRecord("mano fit: not an object")
+    try:
+        return {
+            "pose": as_array(fit["pose"], (48,), "mano pose"),
+            "shape": as_array(fit["shape"], (10,), "mano shape"),
+            "trans": as_array(fit["trans"], (3,), "mano trans"),
+        }
+    except KeyError as missing:
+        raise BadRecord(f"mano fit: missing key {missing}") from None
+
+
+class InterHand26M(HandDataset):
+    """InterHand2.6M (or anything written in its layout, such as synthlab) as HandSamples.
+
+    Args:
+        root: the dataset folder (see the module docstring).
+        split: "train" | "val" | "test" (any folder name under annotations/ works).
+        variant: "5fps" | "30fps" | a sub-folder name | None.
+        human_annot: None = use the human-annotated id list of this split when its file is present;
+            True = require it; False = ignore it.
+        annot_id_file: an explicit id list file (one annotation id per line); implies human_annot.
+        hand_model: a :class:`hands.mano.HandModel` for the MANO meshes; built from ``mano_dir`` on first
+            use when None.
+        mano_dir: folder with MANO_RIGHT.pkl / MANO_LEFT.pkl (None: $HANDS_MANO_DIR or the procedural hand).
+        with_mano: False skips MANO fits altogether (``mano_valid`` False everywhere).
+    """
+
+    name = "ih26m"
+    is_synthetic = False
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        *,
+        variant: str | None = None,
+        human_annot: bool | None = None,
+        annot_id_file: str | Path | None = None,
+        hand_model=None,
+        mano_dir: str | Path | None = None,
+        with_mano: bool = True,
+    ) -> None:
+        super().__init__()
+        self.split = split
+        self.root = resolve_variant_root(Path(root), variant)
+        self.hand_model = hand_model
+        self.mano_dir = mano_dir
+        self.with_mano = with_mano
+        annot_dir = require_dir(self.root / "annotations" / split, f"InterHand2.6M annotations of split {split!r}")
+        self.image_dir = require_dir(self.root / "images" / split, f"InterHand2.6M images of split {split!r}")
+        prefix = f"InterHand2.6M_{split}"
+        data = load_json(annot_dir / f"{prefix}_data.json", "COCO-style images and annotations")
+        cameras = load_json(annot_dir / f"{prefix}_camera.json", "per-capture camera parameters")
+        joints = load_json(annot_dir / f"{prefix}_joint_3d.json", "per-frame world joints")
+        mano_path = annot_dir / f"{prefix}_MANO_NeuralAnnot.json"
+        manos = load_json(mano_path, "per-frame NeuralAnnot MANO fits") if with_mano else {}
+        for key in ("images", "annotations"):
+            if not isinstance(data.get(key), list):
+                raise DatasetError(f"{annot_dir / (prefix + '_data.json')}: expected a list under {key!r}")
+        id_list = self._id_list(human_annot, annot_id_file)
+        self.subset = "human_annot" if id_list is not None else "all"
+        self._build_index(data, cameras, joints, manos, id_list)
+
+    # -- index ----------------------------------------------------------------------------------------------
+    def _id_list(self, human_annot: bool | None, annot_id_file) -> list[int] | None:
+        if annot_id_file is not None:
+            path = require_file(Path(annot_id_file), "annotation id list, one id per line")
+        elif human_annot is False:
+            return None
+        else:
+            name = f"aid_human_annot_{self.split}.txt"
+            candidates = [self.root / name, self.root / "annotations" / name, self.root / "annotations" / self.split / name]
+            path = next((p for p in candidates if p.is_file()), None)
+            if path is None:
+                if human_annot:
+                    raise DatasetError(f"{candidates[0]}: expected the human-annotated id list of split {self.split!r}, found nothing")
+                return None
+        ids = []
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                text = line.strip()
+                if not text:
+                    continue
+                try:
+                    ids.append(int(text))
+                except ValueError:
+                    raise DatasetError(f"{path}:{number}: expected an integer annotation id, got {text[:40]!r}") from None
+        return ids
+
+    def _build_index(self, data: dict, cameras: dict, joints: dict, manos: dict, id_list: list[int] | None) -> None:
+        images: dict[int, dict] = {}
+        for image in data["images"]:
+            if isinstance(image, dict) and "id" in image:
+                try:
+                    images[as_int(image["id"], "image id")] = image
+                except BadRecord:
+                    continue
+        annotations = [a for a in data["annotations"] if isinstance(a, dict)]
+        self.skipped.update({"annotation: not an object": len(data["annotations"]) - len(annotations)})
+        if id_list is not None:
+            by_id = {}
+            for ann in annotations:
+                try:
+                    by_id[as_int(ann.get("id"), "annotation id")] = ann
+                except BadRecord:
+                    continue
+            annotations = []
+            for aid in id_list:
+                if aid in by_id:
+                    annotations.append(by_id[aid])
+                else:
+                    self.skip("listed id not in annotations")
+        for ann in annotations:
+            try:
+                self.records.append(self._record(ann, images, cameras, joints, manos))
+            except BadRecord as bad:
+                self.skip(bad.reason)
+        self.skipped += Counter()  # drop zero counts
+
+    def _record(self, ann: dict, images: dict, cameras: dict, joints: dict, manos: dict) -> dict:
+        for key in _ANN_KEYS:
+            if key not in ann:
+                raise BadRecord(f"annotation: missing key {key!r}")
+        image = images.get(as_int(ann["image_id"], "image_id"))
+        if image is None:
+            raise BadRecord("annotation: image_id not among the images")
+        for key in _IMAGE_KEYS:
+            if key not in image:
+                raise BadRecord(f"image: missing key {key!r}")
+        width, height = as_int(image["width"], "width"), as_int(image["height"], "height")
+        if width <= 0 or height <= 0:
+            raise BadRecord("image: width/height not positive")
+        if not isinstance(image["file_name"], str) or not image["file_name"]:
+            raise BadRecord("image: file_name not a string")
+        hand_type = ann["hand_type"]
+        if hand_type not in HAND_TYPES:
+            raise BadRecord("annotation: hand_type not right/left/interacting")
+        capture, camera = str(image["capture"]), str(image["camera"])
+        frame = str(as_int(image["frame_idx"], "frame_idx"))
+        R, t, focal, princpt = _camera_params(cameras, capture, camera)
+
+        # the annotation box (x, y, w, h): non-empty and overlapping the image
+        x, y, w, h = as_array(ann["bbox"], (4,), "bbox")
+        if w <= 0 or h <= 0 or x >= width or y >= height or x + w <= 0 or y + h <= 0:
+            raise BadRecord("bbox empty or outside the image")
+
+        try:
+            frame_joints = joints[capture][frame]
+            world_mm = frame_joints["world_coord"]
+            valid_3d = frame_joints["joint_valid"]
+        except (KeyError, TypeError):
+            raise BadRecord("joint_3d entry missing") from None
+        valid = as_array(valid_3d, (42,), "joint_3d joint_valid").astype(bool)
+        valid &= as_array(ann["joint_valid"], (42,), "annotation joint_valid").astype(bool)
+        joints_world = mm_to_m(as_array(world_mm, (42, 3), "world_coord", allow_nan=True))
+        if not np.isfinite(joints_world[valid]).all():
+            raise BadRecord("world_coord: NaN or inf at a valid joint")
+        joints_world = np.where(valid[:, None], joints_world, 0.0)
+        joints_cam = joints_world @ R.T + t  # (42, 3)
+        if (joints_cam[valid, 2] <= 1e-3).any():
+            raise BadRecord("world_coord: a valid joint behind the camera")
+
+        fits = {side: None for side in SIDES}
+        if self.with_mano:
+            frame_fits = manos.get(capture, {}) if isinstance(manos, dict) else {}
+            entry = frame_fits.get(frame) if isinstance(frame_fits, dict) else None
+            for side in SIDES:
+                fits[side] = _mano_fit(entry, side)
+        type_valid = ann.get("hand_type_valid", 1)
+        if isinstance(type_valid, bool) or isinstance(type_valid, (int, float)):
+            type_valid = bool(type_valid) and not (isinstance(type_valid, float) and math.isnan(type_valid))
+        else:
+            raise BadRecord("annotation: hand_type_valid not a number")
+        K = np.array([[focal[0], 0.0, princpt[0]], [0.0, focal[1], princpt[1]], [0.0, 0.0, 1.0]])
+        record = {
+            "aid": as_int(ann["id"], "annotation id"),
+            "path": image["file_name"],
+            "size": (height, width),
+            "capture": capture,
+            "camera": camera,
+            "frame": frame,
+            "R": R.astype(np.float32),
+            "t": t.astype(np.float32),
+            "K": K.astype(np.float32),
+            "joints_cam": joints_cam.astype(np.float32),
+            "valid": valid,
+            "hand_type": hand_type,
+            "hand_type_valid": type_valid,
+            "bbox_ann": np.array([x, y, x + w, y + h], dtype=np.float32),
+            "fits": fits,
+            "image_id": image["id"],
+        }
+        if not self._any_hand_in_image(record):
+            raise BadRecord("no valid hand in the image")
+        return record
+
+    @staticmethod
+    def _any_hand_in_image(record: dict) -> bool:
+        height, width = record["size"]
+        joints, valid, K = record["joints_cam"], record["valid"], record["K"]
+        uvw = joints @ K.T
+        z = np.where(valid, uvw[:, 2], 1.0)
+        u, v = uvw[:, 0] / z, uvw[:, 1] / z
+        inside = valid & (u >= 0) & (u <= width - 1) & (v >= 0) & (v <= height - 1)
+        return bool(inside.any())
+
+    # -- samples ----------------------------------------------------------------------------------------------
+    def describe(self) -> str:
+        return f"{self.root}, split {self.split}"
+
+    def record_id(self, record) -> str:
+        return str(record["aid"])
+
+    def _model(self):
+        if self.hand_model is None:
+            from hands.mano import HandModel
+
+            self.hand_model = HandModel(mano_dir=self.mano_dir)
+        return self.hand_model
+
+    def _mano_labels(self, record: dict, side: str) -> dict:
+        fit = record["fits"][side]
+        if fit is None:
+            return {}
+        from hands.datasets.mano_fit import fit_to_camera_mesh
+
+        model = self._model()
+        dtype = torch.float32
+        pose = torch.as_tensor(fit["pose"], dtype=dtype)[None]
+        shape = torch.as_tensor(fit["shape"], dtype=dtype)[None]
+        trans = torch.as_tensor(fit["trans"], dtype=dtype)[None]
+        R = torch.as_tensor(record["R"], dtype=dtype)[None]
+        t = torch.as_tensor(record["t"], dtype=dtype)[None]
+        pose_cam, _, verts_cam, wrist_cam = fit_to_camera_mesh(model, side, pose, shape, trans, R, t)
+        return {"mano_pose": pose_cam[0], "mano_shape": shape[0], "verts_cam": verts_cam[0], "mesh_wrist_cam": wrist_cam[0]}
+
+    def load(self, record: dict):
+        image = load_image(self.image_dir / record["path"])
+        height, width = record["size"]
+        if tuple(image.shape[1:]) != (height, width):
+            raise BadRecord("image size differs from the annotation")
+        K = torch.from_numpy(record["K"])
+        joints_cam = torch.from_numpy(record["joints_cam"])
+        valid = torch.from_numpy(record["valid"])
+        hands = {}
+        for side in SIDES:
+            rows = _IH_SIDE_ROWS[side]
+            args = dict(joints_cam=joints_cam[rows], joints_valid=valid[rows], K=K, image_size=(height, width))
+            hands[side] = make_hand_labels(**args)
+            if bool(hands[side].valid) and record["fits"][side] is not None:  # mesh only hands in the image
+                hands[side] = make_hand_labels(**args, **self._mano_labels(record, side))
+        meta = {
+            "dataset": self.name,
+            "id": str(record["aid"]),
+            "is_synthetic": self.is_synthetic,
+            "image_path": str(self.image_dir / record["path"]),
+            "capture": record["capture"],
+            "camera": record["camera"],
+            "frame_idx": int(record["frame"]),
+            "hand_type_valid": record["hand_type_valid"],
+            "bbox_ann": torch.from_numpy(record["bbox_ann"]),
+        }
+        return assemble_sample(
+            image=image, right=hands["right"], left=hands["left"], K=K, dist=None, hand_type=record["hand_type"], meta=meta
+        )
+

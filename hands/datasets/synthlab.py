@@ -1,0 +1,526 @@
+"""synthlab, the embedded benchmark: two-hand images rendered from a MANO-format hand, in IH2.6M's layout.
+
+``python -m hands.datasets.synthlab --out DIR [--seed 0] [--sizes 256 64 256 64] [--resolution 256]
+[--mano-dir DIR]`` writes, for each split, exactly what :class:`hands.datasets.ih26m.InterHand26M` reads::
+
+    DIR/annotations/{split}/InterHand2.6M_{split}_{data,camera,joint_3d,MANO_NeuralAnnot}.json
+    DIR/images/{split}/Capture{c}/{seq}/cam{k}/image{frame}.jpg
+    DIR/captions/{split}.json      {annotation id: caption}
+    DIR/synthlab.json              seed, sizes, resolution, hand model fingerprint (written last: the
+                                   folder is complete when it exists)
+
+Splits mirror the paper's setting in miniature:
+
+- ``train-lab``, ``test-lab``: plain dark backgrounds and even, white light (like IH2.6M's studio);
+- ``train-wild``, ``test-wild``: cluttered procedural backgrounds (a scene palette: kitchen, office, garden,
+  street, living room, beach), colour casts from the light, occluders, uneven lighting; the test split uses
+  other seeds.
+
+Each capture has a rig of 4 cameras looking at the hands from random directions (0.45-0.7 m away,
+focal 1.2-1.6 x the image width); each time step draws a two-hand configuration (clasped, palms facing,
+near each other, or one hand: :mod:`hands.datasets.poses`) whose hands are in view of every camera. Hands
+have per-vertex skin colours (a skin tone per person with smooth variation), Lambert + ambient shading
+(:func:`hands.render.render_mesh`). Every image has a caption: a template sentence naming the hands'
+action and, for wild images, the scene and the light. Deterministic for a seed; a tqdm bar shows progress.
+
+Default sizes (256, 64, 256, 64 images at 256x256) take about a minute on 2 cores.
+
+:class:`SynthLab` reads it (the IH2.6M reader + captions as ``meta["prompt"]``, ``meta["dataset"] =
+"synthlab"``); :func:`ensure_synthlab` writes it once into ``hands.paths.cache_dir() / "synthlab"``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hands.datasets.common import DatasetError, load_json
+from hands.datasets.ih26m import InterHand26M
+from hands.datasets.layouts import IH26MWriter, save_image
+from hands.datasets.poses import PoseSampler
+from hands.joints import IH26M_TO_OURS
+
+__all__ = ["SPLITS", "DEFAULT_SIZES", "SynthLab", "write_synthlab", "ensure_synthlab", "main"]
+
+SPLITS = ("train-lab", "test-lab", "train-wild", "test-wild")
+DEFAULT_SIZES = {"train-lab": 256, "test-lab": 64, "train-wild": 256, "test-wild": 64}
+DEFAULT_RESOLUTION = 256
+CAMERAS_PER_CAPTURE = 4
+FORMAT_VERSION = 1
+
+SKIN_TONES = np.array(
+    [
+        [0.96, 0.80, 0.69],
+        [0.91, 0.72, 0.59],
+        [0.84, 0.63, 0.49],
+        [0.76, 0.54, 0.40],
+        [0.62, 0.42, 0.30],
+        [0.47, 0.31, 0.22],
+        [0.36, 0.24, 0.17],
+    ]
+)
+SCENES = {
+    # name: (palette of RGB colours, caption phrase)
+    "kitchen": ([[0.55, 0.38, 0.22], [0.85, 0.83, 0.78], [0.70, 0.52, 0.32], [0.35, 0.25, 0.18], [0.9, 0.9, 0.88]], "a cluttered kitchen"),
+    "office": ([[0.45, 0.47, 0.50], [0.20, 0.30, 0.50], [0.85, 0.85, 0.82], [0.15, 0.15, 0.17], [0.6, 0.62, 0.66]], "a busy office"),
+    "garden": ([[0.20, 0.45, 0.18], [0.35, 0.55, 0.22], [0.45, 0.35, 0.20], [0.62, 0.70, 0.35], [0.12, 0.28, 0.10]], "a leafy garden"),
+    "street": ([[0.40, 0.40, 0.42], [0.60, 0.28, 0.22], [0.25, 0.25, 0.27], [0.75, 0.72, 0.65], [0.50, 0.50, 0.55]], "a city street"),
+    "living room": ([[0.80, 0.72, 0.60], [0.60, 0.18, 0.15], [0.35, 0.28, 0.40], [0.90, 0.85, 0.75], [0.45, 0.30, 0.20]], "a cosy living room"),
+    "beach": ([[0.88, 0.80, 0.60], [0.40, 0.65, 0.85], [0.95, 0.92, 0.85], [0.30, 0.50, 0.70], [0.80, 0.70, 0.50]], "a sunny beach"),
+}
+LIGHTS = {
+    # name: (RGB tint of the light, caption phrase)
+    "warm": ((1.12, 0.98, 0.78), "warm light"),
+    "cool": ((0.82, 0.95, 1.15), "cool blue light"),
+    "green": ((0.88, 1.1, 0.86), "greenish light"),
+    "dim": ((0.7, 0.68, 0.66), "dim light"),
+    "bright": ((1.1, 1.1, 1.08), "bright daylight"),
+    "pink": ((1.12, 0.85, 0.98), "pink neon light"),
+}
+ACTIONS = {
+    "clasp": ["clasping hands", "holding hands together", "interlocking the fingers of both hands"],
+    "facing": ["pressing both hands together", "holding two hands palm to palm", "touching fingertips of both hands"],
+    "near": ["gesturing with both hands", "raising two hands side by side", "moving both hands close together"],
+}
+GESTURE_PHRASES = {
+    "open": "showing an open {side} hand",
+    "relaxed": "holding up a relaxed {side} hand",
+    "fist": "making a fist with the {side} hand",
+    "point": "pointing a finger of the {side} hand",
+    "peace": "making a peace sign with the {side} hand",
+    "pinch": "pinching the fingers of the {side} hand",
+    "random": "moving the fingers of the {side} hand",
+}
+
+
+# -- appearance ----------------------------------------------------------------------------------------------
+def _noise(rng: np.random.Generator, size: int, octaves: int = 4, channels: int = 1) -> torch.Tensor:
+    """Multi-octave value noise (channels, size, size) in about [-1, 1] (bilinear upsampling of random grids)."""
+    out = torch.zeros(channels, size, size)
+    for octave in range(octaves):
+        cells = 2 ** (octave + 2)
+        grid = torch.from_numpy(rng.uniform(-1, 1, size=(1, channels, cells, cells)).astype(np.float32))
+        out += F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)[0] / (2**octave)
+    return out / 1.9
+
+
+def _shapes(rng: np.random.Generator, size: int, count: int, colors: np.ndarray, image: torch.Tensor, max_frac: float) -> torch.Tensor:
+    """Draw ``count`` random ellipses, rectangles and stripes with textured fills onto image (3, S, S)."""
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    texture = 1.0 + 0.15 * _noise(rng, size, octaves=3)  # one texture per call, shifted per shape
+    for _ in range(count):
+        color = torch.tensor(colors[rng.integers(len(colors))], dtype=torch.float32) * float(rng.uniform(0.7, 1.2))
+        cx, cy = rng.uniform(0, size, size=2)
+        rx, ry = rng.uniform(0.04, max_frac, size=2) * size
+        kind = rng.integers(3)
+        angle = rng.uniform(0, math.pi)
+        u = (xx - cx) * math.cos(angle) + (yy - cy) * math.sin(angle)
+        v = -(xx - cx) * math.sin(angle) + (yy - cy) * math.cos(angle)
+        if kind == 0:
+            mask = (u / rx) ** 2 + (v / ry) ** 2 <= 1
+        elif kind == 1:
+            mask = (u.abs() <= rx) & (v.abs() <= ry)
+        else:
+            mask = (v.abs() <= ry * 0.25) & (u.abs() <= size)
+        shift = [int(v) for v in rng.integers(0, size, size=2)]
+        stripes = 1.0 + 0.1 * torch.sin(u / rng.uniform(2.0, 8.0)) if rng.random() < 0.4 else 1.0
+        fill = (color[:, None, None] * texture.roll(shift, (1, 2)) * stripes).clamp(0, 1)
+        image = torch.where(mask[None], fill, image)
+    return image
+
+
+def lab_background(rng: np.random.Generator, size: int) -> torch.Tensor:
+    """A plain dark studio background (3, S, S): dark grey with faint noise."""
+    level = rng.uniform(0.03, 0.12)
+    tint = rng.uniform(0.9, 1.1, size=3)
+    base = torch.tensor(level * tint, dtype=torch.float32)[:, None, None].expand(3, size, size)
+    return (base + 0.01 * _noise(rng, size, octaves=3)).clamp(0, 1)
+
+
+def wild_background(rng: np.random.Generator, size: int, scene: str) -> torch.Tensor:
+    """A cluttered procedural background (3, S, S) in the palette of ``scene``."""
+    palette = np.array(SCENES[scene][0])
+    base = torch.tensor(palette[rng.integers(len(palette))], dtype=torch.float32)[:, None, None]
+    image = (base * (1.0 + 0.25 * _noise(rng, size))).expand(3, size, size).clamp(0, 1)
+    image = image + 0.08 * _noise(rng, size, channels=3)
+    # a horizontal surface (table, floor, ground) in the lower part
+    if rng.random() < 0.7:
+        horizon = int(rng.uniform(0.45, 0.8) * size)
+        surface = torch.tensor(palette[rng.integers(len(palette))], dtype=torch.float32)[:, None, None]
+        grain = 1.0 + 0.2 * _noise(rng, size, octaves=5)
+        image = image.clone()
+        image[:, horizon:] = (surface * grain[:, horizon:]).expand(3, -1, -1)
+    image = _shapes(rng, size, int(rng.integers(6, 14)), palette, image.clamp(0, 1), max_frac=0.25)
+    return image.clamp(0, 1)
+
+
+def skin_colors(rng: np.random.Generator, rest_verts: np.ndarray) -> torch.Tensor:
+    """Per-vertex skin colour (V, 3): a tone from SKIN_TONES with smooth variation over the rest mesh."""
+    tone = SKIN_TONES[rng.integers(len(SKIN_TONES))] * rng.uniform(0.93, 1.07, size=3)
+    variation = np.zeros(len(rest_verts))
+    for _ in range(3):
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        variation += np.sin(rest_verts @ direction * rng.uniform(60, 160) + rng.uniform(0, 2 * math.pi))
+    colors = tone[None] * (1.0 + 0.04 * variation[:, None]) + rng.normal(0, 0.01, size=(len(rest_verts), 3))
+    return torch.from_numpy(np.clip(colors, 0, 1).astype(np.float32))
+
+
+def uneven_light(rng: np.random.Generator, size: int) -> torch.Tensor:
+    """A smooth light field (1, S, S): a linear ramp and an off-centre spot, about 0.55..1.35."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    angle = rng.uniform(0, 2 * math.pi)
+    ramp = 1.0 + rng.uniform(0.15, 0.35) * (xx * math.cos(angle) + yy * math.sin(angle))
+    sx, sy = rng.uniform(-0.8, 0.8, size=2)
+    spot = rng.uniform(0.1, 0.35) * torch.exp(-((xx - sx) ** 2 + (yy - sy) ** 2) / rng.uniform(0.2, 0.6))
+    return (ramp + spot)[None]
+
+
+# -- cameras -------------------------------------------------------------------------------------------------
+def look_at(position: np.ndarray, target: np.ndarray, roll: float) -> np.ndarray:
+    """World -> camera rotation (3, 3) of a camera at ``position`` looking at ``target`` (+z forward,
+    +y down in the image), rolled by ``roll`` radians about its axis."""
+    forward = target - position
+    forward /= np.linalg.norm(forward)
+    up_hint = np.array([0.0, 0.0, 1.0]) if abs(forward[2]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    right = np.cross(forward, up_hint)
+    right /= np.linalg.norm(right)
+    down = np.cross(forward, right)
+    R = np.stack([right, down, forward])  # rows: camera axes in world coordinates
+    c, s = math.cos(roll), math.sin(roll)
+    roll_matrix = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    return roll_matrix @ R
+
+
+def random_rig(rng: np.random.Generator, resolution: int, count: int) -> list[dict]:
+    """``count`` cameras around the world origin: R (3, 3), position (3,) metres, focal (2,), princpt (2,)."""
+    rig = []
+    for _ in range(count):
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        position = direction * rng.uniform(0.45, 0.7)
+        target = rng.uniform(-0.02, 0.02, size=3)
+        focal = rng.uniform(1.2, 1.6) * resolution
+        focal = np.array([focal, focal * rng.uniform(0.99, 1.01)])
+        princpt = np.array([(resolution - 1) / 2, (resolution - 1) / 2]) + rng.uniform(-3, 3, size=2)
+        rig.append({"R": look_at(position, target, rng.uniform(-math.pi, math.pi)), "position": position, "focal": focal, "princpt": princpt})
+    return rig
+
+
+def _project(points_world: np.ndarray, cam: dict) -> tuple[np.ndarray, np.ndarray]:
+    cam_points = (points_world - cam["position"]) @ cam["R"].T
+    z = cam_points[..., 2]
+    uv = cam_points[..., :2] / np.maximum(z, 1e-6)[..., None] * cam["focal"] + cam["princpt"]
+    return uv, z
+
+
+# -- writer --------------------------------------------------------------------------------------------------
+def _caption(rng: np.random.Generator, config: str, fits: dict, wild: dict | None) -> str:
+    if config.startswith("single"):
+        side = config.split("-")[1]
+        action = GESTURE_PHRASES[fits[side].gesture].format(side=side)
+    else:
+        action = str(rng.choice(ACTIONS[config]))
+    if wild is None:
+        where = str(rng.choice(["in front of a plain dark background", "against a dark studio backdrop", "in a dark capture studio"]))
+        return f"a person {action} {where} under even white light"
+    return f"a person {action} in {SCENES[wild['scene']][1]} under {LIGHTS[wild['light']][1]}"
+
+
+def _to_ih_order(joints_ours: np.ndarray, offset: int, out: np.ndarray) -> None:
+    out[offset + np.array(IH26M_TO_OURS)] = joints_ours
+
+
+def write_split(
+    root: Path, split: str, count: int, *, seed: int, resolution: int, model, sampler: PoseSampler, progress=None
+) -> int:
+    """Write ``count`` images of ``split`` under ``root``; returns the number written."""
+    from hands.render import render_mesh
+
+    split_index = SPLITS.index(split) if split in SPLITS else len(SPLITS)
+    rng = np.random.default_rng([seed, split_index, 7919])
+    wild = split.endswith("wild")
+    writer = IH26MWriter(root, split)
+    captions: dict[str, str] = {}
+    faces = {side: model.faces_for(side).cpu().long() for side in ("right", "left")}
+    num_verts = 778
+    with torch.no_grad():
+        rest_right = model("right", torch.zeros(1, 48), torch.zeros(1, 10)).verts[0].numpy()
+    written, capture, frames_per_capture = 0, 0, 12
+    margin = 0.04 * resolution
+    while written < count:
+        rig = random_rig(rng, resolution, CAMERAS_PER_CAPTURE)
+        for k, cam in enumerate(rig):
+            writer.add_camera(capture, str(400000 + k), cam["R"], cam["position"], cam["focal"], cam["princpt"])
+        for frame in range(frames_per_capture):
+            if written >= count:
+                break
+            # a configuration in view of every camera of the rig
+            for _attempt in range(30):
+                config, fits = sampler.sample_frame(rng)
+                outputs = {}
+                for side, fit in fits.items():
+                    if fit is not None:
+                        verts, joints = sampler.forward(side, fit.pose[None], fit.shape[None], fit.trans[None])
+                        outputs[side] = (verts[0], joints[0])
+                points = np.concatenate([v for v, _ in outputs.values()])
+                visible = True
+                for cam in rig:
+                    uv, z = _project(points, cam)
+                    if (z < 0.2).any() or (uv < margin).any() or (uv > resolution - 1 - margin).any():
+                        visible = False
+                        break
+                if visible:
+                    break
+            joints_world = np.zeros((42, 3))
+            joint_valid = np.zeros(42, dtype=int)
+            for side, offset in (("right", 0), ("left", 21)):
+                if side in outputs:
+                    _to_ih_order(outputs[side][1], offset, joints_world)
+                    joint_valid[offset : offset + 21] = 1
+            writer.add_frame(
+                capture,
+                frame,
+                joints_world,
+                joint_valid,
+                {side: (None if fit is None else {"pose": fit.pose, "shape": fit.shape, "trans": fit.trans}) for side, fit in fits.items()},
+            )
+            hand_type = "interacting" if len(outputs) == 2 else next(iter(outputs))
+            colors = skin_colors(rng, rest_right)
+            # render every camera of the frame in one batch
+            verts_world = np.concatenate(
+                [outputs[s][0] if s in outputs else np.zeros((num_verts, 3)) for s in ("right", "left")]
+            )  # (2V, 3)
+            Rs = np.stack([cam["R"] for cam in rig])
+            verts_cam = torch.from_numpy(np.einsum("kij,vj->kvi", Rs, verts_world) - np.einsum("kij,kj->ki", Rs, np.stack([c["position"] for c in rig]))[:, None]).float()
+            Ks = torch.tensor(
+                np.stack([[[c["focal"][0], 0, c["princpt"][0]], [0, c["focal"][1], c["princpt"][1]], [0, 0, 1]] for c in rig]),
+                dtype=torch.float32,
+            )
+            all_faces = torch.cat([faces["right"], faces["left"] + num_verts])
+            face_valid = torch.cat(
+                [torch.full((len(faces["right"]),), "right" in outputs), torch.full((len(faces["left"]),), "left" in outputs)]
+            )[None].expand(len(rig), -1)
+            vertex_colors = torch.cat([colors, colors]).expand(len(rig), -1, -1)
+            n_frame = min(len(rig), count - written)
+            if wild:
+                light_dirs = [np.array([rng.uniform(-0.8, 0.8), rng.uniform(-0.8, 0.8), -1.0]) for _ in rig]
+                ambient = float(rng.uniform(0.25, 0.5))
+            else:
+                light_dirs = [np.array([rng.uniform(-0.1, 0.1), rng.uniform(-0.1, 0.1), -1.0]) for _ in rig]
+                ambient = 0.5
+            render = render_mesh(
+                verts_cam,
+                all_faces,
+                Ks,
+                (resolution, resolution),
+                vertex_colors=vertex_colors,
+                face_valid=face_valid,
+                light_dir=torch.tensor(np.stack(light_dirs), dtype=torch.float32),
+                ambient=ambient,
+            )
+            for k in range(n_frame):
+                cam = rig[k]
+                scene_info = None
+                if wild:
+                    scene = str(rng.choice(list(SCENES)))
+                    light = str(rng.choice(list(LIGHTS)))
+                    scene_info = {"scene": scene, "light": light}
+                    background = wild_background(rng, resolution, scene)
+                    image = torch.where(render.mask[k][None], render.image[k], background)
+                    if rng.random() < 0.6:  # occluders in front of the hands
+                        image = _shapes(rng, resolution, int(rng.integers(1, 3)), np.array(SCENES[scene][0]), image, max_frac=0.12)
+                    tint = torch.tensor(LIGHTS[light][0], dtype=torch.float32)[:, None, None]
+                    image = (image * tint * uneven_light(rng, resolution)).clamp(0, 1)
+                else:
+                    background = lab_background(rng, resolution)
+                    image = torch.where(render.mask[k][None], render.image[k], background)
+                uv, _ = _project(joints_world[joint_valid.astype(bool)], cam)
+                lo, hi = uv.min(0), uv.max(0)
+                centre, half = (lo + hi) / 2, (hi - lo) / 2 * 1.2
+                box = np.concatenate([centre - half, 2 * half])
+                cam_name = str(400000 + k)
+                file_name = f"Capture{capture}/{config}/cam{cam_name}/image{frame:05d}.jpg"
+                aid = writer.add_image(
+                    file_name,
+                    size=(resolution, resolution),
+                    capture=capture,
+                    camera=cam_name,
+                    frame_idx=frame,
+                    seq_name=config,
+                    hand_type=hand_type,
+                    bbox_xywh=box,
+                    joint_valid=joint_valid,
+                    image=image,
+                )
+                captions[str(aid)] = _caption(rng, config, fits, scene_info)
+                written += 1
+                if progress is not None:
+                    progress.update(1)
+        capture += 1
+    writer.write()
+    (root / "captions").mkdir(parents=True, exist_ok=True)
+    with open(root / "captions" / f"{split}.json", "w") as f:
+        json.dump(captions, f, indent=0)
+    return written
+
+
+def write_synthlab(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    sizes: dict | None = None,
+    resolution: int = DEFAULT_RESOLUTION,
+    mano_dir: str | Path | None = None,
+    hand_model=None,
+    show_progress: bool = True,
+) -> Path:
+    """Write synthlab into ``out`` (created; existing files of the same splits are overwritten).
+
+    sizes: {split: number of images} (missing splits: DEFAULT_SIZES; 0 skips a split).
+    Returns ``out``. synthlab.json is written last.
+    """
+    from tqdm import tqdm
+
+    if resolution < 32:
+        raise ValueError(f"synthlab: resolution must be at least 32 px, got {resolution}")
+    sizes = {**DEFAULT_SIZES, **(sizes or {})}
+    unknown = set(sizes) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"synthlab: unknown split(s) {sorted(unknown)}; known: {', '.join(SPLITS)}")
+    if hand_model is None:
+        from hands.mano import HandModel
+
+        hand_model = HandModel(mano_dir=mano_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    total = sum(sizes.values())
+    # Small per-image tensor work: one thread is faster than two fighting over the cores (measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sampler = PoseSampler(hand_model)
+        with tqdm(total=total, desc="synthlab", unit="img", disable=not show_progress) as bar:
+            for split in SPLITS:
+                if sizes[split] > 0:
+                    write_split(out, split, sizes[split], seed=seed, resolution=resolution, model=hand_model, sampler=sampler, progress=bar)
+    finally:
+        torch.set_num_threads(threads)
+    info = {
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "sizes": sizes,
+        "resolution": resolution,
+        "hand_model_fingerprint": hand_model.fingerprint(),
+        "hand_model_procedural": bool(hand_model.is_procedural),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    (out / "synthlab.json").write_text(json.dumps(info, indent=1))
+    return out
+
+
+def ensure_synthlab(root: str | Path | None = None, **options) -> Path:
+    """The synthlab folder, written on first use: ``root`` or ``hands.paths.cache_dir() / "synthlab"``.
+
+    Written into a temporary sibling folder and renamed into place, so an interrupted run leaves no
+    half-written benchmark. ``options`` go to :func:`write_synthlab` (seed, sizes, resolution, mano_dir).
+    """
+    if root is None:
+        from hands.paths import cache_dir
+
+        root = cache_dir() / "synthlab"
+    root = Path(root)
+    if (root / "synthlab.json").is_file():
+        return root
+    if root.exists() and any(root.iterdir()):
+        raise DatasetError(f"{root}: exists but has no synthlab.json (an incomplete synthlab?); remove it and retry")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".synthlab-", dir=root.parent))
+    try:
+        write_synthlab(tmp, **options)
+        if root.exists():
+            root.rmdir()
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            if (root / "synthlab.json").is_file():  # another process finished first
+                return root
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# -- reader --------------------------------------------------------------------------------------------------
+class SynthLab(InterHand26M):
+    """synthlab as HandSamples: the IH2.6M reader on synthlab's folder, with ``meta["prompt"]`` captions.
+
+    Args:
+        root: the synthlab folder; None = :func:`ensure_synthlab` (written on first use).
+        split: one of SPLITS.
+        hand_model / mano_dir: must be the hand model synthlab was written with (checked by fingerprint).
+    """
+
+    name = "synthlab"
+
+    def __init__(self, root: str | Path | None, split: str, *, hand_model=None, mano_dir=None, with_mano: bool = True) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"synthlab: unknown split {split!r}; known: {', '.join(SPLITS)}")
+        root = ensure_synthlab(root, mano_dir=mano_dir) if root is None else Path(root)
+        self.info = load_json(Path(root) / "synthlab.json", "synthlab's description (written last by the writer)")
+        super().__init__(root, split, hand_model=hand_model, mano_dir=mano_dir, with_mano=with_mano, human_annot=False)
+        captions = load_json(self.root / "captions" / f"{split}.json", "captions {annotation id: text}")
+        self.captions = {str(k): v for k, v in captions.items() if isinstance(v, str)}
+
+    def _model(self):
+        model = super()._model()
+        expected = self.info.get("hand_model_fingerprint")
+        if expected is not None and not getattr(self, "_fingerprint_checked", False):
+            if model.fingerprint() != expected:
+                raise DatasetError(
+                    f"{self.root / 'synthlab.json'}: written with another hand model (fingerprint {expected[:12]}...); "
+                    f"read it with the same mano_dir, or write a new synthlab"
+                )
+            self._fingerprint_checked = True
+        return model
+
+    def load(self, record: dict):
+        sample = super().load(record)
+        sample.meta["prompt"] = self.captions.get(str(record["aid"]), "a photo of two hands")
+        return sample
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hands.datasets.synthlab", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="folder to write (created)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sizes", type=int, nargs=4, metavar=("TRAIN_LAB", "TEST_LAB", "TRAIN_WILD", "TEST_WILD"),
+        default=[DEFAULT_SIZES[s] for s in SPLITS], help="images per split",
+    )
+    parser.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="square image size in pixels")
+    parser.add_argument("--mano-dir", type=Path, default=None, help="folder with MANO_RIGHT.pkl / MANO_LEFT.pkl")
+    args = parser.parse_args(argv)
+    if any(s < 0 for s in args.sizes):
+        parser.error("--sizes must be non-negative")
+    out = write_synthlab(
+        args.out, seed=args.seed, sizes=dict(zip(SPLITS, args.sizes)), resolution=args.resolution, mano_dir=args.mano_dir
+    )
+    info = json.loads((out / "synthlab.json").read_text())
+    print(f"synthlab written to {out} ({sum(info['sizes'].values())} images, {info['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,290 @@
+"""Augmentations and crops on :class:`hands.sample.HandSample`, keeping every label consistent.
+
+Conventions: pixels have their centres at integer coordinates (as in :mod:`hands.camera`); image warps use
+kornia through :func:`hands.camera.crop_image`; an image-plane affine changes the intrinsics by
+:func:`hands.camera.transform_intrinsics`, so ``joints_img`` stays equal to projecting ``joints_cam`` with
+``camera.K`` (through ``camera.dist`` for fisheye views).
+
+- :func:`rotate` turns the image about the optical axis. The pixel map is ``K Rz K^-1`` (an affine, exact for
+  pinhole and for radially symmetric fisheye distortion), K is unchanged and the 3D labels (vertices,
+  joints, roots, rel_root, the MANO root rotation) are rotated by Rz, so the labels stay consistent.
+- :func:`crop` resamples the image inside a box to an output size (an affine; K changes).
+- :func:`hflip` mirrors the image (x -> W - 1 - x). The same image comes from the mirrored scene
+  (X -> -X in camera space) seen by a camera with ``cx' = W - 1 - cx``; the right hand becomes the left one:
+  sides swap, MANO poses become (x, -y, -z) per joint (:func:`hands.rotation.mirror_axis_angle`),
+  camera-space positions have x negated (so does the implicit MANO translation). Flipping twice returns
+  the sample.
+- :func:`color_scale` multiplies each RGB channel.
+- :class:`InterWildAugment` draws InterWild's training augmentation (FACTS.md §3) from a torch.Generator:
+  scale 1 + 0.25 N clipped to [0.75, 1.25], rotation 30° N clipped to ±60° with probability 0.6, colour
+  x U[0.8, 1.2] per channel, horizontal flip with probability 0.5, then the crop to ``out_size``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+from hands.camera import (
+    affine_to_3x3,
+    apply_affine,
+    bbox_crop_affine,
+    crop_image,
+    square_bbox,
+    scale_bbox,
+    transform_intrinsics,
+)
+from hands.rotation import axis_angle_to_matrix, matrix_to_axis_angle, mirror_axis_angle
+from hands.sample import Camera, HandLabels, HandSample
+
+__all__ = [
+    "hflip",
+    "rotate",
+    "crop",
+    "color_scale",
+    "warp",
+    "hands_box",
+    "crop_to_hands",
+    "InterWildAugment",
+]
+
+_MIRROR = torch.tensor([-1.0, 1.0, 1.0])
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+def _replace_hand(hand: HandLabels, **changes) -> HandLabels:
+    return dataclasses.replace(hand, **changes)
+
+
+def _transform_box(bbox: Tensor, affine: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """(4,) box -> the axis-aligned box of its four transformed corners, clipped to (H, W)."""
+    x0, y0, x1, y1 = bbox.unbind(-1)
+    corners = torch.stack([torch.stack([x0, y0]), torch.stack([x1, y0]), torch.stack([x1, y1]), torch.stack([x0, y1])])
+    moved = apply_affine(corners[None], affine[None].to(corners.dtype))[0]  # (4, 2)
+    height, width = image_size
+    lo, hi = moved.amin(0), moved.amax(0)
+    return torch.stack([lo[0].clamp(0, width - 1), lo[1].clamp(0, height - 1), hi[0].clamp(0, width - 1), hi[1].clamp(0, height - 1)])
+
+
+def _rotation_z(angle_deg: float, dtype=torch.float32) -> Tensor:
+    """Rotation about the camera's z axis that turns image content counter-clockwise on screen by
+    ``angle_deg`` (camera y points down, so this is Rz(-angle))."""
+    theta = -math.radians(angle_deg)
+    c, s = math.cos(theta), math.sin(theta)
+    return torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=dtype)
+
+
+# -- hflip ---------------------------------------------------------------------------------------------------
+def _mirror_hand(hand: HandLabels, width: int) -> HandLabels:
+    mirror = _MIRROR.to(hand.joints_cam.dtype)
+    valid = hand.valid
+    joints_img = hand.joints_img.clone()
+    joints_img[:, 0] = torch.where(hand.joints_valid, (width - 1) - joints_img[:, 0], joints_img[:, 0])
+    bbox = hand.bbox.clone()
+    if bool(valid):
+        bbox = torch.stack([(width - 1) - hand.bbox[2], hand.bbox[1], (width - 1) - hand.bbox[0], hand.bbox[3]])
+    return _replace_hand(
+        hand,
+        mano_pose=mirror_axis_angle(hand.mano_pose),
+        root_cam=hand.root_cam * mirror,
+        verts_cam=hand.verts_cam * mirror,
+        joints_cam=hand.joints_cam * mirror,
+        joints_img=joints_img,
+        bbox=bbox,
+    )
+
+
+def hflip(sample: HandSample) -> HandSample:
+    """Mirror the image horizontally; sides swap and labels are mirrored (see the module docstring)."""
+    width = sample.image.shape[-1]
+    K = sample.camera.K.clone()
+    K[0, 2] = (width - 1) - K[0, 2]
+    right = _mirror_hand(sample.left, width)
+    left = _mirror_hand(sample.right, width)
+    swap = {"right": "left", "left": "right", "interacting": "interacting"}
+    meta = dict(sample.meta)
+    meta["flipped"] = not bool(meta.get("flipped", False))
+    rel_root = -(sample.rel_root * _MIRROR.to(sample.rel_root.dtype))  # new left - new right = -M(old rel)
+    return HandSample(
+        image=sample.image.flip(-1),
+        right=right,
+        left=left,
+        rel_root=torch.where(sample.rel_root_valid, rel_root, sample.rel_root),
+        rel_root_valid=sample.rel_root_valid.clone(),
+        camera=Camera(K=K, dist=sample.camera.dist.clone()),
+        hand_type=swap[sample.hand_type],
+        meta=meta,
+    )
+
+
+# -- geometric warps -----------------------------------------------------------------------------------------
+def _rotate_hand(hand: HandLabels, Rz: Tensor) -> HandLabels:
+    Rz = Rz.to(hand.joints_cam.dtype)
+    pose = hand.mano_pose.clone()
+    if bool(hand.mano_valid):
+        pose[:3] = matrix_to_axis_angle(Rz @ axis_angle_to_matrix(pose[:3]))
+    joints_cam = torch.where(hand.joints_valid[:, None], hand.joints_cam @ Rz.T, hand.joints_cam)
+    return _replace_hand(
+        hand,
+        mano_pose=pose,
+        root_cam=hand.root_cam @ Rz.T if bool(hand.valid) else hand.root_cam,
+        verts_cam=hand.verts_cam @ Rz.T,
+        joints_cam=joints_cam,
+    )
+
+
+def _warp_hand(hand: HandLabels, affine: Tensor, image_size: tuple[int, int]) -> HandLabels:
+    joints_img = apply_affine(hand.joints_img[None], affine[None].to(hand.joints_img.dtype))[0]
+    joints_img = torch.where(hand.joints_valid[:, None], joints_img, torch.zeros_like(joints_img))
+    bbox = _transform_box(hand.bbox, affine, image_size) if bool(hand.valid) else hand.bbox
+    return _replace_hand(hand, joints_img=joints_img, bbox=bbox)
+
+
+def warp(sample: HandSample, affine: Tensor, out_size: tuple[int, int], rotation_deg: float = 0.0) -> HandSample:
+    """Resample the image with a pixel affine after an optional rotation about the optical axis.
+
+    affine: (2, 3) mapping pixels of the (rotated) image to the output image; out_size: (H, W);
+    rotation_deg: the content turns counter-clockwise on screen by this angle about the principal point
+    first (3D labels rotate with it). The image is resampled once.
+    """
+    K = sample.camera.K
+    dtype = K.dtype
+    affine = affine.to(dtype)
+    right, left, rel_root = sample.right, sample.left, sample.rel_root
+    total = affine
+    if rotation_deg:
+        Rz = _rotation_z(rotation_deg, dtype)
+        rot_pixels = (K @ Rz @ torch.linalg.inv(K))[:2]  # (2, 3): K Rz K^-1 has last row (0, 0, 1)
+        total = (affine_to_3x3(affine) @ affine_to_3x3(rot_pixels))[:2]
+        right, left = _rotate_hand(right, Rz), _rotate_hand(left, Rz)
+        rel_root = rel_root @ Rz.T.to(rel_root.dtype)
+    image = crop_image(sample.image[None], total[None], out_size)[0].clamp_(0.0, 1.0)
+    return HandSample(
+        image=image,
+        right=_warp_hand(right, total, out_size),
+        left=_warp_hand(left, total, out_size),
+        rel_root=rel_root,
+        rel_root_valid=sample.rel_root_valid.clone(),
+        camera=Camera(K=transform_intrinsics(K, total), dist=sample.camera.dist.clone()),
+        hand_type=sample.hand_type,
+        meta=dict(sample.meta),
+    )
+
+
+def rotate(sample: HandSample, angle_deg: float) -> HandSample:
+    """Turn the image content counter-clockwise on screen by ``angle_deg`` about the principal point,
+    keeping its size; the 3D labels rotate about the optical axis with it."""
+    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=sample.camera.K.dtype)
+    return warp(sample, identity, sample.image_size, rotation_deg=angle_deg)
+
+
+def crop(
+    sample: HandSample, bbox: Tensor, out_size: tuple[int, int], rotation_deg: float = 0.0
+) -> HandSample:
+    """Crop ``bbox`` (4,) x0 y0 x1 y1 (extended to the output's aspect) and resize to out_size (H, W).
+
+    With ``rotation_deg`` the image first turns about the principal point (see :func:`rotate`); the box
+    follows its centre, so it keeps framing the same content.
+    """
+    out_h, out_w = out_size
+    box = square_bbox(bbox.to(sample.camera.K.dtype).reshape(4), aspect=out_w / out_h)
+    if rotation_deg:
+        K = sample.camera.K
+        rot_pixels = (K @ _rotation_z(rotation_deg, K.dtype) @ torch.linalg.inv(K))[:2]
+        centre = (box[:2] + box[2:]) / 2
+        moved = apply_affine(centre[None, None], rot_pixels[None])[0, 0]
+        box = torch.cat([box[:2] + moved - centre, box[2:] + moved - centre])
+    affine = bbox_crop_affine(box[None], out_size)[0]
+    return warp(sample, affine, out_size, rotation_deg=rotation_deg)
+
+
+def color_scale(sample: HandSample, factors: Tensor) -> HandSample:
+    """Multiply the RGB channels by ``factors`` (3,), clamped to [0, 1]."""
+    image = (sample.image * factors.to(sample.image.dtype).reshape(3, 1, 1)).clamp(0.0, 1.0)
+    return dataclasses.replace(sample, image=image, meta=dict(sample.meta))
+
+
+# -- boxes ---------------------------------------------------------------------------------------------------
+def hands_box(sample: HandSample, extend: float = 1.0) -> Tensor:
+    """(4,) the union of the valid hands' boxes grown by ``extend``; the whole image when no hand is valid."""
+    boxes = [hand.bbox for hand in (sample.right, sample.left) if bool(hand.valid)]
+    height, width = sample.image_size
+    if not boxes:
+        return torch.tensor([0.0, 0.0, width - 1.0, height - 1.0])
+    stacked = torch.stack(boxes)
+    union = torch.cat([stacked[:, :2].amin(0), stacked[:, 2:].amax(0)])
+    return scale_bbox(union, extend)
+
+
+def crop_to_hands(sample: HandSample, out_size: tuple[int, int] = (256, 256), extend: float = 1.3) -> HandSample:
+    """IntagHand-style input: a crop of out_size holding both hands (their union box grown by extend)."""
+    return crop(sample, hands_box(sample, extend), out_size)
+
+
+# -- InterWild's training augmentation -----------------------------------------------------------------------
+class InterWildAugment:
+    """InterWild's training augmentation (FACTS.md §3) on HandSamples, drawn from a torch.Generator.
+
+    Args:
+        out_size: (H, W) of the output image (InterWild: (512, 384)).
+        scale_sigma, scale_clip: scale = 1 + scale_sigma * clip(N, -scale_clip, scale_clip); the source window
+            is the (aspect-extended) box times ``scale``, so a larger scale shows more context.
+        rot_sigma_deg, rot_clip, rot_prob: rotation = rot_sigma_deg * clip(N, ±rot_clip) with probability
+            rot_prob, else 0.
+        color_range: per-channel factor ~ U[color_range].
+        flip_prob: horizontal flip probability (sides swap).
+        box: "image" (the whole image, InterWild's body box) or "hands" (the union of the hand boxes x1.3).
+    """
+
+    def __init__(
+        self,
+        out_size: tuple[int, int] = (512, 384),
+        *,
+        scale_sigma: float = 0.25,
+        scale_clip: float = 1.0,
+        rot_sigma_deg: float = 30.0,
+        rot_clip: float = 2.0,
+        rot_prob: float = 0.6,
+        color_range: tuple[float, float] = (0.8, 1.2),
+        flip_prob: float = 0.5,
+        box: str = "image",
+    ) -> None:
+        if box not in ("image", "hands"):
+            raise ValueError(f"box must be 'image' or 'hands', got {box!r}")
+        self.out_size = tuple(out_size)
+        self.scale_sigma, self.scale_clip = scale_sigma, scale_clip
+        self.rot_sigma_deg, self.rot_clip, self.rot_prob = rot_sigma_deg, rot_clip, rot_prob
+        self.color_range = color_range
+        self.flip_prob = flip_prob
+        self.box = box
+
+    def draw(self, generator: torch.Generator | None = None) -> dict:
+        """Draw one set of parameters: scale, rotation_deg, color (3,), flip."""
+        normal = torch.randn(2, generator=generator)
+        uniform = torch.rand(5, generator=generator)
+        scale = 1.0 + self.scale_sigma * float(normal[0].clamp(-self.scale_clip, self.scale_clip))
+        rotation = self.rot_sigma_deg * float(normal[1].clamp(-self.rot_clip, self.rot_clip)) if float(uniform[0]) < self.rot_prob else 0.0
+        low, high = self.color_range
+        color = low + (high - low) * uniform[1:4]
+        flip = bool(uniform[4] < self.flip_prob)
+        return {"scale": scale, "rotation_deg": rotation, "color": color, "flip": flip}
+
+    def apply(self, sample: HandSample, params: dict) -> HandSample:
+        height, width = sample.image_size
+        if self.box == "image":
+            box = torch.tensor([0.0, 0.0, width - 1.0, height - 1.0])
+        else:
+            box = hands_box(sample, 1.3)
+        out_h, out_w = self.out_size
+        box = scale_bbox(square_bbox(box, aspect=out_w / out_h), params["scale"])
+        out = crop(sample, box, self.out_size, rotation_deg=params["rotation_deg"])
+        out = color_scale(out, params["color"])
+        if params["flip"]:
+            out = hflip(out)
+        out.meta["augment"] = {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in params.items()}
+        return out
+
+    def __call__(self, sample: HandSample, generator: torch.Generator | None = None) -> HandSample:
+        return self.apply(sample, self.draw(generator))
