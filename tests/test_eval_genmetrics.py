@@ -1,0 +1,193 @@
+"""eval.genmetrics: FID/KID against closed forms and naive loops, the FID Inception network, hand crops,
+hand confidence / MSE-2D / MSE-3D with stand-in detectors, and a tiny random CNN end to end."""
+from __future__ import annotations
+
+import builtins
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from eval import genmetrics
+from eval.genmetrics import GenerationEvaluator, HandKeypoints2D
+from hands.camera import project
+from tests.test_eval_evaluator import make_batch
+
+
+# ---- FID ---------------------------------------------------------------------------------------------
+def test_fid_identical_sets_is_zero_and_shift_gives_squared_distance():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 8)) @ rng.normal(size=(8, 8))  # correlated features
+    assert genmetrics.fid_from_features(a, a) == pytest.approx(0.0, abs=1e-6)
+    shift = rng.normal(size=8)
+    # same sample covariance exactly, so FID = |mu_a - mu_b|^2
+    assert genmetrics.fid_from_features(a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-6)
+
+
+def test_fid_matches_closed_form_for_diagonal_covariances():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(5000, 4)) * np.array([1.0, 2.0, 0.5, 1.5])
+    b = rng.normal(size=(5000, 4)) * np.array([2.0, 1.0, 0.5, 3.0]) + 0.3
+    # closed form with the sample moments (the off-diagonal covariances are ~0): sum of per-dim terms
+    mu_a, mu_b, var_a, var_b = a.mean(0), b.mean(0), a.var(0, ddof=1), b.var(0, ddof=1)
+    want = float(((mu_a - mu_b) ** 2).sum() + ((np.sqrt(var_a) - np.sqrt(var_b)) ** 2).sum())
+    assert genmetrics.fid_from_features(torch.tensor(a), torch.tensor(b)) == pytest.approx(want, rel=0.02)
+    with pytest.raises(ValueError, match="features_fake: dimension"):
+        genmetrics.fid_from_features(a, b[:, :3])
+    with pytest.raises(ValueError, match="features_real"):
+        genmetrics.fid_from_features(a[:1], b)
+
+
+# ---- KID ---------------------------------------------------------------------------------------------
+def naive_kid(x: np.ndarray, y: np.ndarray) -> float:
+    d, m = x.shape[1], x.shape[0]
+    k = lambda u, v: (u @ v / d + 1.0) ** 3  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_matches_naive_unbiased_mmd_on_the_full_sets():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(12, 5)), rng.normal(size=(12, 5)) + 0.5
+    mean, std = genmetrics.kid_from_features(x, y, num_subsets=3, subset_size=50)  # subsets = whole sets
+    assert mean == pytest.approx(naive_kid(x, y), rel=1e-9)
+    assert std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(400, 16)), rng.normal(size=(400, 16))
+    same, _ = genmetrics.kid_from_features(a, b, num_subsets=20, subset_size=100)
+    shifted, _ = genmetrics.kid_from_features(a, b + 1.0, num_subsets=20, subset_size=100)
+    assert abs(same) < 0.01 and shifted > 0.1
+
+
+# ---- the FID Inception network ----------------------------------------------------------------------
+def test_fid_inception_loads_a_state_dict_and_gives_2048_features(tmp_path):
+    net = genmetrics.fid_inception_v3(device="meta")
+    assert net.fc.out_features == 1008 and net.AuxLogits is None
+    # the patched pooling: Mixed_7c max-pools, the others average without the padding
+    assert type(net.Mixed_7c).max_pool and not type(net.Mixed_7b).max_pool
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        k: torch.ones(v.shape) if k.endswith("running_var") else torch.randn(v.shape, generator=gen) * 0.02
+        for k, v in net.state_dict().items()
+        if not k.endswith("num_batches_tracked")  # as in files converted from TF
+    }
+    features = genmetrics.InceptionFeatures(state, input_size=75)
+    assert torch.equal(features.net.Conv2d_1a_3x3.conv.weight, state["Conv2d_1a_3x3.conv.weight"])
+    assert not any(t.is_meta for t in features.state_dict().values())
+    out = features(torch.rand(1, 3, 40, 40))
+    assert out.shape == (1, 2048) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="not an FID Inception-v3 state dict"):
+        genmetrics.InceptionFeatures({"fc.weight": torch.zeros(3, 3)})
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
+        genmetrics.InceptionFeatures(tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pth"):
+        genmetrics.InceptionFeatures(tmp_path / "junk.pth")
+
+
+# ---- hand crops --------------------------------------------------------------------------------------
+def test_hand_boxes_come_from_the_projected_meshes():
+    batch = make_batch(["interacting", "right", "left"], size=32)
+    batch.camera.K = torch.tensor([[60.0, 0, 16], [0, 60.0, 16], [0, 0, 1]]).repeat(3, 1, 1)
+    batch.left.mano_valid[2] = False  # a present hand without a mesh falls back to its label box
+    boxes, index, side = genmetrics.hand_boxes(batch)
+    assert index.tolist() == [0, 0, 1, 2] and side.tolist() == [0, 1, 0, 1]
+    uv = project(batch.right.verts_cam[0], batch.camera.K[0])
+    assert torch.allclose(boxes[0], torch.cat([uv.amin(0), uv.amax(0)]), atol=1e-5)
+    assert torch.equal(boxes[3], batch.left.bbox[2])
+    crops = genmetrics.hand_crops(batch.image, batch, size=16)
+    assert crops.shape == (4, 3, 16, 16)
+
+
+# ---- hand confidence, MSE-2D, MSE-3D ------------------------------------------------------------------
+class TinyCNN(nn.Module):
+    """A random-init stand-in feature extractor (4 -> 8 channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.Conv2d(4, 8, 3, 2, 1), nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, images):
+        return 10.0 * self.net(images).flatten(1)  # scaled: distances well above round-off
+
+
+def test_hand_confidence_and_mse_with_stand_in_detector_and_regressor():
+    batch = make_batch(["interacting", "right"], size=32)
+    offset_px = torch.tensor([3.0, 4.0])  # 5 px -> squared 25
+    offset_m = torch.tensor([0.0, 0.006, 0.008])  # 10 mm on non-wrist joints -> squared 100 mm^2
+
+    def detector(images):
+        keypoints = torch.stack([batch.right.joints_img, batch.left.joints_img], 1) + offset_px
+        confidence = torch.tensor([[0.9, 0.5], [0.8, 0.7]])
+        confidence[0, 1] = 0.0  # sample 0's left hand not detected
+        return HandKeypoints2D(keypoints_img=keypoints, confidence=confidence)
+
+    def regressor(images):
+        right, left = batch.right.joints_cam.clone(), batch.left.joints_cam.clone()
+        right[:, 1:] += offset_m
+        left[:, 1:] += offset_m
+        return {"right_joints": right - right[:, :1], "left_joints": left}  # wrist-relative or absolute
+
+    evaluator = GenerationEvaluator(feature_extractor=TinyCNN().eval(), keypoint_detector=detector, joint_regressor=regressor)
+    evaluator.add_generated(batch.image, batch)
+    res = evaluator.compute()
+    # present hands: sample 0 right + left, sample 1 right (its left is absent: 0.7 ignored)
+    assert res["HandConf"] == pytest.approx((0.9 + 0.0 + 0.8) / 3)
+    assert res["MSE-2D"] == pytest.approx(25.0, rel=1e-6)
+    # present hands' valid joints count; the wrist's error is 0 after the alignment (as in MPJPE)
+    valid = torch.stack([batch.right.joints_valid, batch.left.joints_valid], 1)  # (B, 2, 21)
+    valid = valid & valid[..., :1] & torch.tensor([[True, True], [True, False]])[..., None]
+    share = valid[..., 1:].sum().item() / valid.sum().item()
+    assert res["MSE-3D"] == pytest.approx(100.0 * share, rel=1e-6)
+    assert math.isnan(res["FID"])  # no real images added
+
+    normalized = GenerationEvaluator(
+        feature_extractor=TinyCNN().eval(), keypoint_detector=detector, joint_regressor=regressor,
+        mse2d_unit="normalized", mse3d_unit="cm",
+    )
+    normalized.add_generated(batch.image, batch)
+    res = normalized.compute()
+    assert res["MSE-2D"] == pytest.approx(25.0 / 32**2, rel=1e-6)
+    assert res["MSE-3D"] == pytest.approx(1.0 * share, rel=1e-6)
+
+
+def test_end_to_end_with_a_tiny_cnn():
+    torch.manual_seed(0)
+    batch = make_batch(["interacting"] * 6, size=32)
+    batch.camera.K = torch.tensor([[60.0, 0, 16], [0, 60.0, 16], [0, 0, 1]]).repeat(6, 1, 1)
+    extractor = TinyCNN().eval()
+    same = GenerationEvaluator(feature_extractor=extractor, kid_subsets=5, kid_subset_size=4)
+    same.add_real(batch.image, batch)
+    same.add_generated(batch.image, batch)
+    res_same = same.compute()
+    assert res_same["FID"] == pytest.approx(0.0, abs=1e-6) and res_same["FID-H"] == pytest.approx(0.0, abs=1e-6)
+    assert res_same["num_real"] == 6 and res_same["num_generated_hands"] == 12
+
+    other = GenerationEvaluator(feature_extractor=extractor, kid_subsets=5, kid_subset_size=4)
+    other.add_real(batch.image, batch)
+    other.add_generated(batch.image * 0.3, batch)  # darker "generated" images
+    res_other = other.compute()
+    assert res_other["FID"] > 1e-3 and res_other["FID-H"] > 1e-3 and res_other["KID"] > res_same["KID"] + 1e-3
+
+    with pytest.raises(ValueError, match=r"images: values in \[-1.00"):
+        other.add_generated(batch.image * 2 - 1, batch)
+
+
+def test_mediapipe_missing_names_the_extra(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_mediapipe(name, *args, **kwargs):
+        if name == "mediapipe" or name.startswith("mediapipe."):
+            raise ImportError("No module named 'mediapipe'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mediapipe)
+    with pytest.raises(ImportError, match=r"optional extra 'mediapipe'.*attentionhand-aug\[mediapipe\]"):
+        genmetrics.MediaPipeHands()
