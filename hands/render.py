@@ -15,13 +15,15 @@ differentiable and needs a GL context. So this is a small torch rasterizer:
 
 1. every face's pixel bounding box is computed and clipped to the image; faces with a vertex behind the
    near plane, non-finite vertices, zero screen area or no pixel centre inside their box are dropped;
-2. faces are bucketed by the size of their box: bucket k holds faces whose box side is at most 2**k
-   pixels (windows 1, 2, 4, ..., capped at the image size, so the last bucket is the fallback that holds
-   faces as large as the image); each bucket evaluates its faces' windows densely (edge functions), so the
-   work is at most 4x the faces' box areas and no face is ever clipped by its window;
-3. candidates are reduced per pixel with ``scatter_reduce(..., "amin")`` on one int64 key that packs
-   (float32 depth bits, face index): the nearest face wins, exact depth ties go to the lower face index;
-4. barycentrics and depth are recomputed once per pixel from the winning face (differentiable w.r.t.
+2. faces are bucketed by the width and height of their box: bucket (kx, ky) holds faces whose box is at
+   most 2**kx by 2**ky pixels (windows 1, 2, 4, ..., capped at the image size, so the last buckets are the
+   fallback that holds faces as large as the image); each bucket evaluates its faces' windows densely
+   (edge functions), so the work is at most 4x the faces' box areas and no face is ever clipped by its
+   window;
+3. candidates are reduced per pixel with ``scatter_reduce(..., "amax")`` on one int64 key that packs
+   (float32 inverse-depth bits, face index): the nearest face wins, exact depth ties go to the lower face
+   index;
+4. barycentrics and depth are computed once per pixel from the winning face (differentiable w.r.t.
    the vertices, though not through the choice of the winner).
 
 Tie rule: coverage is inclusive, a pixel centre exactly on an edge belongs to every face sharing that edge
@@ -73,7 +75,7 @@ SIDE_BACKGROUND, SIDE_RIGHT, SIDE_LEFT = 0, 1, 2
 
 # Faces are evaluated in chunks of at most this many candidate pixels (bounds the temporaries' memory).
 _MAX_CANDIDATES = 1 << 22
-_INT64_MAX = torch.iinfo(torch.int64).max
+_LOW_BITS = (1 << 32) - 1  # low half of a packed z-buffer key
 
 
 @dataclass
@@ -156,43 +158,24 @@ def _gather_faces(verts: Tensor, faces: Tensor) -> Tensor:
     return torch.gather(verts, 1, index).reshape(batch, num_faces, 3, verts.shape[-1])
 
 
-def _edge_functions(tri: Tensor, px: Tensor, py: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Screen-space barycentrics of pixel centres.
+def _edge_products(ex: Tensor, ey: Tensor, a: int, b: int) -> Tensor:
+    """Edge function of the edge (a, b) at the pixel centres (twice the signed area of (p, v_a, v_b)).
 
-    tri: (..., 3, 3) face vertices (x, y pixels; z metres) broadcastable against px, py (...) pixel
-    coordinates (already expanded so that ``tri[..., i, c]`` broadcasts with px). Returns l0, l1, l2 (...)
-    with l0 + l1 + l2 = 1 (affine barycentrics in the image plane) and the signed doubled area (...).
+    ex, ey: (n, 3, ., .) vertex minus pixel coordinates. The difference form keeps the test watertight:
+    the edge (b, a) of a neighbouring face evaluates to exactly the negated value (same two products).
     """
-    x0, y0 = tri[..., 0, 0], tri[..., 0, 1]
-    x1, y1 = tri[..., 1, 0], tri[..., 1, 1]
-    x2, y2 = tri[..., 2, 0], tri[..., 2, 1]
-    area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
-    w0 = (x1 - px) * (y2 - py) - (y1 - py) * (x2 - px)
-    w1 = (x2 - px) * (y0 - py) - (y2 - py) * (x0 - px)
-    w2 = (x0 - px) * (y1 - py) - (y0 - py) * (x1 - px)
-    return w0 / area, w1 / area, w2 / area, area
+    return ex[:, a] * ey[:, b] - ey[:, a] * ex[:, b]
 
 
-def _perspective(l0: Tensor, l1: Tensor, l2: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-    """Screen-space barycentrics (...) and vertex depths z (..., 3) -> (bary (..., 3), depth (...)).
+def _depth_key(inv_depth: Tensor, face_id: Tensor) -> Tensor:
+    """Pack (inverse depth >= 0, face index) into one int64 whose maximum is the nearest face.
 
-    1/z is affine in the image plane for a perspective projection, so depth = 1 / sum(l_i / z_i) and the
-    perspective-correct barycentrics are (l_i / z_i) * depth.
+    The bit pattern of a non-negative float32 is monotonic in its value, so ``(bits << 32) | (2**32 - 1 -
+    face_id)`` orders by inverse depth first (float32 precision) and prefers the lower face index on exact
+    ties. Candidates outside their face carry inverse depth 0, i.e. a key below 2**32 ("empty").
     """
-    q = torch.stack([l0, l1, l2], -1) / z  # (..., 3)
-    inv_depth = q.sum(-1)
-    depth = 1.0 / inv_depth
-    return q * depth.unsqueeze(-1), depth
-
-
-def _depth_key(depth: Tensor, face_id: Tensor) -> Tensor:
-    """Pack (depth > 0, face_id >= 0) into one int64 whose order is (depth, face_id) order.
-
-    The bit pattern of a positive float32 is monotonic in its value, so (bits << 32) | face_id sorts by
-    depth first (float32 precision) and by face index on exact ties.
-    """
-    bits = depth.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-    return (bits << 32) | face_id
+    bits = inv_depth.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    return (bits << 32) | (_LOW_BITS - face_id)
 
 
 def rasterize(
@@ -219,7 +202,8 @@ def rasterize(
     max_candidates: a bucket's faces are evaluated in chunks of at most this many candidate pixels.
 
     Returns :class:`Fragments` on the device of ``verts_img_z``; bary and depth in its dtype (computed in
-    at least float32).
+    at least float32). Depth is exact for perspective projections: 1/z is affine in the image plane, so
+    depth = 1 / sum_i(l_i / z_i) with l the screen-space barycentrics, and bary_i = depth * l_i / z_i.
     """
     if verts_img_z.dim() != 3 or verts_img_z.shape[-1] != 3:
         raise ValueError(f"verts_img_z must be (B, V, 3), got {tuple(verts_img_z.shape)}")
@@ -234,91 +218,126 @@ def rasterize(
     num_faces = faces.shape[1]
     if face_valid is not None and tuple(face_valid.shape) != (batch, num_faces):
         raise ValueError(f"face_valid must be (B={batch}, F={num_faces}), got {tuple(face_valid.shape)}")
-
     num_pixels = batch * height * width
-    key = torch.full((num_pixels,), _INT64_MAX, dtype=torch.int64, device=device)
-    tri = _gather_faces(verts_img_z, faces)  # (B, F, 3, 3)
-    tri_flat = tri.reshape(batch * num_faces, 3, 3)  # (N, 3, 3), N = B * F
+    if num_faces == 0:
+        return Fragments(
+            face_index=torch.full((batch, height, width), -1, dtype=torch.long, device=device),
+            bary=torch.zeros(batch, height, width, 3, dtype=out_dtype, device=device),
+            depth=torch.full((batch, height, width), float("inf"), dtype=out_dtype, device=device),
+        )
 
-    if num_faces > 0:
-        # 1. Boxes of pixel centres covered by each face's bounding box, clipped to the image.
-        x, y, z = tri_flat[..., 0], tri_flat[..., 1], tri_flat[..., 2]  # (N, 3)
-        valid = (z > near).all(-1) & torch.isfinite(tri_flat).all(-1).all(-1)
-        area = (tri_flat[:, 1, 0] - tri_flat[:, 0, 0]) * (tri_flat[:, 2, 1] - tri_flat[:, 0, 1]) - (
-            tri_flat[:, 1, 1] - tri_flat[:, 0, 1]
-        ) * (tri_flat[:, 2, 0] - tri_flat[:, 0, 0])
-        valid &= area != 0
-        if cull_backfaces:
-            valid &= area < 0
-        if face_valid is not None:
-            valid &= face_valid.reshape(-1).to(device=device, dtype=torch.bool)
-        # Clamp before rounding so huge / non-finite coordinates cannot overflow the integer conversion.
-        x = torch.nan_to_num(x, nan=-2.0).clamp(-2.0, width + 1.0)
-        y = torch.nan_to_num(y, nan=-2.0).clamp(-2.0, height + 1.0)
-        col0 = torch.ceil(x.amin(-1)).long().clamp(min=0)
-        col1 = torch.floor(x.amax(-1)).long().clamp(max=width - 1)
-        row0 = torch.ceil(y.amin(-1)).long().clamp(min=0)
-        row1 = torch.floor(y.amax(-1)).long().clamp(max=height - 1)
-        box_w = col1 - col0 + 1
-        box_h = row1 - row0 + 1
-        valid &= (box_w > 0) & (box_h > 0)
+    tri = _gather_faces(verts_img_z, faces).reshape(batch * num_faces, 3, 3)  # (N, 3, 3), N = B * F
+    x, y, z = tri[..., 0], tri[..., 1], tri[..., 2]  # (N, 3)
 
-        # 2. Buckets: bucket k holds faces with max(box_w, box_h) <= 2**k; the window is capped at the image.
-        side = torch.maximum(box_w, box_h)
-        num_buckets = max(max(height, width) - 1, 1).bit_length() + 1  # 2**(num_buckets-1) >= max(H, W)
-        powers = torch.tensor([1 << k for k in range(num_buckets)], device=device)
-        bucket = (side.unsqueeze(-1) > powers).sum(-1)  # (N,), 0 .. num_buckets - 1
-        bucket = torch.where(valid, bucket, torch.full_like(bucket, num_buckets))  # dropped faces last
-        order = torch.argsort(bucket)
-        # Host sync (the only one): the face count of each bucket sizes its dense window tensors.
-        counts = torch.bincount(bucket, minlength=num_buckets + 1).tolist()
+    # 1. Faces to draw and the box of pixel centres each one can cover, clipped to the image.
+    area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])  # (N,) 2x
+    valid = (z > near).all(-1) & torch.isfinite(tri).all(-1).all(-1) & (area != 0)
+    if cull_backfaces:
+        valid &= area < 0
+    if face_valid is not None:
+        valid &= face_valid.reshape(-1).to(device=device, dtype=torch.bool)
+    # Clamp before rounding so huge / non-finite coordinates cannot overflow the integer conversion.
+    x_box = torch.nan_to_num(x, nan=-2.0).clamp(-2.0, width + 1.0)
+    y_box = torch.nan_to_num(y, nan=-2.0).clamp(-2.0, height + 1.0)
+    col0 = torch.ceil(x_box.amin(-1)).long().clamp(min=0)
+    col1 = torch.floor(x_box.amax(-1)).long().clamp(max=width - 1)
+    row0 = torch.ceil(y_box.amin(-1)).long().clamp(min=0)
+    row1 = torch.floor(y_box.amax(-1)).long().clamp(max=height - 1)
+    box_w, box_h = col1 - col0 + 1, row1 - row0 + 1
+    valid &= (box_w > 0) & (box_h > 0)
 
-        face_in_batch = torch.arange(num_faces, device=device).repeat(batch)  # (N,)
-        batch_of_face = torch.arange(batch, device=device).repeat_interleave(num_faces)  # (N,)
-        start = 0
-        for k in range(num_buckets):
-            count = counts[k]
-            if count == 0:
-                continue
-            win_w, win_h = min(1 << k, width), min(1 << k, height)
-            chunk = max(1, max_candidates // (win_w * win_h))
-            for lo in range(start, start + count, chunk):
-                idx = order[lo : min(lo + chunk, start + count)]
-                _rasterize_window(
-                    key,
-                    tri_flat[idx],
-                    col0[idx],
-                    row0[idx],
-                    col1[idx],
-                    row1[idx],
-                    face_in_batch[idx],
-                    batch_of_face[idx],
-                    win_w,
-                    win_h,
-                    height,
-                    width,
-                )
-            start += count
+    # Window-pass copy of the faces: counter-clockwise on screen (swap v1, v2 where the area is negative)
+    # so that "inside" is simply all three edge functions >= 0, and the inverse-depth weights per edge.
+    flip = (area < 0).view(-1, 1, 1)
+    tri_ccw = torch.where(flip, tri[:, [0, 2, 1]], tri)  # (N, 3, 3)
+    safe = valid.view(-1, 1)
+    z_ccw = torch.where(safe, tri_ccw[..., 2], torch.ones_like(tri_ccw[..., 2]))
+    area_abs = torch.where(valid, area.abs(), torch.ones_like(area))
+    inv_z_weight = 1.0 / (z_ccw * area_abs.unsqueeze(-1))  # (N, 3): 1 / z_i / (2 area)
+    face_id = torch.arange(num_faces, device=device).repeat(batch)  # (N,) index within its batch element
+    batch_id = torch.arange(batch, device=device).repeat_interleave(num_faces)  # (N,)
+    base = (batch_id * height + row0) * width + col0  # (N,) flat index of the box's first pixel
 
-    # 3. Winners: unpack the face index and recompute barycentrics / depth from the winning face.
-    hit = key != _INT64_MAX
-    face_index = torch.where(hit, key & 0xFFFFFFFF, torch.full_like(key, -1))  # (B*H*W,)
-    face_flat = torch.where(hit, face_index, torch.zeros_like(face_index))
-    face_flat = face_flat + torch.arange(batch, device=device).repeat_interleave(height * width) * num_faces
+    # 2. Buckets by the box's width and height separately (a long thin face does not pay for a square
+    #    window): bucket (kx, ky) holds faces with box_w <= 2**kx and box_h <= 2**ky; windows are capped
+    #    at the image size, so the last buckets are the fallback for faces as large as the image.
+    levels_x = max(width - 1, 1).bit_length() + 1  # 2**(levels_x - 1) >= W
+    levels_y = max(height - 1, 1).bit_length() + 1
+    powers = torch.tensor([1 << k for k in range(max(levels_x, levels_y))], device=device)
+    level_x = (box_w.unsqueeze(-1) > powers[:levels_x]).sum(-1)  # (N,), 0 .. levels_x - 1
+    level_y = (box_h.unsqueeze(-1) > powers[:levels_y]).sum(-1)
+    num_buckets = levels_x * levels_y
+    bucket = torch.where(valid, level_x * levels_y + level_y, torch.full_like(level_x, num_buckets))
+    order = torch.argsort(bucket)  # dropped faces last
+    # Host sync (the only one): the face count of each bucket sizes its dense window tensors.
+    counts = torch.bincount(bucket, minlength=num_buckets + 1).tolist()
+
+    # z-buffer of packed keys; one spare image of padding takes the window positions past a box's end.
+    key = torch.zeros(num_pixels + height * width, dtype=torch.int64, device=device)
+    start = 0
+    for b in range(num_buckets):
+        count = counts[b]
+        if count == 0:
+            continue
+        win_w, win_h = min(1 << (b // levels_y), width), min(1 << (b % levels_y), height)
+        chunk = max(1, max_candidates // (win_w * win_h))
+        for lo in range(start, start + count, chunk):
+            idx = order[lo : min(lo + chunk, start + count)]
+            _rasterize_window(
+                key,
+                tri_ccw[idx],
+                inv_z_weight[idx],
+                col0[idx],
+                row0[idx],
+                col1[idx],
+                row1[idx],
+                face_id[idx],
+                base[idx],
+                win_w,
+                win_h,
+                width,
+            )
+        start += count
+
+    # 3. Winners: unpack the face index and compute barycentrics / depth from the winning face, in the
+    #    faces' own vertex order, anchored at v0 for precision: p - v0 = l1 (v1 - v0) + l2 (v2 - v0).
+    key = key[:num_pixels]
+    hit = key >= (1 << 32)  # (B*H*W,)
+    face_index = torch.where(hit, _LOW_BITS - (key & _LOW_BITS), torch.full_like(key, -1))
+    det = torch.where(valid, area, torch.ones_like(area))  # (N,)
+    z_safe = torch.where(safe, z, torch.ones_like(z))
+    table = torch.stack(
+        [
+            x[:, 0],
+            y[:, 0],
+            (y[:, 2] - y[:, 0]) / det,  # d l1 / dx
+            -(x[:, 2] - x[:, 0]) / det,  # d l1 / dy
+            -(y[:, 1] - y[:, 0]) / det,  # d l2 / dx
+            (x[:, 1] - x[:, 0]) / det,  # d l2 / dy
+            1.0 / z_safe[:, 0],
+            1.0 / z_safe[:, 1],
+            1.0 / z_safe[:, 2],
+        ],
+        -1,
+    )  # (N, 9)
+    table = torch.where(safe, table, torch.zeros_like(table))
+    face_flat = torch.where(hit, face_index, torch.zeros_like(face_index)).view(batch, height * width)
+    face_flat = face_flat + (torch.arange(batch, device=device) * num_faces).unsqueeze(-1)  # (B, HW)
+    coeff = table[face_flat]  # (B, HW, 9)
     pix = torch.arange(height * width, device=device)
-    px = (pix % width).to(dtype).repeat(batch)
-    py = torch.div(pix, width, rounding_mode="floor").to(dtype).repeat(batch)
-    if num_faces > 0:
-        tri_pix = tri_flat[face_flat]  # (B*H*W, 3, 3)
-        l0, l1, l2, _ = _edge_functions(tri_pix, px, py)
-        bary, depth = _perspective(l0, l1, l2, tri_pix[..., 2])
-        bary = torch.where(hit.unsqueeze(-1), bary, torch.zeros_like(bary))
-        depth = torch.where(hit, depth, torch.full_like(depth, float("inf")))
-    else:
-        bary = torch.zeros(num_pixels, 3, dtype=dtype, device=device)
-        depth = torch.full((num_pixels,), float("inf"), dtype=dtype, device=device)
+    dx = (pix % width).to(dtype) - coeff[..., 0]  # (B, HW)
+    dy = torch.div(pix, width, rounding_mode="floor").to(dtype) - coeff[..., 1]
+    l1 = coeff[..., 2] * dx + coeff[..., 3] * dy
+    l2 = coeff[..., 4] * dx + coeff[..., 5] * dy
+    l0 = 1.0 - l1 - l2
+    q = torch.stack([l0, l1, l2], -1) * coeff[..., 6:]  # (B, HW, 3): l_i / z_i
+    inv_depth = q.sum(-1)
+    hit = hit.view(batch, height * width)
+    inv_depth = torch.where(hit, inv_depth, torch.ones_like(inv_depth))
+    depth = torch.where(hit, 1.0 / inv_depth, torch.full_like(inv_depth, float("inf")))
+    bary = torch.where(hit.unsqueeze(-1), q / inv_depth.unsqueeze(-1), torch.zeros_like(q))
     return Fragments(
-        face_index=face_index.reshape(batch, height, width),
+        face_index=face_index.view(batch, height, width),
         bary=bary.reshape(batch, height, width, 3).to(out_dtype),
         depth=depth.reshape(batch, height, width).to(out_dtype),
     )
@@ -327,39 +346,45 @@ def rasterize(
 def _rasterize_window(
     key: Tensor,
     tri: Tensor,
+    inv_z_weight: Tensor,
     col0: Tensor,
     row0: Tensor,
     col1: Tensor,
     row1: Tensor,
     face_id: Tensor,
-    batch_id: Tensor,
+    base: Tensor,
     win_w: int,
     win_h: int,
-    height: int,
     width: int,
 ) -> None:
     """Evaluate n faces over a dense (win_h, win_w) window anchored at their box corner; update ``key``.
 
-    key: (B*H*W,) int64 packed (depth, face) z-buffer, updated in place with scatter_reduce "amin".
-    tri: (n, 3, 3) faces (x, y pixels, z metres); col0/row0/col1/row1: (n,) clipped pixel boxes, inclusive;
-    face_id: (n,) face index within the batch element; batch_id: (n,).
+    key: (B*H*W + H*W,) int64 packed (inverse depth, face) z-buffer, updated in place (scatter amax).
+    tri: (n, 3, 3) faces, counter-clockwise on screen (x, y pixels, z metres); inv_z_weight: (n, 3),
+    1 / (z_i * twice the area); col0/row0/col1/row1: (n,) clipped pixel boxes, inclusive; face_id: (n,) face
+    index within the batch element; base: (n,) flat pixel index of (row0, col0).
     """
     dx = torch.arange(win_w, device=key.device)
     dy = torch.arange(win_h, device=key.device)
-    cols = col0[:, None, None] + dx[None, None, :]  # (n, 1, win_w)
-    rows = row0[:, None, None] + dy[None, :, None]  # (n, win_h, 1)
-    inside_box = (cols <= col1[:, None, None]) & (rows <= row1[:, None, None])  # (n, win_h, win_w)
-    px = cols.to(tri.dtype)
-    py = rows.to(tri.dtype)
-    t = tri[:, None, None]  # (n, 1, 1, 3, 3)
-    l0, l1, l2, _ = _edge_functions(t, px, py)  # (n, win_h, win_w)
-    inside = inside_box & (l0 >= 0) & (l1 >= 0) & (l2 >= 0)
-    _, depth = _perspective(l0, l1, l2, t[..., 2])  # (n, win_h, win_w)
-    depth = torch.where(inside, depth, torch.ones_like(depth))  # keep the packed key well defined
-    cand = _depth_key(depth, face_id[:, None, None].expand_as(depth))
-    cand = torch.where(inside, cand, torch.full_like(cand, _INT64_MAX))
-    pixel = (batch_id[:, None, None] * height + rows.clamp(max=height - 1)) * width + cols.clamp(max=width - 1)
-    key.scatter_reduce_(0, pixel.expand_as(cand).reshape(-1), cand.reshape(-1), reduce="amin", include_self=True)
+    cols = col0[:, None] + dx  # (n, win_w)
+    rows = row0[:, None] + dy  # (n, win_h)
+    # Window positions past the box get NaN coordinates: every comparison with them is False.
+    nan = torch.full((), float("nan"), dtype=tri.dtype, device=tri.device)
+    px = torch.where(cols <= col1[:, None], cols.to(tri.dtype), nan)
+    py = torch.where(rows <= row1[:, None], rows.to(tri.dtype), nan)
+    ex = tri[:, :, None, None, 0] - px[:, None, None, :]  # (n, 3, 1, win_w): x_i - px
+    ey = tri[:, :, None, None, 1] - py[:, None, :, None]  # (n, 3, win_h, 1): y_i - py
+    w0 = _edge_products(ex, ey, 1, 2)  # (n, win_h, win_w), twice the area of (p, v1, v2)
+    w1 = _edge_products(ex, ey, 2, 0)
+    w2 = _edge_products(ex, ey, 0, 1)
+    inside = (w0 >= 0) & (w1 >= 0) & (w2 >= 0)
+    weight = inv_z_weight[:, :, None, None]  # (n, 3, 1, 1)
+    inv_depth = w0 * weight[:, 0] + w1 * weight[:, 1] + w2 * weight[:, 2]  # sum_i l_i / z_i
+    inv_depth = torch.where(inside, inv_depth, torch.zeros_like(inv_depth))
+    cand = _depth_key(inv_depth, face_id[:, None, None])  # (n, win_h, win_w)
+    offset = dy[:, None] * width + dx  # (win_h, win_w)
+    pixel = base[:, None, None] + offset  # (n, win_h, win_w)
+    key.scatter_reduce_(0, pixel.reshape(-1), cand.reshape(-1), reduce="amax", include_self=True)
 
 
 def vertex_normals(verts: Tensor, faces: Tensor) -> Tensor:

@@ -371,40 +371,61 @@ def test_render_hands_does_not_draw_invalid_hands():
     assert (out.side[1] == SIDE_LEFT).sum() > (out.side[0] == SIDE_LEFT).sum()
 
 
-def test_render_procedural_hands_and_write_png():
-    """The two procedural MANO-format hands (hands.mano), rendered; also writes docs/images/render-hands.png."""
+def _posed_procedural_hands(model, batch: int):
+    """Both procedural hands, palms towards the camera, fingers up, side by side 0.5 m away; sample 1 bent."""
+    from hands.rotation import axis_angle_to_matrix
+
+    pose = torch.zeros(batch, 48)
+    pose[1:, 3:] = 0.3 * torch.randn(batch - 1, 45, generator=torch.Generator().manual_seed(0))
+    shape = torch.zeros(batch, 10)
+    right = model("right", pose, shape).verts
+    left = model("left", pose, shape).verts
+    face_camera = axis_angle_to_matrix(torch.tensor([math.pi / 2, 0.0, 0.0]))
+    right_rot = axis_angle_to_matrix(torch.tensor([0.0, 0.0, math.pi / 2])) @ face_camera
+    left_rot = axis_angle_to_matrix(torch.tensor([0.0, 0.0, -math.pi / 2])) @ face_camera
+    right = (right - right.mean(1, keepdim=True)) @ right_rot.T + torch.tensor([-0.07, 0.0, 0.5])
+    left = (left - left.mean(1, keepdim=True)) @ left_rot.T + torch.tensor([0.07, 0.01, 0.55])
+    return right, left
+
+
+def test_render_procedural_hands_and_write_png(tmp_path, monkeypatch):
+    """The two procedural MANO-format hands (hands.mano): each side where its hand projects, the local crop
+    of a hand shows that hand; also writes docs/images/render-hands.png (global | local right | local left)."""
     mano = pytest.importorskip("hands.mano")
     from hands.camera import bbox_from_points
 
+    monkeypatch.setenv("ATTENTIONHAND_CACHE", str(tmp_path))  # the procedural files go to a temporary cache
+    monkeypatch.delenv("HANDS_MANO_DIR", raising=False)
     model = mano.HandModel()
     batch = 2
-    pose = torch.zeros(batch, 48)
-    pose[1, 3:] = 0.4 * torch.randn(45)  # a bent second sample
-    shape = torch.zeros(batch, 10)
-    right = model("right", pose, shape, trans=torch.tensor([[0.06, 0.0, 0.45]]).expand(batch, 3))
-    left = model("left", pose, shape, trans=torch.tensor([[-0.06, 0.0, 0.5]]).expand(batch, 3))
+    right, left = _posed_procedural_hands(model, batch)
+    faces_right, faces_left = model.faces_for("right"), model.faces_for("left")
+
     size = 64
-    K = make_intrinsics((90.0, 90.0), ((size - 1) / 2, (size - 1) / 2)).expand(batch, 3, 3)
-    out = render_hands(right.verts, left.verts, model.faces_for("right"), model.faces_for("left"), K, (size, size))
+    K = make_intrinsics((75.0, 75.0), ((size - 1) / 2, (size - 1) / 2)).expand(batch, 3, 3)
+    out = render_hands(right, left, faces_right, faces_left, K, (size, size))
     for i in range(batch):
-        assert (out.side[i] == SIDE_RIGHT).sum() > 50 and (out.side[i] == SIDE_LEFT).sum() > 50
-    # The visible side under each hand's projected wrist-to-tip centre is that hand
-    right_box = bbox_from_points(project(right.verts, K))
-    crops = crop_local(out.image, right_box, 32, scale=1.2)
-    assert crops.shape == (batch, 3, 32, 32) and crops.amax() > 0.3
-    # A larger render for the docs (not asserted beyond its size).
+        for verts, label in ((right, SIDE_RIGHT), (left, SIDE_LEFT)):
+            col, row = project(verts[i].mean(0, keepdim=True), K[i])[0].round().long().tolist()
+            assert out.side[i, row, col] == label  # the palm centre
+            assert (out.side[i] == label).sum() > 100
+    right_box = bbox_from_points(project(right, K))
+    local_side = crop_local((out.side == SIDE_RIGHT).float()[:, None], right_box, 32, scale=1.1, mode="nearest")
+    assert (local_side.mean((1, 2, 3)) > 0.25).all()  # the right hand fills a good part of its local image
+
+    # The picture for the docs, at 256 px.
     big = 256
-    K_big = make_intrinsics((360.0, 360.0), ((big - 1) / 2, (big - 1) / 2)).expand(batch, 3, 3)
-    out_big = render_hands(right.verts, left.verts, model.faces_for("right"), model.faces_for("left"), K_big, (big, big))
-    box_big = bbox_from_points(project(torch.cat([right.verts, left.verts], 1), K_big))
-    local = crop_local(out_big.image, box_big, big, scale=1.1)
+    K_big = make_intrinsics((300.0, 300.0), ((big - 1) / 2, (big - 1) / 2)).expand(batch, 3, 3)
+    out_big = render_hands(right, left, faces_right, faces_left, K_big, (big, big))
+    local_right = crop_local(out_big.image, bbox_from_points(project(right, K_big)), big, scale=1.2)
+    local_left = crop_local(out_big.image, bbox_from_points(project(left, K_big)), big, scale=1.2)
+    grid = torch.cat([torch.cat([out_big.image[i], local_right[i], local_left[i]], -1) for i in range(batch)], -2)
     from PIL import Image
 
-    row = torch.cat([torch.cat([out_big.image[i], local[i]], -1) for i in range(batch)], -2)  # (3, 2*256, 512)
     path = REPO / "docs" / "images" / "render-hands.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((row.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()).save(path)
-    assert path.stat().st_size > 1000
+    Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+    assert Image.open(path).size == (3 * big, batch * big)
 
 
 # ----------------------------------------------------------------------------------------------------------
