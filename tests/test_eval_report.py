@@ -98,7 +98,6 @@ def plane_hand(batch: int, z: float):
 
 
 def test_mesh_overlay_grid_draws_gt_and_prediction(tmp_path):
-    pytest.importorskip("hands.render")
     from tests.test_eval_evaluator import make_batch
     from tests.test_eval_metrics import one_hot_wrist_regressor
 
