@@ -590,7 +590,7 @@ def _skinning_weights(mesh: _Mesh, digits: list[_Digit]) -> np.ndarray:
     deg = np.asarray(adj.sum(1)).ravel()
     free = mesh.part == 0
     free[mesh.wrist_ring] = False
-    for _ in range(4):
+    for _ in range(2):
         avg = adj @ w / deg[:, None]
         w[free] = avg[free]
     w = np.clip(w, 0.0, None)
@@ -758,7 +758,7 @@ def _pose_basis(digits: list[_Digit]) -> tuple[np.ndarray, np.ndarray]:
             samples[:, j - 1] = vec @ _LOCAL_TO_OUT.T
     flat = samples.reshape(n, 45) + 0.02 * rng.standard_normal((n, 45))
     flat -= flat.mean(0)
-    _, _, vt = np.linalg.svd(flat, full_matrices=True)
+    _, _, vt = np.linalg.svd(flat, full_matrices=False)
     # deterministic signs: the largest entry of each component is positive
     signs = np.sign(vt[np.arange(45), np.abs(vt).argmax(1)])
     return mean.reshape(45), vt * signs[:, None]
