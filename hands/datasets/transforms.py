@@ -167,7 +167,8 @@ def warp(sample: HandSample, affine: Tensor, out_size: tuple[int, int], rotation
         left=_warp_hand(left, total, out_size),
         rel_root=rel_root,
         rel_root_valid=sample.rel_root_valid.clone(),
-        camera=Camera(K=transform_intrinsics(K, total), dist=sample.camera.dist.clone()),
+        # pixels' = affine K Rz K^-1 (K X) = affine K (Rz X): with the labels rotated, K changes by the affine only
+        camera=Camera(K=transform_intrinsics(K, affine), dist=sample.camera.dist.clone()),
         hand_type=sample.hand_type,
         meta=dict(sample.meta),
     )
