@@ -44,13 +44,15 @@ Deviations from the reference code, chosen on purpose:
 - ReIH samples missing a hand's mesh (``valid``/``mano_valid`` False) or the GT rel_root
   (``rel_root_valid`` False) cannot be scored; they are skipped and counted in ``skipped``.
 
-Everything accumulates as sums and counts on the inputs' device (no host synchronisation in
-``process``); under ``torch.distributed`` :meth:`HandEvaluator.evaluate` sums them over ranks, so a
+Everything accumulates as sums and counts on the inputs' device; ``process`` reads back one small
+tensor per batch (the millimetre check of every input at once, see :mod:`eval.metrics`); under
+``torch.distributed`` :meth:`HandEvaluator.evaluate` sums them over ranks, so a
 multi-rank evaluation gives the numbers of a single-rank one.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -59,6 +61,7 @@ import torch
 from torch import Tensor
 
 from hands.sample import HandBatch
+from hands.units import looks_like_mm
 from . import metrics
 
 __all__ = [
@@ -130,6 +133,29 @@ def _pred_field(outputs, name: str) -> Tensor:
     if value is None:
         raise ValueError(f"outputs.{name}: missing; a prediction needs {PRED_FIELDS}")
     return value
+
+
+def _check_units_once(gt: dict[str, Tensor], pred: dict[str, Tensor]) -> None:
+    """Millimetre check (hands.units.looks_like_mm) of many tensors with one host read-back in the
+    common case: ground truth in mm raises ValueError, predictions in mm warn; both name the tensor."""
+    named = list(gt.items()) + list(pred.items())
+    device = named[0][1].device
+    # each tensor's largest finite magnitude, (N,) on the device; non-finite values are ignored
+    maxima = torch.stack([
+        torch.nan_to_num(t.detach().to(device), nan=0.0, posinf=0.0, neginf=0.0).abs().amax().float()
+        for _, t in named
+    ])
+    if not looks_like_mm(maxima):
+        return
+    for index, (name, tensor) in enumerate(named):  # the rare failure path: find the culprit(s)
+        if looks_like_mm(tensor.detach()):
+            message = (
+                f"{name}: values up to {float(tensor.detach().abs().max()):.1f} look like millimetres; "
+                "the evaluator takes metres (convert with hands.units.mm_to_m)"
+            )
+            if index < len(gt):
+                raise ValueError(message)
+            warnings.warn(message, UserWarning, stacklevel=3)
 
 
 class HandEvaluator:
@@ -244,16 +270,24 @@ class HandEvaluator:
             count_mrrpe = right_joints_valid[:, 0] & left_joints_valid[:, 0]
             gt_rel_root = left.joints_cam[:, 0].to(dtype) - right.joints_cam[:, 0].to(dtype)
 
-        # 2. per-sample values (mm); values of samples that do not count are masked out below
-        mpvpe_right = metrics.mpvpe(pred["right_verts"], gt_right_verts, jr)  # (B,)
-        mpvpe_left = metrics.mpvpe(pred["left_verts"], gt_left_verts, jl)  # (B,)
+        # 2. units: one read-back for the whole batch (ground truth in mm raises, predictions in mm warn)
+        gt_tensors = {
+            "batch.right.verts_cam": gt_right_verts, "batch.left.verts_cam": gt_left_verts,
+            "batch.right.joints_cam": right.joints_cam, "batch.left.joints_cam": left.joints_cam,
+            "batch.rel_root": batch.rel_root,
+        }
+        _check_units_once(gt_tensors, {f"outputs.{k}": v for k, v in pred.items()})
+
+        # 3. per-sample values (mm); values of samples that do not count are masked out below
+        mpvpe_right = metrics.mpvpe(pred["right_verts"], gt_right_verts, jr, check_units=False)  # (B,)
+        mpvpe_left = metrics.mpvpe(pred["left_verts"], gt_left_verts, jl, check_units=False)  # (B,)
         rrve = metrics.rrve(
             pred["right_verts"], pred["left_verts"], pred["rel_root"],
-            gt_right_verts, gt_left_verts, gt_rel_root, jr, jl,
+            gt_right_verts, gt_left_verts, gt_rel_root, jr, jl, check_units=False,
         )  # (B,)
-        mrrpe = metrics.mrrpe(pred["rel_root"], gt_rel_root)  # (B,)
+        mrrpe = metrics.mrrpe(pred["rel_root"], gt_rel_root, check_units=False)  # (B,)
 
-        # 3. accumulate sums and counts per (metric, split)
+        # 4. accumulate sums and counts per (metric, split)
         stats = self._mesh_stats
         for index, values, mask in (
             (0, mpvpe_right, count_right),
@@ -265,12 +299,12 @@ class HandEvaluator:
             stats[index, :, 0].index_add_(0, split, torch.where(mask, values.to(stats.dtype), 0.0))
             stats[index, :, 1].index_add_(0, split, weight)
 
-        # 4. MPJPE: per-joint sums and counts, right joints then left joints
+        # 5. MPJPE: per-joint sums and counts, right joints then left joints
         for offset, side, joints_valid, pred_joints in (
             (0, right, right_joints_valid, pred["right_joints"]),
             (num_joints, left, left_joints_valid, pred["left_joints"]),
         ):
-            errors = metrics.per_joint_error(pred_joints, side.joints_cam.to(dtype))  # (B, J)
+            errors = metrics.per_joint_error(pred_joints, side.joints_cam.to(dtype), check_units=False)  # (B, J)
             mask = joints_valid & joints_valid[:, :1] & ~skipped[:, None]  # (B, J)
             weight = mask.to(stats.dtype)
             sums = torch.where(mask, errors.to(stats.dtype), 0.0)

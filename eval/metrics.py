@@ -14,7 +14,8 @@ evaluator's job (:mod:`eval.evaluator`), not these functions'.
 Bad input: a shape mismatch raises ``ValueError`` naming the argument. A *ground-truth* argument whose
 values look like millimetres (:func:`hands.units.looks_like_mm`) raises ``ValueError``; a *predicted*
 argument that looks like millimetres only warns (``UserWarning`` naming the argument), because a diverged
-model can legitimately predict far-away points and its (large) error should still be reported.
+model can legitimately predict far-away points and its (large) error should still be reported. The unit
+check reads a maximum back to the host; ``check_units=False`` skips it (the evaluator checks once per batch).
 """
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ NUM_VERTS = 778
 # ----------------------------------------------------------------------------------------------------
 # input checks
 # ----------------------------------------------------------------------------------------------------
-def _check_points(x: Tensor, name: str, num: int | None, *, is_gt: bool, batch: int | None = None) -> None:
+def _check_points(
+    x: Tensor, name: str, num: int | None, *, is_gt: bool, batch: int | None = None, check_units: bool = True
+) -> None:
     """x: (B, num, 3) metres. Raises ValueError naming ``name`` on a wrong shape or mm-looking GT."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{name}: expected a tensor, got {type(x).__name__}")
@@ -58,7 +61,8 @@ def _check_points(x: Tensor, name: str, num: int | None, *, is_gt: bool, batch: 
         raise ValueError(f"{name}: batch size {x.shape[0]} does not match the other inputs' {batch}")
     if not x.is_floating_point():
         raise ValueError(f"{name}: expected a float tensor (metres), got {x.dtype}")
-    _check_units(x, name, is_gt=is_gt)
+    if check_units:
+        _check_units(x, name, is_gt=is_gt)
 
 
 def _check_units(x: Tensor, name: str, *, is_gt: bool) -> None:
@@ -100,16 +104,17 @@ def align_at_wrist(verts: Tensor, j_regressor: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 # metrics
 # ----------------------------------------------------------------------------------------------------
-def mpvpe(pred_verts: Tensor, gt_verts: Tensor, j_regressor: Tensor) -> Tensor:
+def mpvpe(pred_verts: Tensor, gt_verts: Tensor, j_regressor: Tensor, *, check_units: bool = True) -> Tensor:
     """Mean per-vertex position error of one hand.
 
     pred_verts, gt_verts: (B, 778, 3) one hand's meshes, metres (camera frame; absolute or wrist-relative).
     j_regressor: (J, 778) this hand's MANO joint regressor; row 0 gives the wrist.
     Each mesh is aligned at its own regressed wrist; returns the mean Euclidean vertex distance, (B,) mm.
+    check_units=False skips the millimetre check (it reads values back to the host).
     """
     _check_regressor(j_regressor)
-    _check_points(gt_verts, "gt_verts", NUM_VERTS, is_gt=True)
-    _check_points(pred_verts, "pred_verts", NUM_VERTS, is_gt=False, batch=gt_verts.shape[0])
+    _check_points(gt_verts, "gt_verts", NUM_VERTS, is_gt=True, check_units=check_units)
+    _check_points(pred_verts, "pred_verts", NUM_VERTS, is_gt=False, batch=gt_verts.shape[0], check_units=check_units)
     pred = align_at_wrist(pred_verts, j_regressor)
     gt = align_at_wrist(gt_verts.to(pred.dtype), j_regressor)
     return to_mm((pred - gt).norm(dim=-1).mean(dim=-1))
@@ -124,6 +129,8 @@ def rrve(
     gt_rel_root: Tensor,
     j_regressor: Tensor,
     j_regressor_left: Tensor | None = None,
+    *,
+    check_units: bool = True,
 ) -> Tensor:
     """Right-hand-relative vertex error of a two-hand mesh.
 
@@ -138,13 +145,16 @@ def rrve(
     j_regressor_left = j_regressor if j_regressor_left is None else j_regressor_left
     _check_regressor(j_regressor)
     _check_regressor(j_regressor_left, "j_regressor_left")
-    _check_points(gt_right, "gt_right", NUM_VERTS, is_gt=True)
+    _check_points(gt_right, "gt_right", NUM_VERTS, is_gt=True, check_units=check_units)
     batch = gt_right.shape[0]
-    _check_points(gt_left, "gt_left", NUM_VERTS, is_gt=True, batch=batch)
-    _check_points(gt_rel_root, "gt_rel_root", None, is_gt=True, batch=batch)
-    _check_points(pred_right, "pred_right", NUM_VERTS, is_gt=False, batch=batch)
-    _check_points(pred_left, "pred_left", NUM_VERTS, is_gt=False, batch=batch)
-    _check_points(pred_rel_root, "pred_rel_root", None, is_gt=False, batch=batch)
+    for value, name, num, is_gt in (
+        (gt_left, "gt_left", NUM_VERTS, True),
+        (gt_rel_root, "gt_rel_root", None, True),
+        (pred_right, "pred_right", NUM_VERTS, False),
+        (pred_left, "pred_left", NUM_VERTS, False),
+        (pred_rel_root, "pred_rel_root", None, False),
+    ):
+        _check_points(value, name, num, is_gt=is_gt, batch=batch, check_units=check_units)
     dtype = pred_right.dtype
     pred = torch.cat(
         [
@@ -163,18 +173,18 @@ def rrve(
     return to_mm((pred - gt).norm(dim=-1).mean(dim=-1))
 
 
-def mrrpe(pred_rel_root: Tensor, gt_rel_root: Tensor) -> Tensor:
+def mrrpe(pred_rel_root: Tensor, gt_rel_root: Tensor, *, check_units: bool = True) -> Tensor:
     """Mean relative-root position error.
 
     pred_rel_root, gt_rel_root: (B, 3) left wrist minus right wrist, metres.
     Returns the Euclidean norm of their difference, (B,) mm.
     """
-    _check_points(gt_rel_root, "gt_rel_root", None, is_gt=True)
-    _check_points(pred_rel_root, "pred_rel_root", None, is_gt=False, batch=gt_rel_root.shape[0])
+    _check_points(gt_rel_root, "gt_rel_root", None, is_gt=True, check_units=check_units)
+    _check_points(pred_rel_root, "pred_rel_root", None, is_gt=False, batch=gt_rel_root.shape[0], check_units=check_units)
     return to_mm((pred_rel_root - gt_rel_root.to(pred_rel_root.dtype)).norm(dim=-1))
 
 
-def per_joint_error(pred_joints: Tensor, gt_joints: Tensor) -> Tensor:
+def per_joint_error(pred_joints: Tensor, gt_joints: Tensor, *, check_units: bool = True) -> Tensor:
     """Per-joint position error after aligning each hand's joints at its own wrist (joint 0).
 
     pred_joints, gt_joints: (B, 21, 3) one hand's joints, metres, wrist first.
@@ -182,20 +192,24 @@ def per_joint_error(pred_joints: Tensor, gt_joints: Tensor) -> Tensor:
     """
     if not isinstance(gt_joints, Tensor) or gt_joints.ndim != 3:
         raise ValueError(f"gt_joints: expected shape (B, J, 3), got {tuple(getattr(gt_joints, 'shape', ()))}")
-    _check_points(gt_joints, "gt_joints", gt_joints.shape[-2], is_gt=True)
-    _check_points(pred_joints, "pred_joints", gt_joints.shape[-2], is_gt=False, batch=gt_joints.shape[0])
+    _check_points(gt_joints, "gt_joints", gt_joints.shape[-2], is_gt=True, check_units=check_units)
+    _check_points(
+        pred_joints, "pred_joints", gt_joints.shape[-2], is_gt=False, batch=gt_joints.shape[0], check_units=check_units
+    )
     pred = pred_joints - pred_joints[:, :1]
     gt = gt_joints.to(pred.dtype) - gt_joints.to(pred.dtype)[:, :1]
     return to_mm((pred - gt).norm(dim=-1))
 
 
-def mpjpe(pred_joints: Tensor, gt_joints: Tensor, joints_valid: Tensor | None = None) -> Tensor:
+def mpjpe(
+    pred_joints: Tensor, gt_joints: Tensor, joints_valid: Tensor | None = None, *, check_units: bool = True
+) -> Tensor:
     """Mean per-joint position error of one hand, wrist-aligned (no Procrustes, no scaling).
 
     pred_joints, gt_joints: (B, 21, 3) metres, wrist first; joints_valid: (B, 21) bool, the joints that
     count (default all). Returns (B,) mm, the mean over each sample's valid joints (NaN where none is).
     """
-    errors = per_joint_error(pred_joints, gt_joints)  # (B, J)
+    errors = per_joint_error(pred_joints, gt_joints, check_units=check_units)  # (B, J)
     if joints_valid is None:
         return errors.mean(dim=-1)
     if tuple(joints_valid.shape) != tuple(errors.shape):

@@ -256,8 +256,13 @@ def test_accepts_a_dict_prediction_and_rejects_bad_input():
         HandEvaluator(j_regressor_right=reg, rules="freihand")
     mm_batch = make_batch(["interacting"])
     mm_batch.right.verts_cam *= 1000
-    with pytest.raises(ValueError, match="gt_verts.*millimetres"):
+    with pytest.raises(ValueError, match=r"batch.right.verts_cam.*millimetres"):
         HandEvaluator(j_regressor_right=reg, rules="ih26m").process(noisy_prediction(make_batch(["interacting"])), mm_batch)
+    ok_batch = make_batch(["interacting"])
+    mm_pred = noisy_prediction(ok_batch)
+    mm_pred.rel_root = mm_pred.rel_root * 1000
+    with pytest.warns(UserWarning, match=r"outputs.rel_root.*millimetres"):
+        HandEvaluator(j_regressor_right=reg, rules="ih26m").process(mm_pred, ok_batch)
 
 
 # ---- DDP: two gloo processes, half the batch each ----------------------------------------------------
