@@ -411,11 +411,13 @@ def interpolate(fragments: Fragments, faces: Tensor, vertex_attrs: Tensor) -> Te
     vertex_attrs: (B, V, C). Returns (B, H, W, C), zeros where empty.
     """
     batch, height, width = fragments.face_index.shape
-    faces = _batched_faces(faces.to(vertex_attrs.device), batch, vertex_attrs.shape[1])
-    face_attrs = _gather_faces(vertex_attrs, faces)  # (B, F, 3, C)
-    channels = vertex_attrs.shape[-1]
+    num_verts, channels = vertex_attrs.shape[1:]
+    faces = _batched_faces(faces.to(vertex_attrs.device), batch, num_verts)
+    num_faces = faces.shape[1]
+    face_attrs = _gather_faces(vertex_attrs, faces).reshape(batch * num_faces, 3 * channels)  # (B*F, 3C)
     face = fragments.face_index.clamp(min=0).reshape(batch, height * width)  # (B, HW)
-    corner = torch.gather(face_attrs, 1, face[:, :, None, None].expand(-1, -1, 3, channels))  # (B, HW, 3, C)
+    face = face + (torch.arange(batch, device=face.device) * num_faces).unsqueeze(-1)
+    corner = face_attrs[face].view(batch, height * width, 3, channels)  # (B, HW, 3, C)
     bary = fragments.bary.reshape(batch, height * width, 3, 1).to(vertex_attrs.dtype)
     out = (corner * bary).sum(-2).reshape(batch, height, width, channels)
     return torch.where(fragments.mask.unsqueeze(-1), out, torch.zeros_like(out))
@@ -444,19 +446,24 @@ def shade(
         raise ValueError("give vertex_colors or face_colors, not both")
     batch, height, width = fragments.face_index.shape
     dtype, device = verts_cam.dtype, verts_cam.device
-    normals = interpolate(fragments, faces, vertex_normals(verts_cam, faces))  # (B, H, W, 3)
+    normals = vertex_normals(verts_cam, faces)  # (B, V, 3)
+    if vertex_colors is not None:  # one interpolation for normals and colours (one gather)
+        attrs = interpolate(fragments, faces, torch.cat([normals, vertex_colors.to(dtype)], -1))
+        normals, color = attrs[..., :3], attrs[..., 3:]  # (B, H, W, 3) each
+    else:
+        normals = interpolate(fragments, faces, normals)
+        if face_colors is not None:
+            num_faces = face_colors.shape[1]
+            face = fragments.face_index.clamp(min=0).reshape(batch, height * width)
+            face = face + (torch.arange(batch, device=device) * num_faces).unsqueeze(-1)
+            color = face_colors.to(dtype).reshape(batch * num_faces, 3)[face].view(batch, height, width, 3)
+        else:
+            color = torch.ones((), dtype=dtype, device=device)
     normals = torch.nn.functional.normalize(normals, dim=-1, eps=1e-12)
     light = torch.as_tensor(light_dir, dtype=dtype, device=device).reshape(-1, 1, 1, 3)
     light = torch.nn.functional.normalize(light, dim=-1)
-    intensity = ambient + (1.0 - ambient) * (normals * light).sum(-1).abs()  # (B, H, W)
-    if vertex_colors is not None:
-        color = interpolate(fragments, faces, vertex_colors.to(dtype))
-    elif face_colors is not None:
-        face = fragments.face_index.clamp(min=0).reshape(batch, height * width, 1).expand(-1, -1, 3)
-        color = torch.gather(face_colors.to(dtype), 1, face).reshape(batch, height, width, 3)
-    else:
-        color = torch.ones(batch, height, width, 3, dtype=dtype, device=device)
-    lit = (color * intensity.unsqueeze(-1)).clamp(0.0, 1.0)
+    intensity = ambient + (1.0 - ambient) * (normals * light).sum(-1, keepdim=True).abs()  # (B, H, W, 1)
+    lit = (color * intensity).clamp(0.0, 1.0)  # (B, H, W, 3)
     bg = torch.as_tensor(background, dtype=dtype, device=device).expand(3)
     image = torch.where(fragments.mask.unsqueeze(-1), lit, bg)
     return image.permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
@@ -533,7 +540,6 @@ def render_hands(
     side (B, H, W) int8, mask (B, H, W) bool), in the dtype / on the device of right_verts_cam.
     """
     batch, num_right = right_verts_cam.shape[:2]
-    num_left = left_verts_cam.shape[1]
     if left_verts_cam.shape[0] != batch:
         raise ValueError(
             f"right_verts_cam and left_verts_cam must have the same batch size, got "
@@ -564,13 +570,13 @@ def render_hands(
     )  # (B, F_r + F_l)
     colors = torch.cat(
         [
-            torch.as_tensor(right_color, dtype=dtype, device=device).expand(batch, num_right, 3),
-            torch.as_tensor(left_color, dtype=dtype, device=device).expand(batch, num_left, 3),
+            torch.as_tensor(right_color, dtype=dtype, device=device).expand(batch, num_faces_right, 3),
+            torch.as_tensor(left_color, dtype=dtype, device=device).expand(batch, faces_left.shape[0], 3),
         ],
         1,
-    )  # (B, V_r + V_l, 3)
+    )  # (B, F_r + F_l, 3)
     out = render_mesh(
-        verts, faces, K, image_size, vertex_colors=colors, face_valid=face_valid, light_dir=light_dir, ambient=ambient
+        verts, faces, K, image_size, face_colors=colors, face_valid=face_valid, light_dir=light_dir, ambient=ambient
     )
     face_index = out.fragments.face_index
     side = torch.full_like(face_index, SIDE_LEFT, dtype=torch.int8)

@@ -241,6 +241,15 @@ def test_barycentrics_are_perspective_correct():
     assert torch.allclose(frag.bary[0][mask].sum(-1), torch.ones(mask.sum()), atol=1e-5)
 
 
+def test_image_and_depth_are_differentiable_wrt_the_vertices():
+    """Gradients flow from the shaded image and the depth into the vertices (not through visibility)."""
+    v, f = sphere(0.05, (0.0, 0.0, 0.3), subdivisions=1)
+    v = v[None].clone().requires_grad_(True)
+    out = render_mesh(v, f, make_intrinsics(60.0, (15.5, 15.5)), (32, 32))
+    (out.image.sum() + out.depth[out.mask].sum()).backward()
+    assert torch.isfinite(v.grad).all() and v.grad.abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Batches, dtype, device.
 
