@@ -99,7 +99,7 @@ def load_image(path: Path) -> Tensor:
             array = np.asarray(img.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:
         raise BadRecord("image file missing") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise BadRecord("image does not decode") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
@@ -108,7 +108,7 @@ def as_array(value: Any, shape: Sequence[int], field: str, allow_nan: bool = Fal
     """A JSON value -> float64 array of ``shape``; a wrong type/shape or a NaN/inf raises BadRecord."""
     try:
         array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise BadRecord(f"{field}: not numeric") from None
     if array.size != int(np.prod(shape)):
         raise BadRecord(f"{field}: wrong size")
@@ -123,7 +123,7 @@ def as_int(value: Any, field: str) -> int:
         raise BadRecord(f"{field}: not an integer")
     try:
         number = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise BadRecord(f"{field}: not an integer") from None
     if not math.isfinite(number) or number != int(number):
         raise BadRecord(f"{field}: not an integer")
@@ -201,6 +201,7 @@ def make_hand_labels(
     joints_cam = torch.where(joints_valid[:, None], joints_cam, torch.zeros_like(joints_cam))
     labels = HandLabels.empty(dtype)
     joints_img = project_points(joints_cam, K.to(dtype), dist)
+    joints_valid = joints_valid & torch.isfinite(joints_img).all(-1)  # a wild fisheye model can give NaN
     joints_img = torch.where(joints_valid[:, None], joints_img, torch.zeros_like(joints_img))
     bbox = hand_bbox_from_joints(joints_img, joints_valid, image_size)
     has_mano = mano_pose is not None and verts_cam is not None

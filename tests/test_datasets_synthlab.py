@@ -1,0 +1,115 @@
+"""synthlab: written in IH2.6M's layout, read back by the IH2.6M reader, deterministic, atomic on first use."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hands.datasets import DatasetError, build_dataset
+from hands.datasets.synthlab import SCENES, SPLITS, ensure_synthlab, main, write_synthlab
+from hands.render import render_hands
+
+TINY = {"train-lab": 4, "test-lab": 2, "train-wild": 4, "test-wild": 2}
+
+
+@pytest.fixture(scope="module")
+def model():
+    from hands.mano import HandModel
+
+    return HandModel()
+
+
+@pytest.fixture(scope="module")
+def synthlab(tmp_path_factory, model):
+    root = tmp_path_factory.mktemp("synthlab")
+    write_synthlab(root, seed=3, sizes=TINY, resolution=64, hand_model=model, show_progress=False)
+    return root
+
+
+def test_layout_is_interhand26m(synthlab):
+    for split in SPLITS:
+        for name in ("data", "camera", "joint_3d", "MANO_NeuralAnnot"):
+            assert (synthlab / "annotations" / split / f"InterHand2.6M_{split}_{name}.json").is_file()
+        captions = json.loads((synthlab / "captions" / f"{split}.json").read_text())
+        assert len(captions) == TINY[split]
+    info = json.loads((synthlab / "synthlab.json").read_text())
+    assert info["sizes"] == TINY and info["resolution"] == 64 and info["hand_model_procedural"]
+
+
+def test_round_trip_labels_match_the_images(synthlab, model):
+    for split in SPLITS:
+        dataset = build_dataset("synthlab", synthlab, split, hand_model=model)
+        assert len(dataset) == TINY[split] and not dataset.skipped
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            sample.validate()
+            assert sample.meta["dataset"] == "synthlab" and sample.image_size == (64, 64)
+            assert "hand" in sample.meta["prompt"]
+            if split.endswith("wild"):
+                assert any(phrase in sample.meta["prompt"] for _, phrase in SCENES.values())
+            valid = [bool(sample.right.valid), bool(sample.left.valid)]
+            assert any(valid) and (sample.hand_type == "interacting") == all(valid)
+            for side in ("right", "left"):
+                hand = sample.hand(side)
+                if bool(hand.valid):
+                    assert bool(hand.mano_valid) and bool(hand.joints_valid.all())
+                    # the MANO joints of the mesh agree with the annotated 3D joints (written from the same fit)
+                    regressed = model.j_regressor_for(side) @ hand.verts_cam
+                    assert torch.allclose(regressed[0], hand.joints_cam[0], atol=1e-4)
+            # the labels re-render onto the hands: lab images are bright where the mesh is, dark elsewhere
+            out = render_hands(
+                sample.right.verts_cam[None], sample.left.verts_cam[None], model.faces_for("right"), model.faces_for("left"),
+                sample.camera.K[None], (64, 64), right_valid=sample.right.valid[None], left_valid=sample.left.valid[None],
+            )
+            mask = out.mask[0]
+            assert mask.sum() > 30
+            if split.endswith("lab"):
+                brightness = sample.image.mean(0)
+                assert brightness[mask].mean() > brightness[~mask].mean() + 0.2
+
+
+def test_the_ih26m_reader_reads_synthlab(synthlab, model):
+    dataset = build_dataset("ih26m", synthlab, "test-wild", hand_model=model)
+    assert len(dataset) == 2 and dataset[0].meta["dataset"] == "ih26m"
+
+
+def test_deterministic_by_seed(synthlab, tmp_path, model):
+    write_synthlab(tmp_path, seed=3, sizes={"train-lab": 0, "test-lab": 2, "train-wild": 0, "test-wild": 0}, resolution=64, hand_model=model, show_progress=False)
+    for name in ("data", "joint_3d", "MANO_NeuralAnnot", "camera"):
+        path = f"annotations/test-lab/InterHand2.6M_test-lab_{name}.json"
+        assert (tmp_path / path).read_bytes() == (synthlab / path).read_bytes()
+    for image in (synthlab / "images" / "test-lab").rglob("*.jpg"):
+        assert (tmp_path / image.relative_to(synthlab)).read_bytes() == image.read_bytes()
+    other = tmp_path / "other"
+    write_synthlab(other, seed=4, sizes={"train-lab": 0, "test-lab": 2, "train-wild": 0, "test-wild": 0}, resolution=64, hand_model=model, show_progress=False)
+    path = "annotations/test-lab/InterHand2.6M_test-lab_MANO_NeuralAnnot.json"
+    assert (other / path).read_bytes() != (synthlab / path).read_bytes()
+
+
+def test_ensure_synthlab_writes_once_into_the_cache(tmp_path, monkeypatch, model):
+    monkeypatch.setenv("ATTENTIONHAND_CACHE", str(tmp_path / "cache"))
+    sizes = {"train-lab": 1, "test-lab": 1, "train-wild": 0, "test-wild": 0}
+    root = ensure_synthlab(sizes=sizes, resolution=48, hand_model=model, show_progress=False)
+    assert root == tmp_path / "cache" / "synthlab" and (root / "synthlab.json").is_file()
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(".synthlab-")]  # no temp folder left
+    stamp = (root / "synthlab.json").stat().st_mtime_ns
+    assert ensure_synthlab(sizes=sizes, resolution=48, hand_model=model) == root
+    assert (root / "synthlab.json").stat().st_mtime_ns == stamp
+    broken = tmp_path / "broken"
+    (broken / "annotations").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no synthlab.json"):
+        ensure_synthlab(broken)
+
+
+def test_cli_and_model_mismatch(tmp_path, model):
+    assert main(["--out", str(tmp_path / "cli"), "--sizes", "1", "0", "0", "0", "--resolution", "48"]) == 0
+    info = json.loads((tmp_path / "cli" / "synthlab.json").read_text())
+    assert info["sizes"]["train-lab"] == 1 and info["resolution"] == 48
+    info["hand_model_fingerprint"] = "0" * 64
+    (tmp_path / "cli" / "synthlab.json").write_text(json.dumps(info))
+    dataset = build_dataset("synthlab", tmp_path / "cli", "train-lab", hand_model=model)
+    with pytest.raises(DatasetError, match="another hand model"):
+        dataset[0]
+    with pytest.raises(ValueError, match="train-lab, test-lab, train-wild, test-wild"):
+        build_dataset("synthlab", tmp_path / "cli", "train")
