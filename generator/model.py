@@ -45,10 +45,9 @@ class TinyArchitecture:
     unet_channels: tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
     attention_heads: int = 4
-    cross_attention_dim: int = 32
+    cross_attention_dim: int = 32  # also the CLIP text model's hidden size
     latent_size: int = 8  # default sample size: latent_size * 8 pixels
     vae_channels: tuple[int, ...] = (16, 32, 32, 32)
-    text_hidden_size: int = 32
     text_layers: int = 2
     text_heads: int = 4
     text_intermediate_size: int = 37
@@ -154,7 +153,7 @@ def build_tiny_components(arch: TinyArchitecture, *, seed: int = 0, scheduler: s
             up_block_types=("UpDecoderBlock2D",) * len(arch.vae_channels), layers_per_block=1,
             norm_num_groups=_groups(arch.vae_channels), sample_size=arch.latent_size * 8)
         text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=arch.text_hidden_size, intermediate_size=arch.text_intermediate_size,
+            vocab_size=len(tokenizer), hidden_size=arch.cross_attention_dim, intermediate_size=arch.text_intermediate_size,
             num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
             max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=arch.cross_attention_dim,
             bos_token_id=tokenizer.convert_tokens_to_ids(START_TOKEN),

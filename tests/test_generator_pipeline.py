@@ -1,0 +1,125 @@
+"""AttentionHandPipeline on the tiny generator; model building from configs and SD-layout folders."""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from generator.model import (GeneratorConfig, TinyArchitecture, build_components, build_tiny_components,
+                             load_config, load_sd_components, save_components)
+from generator.pipeline import AttentionHandPipeline
+
+TINY = TinyArchitecture(unet_channels=(4, 8), attention_heads=2, cross_attention_dim=8, latent_size=4,
+                        vae_channels=(4, 8, 8, 8), text_layers=1, text_heads=2, text_intermediate_size=8)
+PROMPTS = ["A man unscrewing a bottle with both hands", "A cat on a sofa"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATTENTIONHAND_CACHE", str(tmp_path_factory.getbasetemp() / "ah_cache"))
+        components = build_tiny_components(TINY, seed=0, guidance_embedding_channels=(4, 4, 4, 4))
+        yield AttentionHandPipeline.from_components(components, attention_downsample=2)
+
+
+def _mesh(b=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, size, size, generator=g), torch.rand(b, 3, size, size, generator=g)
+
+
+def _gens(b=2, base=0):
+    return [torch.Generator().manual_seed(base + i) for i in range(b)]
+
+
+def test_deterministic_finite_images_of_requested_shape(pipe):
+    mesh, local = _mesh()
+    a = pipe(mesh, local, PROMPTS, num_inference_steps=2, generator=_gens())
+    b = pipe(mesh, local, PROMPTS, num_inference_steps=2, generator=_gens())
+    for out in (a, b):
+        assert out.images.shape == (2, 3, 32, 32) and out.local_images.shape == (2, 3, 32, 32)
+        assert torch.isfinite(out.images).all() and out.images.min() >= 0 and out.images.max() <= 1
+    assert torch.equal(a.images, b.images) and torch.equal(a.local_images, b.local_images)
+    c = pipe(mesh, local, PROMPTS, num_inference_steps=2, generator=_gens(base=10))
+    assert not torch.equal(a.images, c.images)  # another seed, other images
+
+
+def test_per_sample_generators_make_samples_independent_of_the_batch(pipe):
+    mesh, _ = _mesh()
+    both = pipe(mesh, None, PROMPTS, num_inference_steps=2, generator=_gens())
+    first = pipe(mesh[:1], None, PROMPTS[:1], num_inference_steps=2, generator=_gens(1))
+    assert both.local_images is None
+    assert torch.allclose(both.images[:1], first.images, atol=1e-5)
+
+
+def test_tas_steps_change_the_result_and_skip_prompts_without_hand_words(pipe, caplog):
+    mesh, local = _mesh()
+    plain = pipe(mesh, local, PROMPTS, num_inference_steps=2, generator=_gens())
+    with caplog.at_level(logging.WARNING, logger="generator.pipeline"):
+        tas = pipe(mesh, local, PROMPTS, num_inference_steps=2, tas_steps=1, generator=_gens(), return_attention=True)
+    assert "TAS skipped for 1 of 2 prompts" in caplog.text and "A cat on a sofa" in caplog.text
+    assert tas.token_indices == [[3, 4, 5, 10], []]
+    assert tas.tas_losses.shape == (1, 4)  # one TAS step, 2B rows (global, local)
+    assert tas.tas_losses[0, 0] > 0 and tas.tas_losses[0, 1] == 0 and tas.tas_losses[0, 3] == 0
+    assert (tas.images[0] - plain.images[0]).abs().amax() > 1e-4
+    # no hand word: TAS left this sample alone (recording attention only changes float rounding)
+    assert torch.allclose(tas.images[1], plain.images[1], atol=1e-5)
+    assert tas.attention_maps.shape == (2, 2, 2, 77) and tas.local_attention_maps.shape == (2, 2, 2, 77)
+    assert torch.allclose(tas.attention_maps.sum(-1), torch.ones(2, 2, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(mesh_images=torch.rand(2, 1, 32, 32)), r"\(B, 3, H, W\)"),
+    (dict(mesh_images=torch.rand(2, 3, 40, 32)), "multiples of 16"),
+    (dict(mesh_images=torch.rand(2, 3, 32, 32) * 255), r"in \[0, 1\]"),
+    (dict(local_mesh_images=torch.rand(2, 3, 16, 16)), "shape of mesh_images"),
+    (dict(prompts=["only one"]), "list of 2 strings"),
+    (dict(tas_steps=3), "tas_steps"),
+    (dict(generator=_gens(3)), "one torch.Generator per sample"),
+])
+def test_check_inputs_says_what_to_fix(pipe, bad, message):
+    mesh, local = _mesh()
+    args = dict(mesh_images=mesh, local_mesh_images=local, prompts=PROMPTS, num_inference_steps=2)
+    args.update(bad)
+    with pytest.raises(ValueError, match=message):
+        pipe(args.pop("mesh_images"), args.pop("local_mesh_images"), args.pop("prompts"), **args)
+
+
+def test_non_sd_folder_fails_naming_what_is_missing(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"missing model_index.json, vae/config.json, text_encoder/config.json"):
+        build_components(GeneratorConfig(sd_path=str(tmp_path)))
+
+
+def test_sd_folder_written_by_save_pretrained_loads_through_sd_path(pipe, tmp_path):
+    from generator.model import GeneratorComponents
+
+    components = GeneratorComponents(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                                     unet=pipe.unet, scheduler=pipe.scheduler, guidance=pipe.guidance)
+    folder = save_components(components, tmp_path / "sd")
+    assert (folder / "model_index.json").is_file() and (folder / "guidance" / "config.json").is_file()
+    loaded = load_sd_components(folder)
+    again = AttentionHandPipeline.from_components(loaded, attention_downsample=2)
+    mesh, local = _mesh()
+    a = pipe(mesh, local, PROMPTS, num_inference_steps=2, generator=_gens())
+    b = again(mesh, local, PROMPTS, num_inference_steps=2, generator=_gens())
+    assert torch.equal(a.images, b.images)
+    # the same folder without guidance/ gets a fresh ControlNet from its UNet; a guidance file must fit
+    shutil.rmtree(folder / "guidance")
+    assert torch.equal(load_sd_components(folder).guidance.controlnet.conv_in.weight, pipe.unet.conv_in.weight)
+    (tmp_path / "bad.safetensors").write_bytes(b"")
+    with pytest.raises(Exception):
+        load_sd_components(folder, guidance_path=tmp_path / "bad.safetensors")
+
+
+def test_configs_load_strictly():
+    tiny = load_config("tiny")
+    assert tiny.sd_path is None and tiny.sampling.guidance_scale == 9.0 and tiny.sampling.num_inference_steps == 20
+    assert load_config("tiny", ["sampling.tas_steps=5"]).sampling.tas_steps == 5
+    with pytest.raises(ValueError, match="needs sd_path"):
+        load_config("sd15")
+    assert load_config("sd15", ["sd_path=/models/sd15"]).attention_downsample == 4
+    with pytest.raises(Exception, match="nonsense"):
+        load_config("tiny", ["nonsense=1"])
