@@ -73,7 +73,9 @@ __all__ = [
     "WRIST_POSITION",
     "NUM_VERTS",
     "NUM_FACES",
+    "DEMO_POSES",
     "build_procedural_mano",
+    "demo_pose",
     "mirror_model",
     "model_bytes",
     "write_procedural_mano",
@@ -716,13 +718,13 @@ def _shape_directions(mesh: _Mesh, digits: list[_Digit], verts: np.ndarray) -> n
     return dirs
 
 
-def _pose_basis(digits: list[_Digit]) -> tuple[np.ndarray, np.ndarray]:
-    """hands_mean (45,) and hands_components (45, 45) for the right hand, output frame.
+def _joint_axes(digits: list[_Digit]) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """MANO joint id (1..15) -> (flexion axis, abduction axis, bone direction), local frame, unit vectors.
 
-    The mean curls every joint slightly about its flexion axis. The components are the principal axes of a
-    seeded sample of 4000 poses: a shared grasp synergy, per-finger curl, abduction at joint 1 and small
-    twists, plus isotropic noise so that all 45 directions are defined."""
-    by_joint = {}
+    A positive rotation about the flexion axis moves the bone towards the palm (fingers) or towards the
+    pad side (thumb); a positive rotation about the abduction axis swings it sideways towards the thumb
+    side; the twist axis is the bone itself."""
+    out = {}
     palm_normal = np.array([0.0, 0.0, -1.0])  # palmar, local
     for d in digits:
         for k, j in enumerate(d.mano_joints):
@@ -731,9 +733,22 @@ def _pose_basis(digits: list[_Digit]) -> tuple[np.ndarray, np.ndarray]:
                 pad = -_unit(d.dorsal - d.dorsal.dot(bone) * bone)
             else:
                 pad = palm_normal - palm_normal.dot(bone) * bone
-            flex = _unit(np.cross(bone, _unit(pad)))  # positive rotation moves the bone towards the pad
-            abduct = _unit(np.cross(flex, bone))
-            by_joint[j] = (flex, abduct, bone, d.part)
+            flex = _unit(np.cross(bone, _unit(pad)))
+            abduct = _unit(pad)  # rotating about the pad direction swings the bone sideways...
+            if np.cross(abduct, bone)[1] < 0:  # ... positive towards the thumb side (+s)
+                abduct = -abduct
+            out[j] = (flex, abduct, bone)
+    return out
+
+
+def _pose_basis(digits: list[_Digit]) -> tuple[np.ndarray, np.ndarray]:
+    """hands_mean (45,) and hands_components (45, 45) for the right hand, output frame.
+
+    The mean curls every joint slightly about its flexion axis. The components are the principal axes of a
+    seeded sample of 4000 poses: a shared grasp synergy, per-finger curl, abduction at joint 1 and small
+    twists, plus isotropic noise so that all 45 directions are defined."""
+    axes = _joint_axes(digits)
+    by_joint = {j: (*axes[j], None) for j in axes}
     rest = {1: (0.12, 0.22, 0.12), 2: (0.14, 0.25, 0.14), 3: (0.17, 0.30, 0.15), 4: (0.22, 0.33, 0.16),
             5: (0.10, 0.12, 0.15)}
     mean = np.zeros((15, 3))
@@ -762,6 +777,47 @@ def _pose_basis(digits: list[_Digit]) -> tuple[np.ndarray, np.ndarray]:
     # deterministic signs: the largest entry of each component is positive
     signs = np.sign(vt[np.arange(45), np.abs(vt).argmax(1)])
     return mean.reshape(45), vt * signs[:, None]
+
+
+# Named poses for pictures and examples: per digit (joint 1, 2, 3) as (flexion, abduction, twist) radians
+# about the procedural model's axes (see _joint_axes); "relaxed" is the model's hands_mean.
+_FIST = {1: ((1.45, 0, 0), (1.6, 0, 0), (0.9, 0, 0)), 2: ((1.45, 0, 0), (1.6, 0, 0), (0.9, 0, 0)),
+         3: ((1.45, 0, 0), (1.6, 0, 0), (0.9, 0, 0)), 4: ((1.45, 0, 0), (1.6, 0, 0), (0.9, 0, 0)),
+         5: ((0.5, -0.6, 0.0), (0.6, 0, 0), (0.5, 0, 0))}
+_DEMO_POSES = {
+    "flat": {p: ((0, 0, 0),) * 3 for p in range(1, 6)},
+    "fist": _FIST,
+    "point": {**_FIST, 1: ((0.0, 0.05, 0), (0.05, 0, 0), (0.05, 0, 0))},
+    # thumb and index tips 12 mm apart (fitted once by gradient descent on the procedural model)
+    "pinch": {1: ((0.64, 0.0, 0), (0.98, 0, 0), (0.55, 0, 0)), 2: ((0.3, 0, 0), (0.45, 0, 0), (0.3, 0, 0)),
+              3: ((0.35, 0, 0), (0.5, 0, 0), (0.3, 0, 0)), 4: ((0.4, 0, 0), (0.5, 0, 0), (0.3, 0, 0)),
+              5: ((0.4, -0.15, 0.15), (0.1, 0.15, 0.11), (0.18, 0.14, 0.08))},
+}
+DEMO_POSES = ("flat", "relaxed", "fist", "point", "pinch")
+
+
+def demo_pose(name: str, side: str = "right") -> np.ndarray:
+    """(45,) hand pose (the 15 joints after the root, axis-angle, ``flat_hand_mean=False`` convention: the
+    model's hands_mean is subtracted, so HandModel shows exactly this pose) for one of :data:`DEMO_POSES`.
+    Built on the procedural model's joint axes; on real MANO files the pose is only roughly the same."""
+    if name not in DEMO_POSES:
+        raise ValueError(f"unknown demo pose {name!r}; known: {', '.join(DEMO_POSES)}")
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    digits = _hand_digits()
+    mean, _ = _pose_basis(digits)
+    pose = np.zeros((15, 3))
+    if name != "relaxed":
+        axes = _joint_axes(digits)
+        for d in digits:
+            for k, j in enumerate(d.mano_joints):
+                flex, abduct, bone = axes[j]
+                a, b, c = _DEMO_POSES[name][d.part][k]
+                pose[j - 1] = _LOCAL_TO_OUT @ (a * flex + b * abduct + c * bone)
+    pose = pose.reshape(45) - mean
+    if side == "left":
+        pose = pose * np.tile([1.0, -1.0, -1.0], 15)
+    return pose
 
 
 # ----------------------------------------------------------------------------------------------------------
