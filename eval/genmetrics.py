@@ -7,7 +7,8 @@
 - Hand confidence: the mean confidence a 2D hand keypoint detector gives the hands of the generated
   images (each hand present in the conditioning labels counts; a hand the detector misses counts 0).
 - MSE-2D: mean squared distance between the detector's 2D keypoints on the generated image and the
-  conditioning labels' 2D joints (the paper uses MediaPipe Hands [49]).
+  conditioning labels' 2D joints (the paper uses MediaPipe Hands [49]), over detected labelled hands'
+  valid joints. Detections are matched to the labelled hands by position (see ``match_sides``).
 - MSE-3D: mean squared distance between the wrist-aligned 3D joints an off-the-shelf regressor (the
   paper: InterWild [16]) predicts from the generated image and the conditioning labels' 3D joints.
 
@@ -397,6 +398,9 @@ class GenerationEvaluator:
         crop_size, crop_scale: hand crops for FID-H / KID-H (see :func:`hand_crops`).
         kid_subsets, kid_subset_size: KID's subsets (clipped to the set sizes).
         mse2d_unit: "px" (squared pixels) or "normalized" (x / W, y / H); mse3d_unit: "mm" or "cm".
+        match_sides: match the detector's two hands to the labelled hands by position (per image, the side
+            assignment as given or swapped with more matched hands, then the lower error) instead of
+            trusting its handedness; MediaPipe's handedness is often wrong on generated hands.
 
     Use :meth:`add_real` with real images (and their labels, for the hand crops) and
     :meth:`add_generated` with generated images and the labels they were generated from; then
@@ -415,6 +419,7 @@ class GenerationEvaluator:
         kid_subset_size: int = 1000,
         mse2d_unit: str = "px",
         mse3d_unit: str = "mm",
+        match_sides: bool = True,
     ) -> None:
         if mse2d_unit not in ("px", "normalized"):
             raise ValueError(f"mse2d_unit={mse2d_unit!r}: expected 'px' or 'normalized'")
@@ -426,6 +431,7 @@ class GenerationEvaluator:
         self.crop_size, self.crop_scale = crop_size, crop_scale
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.mse2d_unit, self.mse3d_unit = mse2d_unit, mse3d_unit
+        self.match_sides = match_sides
         self.reset()
 
     def reset(self) -> None:
@@ -464,16 +470,30 @@ class GenerationEvaluator:
     def _add_keypoints_2d(self, images: Tensor, batch: HandBatch, present: Tensor) -> None:
         detections = self.keypoint_detector(images)
         confidence = detections.confidence.to(images.device, torch.float64)  # (B, 2)
-        self._conf_sum += float(confidence[present].sum())
-        self._conf_count += int(present.sum())
-        gt = torch.stack([batch.right.joints_img, batch.left.joints_img], 1).to(images.device, torch.float64)
         pred = detections.keypoints_img.to(images.device, torch.float64)  # (B, 2, 21, 2)
+        gt = torch.stack([batch.right.joints_img, batch.left.joints_img], 1).to(images.device, torch.float64)
         if self.mse2d_unit == "normalized":
             size = torch.tensor([images.shape[-1], images.shape[-2]], dtype=torch.float64, device=images.device)
             gt, pred = gt / size, pred / size
         joints_valid = torch.stack([batch.right.joints_valid, batch.left.joints_valid], 1).bool().to(images.device)
-        mask = joints_valid & (present & (confidence > 0))[..., None]  # detected, present, valid joints
-        squared = ((pred - gt) ** 2).sum(-1)  # (B, 2, 21)
+
+        def assignment(conf: Tensor, keypoints: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            mask = joints_valid & (present & (conf > 0))[..., None]  # (B, 2, 21) detected, present, valid
+            squared = torch.where(mask, ((keypoints - gt) ** 2).sum(-1), 0.0)  # (B, 2, 21)
+            matched = (present & (conf > 0)).sum(-1)  # (B,)
+            return mask, squared, matched, squared.sum((-1, -2)) / mask.sum((-1, -2)).clamp(min=1)
+
+        mask, squared, matched, cost = assignment(confidence, pred)
+        if self.match_sides:
+            # a detector's handedness is unreliable on generated hands: per image, keep the side assignment
+            # (as given or swapped) that matches more labelled hands, then the one with the lower error
+            mask_s, squared_s, matched_s, cost_s = assignment(confidence.flip(1), pred.flip(1))
+            swap = (matched_s > matched) | ((matched_s == matched) & (cost_s < cost))  # (B,)
+            mask = torch.where(swap[:, None, None], mask_s, mask)
+            squared = torch.where(swap[:, None, None], squared_s, squared)
+            confidence = torch.where(swap[:, None], confidence.flip(1), confidence)
+        self._conf_sum += float(confidence[present].sum())
+        self._conf_count += int(present.sum())
         self._mse2d_sum += float(squared[mask].sum())
         self._mse2d_count += int(mask.sum())
 

@@ -191,3 +191,24 @@ def test_mediapipe_missing_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_mediapipe)
     with pytest.raises(ImportError, match=r"optional extra 'mediapipe'.*attentionhand-aug\[mediapipe\]"):
         genmetrics.MediaPipeHands()
+
+
+def test_detections_are_matched_to_the_labelled_hands_by_position():
+    batch = make_batch(["interacting", "right"], size=32)
+    batch.right.joints_img = 8 + 4 * torch.rand(2, 21, 2)  # the hands apart in the image
+    batch.left.joints_img = 20 + 4 * torch.rand(2, 21, 2)
+    gt = torch.stack([batch.right.joints_img, batch.left.joints_img], 1)  # (B, 2, 21, 2)
+
+    def swapped_detector(images):  # right and left swapped (wrong handedness), 5 px off
+        return HandKeypoints2D(keypoints_img=gt.flip(1) + torch.tensor([3.0, 4.0]), confidence=torch.tensor([[0.6, 0.9], [0.0, 0.7]]))
+
+    res = {}
+    for match in (True, False):
+        evaluator = GenerationEvaluator(feature_extractor=TinyCNN().eval(), keypoint_detector=swapped_detector, match_sides=match)
+        evaluator.add_generated(batch.image, batch)
+        res[match] = evaluator.compute()
+    # matched: sample 0's two detections swap back; sample 1's single (left-labelled) detection is its right hand
+    assert res[True]["MSE-2D"] == pytest.approx(25.0, rel=1e-6)
+    assert res[True]["HandConf"] == pytest.approx((0.9 + 0.6 + 0.7) / 3)
+    assert res[False]["MSE-2D"] > 100.0
+    assert res[False]["HandConf"] == pytest.approx((0.6 + 0.9 + 0.0) / 3)
