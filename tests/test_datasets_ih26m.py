@@ -123,6 +123,8 @@ def test_human_annotated_subset_and_variants(tmp_path, model):
 
 
 def test_bad_records_are_skipped_and_counted(tmp_path, model, caplog):
+    write_ih26m_fixture(tmp_path / "clean", model, frames=1, cameras=1)
+    tmp_path = tmp_path / "bad"
     write_ih26m_fixture(tmp_path, model, frames=2, cameras=2)
     data_path = tmp_path / "annotations/test/InterHand2.6M_test_data.json"
     data = json.loads(data_path.read_text())
@@ -141,8 +143,9 @@ def test_bad_records_are_skipped_and_counted(tmp_path, model, caplog):
     assert dataset.skipped["mano pose: NaN or inf"] == 1
     with caplog.at_level("WARNING", logger="hands.datasets"):
         message = dataset.report_skips()
-    assert "skipped 4 record(s)" in message and message in caplog.text
-    assert dataset.report_skips() is None  # once per epoch: nothing new to report
+    assert "4 record(s) skipped so far (4 new" in message and message in caplog.text
+    assert "(0 new since the last report)" in dataset.report_skips()  # the next epoch's report
+    assert build_dataset("ih26m", tmp_path.parent / "clean", "test", hand_model=model).report_skips() is None
 
 
 def test_undecodable_image_is_replaced_deterministically_and_counted(tmp_path, model):

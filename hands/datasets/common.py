@@ -275,13 +275,18 @@ class HandDataset(torch.utils.data.Dataset):
         self.skipped[reason] += 1
 
     def report_skips(self, log: Callable[[str], None] | None = None) -> str | None:
-        """Log (as one warning) the records skipped since the last report; return the message or None."""
-        new = self.skipped - self._reported
-        if not new:
+        """Log one warning with every skip count so far (call it once per epoch); return it, or None when
+        nothing was ever skipped. Decode failures met in DataLoader worker processes are counted there;
+        in the main process they show as samples with ``meta["substituted_for"]``."""
+        if not self.skipped:
             return None
+        new = sum((self.skipped - self._reported).values())
         self._reported = Counter(self.skipped)
-        parts = ", ".join(f"{reason}: {count}" for reason, count in sorted(new.items()))
-        message = f"{self.name} ({self.describe()}): skipped {sum(new.values())} record(s) ({parts})"
+        parts = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.skipped.items()))
+        message = (
+            f"{self.name} ({self.describe()}): {sum(self.skipped.values())} record(s) skipped so far "
+            f"({new} new since the last report): {parts}"
+        )
         (log or logger.warning)(message)
         return message
 
