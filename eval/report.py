@@ -39,6 +39,8 @@ __all__ = [
     "write_table",
     "mesh_overlay_grid",
     "save_png",
+    "load_results",
+    "main",
 ]
 
 # Column titles of the datasets (keys are the rule-set / dataset names of eval.evaluator).
@@ -328,3 +330,65 @@ def save_png(image: Tensor, path: str | Path) -> Path:
     array = (image.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     Image.fromarray(array).save(path)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------
+def load_results(path: str | Path) -> dict[str, dict[str, float]]:
+    """A run's results file: JSON ``{dataset: {metric: value, ...}, ...}`` (the evaluators' dicts per
+    dataset, millimetres). Raises ValueError naming the file when it is not of that form."""
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read a results JSON ({error})") from error
+    if not isinstance(payload, dict) or not all(isinstance(v, dict) for v in payload.values()):
+        raise ValueError(f"{path}: expected {{dataset: {{metric: value}}}}, got {type(payload).__name__}")
+    return {
+        dataset: {k: (math.nan if v is None else float(v)) for k, v in values.items() if isinstance(v, (int, float)) or v is None}
+        for dataset, values in payload.items()
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m eval.report --results NAME=FILE.json ... [--paper METHOD ...] [--out DIR]``: print a
+    Table-2-style Markdown table of the runs (and the paper's rows), and write .md/.csv/.json with --out."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m eval.report", description=main.__doc__)
+    parser.add_argument("--results", action="append", default=[], metavar="NAME=FILE",
+                        help="a run's results JSON {dataset: {metric: value}}; repeat for more runs")
+    parser.add_argument("--paper", nargs="*", metavar="METHOD",
+                        help="add the paper's Table 2 rows of these methods (no name: all five)")
+    parser.add_argument("--datasets", default=None, help="comma-separated column order, e.g. hic,reih,ih26m")
+    parser.add_argument("--out", default=None, help="folder for table2.md, table2.csv, table2.json")
+    args = parser.parse_args(argv)
+
+    results: dict = {}
+    for item in args.results:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            parser.error(f"--results {item!r}: expected NAME=FILE.json")
+        try:
+            results[name] = load_results(file)
+        except ValueError as error:
+            parser.error(str(error))
+    if args.paper is not None:
+        try:
+            results.update(paper_results(args.paper or None))
+        except ValueError as error:
+            parser.error(str(error))
+    if not results:
+        parser.error("nothing to report: give --results NAME=FILE.json and/or --paper")
+    datasets = args.datasets.split(",") if args.datasets else None
+    table = make_table(results, datasets=datasets)
+    print(to_markdown(table), end="")
+    if args.out:
+        for path in write_table(table, args.out).values():
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

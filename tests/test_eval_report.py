@@ -136,3 +136,23 @@ def test_mesh_overlay_grid_draws_gt_and_prediction(tmp_path):
 
     with Image.open(path) as png:
         assert png.size == (grid.shape[2], grid.shape[1]) and png.mode == "RGB"
+
+
+def test_command_line_reads_results_files_and_adds_paper_rows(tmp_path, capsys):
+    for name, mpvpe in (("base", 16.0), ("aug", 15.5)):
+        # an evaluator's dict per dataset; NaN (nothing counted) as JSON allows it
+        (tmp_path / f"{name}.json").write_text(json.dumps({"hic": {"MPVPE": mpvpe, "RRVE": math.nan, "count_MPVPE": 3}}))
+    code = report.main([
+        "--results", f"InterWild={tmp_path / 'base.json'}",
+        "--results", f"InterWild+AttentionHand={tmp_path / 'aug.json'}",
+        "--paper", "InterWild", "--datasets", "hic", "--out", str(tmp_path / "out"),
+    ])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| InterWild+AttentionHand | 15.50 (-0.50) | - |" in out
+    assert "| InterWild+AttentionHand (paper) | 14.74 (-0.56) | 21.10 (-0.25) | 29.26 (-2.00) |" in out
+    assert (tmp_path / "out" / "table2.csv").is_file()
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        report.main(["--results", f"x={tmp_path / 'bad.json'}"])
+    assert "bad.json: expected {dataset: {metric: value}}" in capsys.readouterr().err
