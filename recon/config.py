@@ -70,10 +70,6 @@ class DataConfig:
     num_workers: int = 0
     max_train_samples: Optional[int] = None
     max_test_samples: Optional[int] = None
-    # Sizes of the embedded synthlab benchmark when it has to be written (samples per split, image side).
-    synthlab_train_size: int = 256
-    synthlab_test_size: int = 64
-    synthlab_image_size: int = 128
 
 
 @dataclass
@@ -263,18 +259,19 @@ def from_config(cfg: DictConfig, cls: type) -> Dict[str, Any]:
     """The regressor's constructor arguments from a run config: the ``model`` section, checked against the
     constructor of ``cls`` (unknown keys / wrong types raise ConfigError naming ``model.<key>``), plus
     ``mano_dir`` when the constructor takes it and the model section does not set it."""
-    schema = OmegaConf.structured(model_schema(cls))
-    OmegaConf.set_struct(schema, True)
+    schema_cls = model_schema(cls)
+    known = [f.name for f in dataclasses.fields(schema_cls)]
+    for key in cfg.model:
+        if key not in known:
+            raise ConfigError(
+                f"config: unknown key 'model.{key}' for regressor {cfg.arch!r}; it takes: {', '.join(known)}"
+            )
     try:
-        checked = OmegaConf.merge(schema, cfg.model)
+        # Not struct: dict-typed arguments (e.g. backbone_kwargs) take any keys; the types are checked.
+        checked = OmegaConf.merge(OmegaConf.structured(schema_cls), cfg.model)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "?"
         message = str(getattr(error, "msg", None) or error).splitlines()[0]
-        if "not in" in message and "Key" in message:
-            known = ", ".join(f.name for f in dataclasses.fields(model_schema(cls)))
-            raise ConfigError(
-                f"config: unknown key 'model.{key}' for regressor {cfg.arch!r}; it takes: {known}"
-            ) from None
         raise ConfigError(f"config: bad value for 'model.{key}': {message}") from None
     given = set(cfg.model.keys())
     kwargs = OmegaConf.to_container(checked, resolve=True)  # every argument, defaults filled in, typed

@@ -1,0 +1,265 @@
+"""Datasets and data order for ``recon.train`` / ``recon.test``.
+
+- Dataset specs: ``name`` or ``name:split`` (``--datasets ih26m,reih``). Default splits: synthlab trains on
+  ``train-lab`` and tests on ``test-lab`` and ``test-wild`` (the lab/wild gap is what generated images are
+  meant to close); every other dataset trains on ``train`` and tests on ``test``.
+- Roots: ``--data-root DIR`` holds one folder per dataset (``DIR/ih26m``, ``DIR/reih``, ``DIR/hic``,
+  ``DIR/synthlab``); when ``DIR/<name>`` does not exist, ``DIR`` itself is taken as that dataset's folder.
+  No root: synthlab is the embedded benchmark, written on first use into the cache folder.
+- Data order: :class:`ResumableSampler` is a ``DistributedSampler`` (each rank sees its share; a seeded
+  permutation per epoch) that can start inside an epoch, so a resumed run reads the batches an
+  uninterrupted run would have read. Augmentation draws come from a generator seeded by (seed, epoch,
+  index), so they do not depend on worker processes or on where a run was resumed.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, Sampler, Subset
+
+from hands.camera import square_bbox
+from hands.datasets import DATASETS, build_dataset, transforms
+from hands.sample import HandSample
+
+__all__ = [
+    "DataSpecError",
+    "DatasetSpec",
+    "parse_specs",
+    "dataset_root",
+    "SeededTransform",
+    "ResumableSampler",
+    "ShardSampler",
+    "eval_transform",
+    "check_data",
+    "describe_default_data",
+    "build_train_set",
+    "build_test_sets",
+]
+
+class DataSpecError(ValueError):
+    """A bad dataset name, spec or root in a run's config or on the command line (one line)."""
+
+
+_DEFAULT_SPLITS = {
+    "train": {"synthlab": ("train-lab",)},
+    "test": {"synthlab": ("test-lab", "test-wild")},
+}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset split. ``key`` names it in metrics.json and reports: the dataset name for a plain
+    ``test`` split, else ``name-split`` (``synthlab-test-wild``)."""
+
+    name: str
+    split: str
+
+    @property
+    def key(self) -> str:
+        return self.name if self.split == "test" else f"{self.name}-{self.split}"
+
+
+def parse_specs(items: Sequence[str], role: str) -> list[DatasetSpec]:
+    """``["ih26m,reih", "synthlab:test-wild"]`` -> specs; role "train" or "test" picks default splits.
+    An unknown dataset name raises ValueError listing the known ones."""
+    specs: list[DatasetSpec] = []
+    for item in items:
+        for part in str(item).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            name, _, split = part.partition(":")
+            if name not in DATASETS:
+                raise DataSpecError(f"dataset {name!r} (in {role} datasets): unknown; known: {', '.join(sorted(DATASETS))}")
+            splits = (split,) if split else _DEFAULT_SPLITS[role].get(name, (role,))
+            specs.extend(DatasetSpec(name, s) for s in splits)
+    if not specs:
+        raise DataSpecError(f"no {role} datasets given")
+    return specs
+
+
+def dataset_root(name: str, data_root: Optional[str], n_named: int) -> Optional[Path]:
+    """The folder of dataset ``name``: ``<data_root>/<name>`` if it exists, else ``data_root`` itself when it
+    is the only dataset named; None for the embedded synthlab when no root is given."""
+    if data_root is None:
+        if name == "synthlab":
+            return None
+        raise DataSpecError(f"dataset {name!r} needs --data-root (a folder holding {name}/ or the dataset itself)")
+    root = Path(data_root)
+    if (root / name).is_dir():
+        return root / name
+    if n_named == 1:
+        return root
+    raise DataSpecError(f"--data-root {root}: no folder {name}/ in it (several datasets are named, so each needs its own folder)")
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class SeededTransform(Dataset):
+    """Applies ``transform(sample, generator)`` to ``dataset[index]`` with a generator seeded by
+    (seed, epoch, index): the same draw whichever process or run reads the sample. Call :meth:`set_epoch`
+    before iterating an epoch (DataLoader workers copy the dataset when an epoch's iterator starts)."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[[HandSample, torch.Generator], HandSample], *, seed: int):
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> HandSample:
+        generator = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, int(index)))
+        return self.transform(self.dataset[index], generator)
+
+
+def set_epoch(dataset: Dataset, epoch: int) -> None:
+    """Set the epoch of every :class:`SeededTransform` in ``dataset`` (through ConcatDatasets)."""
+    if isinstance(dataset, SeededTransform):
+        dataset.set_epoch(epoch)
+    elif isinstance(dataset, ConcatDataset):
+        for part in dataset.datasets:
+            set_epoch(part, epoch)
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (shuffled with ``seed + epoch``, this rank's share, drop_last) that can skip
+    the first ``start_batch`` batches of an epoch: ``set_epoch(epoch, start_batch=k)``."""
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int, batch_size: int, shuffle: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start_batch = start_batch
+
+    def batches_per_epoch(self) -> int:
+        """Full batches this rank reads in a whole epoch (the last partial batch is dropped)."""
+        return self.num_samples // self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start_batch * self.batch_size :])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.start_batch * self.batch_size, 0)
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``rank`` of ``num_replicas`` reads indices ``rank, rank + R, ...`` in order, without padding, so
+    that sums over ranks count every test sample exactly once."""
+
+    def __init__(self, length: int, *, num_replicas: int, rank: int):
+        self.length, self.num_replicas, self.rank = length, num_replicas, rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.num_replicas))
+
+
+# -- building the datasets of a run ------------------------------------------------------------------------------
+def _square_to(box: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    return square_bbox(box, aspect=image_size[1] / image_size[0])
+
+
+def eval_transform(crop_mode: str, image_size: tuple[int, int], extend: float = 1.3) -> Callable[[HandSample], HandSample]:
+    """The deterministic test-time input: the whole image (``crop_mode="image"``) or the union of the hand
+    boxes grown by ``extend`` (``"hands"``; uses the ground-truth boxes, as IntagHand's evaluation does),
+    made to the input's aspect ratio and resized to ``image_size`` (H, W)."""
+
+    def apply(sample: HandSample) -> HandSample:
+        height, width = sample.image_size
+        if crop_mode == "image":
+            box = torch.tensor([0.0, 0.0, width - 1.0, height - 1.0])
+        else:
+            box = transforms.hands_box(sample, extend)
+        return transforms.crop(sample, _square_to(box, image_size), tuple(image_size))
+
+    return apply
+
+
+class _Mapped(Dataset):
+    """``transform(dataset[index])`` (deterministic transforms)."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[[HandSample], HandSample]):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> HandSample:
+        return self.transform(self.dataset[index])
+
+
+def _limit(dataset: Dataset, limit: Optional[int]) -> Dataset:
+    return dataset if limit is None or limit >= len(dataset) else Subset(dataset, range(limit))
+
+
+def _reader(cfg, spec: DatasetSpec, n_named: int, hand_model) -> Dataset:
+    root = dataset_root(spec.name, cfg.data.root, n_named)
+    return build_dataset(spec.name, root, spec.split, hand_model=hand_model)  # synthlab with root None: written on first use
+
+
+def check_data(cfg) -> None:
+    """Fail early, in one line, on unknown dataset names or missing roots (before anything is loaded)."""
+    for role in ("train", "test"):
+        specs = parse_specs(getattr(cfg.data, role), role)
+        n_named = len({spec.name for spec in specs})
+        for spec in specs:
+            dataset_root(spec.name, cfg.data.root, n_named)
+
+
+def describe_default_data(cfg) -> Optional[str]:
+    """One line when the run falls back to the embedded benchmark (no --data-root, synthlab only)."""
+    names = {spec.name for spec in parse_specs(cfg.data.train, "train") + parse_specs(cfg.data.test, "test")}
+    if cfg.data.root is None and names == {"synthlab"}:
+        hand = "the procedural MANO-format hand" if cfg.mano_dir is None else f"MANO from {cfg.mano_dir}"
+        return (
+            f"no dataset configured (--data-root/--datasets): using the embedded synthlab benchmark "
+            f"(written on first use into the cache folder), {hand}, profile {cfg.profile}"
+        )
+    return None
+
+
+def build_train_set(cfg, *, hand_model) -> Dataset:
+    """The training datasets of ``cfg.data.train``, concatenated, each sample augmented (InterWild's
+    augmentation, seeded per (seed, epoch, index)) and cropped to ``cfg.data.image_size``."""
+    specs = parse_specs(cfg.data.train, "train")
+    n_named = len({spec.name for spec in specs})
+    image_size = tuple(cfg.data.image_size)
+    if cfg.data.augment:
+        augment = transforms.InterWildAugment(image_size, box=cfg.data.crop)
+    else:
+        fixed = eval_transform(cfg.data.crop, image_size)
+        augment = lambda sample, generator: fixed(sample)  # noqa: E731
+    parts = [
+        SeededTransform(_limit(_reader(cfg, spec, n_named, hand_model), cfg.data.max_train_samples), augment, seed=cfg.seed)
+        for spec in specs
+    ]
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+
+def build_test_sets(cfg, *, hand_model, datasets: Optional[Sequence[str]] = None) -> dict[DatasetSpec, Dataset]:
+    """{spec: dataset} for ``datasets`` (default ``cfg.data.test``), cropped deterministically."""
+    specs = parse_specs(list(datasets) if datasets is not None else cfg.data.test, "test")
+    n_named = len({spec.name for spec in specs})
+    transform = eval_transform(cfg.data.crop, tuple(cfg.data.image_size))
+    return {
+        spec: _Mapped(_limit(_reader(cfg, spec, n_named, hand_model), cfg.data.max_test_samples), transform)
+        for spec in specs
+    }

@@ -1,0 +1,63 @@
+"""Evaluate a regressor on test datasets with :class:`eval.evaluator.HandEvaluator` (shared by
+``recon.train`` and ``recon.test``). Under torch.distributed each rank reads its own share of every test set
+(:class:`recon.data.ShardSampler`) and the evaluator sums the statistics over ranks."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from eval.evaluator import HandEvaluator
+from eval.report import make_table, to_markdown
+from hands.sample import collate
+from recon.data import DatasetSpec, ShardSampler
+
+__all__ = ["evaluate_regressor", "format_results"]
+
+HEADLINE = ("MPVPE", "RRVE", "MRRPE")
+
+
+@torch.no_grad()
+def evaluate_regressor(
+    model: nn.Module,
+    test_sets: dict[DatasetSpec, torch.utils.data.Dataset],
+    *,
+    hand_model: nn.Module,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """{spec.key: evaluator results (mm; see HandEvaluator.evaluate)} for every test set.
+
+    model: a regressor (``forward(batch) -> TwoHandOutput``), put in eval mode here and left so.
+    hand_model: :class:`hands.mano.HandModel` whose joint regressors (row 0 the wrist) align the meshes.
+    """
+    model.eval()
+    results: dict[str, dict[str, float]] = {}
+    for spec, dataset in test_sets.items():
+        evaluator = HandEvaluator(
+            j_regressor_right=hand_model.j_regressor_for("right").to(device),
+            j_regressor_left=hand_model.j_regressor_for("left").to(device),
+        )
+        sampler = ShardSampler(len(dataset), num_replicas=world_size, rank=rank)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate)
+        for batch in tqdm(loader, desc=f"eval {spec.key}", disable=not progress or rank != 0, leave=False):
+            batch = batch.to(device)
+            evaluator.process(model(batch), batch)
+        results[spec.key] = evaluator.evaluate()
+    return results
+
+
+def format_results(results: dict[str, dict[str, float]], *, run: str = "this run", compare: Optional[dict] = None,
+                   compare_name: str = "compared") -> str:
+    """A Table-2-style Markdown table (eval.report) of one run's results ({dataset: {metric: mm}}); with
+    ``compare`` (another run's results) that run is a row too and this run's cells carry the deltas."""
+    rows = {run: results} if compare is None else {compare_name: compare, run: results}
+    table = make_table(rows, metrics=HEADLINE, baselines=None if compare is None else {run: compare_name})
+    return to_markdown(table)

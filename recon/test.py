@@ -1,0 +1,158 @@
+"""``python -m recon.test``: evaluate a checkpoint; print Table-2 rows; write JSON; compare with another run.
+
+    python -m recon.test --ckpt runs/recon                         # newest checkpoint; its config's test sets
+    python -m recon.test --ckpt runs/recon/checkpoints/step_000256.json --datasets synthlab:test-wild
+    python -m recon.test --ckpt CKPT --data-root /data --datasets hic,reih,ih26m --mano-dir /mano
+    python -m recon.test --ckpt CKPT --plugin my_regressor.py --compare runs/other/metrics.json
+
+The regressor is rebuilt through the registry from the name and constructor arguments in the checkpoint's
+sidecar (``--plugin`` registers user regressors first), then loaded from the ``.safetensors`` weights; a
+missing sidecar, a damaged file or weights that do not fit are refused with one line. The test sets default
+to those of the run's config (the embedded synthlab test splits for a default run). The JSON written
+(``--out``, default ``<run>/test_metrics.json``) has the shape of ``metrics.json``:
+``{dataset: {"MPVPE": mm, "RRVE": mm, "MRRPE": mm, ...}}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from hands.datasets import DatasetError
+from hands.mano import HandModel
+from recon import checkpoint as ckpt
+from recon.config import ConfigError, from_dict
+from recon.data import DataSpecError, build_test_sets
+from recon.evaluate import HEADLINE, evaluate_regressor, format_results
+from recon.registry import REGRESSORS, PluginError, build_regressor, import_plugin, load_builtin_regressors
+from recon.train import UsageError, _distributed, resolve_device
+
+__all__ = ["main", "load_regressor"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m recon.test", description="Evaluate a recon checkpoint.")
+    parser.add_argument("--ckpt", required=True, help="a .json sidecar, a .safetensors file or a run folder")
+    parser.add_argument("--datasets", help="test datasets, e.g. hic,reih,ih26m or synthlab:test-wild")
+    parser.add_argument("--data-root", help="folder with one sub-folder per dataset (or the one dataset's folder)")
+    parser.add_argument("--mano-dir", help="MANO folder (default: the checkpoint's)")
+    parser.add_argument("--plugin", action="append", default=[], help="module or .py file registering regressors")
+    parser.add_argument("--compare", help="another run's metrics JSON; prints the deltas (this minus other)")
+    parser.add_argument("--out", help="where to write the metrics JSON (default: <run>/test_metrics.json)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
+    parser.add_argument("--max-samples", type=int, help="evaluate the first N samples of each test set")
+    return parser
+
+
+def load_regressor(path: str | Path, *, device: torch.device | str = "cpu", mano_dir: Optional[str] = None):
+    """(model in eval mode on ``device``, CheckpointInfo) for a checkpoint, rebuilt through the registry.
+
+    mano_dir: overrides the MANO folder the checkpoint was trained with (a regressor taking ``mano_dir``).
+    Raises CheckpointError (one line) for damaged or mismatched checkpoints.
+    """
+    info = ckpt.read_checkpoint_info(path)
+    load_builtin_regressors()
+    if info.arch not in REGRESSORS:
+        raise ckpt.CheckpointError(
+            f"{info.json_path}: regressor {info.arch!r} is not registered (known: {', '.join(REGRESSORS.names())}); "
+            "pass the module that registers it with --plugin"
+        )
+    kwargs = info.model_kwargs
+    if mano_dir is not None and "mano_dir" in kwargs:
+        kwargs["mano_dir"] = mano_dir
+    try:
+        model = build_regressor(info.arch, **kwargs)
+    except TypeError as error:
+        raise ckpt.CheckpointError(f"{info.json_path}: cannot rebuild regressor {info.arch!r}: {error}") from None
+    ckpt.load_weights(model, info, device=device)
+    return model.to(device).eval(), info
+
+
+def _read_metrics(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--compare {path}: no such file") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--compare {path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise UsageError(f"--compare {path}: expected {{dataset: {{metric: value}}}} (a metrics.json)")
+    return data
+
+
+def run(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    for plugin in args.plugin:
+        import_plugin(plugin)
+    compare = _read_metrics(args.compare) if args.compare else None
+    rank, world_size, local_rank = _distributed()
+    device = resolve_device(args.device, local_rank)
+    model, info = load_regressor(args.ckpt, device=device, mano_dir=args.mano_dir)
+
+    changes = {}
+    if args.data_root is not None:
+        changes["data"] = {"root": args.data_root}
+    if args.mano_dir is not None:
+        changes["mano_dir"] = args.mano_dir
+    cfg = from_dict(info.meta["config"])
+    cfg = OmegaConf.merge(cfg, changes) if changes else cfg
+    if args.max_samples is not None:
+        cfg = OmegaConf.merge(cfg, {"data": {"max_test_samples": args.max_samples}})
+    hand_model = HandModel(mano_dir=cfg.mano_dir)
+    if info.meta.get("hand_model") not in (None, hand_model.fingerprint()):
+        print(
+            f"recon.test: note: the checkpoint was trained with another hand model ({info.meta.get('hand_model')[:12]}...); "
+            f"evaluating with {hand_model.fingerprint()[:12]}...",
+            file=sys.stderr,
+        )
+    datasets = args.datasets.split(",") if args.datasets else None
+    test_sets = build_test_sets(cfg, hand_model=hand_model, datasets=datasets)
+    results = evaluate_regressor(
+        model,
+        test_sets,
+        hand_model=hand_model,
+        device=device,
+        batch_size=args.batch_size or cfg.eval.batch_size,
+        num_workers=cfg.data.num_workers,
+        rank=rank,
+        world_size=world_size,
+    )
+    if rank == 0:
+        run_name = f"{info.arch} step {info.step}"
+        print(format_results(results, run=run_name, compare=compare, compare_name=Path(args.compare).name if compare else ""))
+        if compare is not None:
+            for key, values in results.items():
+                for name in HEADLINE:
+                    other = compare.get(key, {}).get(name, math.nan)
+                    print(f"delta {key} {name}: {values.get(name, math.nan) - other:+.2f} mm")
+        out = Path(args.out) if args.out else info.json_path.parent.parent / "test_metrics.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2, sort_keys=True))
+        print(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (UsageError, ConfigError, ckpt.CheckpointError, DatasetError, DataSpecError, PluginError) as error:
+        print(f"recon.test: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,444 @@
+"""``python -m recon.train``: train a two-hand regressor, checkpoint it, evaluate it.
+
+    python -m recon.train                                   # the embedded default (synthlab, demo profile)
+    python -m recon.train --arch baseline --epochs 2 train.lr=3e-4
+    python -m recon.train --profile paper --data-root /data --datasets ih26m --mano-dir /mano
+    torchrun --nproc-per-node 2 -m recon.train ...           # DDP: gloo on CPU, NCCL on GPUs
+    python -m recon.train --resume --out runs/recon          # continue the newest checkpoint in --out
+
+A plain PyTorch loop, read top to bottom:
+1. arguments -> config (:mod:`recon.config`: profile, arch and --config files, flags, key=value), checked;
+2. processes (torchrun's environment), device, seeds;
+3. data: the training sets, a resumable sampler, and the one ``batches`` iterator per epoch (the mixer of
+   :mod:`mixing` puts ``round(r * B)`` generated samples into each batch when --synthetic-ratio > 0);
+4. model (through the registry), optimizer; --resume restores weights, optimizer, RNG and data order;
+5. the loop: lr, forward, loss dict, finite check, backward, clip, step, log, checkpoint;
+6. a final checkpoint, evaluation on the test sets (MPVPE / RRVE / MRRPE in mm), ``<out>/metrics.json``.
+
+Rank 0 alone prints, writes TensorBoard logs (``<out>/tb``), checkpoints (``<out>/checkpoints``) and
+metrics. Bad arguments exit with status 2 and one line; a non-finite loss exits with status 1 and the loss
+dict.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from eval.report import mesh_overlay_grid
+from hands.datasets import DatasetError
+from hands.mano import HandModel
+from hands.sample import collate
+from mixing.mixer import Mixer
+from recon import checkpoint as ckpt
+from recon.config import ConfigError, from_config, from_dict, load_config, to_dict
+from recon.data import (
+    DataSpecError,
+    ResumableSampler,
+    build_test_sets,
+    build_train_set,
+    check_data,
+    describe_default_data,
+    set_epoch,
+)
+from recon.evaluate import evaluate_regressor, format_results
+from recon.registry import REGRESSORS, PluginError, build_regressor, import_plugin, load_builtin_regressors
+
+__all__ = ["main", "parse_args", "NonFiniteLoss", "UsageError"]
+
+
+class UsageError(ValueError):
+    """A bad command line, in one line."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the message holds the step and the loss dict."""
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number 0 <= r < 1, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected 0 <= r < 1, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m recon.train",
+        description="Train a two-hand mesh regressor; evaluate it at the end (MPVPE / RRVE / MRRPE, mm).",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-4")
+    parser.add_argument("--arch", help="registered regressor name (default: baseline)")
+    parser.add_argument("--synthetic-ratio", type=_ratio, help="share r of each batch from the generator, 0 <= r < 1")
+    parser.add_argument("--profile", choices=("demo", "paper"), help="configs/recon/<profile>.yaml (default: demo)")
+    parser.add_argument("--config", help="a YAML file layered over the profile and arch files")
+    parser.add_argument("--data-root", help="folder with one sub-folder per dataset (or the one dataset's folder)")
+    parser.add_argument("--datasets", help="training datasets, e.g. ih26m,reih or synthlab:train-wild")
+    parser.add_argument("--test-datasets", help="test datasets (default: the training datasets' test splits)")
+    parser.add_argument("--mano-dir", help="folder with MANO_RIGHT.pkl / MANO_LEFT.pkl (default: procedural hand)")
+    parser.add_argument("--out", help="run folder for checkpoints, TensorBoard logs and metrics.json")
+    parser.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
+    parser.add_argument("--epochs", type=_positive_int)
+    parser.add_argument("--batch-size", type=_positive_int, help="samples per step and process")
+    parser.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint (default: newest in --out)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--plugin", action="append", default=[], help="module or .py file registering regressors")
+    parser.add_argument("--backbone-weights", help="pretrained backbone weights for the regressor")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_intermixed_args(argv)  # KEY=VALUE may come before or after the flags
+
+
+def _flags(args: argparse.Namespace) -> dict:
+    """Command-line flags as dotted config keys (None: not given)."""
+    flags = {
+        "arch": args.arch,
+        "profile": args.profile,
+        "data.root": args.data_root,
+        "mano_dir": args.mano_dir,
+        "out": args.out,
+        "seed": args.seed,
+        "device": args.device,
+        "train.synthetic_ratio": args.synthetic_ratio,
+        "train.max_steps": args.max_steps,
+        "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size,
+        "train.backbone_weights": args.backbone_weights,
+    }
+    if args.datasets:
+        flags["data.train"] = [part for part in args.datasets.split(",") if part]
+        if not args.test_datasets:
+            flags["data.test"] = flags["data.train"]
+    if args.test_datasets:
+        flags["data.test"] = [part for part in args.test_datasets.split(",") if part]
+    return flags
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Value checks the types cannot express; UsageError names the key."""
+    if not 0.0 <= cfg.train.synthetic_ratio < 1.0:
+        raise UsageError(f"train.synthetic_ratio={cfg.train.synthetic_ratio}: expected 0 <= r < 1")
+    for key in ("train.epochs", "train.batch_size", "eval.batch_size", "train.ckpt_every", "train.log_every"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise UsageError(f"{key}={OmegaConf.select(cfg, key)}: expected a positive integer")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        raise UsageError(f"train.max_steps={cfg.train.max_steps}: expected a positive integer")
+    if min(cfg.data.image_size) < 16:
+        raise UsageError(f"data.image_size={list(cfg.data.image_size)}: expected at least 16 px per side")
+    if cfg.data.crop not in ("hands", "image"):
+        raise UsageError(f"data.crop={cfg.data.crop!r}: expected 'hands' or 'image'")
+    if cfg.optim.lr <= 0:
+        raise UsageError(f"optim.lr={cfg.optim.lr}: expected a positive learning rate")
+    if cfg.arch not in REGRESSORS:
+        raise UsageError(f"--arch {cfg.arch}: unknown regressor; known: {', '.join(REGRESSORS.names())} (plugins: --plugin MODULE)")
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def lr_at(cfg: DictConfig, epoch: int) -> float:
+    """Step decay: ``lr * gamma ** (number of lr_decay_epochs <= epoch)``."""
+    drops = sum(1 for milestone in cfg.optim.lr_decay_epochs if epoch >= milestone)
+    return cfg.optim.lr * cfg.optim.lr_decay_gamma**drops
+
+
+def synthetic_provider(cfg: DictConfig):
+    """The generator side of the mixed batches for r > 0 (``mixing``: label source, generator, pool; issue
+    #9). Until recon.train wires it up, r > 0 fails in one line rather than training on real data only."""
+    raise UsageError(
+        f"--synthetic-ratio {cfg.train.synthetic_ratio} needs the synthetic side of the mixing package (issue #9: "
+        "label source, generator, sample pool), which recon.train does not wire up yet; use --synthetic-ratio 0"
+    )
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; initialises the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("RECON_DDP_BACKEND") != "gloo" else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _reduce_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= world_size
+    return values
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run a training job from parsed arguments; returns {"metrics": ..., "out": ..., "step": ...}."""
+    wall_start = time.perf_counter()
+
+    # 1. arguments -> config ------------------------------------------------------------------------------
+    for plugin in args.plugin:
+        import_plugin(plugin)
+    load_builtin_regressors()
+    resume_info = None
+    if args.resume is not None:
+        out_guess = args.out or load_config(profile=args.profile, flags=_flags(args)).out
+        resume_info = ckpt.read_checkpoint_info(
+            Path(out_guess) / "checkpoints" if args.resume == "auto" else args.resume, need_state=True
+        )
+        base = from_dict(resume_info.meta["config"])
+        if args.arch and args.arch != base.arch:
+            raise UsageError(f"--arch {args.arch}: the checkpoint to resume was trained as {base.arch!r}")
+        cfg = load_config(base=base, flags=_flags(args), overrides=args.overrides)
+    else:
+        cfg = load_config(
+            profile=args.profile, arch=args.arch, config_file=args.config, flags=_flags(args), overrides=args.overrides
+        )
+    check_config(cfg)
+    check_data(cfg)
+    arch_cls = REGRESSORS.get(cfg.arch)
+    model_kwargs = from_config(cfg, arch_cls)
+    n_synthetic = int(round(cfg.train.synthetic_ratio * cfg.train.batch_size))
+    n_real = cfg.train.batch_size - n_synthetic
+    provider = synthetic_provider(cfg) if n_synthetic > 0 else None
+
+    # 2. processes, device, seeds -------------------------------------------------------------------------
+    rank, world_size, local_rank = _distributed()
+    is_main = rank == 0
+    device = resolve_device(cfg.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    out = Path(cfg.out)
+    say = print if is_main else (lambda *a, **k: None)
+
+    # 3. data ---------------------------------------------------------------------------------------------
+    hand_model = HandModel(mano_dir=cfg.mano_dir)
+    default_note = describe_default_data(cfg)
+    if default_note:
+        say(default_note)
+    train_set = build_train_set(cfg, hand_model=hand_model)
+    sampler = ResumableSampler(train_set, num_replicas=world_size, rank=rank, seed=cfg.seed, batch_size=n_real)
+    loader = DataLoader(
+        train_set,
+        batch_size=n_real,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG out of the data order
+    )
+    batches_per_epoch = sampler.batches_per_epoch()
+    if batches_per_epoch < 1:
+        raise UsageError(
+            f"train.batch_size={cfg.train.batch_size}: larger than this process's share of the training set "
+            f"({sampler.num_samples} samples); lower --batch-size"
+        )
+
+    def make_batches(epoch: int, start_batch: int):
+        """The one place where a step's batch comes from (mixing.Mixer when r > 0)."""
+        sampler.set_epoch(epoch, start_batch)
+        set_epoch(train_set, epoch)
+        return Mixer(loader, provider, n_synthetic=n_synthetic, device=device)
+
+    # 4. model, optimizer, resume -------------------------------------------------------------------------
+    model = build_regressor(cfg.arch, **model_kwargs).to(device)
+    if cfg.train.backbone_weights and resume_info is None:
+        if not callable(getattr(model, "load_backbone_weights", None)):
+            raise UsageError(f"--backbone-weights: regressor {cfg.arch!r} has no load_backbone_weights()")
+        model.load_backbone_weights(cfg.train.backbone_weights)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    step, epoch, start_batch = 0, 0, 0
+    if resume_info is not None:
+        if int(resume_info.meta.get("world_size", 1)) != world_size:
+            raise UsageError(
+                f"--resume {resume_info.json_path}: trained with {resume_info.meta.get('world_size')} processes, "
+                f"resumed with {world_size}; the data order would differ"
+            )
+        ckpt.load_weights(model, resume_info, device=device)
+        state = ckpt.load_training_state(resume_info)
+        optimizer.load_state_dict(state["optimizer"])
+        ckpt.restore_rng_state(state["rng"])
+        step, epoch, start_batch = (int(resume_info.meta[k]) for k in ("step", "epoch", "step_in_epoch"))
+        say(f"resuming {resume_info.json_path} at step {step} (epoch {epoch}, batch {start_batch})")
+    ddp_model = DistributedDataParallel(model) if world_size > 1 else model
+    max_steps = cfg.train.max_steps or cfg.train.epochs * batches_per_epoch
+
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        out.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(out / "tb"))
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+    def save(epoch_now: int, batch_in_epoch: int) -> Path:
+        if batch_in_epoch >= batches_per_epoch:  # a finished epoch resumes at the start of the next one
+            epoch_now, batch_in_epoch = epoch_now + 1, 0
+        progress = dict(
+            step=step, epoch=epoch_now, step_in_epoch=batch_in_epoch, sampler_seed=cfg.seed, world_size=world_size
+        )
+        return ckpt.save_checkpoint(
+            out / "checkpoints",
+            model=model,
+            arch=cfg.arch,
+            model_kwargs=model_kwargs,
+            config=to_dict(cfg),
+            optimizer=optimizer,
+            progress=progress,
+            keep_last=3,
+            extra={"hand_model": hand_model.fingerprint(), "procedural_hand": bool(hand_model.is_procedural)},
+        )
+
+    # 5. the loop -----------------------------------------------------------------------------------------
+    say(
+        f"training {cfg.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) on {device}, "
+        f"{world_size} process(es), {batches_per_epoch} steps/epoch, {max_steps} steps, batch {cfg.train.batch_size}"
+        f" ({n_synthetic} synthetic) per process"
+    )
+    saved_step = step if resume_info is not None else -1
+    loop_start, samples_seen = time.perf_counter(), 0
+    while step < max_steps and epoch < cfg.train.epochs:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, epoch)
+        model.train()
+        bar = tqdm(
+            total=batches_per_epoch, initial=start_batch, desc=f"epoch {epoch}", disable=not is_main, dynamic_ncols=True
+        )
+        batch_in_epoch = start_batch
+        for batch in make_batches(epoch, start_batch):
+            output = ddp_model(batch)
+            losses = model.losses(output, batch)
+            loss = sum(losses.values())
+            logged = _reduce_mean(torch.stack([loss.detach(), *(v.detach() for v in losses.values())]), world_size)
+            if not torch.isfinite(logged).all():
+                values = {name: float(v) for name, v in zip(["total", *losses], logged.tolist())}
+                raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {epoch}): {values}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            step += 1
+            batch_in_epoch += 1
+            samples_seen += len(batch) * world_size
+            speed = samples_seen / max(time.perf_counter() - loop_start, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(logged[0]):.4f}", samples_per_s=f"{speed:.1f}")
+            if writer is not None and step % cfg.train.log_every == 0:
+                writer.add_scalar("train/loss", float(logged[0]), step)
+                for name, value in zip(losses, logged[1:].tolist()):
+                    writer.add_scalar(f"train/loss_{name}", value, step)
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+                writer.add_scalar("train/samples_per_s", speed, step)
+            if writer is not None and cfg.train.image_every > 0 and (step % cfg.train.image_every == 0 or step == 1):
+                grid = mesh_overlay_grid(
+                    batch,
+                    output,
+                    faces_right=hand_model.faces_for("right").to(device),
+                    faces_left=hand_model.faces_for("left").to(device),
+                    j_regressor_right=hand_model.j_regressor_for("right").to(device),
+                    j_regressor_left=hand_model.j_regressor_for("left").to(device),
+                )
+                writer.add_image("train/input_gt_pred", grid, step)
+            if is_main and step % cfg.train.ckpt_every == 0:
+                save(epoch, batch_in_epoch)
+                saved_step = step
+            if step >= max_steps:
+                break
+        bar.close()
+        if batch_in_epoch >= batches_per_epoch:
+            epoch, start_batch = epoch + 1, 0
+        else:
+            start_batch = batch_in_epoch
+    train_time = time.perf_counter() - loop_start
+
+    # 6. final checkpoint, evaluation, metrics.json -------------------------------------------------------
+    final = None
+    if is_main and saved_step != step:
+        final = save(epoch, start_batch)
+    elif is_main:
+        final = ckpt.find_checkpoint(out / "checkpoints")
+    say(f"trained {step} steps in {train_time:.1f} s; checkpoint {final}")
+
+    metrics: dict = {}
+    if cfg.eval.at_end:
+        test_sets = build_test_sets(cfg, hand_model=hand_model)
+        metrics = evaluate_regressor(
+            model,
+            test_sets,
+            hand_model=hand_model,
+            device=device,
+            batch_size=cfg.eval.batch_size,
+            num_workers=cfg.data.num_workers,
+            rank=rank,
+            world_size=world_size,
+        )
+        if is_main:
+            say(format_results(metrics))
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            for key, values in metrics.items():
+                for name in ("MPVPE", "RRVE", "MRRPE"):
+                    if math.isfinite(values.get(name, math.nan)):
+                        writer.add_scalar(f"test/{key}/{name}", values[name], step)
+    if writer is not None:
+        writer.close()
+    say(f"wall time {time.perf_counter() - wall_start:.1f} s")
+    return {"metrics": metrics, "out": str(out), "step": step, "checkpoint": str(final) if final else None}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (UsageError, ConfigError, ckpt.CheckpointError, DatasetError, DataSpecError, PluginError) as error:
+        print(f"recon.train: error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as error:
+        print(f"recon.train: {error}; stopping", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
