@@ -122,10 +122,28 @@ class GeneratorComponents:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @classmethod
+    def from_config(cls, config: "GeneratorConfig") -> "GeneratorComponents":
+        """The components described by `config` (CPU); same as `build_components`."""
+        return build_components(config)
+
     def to(self, device=None, dtype=None) -> "GeneratorComponents":
         for module in (self.text_encoder, self.vae, self.unet, self.guidance):
             module.to(device=device, dtype=dtype)
         return self
+
+    def encode_prompts(self, prompts: Sequence[str], device=None) -> torch.Tensor:
+        """CLIP text embeddings K of the prompts: (B, 77, D) on `device` (default: the text encoder's)."""
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts, device)
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], device=None) -> torch.Tensor:
+    """K = CLIP(U) (Eq. 1): last hidden states (B, 77, D) of the text model for B prompts (padded/truncated
+    to 77 tokens, as SD 1.5), on `device` (default: the text encoder's device)."""
+    device = device if device is not None else next(text_encoder.parameters()).device
+    ids = tokenizer(list(prompts), padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    return text_encoder(ids, return_dict=False)[0]
 
 
 def _groups(channels: Sequence[int]) -> int:

@@ -22,11 +22,10 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from .model import GeneratorComponents, GeneratorConfig, SamplingConfig, build_components
+from .model import GeneratorComponents, GeneratorConfig, SamplingConfig, build_components, encode_prompts
 from .tagging import hand_token_indices
-from .text import CLIP_MAX_LENGTH
 from .text_attention import (AttentionStore, TasSchedule, apply_tas, attention_hw_for, cross_attention_layers,
-                             recording)
+                             recording, token_mask)
 from .visual_attention import GuidanceModule, predict_noise, split_branches, stack_branches
 
 logger = logging.getLogger(__name__)
@@ -139,11 +138,6 @@ class AttentionHandPipeline:
                                  f"got {tuple(latents.shape)}")
         return prompts
 
-    def _encode(self, prompts: list[str], device) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
-                             return_tensors="pt").input_ids.to(device)
-        return self.text_encoder(ids, return_dict=False)[0]  # (B, 77, D)
-
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, mesh_images: torch.Tensor, local_mesh_images: torch.Tensor | None, prompts: str | Sequence[str],
@@ -181,10 +175,10 @@ class AttentionHandPipeline:
         cfg = guidance_scale > 1.0
 
         # 2. Encode the prompts (conditional; unconditional for classifier-free guidance).
-        cond = self._encode(prompts, device)  # (B, 77, D)
+        cond = encode_prompts(self.tokenizer, self.text_encoder, prompts, device)  # (B, 77, D)
         negative = [""] * b if negative_prompts is None else (
             [negative_prompts] * b if isinstance(negative_prompts, str) else list(negative_prompts))
-        uncond = self._encode(negative, device) if cfg else None
+        uncond = encode_prompts(self.tokenizer, self.text_encoder, negative, device) if cfg else None
         cond_rows = cond.repeat(branches, 1, 1)  # (N, 77, D)
         text = torch.cat([uncond.repeat(branches, 1, 1), cond_rows]) if cfg else cond_rows  # (2N or N, 77, D)
 
@@ -198,13 +192,19 @@ class AttentionHandPipeline:
             if skipped:
                 logger.warning("TAS skipped for %d of %d prompts with no hand-related word: %s",
                                len(skipped), b, "; ".join(repr(p) for p in skipped))
-        rows_tokens = token_indices * branches
+        rows_tokens = token_indices * branches  # per latent row (global rows, then local rows)
         run_tas = tas_steps > 0 and any(token_indices)
+        if run_tas:  # TAS runs on the rows with hand tokens only; index and mask built once, outside the loop
+            tas_rows = torch.tensor([i for i, idx in enumerate(rows_tokens) if idx], device=device)
+            tas_mask = token_mask([idx for idx in rows_tokens if idx], device)
+            tas_embeds = cond_rows.index_select(0, tas_rows)
 
-        # 4. Timesteps (a private scheduler copy keeps this call reentrant; python numbers: no sync in the loop).
+        # 4. Timesteps (a private scheduler copy keeps this call reentrant). The models get them as device tensors,
+        #    the scheduler as python numbers read once here, so the loop needs no host synchronisation (DDIM).
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = scheduler.timesteps.tolist()
+        timesteps_device = scheduler.timesteps
+        timesteps = timesteps_device.tolist()
         step_sizes = tas_schedule.step_sizes(len(timesteps))
         step_generator = generator * branches if isinstance(generator, list) else generator
         step_kwargs = {}
@@ -232,16 +232,20 @@ class AttentionHandPipeline:
         tas_losses = []
         with recording(self.unet, store) if store is not None else nullcontext():
             for i, t in enumerate(tqdm(timesteps, desc="AttentionHand", disable=not progress)):
+                t_device = timesteps_device[i]
                 if run_tas and i < tas_steps:
-                    latents, loss = apply_tas(self.unet, store, latents, t, cond_rows, rows_tokens, [step_sizes[i]],
+                    updated, loss = apply_tas(self.unet, store, latents.index_select(0, tas_rows), t_device,
+                                              tas_embeds, tas_mask, [step_sizes[i]],
                                               model_input=lambda x, t=t: scheduler.scale_model_input(x, t))
-                    tas_losses.append(loss)
+                    latents = latents.index_copy(0, tas_rows, updated)
+                    tas_losses.append(torch.zeros(n, device=device, dtype=loss.dtype).index_copy(0, tas_rows, loss))
                 model_input = torch.cat([latents, latents]) if cfg else latents
                 model_input = scheduler.scale_model_input(model_input, t)
                 if return_attention:
                     store.reset()
                     store.active = True
-                noise = predict_noise(self.unet, self.guidance, model_input, t, text, mesh_rows, conditioning_scale)
+                noise = predict_noise(self.unet, self.guidance, model_input, t_device, text, mesh_rows,
+                                      conditioning_scale)
                 if return_attention:
                     store.active = False
                     step_maps = store.maps()[-n:]  # conditional rows (N, h, w, 77)

@@ -23,22 +23,13 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from hands.paths import cache_dir
+
 CLIP_MAX_LENGTH = 77
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
 NUM_MERGES = 49152 - 256 - 2  # open_clip's SimpleTokenizer: merges[1 : 49152 - 256 - 2 + 1]
 _FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def _cache_dir() -> Path:
-    """The project's cache folder (hands.paths.cache_dir), created on demand."""
-    try:
-        from hands.paths import cache_dir
-    except ImportError:  # hands.paths lands in the same round; same rule: $ATTENTIONHAND_CACHE or ~/.cache/...
-        folder = Path(os.environ.get("ATTENTIONHAND_CACHE", Path.home() / ".cache" / "attentionhand-aug"))
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-    return cache_dir()
 
 
 def open_clip_bpe_path() -> Path:
@@ -103,7 +94,7 @@ def write_clip_tokenizer_files(folder: str | Path, bpe_path: str | Path | None =
 
 def clip_tokenizer_folder() -> Path:
     """`cache_dir()/clip_tokenizer`, written on first use."""
-    folder = _cache_dir() / "clip_tokenizer"
+    folder = cache_dir() / "clip_tokenizer"
     if not all((folder / name).is_file() for name in _FILES):
         write_clip_tokenizer_files(folder)
     return folder

@@ -213,31 +213,39 @@ def tas_attention_maps(unet, store: AttentionStore, latents: torch.Tensor, times
     return store.maps()
 
 
-def tas_loss_batch(attention: torch.Tensor, token_indices: Sequence[Sequence[int]]) -> torch.Tensor:
+def token_mask(token_indices: Sequence[Sequence[int]], device=None) -> torch.Tensor:
+    """(B, 75) bool mask over positions 1..75 from per-sample hand-token positions. Build it once, outside a
+    sampling loop, to keep the loop free of host-to-device copies."""
+    mask = torch.zeros(len(token_indices), TOKENS_LAST, dtype=torch.bool)
+    for i, indices in enumerate(token_indices):
+        for position in indices:
+            if not TOKENS_FIRST <= position <= TOKENS_LAST:
+                raise ValueError(f"token position {position} of sample {i} is outside 1..75")
+            mask[i, position - TOKENS_FIRST] = True
+    return mask.to(device)
+
+
+def tas_loss_batch(attention: torch.Tensor, token_indices: Sequence[Sequence[int]] | torch.Tensor) -> torch.Tensor:
     """L_TAS (Eq. 3) per sample.
 
     attention: (B, H, W, T) averaged cross-attention maps (T = 77). token_indices: per sample, positions in the
-    CLIP sequence (1..75) of the hand-related tokens. Steps (as the reference): take positions 1..75, x100,
-    softmax over those tokens, smooth each map with a 3x3 Gaussian (std 0.5*sqrt(2), reflect padding 1), peak over
-    patches s_n; loss = max over selected tokens of max(0, 1 - s_n). Samples with no token get 0.
-    Returns (B,).
+    CLIP sequence (1..75) of the hand-related tokens, or their (B, 75) `token_mask`. Steps (as the reference):
+    take positions 1..75, x100, softmax over those tokens, smooth each map with a 3x3 Gaussian (std 0.5*sqrt(2),
+    reflect padding 1), peak over patches s_n; loss = max over selected tokens of max(0, 1 - s_n).
+    Samples with no token get 0. Returns (B,).
     """
-    b, h, w, t = attention.shape
-    if len(token_indices) != b:
-        raise ValueError(f"token_indices has {len(token_indices)} entries for {b} attention maps")
+    b = attention.shape[0]
+    selected = token_indices if isinstance(token_indices, torch.Tensor) else token_mask(token_indices)
+    if selected.shape != (b, TOKENS_LAST):
+        raise ValueError(f"token selection has shape {tuple(selected.shape)} for {b} attention maps; "
+                         f"expected ({b}, {TOKENS_LAST})")
     probs = torch.softmax(attention[..., TOKENS_FIRST:TOKENS_LAST + 1] * SOFTMAX_SCALE, dim=-1)  # (B, H, W, 75)
     maps = probs.permute(0, 3, 1, 2)  # (B, 75, H, W)
     smoothed = kornia.filters.gaussian_blur2d(maps, (SMOOTHING_KERNEL, SMOOTHING_KERNEL),
                                               (SMOOTHING_SIGMA, SMOOTHING_SIGMA), border_type="reflect")
     peaks = smoothed.amax(dim=(-2, -1))  # (B, 75)
-    selected = torch.zeros(b, TOKENS_LAST, dtype=torch.bool)
-    for i, indices in enumerate(token_indices):
-        for position in indices:
-            if not TOKENS_FIRST <= position <= TOKENS_LAST:
-                raise ValueError(f"token position {position} of sample {i} is outside 1..75")
-            selected[i, position - TOKENS_FIRST] = True
-    selected = selected.to(attention.device)
     per_token = torch.clamp(1.0 - peaks, min=0.0)
+    selected = selected.to(attention.device)  # no-op when built on the attention's device
     return torch.where(selected, per_token, torch.zeros_like(per_token)).amax(dim=-1)  # (B,)
 
 
@@ -272,33 +280,29 @@ class TasSchedule:
 
 
 def apply_tas(unet, store: AttentionStore, latents: torch.Tensor, timestep, cond_embeds: torch.Tensor,
-              token_indices: Sequence[Sequence[int]], step_sizes: Sequence[float],
+              token_indices: Sequence[Sequence[int]] | torch.Tensor, step_sizes: Sequence[float],
               model_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
               **unet_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Update latents with TAS: one early-exit forward + gradient per step size (Eq. 4).
 
-    latents: (B, C, h, w) noisy latents X_t (updated in place of the scheduler's sample). model_input: the
-    scheduler's input scaling (`scheduler.scale_model_input`; identity for DDIM), applied inside the graph so the
-    gradient is taken w.r.t. X_t. cond_embeds: (B, 77, D). token_indices: per sample, hand-token positions (empty: the
-    sample is left unchanged). step_sizes: alpha per update (one update per entry).
+    latents: (B, C, h, w) noisy latents X_t. model_input: the scheduler's input scaling
+    (`scheduler.scale_model_input`; identity for DDIM), applied inside the graph so the gradient is taken
+    w.r.t. X_t. cond_embeds: (B, 77, D) conditional text embedding. token_indices: per sample, hand-token
+    positions, or their (B, 75) `token_mask`; a sample without tokens has zero loss, so zero gradient, and is
+    returned unchanged (pass only the rows with tokens to save their compute). step_sizes: alpha per update.
     Returns (updated latents (B, C, h, w) detached, L_TAS before the last update (B,) detached).
-    Needs recorders installed (`recording(unet, store)`).
+    Needs recorders installed (`recording(unet, store)`). Samples are independent (GroupNorm UNet), so the
+    gradient of the summed loss is each sample's own gradient.
     """
-    rows = [i for i, indices in enumerate(token_indices) if len(indices) > 0]
-    loss = torch.zeros(latents.shape[0], device=latents.device, dtype=latents.dtype)
-    if not rows or not step_sizes:
-        return latents, loss
-    subset = torch.tensor(rows, device=latents.device)
-    x = latents.index_select(0, subset).detach()
-    embeds = cond_embeds.index_select(0, subset)
-    indices = [token_indices[i] for i in rows]
+    mask = token_indices if isinstance(token_indices, torch.Tensor) else token_mask(token_indices, latents.device)
+    x = latents.detach()
+    losses = torch.zeros(latents.shape[0], device=latents.device, dtype=latents.dtype)
     for alpha in step_sizes:
         with torch.enable_grad():
             x.requires_grad_(True)
             unet_input = model_input(x) if model_input is not None else x
-            maps = tas_attention_maps(unet, store, unet_input, timestep, embeds, **unet_kwargs)
-            losses = tas_loss_batch(maps, indices)  # (R,)
-            grad = torch.autograd.grad(losses.sum(), x)[0]  # samples are independent: sum gives per-sample grads
+            maps = tas_attention_maps(unet, store, unet_input, timestep, cond_embeds, **unet_kwargs)
+            losses = tas_loss_batch(maps, mask)  # (B,)
+            grad = torch.autograd.grad(losses.sum(), x)[0]
         x = (x - alpha * grad).detach()
-    loss = loss.index_copy(0, subset, losses.detach())
-    return latents.index_copy(0, subset, x.to(latents.dtype)), loss
+    return x, losses.detach()
