@@ -229,7 +229,9 @@ class HandEvaluator:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"outputs.{name}: expected a leading batch dimension {batch_size}, got {shape}")
         device = pred["right_verts"].device
-        dtype = pred["right_verts"].dtype
+        # at least float32: half-precision outputs (autocast) would lose sub-millimetre errors
+        dtype = torch.promote_types(pred["right_verts"].dtype, torch.float32)
+        pred = {name: value.detach().to(device=device, dtype=dtype) for name, value in pred.items()}
         batch = batch.to(device)
         num_joints = batch.right.joints_cam.shape[1]
         if self._mesh_stats is None:
@@ -333,7 +335,8 @@ class HandEvaluator:
         return mesh.cpu(), joints.cpu(), skipped.cpu()
 
     def evaluate(self) -> dict[str, float]:
-        """The results, in millimetres, as a flat dict.
+        """The results, in millimetres, as a flat dict. Under torch.distributed it is a collective: call it
+        on every rank (each gets the same numbers).
 
         For each of MPVPE, RRVE, MRRPE, MPJPE: ``M`` (all), ``M_single``, ``M_interacting`` and
         ``count_M``, ``count_M_single``, ``count_M_interacting`` (number of hand meshes for MPVPE, samples

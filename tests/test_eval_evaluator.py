@@ -339,3 +339,16 @@ def test_with_the_procedural_hand_model(tmp_path, monkeypatch):
     same.process(Prediction(gt["right"].verts - 0.2, gt["left"].verts + 0.1, gt["right"].joints, gt["left"].joints,
                             pred.rel_root), batch)
     assert same.evaluate()["MPVPE"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_half_precision_predictions_are_scored_in_float32():
+    reg = random_regressor().float()
+    batch = make_batch(["interacting", "right"])
+    pred = noisy_prediction(batch)
+    full = HandEvaluator(j_regressor_right=reg, rules="ih26m")
+    full.process(pred, batch)
+    half = HandEvaluator(j_regressor_right=reg, rules="ih26m")
+    half.process(Prediction(**{k: v.half() for k, v in vars(pred).items()}), batch)
+    want, got = full.evaluate(), half.evaluate()
+    for key in ("MPVPE", "RRVE", "MRRPE", "MPJPE"):
+        assert got[key] == pytest.approx(want[key], abs=0.5), key  # fp16 rounding of ~0.6 m coordinates
