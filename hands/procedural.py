@@ -94,6 +94,8 @@ _FINGER_RING = 8  # vertices around a finger
 _THUMB_RING = 10  # vertices around the thumb (= the palm hole's boundary: 3 x 2 quads)
 _WRIST_RING = 16  # MANO's wrist opening has 16 edges
 _SIDE_COLUMNS = 2  # extra palm columns on each of the radial and ulnar edges of the palm
+_THENAR_SMOOTH_RADIUS = 0.025  # metres around the thumb hole smoothed further
+_THENAR_SMOOTH_ITERS = 20
 
 
 @dataclass(frozen=True)
@@ -148,17 +150,17 @@ def _hand_digits() -> list[_Digit]:
         _finger("ring", 3, (10, 11, 12), (0.086, -0.013, -0.001), -5.0, (0.042, 0.027, 0.023), 0.0090, 0.0083),
         _finger("pinky", 4, (7, 8, 9), (0.078, -0.030, -0.003), -11.0, (0.033, 0.019, 0.021), 0.0078, 0.0072),
     ]
-    cmc = np.array([0.020, 0.022, -0.010])
-    mcp = cmc + 0.046 * _direction(30.0, 20.0)
-    ip = mcp + 0.032 * _direction(35.0, 5.0)
-    tip = ip + 0.027 * _direction(38.0, 3.0)
+    cmc = np.array([0.020, 0.020, -0.010])
+    mcp = cmc + 0.046 * _direction(24.0, 24.0)
+    ip = mcp + 0.032 * _direction(36.0, 8.0)
+    tip = ip + 0.027 * _direction(40.0, 4.0)
     axis = _unit(tip - cmc)
     nail = np.array([0.0, 0.8, 0.6])
     nail = _unit(nail - nail.dot(axis) * axis)
     thumb_profile = (
-        (0.00, 0.0175, 0.0150),
-        (0.15, 0.0170, 0.0145),
-        (0.33, 0.0125, 0.0110),
+        (0.00, 0.0190, 0.0160),
+        (0.15, 0.0180, 0.0150),
+        (0.33, 0.0128, 0.0112),
         (0.45, 0.0112, 0.0098),
         (0.60, 0.0100, 0.0088),
         (0.75, 0.0104, 0.0088),
@@ -412,7 +414,7 @@ def _assemble(spacing: float, palm_rows: int, extra_verts_wanted: int | None) ->
 
     # thumb hole: 3 rows x 2 columns of quads around the radial edge (columns -1, 0, 1)
     hole_rows = (1, 4)  # quads between rows 1..4 (row indices into `rows`)
-    hole_cols = (n_cols - 1, 0, 1)
+    hole_cols = (n_cols - 2, n_cols - 1, 0)
     skipped = {(r, c) for r in range(hole_rows[0], hole_rows[1]) for c in (hole_cols[0], hole_cols[1])}
     for r in range(len(rows) - 1):
         ra, rb = rows[r][order], rows[r + 1][order]
@@ -835,6 +837,10 @@ def _build_local(spacing=0.0075, palm_rows=6):
     fixed[mesh.wrist_ring] = True
     fixed[list(mesh.tips.values())] = True
     mesh.verts = _taubin(mesh.verts, mesh.faces, fixed, iterations=6)
+    # the thenar junction (palm hole -> thumb tube) folds where the two meet: smooth it more
+    centre = mesh.verts[mesh.hole].mean(0)
+    far = np.linalg.norm(mesh.verts - centre, axis=1) > _THENAR_SMOOTH_RADIUS
+    mesh.verts = _taubin(mesh.verts, mesh.faces, fixed | far, iterations=_THENAR_SMOOTH_ITERS)
     return mesh, digits
 
 
