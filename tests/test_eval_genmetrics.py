@@ -129,14 +129,16 @@ def test_hand_confidence_and_mse_with_stand_in_detector_and_regressor():
         confidence[0, 1] = 0.0  # sample 0's left hand not detected
         return HandKeypoints2D(keypoints_img=keypoints, confidence=confidence)
 
-    def regressor(images):
+    def regressor(generated):  # a HandBatch holding the generated images
+        assert generated.image is images
         right, left = batch.right.joints_cam.clone(), batch.left.joints_cam.clone()
         right[:, 1:] += offset_m
         left[:, 1:] += offset_m
         return {"right_joints": right - right[:, :1], "left_joints": left}  # wrist-relative or absolute
 
+    images = batch.image.clone()
     evaluator = GenerationEvaluator(feature_extractor=TinyCNN().eval(), keypoint_detector=detector, joint_regressor=regressor)
-    evaluator.add_generated(batch.image, batch)
+    evaluator.add_generated(images, batch)
     res = evaluator.compute()
     # present hands: sample 0 right + left, sample 1 right (its left is absent: 0.7 ignored)
     assert res["HandConf"] == pytest.approx((0.9 + 0.0 + 0.8) / 3)
@@ -152,7 +154,7 @@ def test_hand_confidence_and_mse_with_stand_in_detector_and_regressor():
         feature_extractor=TinyCNN().eval(), keypoint_detector=detector, joint_regressor=regressor,
         mse2d_unit="normalized", mse3d_unit="cm",
     )
-    normalized.add_generated(batch.image, batch)
+    normalized.add_generated(images, batch)
     res = normalized.compute()
     assert res["MSE-2D"] == pytest.approx(25.0 / 32**2, rel=1e-6)
     assert res["MSE-3D"] == pytest.approx(1.0 * share, rel=1e-6)
