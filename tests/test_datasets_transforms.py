@@ -81,7 +81,11 @@ def _assert_consistent(sample: HandSample):
 
 
 def test_flip_twice_returns_the_sample(sample):
-    twice = hflip(hflip(sample))
+    sample = dataclasses.replace(sample, meta={**sample.meta, "bbox_ann": torch.tensor([3.0, 4.0, 30.0, 40.0])})
+    once = hflip(sample)
+    assert torch.allclose(once.meta["bbox_ann"], torch.tensor([SIZE[1] - 31.0, 4.0, SIZE[1] - 4.0, 40.0]))
+    twice = hflip(once)
+    assert torch.allclose(twice.meta["bbox_ann"], sample.meta["bbox_ann"])
     for (name, a), (_, b) in zip(_tensors(sample), _tensors(twice)):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
     assert twice.hand_type == sample.hand_type and not twice.meta["flipped"]

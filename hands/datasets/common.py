@@ -37,7 +37,9 @@ __all__ = [
     "load_json",
     "load_image",
     "as_array",
+    "as_bounded",
     "as_int",
+    "as_rotation",
     "project_points",
     "hand_bbox_from_joints",
     "make_hand_labels",
@@ -115,6 +117,22 @@ def as_array(value: Any, shape: Sequence[int], field: str, allow_nan: bool = Fal
     array = array.reshape(shape)
     if not allow_nan and not np.isfinite(array).all():
         raise BadRecord(f"{field}: NaN or inf")
+    return array
+
+
+def as_rotation(value: Any, field: str) -> np.ndarray:
+    """A JSON 3x3 -> rotation matrix; BadRecord unless orthonormal with determinant +1 (tolerance 1e-3)."""
+    R = as_array(value, (3, 3), field)
+    if np.abs(R.T @ R - np.eye(3)).max() > 1e-3 or np.linalg.det(R) < 0:
+        raise BadRecord(f"{field}: not a rotation matrix")
+    return R
+
+
+def as_bounded(value: Any, shape: Sequence[int], field: str, limit: float) -> np.ndarray:
+    """:func:`as_array` that also rejects values beyond +-limit (implausible, and they overflow float32)."""
+    array = as_array(value, shape, field)
+    if np.abs(array).max(initial=0.0) > limit:
+        raise BadRecord(f"{field}: implausible value")
     return array
 
 

@@ -64,6 +64,8 @@ def load_ply_verts(path: Path) -> np.ndarray:
         raise BadRecord("mesh: not 778 vertices")
     if not np.isfinite(verts).all():
         raise BadRecord("mesh: NaN or inf")
+    if np.abs(verts).max() > 1e3:
+        raise BadRecord("mesh: implausible value (not metres?)")
     return verts
 
 

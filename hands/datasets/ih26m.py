@@ -38,7 +38,9 @@ from hands.datasets.common import (
     DatasetError,
     HandDataset,
     as_array,
+    as_bounded,
     as_int,
+    as_rotation,
     assemble_sample,
     load_image,
     load_json,
@@ -87,11 +89,11 @@ def _camera_params(cameras: dict, capture: str, camera: str) -> tuple[np.ndarray
         princpt = entry["princpt"][camera]
     except (KeyError, TypeError):
         raise BadRecord("camera parameters missing") from None
-    R = as_array(camrot, (3, 3), "camrot")
-    position_m = mm_to_m(as_array(campos, (3,), "campos"))
+    R = as_rotation(camrot, "camrot")
+    position_m = mm_to_m(as_bounded(campos, (3,), "campos", 1e6))
     t = -R @ position_m
-    focal = as_array(focal, (2,), "focal")
-    princpt = as_array(princpt, (2,), "princpt")
+    focal = as_bounded(focal, (2,), "focal", 1e6)
+    princpt = as_bounded(princpt, (2,), "princpt", 1e6)
     if (focal <= 0).any():
         raise BadRecord("focal: not positive")
     return R, t, focal, princpt
@@ -110,9 +112,9 @@ def _mano_fit(entry: Any, side: str) -> dict | None:
         raise BadRecord("mano fit: not an object")
     try:
         return {
-            "pose": as_array(fit["pose"], (48,), "mano pose"),
-            "shape": as_array(fit["shape"], (10,), "mano shape"),
-            "trans": as_array(fit["trans"], (3,), "mano trans"),
+            "pose": as_bounded(fit["pose"], (48,), "mano pose", 4 * math.pi),
+            "shape": as_bounded(fit["shape"], (10,), "mano shape", 20.0),
+            "trans": as_bounded(fit["trans"], (3,), "mano trans", 1e3),
         }
     except KeyError as missing:
         raise BadRecord(f"mano fit: missing key {missing}") from None
@@ -249,7 +251,7 @@ class InterHand26M(HandDataset):
         R, t, focal, princpt = _camera_params(cameras, capture, camera)
 
         # the annotation box (x, y, w, h): non-empty and overlapping the image
-        x, y, w, h = as_array(ann["bbox"], (4,), "bbox")
+        x, y, w, h = as_bounded(ann["bbox"], (4,), "bbox", 1e6)
         if w <= 0 or h <= 0 or x >= width or y >= height or x + w <= 0 or y + h <= 0:
             raise BadRecord("bbox empty or outside the image")
 
@@ -264,6 +266,8 @@ class InterHand26M(HandDataset):
         joints_world = mm_to_m(as_array(world_mm, (42, 3), "world_coord", allow_nan=True))
         if not np.isfinite(joints_world[valid]).all():
             raise BadRecord("world_coord: NaN or inf at a valid joint")
+        if (np.abs(joints_world[valid]) > 1e3).any():
+            raise BadRecord("world_coord: implausible value")
         joints_world = np.where(valid[:, None], joints_world, 0.0)
         joints_cam = joints_world @ R.T + t  # (42, 3)
         if (joints_cam[valid, 2] <= 1e-3).any():

@@ -33,6 +33,8 @@ from hands.datasets.common import (
     DatasetError,
     HandDataset,
     as_array,
+    as_bounded,
+    as_rotation,
     assemble_sample,
     load_image,
     load_json,
@@ -57,12 +59,12 @@ def _camera(params: dict, where: str) -> dict:
         raise BadRecord(f"{where}: camera not an object")
     try:
         cam = {
-            "R": as_array(params["R"], (3, 3), "R"),
-            "t": mm_to_m(as_array(params["t"], (3,), "t")),
-            "focal": as_array(params["focal"], (2,), "focal"),
-            "princpt": as_array(params["princpt"], (2,), "princpt"),
+            "R": as_rotation(params["R"], "R"),
+            "t": mm_to_m(as_bounded(params["t"], (3,), "t", 1e6)),
+            "focal": as_bounded(params["focal"], (2,), "focal", 1e6),
+            "princpt": as_bounded(params["princpt"], (2,), "princpt", 1e6),
         }
-        cam["D"] = as_array(params["D"], (4,), "D") if "D" in params else np.zeros(4)
+        cam["D"] = as_bounded(params["D"], (4,), "D", 10.0) if "D" in params else np.zeros(4)
     except KeyError as missing:
         raise BadRecord(f"{where}: camera missing key {missing}") from None
     if (cam["focal"] <= 0).any():
@@ -206,16 +208,16 @@ class ReInterHand(HandDataset):
                 values = load_json(path, "24 keypoints", expect=list)
             except DatasetError:
                 raise BadRecord("keypoint file not valid JSON") from None
-            out["joints"][side] = mm_to_m(as_array(values, (24, 3), "keypoints"))
+            out["joints"][side] = mm_to_m(as_bounded(values, (24, 3), "keypoints", 1e6))
             out["fits"][side] = None
             fit_path = folder / "mano_fits" / "params" / f"{frame}_{side}.json"
             if self.with_mano and fit_path.is_file():
                 try:
                     fit = load_json(fit_path, "a MANO fit {pose, shape, trans}")
                     out["fits"][side] = {
-                        "pose": as_array(fit["pose"], (48,), "mano pose"),
-                        "shape": as_array(fit["shape"], (10,), "mano shape"),
-                        "trans": as_array(fit["trans"], (3,), "mano trans"),
+                        "pose": as_bounded(fit["pose"], (48,), "mano pose", 4 * np.pi),
+                        "shape": as_bounded(fit["shape"], (10,), "mano shape", 20.0),
+                        "trans": as_bounded(fit["trans"], (3,), "mano trans", 1e3),
                     }
                 except DatasetError:
                     raise BadRecord("mano fit: not valid JSON") from None

@@ -106,6 +106,9 @@ def hflip(sample: HandSample) -> HandSample:
     swap = {"right": "left", "left": "right", "interacting": "interacting"}
     meta = dict(sample.meta)
     meta["flipped"] = not bool(meta.get("flipped", False))
+    if isinstance(meta.get("bbox_ann"), Tensor):  # IH2.6M's annotation box follows the image
+        x0, y0, x1, y1 = meta["bbox_ann"].unbind(-1)
+        meta["bbox_ann"] = torch.stack([(width - 1) - x1, y0, (width - 1) - x0, y1])
     rel_root = -(sample.rel_root * _MIRROR.to(sample.rel_root.dtype))  # new left - new right = -M(old rel)
     return HandSample(
         image=sample.image.flip(-1),
@@ -161,6 +164,9 @@ def warp(sample: HandSample, affine: Tensor, out_size: tuple[int, int], rotation
         right, left = _rotate_hand(right, Rz), _rotate_hand(left, Rz)
         rel_root = rel_root @ Rz.T.to(rel_root.dtype)
     image = crop_image(sample.image[None], total[None], out_size)[0].clamp_(0.0, 1.0)
+    meta = dict(sample.meta)
+    if isinstance(meta.get("bbox_ann"), Tensor):  # IH2.6M's annotation box follows the image
+        meta["bbox_ann"] = _transform_box(meta["bbox_ann"], total, out_size)
     return HandSample(
         image=image,
         right=_warp_hand(right, total, out_size),
@@ -170,7 +176,7 @@ def warp(sample: HandSample, affine: Tensor, out_size: tuple[int, int], rotation
         # pixels' = affine K Rz K^-1 (K X) = affine K (Rz X): with the labels rotated, K changes by the affine only
         camera=Camera(K=transform_intrinsics(K, affine), dist=sample.camera.dist.clone()),
         hand_type=sample.hand_type,
-        meta=dict(sample.meta),
+        meta=meta,
     )
 
 
