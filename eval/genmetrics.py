@@ -46,6 +46,7 @@ from scipy import linalg
 from torch import Tensor, nn
 
 from hands.camera import bbox_from_points, project
+from hands.render import crop_local
 from hands.sample import SIDES, HandBatch
 from hands.units import to_mm
 
@@ -309,8 +310,6 @@ def hand_crops(images: Tensor, batch: HandBatch, size: int = 128, scale: float =
     images: (B, 3, H, W) in [0, 1] (generated or real, laid out as ``batch``'s labels). Returns
     (N, 3, size, size) in (sample, side) order.
     """
-    from hands.render import crop_local
-
     if images.shape[0] != len(batch):
         raise ValueError(f"images: batch size {images.shape[0]} does not match the labels' {len(batch)}")
     boxes, index, _ = hand_boxes(batch)

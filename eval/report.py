@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from hands.render import render_hands
+
 from . import metrics
 
 __all__ = [
@@ -278,9 +280,7 @@ def mesh_overlay_grid(
     Returns (3, H', W') float in [0, 1]: one row per sample (the first ``max_samples``), columns input |
     ground truth | prediction; ready for ``SummaryWriter.add_image`` or :func:`save_png`.
     """
-    from torchvision.utils import make_grid
-
-    from hands.render import render_hands
+    from torchvision.utils import make_grid  # imported here: torchvision is slow to import, figures are rare
 
     n = min(int(max_samples), len(batch))
     if n < 1:
