@@ -45,6 +45,34 @@ def test_deterministic_finite_images_of_requested_shape(pipe):
     assert not torch.equal(a.images, c.images)  # another seed, other images
 
 
+def test_global_branch_equals_diffusers_controlnet_pipeline(pipe):
+    """Without local meshes and TAS, sampling is exactly diffusers' StableDiffusionControlNetPipeline (same
+    components, latents, DDIM, guidance 9) - the reference's inference path."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    guidance = pipe.guidance.controlnet
+    saved = {k: v.clone() for k, v in guidance.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a "trained" ControlNet: non-zero output convolutions
+        for name, p in guidance.named_parameters():
+            if name.split(".")[0] in ("controlnet_down_blocks", "controlnet_mid_block"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    try:
+        reference = StableDiffusionControlNetPipeline(
+            vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+            controlnet=guidance, scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+        reference.set_progress_bar_config(disable=True)
+        mesh, _ = _mesh()
+        latents = torch.randn(2, 4, 4, 4, generator=g)
+        ours = pipe(mesh, None, PROMPTS, num_inference_steps=2, latents=latents).images
+        theirs = reference(PROMPTS, image=mesh, num_inference_steps=2, guidance_scale=9.0, eta=0.0, latents=latents,
+                           output_type="pt", height=32, width=32).images
+    finally:
+        guidance.load_state_dict(saved)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
 def test_per_sample_generators_make_samples_independent_of_the_batch(pipe):
     mesh, _ = _mesh()
     both = pipe(mesh, None, PROMPTS, num_inference_steps=2, generator=_gens())

@@ -38,12 +38,17 @@ def test_tokenizer_files_written_once_in_cache():
     assert clip_tokenizer_folder() == folder and (folder / "vocab.json").stat().st_mtime_ns == mtime
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_token_ids_equal_open_clip(prompt):
+@pytest.fixture(scope="module")
+def open_clip_tokenizer():
     import open_clip
 
+    return open_clip.get_tokenizer("ViT-L-14")
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_token_ids_equal_open_clip(prompt, open_clip_tokenizer):
     ours = load_clip_tokenizer()(prompt, padding="max_length", max_length=77, truncation=True).input_ids
-    theirs = open_clip.get_tokenizer("ViT-L-14")([prompt])[0].tolist()
+    theirs = open_clip_tokenizer([prompt])[0].tolist()
     n = sum(1 for t in theirs if t != 0)  # open_clip pads with 0, SD's tokenizer with <|endoftext|>
     assert len(ours) == 77
     assert ours[:n] == theirs[:n]

@@ -21,7 +21,7 @@ def components(tmp_path_factory):
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for name, p in c.guidance.named_parameters():
-                if "zero_conv" in name or "mid_block" in name or "conv_out" in name:
+                if name.split(".")[1] in ("controlnet_down_blocks", "controlnet_mid_block") or "conv_out" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.5)
         yield c
 
@@ -78,7 +78,7 @@ def test_each_branch_is_guided_by_its_own_mesh_only(components):
         after = predict_noise(components.unet, components.guidance, latents, 500, text, changed)
         plain = predict_noise(components.unet, None, latents, 500, text, None)
     assert torch.equal(before[:2], after[:2])
-    assert (before[2:] - after[2:]).abs().amax() > 1e-5  # well above float noise (~1e-7)
+    assert (before[2:] - after[2:]).abs().amax() > 1e-4  # float noise is ~1e-7
     assert not torch.allclose(before, plain, atol=1e-4)  # the guidance residuals are added (Y_d = phi_d + Y_g)
 
 
