@@ -49,7 +49,8 @@ Construction (see docs/hand-model.md):
 - pose correctives: a volume-preserving bulge at each bent joint, ``2.5 mm x (1 - cos angle)`` outwards from
   the bone, which is linear in MANO's ``R - I`` features (``1 - cos angle = -trace(R - I) / 2``).
 
-``python -m hands.procedural --out DIR [--render PNG]`` writes the two files (and optionally a picture).
+``python -m hands.procedural --out DIR [--render PNG] [--docs DIR]`` writes the two files (and optionally
+pictures, made with hands.render; the docs/images/hand-*.png pictures come from ``--docs docs/images``).
 """
 from __future__ import annotations
 
@@ -78,6 +79,9 @@ __all__ = [
     "demo_pose",
     "mirror_model",
     "model_bytes",
+    "render_pose_sheet",
+    "render_shape_sheet",
+    "render_weight_sheet",
     "write_procedural_mano",
 ]
 
@@ -751,8 +755,8 @@ def _pose_basis(digits: list[_Digit]) -> tuple[np.ndarray, np.ndarray]:
     twists, plus isotropic noise so that all 45 directions are defined."""
     axes = _joint_axes(digits)
     by_joint = {j: (*axes[j], None) for j in axes}
-    rest = {1: (0.12, 0.22, 0.12), 2: (0.14, 0.25, 0.14), 3: (0.17, 0.30, 0.15), 4: (0.22, 0.33, 0.16),
-            5: (0.10, 0.12, 0.15)}
+    rest = {1: (0.20, 0.30, 0.15), 2: (0.25, 0.35, 0.18), 3: (0.30, 0.40, 0.20), 4: (0.35, 0.45, 0.20),
+            5: (0.20, 0.15, 0.20)}
     mean = np.zeros((15, 3))
     for d in digits:
         for k, j in enumerate(d.mano_joints):
@@ -806,16 +810,17 @@ def demo_pose(name: str, side: str = "right") -> np.ndarray:
         raise ValueError(f"unknown demo pose {name!r}; known: {', '.join(DEMO_POSES)}")
     if side not in ("right", "left"):
         raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    if name == "relaxed":  # the mean hand itself: nothing to add
+        return np.zeros(45)
     digits = _hand_digits()
     mean, _ = _pose_basis(digits)
+    axes = _joint_axes(digits)
     pose = np.zeros((15, 3))
-    if name != "relaxed":
-        axes = _joint_axes(digits)
-        for d in digits:
-            for k, j in enumerate(d.mano_joints):
-                flex, abduct, bone = axes[j]
-                a, b, c = _DEMO_POSES[name][d.part][k]
-                pose[j - 1] = _LOCAL_TO_OUT @ (a * flex + b * abduct + c * bone)
+    for d in digits:
+        for k, j in enumerate(d.mano_joints):
+            flex, abduct, bone = axes[j]
+            a, b, c = _DEMO_POSES[name][d.part][k]
+            pose[j - 1] = _LOCAL_TO_OUT @ (a * flex + b * abduct + c * bone)
     pose = pose.reshape(45) - mean
     if side == "left":
         pose = pose * np.tile([1.0, -1.0, -1.0], 15)
@@ -940,47 +945,153 @@ def write_procedural_mano(out_dir: str | os.PathLike) -> tuple[Path, Path]:
     return right_path, left_path
 
 
-def _render_preview(mano_dir: Path, png: Path) -> None:
-    """Both hands, flat and curled, from the back and the palm side (uses hands.mano and hands.render)."""
+_SHAPE_NAMES = ("size", "finger length", "finger thickness", "palm width", "palm length", "thumb length",
+                "hand thickness", "index vs ring", "finger taper", "wrist size")
+
+
+def _views():
+    """Camera rotations (3, 3) turning the template's right hand fingers-up: back, palm, 3/4 radial."""
     import torch
+
+    from hands.rotation import axis_angle_to_matrix
+
+    back = torch.tensor([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # fingers up, back to camera
+
+    def about_y(deg):
+        return axis_angle_to_matrix(torch.tensor([0.0, np.radians(deg), 0.0], dtype=torch.float32))
+
+    return {"back": back, "palm": about_y(180.0) @ back, "three-quarter": about_y(-140.0) @ back}
+
+
+def _tile(model, right_hand_pose, rotation, size: int, shape=None, gap: float = 0.004):
+    """(3, size, size) image: the right hand (image right) and its mirror image, the left hand (image left),
+    both with the hand pose ``right_hand_pose`` (45,) (mirrored for the left), turned by ``rotation``."""
+    import torch
+
+    from hands.render import render_hands
+    from hands.rotation import matrix_to_axis_angle, mirror_axis_angle
+
+    pose = torch.zeros(1, 48)
+    pose[0, :3] = matrix_to_axis_angle(rotation[None])[0]
+    pose[0, 3:] = right_hand_pose
+    shape = torch.zeros(1, 10) if shape is None else shape
+    right = model("right", pose, shape).verts
+    left = model("left", mirror_axis_angle(pose), shape).verts
+    centre = (right.amax(1) + right.amin(1)) / 2  # (1, 3)
+    offset = torch.tensor([gap + (right.amax(1) - right.amin(1))[0, 0] / 2, 0.0, 0.0])
+    right = right - centre[:, None] + offset + torch.tensor([0.0, 0.0, 0.55])
+    left = left - centre[:, None] * torch.tensor([-1.0, 1.0, 1.0]) - offset + torch.tensor([0.0, 0.0, 0.55])
+    k = torch.tensor([[1.35 * size, 0.0, size / 2], [0.0, 1.35 * size, size / 2], [0.0, 0.0, 1.0]])[None]
+    faces_right, faces_left = model.faces_for("right"), model.faces_for("left")
+    return render_hands(right, left, faces_right, faces_left, k, (size, size)).image[0]
+
+
+def _save(grid, png: Path) -> None:
     from PIL import Image
+
+    arr = (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(png)
+
+
+def render_pose_sheet(mano_dir: str | os.PathLike, png: str | os.PathLike, size: int = 256) -> Path:
+    """PNG grid: rows flat, relaxed, fist, point, pinch; columns back, palm and 3/4 views; each tile shows the
+    left hand (image left) and the right hand (image right). Needs hands.render."""
+    import torch
+
+    from hands.mano import HandModel
+
+    model = HandModel(mano_dir)
+    rows = []
+    for name in DEMO_POSES:
+        hand = torch.tensor(demo_pose(name), dtype=torch.float32)
+        rows.append(torch.cat([_tile(model, hand, rot, size) for rot in _views().values()], dim=2))
+    _save(torch.cat(rows, dim=1), Path(png))
+    return Path(png)
+
+
+def render_weight_sheet(mano_dir: str | os.PathLike, png: str | os.PathLike, size: int = 320) -> Path:
+    """PNG: the right hand coloured by its skinning weights (one colour per bone, blended), flat and in a
+    fist, back and palm views."""
+    import torch
+
+    from hands.mano import HandModel
+    from hands.render import render_mesh
+    from hands.rotation import matrix_to_axis_angle
+
+    model = HandModel(mano_dir)
+    weights = model.layers["right"].lbs_weights  # (V, 16)
+    palette = torch.tensor(
+        [[0.85, 0.85, 0.85], [0.90, 0.20, 0.20], [0.95, 0.55, 0.20], [1.00, 0.85, 0.30],
+         [0.20, 0.70, 0.25], [0.45, 0.85, 0.45], [0.75, 0.95, 0.60], [0.55, 0.25, 0.75],
+         [0.75, 0.50, 0.90], [0.90, 0.75, 1.00], [0.15, 0.45, 0.85], [0.40, 0.65, 0.95],
+         [0.70, 0.85, 1.00], [0.60, 0.40, 0.20], [0.80, 0.60, 0.35], [0.95, 0.80, 0.55]]
+    )
+    colours = (weights @ palette)[None]  # (1, V, 3)
+    tiles = []
+    for name in ("flat", "fist"):
+        for view in ("back", "palm"):
+            pose = torch.zeros(1, 48)
+            pose[0, :3] = matrix_to_axis_angle(_views()[view][None])[0]
+            pose[0, 3:] = torch.tensor(demo_pose(name), dtype=torch.float32)
+            verts = model("right", pose, torch.zeros(1, 10)).verts
+            verts = verts - (verts.amax(1) + verts.amin(1))[:, None] / 2 + torch.tensor([0.0, 0.0, 0.42])
+            k = torch.tensor([[1.3 * size, 0.0, size / 2], [0.0, 1.3 * size, size / 2], [0.0, 0.0, 1.0]])
+            tiles.append(render_mesh(verts, model.faces, k, (size, size), colours).image[0])
+    _save(torch.cat(tiles, dim=2), Path(png))
+    return Path(png)
+
+
+def render_shape_sheet(mano_dir: str | os.PathLike, png: str | os.PathLike, size: int = 220) -> Path:
+    """PNG: one tile per shape direction k, showing shape[k] = -2 (orange, image left) and +2 (blue, image
+    right) on the flat right hand seen from the back, labelled with the direction's name."""
+    import torch
+    from PIL import Image, ImageDraw
 
     from hands.mano import HandModel
     from hands.render import render_hands
-    from hands.rotation import mirror_axis_angle
+    from hands.rotation import matrix_to_axis_angle
 
-    model = HandModel(mano_dir=mano_dir)
-    size = 384
+    model = HandModel(mano_dir)
     tiles = []
-    for curl in (0.0, 1.0):
+    for k in range(10):
         pose = torch.zeros(2, 48)
-        pose[:, 3:] = curl * model.hands_mean_for("right") * 3.0
-        # view 0: back of the hand towards the camera; view 1: palm towards the camera
-        pose[0, :3] = torch.tensor([np.pi / 2, 0.0, 0.0])
-        pose[1, :3] = torch.tensor([-np.pi / 2, 0.0, 0.0])
-        right = model("right", pose, torch.zeros(2, 10)).verts
-        left = model("left", mirror_axis_angle(pose), torch.zeros(2, 10)).verts
-        right = right - right.mean(1, keepdim=True) + torch.tensor([0.07, 0.0, 0.5])
-        left = left - left.mean(1, keepdim=True) + torch.tensor([-0.07, 0.0, 0.5])
-        k = torch.tensor([[size * 1.2, 0, size / 2], [0, size * 1.2, size / 2], [0, 0, 1.0]]).expand(2, 3, 3)
-        img = render_hands(right, left, model.faces_for("right"), model.faces_for("left"), k, (size, size)).image
-        tiles.append(img)
-    grid = torch.cat([torch.cat(list(t), dim=2) for t in tiles], dim=1)  # (3, 2H, 2W)
-    arr = (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(png)
+        pose[:, :3] = matrix_to_axis_angle(_views()["back"][None])[0]
+        pose[:, 3:] = torch.tensor(demo_pose("flat"), dtype=torch.float32)
+        shape = torch.zeros(2, 10)
+        shape[0, k], shape[1, k] = -2.0, 2.0
+        verts = model("right", pose, shape).verts
+        centre = (verts[1].amax(0) + verts[1].amin(0)) / 2
+        small = verts[0] - centre + torch.tensor([-0.06, 0.0, 0.65])
+        large = verts[1] - centre + torch.tensor([0.06, 0.0, 0.65])
+        kmat = torch.tensor([[1.4 * size, 0.0, size / 2], [0.0, 1.4 * size, size / 2], [0.0, 0.0, 1.0]])[None]
+        img = render_hands(large[None], small[None], model.faces, model.faces, kmat, (size, size)).image[0]
+        arr = (img.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        pil = Image.fromarray(arr)
+        ImageDraw.Draw(pil).text((6, 4), f"shape[{k}] {_SHAPE_NAMES[k]}", fill=(255, 255, 255))
+        tiles.append(torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255)
+    rows = [torch.cat(tiles[i : i + 5], dim=2) for i in (0, 5)]
+    _save(torch.cat(rows, dim=1), Path(png))
+    return Path(png)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the procedural MANO-format hand model files.")
     parser.add_argument("--out", required=True, type=Path, help="folder for MANO_RIGHT.pkl and MANO_LEFT.pkl")
-    parser.add_argument("--render", type=Path, default=None, help="also write a preview PNG here")
+    parser.add_argument("--render", type=Path, default=None, help="also write a PNG sheet of both hands in poses")
+    parser.add_argument(
+        "--docs", type=Path, default=None,
+        help="also write the documentation pictures (hand-poses.png, hand-weights.png, hand-shapes.png) here",
+    )
     args = parser.parse_args(argv)
     right_path, left_path = write_procedural_mano(args.out)
     print(f"wrote {right_path} and {left_path}")
     if args.render is not None:
-        _render_preview(args.out, args.render)
-        print(f"wrote {args.render}")
+        print(f"wrote {render_pose_sheet(args.out, args.render)}")
+    if args.docs is not None:
+        for fn, name in ((render_pose_sheet, "hand-poses.png"), (render_weight_sheet, "hand-weights.png"),
+                         (render_shape_sheet, "hand-shapes.png")):
+            print(f"wrote {fn(args.out, args.docs / name)}")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,7 @@ def test_trans_is_added_after_posing(model):
 
 def test_shape_scales_the_hand(model):
     pose = torch.zeros(2, 48)
+    pose[:, 3:] = -model.hands_mean_for("right")  # the flat hand
     shape = torch.zeros(2, 10)
     shape[1, 0] = 2.0
     out = model("right", pose, shape)
@@ -260,3 +261,22 @@ def test_buffers_follow_dtype_moves(mano_dir):
     assert out.verts.dtype == torch.float64
     buffers = dict(model.named_buffers())
     assert "faces_right" in buffers and "j_regressor_left" in buffers and "tip_verts" in buffers
+
+
+def test_demo_poses_make_the_named_gestures(model):
+    from hands.procedural import demo_pose
+
+    def joints(name, side="right"):
+        pose = torch.zeros(1, 48)
+        pose[0, 3:] = torch.tensor(demo_pose(name, side), dtype=torch.float32)
+        return model(side, pose, torch.zeros(1, 10)).joints[0]
+
+    flat, fist, point, pinch = joints("flat"), joints("fist"), joints("point"), joints("pinch")
+    reach = lambda j: (j[[8, 12, 16, 20]] - j[0]).norm(dim=-1)  # noqa: E731  wrist -> finger tips
+    assert (reach(fist) < 0.75 * reach(flat)).all()  # curled fingers
+    assert reach(point)[0] > 0.95 * reach(flat)[0] and (reach(point)[1:] < 0.75 * reach(flat)[1:]).all()
+    assert (pinch[4] - pinch[8]).norm() < 0.02 < (flat[4] - flat[8]).norm()  # thumb meets index
+    torch.testing.assert_close(joints("relaxed"), model("right", torch.zeros(1, 48), torch.zeros(1, 10)).joints[0])
+    torch.testing.assert_close(joints("pinch", "left"), pinch * torch.tensor([-1.0, 1.0, 1.0]), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="unknown demo pose"):
+        demo_pose("wave")
