@@ -11,10 +11,7 @@ from safetensors.torch import load_file
 
 from recon import test as recon_test
 from recon import train as recon_train
-
-TINY = [
-    "model.backbone=resnet18", "model.backbone_kwargs.channels=[8,16,32,64]", "model.backbone_kwargs.stem_width=8",
-    "model.hidden_dim=32", "data.image_size=[64,64]", "train.image_every=0"]
+from tests.recon_helpers import TINY, run_args, write_tiny_synthlab
 
 
 @pytest.fixture(autouse=True)
@@ -29,20 +26,10 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def synthlab_root(tmp_path_factory) -> Path:
-    """A tiny synthlab in IH2.6M layout: 12 train-lab, 4 test-lab, 4 test-wild images of 64 px."""
-    from hands.datasets.synthlab import write_synthlab
-
-    root = tmp_path_factory.mktemp("synthlab")
-    sizes = {"train-lab": 12, "test-lab": 4, "train-wild": 0, "test-wild": 4}
-    return write_synthlab(root, sizes=sizes, resolution=64, show_progress=False)
+    return write_tiny_synthlab(tmp_path_factory.mktemp("synthlab"))
 
 
-def _run(synthlab_root, out, *extra) -> list[str]:
-    return [
-        "--data-root", str(synthlab_root), "--datasets", "synthlab",
-        "--test-datasets", "synthlab:test-lab,synthlab:test-wild",
-        "--out", str(out), "--batch-size", "4", "--seed", "3", *TINY, *extra,
-    ]
+_run = run_args
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
