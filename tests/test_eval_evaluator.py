@@ -300,47 +300,6 @@ def test_distributed_evaluation_equals_single_process(tmp_path):
     assert_results_close(results[1], want, rtol=1e-9)
 
 
-# ---- with the project's hand model (procedural MANO-format files) ------------------------------------
-def test_with_the_procedural_hand_model(tmp_path, monkeypatch):
-    """The model's regressed wrist (j_regressor row 0) is its joint 0, so HIC's mesh-wrist rel_root and
-    IH2.6M's joint-wrist rel_root agree; a perturbed pose gives a positive MPVPE, a translation none."""
-    monkeypatch.setenv("ATTENTIONHAND_CACHE", str(tmp_path))
-    from hands.mano import HandModel
-
-    model = HandModel()
-    gen = torch.Generator().manual_seed(0)
-    pose = {s: 0.3 * torch.randn(2, 48, generator=gen) for s in ("right", "left")}
-    shape = torch.zeros(2, 10)
-    trans = {"right": torch.tensor([[-0.05, 0.0, 0.5]] * 2), "left": torch.tensor([[0.06, 0.01, 0.5]] * 2)}
-    gt = {s: model(s, pose[s], shape, trans[s]) for s in ("right", "left")}
-    batch = make_batch(["interacting", "interacting"], dataset="hic")
-    for side in ("right", "left"):
-        hand = batch.hand(side)
-        hand.verts_cam, hand.joints_cam = gt[side].verts, gt[side].joints
-        hand.joints_valid[:] = True
-    moved = {s: model(s, pose[s] + 0.1 * torch.randn(2, 48, generator=gen), shape) for s in ("right", "left")}
-    pred = Prediction(
-        right_verts=moved["right"].verts, left_verts=moved["left"].verts,
-        right_joints=moved["right"].joints, left_joints=moved["left"].joints,
-        rel_root=gt["left"].joints[:, 0] - gt["right"].joints[:, 0],
-    )
-    results = {}
-    for rules in ("hic", "ih26m"):
-        evaluator = HandEvaluator(
-            j_regressor_right=model.j_regressor_for("right"), j_regressor_left=model.j_regressor_for("left"), rules=rules
-        )
-        evaluator.process(pred, batch)
-        results[rules] = evaluator.evaluate()
-    assert results["hic"]["MRRPE"] == pytest.approx(0.0, abs=1e-3)
-    assert results["ih26m"]["MRRPE"] == pytest.approx(0.0, abs=1e-3)
-    assert results["hic"]["RRVE"] == pytest.approx(results["ih26m"]["RRVE"], rel=1e-5)
-    assert 1.0 < results["hic"]["MPVPE"] < 100.0  # a 0.1 rad pose perturbation: millimetres, not metres
-    same = HandEvaluator(j_regressor_right=model.j_regressor, rules="hic")
-    same.process(Prediction(gt["right"].verts - 0.2, gt["left"].verts + 0.1, gt["right"].joints, gt["left"].joints,
-                            pred.rel_root), batch)
-    assert same.evaluate()["MPVPE"] == pytest.approx(0.0, abs=1e-3)
-
-
 def test_half_precision_predictions_are_scored_in_float32():
     reg = random_regressor().float()
     batch = make_batch(["interacting", "right"])
