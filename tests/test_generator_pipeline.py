@@ -129,11 +129,13 @@ def test_sd_folder_written_by_save_pretrained_loads_through_sd_path(pipe, tmp_pa
     folder = save_components(components, tmp_path / "sd")
     assert (folder / "model_index.json").is_file() and (folder / "guidance" / "config.json").is_file()
     loaded = load_sd_components(folder)
-    again = AttentionHandPipeline.from_components(loaded, attention_downsample=2)
-    mesh, local = _mesh()
-    a = pipe(mesh, local, PROMPTS, num_inference_steps=2, generator=_gens())
-    b = again(mesh, local, PROMPTS, num_inference_steps=2, generator=_gens())
-    assert torch.equal(a.images, b.images)
+    for name in ("unet", "vae", "text_encoder", "guidance"):
+        ours, theirs = getattr(components, name).state_dict(), getattr(loaded, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert type(loaded.scheduler) is type(pipe.scheduler)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.scheduler.config) == public(pipe.scheduler.config)
+    assert loaded.tokenizer(PROMPTS[0]).input_ids == pipe.tokenizer(PROMPTS[0]).input_ids
     # the same folder without guidance/ gets a fresh ControlNet from its UNet; a guidance file must fit
     shutil.rmtree(folder / "guidance")
     assert torch.equal(load_sd_components(folder).guidance.controlnet.conv_in.weight, pipe.unet.conv_in.weight)
