@@ -165,10 +165,14 @@ class SyntheticSource:
         local = crop_local(rendered.image, hands_union_box(framed), self.size, scale=self.local_scale)
         return rendered.image, local
 
-    def generate(self, n: int) -> HandBatch:
-        """``n`` new samples on the device: generated images + the labels they were generated from."""
-        call = self._calls
-        self._calls += 1
+    def generate(self, n: int, *, call: int | None = None) -> HandBatch:
+        """``n`` new samples on the device: generated images + the labels they were generated from.
+
+        call: index of the random stream to use (default: the next one); ``python -m mixing.pregenerate``
+        passes the shard index so that a resumed run writes the same shards."""
+        if call is None:
+            call = self._calls
+            self._calls += 1
         host_gen = torch.Generator().manual_seed(self._stream_seed(call))
         labels = self.labels.draw(n, host_gen).to(self.device, non_blocking=True)
         framed = keep_rendered_hands(frame_labels(labels, self.size, self.extend))

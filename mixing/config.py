@@ -1,0 +1,65 @@
+"""The ``mixing`` section of a training run's config (and of ``python -m mixing.pregenerate``).
+
+A typed dataclass, merged by recon's OmegaConf config system with strict keys; :mod:`mixing.build`
+translates it into a source and a provider in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["MixingConfig", "MIX_MODES", "LABEL_SOURCES"]
+
+MIX_MODES = ("online", "sync", "offline")
+LABEL_SOURCES = ("train", "prior")
+
+
+@dataclass
+class MixingConfig:
+    """How generated samples enter training.
+
+    mode: ``online`` (a device-resident pool filled by a background producer), ``sync`` (generated inline;
+        debugging, ablations) or ``offline`` (shards from ``python -m mixing.pregenerate``, in ``shards``).
+    generator: ``attentionhand`` or a baseline of Table A (see :data:`generator.GENERATORS`).
+    generator_config: a name in configs/generator/ (``tiny``, ``sd15``) or a YAML path.
+    sd_path / guidance_path: a local Stable Diffusion 1.5 folder (diffusers layout) and a guidance
+        checkpoint; they override the generator config's.
+    size: generator resolution (square images; 512 for SD 1.5).
+    labels: ``train`` (MANO fits and cameras of the training set, never its images) or ``prior`` (the pose
+        prior of hands.datasets.poses with random cameras).
+    capacity / max_reuse / chunk: the pool's bound, how often a sample may be drawn, samples per generator call.
+    num_inference_steps / guidance_scale / tas_steps: sampling overrides (None: the generator config's).
+    extend: the generation window is the union of the hand boxes made square and grown by this factor.
+    use_local: pass local mesh images to the generator (VAS's local branch).
+    """
+
+    mode: str = "online"
+    generator: str = "attentionhand"
+    generator_config: str = "tiny"
+    sd_path: Optional[str] = None
+    guidance_path: Optional[str] = None
+    size: int = 64
+    labels: str = "train"
+    shards: Optional[str] = None
+    capacity: int = 64
+    max_reuse: int = 4
+    chunk: int = 8
+    num_inference_steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    tas_steps: Optional[int] = None
+    extend: float = 1.5
+    use_local: bool = True
+
+    def check(self) -> None:
+        """Raise ValueError naming the key whose value is out of range."""
+        if self.mode not in MIX_MODES:
+            raise ValueError(f"mixing.mode={self.mode!r}: expected one of {', '.join(MIX_MODES)}")
+        if self.labels not in LABEL_SOURCES:
+            raise ValueError(f"mixing.labels={self.labels!r}: expected one of {', '.join(LABEL_SOURCES)}")
+        if self.mode == "offline" and not self.shards:
+            raise ValueError("mixing.mode=offline needs mixing.shards=DIR (written by python -m mixing.pregenerate)")
+        for key in ("size", "capacity", "max_reuse", "chunk"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"mixing.{key}={getattr(self, key)}: expected a positive integer")
+        if self.size % 8:
+            raise ValueError(f"mixing.size={self.size}: expected a multiple of 8 (the VAE's factor)")
