@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,6 +19,8 @@ from hypothesis import strategies as st
 
 from hands.datasets import DatasetError, build_dataset
 from hands.datasets.fixtures import REIH_TEST_CAPTURE, write_hic_fixture, write_ih26m_fixture, write_reih_fixture
+
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # numeric overflow is a bug too
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 

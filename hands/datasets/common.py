@@ -122,7 +122,7 @@ def as_array(value: Any, shape: Sequence[int], field: str, allow_nan: bool = Fal
 
 def as_rotation(value: Any, field: str) -> np.ndarray:
     """A JSON 3x3 -> rotation matrix; BadRecord unless orthonormal with determinant +1 (tolerance 1e-3)."""
-    R = as_array(value, (3, 3), field)
+    R = as_bounded(value, (3, 3), field, 2.0)
     if np.abs(R.T @ R - np.eye(3)).max() > 1e-3 or np.linalg.det(R) < 0:
         raise BadRecord(f"{field}: not a rotation matrix")
     return R

@@ -123,8 +123,8 @@ class HIC(HandDataset):
         if not isinstance(image["file_name"], str) or not image["file_name"]:
             raise BadRecord("image: file_name not a string")
         width, height = as_int(image["width"], "width"), as_int(image["height"], "height")
-        if width <= 0 or height <= 0:
-            raise BadRecord("image: width/height not positive")
+        if not (0 < width <= 100_000 and 0 < height <= 100_000):
+            raise BadRecord("image: width/height not in 1..100000")
         if ann["hand_type"] not in HAND_TYPES:
             raise BadRecord("annotation: hand_type not right/left/interacting")
         paths = {}

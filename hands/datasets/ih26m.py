@@ -239,8 +239,8 @@ class InterHand26M(HandDataset):
             if key not in image:
                 raise BadRecord(f"image: missing key {key!r}")
         width, height = as_int(image["width"], "width"), as_int(image["height"], "height")
-        if width <= 0 or height <= 0:
-            raise BadRecord("image: width/height not positive")
+        if not (0 < width <= 100_000 and 0 < height <= 100_000):
+            raise BadRecord("image: width/height not in 1..100000")
         if not isinstance(image["file_name"], str) or not image["file_name"]:
             raise BadRecord("image: file_name not a string")
         hand_type = ann["hand_type"]

@@ -32,7 +32,6 @@ from hands.datasets.common import (
     BadRecord,
     DatasetError,
     HandDataset,
-    as_array,
     as_bounded,
     as_rotation,
     assemble_sample,

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from hands.datasets.common import DatasetError, load_json
 from hands.datasets.ih26m import InterHand26M
-from hands.datasets.layouts import IH26MWriter, save_image
+from hands.datasets.layouts import IH26MWriter
 from hands.datasets.poses import PoseSampler
 from hands.joints import IH26M_TO_OURS
 
@@ -440,7 +440,8 @@ def ensure_synthlab(root: str | Path | None = None, **options) -> Path:
     """The synthlab folder, written on first use: ``root`` or ``hands.paths.cache_dir() / "synthlab"``.
 
     Written into a temporary sibling folder and renamed into place, so an interrupted run leaves no
-    half-written benchmark. ``options`` go to :func:`write_synthlab` (seed, sizes, resolution, mano_dir).
+    half-written benchmark. ``options`` go to :func:`write_synthlab` (seed, sizes, resolution, mano_dir);
+    a complete folder is returned as it is (its synthlab.json says how it was written).
     """
     if root is None:
         from hands.paths import cache_dir
@@ -455,9 +456,9 @@ def ensure_synthlab(root: str | Path | None = None, **options) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".synthlab-", dir=root.parent))
     try:
         write_synthlab(tmp, **options)
-        if root.exists():
-            root.rmdir()
         try:
+            if root.exists():
+                root.rmdir()  # an empty folder left by the user; a finished one from a racing process stays
             os.replace(tmp, root)
         except OSError:
             if (root / "synthlab.json").is_file():  # another process finished first
@@ -497,7 +498,7 @@ class SynthLab(InterHand26M):
             if model.fingerprint() != expected:
                 raise DatasetError(
                     f"{self.root / 'synthlab.json'}: written with another hand model (fingerprint {expected[:12]}...); "
-                    f"read it with the same mano_dir, or write a new synthlab"
+                    f"read it with the same mano_dir, or delete {self.root} to write it again with this model"
                 )
             self._fingerprint_checked = True
         return model
