@@ -171,13 +171,15 @@ def build_tiny_components(arch: TinyArchitecture, *, seed: int = 0, scheduler: s
             up_block_types=("UpDecoderBlock2D",) * len(arch.vae_channels), layers_per_block=1,
             norm_num_groups=_groups(arch.vae_channels), sample_size=arch.latent_size * 8)
         text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=arch.cross_attention_dim, intermediate_size=arch.text_intermediate_size,
+            vocab_size=len(tokenizer), hidden_size=arch.cross_attention_dim,
+            intermediate_size=arch.text_intermediate_size,
             num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
             max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=arch.cross_attention_dim,
             bos_token_id=tokenizer.convert_tokens_to_ids(START_TOKEN),
             eos_token_id=tokenizer.convert_tokens_to_ids(END_TOKEN),
             pad_token_id=tokenizer.convert_tokens_to_ids(END_TOKEN)))
-        guidance = GuidanceModule.from_unet(unet, conditioning_embedding_out_channels=tuple(guidance_embedding_channels))
+        guidance = GuidanceModule.from_unet(
+            unet, conditioning_embedding_out_channels=tuple(guidance_embedding_channels))
     return _finish(tokenizer, text_encoder, vae, unet, _make_scheduler(scheduler, SD15_SCHEDULER_CONFIG), guidance)
 
 
@@ -265,7 +267,8 @@ def load_sd_components(sd_path: str | Path, *, guidance_path: str | Path | None 
     if guidance_path is not None:
         guidance = load_guidance(unet, guidance_path, conditioning_embedding_out_channels=guidance_embedding_channels)
     else:
-        guidance = GuidanceModule.from_unet(unet, conditioning_embedding_out_channels=tuple(guidance_embedding_channels))
+        guidance = GuidanceModule.from_unet(
+            unet, conditioning_embedding_out_channels=tuple(guidance_embedding_channels))
     return _finish(tokenizer, text_encoder, vae, unet, _make_scheduler(scheduler, scheduler_config), guidance)
 
 

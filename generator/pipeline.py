@@ -102,7 +102,8 @@ class AttentionHandPipeline:
         b, _, h, w = mesh_images.shape
         multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         if h % multiple or w % multiple:
-            raise ValueError(f"mesh_images height and width must be multiples of {multiple} (VAE x{self.vae_scale_factor}"
+            raise ValueError(f"mesh_images height and width must be multiples of {multiple} "
+                             f"(VAE x{self.vae_scale_factor}"
                              f", UNet x{multiple // self.vae_scale_factor}); got {h}x{w}: resize or pad them")
         if local_mesh_images is not None:
             if not isinstance(local_mesh_images, torch.Tensor) or local_mesh_images.shape != mesh_images.shape:
@@ -126,7 +127,8 @@ class AttentionHandPipeline:
         if not 0 <= tas_steps <= num_inference_steps:
             raise ValueError(f"tas_steps must be in [0, num_inference_steps={num_inference_steps}]; got {tas_steps}")
         if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (<= 1 turns classifier-free guidance off); got {guidance_scale}")
+            raise ValueError(f"guidance_scale must be >= 0 (<= 1 turns classifier-free guidance off); "
+                             f"got {guidance_scale}")
         if isinstance(generator, list) and len(generator) != b:
             raise ValueError(f"generator is a list of {len(generator)}; give one torch.Generator per sample ({b}) "
                              "or a single one")
@@ -144,7 +146,8 @@ class AttentionHandPipeline:
                  *, negative_prompts: str | Sequence[str] | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, eta: float | None = None,
                  conditioning_scale: float | None = None, tas_steps: int | None = None,
-                 tas_schedule: TasSchedule | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
+                 tas_schedule: TasSchedule | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, return_attention: bool = False,
                  progress: bool = False) -> AttentionHandOutput:
         """Generate hand images aligned with the mesh images and the prompts.

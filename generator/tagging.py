@@ -27,7 +27,8 @@ def _tagger():
     """A function words -> tags; NLTK's perceptron tagger when its data is installed, else textblob's."""
     import nltk
 
-    for resource, lang in (("taggers/averaged_perceptron_tagger_eng", "eng"), ("taggers/averaged_perceptron_tagger", None)):
+    for resource, lang in (("taggers/averaged_perceptron_tagger_eng", "eng"),
+                           ("taggers/averaged_perceptron_tagger", None)):
         try:
             nltk.data.find(resource)
         except LookupError:

@@ -37,7 +37,8 @@ def open_clip_bpe_path() -> Path:
     (its import sets an environment variable and loads torch models' code)."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("open_clip is not installed: `pip install open-clip-torch` (it ships the CLIP BPE file)")
+        raise FileNotFoundError("open_clip is not installed: `pip install open-clip-torch` "
+                                "(it ships the CLIP BPE file)")
     path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():
         raise FileNotFoundError(f"open_clip's BPE vocabulary is missing: {path}")
@@ -46,7 +47,8 @@ def open_clip_bpe_path() -> Path:
 
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2/CLIP's reversible byte -> printable-character table; the vocabulary's first 256 entries in this order.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
