@@ -243,7 +243,13 @@ def _smplx_layer(data: dict, path: Path, is_right: bool) -> nn.Module:
             create_hand_pose=False,
             create_betas=False,
             create_transl=False,
+            create_body_pose=False,
         )
+    # keep the model's arrays out of state_dict: a checkpoint of a module that holds a HandModel must not
+    # carry (licence-restricted) MANO data and must load whichever MANO files are present
+    for module in layer.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            module.register_buffer(name, buffer, persistent=False)
     return layer
 
 
@@ -254,6 +260,8 @@ class HandModel(nn.Module):
     (B, 778, 3) and ``joints`` (B, 21, 3) in metres, our joint order. Buffers follow ``.to(device)``:
     ``faces`` (1538, 3) long (right hand; ``faces_for(side)``), ``j_regressor`` (16, 778) float (right hand,
     row 0 = wrist; ``j_regressor_for(side)``), ``tip_verts`` (5,) long (thumb, index, middle, ring, pinky).
+    No buffer is persistent: ``state_dict()`` is empty, so a module holding a HandModel can be checkpointed
+    without MANO data and reloaded with other MANO files.
     """
 
     def __init__(self, mano_dir: str | os.PathLike | None = None):

@@ -280,3 +280,11 @@ def test_demo_poses_make_the_named_gestures(model):
     torch.testing.assert_close(joints("pinch", "left"), pinch * torch.tensor([-1.0, 1.0, 1.0]), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="unknown demo pose"):
         demo_pose("wave")
+
+
+def test_state_dict_carries_no_mano_data(model):
+    holder = torch.nn.Module()
+    holder.hands = model
+    holder.head = torch.nn.Linear(2, 2)
+    assert set(holder.state_dict()) == {"head.weight", "head.bias"}
+    assert not list(model.parameters())  # nothing to optimise: smplx's own parameters are not created
