@@ -428,7 +428,6 @@ def _assemble(spacing: float, palm_rows: int, extra_verts_wanted: int | None) ->
                 continue
             b.quad(ra[i], ra[j], rb[j], rb[i])
     # hole loop (grid coordinates), then orient it against the palm faces around it
-    pos = {c: i for i, c in enumerate(order)}
     cs = [hole_cols[0], hole_cols[1], hole_cols[2]]
     loop = [rows[hole_rows[0]][c] for c in cs]
     loop += [rows[r][cs[-1]] for r in range(hole_rows[0] + 1, hole_rows[1] + 1)]
@@ -490,9 +489,8 @@ def _split_palm_quads(mesh: _Mesh, rows, order, count: int) -> _Mesh:
     faces = [tuple(f) for f in mesh.faces]
     verts = list(mesh.verts)
     part, ell = list(mesh.part), list(mesh.ell)
-    face_index = {frozenset(f): i for i, f in enumerate(faces)}
     n_cols = len(order)
-    # candidate quads: dorsal half of the palm (columns whose angle is in (0, pi)), inner rows, sorted for a
+    # candidate quads: on the back of the palm (centre more than 4 mm dorsal), inner rows, sorted for a
     # deterministic spread from the middle of the back of the hand outwards
     cands = []
     for r in range(1, len(rows) - 2):
@@ -505,18 +503,13 @@ def _split_palm_quads(mesh: _Mesh, rows, order, count: int) -> _Mesh:
             cands.append((abs(centre[1]) + abs(r - len(rows) / 2) * 0.004, r, i, (a0, a1, b1, b0)))
     cands.sort(key=lambda c: (round(c[0], 9), c[1], c[2]))
     used = 0
-    dead = set()
     for _, r, i, quad in cands:
         if used == count:
             break
         a0, a1, b1, b0 = quad
         tris = [f for f in faces if f is not None and set(f) <= set(quad)]
-        if len(tris) != 2:
+        if len(tris) != 2:  # not split along a diagonal of this quad (or part of the thumb hole)
             continue
-        key = tuple(sorted(quad))
-        if key in dead:
-            continue
-        dead.add(key)
         for t in tris:
             faces[faces.index(t)] = None
         c = len(verts)
@@ -648,8 +641,6 @@ def _pose_correctives(mesh: _Mesh, digits: list[_Digit], verts: np.ndarray) -> n
     posedirs = np.zeros((len(verts), 3, 135))
     bulge, sigma = 0.0025, 0.006
     for d in digits:
-        seg = np.linalg.norm(np.diff(d.joints, axis=0), axis=1)
-        joint_ell = [0.0, seg[0], seg[0] + seg[1]]
         idx = np.where(mesh.part == d.part)[0]
         if d.part != 5:
             idx = np.concatenate([idx, mesh.knuckle_cols[d.part]])
@@ -674,7 +665,6 @@ def _shape_directions(mesh: _Mesh, digits: list[_Digit], verts: np.ndarray) -> n
     n = len(verts)
     dirs = np.zeros((n, 3, 10))
     fingers, thumb = digits[:4], digits[4]
-    by_part = {d.part: d for d in digits}
     part = mesh.part
     # 0: overall size (+5 %), about the wrist joint
     dirs[:, :, 0] = 0.05 * verts
@@ -694,11 +684,10 @@ def _shape_directions(mesh: _Mesh, digits: list[_Digit], verts: np.ndarray) -> n
         dirs[idx, :, 7] = {1: 0.04, 3: -0.04}.get(f.part, 0.0) * along[:, None] * axis
         dirs[idx, :, 8] = -0.08 * np.clip(along / total - 0.3, 0, None)[:, None] / 0.7 * radial
     # 3: palm width (+5 % across the palm; fingers and thumb move with their side of the palm)
-    c_s = 0.0
-    dirs[:, 1, 3] = 0.05 * (verts[:, 1] - c_s)
+    dirs[:, 1, 3] = 0.05 * verts[:, 1]
     for d in digits:
         idx = np.where(part == d.part)[0]
-        dirs[idx, 1, 3] = 0.05 * (d.joints[0, 1] - c_s)
+        dirs[idx, 1, 3] = 0.05 * d.joints[0, 1]
     # 4: palm length (+5 % of the palm; fingers move with their knuckles)
     dirs[part == 0, 0, 4] = 0.05 * np.clip(verts[part == 0, 0], 0, None)
     for d in digits:
@@ -716,11 +705,9 @@ def _shape_directions(mesh: _Mesh, digits: list[_Digit], verts: np.ndarray) -> n
         dirs[idx, 2, 6] = 0.04 * (verts[idx, 2] - f.joints[0, 2])
     # 9: wrist size (+8 % at the wrist ring, fading out towards the knuckles)
     fade = np.clip(1.0 - verts[:, 0] / 0.06, 0.0, 1.0) * (part == 0)
-    centre = np.array([0.0, 0.0, 0.0])
-    rel = verts - centre
+    rel = verts.copy()  # about the wrist axis (u), so only s and d scale
     rel[:, 0] = 0.0
     dirs[:, :, 9] = 0.08 * fade[:, None] * rel
-    del by_part
     return dirs
 
 
