@@ -112,7 +112,7 @@ def as_array(value: Any, shape: Sequence[int], field: str, allow_nan: bool = Fal
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError, OverflowError):
         raise BadRecord(f"{field}: not numeric") from None
-    if array.size != int(np.prod(shape)):
+    if array.size != math.prod(shape):
         raise BadRecord(f"{field}: wrong size")
     array = array.reshape(shape)
     if not allow_nan and not np.isfinite(array).all():

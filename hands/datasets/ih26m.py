@@ -221,11 +221,13 @@ class InterHand26M(HandDataset):
                     annotations.append(by_id[aid])
                 else:
                     self.skip("listed id not in annotations")
+        self._cache: dict = {}
         for ann in annotations:
             try:
                 self.records.append(self._record(ann, images, cameras, joints, manos))
             except BadRecord as bad:
                 self.skip(bad.reason)
+        del self._cache
         self.skipped += Counter()  # drop zero counts
 
     def _record(self, ann: dict, images: dict, cameras: dict, joints: dict, manos: dict) -> dict:
@@ -248,22 +250,15 @@ class InterHand26M(HandDataset):
             raise BadRecord("annotation: hand_type not right/left/interacting")
         capture, camera = str(image["capture"]), str(image["camera"])
         frame = str(as_int(image["frame_idx"], "frame_idx"))
-        R, t, focal, princpt = _camera_params(cameras, capture, camera)
+        R, t, K = self._cached(("camera", capture, camera), lambda: self._camera(cameras, capture, camera))
 
         # the annotation box (x, y, w, h): non-empty and overlapping the image
         x, y, w, h = as_bounded(ann["bbox"], (4,), "bbox", 1e6)
         if w <= 0 or h <= 0 or x >= width or y >= height or x + w <= 0 or y + h <= 0:
             raise BadRecord("bbox empty or outside the image")
 
-        try:
-            frame_joints = joints[capture][frame]
-            world_mm = frame_joints["world_coord"]
-            valid_3d = frame_joints["joint_valid"]
-        except (KeyError, TypeError):
-            raise BadRecord("joint_3d entry missing") from None
-        valid = as_array(valid_3d, (42,), "joint_3d joint_valid").astype(bool)
-        valid &= as_array(ann["joint_valid"], (42,), "annotation joint_valid").astype(bool)
-        joints_world = mm_to_m(as_array(world_mm, (42, 3), "world_coord", allow_nan=True))
+        joints_world, valid_3d, fits = self._cached(("frame", capture, frame), lambda: self._frame(joints, manos, capture, frame))
+        valid = valid_3d & as_array(ann["joint_valid"], (42,), "annotation joint_valid").astype(bool)
         if not np.isfinite(joints_world[valid]).all():
             raise BadRecord("world_coord: NaN or inf at a valid joint")
         if (np.abs(joints_world[valid]) > 1e3).any():
@@ -273,18 +268,11 @@ class InterHand26M(HandDataset):
         if (joints_cam[valid, 2] <= 1e-3).any():
             raise BadRecord("world_coord: a valid joint behind the camera")
 
-        fits = {side: None for side in SIDES}
-        if self.with_mano:
-            frame_fits = manos.get(capture, {}) if isinstance(manos, dict) else {}
-            entry = frame_fits.get(frame) if isinstance(frame_fits, dict) else None
-            for side in SIDES:
-                fits[side] = _mano_fit(entry, side)
         type_valid = ann.get("hand_type_valid", 1)
         if isinstance(type_valid, bool) or isinstance(type_valid, (int, float)):
             type_valid = bool(type_valid) and not (isinstance(type_valid, float) and math.isnan(type_valid))
         else:
             raise BadRecord("annotation: hand_type_valid not a number")
-        K = np.array([[focal[0], 0.0, princpt[0]], [0.0, focal[1], princpt[1]], [0.0, 0.0, 1.0]])
         record = {
             "aid": as_int(ann["id"], "annotation id"),
             "path": image["file_name"],
@@ -292,9 +280,9 @@ class InterHand26M(HandDataset):
             "capture": capture,
             "camera": camera,
             "frame": frame,
-            "R": R.astype(np.float32),
-            "t": t.astype(np.float32),
-            "K": K.astype(np.float32),
+            "R": R,
+            "t": t,
+            "K": K,
             "joints_cam": joints_cam.astype(np.float32),
             "valid": valid,
             "hand_type": hand_type,
@@ -306,6 +294,43 @@ class InterHand26M(HandDataset):
         if not self._any_hand_in_image(record):
             raise BadRecord("no valid hand in the image")
         return record
+
+    def _cached(self, key: tuple, make):
+        """Parse once per camera / time step during indexing (IH2.6M has many cameras per frame)."""
+        if key not in self._cache:
+            try:
+                self._cache[key] = make()
+            except BadRecord as bad:
+                self._cache[key] = bad
+        value = self._cache[key]
+        if isinstance(value, BadRecord):
+            raise BadRecord(value.reason)
+        return value
+
+    @staticmethod
+    def _camera(cameras: dict, capture: str, camera: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> R (3, 3), t (3,) metres, K (3, 3), float32."""
+        R, t, focal, princpt = _camera_params(cameras, capture, camera)
+        K = np.array([[focal[0], 0.0, princpt[0]], [0.0, focal[1], princpt[1]], [0.0, 0.0, 1.0]])
+        return R.astype(np.float32), t.astype(np.float32), K.astype(np.float32)
+
+    def _frame(self, joints: dict, manos: dict, capture: str, frame: str) -> tuple[np.ndarray, np.ndarray, dict]:
+        """-> world joints (42, 3) metres (NaN kept), joint_3d validity (42,) bool, {side: fit or None}."""
+        try:
+            frame_joints = joints[capture][frame]
+            world_mm = frame_joints["world_coord"]
+            valid_3d = frame_joints["joint_valid"]
+        except (KeyError, TypeError):
+            raise BadRecord("joint_3d entry missing") from None
+        valid = as_array(valid_3d, (42,), "joint_3d joint_valid").astype(bool)
+        joints_world = mm_to_m(as_array(world_mm, (42, 3), "world_coord", allow_nan=True))
+        fits = {side: None for side in SIDES}
+        if self.with_mano:
+            frame_fits = manos.get(capture, {}) if isinstance(manos, dict) else {}
+            entry = frame_fits.get(frame) if isinstance(frame_fits, dict) else None
+            for side in SIDES:
+                fits[side] = _mano_fit(entry, side)
+        return joints_world, valid, fits
 
     @staticmethod
     def _any_hand_in_image(record: dict) -> bool:
