@@ -1,3 +1,4 @@
 """Built-in regressors. Importing this package registers them in :data:`recon.registry.REGRESSORS`;
 this import list is the one place where built-in regressors are made known."""
 from . import baseline  # noqa: F401  (registers "baseline")
+from . import interwild  # noqa: F401  (registers "interwild")
