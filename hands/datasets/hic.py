@@ -75,8 +75,8 @@ class HIC(HandDataset):
     Args:
         root: the folder holding HIC.json (or its parent holding ``data/``).
         split: "test".
-        hand_model: a HandModel providing ``j_regressor`` and ``tip_verts``; built from ``mano_dir`` on
-            first use when None.
+        hand_model: a HandModel providing ``j_regressor_for(side)`` and ``tip_verts``; built from
+            ``mano_dir`` on first use when None.
     """
 
     name = "hic"
@@ -177,7 +177,7 @@ class HIC(HandDataset):
                 continue
             verts = torch.as_tensor(load_ply_verts(self.root / record["meshes"][side]), dtype=torch.float32)
             model = self._model()
-            joints = joints_from_verts(verts, model.j_regressor, model.tip_verts)
+            joints = joints_from_verts(verts, model.j_regressor_for(side), model.tip_verts)
             hands[side] = make_hand_labels(
                 joints_cam=joints,
                 joints_valid=joints[:, 2] > 1e-3,
