@@ -742,13 +742,7 @@ def _pose_basis(digits: list[_Digit]) -> tuple[np.ndarray, np.ndarray]:
     twists, plus isotropic noise so that all 45 directions are defined."""
     axes = _joint_axes(digits)
     by_joint = {j: (*axes[j], None) for j in axes}
-    rest = {1: (0.20, 0.30, 0.15), 2: (0.25, 0.35, 0.18), 3: (0.30, 0.40, 0.20), 4: (0.35, 0.45, 0.20),
-            5: (0.20, 0.15, 0.20)}
-    mean = np.zeros((15, 3))
-    for d in digits:
-        for k, j in enumerate(d.mano_joints):
-            flex = by_joint[j][0]
-            mean[j - 1] = _LOCAL_TO_OUT @ (rest[d.part][k] * flex)
+    mean = _pose_mean(digits)
     rng = np.random.default_rng(20261124)
     n = 4000
     grasp = rng.uniform(-0.2, 1.4, size=n)
@@ -769,7 +763,20 @@ def _pose_basis(digits: list[_Digit]) -> tuple[np.ndarray, np.ndarray]:
     _, _, vt = np.linalg.svd(flat, full_matrices=False)
     # deterministic signs: the largest entry of each component is positive
     signs = np.sign(vt[np.arange(45), np.abs(vt).argmax(1)])
-    return mean.reshape(45), vt * signs[:, None]
+    return mean, vt * signs[:, None]
+
+
+def _pose_mean(digits: list[_Digit]) -> np.ndarray:
+    """(45,) hands_mean of the right hand, output frame: every joint curled a little about its flexion axis,
+    more towards the little finger."""
+    axes = _joint_axes(digits)
+    rest = {1: (0.20, 0.30, 0.15), 2: (0.25, 0.35, 0.18), 3: (0.30, 0.40, 0.20), 4: (0.35, 0.45, 0.20),
+            5: (0.20, 0.15, 0.20)}
+    mean = np.zeros((15, 3))
+    for d in digits:
+        for k, j in enumerate(d.mano_joints):
+            mean[j - 1] = _LOCAL_TO_OUT @ (rest[d.part][k] * axes[j][0])
+    return mean.reshape(45)
 
 
 # Named poses for pictures and examples: per digit (joint 1, 2, 3) as (flexion, abduction, twist) radians
@@ -800,7 +807,7 @@ def demo_pose(name: str, side: str = "right") -> np.ndarray:
     if name == "relaxed":  # the mean hand itself: nothing to add
         return np.zeros(45)
     digits = _hand_digits()
-    mean, _ = _pose_basis(digits)
+    mean = _pose_mean(digits)
     axes = _joint_axes(digits)
     pose = np.zeros((15, 3))
     for d in digits:

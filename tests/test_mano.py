@@ -221,6 +221,7 @@ def test_loader_reads_chumpy_pickles_without_chumpy(tmp_path, monkeypatch, mano_
     _check_official_like(tmp_path / "official", plain, model)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # chumpy imports a deprecated scipy namespace
 def test_loader_reads_real_chumpy_pickles(tmp_path, mano_dir, model):
     try:
         import chumpy
