@@ -128,7 +128,7 @@ def test_sd_folder_written_by_save_pretrained_loads_through_sd_path(pipe, tmp_pa
                                      unet=pipe.unet, scheduler=pipe.scheduler, guidance=pipe.guidance)
     folder = save_components(components, tmp_path / "sd")
     assert (folder / "model_index.json").is_file() and (folder / "guidance" / "config.json").is_file()
-    loaded = load_sd_components(folder)
+    loaded = build_components(GeneratorConfig(sd_path=str(folder)))  # the --sd-path route
     for name in ("unet", "vae", "text_encoder", "guidance"):
         ours, theirs = getattr(components, name).state_dict(), getattr(loaded, name).state_dict()
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
