@@ -96,6 +96,8 @@ def test_ensure_synthlab_writes_once_into_the_cache(tmp_path, monkeypatch, model
     stamp = (root / "synthlab.json").stat().st_mtime_ns
     assert ensure_synthlab(sizes=sizes, resolution=48, hand_model=model) == root
     assert (root / "synthlab.json").stat().st_mtime_ns == stamp
+    dataset = build_dataset("synthlab", None, "test-lab", hand_model=model)  # root None: the cached one
+    assert dataset.root == root and len(dataset) == 1
     broken = tmp_path / "broken"
     (broken / "annotations").mkdir(parents=True)
     with pytest.raises(DatasetError, match="no synthlab.json"):

@@ -485,7 +485,7 @@ class SynthLab(InterHand26M):
     def __init__(self, root: str | Path | None, split: str, *, hand_model=None, mano_dir=None, with_mano: bool = True) -> None:
         if split not in SPLITS:
             raise ValueError(f"synthlab: unknown split {split!r}; known: {', '.join(SPLITS)}")
-        root = ensure_synthlab(root, mano_dir=mano_dir) if root is None else Path(root)
+        root = ensure_synthlab(root, mano_dir=mano_dir, hand_model=hand_model) if root is None else Path(root)
         self.info = load_json(Path(root) / "synthlab.json", "synthlab's description (written last by the writer)")
         super().__init__(root, split, hand_model=hand_model, mano_dir=mano_dir, with_mano=with_mano, human_annot=False)
         captions = load_json(self.root / "captions" / f"{split}.json", "captions {annotation id: text}")
