@@ -81,6 +81,7 @@ __all__ = [
     "model_bytes",
     "render_pose_sheet",
     "render_shape_sheet",
+    "render_topology_sheet",
     "render_weight_sheet",
     "write_procedural_mano",
 ]
@@ -1069,13 +1070,55 @@ def render_shape_sheet(mano_dir: str | os.PathLike, png: str | os.PathLike, size
     return Path(png)
 
 
+def render_topology_sheet(mano_dir: str | os.PathLike, png: str | os.PathLike, size: int = 480) -> Path:
+    """PNG: the flat right hand from the back and the palm with its visible edges drawn over the shading
+    (edges whose midpoint is not behind the depth buffer), wrist-ring edges in red."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from hands.camera import project
+    from hands.mano import HandModel
+    from hands.render import render_mesh
+    from hands.rotation import matrix_to_axis_angle
+
+    model = HandModel(mano_dir)
+    faces = model.faces
+    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).sort(dim=1).values.unique(dim=0)
+    counts = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).sort(dim=1).values
+    boundary = {tuple(e) for e, n in zip(*counts.unique(dim=0, return_counts=True)) if n == 1}
+    boundary = {tuple(int(x) for x in e) for e in boundary}
+    tiles = []
+    for view in ("back", "palm"):
+        pose = torch.zeros(1, 48)
+        pose[0, :3] = matrix_to_axis_angle(_views()[view][None])[0]
+        pose[0, 3:] = torch.tensor(demo_pose("flat"), dtype=torch.float32)
+        verts = model("right", pose, torch.zeros(1, 10)).verts
+        verts = verts - (verts.amax(1) + verts.amin(1))[:, None] / 2 + torch.tensor([0.0, 0.0, 0.36])
+        k = torch.tensor([[1.3 * size, 0.0, size / 2], [0.0, 1.3 * size, size / 2], [0.0, 0.0, 1.0]])
+        out = render_mesh(verts, faces, k, (size, size))
+        pix = project(verts, k[None])[0]  # (V, 2)
+        mid = (verts[0, edges[:, 0]] + verts[0, edges[:, 1]]) / 2
+        mid_pix = project(mid[None], k[None])[0].round().long().clamp(0, size - 1)
+        visible = mid[:, 2] <= out.depth[0, mid_pix[:, 1], mid_pix[:, 0]] + 2e-3
+        arr = (out.image[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        pil = Image.fromarray(arr)
+        draw = ImageDraw.Draw(pil)
+        for (a, b), vis in zip(edges.tolist(), visible.tolist()):
+            if vis:
+                colour = (220, 40, 40) if (a, b) in boundary else (40, 40, 60)
+                draw.line([tuple(pix[a].tolist()), tuple(pix[b].tolist())], fill=colour, width=1)
+        tiles.append(torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255)
+    _save(torch.cat(tiles, dim=2), Path(png))
+    return Path(png)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the procedural MANO-format hand model files.")
     parser.add_argument("--out", required=True, type=Path, help="folder for MANO_RIGHT.pkl and MANO_LEFT.pkl")
     parser.add_argument("--render", type=Path, default=None, help="also write a PNG sheet of both hands in poses")
     parser.add_argument(
         "--docs", type=Path, default=None,
-        help="also write the documentation pictures (hand-poses.png, hand-weights.png, hand-shapes.png) here",
+        help="also write the documentation pictures (hand-poses/weights/shapes/topology.png) here",
     )
     args = parser.parse_args(argv)
     right_path, left_path = write_procedural_mano(args.out)
@@ -1084,7 +1127,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {render_pose_sheet(args.out, args.render)}")
     if args.docs is not None:
         for fn, name in ((render_pose_sheet, "hand-poses.png"), (render_weight_sheet, "hand-weights.png"),
-                         (render_shape_sheet, "hand-shapes.png")):
+                         (render_shape_sheet, "hand-shapes.png"), (render_topology_sheet, "hand-topology.png")):
             print(f"wrote {fn(args.out, args.docs / name)}")
 
 
