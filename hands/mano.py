@@ -159,7 +159,13 @@ def _plain(value, where: str):
     if isinstance(value, _ChumpyObject):
         return value.to_array(where)
     if scipy.sparse.issparse(value):
-        return scipy.sparse.csc_matrix(value)
+        try:
+            return scipy.sparse.csc_matrix(value)
+        except Exception:  # a matrix pickled by an old scipy whose other attributes differ: rebuild it
+            state = vars(value)
+            shape = state.get("_shape", state.get("shape"))
+            cls = scipy.sparse.csr_matrix if value.__class__.__name__.startswith("csr") else scipy.sparse.csc_matrix
+            return scipy.sparse.csc_matrix(cls((state["data"], state["indices"], state["indptr"]), shape=shape))
     return value
 
 
