@@ -43,7 +43,9 @@ GESTURES = {
     "pinch": (0.55, 0.6, 0.1, 0.1, 0.1),
     "random": None,
 }
-# two-hand configurations: (probability, gap between palm centres' mirror plane and the right palm, metres)
+# two-hand configurations: (probability, gap between palm centres' mirror plane and the right palm, metres);
+# the left hand is then moved apart until no two vertices are closer than 4 mm (1.5 mm for clasped hands;
+# PoseSampler.separate)
 CONFIGS = {
     "clasp": (0.2, (0.016, 0.024)),
     "facing": (0.2, (0.025, 0.05)),
@@ -187,6 +189,23 @@ class PoseSampler:
         centre, _ = self.palm_frame(joints[0])
         return centre_target - centre
 
+    def separate(
+        self, pose_right: np.ndarray, trans_right: np.ndarray, pose_left: np.ndarray, trans_left: np.ndarray,
+        shape: np.ndarray, direction: np.ndarray, clearance: float = 0.004, step: float = 0.005, max_steps: int = 20,
+    ) -> np.ndarray:
+        """Shift the left hand along ``direction`` (3,) in ``step`` metres until no pair of vertices of the
+        two hands is closer than ``clearance`` metres (a cheap stand-in for a collision test); returns the
+        new left translation."""
+        verts_right, _ = self.forward("right", pose_right[None], shape[None], trans_right[None])
+        verts_left, _ = self.forward("left", pose_left[None], shape[None], np.zeros((1, 3)))
+        right = torch.from_numpy(verts_right[0])
+        left = torch.from_numpy(verts_left[0])
+        for _ in range(max_steps):
+            if float(torch.cdist(right, left + torch.from_numpy(trans_left)).min()) >= clearance:
+                break
+            trans_left = trans_left + step * direction
+        return trans_left
+
     def sample_frame(self, rng: np.random.Generator, config: str | None = None) -> tuple[str, dict]:
         """One time step: (config name, {right, left} -> HandFit or None) in a world frame whose origin is
         near the hands."""
@@ -229,6 +248,10 @@ class PoseSampler:
         lateral -= normal * (lateral @ normal)
         centre_left = centre_right + 2.0 * gap * normal + lateral
         trans_left = self.place("left", pose_left, shape, centre_left)
+        # move the left hand out of the right one (clasped hands may touch: a smaller clearance)
+        away = (centre_left - centre_right) / np.linalg.norm(centre_left - centre_right)
+        clearance = 0.0015 if config == "clasp" else 0.004
+        trans_left = self.separate(pose_right, trans_right, pose_left, trans_left, shape, away, clearance=clearance)
         fits = {
             "right": HandFit(pose_right, shape, trans_right, gesture_right),
             "left": HandFit(pose_left, shape, trans_left, gesture_left),
