@@ -115,3 +115,34 @@ def test_cli_and_model_mismatch(tmp_path, model):
         dataset[0]
     with pytest.raises(ValueError, match="train-lab, test-lab, train-wild, test-wild"):
         build_dataset("synthlab", tmp_path / "cli", "train")
+
+
+def test_pose_sampler_curls_to_the_palm_and_keeps_hands_apart(model):
+    import numpy as np
+
+    from hands.datasets.poses import PoseSampler
+
+    sampler = PoseSampler(model)
+    rng = np.random.default_rng(0)
+    for side in ("right", "left"):
+        shape = np.zeros(10)
+        tips = {}
+        for gesture in ("open", "fist"):
+            fingers, _ = sampler.articulation(side, rng, gesture)
+            _, joints = sampler.forward(side, np.concatenate([np.zeros(3), fingers])[None], shape[None])
+            centre, _ = sampler.palm_frame(joints[0])
+            normal = sampler.palm_normal(joints[0], side)
+            tips[gesture] = joints[0, [8, 12, 16, 20]]
+            heights = (tips[gesture] - centre) @ normal  # fingertips above the palm (towards its inside)
+            if gesture == "fist":
+                assert (heights > 0.0).all()  # on the palm side of the palm plane
+        # a fist brings the four fingertips much closer to the wrist than an open hand
+        wrist = joints[0, 0]
+        assert np.linalg.norm(tips["fist"] - wrist, axis=1).mean() < 0.7 * np.linalg.norm(tips["open"] - wrist, axis=1).mean()
+    for config in ("facing", "near"):
+        _, fits = sampler.sample_frame(rng, config)
+        right, left = fits["right"], fits["left"]
+        verts_right, _ = sampler.forward("right", right.pose[None], right.shape[None], right.trans[None])
+        verts_left, _ = sampler.forward("left", left.pose[None], left.shape[None], left.trans[None])
+        gap = torch.cdist(torch.from_numpy(verts_right[0]), torch.from_numpy(verts_left[0])).min()
+        assert gap >= 0.004 - 1e-6
