@@ -164,7 +164,7 @@ class InterHand26M(HandDataset):
         cameras = load_json(annot_dir / f"{prefix}_camera.json", "per-capture camera parameters")
         joints = load_json(annot_dir / f"{prefix}_joint_3d.json", "per-frame world joints")
         mano_path = annot_dir / f"{prefix}_MANO_NeuralAnnot.json"
-        manos = load_json(mano_path, "per-frame NeuralAnnot MANO fits") if with_mano else {}
+        manos = load_json(mano_path, "per-frame NeuralAnnot MANO fits; with_mano=False reads without meshes") if with_mano else {}
         for key in ("images", "annotations"):
             if not isinstance(data.get(key), list):
                 raise DatasetError(f"{annot_dir / (prefix + '_data.json')}: expected a list under {key!r}")
