@@ -289,3 +289,17 @@ def test_state_dict_carries_no_mano_data(model):
     holder.head = torch.nn.Linear(2, 2)
     assert set(holder.state_dict()) == {"head.weight", "head.bias"}
     assert not list(model.parameters())  # nothing to optimise: smplx's own parameters are not created
+
+
+def test_concurrent_first_use_writes_valid_files(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hands.mano import procedural_mano_dir
+
+    monkeypatch.setenv("ATTENTIONHAND_CACHE", str(tmp_path))
+    with ThreadPoolExecutor(max_workers=2) as pool:  # both find the folder empty and write it
+        folders = list(pool.map(lambda _: procedural_mano_dir(), range(2)))
+    assert len(set(folders)) == 1
+    for name in ("MANO_RIGHT.pkl", "MANO_LEFT.pkl"):
+        assert load_mano_file(folders[0] / name)["v_template"].shape == (778, 3)
+    assert sorted(p.name for p in folders[0].iterdir()) == ["MANO_LEFT.pkl", "MANO_RIGHT.pkl"]
