@@ -76,3 +76,27 @@ def test_generation_repeats_under_the_same_seed_and_differs_across_ranks(source,
     torch.testing.assert_close(a.image, b.image)
     assert [m["prompt"] for m in a.meta] == [m["prompt"] for m in b.meta]
     assert not torch.allclose(a.right.verts_cam, c.right.verts_cam)
+
+
+def test_dataset_labels_come_without_images_and_match_the_mesh(tmp_path, hand_model):
+    from hands.datasets import build_dataset
+    from hands.datasets.synthlab import write_synthlab
+    from mixing.labels import DatasetLabelSource
+
+    write_synthlab(tmp_path, seed=5, sizes={"train-lab": 4, "test-lab": 0, "train-wild": 0, "test-wild": 0},
+                   resolution=64, hand_model=hand_model, show_progress=False)
+    reader = build_dataset("synthlab", tmp_path, "train-lab", hand_model=hand_model)
+    full, labels_only = reader[1], reader.load_labels(1)
+    assert labels_only.image.abs().sum() == 0 and labels_only.image.shape == full.image.shape
+    torch.testing.assert_close(labels_only.right.verts_cam, full.right.verts_cam)
+    torch.testing.assert_close(labels_only.left.joints_cam, full.left.joints_cam)
+    batch = DatasetLabelSource(reader, hand_model).draw(3, torch.Generator().manual_seed(0))
+    assert batch.image.abs().sum() == 0 and len(batch) == 3
+    for side in ("right", "left"):
+        hand = getattr(batch, side)
+        # synthlab's joints are its MANO joints: the mesh-consistent joints equal them
+        for i in range(3):
+            if bool(hand.mano_valid[i]):
+                idx = int(batch.meta[i]["id"])
+                ref = getattr(reader[[r["aid"] for r in reader.records].index(idx)], side).joints_cam
+                torch.testing.assert_close(hand.joints_cam[i], ref, atol=1e-4, rtol=0)

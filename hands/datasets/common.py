@@ -13,6 +13,7 @@ Conventions (all readers):
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ __all__ = [
     "require_file",
     "load_json",
     "load_image",
+    "image_size",
     "as_array",
     "as_bounded",
     "as_int",
@@ -92,6 +94,15 @@ def load_json(path: Path, what: str, expect: type | None = dict) -> Any:
     if expect is not None and not isinstance(data, expect):
         raise DatasetError(f"{path}: expected a JSON {expect.__name__} at the top level ({what}), got {type(data).__name__}")
     return data
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding it; BadRecord if unreadable."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise BadRecord(f"image header unreadable ({type(exc).__name__})") from None
 
 
 def load_image(path: Path) -> Tensor:
@@ -341,3 +352,11 @@ class HandDataset(torch.utils.data.Dataset):
 
     def record_id(self, record) -> str:
         return str(record)
+
+    def load_labels(self, index: int) -> HandSample:
+        """Sample ``index``'s labels without decoding its image (the image is black, at the annotated size):
+        what :mod:`mixing` draws labels for generation from. Readers whose ``load`` takes ``with_image``
+        support it (IH2.6M, synthlab, ReIH); HIC's meshes come with its images only in the test split."""
+        if "with_image" not in inspect.signature(self.load).parameters:
+            raise TypeError(f"{self.name}: this reader cannot load labels without images")
+        return self.load(self.records[index], with_image=False)

@@ -372,11 +372,14 @@ class InterHand26M(HandDataset):
         pose_cam, _, verts_cam, wrist_cam = fit_to_camera_mesh(model, side, pose, shape, trans, R, t)
         return {"mano_pose": pose_cam[0], "mano_shape": shape[0], "verts_cam": verts_cam[0], "mesh_wrist_cam": wrist_cam[0]}
 
-    def load(self, record: dict):
-        image = load_image(self.image_dir / record["path"])
+    def load(self, record: dict, with_image: bool = True):
         height, width = record["size"]
-        if tuple(image.shape[1:]) != (height, width):
-            raise BadRecord("image size differs from the annotation")
+        if with_image:
+            image = load_image(self.image_dir / record["path"])
+            if tuple(image.shape[1:]) != (height, width):
+                raise BadRecord("image size differs from the annotation")
+        else:
+            image = torch.zeros(3, height, width)
         K = torch.from_numpy(record["K"])
         joints_cam = torch.from_numpy(record["joints_cam"])
         valid = torch.from_numpy(record["valid"])

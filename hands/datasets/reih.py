@@ -35,6 +35,7 @@ from hands.datasets.common import (
     as_bounded,
     as_rotation,
     assemble_sample,
+    image_size,
     load_image,
     load_json,
     make_hand_labels,
@@ -248,9 +249,13 @@ class ReInterHand(HandDataset):
             self.hand_model = HandModel(mano_dir=self.mano_dir)
         return self.hand_model
 
-    def load(self, record: dict):
-        image = load_image(record["path"])
-        height, width = image.shape[1:]
+    def load(self, record: dict, with_image: bool = True):
+        if with_image:
+            image = load_image(record["path"])
+            height, width = image.shape[1:]
+        else:
+            width, height = image_size(record["path"])
+            image = torch.zeros(3, height, width)
         data = self._frame(record["capture"], record["frame"])
         cam = record["cam"]
         R = torch.as_tensor(cam["R"], dtype=torch.float32)

@@ -503,8 +503,8 @@ class SynthLab(InterHand26M):
             self._fingerprint_checked = True
         return model
 
-    def load(self, record: dict):
-        sample = super().load(record)
+    def load(self, record: dict, with_image: bool = True):
+        sample = super().load(record, with_image=with_image)
         sample.meta["prompt"] = self.captions.get(str(record["aid"]), "a photo of two hands")
         return sample
 
