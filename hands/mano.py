@@ -199,8 +199,7 @@ def load_mano_file(path: str | os.PathLike) -> dict:
         if not ok:
             need = tuple("10+" if w is None else w for w in want)
             raise ValueError(f"{path}: not a MANO model file: '{key}' has shape {shape}, MANO needs {need}")
-        if key != "J_regressor":
-            out[key] = np.asarray(value)
+        out[key] = scipy.sparse.csc_matrix(value) if key == "J_regressor" else np.asarray(value)  # dense or sparse
     return out
 
 

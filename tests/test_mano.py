@@ -232,6 +232,18 @@ def test_loader_reads_real_chumpy_pickles(tmp_path, mano_dir, model):
     _check_official_like(tmp_path / "official", plain, model)
 
 
+def test_dense_regressor_files_load_too(tmp_path, mano_dir, model):
+    """Some cleaned copies of the official files store J_regressor as a dense array."""
+    folder = tmp_path / "dense"
+    folder.mkdir()
+    for side in ("RIGHT", "LEFT"):
+        data = pickle.loads((mano_dir / f"MANO_{side}.pkl").read_bytes(), encoding="latin1")
+        data["J_regressor"] = data["J_regressor"].toarray()
+        (folder / f"MANO_{side}.pkl").write_bytes(pickle.dumps(data, protocol=2))
+    dense = HandModel(folder)
+    torch.testing.assert_close(dense.j_regressor, model.j_regressor)
+
+
 def test_not_a_mano_file_gets_a_one_line_error(tmp_path, mano_dir):
     cases = {}
     cases["garbage.pkl"] = b"this is not a pickle at all"
