@@ -13,6 +13,7 @@ Conventions (shared by the whole module):
   own `UNet2DConditionModel.forward` unchanged (time and class embeddings, skip wiring, upsample sizes, added
   residuals) for any UNet configuration; a hand-written partial forward would copy that logic and drift from it.
   For SD 1.5 it skips the two finest up blocks (32 x 32 and 64 x 64), the most expensive part of the UNet.
+  The UNet keeps no state across the exit (diffusers' forward wrapper restores LoRA scales in a `finally`).
 """
 from __future__ import annotations
 
