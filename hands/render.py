@@ -15,11 +15,10 @@ differentiable and needs a GL context. So this is a small torch rasterizer:
 
 1. every face's pixel bounding box is computed and clipped to the image; faces with a vertex behind the
    near plane, non-finite vertices, zero screen area or no pixel centre inside their box are dropped;
-2. faces are bucketed by the width and height of their box: bucket (kx, ky) holds faces whose box is at
-   most 2**kx by 2**ky pixels (windows 1, 2, 4, ..., capped at the image size, so the last buckets are the
-   fallback that holds faces as large as the image); each bucket evaluates its faces' windows densely
-   (edge functions), so the work is at most 4x the faces' box areas and no face is ever clipped by its
-   window;
+2. faces are bucketed by the width and height of their box: windows of 1, 2, 3, 4, 6, 8, 12, 16, ...
+   pixels along each axis, capped at the image size, so the last buckets are the fallback that holds
+   faces as large as the image; each bucket evaluates its faces' windows densely (edge functions), so the
+   work is under 2.25x the faces' box areas (1.5x per axis) and no face is ever clipped by its window;
 3. candidates are reduced per pixel with ``scatter_reduce(..., "amax")`` on one int64 key that packs
    (float32 inverse-depth bits, face index): the nearest face wins, exact depth ties go to the lower face
    index;
@@ -265,14 +264,15 @@ def rasterize(
     base = (batch_id * height + row0) * width + col0  # (N,) flat index of the box's first pixel
 
     # 2. Buckets by the box's width and height separately (a long thin face does not pay for a square
-    #    window): bucket (kx, ky) holds faces with box_w <= 2**kx and box_h <= 2**ky; windows are capped
-    #    at the image size, so the last buckets are the fallback for faces as large as the image.
-    levels_x = max(width - 1, 1).bit_length() + 1  # 2**(levels_x - 1) >= W
-    levels_y = max(height - 1, 1).bit_length() + 1
-    powers = torch.tensor([1 << k for k in range(max(levels_x, levels_y))], device=device)
-    level_x = (box_w.unsqueeze(-1) > powers[:levels_x]).sum(-1)  # (N,), 0 .. levels_x - 1
-    level_y = (box_h.unsqueeze(-1) > powers[:levels_y]).sum(-1)
-    num_buckets = levels_x * levels_y
+    #    window): bucket (i, j) holds faces with box_w <= sizes_x[i] and box_h <= sizes_y[j], sizes
+    #    1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5x powers of two: a window is at most 1.5x
+    #    the box along each axis), capped at the image size, so the last buckets are the fallback for faces
+    #    as large as the image.
+    sizes_x, sizes_y = _window_sizes(width), _window_sizes(height)
+    levels_y = len(sizes_y)
+    level_x = torch.searchsorted(torch.tensor(sizes_x, device=device), box_w)  # (N,) first size >= box_w
+    level_y = torch.searchsorted(torch.tensor(sizes_y, device=device), box_h)
+    num_buckets = len(sizes_x) * levels_y
     bucket = torch.where(valid, level_x * levels_y + level_y, torch.full_like(level_x, num_buckets))
     order = torch.argsort(bucket)  # dropped faces last
     # Host sync (the only one): the face count of each bucket sizes its dense window tensors.
@@ -295,8 +295,8 @@ def rasterize(
         count = counts[b]
         if count == 0:
             continue
-        win_w = min(max(1 << (b // levels_y), least), width)
-        win_h = min(max(1 << (b % levels_y), least), height)
+        win_w = min(max(sizes_x[b // levels_y], least), width)
+        win_h = min(max(sizes_y[b % levels_y], least), height)
         chunk = max(least, max_candidates // (win_w * win_h))
         for lo in range(start, start + count, chunk):
             hi = min(lo + chunk, start + count)
@@ -315,6 +315,17 @@ def rasterize(
     )
 
 
+def _window_sizes(limit: int) -> list[int]:
+    """Window sides 1, 2, 3, 4, 6, 8, 12, 16, ... up to the first one >= limit, which is set to limit."""
+    sizes, power = [1], 2
+    while sizes[-1] < limit:
+        sizes += [power, power * 3 // 2] if power > 2 else [2, 3]
+        power *= 2
+    sizes = sorted(set(sizes))
+    cut = next(i for i, size in enumerate(sizes) if size >= limit)
+    return sizes[:cut] + [limit]
+
+
 def _resolve(
     key: Tensor, tri: Tensor, valid: Tensor, area: Tensor, batch: int, height: int, width: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -330,9 +341,8 @@ def _resolve(
     x, y, z = tri[..., 0], tri[..., 1], tri[..., 2]  # (N, 3)
     hit = key >= (1 << 32)  # (B*H*W,)
     face_index = torch.where(hit, _LOW_BITS - (key & _LOW_BITS), torch.full_like(key, -1))
-    safe = valid.unsqueeze(-1)
     det = torch.where(valid, area, torch.ones_like(area))  # (N,)
-    z_safe = torch.where(safe, z, torch.ones_like(z))
+    z_safe = torch.where(valid.unsqueeze(-1), z, torch.ones_like(z))
     table = torch.stack(
         [
             x[:, 0],
@@ -345,24 +355,25 @@ def _resolve(
             1.0 / z_safe[:, 1],
             1.0 / z_safe[:, 2],
         ],
-        -1,
-    )  # (N, 9)
-    table = torch.where(safe, table, torch.zeros_like(table))
+        0,
+    )  # (9, N): one row per coefficient, so that each gathered coefficient below is contiguous
+    table = torch.where(valid, table, torch.zeros_like(table))
     face_flat = torch.where(hit, face_index, torch.zeros_like(face_index)).view(batch, height * width)
     face_flat = face_flat + (torch.arange(batch, device=key.device) * num_faces).unsqueeze(-1)  # (B, HW)
-    coeff = table[face_flat]  # (B, HW, 9)
+    x0, y0, a1, b1, a2, b2, inv_z0, inv_z1, inv_z2 = table.index_select(1, face_flat.view(-1)).view(
+        9, batch, height * width
+    )  # (B, HW) each
     pix = torch.arange(height * width, device=key.device)
-    dx = (pix % width).to(dtype) - coeff[..., 0]  # (B, HW)
-    dy = torch.div(pix, width, rounding_mode="floor").to(dtype) - coeff[..., 1]
-    l1 = coeff[..., 2] * dx + coeff[..., 3] * dy
-    l2 = coeff[..., 4] * dx + coeff[..., 5] * dy
-    l0 = 1.0 - l1 - l2
-    q = torch.stack([l0, l1, l2], -1) * coeff[..., 6:]  # (B, HW, 3): l_i / z_i
-    inv_depth = q.sum(-1)
+    dx = (pix % width).to(dtype) - x0  # (B, HW)
+    dy = torch.div(pix, width, rounding_mode="floor").to(dtype) - y0
+    l1 = a1 * dx + b1 * dy
+    l2 = a2 * dx + b2 * dy
+    q = torch.stack([(1.0 - l1 - l2) * inv_z0, l1 * inv_z1, l2 * inv_z2], -1)  # (B, HW, 3): l_i / z_i
     hit = hit.view(batch, height * width)
-    inv_depth = torch.where(hit, inv_depth, torch.ones_like(inv_depth))
-    depth = torch.where(hit, 1.0 / inv_depth, torch.full_like(inv_depth, float("inf")))
-    bary = torch.where(hit.unsqueeze(-1), q / inv_depth.unsqueeze(-1), torch.zeros_like(q))
+    inv_depth = torch.where(hit, q.sum(-1), torch.ones((), dtype=dtype, device=key.device))
+    depth = torch.where(hit, 1.0 / inv_depth, torch.full((), float("inf"), dtype=dtype, device=key.device))
+    bary = q / inv_depth.unsqueeze(-1)  # zero where empty: face 0's coefficients are masked to 0 there
+    bary = torch.where(hit.unsqueeze(-1), bary, torch.zeros((), dtype=dtype, device=key.device))
     return face_index, bary, depth
 
 
