@@ -91,11 +91,13 @@ def _make_batch(hand_model: HandModel, n: int, seed: int = 0):
     return collate(samples)
 
 
-def test_builds_from_registry_and_every_output_has_its_shape(hand_model):
+def test_builds_from_registry_and_every_output_has_its_shape(hand_model, caplog):
     model = build_regressor("interwild", **TINY)
     assert isinstance(model, InterWild)
     batch = _make_batch(hand_model, 2)
-    out = model(batch)
+    with caplog.at_level("WARNING", logger="recon.archs.interwild"):
+        out = model(batch)
+    assert "body (resnet10t), hand (resnet10t), trans (resnet10t) backbone(s) start from random init" in caplog.text
     out.validate(2)  # verts (2, 778, 3), joints (2, 21, 3), rel_root (2, 3), joints_img, MANO params
     expected = {
         "box_centre": (2, 2, 2),
@@ -216,6 +218,7 @@ def test_backbone_weights_load_into_every_backbone_they_fit(tmp_path):
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(file))
     report = model.load_backbone_weights(str(file))
     assert report == {"body": str(file), "hand": str(file), "trans": str(file)}
+    assert model.backbone_sources == report
     for backbone in (model.body_backbone, model.hand_backbone):
         for key, value in backbone.state_dict().items():
             assert torch.equal(value, source.state_dict()[key]), key

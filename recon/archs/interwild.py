@@ -411,6 +411,9 @@ class InterWild(nn.Module):
         self.depth_k = virtual_depth_scale(virtual_focal, camera_3d_size, hand_input_size)
         self.cam_loss_weight = float(cam_loss_weight)
         self.backbone_names = {"body": body_backbone, "hand": hand_backbone, "trans": trans_backbone}
+        # Where each backbone's weights came from; the first training forward logs the random ones.
+        self.backbone_sources = {name: "random init" for name in self.backbone_names}
+        self._sources_logged = False
 
         self.body_backbone = _timm_backbone(body_backbone, backbone_channels)
         self.box_net = BoxNet(self.body_backbone.num_features, box_channels)
@@ -478,6 +481,8 @@ class InterWild(nn.Module):
         """
         image = batch.image
         height, width = image.shape[-2:]
+        if self.training and not self._sources_logged:
+            self._log_backbone_sources()
 
         # 1. body stream and box net
         body_image = F.interpolate(image, size=self.body_input_size, mode="bilinear", align_corners=False)
@@ -735,13 +740,26 @@ class InterWild(nn.Module):
                 continue
             module.load_state_dict({k: state[k] for k in own})
             report[name] = str(file)
-        for name, what in report.items():
-            logger.info("InterWild %s backbone (%s): %s", name, self.backbone_names[name], what)
         if all(what == "random init" for what in report.values()):
             raise ValueError(
                 f"--backbone-weights {path}: fits none of the backbones {sorted(set(self.backbone_names.values()))}"
             )
+        for name, what in report.items():
+            if what != "random init":
+                self.backbone_sources[name] = what
+                logger.warning("InterWild %s backbone (%s): weights from %s", name, self.backbone_names[name], what)
         return report
+
+    def _log_backbone_sources(self) -> None:
+        """Say (once) which backbones train from random init: ImageNet weights cannot be downloaded here."""
+        self._sources_logged = True
+        random = [f"{name} ({self.backbone_names[name]})" for name, what in self.backbone_sources.items() if what == "random init"]
+        if random:
+            logger.warning(
+                "InterWild: the %s backbone(s) start from random init; pass --backbone-weights FILE_OR_FOLDER "
+                "with ImageNet-pretrained timm/torchvision weights to start from them as the paper does",
+                ", ".join(random),
+            )
 
 
 def _mirror_grid_x(joints: Tensor, cells: int) -> Tensor:
