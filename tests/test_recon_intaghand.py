@@ -107,8 +107,9 @@ def test_coarsening_halves_each_level_and_permutation_round_trips(hand_model):
     ones = torch.ones(1, 778, 1)
     for level in range(5):
         assert torch.allclose(graphs.pool_to(ones, level), torch.ones(1, graphs.sizes[level], 1))
-    # Rescaled Laplacians: symmetric, spectrum in [-1, 1]; fake nodes are isolated.
-    for level, laplacian in enumerate(graphs.laplacians):
+    # Rescaled Laplacians of the decoder's levels (252, 126, 63 nodes): symmetric, spectrum in [-1, 1].
+    for level in (2, 3, 4):
+        laplacian = graphs.laplacians[level]
         assert np.allclose(laplacian, laplacian.T)
         eig = np.linalg.eigvalsh(laplacian)
         assert eig.min() >= -1 - 1e-6 and eig.max() <= 1 + 1e-6
@@ -144,11 +145,12 @@ def test_upsampling_reproduces_coarsened_smooth_meshes(hand_model):
         assert np.allclose(upsample.sum(1), 1.0, atol=1e-5)  # affine rows: commutes with translation
         meshes = _posed(hand_model, side, 8, seed=123).double().numpy()  # held out (the fit used seed 0)
         down = cluster_mean_matrix(graphs, 2)  # (252, 778)
-        rebuilt = np.einsum("vn,nu,suc->svc", upsample, down, meshes)
+        rebuilt = np.einsum("vu,suc->svc", upsample @ down, meshes)
         error_mm = np.linalg.norm(rebuilt - meshes, axis=-1).mean() * 1000
         assignment = np.zeros_like(upsample)
         assignment[np.arange(778), graphs.inverse // 4] = 1.0
-        baseline_mm = np.linalg.norm(np.einsum("vn,nu,suc->svc", assignment, down, meshes) - meshes, axis=-1).mean() * 1000
+        assigned = np.einsum("vu,suc->svc", assignment @ down, meshes)
+        baseline_mm = np.linalg.norm(assigned - meshes, axis=-1).mean() * 1000
         assert error_mm < 1.0, error_mm  # sub-millimetre on ~10 cm hands
         assert error_mm < 0.2 * baseline_mm, (error_mm, baseline_mm)
     # The fit is deterministic: refitting on the same samples gives the same map.
@@ -232,20 +234,20 @@ def test_losses_fall_when_overfitting_four_samples(hand_model):
     assert set(first) == {
         "verts", "joints", "verts_2d", "normal", "edge", "coarse_verts", "coarse_verts_2d", "mask", "dense", "heatmap"
     }
-    assert float(first["edge"]) == 0.0  # off before edge_loss_epoch
+    assert first["edge"].item() == 0.0  # off before edge_loss_epoch
     model.set_epoch(50)
-    assert float(model.losses(model(batch), batch)["edge"]) > 0.0
+    assert model.losses(model(batch), batch)["edge"].item() > 0.0
     model.set_epoch(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     history = []
-    for _ in range(14):
+    for _ in range(10):
         losses = model.losses(model(batch), batch)
         total = sum(losses.values())
         assert torch.isfinite(total)
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-        history.append({name: float(value) for name, value in losses.items()})
+        history.append({name: value.item() for name, value in losses.items()})
     assert sum(history[-1].values()) < 0.3 * sum(history[0].values())
     for name in ("verts", "joints", "verts_2d", "coarse_verts", "mask", "heatmap"):
         assert history[-1][name] < history[0][name], name

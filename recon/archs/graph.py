@@ -268,7 +268,7 @@ def fit_upsampling(graphs: CoarseGraphs, level: int, sample_verts: np.ndarray, r
 
     sample_verts: (S, V, 3) example meshes (e.g. the hand model in random poses and shapes), any unit.
     """
-    means = np.einsum("nv,svc->snc", cluster_mean_matrix(graphs, level), sample_verts)  # (S, N_l, 3)
+    means = np.matmul(cluster_mean_matrix(graphs, level)[None], sample_verts)  # (S, N_l, 3)
     block = 2**level
     adjacency = graphs.adjacencies[level]
     upsample = np.zeros((graphs.num_verts, graphs.sizes[level]))
