@@ -175,6 +175,28 @@ def test_no_face_is_missed_whatever_its_size():
     assert frag.mask[0].sum() > 60
 
 
+def test_chunked_buckets_give_the_same_result():
+    """Splitting buckets into chunks of few candidates (bounded memory) changes nothing."""
+    generator = torch.Generator().manual_seed(5)
+    verts, faces = triangle_soup(80, 48, 0.5, 60.0, generator)
+    whole = rasterize(verts[None], faces, (48, 48))
+    chunked = rasterize(verts[None], faces, (48, 48), max_candidates=64)
+    assert torch.equal(whole.face_index, chunked.face_index)
+    assert torch.equal(whole.depth, chunked.depth)
+
+
+def test_backface_culling_keeps_faces_whose_normal_faces_the_camera():
+    K = make_intrinsics(40.0, (15.5, 15.5))
+    # counter-clockwise seen from the camera (normal (v1 - v0) x (v2 - v0) towards -z, the camera)
+    front = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.3, 1.0], [0.3, 0.0, 1.0]])
+    assert torch.linalg.cross(front[1] - front[0], front[2] - front[0])[2] < 0
+    face = torch.tensor([[0, 1, 2]])
+    for verts, drawn in ((front, True), (front[[0, 2, 1]], False)):
+        frag = rasterize(projected(verts, K)[None], face, (32, 32), cull_backfaces=True)
+        assert frag.mask.any().item() is drawn
+        assert rasterize(projected(verts, K)[None], face, (32, 32)).mask.any()  # drawn without culling
+
+
 def test_edge_tie_rule_shared_edge_has_no_cracks():
     """Two triangles sharing a diagonal through pixel centres: every pixel of the square is covered once
     by exactly one face; centres on the shared edge go to the lower face index (equal depth)."""
