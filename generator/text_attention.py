@@ -71,7 +71,8 @@ class AttentionStore:
     def maps(self) -> torch.Tensor:
         """The recorded maps averaged over heads and layers: (B, H, W, T)."""
         if len(self._maps) != len(self.layer_names):
-            raise RuntimeError(f"recorded {len(self._maps)} of {len(self.layer_names)} cross-attention layers")
+            raise RuntimeError(f"recorded {len(self._maps)} of {len(self.layer_names)} cross-attention layers "
+                               "(are the recorders installed? run inside `with recording(unet, store):`)")
         mean = torch.stack(self._maps).mean(dim=0)  # (B, HW, T)
         return mean.unflatten(1, self.attention_hw)  # (B, H, W, T)
 
