@@ -533,7 +533,7 @@ def render_mesh(
     """
     if verts_cam.dim() != 3 or verts_cam.shape[-1] != 3:
         raise ValueError(f"verts_cam must be (B, V, 3), got {tuple(verts_cam.shape)}")
-    K = K.to(verts_cam.dtype)
+    K = K.to(device=verts_cam.device, dtype=verts_cam.dtype)
     if K.dim() == 2:
         K = K.expand(verts_cam.shape[0], 3, 3)
     if tuple(K.shape) != (verts_cam.shape[0], 3, 3):
