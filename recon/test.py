@@ -24,12 +24,11 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
 from hands.datasets import DatasetError
 from hands.mano import HandModel
 from recon import checkpoint as ckpt
-from recon.config import ConfigError, from_dict
+from recon.config import ConfigError, from_dict, load_config
 from recon.data import DataSpecError, build_test_sets
 from recon.evaluate import HEADLINE, evaluate_regressor, format_results
 from recon.registry import REGRESSORS, PluginError, build_regressor, import_plugin, load_builtin_regressors
@@ -98,15 +97,8 @@ def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device, local_rank)
     model, info = load_regressor(args.ckpt, device=device, mano_dir=args.mano_dir)
 
-    changes = {}
-    if args.data_root is not None:
-        changes["data"] = {"root": args.data_root}
-    if args.mano_dir is not None:
-        changes["mano_dir"] = args.mano_dir
-    cfg = from_dict(info.meta["config"])
-    cfg = OmegaConf.merge(cfg, changes) if changes else cfg
-    if args.max_samples is not None:
-        cfg = OmegaConf.merge(cfg, {"data": {"max_test_samples": args.max_samples}})
+    flags = {"data.root": args.data_root, "mano_dir": args.mano_dir, "data.max_test_samples": args.max_samples}
+    cfg = load_config(base=from_dict(info.meta["config"]), flags=flags)
     hand_model = HandModel(mano_dir=cfg.mano_dir)
     if info.meta.get("hand_model") not in (None, hand_model.fingerprint()):
         print(

@@ -165,7 +165,10 @@ def check_config(cfg: DictConfig) -> None:
 def resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:N)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name}: CUDA is not available on this machine")
@@ -218,10 +221,12 @@ def train(args: argparse.Namespace) -> dict:
     load_builtin_regressors()
     resume_info = None
     if args.resume is not None:
-        out_guess = args.out or load_config(profile=args.profile, flags=_flags(args)).out
-        resume_info = ckpt.read_checkpoint_info(
-            Path(out_guess) / "checkpoints" if args.resume == "auto" else args.resume, need_state=True
-        )
+        where = args.resume
+        if args.resume == "auto":  # the newest checkpoint of the run in --out
+            where = Path(args.out or load_config(profile=args.profile, flags=_flags(args)).out) / "checkpoints"
+            if not where.is_dir():
+                raise UsageError(f"--resume: no checkpoints in {where}; nothing to resume (give --out or a checkpoint)")
+        resume_info = ckpt.read_checkpoint_info(where, need_state=True)
         base = from_dict(resume_info.meta["config"])
         if args.arch and args.arch != base.arch:
             raise UsageError(f"--arch {args.arch}: the checkpoint to resume was trained as {base.arch!r}")

@@ -9,6 +9,15 @@ from recon.output import TwoHandOutput
 from recon.registry import REGRESSORS, PluginError, Registry, build_regressor, import_plugin
 
 
+@pytest.fixture(autouse=True)
+def _restore_regressors(monkeypatch):
+    """Registrations made by a test disappear after it (the registry is process-wide)."""
+    from recon.registry import load_builtin_regressors
+
+    load_builtin_regressors()
+    monkeypatch.setattr(REGRESSORS, "_items", dict(REGRESSORS._items))
+
+
 def test_registry_register_get_and_duplicates():
     registry = Registry("thing")
 

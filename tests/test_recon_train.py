@@ -92,6 +92,12 @@ def test_train_writes_checkpoints_tensorboard_and_metrics_and_test_reproduces_th
         for name in ("MPVPE", "RRVE", "MRRPE"):
             assert again[key][name] == pytest.approx(metrics[key][name], rel=1e-5, nan_ok=True)
     assert "delta synthlab-test-wild MPVPE: +0.00 mm" in printed
+    only = tmp_path / "only.json"
+    argv = ["--ckpt", str(out), "--data-root", str(synthlab_root), "--datasets", "synthlab:test-lab", "--max-samples", "3"]
+    assert recon_test.main([*argv, "--out", str(only)]) == 0
+    subset = json.loads(only.read_text())
+    assert list(subset) == ["synthlab-test-lab"] and 0 < subset["synthlab-test-lab"]["count_MPVPE"] <= 6  # 3 images
+    capsys.readouterr()
 
     # a truncated checkpoint is refused in one line
     weights = out / "checkpoints" / "step_000004.safetensors"
@@ -134,19 +140,23 @@ def test_bad_flags_fail_clearly(argv, message, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--arch", "nope"], "--arch nope: unknown regressor; known: baseline"),
+        (["--arch", "nope"], "--arch nope: unknown regressor; known: "),
         (["train.lrate=1"], "unknown key 'train.lrate'"),
         (["train.batch_size=four"], "bad value for 'train.batch_size'"),
         (["model.depth=3"], "unknown key 'model.depth' for regressor 'baseline'"),
         (["--synthetic-ratio", "0.3"], "--synthetic-ratio 0.3 needs the synthetic side of the mixing package (issue #9"),
         (["--datasets", "coco"], "dataset 'coco' (in train datasets): unknown; known: hic, ih26m, reih, synthlab"),
         (["--datasets", "ih26m"], "dataset 'ih26m' needs --data-root"),
+        (["--resume"], "--resume: no checkpoints in "),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     ],
 )
 def test_bad_config_fails_in_one_line(argv, message, capsys, tmp_path):
     code = recon_train.main([*argv, "--out", str(tmp_path / "never"), *TINY])
     error = capsys.readouterr().err.strip()
     assert code == 2 and message in error and error.count("\n") == 0, error
+    if argv[0] == "--arch":
+        assert "baseline" in error
 
 
 def test_non_finite_loss_stops_with_the_loss_dict(synthlab_root, tmp_path, capsys):
@@ -169,3 +179,19 @@ def test_non_finite_loss_stops_with_the_loss_dict(synthlab_root, tmp_path, capsy
     assert recon_train.main(argv) == 1
     error = capsys.readouterr().err
     assert "non-finite loss at step 2 (epoch 0)" in error and "'verts': nan" in error and "'rel_root'" in error
+
+
+def test_default_data_is_announced_in_one_line_and_roots_resolve(tmp_path):
+    from recon.config import load_config
+    from recon.data import DataSpecError, dataset_root, describe_default_data, parse_specs
+
+    note = describe_default_data(load_config())
+    assert note.startswith("no dataset configured") and "synthlab" in note and "\n" not in note
+    assert describe_default_data(load_config(flags={"data.root": str(tmp_path), "data.train": ["ih26m"]})) is None
+    specs = parse_specs(["synthlab", "ih26m,hic:test"], "test")
+    assert [s.key for s in specs] == ["synthlab-test-lab", "synthlab-test-wild", "ih26m", "hic"]
+    (tmp_path / "reih").mkdir()
+    assert dataset_root("reih", str(tmp_path), 2) == tmp_path / "reih"
+    assert dataset_root("ih26m", str(tmp_path), 1) == tmp_path  # the one dataset's own folder
+    with pytest.raises(DataSpecError, match="no folder ih26m/"):
+        dataset_root("ih26m", str(tmp_path), 2)
