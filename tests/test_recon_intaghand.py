@@ -160,7 +160,10 @@ def test_upsampling_reproduces_coarsened_smooth_meshes(hand_model):
 
 
 def test_label_normalisation_round_trips_to_wrist_rooted_metres(hand_model):
-    verts = {side: _posed(hand_model, side, 3, seed=i) + torch.tensor([0.05 * i, 0.0, 0.5]) for i, side in enumerate(("right", "left"))}
+    verts = {
+        side: _posed(hand_model, side, 3, seed=i) + torch.tensor([0.05 * i, 0.0, 0.5])
+        for i, side in enumerate(("right", "left"))
+    }
     joints = {side: _joints_from_verts(hand_model, side, verts[side]) for side in verts}
     has = torch.ones(3, dtype=torch.bool)
     origin, scale, valid = normalise_labels(verts["right"], verts["left"], joints["right"], joints["left"], has, has)
@@ -197,7 +200,8 @@ def test_outputs_have_documented_shapes_and_units(hand_model):
     out.validate(2)
     extras = out.extras
     assert extras["heatmaps"].shape == (2, 42, SIZE // 4, SIZE // 4)
-    assert extras["masks"].shape == (2, 2, SIZE // 4, SIZE // 4) and extras["dense"].shape == (2, 6, SIZE // 4, SIZE // 4)
+    assert extras["masks"].shape == (2, 2, SIZE // 4, SIZE // 4)
+    assert extras["dense"].shape == (2, 6, SIZE // 4, SIZE // 4)
     assert extras["right_nodes_norm"].shape == (2, 252, 3) and extras["left_verts_norm"].shape == (2, 778, 3)
     for side in ("right", "left"):
         verts, joints = out.side(side)

@@ -185,7 +185,8 @@ def coarsen_mesh(faces: np.ndarray, num_verts: int, levels: int = 4, top_nodes: 
 
     faces: (F, 3) int; num_verts: V. top_nodes: pad the coarsest level with isolated fake nodes to this
     count (IntagHand's decoder sizes 63 / 126 / 252 for any hand mesh that coarsens to at most 63 nodes);
-    None keeps the matching's own count. Raises ValueError when the mesh coarsens to more than top_nodes. Deterministic: the first level visits vertices in index order, later
+    None keeps the matching's own count. Raises ValueError when the mesh coarsens to more than top_nodes.
+    Deterministic: the first level visits vertices in index order, later
     levels by increasing weighted degree (stable sort), as Defferrard's code does after its first level
     (which it visits in a random order). Returns :class:`CoarseGraphs`.
     """

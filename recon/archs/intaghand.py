@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import timm
@@ -58,7 +58,15 @@ from recon.archs.graph import CoarseGraphs, coarsen_mesh, fit_upsampling
 from recon.output import TwoHandOutput
 from recon.registry import REGRESSORS
 
-__all__ = ["IntagHand", "HandGraphs", "hand_graphs", "BONE_LENGTH", "normalise_labels", "normalised_to_metric", "weak_perspective"]
+__all__ = [
+    "IntagHand",
+    "HandGraphs",
+    "hand_graphs",
+    "BONE_LENGTH",
+    "normalise_labels",
+    "normalised_to_metric",
+    "weak_perspective",
+]
 
 BONE_LENGTH = 0.095  # metres, IntagHand's mean wrist-to-middle-knuckle length of its label space
 SIDES = ("right", "left")
@@ -280,7 +288,10 @@ class AttentionBlock(nn.Module):
         self.attention = nn.MultiheadAttention(channels, heads, dropout=dropout, batch_first=True)
         self.norm1, self.norm2 = nn.LayerNorm(channels), nn.LayerNorm(channels)
         self.ffn = nn.Sequential(
-            nn.Linear(channels, 2 * channels), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(2 * channels, channels)
+            nn.Linear(channels, 2 * channels),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(2 * channels, channels),
         )
 
     def forward(self, query: Tensor, context: Tensor) -> Tensor:
@@ -407,7 +418,9 @@ class IntagHand(nn.Module):
         super().__init__()
         gcn_in, gcn_out = list(gcn_in), list(gcn_out)
         if len(gcn_in) != 3 or len(gcn_out) != 3 or gcn_out[:2] != gcn_in[1:]:
-            raise ValueError(f"gcn_in / gcn_out: three levels with gcn_out[i] == gcn_in[i + 1], got {gcn_in} / {gcn_out}")
+            raise ValueError(
+                f"gcn_in / gcn_out: three levels with gcn_out[i] == gcn_in[i + 1], got {gcn_in} / {gcn_out}"
+            )
         if gcn_in[0] <= 3:
             raise ValueError(f"gcn_in[0] must exceed 3 (the per-node code), got {gcn_in[0]}")
         for width in gcn_in:
@@ -428,12 +441,17 @@ class IntagHand(nn.Module):
             ]
         )
         self.global_layer = nn.ModuleDict(
-            {side: nn.Sequential(nn.Linear(top, gcn_in[0] - 3), nn.LayerNorm(gcn_in[0] - 3, eps=1e-6)) for side in SIDES}
+            {
+                side: nn.Sequential(nn.Linear(top, gcn_in[0] - 3), nn.LayerNorm(gcn_in[0] - 3, eps=1e-6))
+                for side in SIDES
+            }
         )
         node_counts = [TOP_NODES * 2 ** (COARSEN_LEVELS - level) for level in DECODER_LEVELS]  # 63, 126, 252
         self.levels = nn.ModuleList(
             [
-                DualGraphLevel(node_counts[i], gcn_in[i], gcn_out[i], fused_width, graph_blocks, heads, dropout, patch_grid)
+                DualGraphLevel(
+                    node_counts[i], gcn_in[i], gcn_out[i], fused_width, graph_blocks, heads, dropout, patch_grid
+                )
                 for i in range(3)
             ]
         )
@@ -626,7 +644,8 @@ class IntagHand(nn.Module):
         size = tuple(batch.image.shape[-2:])
         K = batch.camera.K.to(batch.image.dtype)
         zero = output.rel_root.new_zeros(())
-        terms = {name: zero for name in ("verts", "joints", "verts_2d", "normal", "edge", "coarse_verts", "coarse_verts_2d")}
+        names = ("verts", "joints", "verts_2d", "normal", "edge", "coarse_verts", "coarse_verts_2d")
+        terms = {name: zero for name in names}
         for side in SIDES:
             valid = labels[f"{side}_has_mesh"]  # (B,)
             gt_verts = labels[f"{side}_verts_norm"]
@@ -664,7 +683,9 @@ class IntagHand(nn.Module):
         )
         return {name: weights[name] * value for name, value in terms.items()}
 
-    def _aux_losses(self, output: TwoHandOutput, batch: HandBatch, labels: Dict[str, Tensor], K: Tensor) -> Dict[str, Tensor]:
+    def _aux_losses(
+        self, output: TwoHandOutput, batch: HandBatch, labels: Dict[str, Tensor], K: Tensor
+    ) -> Dict[str, Tensor]:
         """Mask, dense and heatmap terms at the decoders' resolution (1/4 of the input)."""
         extras = output.extras
         pred_masks, pred_dense, pred_heatmaps = extras["masks"], extras["dense"], extras["heatmaps"]
@@ -681,16 +702,28 @@ class IntagHand(nn.Module):
         mask_error = F.smooth_l1_loss(pred_masks, gt_masks, beta=0.05, reduction="none")  # (B, 2, h, w)
         dense_error = torch.stack(
             [
-                F.smooth_l1_loss(pred_dense[:, 3 * i : 3 * i + 3] * gt_masks[:, i : i + 1], gt_dense * gt_masks[:, i : i + 1], beta=0.05, reduction="none")
+                F.smooth_l1_loss(
+                    pred_dense[:, 3 * i : 3 * i + 3] * gt_masks[:, i : i + 1],
+                    gt_dense * gt_masks[:, i : i + 1],
+                    beta=0.05,
+                    reduction="none",
+                )
                 for i in range(2)
             ],
             1,
         )  # (B, 2, 3, h, w)
         # Heatmaps: right 21 then left 21 channels; a channel counts when its joint is labelled.
         joints_img = torch.cat([batch.right.joints_img, batch.left.joints_img], 1).to(pred_heatmaps.dtype)  # (B, 42, 2)
-        joints_map = joints_img * joints_img.new_tensor([sx, sy]) + joints_img.new_tensor([0.5 * sx - 0.5, 0.5 * sy - 0.5])
+        joints_map = (
+            joints_img * joints_img.new_tensor([sx, sy])
+            + joints_img.new_tensor([0.5 * sx - 0.5, 0.5 * sy - 0.5])
+        )
         joints_valid = torch.cat(
-            [batch.right.joints_valid & batch.right.valid[:, None], batch.left.joints_valid & batch.left.valid[:, None]], 1
+            [
+                batch.right.joints_valid & batch.right.valid[:, None],
+                batch.left.joints_valid & batch.left.valid[:, None],
+            ],
+            1,
         )  # (B, 42)
         ys = torch.arange(map_h, device=joints_map.device, dtype=joints_map.dtype)
         xs = torch.arange(map_w, device=joints_map.device, dtype=joints_map.dtype)
@@ -722,7 +755,9 @@ class IntagHand(nn.Module):
         )  # (B, F_r + F_l)
         # Hands without a mesh are moved in front of the camera so that their (undrawn) projection is finite.
         safe = {
-            side: torch.where(labels[f"{side}_has_mesh"][:, None, None], labels[f"{side}_verts_cam"], torch.ones_like(right))
+            side: torch.where(
+                labels[f"{side}_has_mesh"][:, None, None], labels[f"{side}_verts_cam"], torch.ones_like(right)
+            )
             for side in SIDES
         }
         colors = self.dense_code.to(right.dtype)[None].expand(batch, -1, -1)
