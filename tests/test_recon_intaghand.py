@@ -122,6 +122,15 @@ def test_coarsening_halves_each_level_and_permutation_round_trips(hand_model):
     assert np.all((a == b) | (graphs.adjacencies[2][a, b] > 0))
 
 
+def test_coarsening_retries_seeded_orders_for_a_smaller_top(hand_model):
+    # Index order coarsens the procedural hand to 60 top nodes; asking for at most 59 takes a seeded order.
+    faces = hand_model.faces.numpy()
+    assert coarsen_mesh(faces, 778, levels=4).sizes[-1] == 60
+    graphs = coarsen_mesh(faces, 778, levels=4, top_nodes=59)
+    assert graphs.sizes == [944, 472, 236, 118, 59]
+    assert np.array_equal(graphs.perm, coarsen_mesh(faces, 778, levels=4, top_nodes=59).perm)  # deterministic
+
+
 def test_coarsening_small_grid_without_padding():
     # A 6 x 6 vertex grid (50 triangles): 36 vertices -> 2 levels; the top count is the matching's own.
     idx = np.arange(36).reshape(6, 6)

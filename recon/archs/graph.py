@@ -180,20 +180,16 @@ class CoarseGraphs:
         return self.sizes.index(num_nodes)
 
 
-def coarsen_mesh(faces: np.ndarray, num_verts: int, levels: int = 4, top_nodes: int | None = None) -> CoarseGraphs:
-    """Coarsen a triangle mesh ``levels`` times by heavy-edge matching, with fake nodes so each level halves.
+FIRST_ORDER_TRIES = 64  # seeded first-level visit orders tried when index order coarsens to too many nodes
 
-    faces: (F, 3) int; num_verts: V. top_nodes: pad the coarsest level with isolated fake nodes to this
-    count (IntagHand's decoder sizes 63 / 126 / 252 for any hand mesh that coarsens to at most 63 nodes);
-    None keeps the matching's own count. Raises ValueError when the mesh coarsens to more than top_nodes.
-    Deterministic: the first level visits vertices in index order, later
-    levels by increasing weighted degree (stable sort), as Defferrard's code does after its first level
-    (which it visits in a random order). Returns :class:`CoarseGraphs`.
-    """
-    adjacency = mesh_adjacency(faces, num_verts)
-    graphs = [adjacency]
-    parents = []
-    order = np.arange(num_verts)
+
+def _match_levels(
+    adjacency: scipy.sparse.csr_matrix, levels: int, first_order: np.ndarray
+) -> tuple[list[scipy.sparse.csr_matrix], list[np.ndarray]]:
+    """``levels`` rounds of heavy-edge matching: (graphs, level 0 first; parents, cluster ids per round).
+    The first round visits nodes in ``first_order``, later ones by increasing weighted degree (stable)."""
+    graphs, parents = [adjacency], []
+    order = first_order
     for _ in range(levels):
         cluster = heavy_edge_matching(graphs[-1], order)
         parents.append(cluster)
@@ -204,6 +200,28 @@ def coarsen_mesh(faces: np.ndarray, num_verts: int, levels: int = 4, top_nodes: 
         coarse.eliminate_zeros()
         graphs.append(coarse)
         order = np.argsort(np.asarray(coarse.sum(axis=0)).ravel(), kind="stable")
+    return graphs, parents
+
+
+def coarsen_mesh(faces: np.ndarray, num_verts: int, levels: int = 4, top_nodes: int | None = None) -> CoarseGraphs:
+    """Coarsen a triangle mesh ``levels`` times by heavy-edge matching, with fake nodes so each level halves.
+
+    faces: (F, 3) int; num_verts: V. top_nodes: pad the coarsest level with isolated fake nodes to this
+    count (IntagHand's decoder sizes 63 / 126 / 252 for any hand mesh that coarsens to at most 63 nodes);
+    None keeps the matching's own count. Raises ValueError when the mesh coarsens to more than top_nodes.
+    Deterministic: the first level visits vertices in index order (if that leaves more than top_nodes, seeded
+    random orders 0, 1, ... up to FIRST_ORDER_TRIES, as the reference's random first level), later levels by
+    increasing weighted degree (stable sort), as Defferrard's code does. Returns :class:`CoarseGraphs`.
+    """
+    adjacency = mesh_adjacency(faces, num_verts)
+    graphs, parents = _match_levels(adjacency, levels, np.arange(num_verts))
+    # The top count depends on the first level's visit order; when index order leaves more than top_nodes,
+    # try seeded random orders (as the reference's random first level), deterministically, in seed order.
+    seed = 0
+    while top_nodes is not None and graphs[-1].shape[0] > top_nodes and seed < FIRST_ORDER_TRIES:
+        order = np.random.default_rng(seed).permutation(num_verts)
+        graphs, parents = _match_levels(adjacency, levels, order)
+        seed += 1
     perms = compute_permutations(parents, top_nodes)
     real_top = graphs[-1].shape[0]
     sizes = [len(p) for p in perms]
