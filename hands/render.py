@@ -31,7 +31,9 @@ Tie rule: coverage is inclusive, a pixel centre exactly on an edge belongs to ev
 so adjacent faces leave no cracks even in floating point.
 
 Host synchronisation: one, the ``.tolist()`` of the per-bucket face counts that sizes the buckets'
-tensors (see :func:`rasterize`). Everything else stays on the inputs' device.
+tensors (see :func:`rasterize`). Everything else stays on the inputs' device. For CPU tensors, where
+nothing needs synchronising, the per-pixel work (barycentrics, shading) is done at the covered pixels only
+(``nonzero``); on an accelerator every pixel is computed and masked (see ``_COMPACT_ON_CPU``).
 """
 from __future__ import annotations
 
@@ -78,6 +80,10 @@ SIDE_BACKGROUND, SIDE_RIGHT, SIDE_LEFT = 0, 1, 2
 # Faces are evaluated in chunks of at most this many candidate pixels (bounds the temporaries' memory).
 _MAX_CANDIDATES = 1 << 22
 _LOW_BITS = (1 << 32) - 1  # low half of a packed z-buffer key
+# For CPU tensors, per-pixel work (barycentrics, shading) runs on the covered pixels only, found with
+# nonzero (no host sync on a CPU). Elsewhere, and under torch.compile, every pixel is computed and masked.
+# Tests switch this off to run the accelerator code path on a CPU.
+_COMPACT_ON_CPU = True
 
 
 @dataclass
@@ -307,7 +313,8 @@ def rasterize(
         start += count
 
     # 3. Winners: the face index and, from the winning face, perspective-correct barycentrics and depth.
-    face_index, bary, depth = resolve_kernel(key[:num_pixels], tri, valid, area, batch, height, width)
+    compact = _COMPACT_ON_CPU and device.type == "cpu" and not compile
+    face_index, bary, depth = resolve_kernel(key[:num_pixels], tri, valid, area, batch, height, width, compact)
     return Fragments(
         face_index=face_index.view(batch, height, width),
         bary=bary.reshape(batch, height, width, 3).to(out_dtype),
@@ -327,17 +334,18 @@ def _window_sizes(limit: int) -> list[int]:
 
 
 def _resolve(
-    key: Tensor, tri: Tensor, valid: Tensor, area: Tensor, batch: int, height: int, width: int
+    key: Tensor, tri: Tensor, valid: Tensor, area: Tensor, batch: int, height: int, width: int, compact: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Unpack the z-buffer and interpolate at each pixel centre from its winning face.
 
     key: (B*H*W,) packed z-buffer; tri: (N, 3, 3) faces in their own vertex order (N = B * F);
-    valid: (N,) bool; area: (N,) twice the signed screen area. Returns face_index (B*H*W,) long (-1 empty),
-    bary (B, HW, 3) and depth (B, HW) (+inf where empty). Barycentrics are anchored at v0 for precision:
+    valid: (N,) bool; area: (N,) twice the signed screen area; compact: compute only at covered pixels
+    (see _COMPACT_ON_CPU). Returns face_index (B*H*W,) long (-1 empty),
+    bary (B*H*W, 3) and depth (B*H*W,) (+inf where empty). Barycentrics are anchored at v0 for precision:
     p - v0 = l1 (v1 - v0) + l2 (v2 - v0).
     """
     num_faces = tri.shape[0] // batch
-    dtype = tri.dtype
+    dtype, device = tri.dtype, key.device
     x, y, z = tri[..., 0], tri[..., 1], tri[..., 2]  # (N, 3)
     hit = key >= (1 << 32)  # (B*H*W,)
     face_index = torch.where(hit, _LOW_BITS - (key & _LOW_BITS), torch.full_like(key, -1))
@@ -358,22 +366,31 @@ def _resolve(
         0,
     )  # (9, N): one row per coefficient, so that each gathered coefficient below is contiguous
     table = torch.where(valid, table, torch.zeros_like(table))
-    face_flat = torch.where(hit, face_index, torch.zeros_like(face_index)).view(batch, height * width)
-    face_flat = face_flat + (torch.arange(batch, device=key.device) * num_faces).unsqueeze(-1)  # (B, HW)
-    x0, y0, a1, b1, a2, b2, inv_z0, inv_z1, inv_z2 = table.index_select(1, face_flat.view(-1)).view(
-        9, batch, height * width
-    )  # (B, HW) each
-    pix = torch.arange(height * width, device=key.device)
-    dx = (pix % width).to(dtype) - x0  # (B, HW)
+    num_pixels = batch * height * width
+    if compact:
+        pixels = hit.nonzero().squeeze(1)  # (P,) covered pixels only
+        face_rows = face_index[pixels]
+    else:
+        pixels = torch.arange(num_pixels, device=device)  # (P,) every pixel, P = B*H*W
+        face_rows = torch.where(hit, face_index, torch.zeros_like(face_index))
+    face_rows = face_rows + torch.div(pixels, height * width, rounding_mode="floor") * num_faces
+    x0, y0, a1, b1, a2, b2, inv_z0, inv_z1, inv_z2 = table.index_select(1, face_rows)  # (P,) each
+    pix = pixels % (height * width)
+    dx = (pix % width).to(dtype) - x0
     dy = torch.div(pix, width, rounding_mode="floor").to(dtype) - y0
     l1 = a1 * dx + b1 * dy
     l2 = a2 * dx + b2 * dy
-    q = torch.stack([(1.0 - l1 - l2) * inv_z0, l1 * inv_z1, l2 * inv_z2], -1)  # (B, HW, 3): l_i / z_i
-    hit = hit.view(batch, height * width)
-    inv_depth = torch.where(hit, q.sum(-1), torch.ones((), dtype=dtype, device=key.device))
-    depth = torch.where(hit, 1.0 / inv_depth, torch.full((), float("inf"), dtype=dtype, device=key.device))
-    bary = q / inv_depth.unsqueeze(-1)  # zero where empty: face 0's coefficients are masked to 0 there
-    bary = torch.where(hit.unsqueeze(-1), bary, torch.zeros((), dtype=dtype, device=key.device))
+    q = torch.stack([(1.0 - l1 - l2) * inv_z0, l1 * inv_z1, l2 * inv_z2], -1)  # (P, 3): l_i / z_i
+    inv_depth = q.sum(-1)
+    if compact:
+        depth = torch.full((num_pixels,), float("inf"), dtype=dtype, device=device).index_copy(
+            0, pixels, 1.0 / inv_depth
+        )
+        bary = torch.zeros(num_pixels, 3, dtype=dtype, device=device).index_copy(0, pixels, q / inv_depth[:, None])
+    else:
+        inv_depth = torch.where(hit, inv_depth, torch.ones((), dtype=dtype, device=device))
+        depth = torch.where(hit, 1.0 / inv_depth, torch.full((), float("inf"), dtype=dtype, device=device))
+        bary = torch.where(hit.unsqueeze(-1), q / inv_depth.unsqueeze(-1), torch.zeros((), dtype=dtype, device=device))
     return face_index, bary, depth
 
 
@@ -437,6 +454,36 @@ def vertex_normals(verts: Tensor, faces: Tensor) -> Tensor:
     return torch.nn.functional.normalize(normals, dim=-1, eps=1e-12)
 
 
+def _pixel_faces(fragments: Fragments, num_faces: int, pixels: Tensor | None) -> Tensor:
+    """Row of each pixel's visible face in a (B*F, ...) table: (P,) for the flat pixel indices ``pixels``
+    (or (B*H*W,) for every pixel when None; face 0 of the batch element where empty)."""
+    batch, height, width = fragments.face_index.shape
+    face = fragments.face_index.reshape(-1)
+    if pixels is None:
+        pixels = torch.arange(face.shape[0], device=face.device)
+    else:
+        face = face[pixels]
+    return face.clamp(min=0) + torch.div(pixels, height * width, rounding_mode="floor") * num_faces
+
+
+def _interpolate_at(fragments: Fragments, faces: Tensor, vertex_attrs: Tensor, pixels: Tensor | None) -> Tensor:
+    """vertex_attrs (B, V, C) interpolated at the flat pixel indices ``pixels`` (P,) -> (P, C), or at every
+    pixel when None -> (B*H*W, C) (zeros where empty)."""
+    batch = fragments.face_index.shape[0]
+    num_verts, channels = vertex_attrs.shape[1:]
+    faces = _batched_faces(faces.to(vertex_attrs.device), batch, num_verts)
+    num_faces = faces.shape[1]
+    face_attrs = _gather_faces(vertex_attrs, faces).reshape(batch * num_faces, 3, channels)  # (B*F, 3, C)
+    corner = face_attrs[_pixel_faces(fragments, num_faces, pixels)]  # (P, 3, C)
+    bary = fragments.bary.reshape(-1, 3)
+    if pixels is not None:
+        bary = bary[pixels]
+    out = (corner * bary.to(vertex_attrs.dtype).unsqueeze(-1)).sum(-2)  # (P, C)
+    if pixels is None:
+        out = torch.where(fragments.mask.reshape(-1, 1), out, torch.zeros_like(out))
+    return out
+
+
 def interpolate(fragments: Fragments, faces: Tensor, vertex_attrs: Tensor) -> Tensor:
     """Interpolate per-vertex attributes at each pixel with the perspective-correct barycentrics.
 
@@ -444,16 +491,8 @@ def interpolate(fragments: Fragments, faces: Tensor, vertex_attrs: Tensor) -> Te
     vertex_attrs: (B, V, C). Returns (B, H, W, C), zeros where empty.
     """
     batch, height, width = fragments.face_index.shape
-    num_verts, channels = vertex_attrs.shape[1:]
-    faces = _batched_faces(faces.to(vertex_attrs.device), batch, num_verts)
-    num_faces = faces.shape[1]
-    face_attrs = _gather_faces(vertex_attrs, faces).reshape(batch * num_faces, 3 * channels)  # (B*F, 3C)
-    face = fragments.face_index.clamp(min=0).reshape(batch, height * width)  # (B, HW)
-    face = face + (torch.arange(batch, device=face.device) * num_faces).unsqueeze(-1)
-    corner = face_attrs[face].view(batch, height * width, 3, channels)  # (B, HW, 3, C)
-    bary = fragments.bary.reshape(batch, height * width, 3, 1).to(vertex_attrs.dtype)
-    out = (corner * bary).sum(-2).reshape(batch, height, width, channels)
-    return torch.where(fragments.mask.unsqueeze(-1), out, torch.zeros_like(out))
+    out = _interpolate_at(fragments, faces, vertex_attrs, None)  # (B*H*W, C)
+    return out.view(batch, height, width, vertex_attrs.shape[-1])
 
 
 def shade(
@@ -475,37 +514,62 @@ def shade(
     intensity = ambient + (1 - ambient) * |n . l|. background: a float or (3,) colour for empty pixels.
     Returns (B, 3, H, W) in [0, 1], in the dtype of verts_cam.
     """
+    compact = _COMPACT_ON_CPU and verts_cam.device.type == "cpu"
+    return _shade(
+        fragments, verts_cam, faces, vertex_colors, face_colors, light_dir, ambient, background, compact=compact
+    )
+
+
+def _shade(
+    fragments: Fragments,
+    verts_cam: Tensor,
+    faces: Tensor,
+    vertex_colors: Tensor | None = None,
+    face_colors: Tensor | None = None,
+    light_dir=DEFAULT_LIGHT_DIR,
+    ambient: float = DEFAULT_AMBIENT,
+    background=0.0,
+    compact: bool = False,
+) -> Tensor:
+    """:func:`shade`; compact: compute at the covered pixels only (found with nonzero)."""
     if vertex_colors is not None and face_colors is not None:
         raise ValueError("give vertex_colors or face_colors, not both")
     batch, height, width = fragments.face_index.shape
     dtype, device = verts_cam.dtype, verts_cam.device
+    pixels = fragments.mask.reshape(-1).nonzero().squeeze(1) if compact else None  # (P,) or every pixel
     normals = vertex_normals(verts_cam, faces)  # (B, V, 3)
     if vertex_colors is not None:  # one interpolation for normals and colours (one gather)
-        attrs = interpolate(fragments, faces, torch.cat([normals, vertex_colors.to(dtype)], -1))
-        normals, color = attrs[..., :3], attrs[..., 3:]  # (B, H, W, 3) each
+        attrs = _interpolate_at(fragments, faces, torch.cat([normals, vertex_colors.to(dtype)], -1), pixels)
+        normals, color = attrs[:, :3], attrs[:, 3:]  # (P, 3) each
     else:
-        normals = interpolate(fragments, faces, normals)
+        normals = _interpolate_at(fragments, faces, normals, pixels)  # (P, 3)
         if face_colors is not None:
-            num_faces = face_colors.shape[1]
-            face = fragments.face_index.clamp(min=0).reshape(batch, height * width)
-            face = face + (torch.arange(batch, device=device) * num_faces).unsqueeze(-1)
-            color = face_colors.to(dtype).reshape(batch * num_faces, 3)[face].view(batch, height, width, 3)
+            rows = _pixel_faces(fragments, face_colors.shape[1], pixels)
+            color = face_colors.to(dtype).reshape(-1, 3)[rows]  # (P, 3)
         else:
-            color = torch.ones((), dtype=dtype, device=device)
+            color = torch.ones((1, 3), dtype=dtype, device=device)
     normals = torch.nn.functional.normalize(normals, dim=-1, eps=1e-12)
-    light = torch.as_tensor(light_dir, dtype=dtype, device=device).reshape(-1, 1, 1, 3)
-    light = torch.nn.functional.normalize(light, dim=-1)
-    intensity = ambient + (1.0 - ambient) * (normals * light).sum(-1, keepdim=True).abs()  # (B, H, W, 1)
-    lit = (color * intensity).clamp(0.0, 1.0)  # (B, H, W, 3)
-    bg = torch.as_tensor(background, dtype=dtype, device=device).expand(3)
-    image = torch.where(fragments.mask.unsqueeze(-1), lit, bg)
-    return image.permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+    light = torch.as_tensor(light_dir, dtype=dtype, device=device).reshape(-1, 3)  # (1 or B, 3)
+    light = torch.nn.functional.normalize(light, dim=-1).expand(batch, 3)
+    pixel_batch = torch.div(
+        pixels if pixels is not None else torch.arange(batch * height * width, device=device),
+        height * width,
+        rounding_mode="floor",
+    )
+    cosine = (normals * light[pixel_batch]).sum(-1, keepdim=True)  # (P, 1)
+    lit = (color * (ambient + (1.0 - ambient) * cosine.abs())).clamp(0.0, 1.0)  # (P, 3)
+    bg = torch.as_tensor(background, dtype=dtype, device=device).expand(batch * height * width, 3)
+    if pixels is not None:
+        image = bg.index_copy(0, pixels, lit)
+    else:
+        image = torch.where(fragments.mask.reshape(-1, 1), lit, bg)
+    return image.view(batch, height, width, 3).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
 
 
 @functools.lru_cache(maxsize=1)
 def _compiled_shade():
-    """torch.compile'd :func:`shade` (built on first use)."""
-    return torch.compile(shade, dynamic=True)
+    """torch.compile'd :func:`shade`, every pixel (no nonzero: no data-dependent shapes); built on first use."""
+    return torch.compile(functools.partial(_shade, compact=False), dynamic=True)
 
 
 def render_mesh(

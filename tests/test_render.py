@@ -293,6 +293,26 @@ def test_batch_of_different_meshes_equals_one_at_a_time():
         assert torch.equal(frag.face_index[i][frag.mask[i]], kept[one.face_index[0][one.mask[0]]])
 
 
+def test_accelerator_code_path_gives_the_same_images(monkeypatch):
+    """On CPU, per-pixel work runs at covered pixels only; the every-pixel path (CUDA, torch.compile) agrees."""
+    import hands.render as render
+
+    right_v, left_v, faces = two_capsule_hands(2)
+    K = make_intrinsics(150.0, (31.5, 31.5)).expand(2, 3, 3)
+    v, f = sphere(0.05, (0.0, 0.0, 0.3))
+    colors = torch.rand(1, len(v), 3)
+    compact = render_hands(right_v, left_v, faces, faces, K, (48, 64))
+    compact_mesh = render_mesh(v[None], f, K[0], (32, 32), vertex_colors=colors)
+    monkeypatch.setattr(render, "_COMPACT_ON_CPU", False)
+    dense = render_hands(right_v, left_v, faces, faces, K, (48, 64))
+    dense_mesh = render_mesh(v[None], f, K[0], (32, 32), vertex_colors=colors)
+    assert torch.equal(compact.side, dense.side)
+    assert torch.allclose(compact.image, dense.image, atol=1e-6)
+    assert torch.equal(compact.depth, dense.depth)
+    assert torch.allclose(compact_mesh.image, dense_mesh.image, atol=1e-6)
+    assert torch.allclose(compact_mesh.fragments.bary, dense_mesh.fragments.bary, atol=1e-6)
+
+
 def test_output_dtype_and_device_follow_the_input():
     v, f = sphere(0.05, (0.0, 0.0, 0.3))
     K = make_intrinsics(60.0, (15.5, 15.5))
