@@ -1,0 +1,587 @@
+"""Training the guidance module phi_g (VAS ControlNet) on (global RGB, global mesh image, hand box, caption).
+
+    python -m generator.train --out runs/generator                       # tiny generator, synthlab train-wild
+    python -m generator.train --generator-config sd15 --sd-path /models/sd15 --size 512 --out runs/gen-sd15
+
+One step (paper §3, Eqs. 1-9; the reference code's recipe, shared/reference/FACTS.md §5):
+1. Frame every sample on a square window around both hands (the union of the valid hand boxes, squared, grown
+   by `extend`; the framing `mixing` uses for generation) resized to the generator size S: RGB and intrinsics
+   move together (`hands.datasets.transforms.crop`). The global mesh image is rendered from the sample's own
+   MANO meshes at the window's camera (`hands.render.render_hands`); the local RGB and local mesh image are
+   `hands.render.crop_local` of both around the union hand box in the window.
+2. x0 = VAE(RGB in [-1, 1]) * scaling_factor for the global AND the local image (the local latent from the local
+   image, not the reference's global-latent defect), branch-stacked (global rows, then local rows).
+3. eps ~ N(0, I) per row; t ~ U{0..T-1} per sample (shared by its two branches); x_t = add_noise(x0, eps, t).
+4. TAS (Eq. 4): `tas_updates` latent updates x_t <- x_t - alpha_k grad L_TAS on the rows whose caption has hand
+   tokens (the reference applies 50 at the training timestep, step 20 sqrt(linspace(1, 0.5, 50)[k]); the
+   default here is 1 for CPU runs).
+5. The noise the network has to explain is the residual eps_hat = (x_hat - sqrt(abar_t) x0) / sqrt(1 - abar_t)
+   (equal to eps without TAS); pred = UNet(x_hat, t, K) + phi_g(x_hat, t, K, mesh) (Eq. 6).
+6. L = lambda_G MSE(pred_G, eps_hat_G) + lambda_L MSE(pred_L, eps_hat_L) (Eq. 9, 0.5 / 0.5 as the reference);
+   AdamW on phi_g's parameters only (UNet, VAE and text encoder are frozen).
+
+Outputs under --out: `guidance.safetensors` (the latest phi_g weights, loadable as the generator's
+`guidance_path`), `checkpoints/step_XXXXXXX/` (guidance.safetensors + optimizer.pt + state.json, written to a
+temporary folder and renamed into place), `samples/step_XXXXXXX.png` (mesh | generated | overlay rows),
+`tb/` (TensorBoard: losses, sample grids), `train_config.json`.
+
+Randomness: every step draws from its own `torch.Generator` seeded from (seed, step), and the data order of
+each epoch from (seed, epoch), so a resumed run continues exactly as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hands.camera import apply_affine, bbox_crop_affine, scale_bbox, square_bbox
+from hands.datasets import transforms
+from hands.render import crop_local, render_hands
+from hands.sample import HandBatch, HandSample, collate
+
+from .model import CONFIG_DIR, GeneratorComponents, GeneratorConfig, build_components, load_config
+from .tagging import hand_token_indices
+from .text_attention import (AttentionStore, TasSchedule, apply_tas, attention_hw_for, cross_attention_layers,
+                             recording, token_mask)
+from .visual_attention import predict_noise, split_branches, stack_branches
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPT = "a photo of two hands"
+CHECKPOINT_STATE = "state.json"
+GUIDANCE_FILE = "guidance.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Settings of `python -m generator.train` (the CLI flags carry the same names with dashes).
+
+    dataset / data_root / split: the reader (`hands.datasets.build_dataset`); data_root None = the cached
+    synthlab (written on first use). generator_config: "tiny", "sd15" or a YAML path; sd_path: a local SD 1.5
+    folder (diffusers layout); overrides: extra `key=value` generator settings. size: generator resolution S
+    (None: the tiny generator's latent_size * 8, 512 for SD). extend: window = union hand box squared, x extend.
+    local_scale: the local crop's square box grown by this. lambda_global / lambda_local: Eq. 9 weights.
+    tas_updates: TAS latent updates per step (0 = no TAS); tas_schedule: "reference" or "paper".
+    sample_every / checkpoint_every: steps between sample grids / checkpoints (0 = only at the end).
+    sample_steps: DDIM steps of the sample grids. keep_checkpoints: step folders kept (older ones removed).
+    """
+
+    dataset: str = "synthlab"
+    data_root: str | None = None
+    split: str = "train-wild"
+    mano_dir: str | None = None
+    generator_config: str = "tiny"
+    sd_path: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    out: str = "runs/generator"
+    steps: int = 200
+    batch_size: int = 2
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    size: int | None = None
+    extend: float = 1.5
+    local_scale: float = 1.0
+    lambda_global: float = 0.5
+    lambda_local: float = 0.5
+    tas_updates: int = 1
+    tas_schedule: str = "reference"
+    default_prompt: str = DEFAULT_PROMPT
+    sample_every: int = 50
+    sample_steps: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    progress: bool = True
+    resume: str | None = None
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+def frame_sample(sample: HandSample, size: int, extend: float = 1.5) -> HandSample:
+    """The sample re-framed on a (size, size) window: the union of its valid hand boxes, squared and grown by
+    `extend` (mixing's generation framing). Image, intrinsics, joints_img and boxes move; camera-space labels
+    stay. A sample without valid hands keeps its whole image (squared about its centre)."""
+    box = scale_bbox(square_bbox(transforms.hands_box(sample)), extend)
+    return transforms.crop(sample, box, (size, size))
+
+
+class FramedDataset(torch.utils.data.Dataset):
+    """A HandSample dataset re-framed for the generator: item i is `frame_sample(dataset[i], size, extend)`."""
+
+    def __init__(self, dataset, size: int, extend: float = 1.5):
+        self.dataset, self.size, self.extend = dataset, int(size), float(extend)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> HandSample:
+        return frame_sample(self.dataset[index], self.size, self.extend)
+
+
+@dataclass
+class TrainBatch:
+    """One training batch at the generator size S (all on one device).
+
+    rgb, rgb_local: (B, 3, S, S) in [0, 1], the framed image and its local crop; mesh, mesh_local:
+    (B, 3, S, S) in [0, 1], the rendered global mesh image and its local crop; bbox: (B, 4) union hand box in
+    window pixels (x0, y0, x1, y1); prompts: B captions."""
+
+    rgb: Tensor
+    mesh: Tensor
+    rgb_local: Tensor
+    mesh_local: Tensor
+    bbox: Tensor
+    prompts: list[str]
+
+    def to(self, device) -> "TrainBatch":
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), Tensor)})
+
+
+def union_boxes(batch: HandBatch) -> Tensor:
+    """(B, 4) union of the hands that are drawn (valid and with a mesh), x0 y0 x1 y1 pixels; the whole image
+    where none is."""
+    boxes = torch.stack([batch.right.bbox, batch.left.bbox], 1)  # (B, 2, 4)
+    drawn = torch.stack([batch.right.valid & batch.right.mano_valid, batch.left.valid & batch.left.mano_valid], 1)
+    big = torch.finfo(boxes.dtype).max
+    lo = torch.where(drawn[..., None], boxes[..., :2], boxes.new_tensor(big)).amin(1)
+    hi = torch.where(drawn[..., None], boxes[..., 2:], boxes.new_tensor(-big)).amax(1)
+    height, width = batch.image.shape[-2:]
+    whole = boxes.new_tensor([0.0, 0.0, width - 1.0, height - 1.0]).expand(len(boxes), 4)
+    return torch.where(drawn.any(1, keepdim=True), torch.cat([lo, hi], -1), whole)
+
+
+def make_train_batch(samples: Sequence[HandSample], faces_right: Tensor, faces_left: Tensor, *,
+                     local_scale: float = 1.0, default_prompt: str = DEFAULT_PROMPT, device=None) -> TrainBatch:
+    """Framed samples (all (3, S, S), see `frame_sample`) -> TrainBatch on `device` (default: the images').
+
+    The global mesh image is rendered from each sample's MANO meshes (verts_cam, metres) at its window camera
+    (camera.K, pixels); hands without a MANO fit are not drawn. Captions: meta["prompt"], else default_prompt.
+    """
+    batch = collate(list(samples))
+    if device is not None:
+        batch = batch.to(device)
+    size = batch.image.shape[-2:]
+    render = render_hands(batch.right.verts_cam, batch.left.verts_cam, faces_right, faces_left, batch.camera.K,
+                          tuple(size), right_valid=batch.right.valid & batch.right.mano_valid,
+                          left_valid=batch.left.valid & batch.left.mano_valid)
+    bbox = union_boxes(batch)
+    rgb, mesh = batch.image, render.image.to(batch.image.dtype)
+    both = crop_local(torch.cat([rgb, mesh], 1), bbox, size[0], local_scale)  # one crop for RGB and mesh
+    prompts = [s.meta.get("prompt") or default_prompt for s in samples]
+    return TrainBatch(rgb=rgb, mesh=mesh, rgb_local=both[:, :3], mesh_local=both[:, 3:].clamp(0, 1), bbox=bbox,
+                      prompts=prompts)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batch indices for steps [start, stop): epoch e is a permutation seeded by (seed, e); the batches of one
+    step are the same whether the run was resumed or not."""
+
+    def __init__(self, length: int, batch_size: int, *, seed: int, start: int, stop: int):
+        if length < 1:
+            raise ValueError("the training dataset is empty")
+        self.length, self.batch_size, self.seed, self.start, self.stop = length, batch_size, seed, start, stop
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def _perm(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.length, generator=g).tolist()
+
+    def __iter__(self):
+        cache: dict[int, list[int]] = {}
+        for step in range(self.start, self.stop):
+            indices = []
+            for k in range(step * self.batch_size, (step + 1) * self.batch_size):
+                epoch, pos = divmod(k, self.length)
+                if epoch not in cache:
+                    cache.clear()
+                    cache[epoch] = self._perm(epoch)
+                indices.append(cache[epoch][pos])
+            yield indices
+
+
+def step_generator(seed: int, step: int, device) -> torch.Generator:
+    """The random numbers of one step (noise, timesteps, VAE sampling) on `device`."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 7919)
+
+
+# -- the training step -------------------------------------------------------------------------------------------
+@dataclass
+class StepLosses:
+    """Scalar tensors (detached): total L, L_G, L_L and the mean L_TAS before the last update (0 without TAS)."""
+
+    total: Tensor
+    global_: Tensor
+    local: Tensor
+    tas: Tensor
+
+
+class GuidanceTrainer:
+    """Trains components.guidance (phi_g) with AdamW; everything else stays frozen.
+
+    components: the generator (frozen UNet, VAE, text encoder; trainable guidance), on its device.
+    attention_downsample: TAS attention resolution = latent size / this (the generator config's value).
+    """
+
+    def __init__(self, components: GeneratorComponents, *, lr: float = 1e-5, weight_decay: float = 1e-2,
+                 lambda_global: float = 0.5, lambda_local: float = 0.5, tas_updates: int = 1,
+                 tas_schedule: TasSchedule | None = None, attention_downsample: int = 4):
+        self.components = components
+        for module in (components.unet, components.vae, components.text_encoder):
+            module.requires_grad_(False).eval()
+        components.guidance.requires_grad_(True).train()
+        self.params = [p for p in components.guidance.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.lambda_global, self.lambda_local = lambda_global, lambda_local
+        self.tas_updates = int(tas_updates)
+        self.step_sizes = (tas_schedule or TasSchedule()).step_sizes(self.tas_updates)
+        self.attention_downsample = attention_downsample
+        self._stores: dict[tuple[int, int], AttentionStore] = {}
+        self.scaling_factor = float(getattr(components.vae.config, "scaling_factor", 0.18215))
+
+    def _store(self, latent_hw: tuple[int, int]) -> AttentionStore:
+        if latent_hw not in self._stores:
+            unet = self.components.unet
+            attention_hw = attention_hw_for(latent_hw, self.attention_downsample)
+            self._stores[latent_hw] = AttentionStore(cross_attention_layers(unet, latent_hw, attention_hw),
+                                                     attention_hw)
+        return self._stores[latent_hw]
+
+    @torch.no_grad()
+    def encode_images(self, rgb: Tensor, generator: torch.Generator) -> Tensor:
+        """(N, 3, S, S) RGB in [0, 1] -> latents x0 (N, 4, S/8, S/8) = VAE sample * scaling_factor."""
+        vae = self.components.vae
+        dist = vae.encode(rgb.to(vae.dtype) * 2 - 1).latent_dist
+        return dist.sample(generator=generator) * self.scaling_factor
+
+    def loss(self, batch: TrainBatch, generator: torch.Generator) -> tuple[Tensor, StepLosses]:
+        """The differentiable L = lambda_G L_G + lambda_L L_L of one batch (see the module docstring) and the
+        detached parts. generator: on the batch's device; draws VAE samples, timesteps and noise."""
+        c = self.components
+        device = batch.rgb.device
+        b = batch.rgb.shape[0]
+        with torch.no_grad():
+            text = c.encode_prompts(batch.prompts, device)  # (B, 77, D)
+            x0 = self.encode_images(stack_branches(batch.rgb, batch.rgb_local), generator)  # (2B, 4, h, w)
+        text2 = text.repeat(2, 1, 1)
+        mesh2 = stack_branches(batch.mesh, batch.mesh_local).to(x0.dtype)
+        num_train = c.scheduler.config.num_train_timesteps
+        t = torch.randint(0, num_train, (b,), generator=generator, device=device).repeat(2)  # (2B,)
+        eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        x_t = c.scheduler.add_noise(x0, eps, t)
+        tas = x0.new_zeros(())
+        tokens = [hand_token_indices(p, c.tokenizer) for p in batch.prompts] * 2
+        rows = [i for i, idx in enumerate(tokens) if idx]
+        if self.tas_updates > 0 and rows:
+            store = self._store(tuple(x0.shape[-2:]))
+            index = torch.tensor(rows, device=device)
+            with recording(c.unet, store):
+                updated, tas_losses = apply_tas(c.unet, store, x_t.index_select(0, index), t.index_select(0, index),
+                                                text2.index_select(0, index), token_mask([tokens[i] for i in rows],
+                                                                                        device), self.step_sizes)
+            x_t = x_t.index_copy(0, index, updated)
+            tas = tas_losses.mean()
+        alphas = c.scheduler.alphas_cumprod.to(device=device, dtype=x0.dtype)[t].view(-1, 1, 1, 1)
+        target = (x_t - alphas.sqrt() * x0) / (1 - alphas).sqrt()  # residual noise; eps where TAS did nothing
+        pred = predict_noise(c.unet, c.guidance, x_t, t, text2, mesh2)
+        pred_g, pred_l = split_branches(pred)
+        target_g, target_l = split_branches(target)
+        loss_g = F.mse_loss(pred_g.float(), target_g.float())
+        loss_l = F.mse_loss(pred_l.float(), target_l.float())
+        total = self.lambda_global * loss_g + self.lambda_local * loss_l
+        return total, StepLosses(total.detach(), loss_g.detach(), loss_l.detach(), tas.detach())
+
+    def step(self, batch: TrainBatch, generator: torch.Generator) -> StepLosses:
+        """One AdamW step on phi_g; returns the batch's losses before the step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total, losses = self.loss(batch, generator)
+        total.backward()
+        self.optimizer.step()
+        return losses
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------------
+def _write_atomic(path: Path, write) -> None:
+    """Write a file through `write(tmp_path)` next to `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_guidance(guidance, path: str | Path) -> Path:
+    """phi_g's ControlNet state dict as .safetensors (loadable by `generator.model.load_guidance`), atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in guidance.controlnet.state_dict().items()}
+    path = Path(path)
+    _write_atomic(path, lambda tmp: save_file(state, tmp))
+    return path
+
+
+def save_checkpoint(folder: str | Path, trainer: GuidanceTrainer, *, step: int, config: dict) -> Path:
+    """checkpoints/step_XXXXXXX/ under `folder`: guidance.safetensors, optimizer.pt (AdamW state), state.json
+    (step, config). Written into a temporary folder and renamed, so a reader never sees half of it."""
+    root = Path(folder) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
+    try:
+        save_guidance(trainer.components.guidance, tmp / GUIDANCE_FILE)
+        torch.save(trainer.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, "config": config}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def checkpoints(folder: str | Path) -> list[Path]:
+    """Complete checkpoint folders under `folder`/checkpoints, oldest first."""
+    root = Path(folder) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / CHECKPOINT_STATE).is_file())
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder (step_XXXXXXX/) or a run folder (its latest checkpoint)."""
+    path = Path(path)
+    if (path / CHECKPOINT_STATE).is_file():
+        return path
+    found = checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"--resume {path}: neither a checkpoint folder ({CHECKPOINT_STATE}) nor a run "
+                                "folder with checkpoints/step_*")
+    return found[-1]
+
+
+def load_checkpoint(path: str | Path, trainer: GuidanceTrainer) -> int:
+    """Restore phi_g and the optimizer from a checkpoint (folder or run folder); returns its step."""
+    from safetensors.torch import load_file
+
+    folder = find_checkpoint(path)
+    state = load_file(str(folder / GUIDANCE_FILE), device=str(next(trainer.components.guidance.parameters()).device))
+    trainer.components.guidance.controlnet.load_state_dict(state, strict=True)
+    trainer.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    return int(json.loads((folder / CHECKPOINT_STATE).read_text())["step"])
+
+
+# -- samples -----------------------------------------------------------------------------------------------------
+def overlay(images: Tensor, mesh_images: Tensor, alpha: float = 0.5) -> Tensor:
+    """Mesh drawn over images where the mesh is (non-black): (B, 3, H, W) in [0, 1]."""
+    drawn = (mesh_images.amax(1, keepdim=True) > 0.02).to(images.dtype)
+    return images * (1 - alpha * drawn) + alpha * drawn * mesh_images
+
+
+@torch.no_grad()
+def sample_grid(components: GeneratorComponents, batch: TrainBatch, *, steps: int, seed: int,
+                attention_downsample: int, sampling=None) -> Tensor:
+    """(3, rows*S, 3*S) grid: one row per sample, columns mesh | generated | overlay (pipeline sampling, seeded)."""
+    from torchvision.utils import make_grid
+
+    from .pipeline import AttentionHandPipeline
+
+    pipe = AttentionHandPipeline.from_components(components, attention_downsample=attention_downsample,
+                                                 sampling=sampling)
+    was_training = components.guidance.training
+    components.guidance.eval()
+    try:
+        gens = [torch.Generator(device=batch.mesh.device).manual_seed(seed + i) for i in range(len(batch.prompts))]
+        images = pipe(batch.mesh, None, batch.prompts, num_inference_steps=steps, generator=gens).images
+    finally:
+        components.guidance.train(was_training)
+    rows = torch.stack([batch.mesh, images, overlay(images, batch.mesh)], 1).flatten(0, 1)  # (3B, 3, S, S)
+    return make_grid(rows.float().cpu(), nrow=3, padding=2)
+
+
+def save_png(image: Tensor, path: str | Path) -> Path:
+    """(3, H, W) in [0, 1] -> PNG (atomic)."""
+    from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    path = Path(path)
+    _write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    return path
+
+
+# -- the command -------------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def generator_config(cfg: TrainConfig) -> GeneratorConfig:
+    overrides = list(cfg.overrides)
+    if cfg.sd_path:
+        overrides.append(f"sd_path={cfg.sd_path}")
+    return load_config(cfg.generator_config, overrides)
+
+
+def default_size(gen_cfg: GeneratorConfig) -> int:
+    return 512 if gen_cfg.sd_path else gen_cfg.tiny.latent_size * 8
+
+
+def train(cfg: TrainConfig, *, hand_model=None) -> dict:
+    """Run training as configured; returns {"step", "loss", "guidance_path", "seconds"}.
+    hand_model: the hands.mano.HandModel the dataset's meshes use (default: HandModel(cfg.mano_dir))."""
+    from hands.datasets import build_dataset
+    from hands.mano import HandModel
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    if cfg.steps < 0 or cfg.batch_size < 1:
+        raise ValueError(f"--steps must be >= 0 and --batch-size >= 1; got {cfg.steps}, {cfg.batch_size}")
+    device = resolve_device(cfg.device)
+    gen_cfg = generator_config(cfg)
+    size = cfg.size or default_size(gen_cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_dict = {"train": dataclasses.asdict(cfg), "generator": dataclasses.asdict(gen_cfg), "size": size}
+    _write_atomic(out / "train_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=1)))
+
+    hand_model = hand_model if hand_model is not None else HandModel(mano_dir=cfg.mano_dir)
+    dataset = FramedDataset(build_dataset(cfg.dataset, cfg.data_root, cfg.split, hand_model=hand_model), size,
+                            cfg.extend)
+    faces_right = hand_model.faces_for("right").to(device)
+    faces_left = hand_model.faces_for("left").to(device)
+
+    components = build_components(gen_cfg).to(device)
+    trainer = GuidanceTrainer(components, lr=cfg.lr, weight_decay=cfg.weight_decay, lambda_global=cfg.lambda_global,
+                              lambda_local=cfg.lambda_local, tas_updates=cfg.tas_updates,
+                              tas_schedule=TasSchedule(kind=cfg.tas_schedule),
+                              attention_downsample=gen_cfg.attention_downsample)
+    start = load_checkpoint(cfg.resume, trainer) if cfg.resume else 0
+    if start >= cfg.steps:
+        logger.info("checkpoint is at step %d >= --steps %d: nothing to train", start, cfg.steps)
+
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatches(len(dataset), cfg.batch_size, seed=cfg.seed, start=start, stop=cfg.steps),
+        collate_fn=list, num_workers=cfg.num_workers)
+    writer = SummaryWriter(str(out / "tb"))
+    fixed = None  # the sample grids' batch: the run's first batch
+    losses = None
+    began = time.perf_counter()
+    step = start
+    try:
+        with tqdm(total=cfg.steps, initial=start, desc="generator.train", disable=not cfg.progress) as bar:
+            for samples in loader:
+                batch = make_train_batch(samples, faces_right, faces_left, local_scale=cfg.local_scale,
+                                         default_prompt=cfg.default_prompt, device=device)
+                if fixed is None:
+                    fixed = batch
+                losses = trainer.step(batch, step_generator(cfg.seed, step, device))
+                step += 1
+                values = {k: float(v) for k, v in (("total", losses.total), ("global", losses.global_),
+                                                   ("local", losses.local), ("tas", losses.tas))}
+                for key, value in values.items():
+                    writer.add_scalar(f"loss/{key}", value, step)
+                bar.set_postfix(loss=f"{values['total']:.4f}")
+                bar.update(1)
+                last = step == cfg.steps
+                if (cfg.sample_every and step % cfg.sample_every == 0) or last:
+                    grid = sample_grid(components, fixed, steps=cfg.sample_steps, seed=cfg.seed,
+                                       attention_downsample=gen_cfg.attention_downsample, sampling=gen_cfg.sampling)
+                    writer.add_image("samples/mesh|generated|overlay", grid, step)
+                    save_png(grid, out / "samples" / f"step_{step:07d}.png")
+                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last:
+                    save_checkpoint(out, trainer, step=step, config=config_dict)
+                    save_guidance(components.guidance, out / GUIDANCE_FILE)
+                    for old in checkpoints(out)[:-max(cfg.keep_checkpoints, 1)]:
+                        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        writer.close()
+    return {"step": step, "loss": None if losses is None else float(losses.total),
+            "guidance_path": str(out / GUIDANCE_FILE), "seconds": round(time.perf_counter() - began, 1)}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """TrainConfig from the defaults, then `--config FILE` (YAML with TrainConfig keys, e.g.
+    configs/generator/train-sd15.yaml), then the flags given on the command line."""
+    from omegaconf import OmegaConf
+
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m generator.train", description=__doc__.split("\n\n")[0],
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="YAML of training settings (keys as TrainConfig; flags override it)")
+    p.add_argument("--dataset", help=f"dataset reader, a hands.datasets.build_dataset name ({d.dataset})")
+    p.add_argument("--data-root", help="dataset folder (default: the cached synthlab, written on first use)")
+    p.add_argument("--split", help=f"({d.split})")
+    p.add_argument("--mano-dir", help="official MANO files (default: the procedural hand model)")
+    p.add_argument("--generator-config", help=f"tiny | sd15 | a YAML path ({d.generator_config})")
+    p.add_argument("--sd-path", help="local Stable Diffusion 1.5 folder (diffusers layout)")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="generator config override, e.g. --set seed=1 (repeatable)")
+    p.add_argument("--out", help=f"run folder ({d.out})")
+    p.add_argument("--steps", type=int, help=f"total optimisation steps; a resumed run continues ({d.steps})")
+    p.add_argument("--batch-size", type=int, help=f"({d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate ({d.lr})")
+    p.add_argument("--weight-decay", type=float, help=f"({d.weight_decay})")
+    p.add_argument("--size", type=int, help="generator resolution (default: 64 tiny, 512 SD)")
+    p.add_argument("--extend", type=float, help=f"window = union hand box squared x this ({d.extend})")
+    p.add_argument("--local-scale", type=float, help=f"local crop box scale ({d.local_scale})")
+    p.add_argument("--lambda-global", type=float, help=f"({d.lambda_global})")
+    p.add_argument("--lambda-local", type=float, help=f"({d.lambda_local})")
+    p.add_argument("--tas-updates", type=int, help=f"TAS latent updates per step; the reference: 50 ({d.tas_updates})")
+    p.add_argument("--tas-schedule", choices=("reference", "paper"), help=f"({d.tas_schedule})")
+    p.add_argument("--default-prompt", help=f"caption of samples without meta['prompt'] ({d.default_prompt!r})")
+    p.add_argument("--sample-every", type=int, help=f"steps between sample grids; 0: at the end ({d.sample_every})")
+    p.add_argument("--sample-steps", type=int, help=f"DDIM steps of the sample grids ({d.sample_steps})")
+    p.add_argument("--checkpoint-every", type=int, help=f"({d.checkpoint_every})")
+    p.add_argument("--keep-checkpoints", type=int, help=f"({d.keep_checkpoints})")
+    p.add_argument("--resume", help="checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("--seed", type=int, help=f"({d.seed})")
+    p.add_argument("--device", help=f"auto | cpu | cuda | cuda:N ({d.device})")
+    p.add_argument("--num-workers", type=int, help=f"data loader workers ({d.num_workers})")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    given = vars(p.parse_args(argv))
+    layers = [OmegaConf.structured(TrainConfig)]
+    config_file = given.pop("config", None)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.suffix and not path.exists():
+            path = CONFIG_DIR / f"{config_file}.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {config_file}: no such file (nor {path})")
+        layers.append(OmegaConf.load(path))
+    layers.append(OmegaConf.create(given))
+    return OmegaConf.to_object(OmegaConf.merge(*layers))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = parse_args(argv)
+    result = train(cfg)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

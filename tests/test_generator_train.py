@@ -1,0 +1,143 @@
+"""generator.train: only phi_g learns, the loss falls on a fixed batch, checkpoints resume exactly and load as the
+generator's guidance_path. Tiny generator (4/8 channels, 32 px), a 4-image synthlab."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from generator.model import build_components, load_config
+from generator.train import (FramedDataset, GuidanceTrainer, TrainConfig, load_checkpoint, main, make_train_batch,
+                             parse_args, save_checkpoint, step_generator, train)
+
+TINY_YAML = """
+seed: 0
+tiny: {unet_channels: [4, 8], attention_heads: 2, cross_attention_dim: 8, latent_size: 4,
+       vae_channels: [4, 8, 8, 8], text_layers: 1, text_heads: 2, text_intermediate_size: 8}
+guidance_embedding_channels: [4, 4, 4, 4]
+attention_downsample: 2
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """(hand model, synthlab root, tiny generator YAML) with the cache in a temporary folder."""
+    base = tmp_path_factory.mktemp("gen_train")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATTENTIONHAND_CACHE", str(base / "cache"))
+        from hands.datasets.synthlab import write_synthlab
+        from hands.mano import HandModel
+
+        model = HandModel()
+        root = write_synthlab(base / "synthlab", seed=2, sizes={"train-lab": 0, "test-lab": 0, "train-wild": 4,
+                                                                  "test-wild": 0},
+                              resolution=64, hand_model=model, show_progress=False)
+        config = base / "tiny-test.yaml"
+        config.write_text(TINY_YAML)
+        yield model, root, config
+
+
+@pytest.fixture(scope="module")
+def batch(env):
+    from hands.datasets import build_dataset
+
+    model, root, _ = env
+    data = FramedDataset(build_dataset("synthlab", root, "train-wild", hand_model=model), 32)
+    return make_train_batch([data[0], data[1]], model.faces_for("right"), model.faces_for("left"))
+
+
+def test_batch_holds_framed_rgb_mesh_and_local_crops(batch):
+    assert batch.rgb.shape == batch.mesh.shape == batch.rgb_local.shape == batch.mesh_local.shape == (2, 3, 32, 32)
+    for images in (batch.rgb, batch.mesh, batch.rgb_local, batch.mesh_local):
+        assert images.min() >= 0 and images.max() <= 1
+    drawn = batch.mesh.amax(1) > 0  # the hands are rendered inside the window, framed with a margin
+    assert drawn.flatten(1).any(1).all() and not drawn[:, 0, :].any() and not drawn[:, -1, :].any()
+    assert (batch.mesh_local.amax(1) > 0).flatten(1).float().mean(1).min() > (drawn.flatten(1).float().mean(1)).min()
+    assert all(isinstance(p, str) and p for p in batch.prompts)
+
+
+def _frozen(components):
+    return {f"{name}.{k}": v.clone() for name in ("unet", "vae", "text_encoder")
+            for k, v in getattr(components, name).state_dict().items()}
+
+
+def test_step_changes_only_the_guidance_and_lowers_the_loss(env, batch):
+    _, _, config = env
+    components = build_components(load_config(config))
+    frozen = _frozen(components)
+    guidance_before = {k: v.clone() for k, v in components.guidance.state_dict().items()}
+    trainer = GuidanceTrainer(components, lr=3e-3, tas_updates=1, attention_downsample=2)
+    losses = [float(trainer.step(batch, step_generator(0, 0, "cpu")).total) for _ in range(4)]
+    after = _frozen(components)
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)  # UNet, VAE, text encoder untouched
+    changed = [k for k, v in components.guidance.state_dict().items() if not torch.equal(v, guidance_before[k])]
+    assert changed and any(k.startswith("controlnet.controlnet_down_blocks") for k in changed)
+    assert all(p.grad is None for m in (components.unet, components.vae, components.text_encoder)
+               for p in m.parameters())
+    assert losses[-1] < losses[0], losses  # same batch, same noise: the loss falls
+
+
+def test_tas_updates_change_the_noisy_latents_the_loss_sees(env, batch):
+    _, _, config = env
+    components = build_components(load_config(config))
+    with_tas = GuidanceTrainer(components, tas_updates=2, attention_downsample=2)
+    without = GuidanceTrainer(components, tas_updates=0, attention_downsample=2)
+    _, a = with_tas.loss(batch, step_generator(0, 3, "cpu"))
+    _, b = without.loss(batch, step_generator(0, 3, "cpu"))
+    assert float(a.tas) > 0 and float(b.tas) == 0
+    assert not torch.isclose(a.total, b.total)
+
+
+def test_resume_continues_exactly_and_checkpoint_loads_as_guidance_path(env, tmp_path):
+    from safetensors.torch import load_file
+
+    model, root, config = env
+    common = ["--data-root", str(root), "--generator-config", str(config), "--size", "32", "--batch-size", "2",
+              "--lr", "1e-3", "--sample-steps", "1", "--sample-every", "0", "--no-progress", "--device", "cpu",
+              "--seed", "5"]
+    straight = train(parse_args(common + ["--out", str(tmp_path / "a"), "--steps", "2"]), hand_model=model)
+    first = train(parse_args(common + ["--out", str(tmp_path / "b"), "--steps", "1"]), hand_model=model)
+    resumed = train(parse_args(common + ["--out", str(tmp_path / "b"), "--steps", "2", "--resume",
+                                         str(tmp_path / "b")]), hand_model=model)
+    assert straight["step"] == resumed["step"] == 2 and first["step"] == 1
+    a, b = load_file(tmp_path / "a" / "guidance.safetensors"), load_file(tmp_path / "b" / "guidance.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert abs(straight["loss"] - resumed["loss"]) < 1e-6
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step_0000002" / "state.json").read_text())
+    assert state["step"] == 2 and state["config"]["size"] == 32
+    assert (tmp_path / "a" / "samples" / "step_0000002.png").is_file()
+    assert list((tmp_path / "a" / "tb").glob("events.out.tfevents.*"))
+    # the trained weights are what the generator loads through guidance_path (as mixing does)
+    loaded = build_components(load_config(config, [f"guidance_path={tmp_path / 'a' / 'guidance.safetensors'}"]))
+    weights = loaded.guidance.controlnet.state_dict()
+    assert all(torch.equal(weights[k], a[k]) for k in a)
+    fresh = build_components(load_config(config)).guidance.controlnet.state_dict()
+    assert any(not torch.equal(fresh[k], a[k]) for k in a)
+
+
+def test_checkpoint_round_trip_restores_weights_and_optimizer(env, batch, tmp_path):
+    _, _, config = env
+    components = build_components(load_config(config))
+    trainer = GuidanceTrainer(components, lr=1e-3, tas_updates=0, attention_downsample=2)
+    trainer.step(batch, step_generator(0, 0, "cpu"))
+    folder = save_checkpoint(tmp_path, trainer, step=1, config={"x": 1})
+    assert sorted(p.name for p in folder.iterdir()) == ["guidance.safetensors", "optimizer.pt", "state.json"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp left
+    other = GuidanceTrainer(build_components(load_config(config)), lr=1e-3, tas_updates=0, attention_downsample=2)
+    assert load_checkpoint(tmp_path, other) == 1
+    for k, v in components.guidance.state_dict().items():
+        assert torch.equal(v, other.components.guidance.state_dict()[k])
+    exp_a = trainer.optimizer.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(exp_a, other.optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_cli_flags_and_bad_resume(env, tmp_path):
+    cfg = parse_args(["--steps", "7", "--tas-updates", "3", "--set", "seed=1", "--set", "sampling.eta=0.5"])
+    assert isinstance(cfg, TrainConfig) and cfg.steps == 7 and cfg.tas_updates == 3
+    assert cfg.overrides == ["seed=1", "sampling.eta=0.5"] and cfg.lr == 1e-5 and cfg.dataset == "synthlab"
+    assert parse_args(["--config", "train-sd15"]).tas_updates == 50
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        load_checkpoint(tmp_path, GuidanceTrainer(build_components(load_config(env[2])), attention_downsample=2))
+    with pytest.raises(SystemExit):
+        main(["--no-such-flag"])
