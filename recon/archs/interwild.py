@@ -311,12 +311,16 @@ class TransNet(nn.Module):
         self.num_features = resnet.num_features
         self.fc = nn.Linear(2 * (self.num_features + 2), 3)
 
-    def forward(self, right_joints_img: Tensor, left_joints_img: Tensor, right_depth: Tensor, left_depth: Tensor) -> Tensor:
+    def forward(
+        self, right_joints_img: Tensor, left_joints_img: Tensor, right_depth: Tensor, left_depth: Tensor
+    ) -> Tensor:
         grid = self.grid_size
         # tight boxes (x1.2) of each hand's joints, their union, made square
         right_box = scale_bbox(bbox_from_points(right_joints_img), 1.2)
         left_box = scale_bbox(bbox_from_points(left_joints_img), 1.2)
-        union = torch.cat((torch.minimum(right_box[:, :2], left_box[:, :2]), torch.maximum(right_box[:, 2:], left_box[:, 2:])), -1)
+        union = torch.cat(
+            (torch.minimum(right_box[:, :2], left_box[:, :2]), torch.maximum(right_box[:, 2:], left_box[:, 2:])), -1
+        )
         union = square_bbox(_min_box_size(union, 1.0))
         affine = bbox_crop_affine(union, (grid, grid))  # image px -> trans grid
         depth_scale = grid / self.depth_bins
@@ -514,7 +518,8 @@ class InterWild(nn.Module):
         crop_affine, mirrored_left_affine = self.crop_affines(crop_boxes)
         size = self.hand_input_size
         with torch.no_grad():
-            crops = crop_image(torch.cat((image, image)), torch.cat((crop_affine[:, 0], mirrored_left_affine)), (size, size))
+            affines = torch.cat((crop_affine[:, 0], mirrored_left_affine))  # (2B, 2, 3)
+            crops = crop_image(torch.cat((image, image)), affines, (size, size))  # (2B, 3, S, S)
 
         # 3. hand stream: (2B, ...) with rows [right hands; mirrored left hands]
         hand_features = self.hand_backbone.forward_features(crops)
@@ -527,7 +532,7 @@ class InterWild(nn.Module):
         batch_size = image.shape[0]
         right, left = slice(0, batch_size), slice(batch_size, 2 * batch_size)
         grid_cells = hand_features.shape[-1]
-        joints_grid = torch.stack((joints_grid[right], _mirror_grid_x(joints_grid[left], grid_cells)), 1)  # (B, 2, 21, 3)
+        joints_grid = torch.stack((joints_grid[right], _mirror_grid_x(joints_grid[left], grid_cells)), 1)  # (B,2,21,3)
         pose_matrix = torch.stack((rotations[right], _mirror_matrix(rotations[left])), 1)  # (B, 2, 16, 3, 3)
         translation = torch.stack((translation[right], translation[left] * translation.new_tensor(_MIRROR)), 1)
         shape = torch.stack((shape[right], shape[left]), 1)  # (B, 2, 10)
@@ -547,16 +552,13 @@ class InterWild(nn.Module):
             ],
             1,
         )  # (B, 2, 21, 2)
-        joints_img = torch.stack(
-            [apply_affine(_cells_to_pixels(joints_grid[:, i, :, :2], 1.0 / cells_per_px), inverse_affine[:, i]) for i in range(2)],
-            1,
-        )  # (B, 2, 21, 2) image px
+        joints_crop = _cells_to_pixels(joints_grid[..., :2], 1.0 / cells_per_px)  # (B, 2, 21, 2) crop px
+        joints_img = torch.stack([apply_affine(joints_crop[:, i], inverse_affine[:, i]) for i in range(2)], 1)  # img px
         roots_cam = self.roots_in_camera(translation, crop_affine, K)  # (B, 2, 3)
 
         # 7. relative translation from both hands' joints (no gradient into the hand stream)
-        rel_root = self.trans_net(
-            joints_img[:, 0].detach(), joints_img[:, 1].detach(), joints_grid[:, 0, :, 2].detach(), joints_grid[:, 1, :, 2].detach()
-        )
+        joints_img_fixed, depth_fixed = joints_img.detach(), joints_grid[..., 2].detach()
+        rel_root = self.trans_net(joints_img_fixed[:, 0], joints_img_fixed[:, 1], depth_fixed[:, 0], depth_fixed[:, 1])
 
         return TwoHandOutput(
             right_verts=meshes[0][0],
@@ -617,69 +619,68 @@ class InterWild(nn.Module):
         joint_proj: virtual-camera projections vs. annotated joints, hand grid, same mask as joint_img.
         """
         extras = output.extras
-        K = batch.camera.K.to(output.right_verts.dtype)
+        dtype = output.right_verts.dtype
+        K = batch.camera.K.to(dtype)
         stride = extras["box_stride"]
         grid_cells = extras["hand_grid_cells"]
         cells_per_px = grid_cells / self.hand_input_size
-        weight = self.cam_loss_weight
         terms: Dict[str, Tensor] = {}
 
-        joint_cam, joint_cam_valid, mesh, mesh_gt, mesh_valid = [], [], [], [], []
-        grid_targets, grid_valid, mano_grid_targets, mano_grid_valid = [], [], [], []
+        # Per side, stacked along dim 1 below (right, left): targets and their masks.
+        keys = ("joints", "joints_valid", "verts", "mano_valid", "grid", "grid_valid", "mano_grid", "mano_grid_valid")
+        gt = {key: [] for key in keys}
         for i, side in enumerate(SIDES):
             hand = batch.hand(side)
-            valid = hand.valid.to(K.dtype)  # (B,)
-            mano_valid = (hand.valid & hand.mano_valid).to(K.dtype)
 
-            # boxes
+            # boxes, in box-grid cells
             box_size_px = hand.bbox[:, 2:] - hand.bbox[:, :2]
-            box_valid = valid * (box_size_px > 0).all(-1).to(K.dtype)
+            box_valid = (hand.valid & (box_size_px > 0).all(-1)).to(dtype)[:, None]  # (B, 1)
             centre_cells = _pixels_to_cells((hand.bbox[:, :2] + hand.bbox[:, 2:]) / 2, 1.0 / stride)
-            terms[f"box_centre_{side}"] = _masked_l1(extras["box_centre"][:, i], centre_cells, box_valid[:, None])
-            terms[f"box_size_{side}"] = _masked_l1(extras["box_size"][:, i], box_size_px / stride, box_valid[:, None])
+            terms[f"box_centre_{side}"] = _masked_l1(extras["box_centre"][:, i], centre_cells, box_valid)
+            terms[f"box_size_{side}"] = _masked_l1(extras["box_size"][:, i], box_size_px / stride, box_valid)
 
-            # 3D joints and mesh, wrist-relative
-            joints_valid = hand.joints_valid & hand.joints_valid[:, WRIST : WRIST + 1] & hand.valid[:, None]
-            joint_cam.append(getattr(output, f"{side}_joints") - (hand.joints_cam - hand.joints_cam[:, WRIST : WRIST + 1]))
-            joint_cam_valid.append(joints_valid.to(K.dtype))
+            # 3D joints relative to the annotated wrist; vertices relative to the MANO-regressed wrist
+            joints_valid = hand.joints_valid & hand.joints_valid[:, WRIST : WRIST + 1] & hand.valid[:, None]  # (B, 21)
+            mano_valid = hand.valid & hand.mano_valid  # (B,)
             gt_mano_joints = self.joints_from_verts(side, hand.verts_cam)  # (B, 21, 3)
-            mesh.append(getattr(output, f"{side}_verts"))
-            mesh_gt.append(hand.verts_cam - gt_mano_joints[:, WRIST : WRIST + 1])
-            mesh_valid.append(mano_valid)
+            gt["joints"].append(hand.joints_cam - hand.joints_cam[:, WRIST : WRIST + 1])
+            gt["joints_valid"].append(joints_valid)
+            gt["verts"].append(hand.verts_cam - gt_mano_joints[:, WRIST : WRIST + 1])
+            gt["mano_valid"].append(mano_valid)
 
-            # 2.5D targets in the hand grid of the crop used
+            # 2.5D targets in the hand grid of the crop that was used
             affine = extras["crop_affine"][:, i]
             target, inside = self._hand_grid_targets(hand.joints_img, hand.joints_cam, affine, cells_per_px, grid_cells)
-            grid_targets.append(target)
-            grid_valid.append((inside & joints_valid).to(K.dtype))
+            gt["grid"].append(target)
+            gt["grid_valid"].append(inside & joints_valid)
             mano_img = project(gt_mano_joints, K)
-            mano_target, mano_inside = self._hand_grid_targets(mano_img, gt_mano_joints, affine, cells_per_px, grid_cells)
-            mano_grid_targets.append(mano_target)
-            mano_grid_valid.append((mano_inside & (mano_valid[:, None] > 0)).to(K.dtype))
+            target, inside = self._hand_grid_targets(mano_img, gt_mano_joints, affine, cells_per_px, grid_cells)
+            gt["mano_grid"].append(target)
+            gt["mano_grid_valid"].append(inside & mano_valid[:, None])
+        gt = {key: torch.stack(values, 1) for key, values in gt.items()}  # (B, 2, ...)
+        mano_valid = gt["mano_valid"].to(dtype)  # (B, 2)
 
-        terms["rel_root"] = _masked_l1(output.rel_root, batch.rel_root, batch.rel_root_valid.to(K.dtype)[:, None])
+        terms["rel_root"] = _masked_l1(output.rel_root, batch.rel_root, batch.rel_root_valid.to(dtype)[:, None])
 
         pred_pose = torch.stack((extras["right_pose_matrix"], extras["left_pose_matrix"]), 1)  # (B, 2, 16, 3, 3)
-        gt_pose = axis_angle_to_matrix(
-            torch.stack((batch.right.mano_pose, batch.left.mano_pose), 1).reshape(-1, 2, NUM_MANO_ROTATIONS, 3)
-        )
-        mano_valid = torch.stack(mesh_valid, 1)  # (B, 2)
+        gt_pose = torch.stack((batch.right.mano_pose, batch.left.mano_pose), 1)  # (B, 2, 48)
+        gt_pose = axis_angle_to_matrix(gt_pose.reshape(*gt_pose.shape[:2], NUM_MANO_ROTATIONS, 3))
         terms["mano_pose"] = _masked_l1(pred_pose, gt_pose, mano_valid[:, :, None, None, None])
-        pred_shape = torch.stack((output.right_mano_shape, output.left_mano_shape), 1)
+        pred_shape = torch.stack((output.right_mano_shape, output.left_mano_shape), 1)  # (B, 2, 10)
         gt_shape = torch.stack((batch.right.mano_shape, batch.left.mano_shape), 1)
         terms["mano_shape"] = _masked_l1(pred_shape, gt_shape, mano_valid[:, :, None])
 
-        terms["joint_cam"] = weight * _masked_l1(torch.cat(joint_cam, 1), 0.0, torch.cat(joint_cam_valid, 1)[..., None])
-        terms["mano_mesh_cam"] = weight * _masked_l1(
-            torch.cat(mesh, 1), torch.cat(mesh_gt, 1), torch.cat([v[:, None, None].expand(-1, m.shape[1], 1) for v, m in zip(mesh_valid, mesh)], 1)
-        )
+        pred_joints = torch.stack((output.right_joints, output.left_joints), 1)  # (B, 2, 21, 3)
+        pred_verts = torch.stack((output.right_verts, output.left_verts), 1)  # (B, 2, 778, 3)
+        joints_valid = gt["joints_valid"][..., None].to(dtype)  # (B, 2, 21, 1)
+        terms["joint_cam"] = self.cam_loss_weight * _masked_l1(pred_joints, gt["joints"], joints_valid)
+        terms["mano_mesh_cam"] = self.cam_loss_weight * _masked_l1(pred_verts, gt["verts"], mano_valid[:, :, None, None])
 
         joints_grid = extras["joints_hand_grid"]  # (B, 2, 21, 3)
-        grid_targets = torch.stack(grid_targets, 1)
-        grid_valid = torch.stack(grid_valid, 1)[..., None]
-        terms["joint_img"] = _masked_l1(joints_grid, grid_targets, grid_valid)
-        terms["mano_joint_img"] = _masked_l1(joints_grid, torch.stack(mano_grid_targets, 1), torch.stack(mano_grid_valid, 1)[..., None])
-        terms["joint_proj"] = _masked_l1(extras["joints_proj_hand_grid"], grid_targets[..., :2], grid_valid)
+        grid_valid = gt["grid_valid"][..., None].to(dtype)  # (B, 2, 21, 1)
+        terms["joint_img"] = _masked_l1(joints_grid, gt["grid"], grid_valid)
+        terms["mano_joint_img"] = _masked_l1(joints_grid, gt["mano_grid"], gt["mano_grid_valid"][..., None].to(dtype))
+        terms["joint_proj"] = _masked_l1(extras["joints_proj_hand_grid"], gt["grid"][..., :2], grid_valid)
         return terms
 
     def _hand_grid_targets(
@@ -753,7 +754,11 @@ class InterWild(nn.Module):
     def _log_backbone_sources(self) -> None:
         """Say (once) which backbones train from random init: ImageNet weights cannot be downloaded here."""
         self._sources_logged = True
-        random = [f"{name} ({self.backbone_names[name]})" for name, what in self.backbone_sources.items() if what == "random init"]
+        random = [
+            f"{name} ({self.backbone_names[name]})"
+            for name, what in self.backbone_sources.items()
+            if what == "random init"
+        ]
         if random:
             logger.warning(
                 "InterWild: the %s backbone(s) start from random init; pass --backbone-weights FILE_OR_FOLDER "
