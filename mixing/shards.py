@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from hands.sample import Camera, HandBatch, HandLabels, concat_batches
 
-__all__ = ["save_shard", "load_shard", "shard_paths", "ShardReader", "ShardError"]
+__all__ = ["save_shard", "load_shard", "shard_paths", "ShardReader", "ShardError", "batch_to_tensors", "batch_from_tensors"]
 
 FORMAT = 1
 
@@ -27,7 +27,8 @@ class ShardError(ValueError):
     """A shard file is missing, truncated or not a shard."""
 
 
-def _flatten(batch: HandBatch) -> dict[str, torch.Tensor]:
+def batch_to_tensors(batch: HandBatch) -> dict[str, torch.Tensor]:
+    """Every tensor of a HandBatch under a flat name ("image", "right.verts_cam", "camera.K", ...), on the CPU."""
     out = {"image": batch.image, "rel_root": batch.rel_root, "rel_root_valid": batch.rel_root_valid}
     for side in ("right", "left"):
         labels = getattr(batch, side)
@@ -38,6 +39,24 @@ def _flatten(batch: HandBatch) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
+def batch_from_tensors(tensors: dict, hand_type: list[str], meta: list[dict]) -> HandBatch:
+    """Inverse of :func:`batch_to_tensors` (tensors may be numpy arrays); KeyError names a missing field."""
+    t = {k: torch.as_tensor(v) for k, v in tensors.items()}
+    labels = {
+        side: HandLabels(**{f.name: t[f"{side}.{f.name}"] for f in dataclasses.fields(HandLabels)}) for side in ("right", "left")
+    }
+    return HandBatch(
+        image=t["image"],
+        right=labels["right"],
+        left=labels["left"],
+        rel_root=t["rel_root"],
+        rel_root_valid=t["rel_root_valid"],
+        camera=Camera(K=t["camera.K"], dist=t["camera.dist"]),
+        hand_type=list(hand_type),
+        meta=list(meta),
+    )
+
+
 def save_shard(batch: HandBatch, path: str | os.PathLike) -> Path:
     """Write ``batch`` as ``path`` (.safetensors) + its .json sidecar, atomically. Returns the JSON path."""
     path = Path(path)
@@ -45,7 +64,7 @@ def save_shard(batch: HandBatch, path: str | os.PathLike) -> Path:
         raise ValueError(f"shard path must end in .safetensors, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(_flatten(batch), str(tmp))
+    save_file(batch_to_tensors(batch), str(tmp))
     os.replace(tmp, path)
     sidecar = path.with_suffix(".json")
     tmp_json = sidecar.with_name(sidecar.name + ".tmp")
@@ -66,20 +85,7 @@ def load_shard(path: str | os.PathLike, device: torch.device | str = "cpu") -> H
     except Exception as exc:  # safetensors raises its own error types for truncated headers
         raise ShardError(f"{path}: not a readable shard ({exc})") from exc
     try:
-        labels = {
-            side: HandLabels(**{f.name: tensors[f"{side}.{f.name}"] for f in dataclasses.fields(HandLabels)})
-            for side in ("right", "left")
-        }
-        batch = HandBatch(
-            image=tensors["image"],
-            right=labels["right"],
-            left=labels["left"],
-            rel_root=tensors["rel_root"],
-            rel_root_valid=tensors["rel_root_valid"],
-            camera=Camera(K=tensors["camera.K"], dist=tensors["camera.dist"]),
-            hand_type=list(info["hand_type"]),
-            meta=list(info["meta"]),
-        )
+        batch = batch_from_tensors(tensors, info["hand_type"], info["meta"])
     except KeyError as exc:
         raise ShardError(f"{path}: missing field {exc.args[0]!r}") from exc
     if len(batch) != info.get("n") or len(batch.meta) != len(batch):
