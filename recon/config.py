@@ -109,6 +109,7 @@ class RunConfig:
     profile: str = "demo"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: Optional[int] = None  # torch intra-op CPU threads (torch.set_num_threads); None: torch's default
     out: str = "runs/recon"
     mano_dir: Optional[str] = None  # official MANO_RIGHT/LEFT.pkl; None: the procedural hand
     model: Dict[str, Any] = field(default_factory=dict)  # the regressor's constructor arguments

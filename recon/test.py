@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> dict:
 
     flags = {"data.root": args.data_root, "mano_dir": args.mano_dir, "data.max_test_samples": args.max_samples}
     cfg = load_config(base=from_dict(info.meta["config"]), flags=flags)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     hand_model = HandModel(mano_dir=cfg.mano_dir)
     if info.meta.get("hand_model") not in (None, hand_model.fingerprint()):
         print(

@@ -156,6 +156,8 @@ def check_config(cfg: DictConfig) -> None:
         raise UsageError(f"data.image_size={list(cfg.data.image_size)}: expected at least 16 px per side")
     if cfg.data.crop not in ("hands", "image"):
         raise UsageError(f"data.crop={cfg.data.crop!r}: expected 'hands' or 'image'")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise UsageError(f"threads={cfg.threads}: expected a positive number of CPU threads")
     if cfg.optim.lr <= 0:
         raise UsageError(f"optim.lr={cfg.optim.lr}: expected a positive learning rate")
     if cfg.arch not in REGRESSORS:
@@ -249,6 +251,8 @@ def train(args: argparse.Namespace) -> dict:
     device = resolve_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     out = Path(cfg.out)
     say = print if is_main else (lambda *a, **k: None)

@@ -15,6 +15,13 @@ from recon.data import ResumableSampler, ShardSampler
 from tests.recon_helpers import run_args, write_tiny_synthlab
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_samplers_split_the_data_between_ranks_and_resume_inside_an_epoch():
     dataset = list(range(13))
     shares = [

@@ -148,6 +148,7 @@ def test_bad_flags_fail_clearly(argv, message, capsys):
         (["--datasets", "coco"], "dataset 'coco' (in train datasets): unknown; known: hic, ih26m, reih, synthlab"),
         (["--datasets", "ih26m"], "dataset 'ih26m' needs --data-root"),
         (["--resume"], "--resume: no checkpoints in "),
+        (["threads=0"], "threads=0: expected a positive number of CPU threads"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     ],
 )
