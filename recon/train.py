@@ -292,7 +292,10 @@ def train(args: argparse.Namespace) -> dict:
     if cfg.train.backbone_weights and resume_info is None:
         if not callable(getattr(model, "load_backbone_weights", None)):
             raise UsageError(f"--backbone-weights: regressor {cfg.arch!r} has no load_backbone_weights()")
-        model.load_backbone_weights(cfg.train.backbone_weights)
+        try:
+            model.load_backbone_weights(cfg.train.backbone_weights)
+        except (ValueError, FileNotFoundError) as error:
+            raise UsageError(str(error)) from None
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     step, epoch, start_batch = 0, 0, 0
     if resume_info is not None:

@@ -196,3 +196,21 @@ def test_default_data_is_announced_in_one_line_and_roots_resolve(tmp_path):
     assert dataset_root("ih26m", str(tmp_path), 1) == tmp_path  # the one dataset's own folder
     with pytest.raises(DataSpecError, match="no folder ih26m/"):
         dataset_root("ih26m", str(tmp_path), 2)
+
+
+def test_backbone_weights_load_into_the_baseline_and_mismatches_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from recon.registry import build_regressor
+
+    kwargs = dict(backbone="resnet18", backbone_kwargs={"channels": (8, 16, 32, 64), "stem_width": 8}, hidden_dim=32)
+    source = build_regressor("baseline", **kwargs)
+    path = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in source.backbone.state_dict().items()}, str(path))
+    target = build_regressor("baseline", **kwargs)
+    target.load_backbone_weights(str(path))
+    for name, value in source.backbone.state_dict().items():
+        assert torch.equal(value, target.backbone.state_dict()[name]), name
+    wider = build_regressor("baseline", backbone="resnet18", backbone_kwargs={"channels": (8, 16, 32, 128), "stem_width": 8})
+    with pytest.raises(ValueError, match="backbone.safetensors: does not fit the backbone: .*size mismatch"):
+        wider.load_backbone_weights(str(path))

@@ -108,7 +108,11 @@ class BaselineRegressor(nn.Module):
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state) if isinstance(state, dict) else state
-        missing, unexpected = self.backbone.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # shape mismatches
+            first = " ".join(str(error).split())[:300]
+            raise ValueError(f"--backbone-weights {path}: does not fit the backbone: {first}") from None
         unexpected = [key for key in unexpected if not key.startswith(("fc.", "head.", "classifier."))]
         if missing or unexpected:
             raise ValueError(
