@@ -3,8 +3,6 @@
 A typed dataclass, merged by recon's OmegaConf config system with strict keys; :mod:`mixing.build`
 translates it into a source and a provider in one place.
 """
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Optional
 

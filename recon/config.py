@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mixing.config import MixingConfig
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -117,6 +119,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)  # how generated samples enter (r > 0)
 
 
 def _schema() -> DictConfig:

@@ -37,6 +37,8 @@ __all__ = [
     "check_data",
     "describe_default_data",
     "build_train_set",
+    "train_transform",
+    "base_readers",
     "build_test_sets",
 ]
 
@@ -236,17 +238,31 @@ def describe_default_data(cfg) -> Optional[str]:
     return None
 
 
+def train_transform(cfg) -> Callable[[HandSample, torch.Generator], HandSample]:
+    """The training input of a run: InterWild's augmentation then the crop to ``cfg.data.image_size``
+    (``cfg.data.augment``), or the deterministic test-time crop. Real samples get it in the data loader,
+    generated ones in :mod:`mixing` (the same transform, so both look alike to the regressor)."""
+    image_size = tuple(cfg.data.image_size)
+    if cfg.data.augment:
+        return transforms.InterWildAugment(image_size, box=cfg.data.crop)
+    fixed = eval_transform(cfg.data.crop, image_size)
+    return lambda sample, generator: fixed(sample)  # noqa: E731
+
+
+def base_readers(dataset: Dataset) -> list:
+    """The dataset readers under a training set's wrappers (ConcatDataset, Subset, transforms)."""
+    if isinstance(dataset, ConcatDataset):
+        return [r for part in dataset.datasets for r in base_readers(part)]
+    inner = getattr(dataset, "dataset", None)
+    return base_readers(inner) if inner is not None else [dataset]
+
+
 def build_train_set(cfg, *, hand_model) -> Dataset:
     """The training datasets of ``cfg.data.train``, concatenated, each sample augmented (InterWild's
     augmentation, seeded per (seed, epoch, index)) and cropped to ``cfg.data.image_size``."""
     specs = parse_specs(cfg.data.train, "train")
     n_named = len({spec.name for spec in specs})
-    image_size = tuple(cfg.data.image_size)
-    if cfg.data.augment:
-        augment = transforms.InterWildAugment(image_size, box=cfg.data.crop)
-    else:
-        fixed = eval_transform(cfg.data.crop, image_size)
-        augment = lambda sample, generator: fixed(sample)  # noqa: E731
+    augment = train_transform(cfg)
     parts = [
         SeededTransform(_limit(_reader(cfg, spec, n_named, hand_model), cfg.data.max_train_samples), augment, seed=cfg.seed)
         for spec in specs

@@ -85,6 +85,7 @@ def _read_metrics(path: str) -> dict:
         raise UsageError(f"--compare {path}: not valid JSON ({error})") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise UsageError(f"--compare {path}: expected {{dataset: {{metric: value}}}} (a metrics.json)")
+    data.pop("mixing", None)  # recon.train's mixing statistics sit beside the datasets
     return data
 
 

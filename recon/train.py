@@ -42,17 +42,21 @@ from eval.report import mesh_overlay_grid
 from hands.datasets import DatasetError
 from hands.mano import HandModel
 from hands.sample import collate
-from mixing.mixer import Mixer
+from mixing.build import build_label_source, build_provider, build_source, per_sample_preprocess
+from mixing.config import MIX_MODES, MixingConfig
+from mixing.mixer import Mixer, split_batch_size
 from recon import checkpoint as ckpt
 from recon.config import ConfigError, from_config, from_dict, load_config, to_dict
 from recon.data import (
     DataSpecError,
     ResumableSampler,
+    base_readers,
     build_test_sets,
     build_train_set,
     check_data,
     describe_default_data,
     set_epoch,
+    train_transform,
 )
 from recon.evaluate import evaluate_regressor, format_results
 from recon.registry import REGRESSORS, PluginError, build_regressor, import_plugin, load_builtin_regressors
@@ -111,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--plugin", action="append", default=[], help="module or .py file registering regressors")
     parser.add_argument("--backbone-weights", help="pretrained backbone weights for the regressor")
+    parser.add_argument("--mix-mode", choices=MIX_MODES, help="how generated samples arrive (default: online)")
+    parser.add_argument("--generator", help="attentionhand (default) or a baseline generator of Table A")
+    parser.add_argument("--sd-path", help="local Stable Diffusion 1.5 folder (diffusers layout) for the generator")
     return parser
 
 
@@ -133,6 +140,9 @@ def _flags(args: argparse.Namespace) -> dict:
         "train.epochs": args.epochs,
         "train.batch_size": args.batch_size,
         "train.backbone_weights": args.backbone_weights,
+        "mixing.mode": args.mix_mode,
+        "mixing.generator": args.generator,
+        "mixing.sd_path": args.sd_path,
     }
     if args.datasets:
         flags["data.train"] = [part for part in args.datasets.split(",") if part]
@@ -160,6 +170,10 @@ def check_config(cfg: DictConfig) -> None:
         raise UsageError(f"threads={cfg.threads}: expected a positive number of CPU threads")
     if cfg.optim.lr <= 0:
         raise UsageError(f"optim.lr={cfg.optim.lr}: expected a positive learning rate")
+    try:
+        MixingConfig(**OmegaConf.to_container(cfg.mixing)).check()
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if cfg.arch not in REGRESSORS:
         raise UsageError(f"--arch {cfg.arch}: unknown regressor; known: {', '.join(REGRESSORS.names())} (plugins: --plugin MODULE)")
 
@@ -185,13 +199,19 @@ def lr_at(cfg: DictConfig, epoch: int) -> float:
     return cfg.optim.lr * cfg.optim.lr_decay_gamma**drops
 
 
-def synthetic_provider(cfg: DictConfig):
-    """The generator side of the mixed batches for r > 0 (``mixing``: label source, generator, pool; issue
-    #9). Until recon.train wires it up, r > 0 fails in one line rather than training on real data only."""
-    raise UsageError(
-        f"--synthetic-ratio {cfg.train.synthetic_ratio} needs the synthetic side of the mixing package (issue #9: "
-        "label source, generator, sample pool), which recon.train does not wire up yet; use --synthetic-ratio 0"
-    )
+def synthetic_provider(cfg: DictConfig, *, hand_model, train_set, device, rank: int, world_size: int):
+    """The generator side of the mixed batches for r > 0 (:mod:`mixing`): labels of the training readers
+    (or the pose prior), the generator, and the provider of ``cfg.mixing.mode``; plus the preprocessing that
+    gives generated samples the real ones' crop and augmentation. Seeds derive from (seed, rank)."""
+    mix_cfg = MixingConfig(**OmegaConf.to_container(cfg.mixing))
+    seed = cfg.seed * 1000 + 17
+    source = None
+    if mix_cfg.mode != "offline":
+        labels = build_label_source(mix_cfg, hand_model=hand_model, train_readers=base_readers(train_set))
+        source = build_source(mix_cfg, hand_model=hand_model, labels=labels, device=device, seed=seed, rank=rank)
+    provider = build_provider(mix_cfg, source=source, device=device, seed=seed, rank=rank, world_size=world_size)
+    preprocess = per_sample_preprocess(train_transform(cfg), seed=seed, rank=rank)
+    return provider, preprocess
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -241,9 +261,7 @@ def train(args: argparse.Namespace) -> dict:
     check_data(cfg)
     arch_cls = REGRESSORS.get(cfg.arch)
     model_kwargs = from_config(cfg, arch_cls)
-    n_synthetic = int(round(cfg.train.synthetic_ratio * cfg.train.batch_size))
-    n_real = cfg.train.batch_size - n_synthetic
-    provider = synthetic_provider(cfg) if n_synthetic > 0 else None
+    n_real, n_synthetic = split_batch_size(cfg.train.batch_size, cfg.train.synthetic_ratio)
 
     # 2. processes, device, seeds -------------------------------------------------------------------------
     rank, world_size, local_rank = _distributed()
@@ -280,12 +298,24 @@ def train(args: argparse.Namespace) -> dict:
             f"train.batch_size={cfg.train.batch_size}: larger than this process's share of the training set "
             f"({sampler.num_samples} samples); lower --batch-size"
         )
+    provider, preprocess_synthetic = None, None
+    if n_synthetic > 0:
+        try:
+            provider, preprocess_synthetic = synthetic_provider(
+                cfg, hand_model=hand_model, train_set=train_set, device=device, rank=rank, world_size=world_size
+            )
+        except (ValueError, ImportError) as error:
+            raise UsageError(f"--synthetic-ratio {cfg.train.synthetic_ratio}: {error}") from error
+        say(
+            f"mixing: {n_synthetic} of {cfg.train.batch_size} samples per batch from {cfg.mixing.generator} "
+            f"({cfg.mixing.mode}, labels: {cfg.mixing.labels}, {cfg.mixing.size} px)"
+        )
 
     def make_batches(epoch: int, start_batch: int):
         """The one place where a step's batch comes from (mixing.Mixer when r > 0)."""
         sampler.set_epoch(epoch, start_batch)
         set_epoch(train_set, epoch)
-        return Mixer(loader, provider, n_synthetic=n_synthetic, device=device)
+        return Mixer(loader, provider, n_synthetic=n_synthetic, device=device, preprocess_synthetic=preprocess_synthetic)
 
     # 4. model, optimizer, resume -------------------------------------------------------------------------
     model = build_regressor(cfg.arch, **model_kwargs).to(device)
@@ -347,60 +377,82 @@ def train(args: argparse.Namespace) -> dict:
     )
     saved_step = step if resume_info is not None else -1
     loop_start, samples_seen = time.perf_counter(), 0
-    while step < max_steps and epoch < cfg.train.epochs:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, epoch)
-        model.train()
-        bar = tqdm(
-            total=batches_per_epoch, initial=start_batch, desc=f"epoch {epoch}", disable=not is_main, dynamic_ncols=True
-        )
-        batch_in_epoch = start_batch
-        for batch in make_batches(epoch, start_batch):
-            output = ddp_model(batch)
-            losses = model.losses(output, batch)
-            loss = sum(losses.values())
-            logged = _reduce_mean(torch.stack([loss.detach(), *(v.detach() for v in losses.values())]), world_size)
-            if not torch.isfinite(logged).all():
-                values = {name: float(v) for name, v in zip(["total", *losses], logged.tolist())}
-                raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {epoch}): {values}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            step += 1
-            batch_in_epoch += 1
-            samples_seen += len(batch) * world_size
-            speed = samples_seen / max(time.perf_counter() - loop_start, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(logged[0]):.4f}", samples_per_s=f"{speed:.1f}")
-            if writer is not None and step % cfg.train.log_every == 0:
-                writer.add_scalar("train/loss", float(logged[0]), step)
-                for name, value in zip(losses, logged[1:].tolist()):
-                    writer.add_scalar(f"train/loss_{name}", value, step)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-                writer.add_scalar("train/samples_per_s", speed, step)
-            if writer is not None and cfg.train.image_every > 0 and (step % cfg.train.image_every == 0 or step == 1):
-                grid = mesh_overlay_grid(
-                    batch,
-                    output,
-                    faces_right=hand_model.faces_for("right").to(device),
-                    faces_left=hand_model.faces_for("left").to(device),
-                    j_regressor_right=hand_model.j_regressor_for("right").to(device),
-                    j_regressor_left=hand_model.j_regressor_for("left").to(device),
-                )
-                writer.add_image("train/input_gt_pred", grid, step)
-            if is_main and step % cfg.train.ckpt_every == 0:
-                save(epoch, batch_in_epoch)
-                saved_step = step
-            if step >= max_steps:
-                break
-        bar.close()
-        if batch_in_epoch >= batches_per_epoch:
-            epoch, start_batch = epoch + 1, 0
-        else:
-            start_batch = batch_in_epoch
+    batch_in_epoch = start_batch
+    try:
+        while step < max_steps and epoch < cfg.train.epochs:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(cfg, epoch)
+            model.train()
+            if callable(getattr(model, "set_epoch", None)):  # epoch-dependent losses (IntagHand's edge term)
+                model.set_epoch(epoch)
+            bar = tqdm(
+                total=batches_per_epoch, initial=start_batch, desc=f"epoch {epoch}", disable=not is_main, dynamic_ncols=True
+            )
+            batch_in_epoch = start_batch
+            for batch in make_batches(epoch, start_batch):
+                output = ddp_model(batch)
+                losses = model.losses(output, batch)
+                loss = sum(losses.values())
+                logged = _reduce_mean(torch.stack([loss.detach(), *(v.detach() for v in losses.values())]), world_size)
+                if not torch.isfinite(logged).all():
+                    values = {name: float(v) for name, v in zip(["total", *losses], logged.tolist())}
+                    raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {epoch}): {values}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                step += 1
+                batch_in_epoch += 1
+                samples_seen += len(batch) * world_size
+                speed = samples_seen / max(time.perf_counter() - loop_start, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(logged[0]):.4f}", samples_per_s=f"{speed:.1f}")
+                if writer is not None and step % cfg.train.log_every == 0:
+                    writer.add_scalar("train/loss", float(logged[0]), step)
+                    for name, value in zip(losses, logged[1:].tolist()):
+                        writer.add_scalar(f"train/loss_{name}", value, step)
+                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+                    writer.add_scalar("train/samples_per_s", speed, step)
+                    if provider is not None:
+                        for name, value in provider.stats().items():
+                            if isinstance(value, (int, float)):
+                                writer.add_scalar(f"mixing/{name}", value, step)
+                if writer is not None and cfg.train.image_every > 0 and (step % cfg.train.image_every == 0 or step == 1):
+                    grid = mesh_overlay_grid(
+                        batch,
+                        output,
+                        faces_right=hand_model.faces_for("right").to(device),
+                        faces_left=hand_model.faces_for("left").to(device),
+                        j_regressor_right=hand_model.j_regressor_for("right").to(device),
+                        j_regressor_left=hand_model.j_regressor_for("left").to(device),
+                    )
+                    writer.add_image("train/input_gt_pred", grid, step)
+                if is_main and step % cfg.train.ckpt_every == 0:
+                    save(epoch, batch_in_epoch)
+                    saved_step = step
+                if step >= max_steps:
+                    break
+            bar.close()
+            if batch_in_epoch >= batches_per_epoch:
+                epoch, start_batch = epoch + 1, 0
+            else:
+                start_batch = batch_in_epoch
+    except KeyboardInterrupt:  # Ctrl-C: leave a checkpoint that --resume continues from
+        if is_main and step > 0 and saved_step != step:
+            path = save(epoch, batch_in_epoch)
+            say(f"\ninterrupted at step {step}; resumable checkpoint {path}")
+        raise
+    finally:  # joins the generator's producer thread, whatever ended the loop
+        if provider is not None:
+            provider.close()
     train_time = time.perf_counter() - loop_start
+    mixing_stats = None
+    if provider is not None:
+        mixing_stats = provider.stats()
+        if "trainer_stall_s" in mixing_stats:
+            mixing_stats["stall_fraction_of_training"] = mixing_stats["trainer_stall_s"] / max(train_time, 1e-9)
+        say("mixing: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in mixing_stats.items()))
 
     # 6. final checkpoint, evaluation, metrics.json -------------------------------------------------------
     final = None
@@ -425,7 +477,8 @@ def train(args: argparse.Namespace) -> dict:
         )
         if is_main:
             say(format_results(metrics))
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            report = dict(metrics, mixing=mixing_stats) if mixing_stats is not None else metrics
+            (out / "metrics.json").write_text(json.dumps(report, indent=2, sort_keys=True))
             for key, values in metrics.items():
                 for name in ("MPVPE", "RRVE", "MRRPE"):
                     if math.isfinite(values.get(name, math.nan)):
@@ -433,7 +486,13 @@ def train(args: argparse.Namespace) -> dict:
     if writer is not None:
         writer.close()
     say(f"wall time {time.perf_counter() - wall_start:.1f} s")
-    return {"metrics": metrics, "out": str(out), "step": step, "checkpoint": str(final) if final else None}
+    return {
+        "metrics": metrics,
+        "mixing": mixing_stats,
+        "out": str(out),
+        "step": step,
+        "checkpoint": str(final) if final else None,
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

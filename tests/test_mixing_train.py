@@ -1,0 +1,69 @@
+"""recon.train with generated samples in every batch: online, sync and offline mixing end to end (tiny)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixing import pregenerate
+from recon import train as recon_train
+from tests.recon_helpers import run_args, write_tiny_synthlab
+
+GEN = ["mixing.size=32", "mixing.num_inference_steps=2", "mixing.chunk=4", "mixing.capacity=8", "mixing.max_reuse=2"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synthlab_root(tmp_path_factory) -> Path:
+    return write_tiny_synthlab(tmp_path_factory.mktemp("synthlab_mix"))
+
+
+@pytest.mark.parametrize("mode", ["online", "sync"])
+def test_every_step_takes_round_rB_generated_samples_and_reports_statistics(synthlab_root, tmp_path, mode):
+    out = tmp_path / mode
+    args = run_args(synthlab_root, out, "--synthetic-ratio", "0.5", "--max-steps", "3", "--mix-mode", mode, *GEN)
+    result = recon_train.train(recon_train.parse_args(args))
+    stats = result["mixing"]
+    assert stats["taken"] == 3 * 2  # batch 4, r = 0.5: two generated samples in each of 3 steps
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mixing"]["taken"] == 6
+    assert {"synthlab-test-lab", "synthlab-test-wild"} <= metrics.keys()
+    if mode == "online":
+        assert 0.0 <= stats["fresh_fraction"] <= 1.0 and stats["produced"] >= 2
+        assert "trainer_stall_s" in stats and stats["generator_busy_s"] > 0
+    config = (out / "config.yaml").read_text()
+    assert f"mode: {mode}" in config and "synthetic_ratio: 0.5" in config
+
+
+def test_offline_mixing_reads_pregenerated_shards(synthlab_root, tmp_path):
+    shards = tmp_path / "shards"
+    assert pregenerate.main(["--n", "4", "--shard-size", "2", "--out", str(shards), "--data-root", str(synthlab_root),
+                             "--size", "32", "--steps", "1", "--device", "cpu"]) == 0
+    out = tmp_path / "offline"
+    args = run_args(synthlab_root, out, "--synthetic-ratio", "0.25", "--max-steps", "2", "--mix-mode", "offline",
+                    f"mixing.shards={shards}")
+    result = recon_train.train(recon_train.parse_args(args))
+    assert result["mixing"]["taken"] == 2  # batch 4, r = 0.25: one generated sample per step
+
+
+def test_a_failing_generator_stops_training_with_its_cause(synthlab_root, tmp_path, monkeypatch):
+    from mixing import source as mixing_source
+    from mixing.pool import ProducerError
+
+    def broken(self, n, *, call=None):
+        raise OSError("generator weights unreadable")
+
+    monkeypatch.setattr(mixing_source.SyntheticSource, "generate", broken)
+    args = run_args(synthlab_root, tmp_path / "broken", "--synthetic-ratio", "0.5", "--max-steps", "2", *GEN)
+    with pytest.raises(ProducerError, match="generator weights unreadable") as info:
+        recon_train.train(recon_train.parse_args(args))
+    assert isinstance(info.value.__cause__, OSError)
