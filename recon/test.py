@@ -28,6 +28,7 @@ import torch.distributed as dist
 from hands.datasets import DatasetError
 from hands.mano import HandModel
 from recon import checkpoint as ckpt
+from recon.cards import hand_model_warning
 from recon.config import ConfigError, from_dict, load_config
 from recon.data import DataSpecError, build_test_sets
 from recon.evaluate import HEADLINE, evaluate_regressor, format_results
@@ -103,12 +104,9 @@ def run(args: argparse.Namespace) -> dict:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     hand_model = HandModel(mano_dir=cfg.mano_dir)
-    if info.meta.get("hand_model") not in (None, hand_model.fingerprint()):
-        print(
-            f"recon.test: note: the checkpoint was trained with another hand model ({info.meta.get('hand_model')[:12]}...); "
-            f"evaluating with {hand_model.fingerprint()[:12]}...",
-            file=sys.stderr,
-        )
+    mismatch = hand_model_warning(info.meta, hand_model)
+    if mismatch:
+        print(f"recon.test: warning: {mismatch}", file=sys.stderr)
     datasets = args.datasets.split(",") if args.datasets else None
     test_sets = build_test_sets(cfg, hand_model=hand_model, datasets=datasets)
     results = evaluate_regressor(

@@ -46,6 +46,7 @@ from mixing.build import build_label_source, build_provider, build_source, per_s
 from mixing.config import MIX_MODES, MixingConfig
 from mixing.mixer import Mixer, split_batch_size
 from recon import checkpoint as ckpt
+from recon.cards import build_card
 from recon.config import ConfigError, from_config, from_dict, load_config, to_dict
 from recon.data import (
     DataSpecError,
@@ -366,7 +367,7 @@ def train(args: argparse.Namespace) -> dict:
             optimizer=optimizer,
             progress=progress,
             keep_last=3,
-            extra={"hand_model": hand_model.fingerprint(), "procedural_hand": bool(hand_model.is_procedural)},
+            extra={"hand_model": hand_model.fingerprint(), "procedural_hand": bool(hand_model.is_procedural), **build_card(cfg, hand_model)},
         )
 
     # 5. the loop -----------------------------------------------------------------------------------------
