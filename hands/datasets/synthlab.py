@@ -437,16 +437,24 @@ def write_synthlab(
 
 
 def ensure_synthlab(root: str | Path | None = None, **options) -> Path:
-    """The synthlab folder, written on first use: ``root`` or ``hands.paths.cache_dir() / "synthlab"``.
+    """The synthlab folder, written on first use: ``root`` or
+    ``hands.paths.cache_dir() / "synthlab" / <hand model fingerprint>``.
 
+    The default folder is keyed by the hand model's fingerprint, so a changed hand model (another
+    ``mano_dir``, a new version of the procedural hand) gets its own benchmark instead of a stale one.
     Written into a temporary sibling folder and renamed into place, so an interrupted run leaves no
-    half-written benchmark. ``options`` go to :func:`write_synthlab` (seed, sizes, resolution, mano_dir);
-    a complete folder is returned as it is (its synthlab.json says how it was written).
+    half-written benchmark. ``options`` go to :func:`write_synthlab` (seed, sizes, resolution, mano_dir,
+    hand_model); a complete folder is returned as it is (its synthlab.json says how it was written).
     """
     if root is None:
         from hands.paths import cache_dir
 
-        root = cache_dir() / "synthlab"
+        model = options.get("hand_model")
+        if model is None:
+            from hands.mano import HandModel
+
+            model = options["hand_model"] = HandModel(mano_dir=options.get("mano_dir"))
+        root = cache_dir() / "synthlab" / model.fingerprint()[:16]
     root = Path(root)
     if (root / "synthlab.json").is_file():
         return root
