@@ -98,6 +98,7 @@ def export_onnx(model: nn.Module, info: ckpt.CheckpointInfo, path: str | Path, *
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the exporter's constant-folding notes
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants (fixed batch)
         torch.onnx.export(
             wrapper, (image, K), str(path), input_names=["image", "K"], output_names=names, opset_version=OPSET,
             dynamo=False,
