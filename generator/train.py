@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -48,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hands.camera import apply_affine, bbox_crop_affine, scale_bbox, square_bbox
+from hands.camera import scale_bbox, square_bbox
 from hands.datasets import transforms
 from hands.render import crop_local, render_hands
 from hands.sample import HandBatch, HandSample, collate

@@ -57,7 +57,8 @@ def _train_like(guidance, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in guidance.controlnet.named_parameters():
-            if pname.split(".")[0] in ("controlnet_down_blocks", "controlnet_mid_block") or "cond_embedding.conv_out" in pname:
+            zero_conv = pname.split(".")[0] in ("controlnet_down_blocks", "controlnet_mid_block")
+            if zero_conv or "cond_embedding.conv_out" in pname:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
