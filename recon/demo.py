@@ -23,7 +23,8 @@ The regressor's input is what it was trained on (the checkpoint's ``data.crop`` 
   ``{frame: [x0, y0, x1, y1]}`` (the hands' region) or ``{frame: {"right": box | null, "left": box | null}}``
   (per hand; null: the hand is absent), frame being the image's file name or the video frame's index; else,
   for an InterWild checkpoint, from InterWild's own box net run on the whole frame (a first pass); else the
-  whole frame, with a log line saying so.
+  whole frame, with a log line saying so. The hands' union box is grown 1.3x (as at test time) and kept at
+  least a tenth of the frame's larger side.
 
 Which hands are present: from the box file when it names hands; for InterWild, a hand is present when its
 box confidence (the box net's softmax heatmap at the predicted centre) is at least ``--hand-threshold``
@@ -67,6 +68,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
 HAND_EXTENT_M = 0.25  # the two-hand extent assumed by the overlay heuristic when no absolute root is predicted
 EXTEND = 1.3  # the hands' region grown as recon.data.eval_transform grows it
+MIN_BOX_FRACTION = 0.1  # the input region spans at least this share of the frame's larger side
 
 
 class DemoError(ValueError):
@@ -212,6 +214,17 @@ def _whole(image: Tensor) -> Tensor:
     return torch.tensor([0.0, 0.0, width - 1.0, height - 1.0])
 
 
+def _union_box(boxes: list[Tensor], height: int, width: int) -> Tensor:
+    """The union of hand boxes (frame px) grown by EXTEND, at least MIN_BOX_FRACTION of the frame's larger
+    side (an untrained or unsure box net can predict empty boxes)."""
+    stacked = torch.stack(boxes)
+    union = scale_bbox(torch.cat([stacked[:, :2].amin(0), stacked[:, 2:].amax(0)]), EXTEND)
+    centre = (union[:2] + union[2:]) / 2
+    half = torch.clamp((union[2:] - union[:2]) / 2, min=MIN_BOX_FRACTION * max(height, width) / 2)
+    return torch.cat([centre - half, centre + half])
+
+
+@torch.no_grad()
 def _interwild_boxes(model, image, K, input_size, device, threshold: float) -> dict:
     """InterWild's first pass on the whole frame -> {"right"/"left": box in frame px or None, confidences}."""
     whole = _whole(image)
@@ -301,23 +314,19 @@ def run(args: argparse.Namespace) -> dict:
                     if entry is None:
                         raise DemoError(f"--boxes {args.boxes}: no entry for frame {frame.key!r}")
                     if "union" in entry:
-                        box = scale_bbox(entry["union"], EXTEND)
+                        box = _union_box([entry["union"]], height, width)
                     else:
                         present = {side: entry[side] is not None for side in ("right", "left")}
                         given = [entry[s] for s in ("right", "left") if entry[s] is not None]
                         if given:
-                            stacked = torch.stack(given)
-                            box = scale_bbox(torch.cat([stacked[:, :2].amin(0), stacked[:, 2:].amax(0)]), EXTEND)
+                            box = _union_box(given, height, width)
                 elif is_interwild:
                     found = _interwild_boxes(model, image, K, input_size, device, args.hand_threshold)
                     present = {side: found[side] is not None for side in ("right", "left")}
                     confidences = {side: found[f"{side}_conf"] for side in ("right", "left")}
                     given = [found[s] for s in ("right", "left") if found[s] is not None]
                     if given:
-                        stacked = torch.stack(given)
-                        box = scale_bbox(torch.cat([stacked[:, :2].amin(0), stacked[:, 2:].amax(0)]), EXTEND)
-            elif is_interwild:
-                pass  # presence from the same pass below
+                        box = _union_box(given, height, width)
             record = {
                 "frame": frame.key,
                 "image_size": [int(height), int(width)],

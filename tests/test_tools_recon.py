@@ -240,3 +240,39 @@ def test_recon_test_warns_when_evaluated_with_another_mano_model(run, tmp_path, 
     err = capsys.readouterr().err
     assert "recon.test: warning:" in err and "official MANO model (ffffffffffff...)" in err
     assert "procedural one" in err and "--mano-dir /data/mano" in err
+
+
+def test_demo_with_interwild_finds_boxes_itself_and_reports_absolute_positions(run, tmp_path):
+    root, _ = run
+    tiny = [
+        "model.body_backbone=resnet10t", "model.hand_backbone=resnet10t", "model.trans_backbone=resnet10t",
+        "model.backbone_channels=[8,16,32,64]", "model.body_input_size=[64,48]", "model.hand_input_size=64",
+        "model.box_channels=32", "model.rotation_channels=32", "model.trans_grid_size=16", "model.trans_sigma=1.0",
+        "data.image_size=[64,48]",
+    ]
+    ckpt = tmp_path / "iw"
+    args = ["--arch", "interwild", "--data-root", str(root), "--datasets", "synthlab", "--out", str(ckpt), "--batch-size", "4",
+            "--seed", "3", "--max-steps", "1", "eval.at_end=false", "train.image_every=0", *tiny]
+    assert recon_train.main(args) == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, path in enumerate(_test_images(root, 2)):
+        shutil.copy(path, images / f"{i}_{path.name}")
+    out = tmp_path / "all"
+    assert recon_demo.main(["--ckpt", str(ckpt), "--input", str(images), "--out", str(out), "--hand-threshold", "0"]) == 0
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["boxes"].startswith("InterWild's box net")
+    record = json.loads((out / "json" / f"{summary['frames'][0]['stem']}.json").read_text())
+    assert record["absolute"] is True and [h["side"] for h in record["hands"]] == ["right", "left"]
+    right, left = record["hands"]
+    assert 0.0 <= right["confidence"] <= 1.0 and right["wrist_cam"][2] > 0
+    # absolute joints: the wrist joint is the wrist position, and left wrist - right wrist = rel_root
+    np.testing.assert_allclose(right["joints_cam"][0], right["wrist_cam"], atol=1e-5)
+    np.testing.assert_allclose(np.subtract(left["wrist_cam"], right["wrist_cam"]), record["rel_root"], atol=1e-5)
+    x0, y0, x1, y1 = record["input_box"]
+    assert x1 - x0 >= 0.1 * 64 - 1e-3 and y1 - y0 >= 0.1 * 64 - 1e-3  # never an empty input region
+    # a confidence threshold no hand reaches: zero hands, frames written as they are
+    out = tmp_path / "none"
+    assert recon_demo.main(["--ckpt", str(ckpt), "--input", str(images), "--out", str(out), "--hand-threshold", "1.01"]) == 0
+    assert all(json.loads(p.read_text())["hands"] == [] for p in (out / "json").glob("*.json"))
+    assert len(list((out / "overlays").glob("*.png"))) == 2
