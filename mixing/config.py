@@ -18,7 +18,7 @@ class MixingConfig:
 
     mode: ``online`` (a device-resident pool filled by a background producer), ``sync`` (generated inline;
         debugging, ablations) or ``offline`` (shards from ``python -m mixing.pregenerate``, in ``shards``).
-    generator: ``attentionhand`` or a baseline of Table A (see :data:`generator.GENERATORS`).
+    generator: ``attentionhand`` or a baseline of Table A (see :data:`generator.baselines.GENERATORS`).
     generator_config: a name in configs/generator/ (``tiny``, ``sd15``) or a YAML path.
     sd_path / guidance_path: a local Stable Diffusion 1.5 folder (diffusers layout) and a guidance
         checkpoint; they override the generator config's.

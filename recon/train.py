@@ -453,6 +453,10 @@ def train(args: argparse.Namespace) -> dict:
         mixing_stats = provider.stats()
         if "trainer_stall_s" in mixing_stats:
             mixing_stats["stall_fraction_of_training"] = mixing_stats["trainer_stall_s"] / max(train_time, 1e-9)
+        if world_size > 1:  # every rank generates and mixes its own share: keep each rank's statistics
+            per_rank = [None] * world_size
+            dist.all_gather_object(per_rank, mixing_stats)
+            mixing_stats = dict(mixing_stats, ranks=per_rank)
         say("mixing: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in mixing_stats.items()))
 
     # 6. final checkpoint, evaluation, metrics.json -------------------------------------------------------

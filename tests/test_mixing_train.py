@@ -67,3 +67,19 @@ def test_a_failing_generator_stops_training_with_its_cause(synthlab_root, tmp_pa
     with pytest.raises(ProducerError, match="generator weights unreadable") as info:
         recon_train.train(recon_train.parse_args(args))
     assert isinstance(info.value.__cause__, OSError)
+
+
+def test_torchrun_each_rank_generates_and_mixes_its_own_share(synthlab_root, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp_mix"
+    argv = run_args(synthlab_root, out, "--max-steps", "2", "--batch-size", "4", "--synthetic-ratio", "0.5",
+                    "--mix-mode", "sync", *GEN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "recon.train", *argv]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    mixing = json.loads((out / "metrics.json").read_text())["mixing"]
+    assert [rank["taken"] for rank in mixing["ranks"]] == [4, 4]  # 2 steps x 2 generated samples, on each rank
