@@ -294,8 +294,11 @@ def run(args: argparse.Namespace) -> dict:
     is_video = input_path.is_file() and input_path.suffix.lower() in VIDEO_SUFFIXES
     writer = None
     if is_video:
-        import imageio.v2 as imageio
-
+        try:
+            import imageio.v2 as imageio
+            import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary)
+        except ImportError:
+            raise DemoError(f"--input {input_path}: video needs imageio and imageio-ffmpeg: pip install 'attentionhand-aug[video]'") from None
         fps = video_fps(input_path)
         writer = imageio.get_writer(out / "overlay.mp4", fps=fps, codec="libx264", macro_block_size=1, quality=7)
     faces = {side: hand_model.faces_for(side).cpu().numpy() for side in ("right", "left")}
