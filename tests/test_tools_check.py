@@ -68,3 +68,23 @@ def test_ih26m_variants_and_subsets_are_described(synthlab, tmp_path):
     assert info["subsets"]["train-lab"].startswith("H+M only")
     (variant / "annotations" / "human_annot").mkdir()
     assert "v0.0 annotations/{all,human_annot,machine_annot}" in check.describe_variants("synthlab", root)["layout"]
+
+
+def test_the_real_layouts_of_ih26m_reih_and_hic(tmp_path, capsys):
+    from hands.datasets.fixtures import write_hic_fixture, write_ih26m_fixture, write_reih_fixture
+    from hands.mano import HandModel
+
+    model = HandModel()
+    write_ih26m_fixture(tmp_path / "ih26m", model, split="test", human_annot_ids=[0, 1])
+    write_reih_fixture(tmp_path / "reih", model)
+    write_hic_fixture(tmp_path / "hic", model, count=2, size=(48, 64))
+    assert check.main(["--name", "ih26m", "--root", str(tmp_path / "ih26m"), "--splits", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "'test': 'H and H+M'" in out and "test: ok, 2 records" in out
+    assert check.main(["--name", "reih", "--root", str(tmp_path / "reih"), "--cameras", "ego", "--splits", "test"]) == 0
+    assert "cameras ['ego', 'mugsy']" in capsys.readouterr().out
+    image = sorted((tmp_path / "hic" / "images").iterdir())[0]
+    image.unlink()
+    assert check.main(["--name", "hic", "--root", str(tmp_path / "hic")]) == 0
+    out = capsys.readouterr().out
+    assert "test: ok, 2 records" in out and "1 missing" in out and f"missing: {image}" in out

@@ -100,8 +100,9 @@ def _image_path(dataset, record) -> Path:
     """The image file of a reader's record (each reader keeps it in its own way)."""
     if hasattr(dataset, "image_dir"):  # ih26m, synthlab
         return Path(dataset.image_dir) / record["path"]
-    path = Path(record["path"])
-    return path if path.is_absolute() else Path(dataset.root) / path  # reih keeps full paths, hic relative ones
+    if dataset.name == "hic":  # relative to the folder of HIC.json
+        return Path(dataset.root) / record["path"]
+    return Path(record["path"])  # reih keeps the path it found
 
 
 def _split_absent(name: str, root: Path, split: str) -> bool:
@@ -194,11 +195,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--root", required=True, type=Path, help="the dataset's folder")
     parser.add_argument("--splits", help="comma-separated splits (default: all of the dataset's)")
     parser.add_argument("--variant", help="IH2.6M: 5fps | 30fps | a sub-folder (default: the one found)")
+    parser.add_argument("--cameras", choices=("mugsy", "ego"), help="ReInterHand: third-person (default) or egocentric views")
     parser.add_argument("--max-images", type=int, help="decode at most this many images per split")
     parser.add_argument("--strict", action="store_true", help="also fail on missing or undecodable images")
     args = parser.parse_args(argv)
     splits = [s for s in args.splits.split(",") if s] if args.splits else None
     options = {"variant": args.variant} if args.variant and args.name == "ih26m" else {}
+    if args.cameras and args.name == "reih":
+        options["cameras"] = args.cameras
     try:
         reports, variants = check_dataset(args.name, args.root, splits, max_images=args.max_images, **options)
     except (DatasetError, ValueError) as error:
