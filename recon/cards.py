@@ -169,7 +169,13 @@ def _generator_card(cfg) -> Optional[dict]:
     mixing = OmegaConf.to_container(cfg.mixing, resolve=True)
     card: dict[str, Any] = {"name": mixing["generator"], "config_name": mixing["generator_config"]}
     if mixing["mode"] == "offline":  # images came from shards: their folder is the provenance
-        card["shards"] = mixing.get("shards")
+        shards = Path(mixing.get("shards") or "").expanduser()
+        card["shards"] = str(shards)
+        card["shard_files"] = len(list(shards.glob("shard-*.safetensors"))) if shards.is_dir() else 0
+        card["shards_note"] = (
+            "offline: images came from these shards; the generator fields below are this run's mixing settings, "
+            "not necessarily those python -m mixing.pregenerate used"
+        )
     try:
         from generator.model import load_config
 
