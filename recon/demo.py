@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -61,8 +60,6 @@ from recon import checkpoint as ckpt
 from recon.registry import PluginError, import_plugin
 
 __all__ = ["main", "Frame", "iter_frames", "read_boxes", "DemoError", "predict_frame", "HAND_EXTENT_M"]
-
-logger = logging.getLogger("recon.demo")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
@@ -117,7 +114,7 @@ def iter_frames(path: str | Path, max_frames: Optional[int] = None) -> Iterator[
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DemoError(f"--input {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-        for index, file in enumerate(files[:max_frames]):
+        for file in files[:max_frames]:
             yield Frame(file.name, file.stem, _read_image(file))
     elif path.suffix.lower() in VIDEO_SUFFIXES:
         if not path.is_file():
