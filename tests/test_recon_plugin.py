@@ -63,6 +63,7 @@ def test_the_documented_plugin_trains_and_tests(tmp_path, capsys):
     meta = json.loads(sidecar_path.read_text())
     meta["arch"] = "_never_registered"
     sidecar_path.write_text(json.dumps(meta))
+    capsys.readouterr()  # drop the evaluation's progress bars above
     assert recon_test.main(["--ckpt", str(out)]) == 2
     error = capsys.readouterr().err.strip()
     assert "regressor '_never_registered' is not registered" in error and "--plugin" in error and "\n" not in error
