@@ -22,8 +22,9 @@ The regressor's input is what it was trained on (the checkpoint's ``data.crop`` 
 - ``crop: hands`` (a region around both hands grown 1.3x): the boxes come from ``--boxes FILE``, a JSON
   ``{frame: [x0, y0, x1, y1]}`` (the hands' region) or ``{frame: {"right": box | null, "left": box | null}}``
   (per hand; null: the hand is absent), frame being the image's file name or the video frame's index; else,
-  for an InterWild checkpoint, from InterWild's own box net run on the whole frame (a first pass); else the
-  whole frame, with a log line saying so. The hands' union box is grown 1.3x (as at test time) and kept at
+  for an InterWild checkpoint, from InterWild's own box net run on the whole frame (a first pass); for any
+  other regressor, from the box net of an InterWild checkpoint given as ``--detector``; else the whole
+  frame, with a log line saying so. The hands' union box is grown 1.3x (as at test time) and kept at
   least a tenth of the frame's larger side.
 
 Which hands are present: from the box file when it names hands; for InterWild, a hand is present when its
@@ -211,6 +212,11 @@ def _whole(image: Tensor) -> Tensor:
     return torch.tensor([0.0, 0.0, width - 1.0, height - 1.0])
 
 
+def _has_box_net(model) -> bool:
+    """InterWild-style: a box net and forward_hands (boxes and their confidences from the whole frame)."""
+    return callable(getattr(model, "forward_hands", None)) and hasattr(model, "box_net")
+
+
 def _union_box(boxes: list[Tensor], height: int, width: int) -> Tensor:
     """The union of hand boxes (frame px) grown by EXTEND, at least MIN_BOX_FRACTION of the frame's larger
     side (an untrained or unsure box net can predict empty boxes)."""
@@ -270,18 +276,25 @@ def run(args: argparse.Namespace) -> dict:
 
     hand_model = HandModel(mano_dir=args.mano_dir or info.meta["config"].get("mano_dir")).to(device)
     boxes = read_boxes(args.boxes) if args.boxes else None
-    is_interwild = callable(getattr(model, "forward_hands", None)) and hasattr(model, "box_net")
+    is_interwild = _has_box_net(model)
+    detector, detector_size = (model, input_size) if is_interwild else (None, None)
+    if args.detector and crop_mode == "hands" and boxes is None:
+        detector, detector_info = load_regressor(args.detector, device=device, mano_dir=args.mano_dir)
+        if not _has_box_net(detector):
+            raise DemoError(f"--detector {args.detector}: {detector_info.arch!r} has no box net (give an InterWild checkpoint)")
+        detector_size = tuple(int(v) for v in detector_info.meta["config"]["data"]["image_size"])
     if crop_mode == "image":
         box_source = "whole frame (the checkpoint was trained on whole images)"
     elif boxes is not None:
         box_source = f"box file {args.boxes}"
-    elif is_interwild:
-        box_source = f"InterWild's box net on the whole frame (hand present when box_conf >= {args.hand_threshold})"
+    elif detector is not None:
+        which = "the --detector checkpoint's" if detector is not model else "InterWild's"
+        box_source = f"{which} box net on the whole frame (hand present when box_conf >= {args.hand_threshold})"
     else:
         box_source = "whole frame (no --boxes given and the regressor predicts no boxes)"
         print(
-            f"recon.demo: {info.arch} was trained on crops around the hands; no --boxes file was given and it has no "
-            "box net, so the whole frame is its input (pass --boxes FILE for better results)",
+            f"recon.demo: {info.arch} was trained on crops around the hands; no --boxes file or --detector was given "
+            "and it has no box net, so the whole frame is its input (pass --boxes FILE or --detector INTERWILD_CKPT)",
             file=sys.stderr,
         )
     out = Path(args.out)
@@ -320,8 +333,8 @@ def run(args: argparse.Namespace) -> dict:
                         given = [entry[s] for s in ("right", "left") if entry[s] is not None]
                         if given:
                             box = _union_box(given, height, width)
-                elif is_interwild:
-                    found = _interwild_boxes(model, image, K, input_size, device, args.hand_threshold)
+                elif detector is not None:
+                    found = _interwild_boxes(detector, image, K, detector_size, device, args.hand_threshold)
                     present = {side: found[side] is not None for side in ("right", "left")}
                     confidences = {side: found[f"{side}_conf"] for side in ("right", "left")}
                     given = [found[s] for s in ("right", "left") if found[s] is not None]
@@ -425,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", required=True, help="an image, a folder of images, or a video")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--boxes", help="JSON {frame: [x0,y0,x1,y1]} or {frame: {right: box|null, left: box|null}}")
+    parser.add_argument("--detector", help="an InterWild checkpoint whose box net finds the hands for another regressor")
     parser.add_argument("--focal", type=float, nargs="+", help="focal length(s) in pixels: F or FX FY")
     parser.add_argument("--princpt", type=float, nargs=2, metavar=("CX", "CY"), help="principal point in pixels")
     parser.add_argument("--hand-threshold", type=float, default=0.05, help="InterWild box confidence for a present hand")

@@ -271,6 +271,15 @@ def test_demo_with_interwild_finds_boxes_itself_and_reports_absolute_positions(r
     np.testing.assert_allclose(np.subtract(left["wrist_cam"], right["wrist_cam"]), record["rel_root"], atol=1e-5)
     x0, y0, x1, y1 = record["input_box"]
     assert x1 - x0 >= 0.1 * 64 - 1e-3 and y1 - y0 >= 0.1 * 64 - 1e-3  # never an empty input region
+    # another regressor with InterWild's boxes (--detector): presence and input region from the detector
+    out = tmp_path / "baseline"
+    baseline = run[1]
+    assert recon_demo.main(["--ckpt", str(baseline), "--input", str(images), "--out", str(out), "--detector", str(ckpt), "--hand-threshold", "0"]) == 0
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["arch"] == "baseline" and summary["boxes"].startswith("the --detector checkpoint's box net")
+    detected = json.loads((out / "json" / f"{summary['frames'][0]['stem']}.json").read_text())
+    assert detected["input_box"] == record["input_box"] and detected["hands"][0]["confidence"] == right["confidence"]
+    assert recon_demo.main(["--ckpt", str(baseline), "--input", str(images), "--out", str(out), "--detector", str(baseline)]) == 2
     # a confidence threshold no hand reaches: zero hands, frames written as they are
     out = tmp_path / "none"
     assert recon_demo.main(["--ckpt", str(ckpt), "--input", str(images), "--out", str(out), "--hand-threshold", "1.01"]) == 0
