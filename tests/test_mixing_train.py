@@ -83,3 +83,26 @@ def test_torchrun_each_rank_generates_and_mixes_its_own_share(synthlab_root, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     mixing = json.loads((out / "metrics.json").read_text())["mixing"]
     assert [rank["taken"] for rank in mixing["ranks"]] == [4, 4]  # 2 steps x 2 generated samples, on each rank
+
+
+def test_ctrl_c_leaves_a_checkpoint_that_resume_continues(synthlab_root, tmp_path, monkeypatch):
+    from mixing import mixer as mixing_mixer
+
+    real_iter = mixing_mixer.Mixer.__iter__
+
+    def interrupted(self):
+        for k, batch in enumerate(real_iter(self)):
+            if k == 2:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(mixing_mixer.Mixer, "__iter__", interrupted)
+    out = tmp_path / "ctrl_c"
+    args = run_args(synthlab_root, out, "--synthetic-ratio", "0.5", "--max-steps", "3", "--mix-mode", "sync", *GEN)
+    with pytest.raises(KeyboardInterrupt):
+        recon_train.train(recon_train.parse_args(args))
+    meta = json.loads(sorted((out / "checkpoints").glob("step_*.json"))[-1].read_text())
+    assert meta["step"] == 2
+    monkeypatch.setattr(mixing_mixer.Mixer, "__iter__", real_iter)
+    result = recon_train.train(recon_train.parse_args([*args, "--resume"]))
+    assert result["step"] == 3
