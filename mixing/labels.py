@@ -25,7 +25,7 @@ from hands.datasets.common import assemble_sample, make_hand_labels
 from hands.datasets.mano_fit import fit_to_camera_mesh
 from hands.datasets.poses import PoseSampler
 from hands.datasets.synthlab import random_rig
-from hands.sample import HandBatch, HandSample, collate
+from hands.sample import HandBatch, HandLabels, HandSample, collate
 
 __all__ = ["DatasetLabelSource", "PriorLabelSource", "mesh_consistent"]
 
@@ -139,8 +139,6 @@ class PriorLabelSource:
                 )
             if in_view:
                 break
-        from hands.sample import HandLabels
-
         right = hands["right"] if hands["right"] is not None else HandLabels.empty()
         left = hands["left"] if hands["left"] is not None else HandLabels.empty()
         hand_type = "interacting" if (hands["right"] is not None and hands["left"] is not None) else config.split("-")[1]

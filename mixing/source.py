@@ -188,7 +188,6 @@ class SyntheticSource:
             raise ValueError(f"generator returned images of shape {tuple(images.shape)}, expected {(n, 3, self.size, self.size)}")
         meta = [
             {
-                **{k: v for k, v in m.items() if k in ("id", "dataset")},
                 "id": f"gen-{self.rank}-{call}-{i}",
                 "label_id": f"{m.get('dataset', '?')}/{m.get('id', '?')}",
                 "dataset": "attentionhand",
