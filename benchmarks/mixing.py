@@ -1,0 +1,108 @@
+"""P2: training step time with generated samples mixed in online (`--synthetic-ratio 0.3`) over without them
+(`--synthetic-ratio 0`): same regressor, profile, batch, seed and steps.
+
+Each repetition is one `python -m recon.train` subprocess (a fresh process: no warm caches shared between the
+two sides; its peak RSS is sampled from outside). The step time is the training loop's time over its steps, as
+recon.train prints it ("trained N steps in X s": the loop only, setup, final checkpoint and evaluation excluded);
+with mixing, the trainer's stall (waiting on the pool) and the generator's busy time come from its "mixing:" line.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .common import RssSampler, mib
+
+_TRAINED = re.compile(r"trained (\d+) steps in ([0-9.]+) s")
+_MIXING_KEYS = ("trainer_stall_s", "generator_busy_s", "images_per_s", "produced", "taken", "mean_reuse",
+                "stall_fraction_of_training")
+
+
+@dataclass
+class MixingSettings:
+    steps: int = 40
+    batch: int = 16
+    repeats: int = 3
+    ratio: float = 0.3
+    overrides: list[str] = field(default_factory=list)  # extra KEY=VALUE for recon.train (e.g. mixing.max_reuse=8)
+
+
+def train_command(settings: MixingSettings, ratio: float, out: Path) -> list[str]:
+    return [sys.executable, "-m", "recon.train", "--synthetic-ratio", str(ratio), "--max-steps", str(settings.steps),
+            "--batch-size", str(settings.batch), "--seed", "0", "--device", "cpu", "--out", str(out),
+            "eval.at_end=false", "train.ckpt_every=1000000", "train.image_every=0", "train.log_every=1000000",
+            *settings.overrides]
+
+
+def _parse(text: str) -> dict:
+    match = _TRAINED.search(text)
+    if match is None:
+        tail = "\n".join(text.strip().splitlines()[-5:])
+        raise RuntimeError(f"recon.train printed no 'trained N steps in X s' line; its output ended with:\n{tail}")
+    steps, loop_s = int(match.group(1)), float(match.group(2))
+    result = {"steps": steps, "loop_s": loop_s}
+    mixing = next((line for line in text.splitlines() if line.startswith("mixing: produced")), None)
+    if mixing is not None:
+        for key in _MIXING_KEYS:
+            found = re.search(rf"\b{key} ([0-9.e+-]+)", mixing)
+            if found:
+                result[key] = float(found.group(1))
+    return result
+
+
+def run_once(settings: MixingSettings, ratio: float, workdir: Path, tag: str) -> tuple[dict, int]:
+    """One recon.train subprocess; (parsed figures, peak RSS bytes of the child)."""
+    out = workdir / tag
+    log = workdir / f"{tag}.log"
+    with open(log, "w") as handle:
+        child = subprocess.Popen(train_command(settings, ratio, out), stdout=handle, stderr=subprocess.STDOUT,
+                                 cwd=Path(__file__).resolve().parent.parent)
+        sampler = RssSampler(child.pid, interval=0.02).start()
+        code = child.wait()
+        peak = sampler.stop()
+    text = log.read_text(errors="replace")
+    if code != 0:
+        tail = "\n".join(text.strip().splitlines()[-5:])
+        raise RuntimeError(f"recon.train --synthetic-ratio {ratio} exited with {code}:\n{tail}")
+    return _parse(text), peak
+
+
+def run_p2(settings: MixingSettings) -> dict:
+    """Step time at `settings.ratio` over ratio 0, repetitions interleaved (0, r, r, 0, ...)."""
+    runs: dict[str, list[dict]] = {"mixed": [], "real_only": []}
+    peaks = {"mixed": 0, "real_only": 0}
+    ratios = {"mixed": settings.ratio, "real_only": 0.0}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_p2_") as tmp:
+        for rep in range(settings.repeats):
+            order = ["real_only", "mixed"] if rep % 2 == 0 else ["mixed", "real_only"]
+            for name in order:
+                result, peak = run_once(settings, ratios[name], Path(tmp), f"{name}_{rep}")
+                runs[name].append(result)
+                peaks[name] = max(peaks[name], peak)
+    step_s = {n: sorted(r["loop_s"] / r["steps"] for r in v) for n, v in runs.items()}
+    median = {n: v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+              for n, v in step_s.items()}
+    ratio = median["mixed"] / median["real_only"]
+    stall = sorted(r.get("trainer_stall_s", 0.0) / r["loop_s"] for r in runs["mixed"])
+    stall_median = stall[len(stall) // 2]
+    busy = sorted(r.get("generator_busy_s", 0.0) / r["loop_s"] for r in runs["mixed"])
+    return {
+        "ratio": round(ratio, 3), "target": 1.10, "met": bool(ratio <= 1.10 and stall_median <= 0.01),
+        "better": "lower",
+        "step_s_median": {n: round(v, 4) for n, v in median.items()},
+        "step_s": {n: [round(x, 4) for x in v] for n, v in step_s.items()},
+        "stall_fraction": round(stall_median, 4), "stall_target": 0.01,
+        "generator_busy_fraction": round(busy[len(busy) // 2], 4),
+        "runs": runs,
+        "peak_mib": {n: mib(b) for n, b in peaks.items()},
+        "settings": {"synthetic_ratio": settings.ratio, "steps": settings.steps, "batch": settings.batch,
+                     "repeats": settings.repeats, "profile": "demo", "arch": "baseline", "mix_mode": "online",
+                     "command": " ".join(train_command(settings, settings.ratio, Path("OUT"))[1:])},
+        "wall_s": round(time.perf_counter() - started, 1),
+    }

@@ -1,0 +1,74 @@
+"""benchmarks: the quick mode of the cheapest measurement (P4) end to end, the JSON schema, the helpers.
+
+Timing values are not asserted (they depend on the machine and its load); only their presence and form.
+"""
+import json
+
+import pytest
+import torch
+
+from benchmarks import run
+from benchmarks.common import interleaved
+from benchmarks.mixing import _parse
+
+
+@pytest.fixture
+def restore_threads(monkeypatch):
+    """run.main sets torch's thread count and LP_NUM_THREADS; put both back afterwards."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("LP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_p4_writes_json_and_table(tmp_path, restore_threads):
+    pytest.importorskip("moderngl")
+    out = tmp_path / "cpu.json"
+    assert run.main(["--quick", "--only", "p4", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["command"] == f"python -m benchmarks.run --quick --only p4 --out {out}"
+    assert report["quick"] is True
+    for key in ("platform", "cpu_count", "python", "torch", "diffusers", "moderngl", "device"):
+        assert report["machine"][key]
+    assert len(report["load_average"]["start"]) == 3 and len(report["load_average"]["end"]) == 3
+    entry = report["p4_render"]
+    assert isinstance(entry["ratio"], float) and entry["ratio"] > 0
+    assert entry["target"] == 3.0
+    assert entry["met"] is (entry["ratio"] <= 3.0)
+    assert set(entry["median_s"]) == {"hands.render", "moderngl"}
+    assert all(len(v) == 3 for v in entry["seconds"].values())  # quick: 3 interleaved repetitions each
+    assert all(v > 0 for v in entry["peak_mib"].values())
+    assert set(entry["peak_growth_mib"]) == {"hands.render", "moderngl"}
+    # both renderers draw the same hands (silhouettes agree on nearly every pixel)
+    assert entry["silhouette_agreement"] > 0.98
+    assert "p1_sampler" not in report
+    table = out.with_suffix(".md").read_text()
+    assert "| P4 mesh images: hands.render / moderngl (time) |" in table
+
+
+def test_unknown_target_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(["--only", "p9"])
+    assert "--only: unknown target(s) p9" in capsys.readouterr().err
+
+
+def test_interleaved_alternates_order_and_uses_returned_seconds():
+    calls = []
+    variants = {"a": lambda: calls.append("a") or 1.5, "b": lambda: calls.append("b") or 2.5}
+    timings = interleaved(variants, repeats=3, device=torch.device("cpu"), warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then a b / b a / a b
+    assert timings.seconds == {"a": [1.5] * 3, "b": [2.5] * 3}
+    assert timings.median("b") / timings.median("a") == pytest.approx(2.5 / 1.5)
+
+
+def test_parse_recon_train_output():
+    text = ("mixing: 5 of 16 samples per batch from attentionhand (online, labels: train, 64 px)\n"
+            "mixing: produced 24, dropped_nonfinite 0, taken 12, mean_reuse 0, trainer_stall_s 1.9, "
+            "generator_busy_s 6.14, images_per_s 3.91, stall_fraction 0.31, stall_fraction_of_training 0.321\n"
+            "trained 6 steps in 5.9 s; checkpoint /tmp/x/step_000006.json\n")
+    parsed = _parse(text)
+    assert parsed["steps"] == 6 and parsed["loop_s"] == 5.9
+    assert parsed["trainer_stall_s"] == 1.9 and parsed["generator_busy_s"] == 6.14 and parsed["produced"] == 24
+    assert _parse("trained 3 steps in 1.0 s; checkpoint c") == {"steps": 3, "loop_s": 1.0}
+    with pytest.raises(RuntimeError, match="no 'trained N steps in X s' line"):
+        _parse("Traceback ...\nValueError: boom\n")
