@@ -86,7 +86,7 @@ class Frame:
 def _to_tensor(array: np.ndarray) -> Tensor:
     if array.ndim == 2:
         array = np.stack([array] * 3, -1)
-    return torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.array(array[..., :3], copy=True)).permute(2, 0, 1).float().div_(255.0)
 
 
 def _read_image(path: Path) -> Tensor:
