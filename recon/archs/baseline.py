@@ -16,10 +16,10 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from hands.mano import HandModel
 from hands.rotation import axis_angle_to_matrix, matrix_to_axis_angle, rot6d_to_matrix
 from hands.sample import HandBatch
 from recon.losses import masked_l1
+from recon.archs.common import HandModelMixin
 from recon.output import TwoHandOutput
 from recon.registry import REGRESSORS
 
@@ -31,7 +31,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @REGRESSORS.register("baseline")
-class BaselineRegressor(nn.Module):
+class BaselineRegressor(HandModelMixin, nn.Module):
     """Backbone -> both hands' MANO parameters + relative root translation.
 
     Args (keyword-only):
@@ -84,19 +84,10 @@ class BaselineRegressor(nn.Module):
         self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         # The MANO layer is kept out of the module tree so that its buffers stay out of the checkpoint (the
         # hand model is chosen at run time by mano_dir, and recorded by fingerprint in the sidecar).
-        self._hand_model = [HandModel(mano_dir=mano_dir)]
+        self._set_hand_model(mano_dir)
         self.weights = dict(
             verts=weight_verts, joints=weight_joints, pose=weight_pose, shape=weight_shape, rel_root=weight_rel_root
         )
-
-    @property
-    def hand_model(self) -> HandModel:
-        return self._hand_model[0]
-
-    def _hand_model_on(self, device: torch.device) -> HandModel:
-        if self.hand_model.faces.device != device:
-            self._hand_model[0] = self.hand_model.to(device)
-        return self.hand_model
 
     def load_backbone_weights(self, path: str) -> None:
         """Load pretrained backbone weights (a .safetensors file or a torch state dict; the classifier's keys,

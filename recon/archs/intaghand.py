@@ -55,6 +55,7 @@ from hands.mano import HandModel
 from hands.render import render_mesh
 from hands.sample import HandBatch
 from recon.archs.graph import CoarseGraphs, coarsen_mesh, fit_upsampling
+from recon.archs.common import HandModelMixin
 from recon.output import TwoHandOutput
 from recon.registry import REGRESSORS
 
@@ -369,7 +370,7 @@ def _normalise_pixels(pixels: Tensor, image_size: Tuple[int, int]) -> Tensor:
 
 
 @REGRESSORS.register("intaghand")
-class IntagHand(nn.Module):
+class IntagHand(HandModelMixin, nn.Module):
     """IntagHand: image -> both hands' meshes through a two-hand graph decoder (see the module docstring).
 
     Args (keyword-only):
@@ -470,7 +471,7 @@ class IntagHand(nn.Module):
         self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         # The hand model and everything derived from it are kept out of the checkpoint (as the baseline's MANO
         # layer): they are rebuilt from mano_dir, and the sidecar records the hand model's fingerprint.
-        self._hand_model = [HandModel(mano_dir=mano_dir)]
+        self._set_hand_model(mano_dir)
         derived = hand_graphs(self.hand_model)
         self.graphs = derived.graphs
         for side in SIDES:
@@ -492,15 +493,6 @@ class IntagHand(nn.Module):
         self.epoch = 0
 
     # -- bookkeeping -------------------------------------------------------------------------------------
-
-    @property
-    def hand_model(self) -> HandModel:
-        return self._hand_model[0]
-
-    def _hand_model_on(self, device: torch.device) -> HandModel:
-        if self.hand_model.faces.device != device:
-            self._hand_model[0] = self.hand_model.to(device)
-        return self.hand_model
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the model the current training epoch (0-based): the edge-length loss is on from
