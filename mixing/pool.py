@@ -44,6 +44,7 @@ class PoolStats:
     taken: int = 0
     taken_fresh: int = 0
     stall_s: float = 0.0
+    prime_s: float = 0.0
     busy_s: float = 0.0
     reuse_histogram: Counter = field(default_factory=Counter)  # reuse count at the time of drawing -> n
 
@@ -59,6 +60,7 @@ class PoolStats:
             ),
             "reuse_histogram": {str(k): v for k, v in sorted(self.reuse_histogram.items())},
             "trainer_stall_s": self.stall_s,
+            "prime_s": self.prime_s,
             "generator_busy_s": self.busy_s,
             "images_per_s": self.produced / self.busy_s if self.busy_s > 0 else 0.0,
         }
@@ -173,6 +175,24 @@ class SamplePool:
         return batch.select(finite) if n_bad < len(batch) else None
 
     # ------------------------------------------------------------------ consumer side
+    def prime(self, n: int, timeout: float | None = None) -> float:
+        """Wait until ``n`` usable samples are in the pool (before training starts, so that the first steps
+        do not stall on the first generator call). Returns the wait in seconds, counted as ``prime_s``,
+        not as trainer stall. Raises like :meth:`take`."""
+        start = time.perf_counter()
+        with self._lock:
+            while self._size() < n:
+                if self._error is not None:
+                    raise ProducerError(f"the sample pool's producer failed: {self._error!r}") from self._error
+                if self._thread is None or not self._thread.is_alive():
+                    raise ProducerError("the sample pool's producer is not running (closed or never started)")
+                self._lock.wait(timeout=0.05)
+                if timeout is not None and time.perf_counter() - start > timeout:
+                    raise TimeoutError(f"prime({n}): the pool did not fill within {timeout} s")
+            waited = time.perf_counter() - start
+            self._stats.prime_s += waited
+        return waited
+
     def take(self, n: int, timeout: float | None = None) -> HandBatch:
         """Draw ``n`` samples: fresh ones first, then the least reused; waits only if fewer are usable.
 

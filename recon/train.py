@@ -376,6 +376,8 @@ def train(args: argparse.Namespace) -> dict:
         f"{world_size} process(es), {batches_per_epoch} steps/epoch, {max_steps} steps, batch {cfg.train.batch_size}"
         f" ({n_synthetic} synthetic) per process"
     )
+    if provider is not None and callable(getattr(provider, "prime", None)):
+        provider.prime(n_synthetic)  # the first generated batch before the clock starts (reported as prime_s)
     saved_step = step if resume_info is not None else -1
     loop_start, samples_seen = time.perf_counter(), 0
     batch_in_epoch = start_batch
@@ -496,6 +498,7 @@ def train(args: argparse.Namespace) -> dict:
         "mixing": mixing_stats,
         "out": str(out),
         "step": step,
+        "train_time_s": train_time,
         "checkpoint": str(final) if final else None,
     }
 

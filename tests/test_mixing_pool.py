@@ -102,3 +102,16 @@ def test_bad_arguments_are_refused():
     with SamplePool(Counter(), capacity=4) as pool:
         with pytest.raises(ValueError, match="at most 4"):
             pool.take(5)
+
+
+def test_prime_waits_for_the_first_samples_without_counting_stall():
+    def slow():
+        time.sleep(0.3)
+        return fake_batch(0, 4)
+
+    with SamplePool(slow, capacity=4, max_reuse=1) as pool:
+        waited = pool.prime(2, timeout=10)
+        assert waited > 0.1 and len(pool) >= 2
+        pool.take(2, timeout=10)
+        stats = pool.stats()
+        assert stats["prime_s"] == waited and stats["trainer_stall_s"] < 0.05
