@@ -380,7 +380,7 @@ def train(args: argparse.Namespace) -> dict:
         provider.prime(n_synthetic)  # the first generated batch before the clock starts (reported as prime_s)
     saved_step = step if resume_info is not None else -1
     loop_start, samples_seen = time.perf_counter(), 0
-    batch_in_epoch = start_batch
+    batch_in_epoch, bar = start_batch, None
     try:
         while step < max_steps and epoch < cfg.train.epochs:
             for group in optimizer.param_groups:
@@ -447,6 +447,8 @@ def train(args: argparse.Namespace) -> dict:
             say(f"\ninterrupted at step {step}; resumable checkpoint {path}")
         raise
     finally:  # joins the generator's producer thread, whatever ended the loop
+        if bar is not None:
+            bar.close()
         if provider is not None:
             provider.close()
     train_time = time.perf_counter() - loop_start
