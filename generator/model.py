@@ -129,7 +129,7 @@ class GeneratorComponents:
 
     def to(self, device=None, dtype=None) -> "GeneratorComponents":
         for module in (self.text_encoder, self.vae, self.unet, self.guidance):
-            module.to(device=device, dtype=dtype)
+            module.to(**_to_kwargs(device, dtype))
         return self
 
     def encode_prompts(self, prompts: Sequence[str], device=None) -> torch.Tensor:
@@ -144,6 +144,11 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], device=None)
     ids = tokenizer(list(prompts), padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
                     return_tensors="pt").input_ids.to(device)
     return text_encoder(ids, return_dict=False)[0]
+
+
+def _to_kwargs(device, dtype) -> dict:
+    """Only the arguments given: diffusers warns about fp32 modules whenever a dtype key is passed, even None."""
+    return {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
 
 
 def _groups(channels: Sequence[int]) -> int:

@@ -22,7 +22,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from .model import GeneratorComponents, GeneratorConfig, SamplingConfig, build_components, encode_prompts
+from .model import GeneratorComponents, _to_kwargs, GeneratorConfig, SamplingConfig, build_components, encode_prompts
 from .tagging import hand_token_indices
 from .text_attention import (AttentionStore, TasSchedule, apply_tas, attention_hw_for, cross_attention_layers,
                              recording, token_mask)
@@ -82,7 +82,7 @@ class AttentionHandPipeline:
     def to(self, device=None, dtype=None) -> "AttentionHandPipeline":
         for module in (self.text_encoder, self.vae, self.unet, self.guidance):
             if module is not None:
-                module.to(device=device, dtype=dtype)
+                module.to(**_to_kwargs(device, dtype))
         return self
 
     @property
