@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first: pip takes the 2.14.1 / 0.29.1 wheels from this machine's disk
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,scale]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,scale,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
