@@ -111,6 +111,8 @@ class SyntheticSource:
         local_size: local mesh image size (default S); use_local: pass local mesh images to the generator.
         extend: window = union of the hand boxes, squared, grown by this factor.
         local_scale: the local crop's square hand box is grown by this factor.
+        extend and local_scale default to the framing ``python -m generator.train`` trains with, so the
+        generator sees at sampling the conditions it learned from.
         prompts: the prompt bank; seed, rank: random streams; device: where everything runs.
         sampling: extra keyword arguments for the generator call (num_inference_steps, guidance_scale, ...).
     """
@@ -125,7 +127,7 @@ class SyntheticSource:
         size: int,
         use_local: bool = True,
         extend: float = 1.5,
-        local_scale: float = 1.2,
+        local_scale: float = 1.0,
         prompts: PromptBank | None = None,
         seed: int = 0,
         rank: int = 0,
