@@ -84,6 +84,17 @@ class GeneratorConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
+def resolve_config_path(name: str | Path) -> Path:
+    """A YAML path, or a bare name of a file in configs/generator/ ("tiny" -> configs/generator/tiny.yaml);
+    FileNotFoundError naming both when neither exists."""
+    path = Path(name)
+    if not path.suffix and not path.exists():
+        path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"generator config not found: {name} (nor {path})")
+    return path
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> GeneratorConfig:
     """GeneratorConfig from a YAML file (a name like "tiny" means configs/generator/tiny.yaml) and `key=value`
     overrides (e.g. "sampling.tas_steps=5"). Unknown keys or wrong types raise, naming the key."""
@@ -91,11 +102,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
     layers = []
     if path is not None:
-        path = Path(path)
-        if not path.suffix and not path.exists():
-            path = CONFIG_DIR / f"{path}.yaml"
-        if not path.is_file():
-            raise FileNotFoundError(f"generator config not found: {path}")
+        path = resolve_config_path(path)
         layers.append(OmegaConf.load(path))
     if overrides:
         layers.append(OmegaConf.from_dotlist(list(overrides)))

@@ -52,7 +52,7 @@ from hands.datasets import transforms
 from hands.render import crop_local, render_hands
 from hands.sample import HandBatch, HandSample, collate
 
-from .model import CONFIG_DIR, GeneratorComponents, GeneratorConfig, build_components, load_config
+from .model import GeneratorComponents, GeneratorConfig, build_components, load_config, resolve_config_path
 from .tagging import hand_token_indices
 from .text_attention import (AttentionStore, TasSchedule, apply_tas, attention_hw_for, cross_attention_layers,
                              recording, token_mask)
@@ -564,12 +564,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     layers = [OmegaConf.structured(TrainConfig)]
     config_file = given.pop("config", None)
     if config_file is not None:
-        path = Path(config_file)
-        if not path.suffix and not path.exists():
-            path = CONFIG_DIR / f"{config_file}.yaml"
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {config_file}: no such file (nor {path})")
-        layers.append(OmegaConf.load(path))
+        layers.append(OmegaConf.load(resolve_config_path(config_file)))
     layers.append(OmegaConf.create(given))
     return OmegaConf.to_object(OmegaConf.merge(*layers))
 
