@@ -42,12 +42,12 @@ class TinyArchitecture:
     """The built-in tiny generator (random init; sizes as in design/PERFORMANCE.md). Every UNet level has
     cross-attention, so TAS has maps at any level. The VAE has 4 levels (factor 8, as SD)."""
 
-    unet_channels: tuple[int, ...] = (32, 64)
+    unet_channels: tuple[int, ...] = (32, 64)  # one CrossAttn down/up block per entry
     layers_per_block: int = 1
     attention_heads: int = 4
     cross_attention_dim: int = 32  # also the CLIP text model's hidden size
-    latent_size: int = 8  # default sample size: latent_size * 8 pixels
-    vae_channels: tuple[int, ...] = (16, 32, 32, 32)
+    latent_size: int = 8  # default sample size: latent_size * 2 ** (len(vae_channels) - 1) pixels
+    vae_channels: tuple[int, ...] = (16, 32, 32, 32)  # n levels: a VAE of factor 2 ** (n - 1)
     text_layers: int = 2
     text_heads: int = 4
     text_intermediate_size: int = 37
@@ -81,6 +81,7 @@ class GeneratorConfig:
     scheduler: str = "DDIMScheduler"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     attention_downsample: int = 4  # TAS attention resolution = latent size / this (16 for 64 x 64 latents)
+    prompts: Literal["wild", "synthlab"] = "wild"  # the prompt bank it is sampled with (generator.prompts)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -95,15 +96,27 @@ def resolve_config_path(name: str | Path) -> Path:
     return path
 
 
+PATH_KEYS = ("sd_path", "guidance_path")
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> GeneratorConfig:
     """GeneratorConfig from a YAML file (a name like "tiny" means configs/generator/tiny.yaml) and `key=value`
-    overrides (e.g. "sampling.tas_steps=5"). Unknown keys or wrong types raise, naming the key."""
+    overrides (e.g. "sampling.tas_steps=5"). Unknown keys or wrong types raise, naming the key.
+
+    A relative sd_path / guidance_path written in the YAML file is relative to that file's folder (so the shipped
+    configs find the shipped weights from any working directory); one given as an override is relative to the
+    working directory, as any command-line path."""
     from omegaconf import OmegaConf
 
     layers = []
     if path is not None:
         path = resolve_config_path(path)
-        layers.append(OmegaConf.load(path))
+        layer = OmegaConf.load(path)
+        for key in PATH_KEYS:
+            value = layer.get(key) if not OmegaConf.is_missing(layer, key) else None
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                layer[key] = str((path.parent / value).resolve())
+        layers.append(layer)
     if overrides:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
     if layers:  # a '???' value in the file is a required setting (merging would silently keep the default)
@@ -128,6 +141,13 @@ class GeneratorComponents:
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        """The image size the UNet was built for: its latent sample_size x the VAE's factor (512 for SD 1.5)."""
+        sample = self.unet.config.sample_size
+        sample = sample[0] if isinstance(sample, (tuple, list)) else sample
+        return int(sample) * self.vae_scale_factor
 
     @classmethod
     def from_config(cls, config: "GeneratorConfig") -> "GeneratorComponents":
@@ -181,7 +201,8 @@ def build_tiny_components(arch: TinyArchitecture, *, seed: int = 0, scheduler: s
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(arch.vae_channels),
             down_block_types=("DownEncoderBlock2D",) * len(arch.vae_channels),
             up_block_types=("UpDecoderBlock2D",) * len(arch.vae_channels), layers_per_block=1,
-            norm_num_groups=_groups(arch.vae_channels), sample_size=arch.latent_size * 8)
+            norm_num_groups=_groups(arch.vae_channels),
+            sample_size=arch.latent_size * 2 ** (len(arch.vae_channels) - 1))
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=arch.cross_attention_dim,
             intermediate_size=arch.text_intermediate_size,

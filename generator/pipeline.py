@@ -89,6 +89,13 @@ class AttentionHandPipeline:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    @property
+    def default_size(self) -> int:
+        """The image size the UNet was built for (its latent sample_size x the VAE's factor)."""
+        sample = self.unet.config.sample_size
+        sample = sample[0] if isinstance(sample, (tuple, list)) else sample
+        return int(sample) * self.vae_scale_factor
+
     # ------------------------------------------------------------------------------------------------------------
     def check_inputs(self, mesh_images, local_mesh_images, prompts, negative_prompts, num_inference_steps,
                      tas_steps, guidance_scale, generator, latents) -> list[str]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PromptBank", "ACTIONS", "SCENES", "LIGHTS", "PEOPLE"]
+__all__ = ["PromptBank", "ACTIONS", "SCENES", "LIGHTS", "PEOPLE", "BANKS", "prompt_bank"]
 
 PEOPLE = (
     "a person",
@@ -67,7 +67,8 @@ class PromptBank:
 
     Args:
         people, actions, scenes, lights: the word lists (defaults: the module's constants).
-        suffix: appended to every prompt.
+        suffix: appended to every prompt (after a comma).
+        template: how the four words are joined.
     """
 
     people: tuple[str, ...] = PEOPLE
@@ -75,6 +76,19 @@ class PromptBank:
     scenes: tuple[str, ...] = SCENES
     lights: tuple[str, ...] = LIGHTS
     suffix: str = "realistic photo"
+    template: str = "{person} {action} {scene}, {light}"
+
+    @classmethod
+    def synthlab(cls) -> "PromptBank":
+        """The in-the-wild vocabulary of synthlab's captions (its train-wild/test-wild scenes, lights and two-hand
+        actions, in its caption form "a person {action} in {scene} under {light}"): the prompts a generator
+        trained on synthlab train-wild, such as the embedded tiny one, has learnt words for."""
+        from hands.datasets.synthlab import ACTIONS as LAB_ACTIONS, LIGHTS as LAB_LIGHTS, SCENES as LAB_SCENES
+
+        return cls(people=("a person",), actions=tuple(a for group in LAB_ACTIONS.values() for a in group),
+                   scenes=tuple(f"in {phrase}" for _, phrase in LAB_SCENES.values()),
+                   lights=tuple(f"under {phrase}" for _, phrase in LAB_LIGHTS.values()), suffix="",
+                   template="{person} {action} {scene} {light}")
 
     def __len__(self) -> int:
         return len(self.people) * len(self.actions) * len(self.scenes) * len(self.lights)
@@ -86,10 +100,22 @@ class PromptBank:
         index, p = divmod(index, len(self.people))
         index, a = divmod(index, len(self.actions))
         light, s = divmod(index, len(self.scenes))
-        text = f"{self.people[p]} {self.actions[a]} {self.scenes[s]}, {self.lights[light]}"
+        text = self.template.format(person=self.people[p], action=self.actions[a], scene=self.scenes[s],
+                                    light=self.lights[light])
         return f"{text}, {self.suffix}" if self.suffix else text
 
     def sample(self, n: int, generator: torch.Generator) -> list[str]:
         """``n`` prompts drawn uniformly with the given seeded generator (CPU)."""
         idx = torch.randint(len(self), (n,), generator=generator)
         return [self.prompt(int(i)) for i in idx]
+
+
+BANKS = {"wild": PromptBank, "synthlab": PromptBank.synthlab}
+
+
+def prompt_bank(name: str) -> PromptBank:
+    """The prompt bank a generator config names (its ``prompts`` key): "wild" (the paper's kind of in-the-wild
+    scenes) or "synthlab" (synthlab's caption vocabulary)."""
+    if name not in BANKS:
+        raise ValueError(f"unknown prompt bank {name!r}; known: {', '.join(BANKS)}")
+    return BANKS[name]()

@@ -20,10 +20,21 @@ One step (paper §3, Eqs. 1-9; the reference code's recipe, shared/reference/FAC
 6. L = lambda_G MSE(pred_G, eps_hat_G) + lambda_L MSE(pred_L, eps_hat_L) (Eq. 9, 0.5 / 0.5 as the reference);
    AdamW on phi_g's parameters only (UNet, VAE and text encoder are frozen).
 
+Training the tiny generator from scratch (`--train-modules all`, configs/generator/train-tiny.yaml): SD 1.5 comes
+pretrained, the tiny generator does not, so its base is learnt here on the same data, in two phases of one run:
+- `--vae-steps N` first steps train the VAE alone (L1 reconstruction of the global and local images + a small KL,
+  `--kl-weight`, as LDM's KL-regularised autoencoder); at the end of this phase the latent scaling factor is set
+  to 1 / std of the latents (LDM's rule; SD 1.5's 0.18215 came from the same rule), stored in the VAE config.
+- then `--steps` steps train UNet, text encoder and phi_g together with the loss above; captions are replaced
+  by "" with probability `--caption-dropout` so that classifier-free guidance has an unconditional model.
+The result is also exported as a Stable Diffusion folder in diffusers layout with a guidance/ ControlNet
+(`generator.model.save_components`), loadable as any generator's `sd_path`: `<out>/model/`.
+
 Outputs under --out: `guidance.safetensors` (the latest phi_g weights, loadable as the generator's
-`guidance_path`), `checkpoints/step_XXXXXXX/` (guidance.safetensors + optimizer.pt + state.json, written to a
-temporary folder and renamed into place), `samples/step_XXXXXXX.png` (mesh | generated | overlay rows),
-`tb/` (TensorBoard: losses, sample grids), `train_config.json`.
+`guidance_path`), `checkpoints/step_XXXXXXX/` (guidance.safetensors [+ base.safetensors: UNet, text encoder and
+VAE when they train] + optimizer.pt + state.json, written to a temporary folder and renamed into place),
+`samples/step_XXXXXXX.png` (mesh | generated | overlay rows; image | reconstruction in the VAE phase), `model/`
+(with --train-modules all), `tb/` (TensorBoard: losses, sample grids), `train_config.json`.
 
 Randomness: every step draws from its own `torch.Generator` seeded from (seed, step), and the data order of
 each epoch from (seed, epoch), so a resumed run continues exactly as an uninterrupted one.
@@ -52,7 +63,8 @@ from hands.datasets import transforms
 from hands.render import crop_local, render_hands
 from hands.sample import HandBatch, HandSample, collate
 
-from .model import GeneratorComponents, GeneratorConfig, build_components, load_config, resolve_config_path
+from .model import (GeneratorComponents, GeneratorConfig, build_components, load_config, resolve_config_path,
+                    save_components)
 from .tagging import hand_token_indices
 from .text_attention import (AttentionStore, TasSchedule, apply_tas, attention_hw_for, cross_attention_layers,
                              recording, token_mask)
@@ -63,6 +75,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_PROMPT = "a photo of two hands"
 CHECKPOINT_STATE = "state.json"
 GUIDANCE_FILE = "guidance.safetensors"
+BASE_FILE = "base.safetensors"
+MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.pt"
 
 
@@ -76,6 +90,9 @@ class TrainConfig:
     (None: the tiny generator's latent_size * 8, 512 for SD). extend: window = union hand box squared, x extend.
     local_scale: the local crop's square box grown by this. lambda_global / lambda_local: Eq. 9 weights.
     tas_updates: TAS latent updates per step (0 = no TAS); tas_schedule: "reference" or "paper".
+    train_modules: "guidance" (phi_g only, the paper's setting on a pretrained SD) or "all" (UNet, text encoder
+    and phi_g: the tiny generator from scratch). vae_steps: steps of VAE training before the diffusion steps
+    (vae_lr, kl_weight); caption_dropout: probability of an empty caption (classifier-free guidance).
     sample_every / checkpoint_every: steps between sample grids / checkpoints (0 = only at the end).
     sample_steps: DDIM steps of the sample grids. keep_checkpoints: step folders kept (older ones removed).
     """
@@ -99,6 +116,11 @@ class TrainConfig:
     lambda_local: float = 0.5
     tas_updates: int = 1
     tas_schedule: str = "reference"
+    train_modules: str = "guidance"
+    vae_steps: int = 0
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    caption_dropout: float = 0.0
     default_prompt: str = DEFAULT_PROMPT
     sample_every: int = 50
     sample_steps: int = 10
@@ -233,21 +255,34 @@ class StepLosses:
     tas: Tensor
 
 
-class GuidanceTrainer:
-    """Trains components.guidance (phi_g) with AdamW; everything else stays frozen.
+TRAIN_MODULES = {"guidance": ("guidance",), "all": ("unet", "text_encoder", "guidance")}
 
-    components: the generator (frozen UNet, VAE, text encoder; trainable guidance), on its device.
-    attention_downsample: TAS attention resolution = latent size / this (the generator config's value).
+
+class GuidanceTrainer:
+    """Trains components.guidance (phi_g) with AdamW, and with train_modules="all" also the UNet and the text
+    encoder (the tiny generator from scratch); the VAE stays frozen (see `VaeTrainer`).
+
+    components: the generator, on its device. attention_downsample: TAS attention resolution = latent size /
+    this (the generator config's value). caption_dropout: probability that a sample's caption is replaced by ""
+    (the unconditional prompt of classifier-free guidance).
     """
 
     def __init__(self, components: GeneratorComponents, *, lr: float = 1e-5, weight_decay: float = 1e-2,
                  lambda_global: float = 0.5, lambda_local: float = 0.5, tas_updates: int = 1,
-                 tas_schedule: TasSchedule | None = None, attention_downsample: int = 4):
+                 tas_schedule: TasSchedule | None = None, attention_downsample: int = 4,
+                 train_modules: str = "guidance", caption_dropout: float = 0.0):
+        if train_modules not in TRAIN_MODULES:
+            raise ValueError(f"--train-modules {train_modules!r}: expected one of {', '.join(TRAIN_MODULES)}")
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"--caption-dropout must be in [0, 1); got {caption_dropout}")
         self.components = components
-        for module in (components.unet, components.vae, components.text_encoder):
-            module.requires_grad_(False).eval()
-        components.guidance.requires_grad_(True).train()
-        self.params = [p for p in components.guidance.parameters()]
+        self.trained = TRAIN_MODULES[train_modules]
+        self.caption_dropout = float(caption_dropout)
+        for name in ("unet", "vae", "text_encoder", "guidance"):
+            module = getattr(components, name)
+            trained = name in self.trained
+            module.requires_grad_(trained).train(trained)
+        self.params = [p for name in self.trained for p in getattr(components, name).parameters()]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.lambda_global, self.lambda_local = lambda_global, lambda_local
         self.tas_updates = int(tas_updates)
@@ -277,8 +312,13 @@ class GuidanceTrainer:
         c = self.components
         device = batch.rgb.device
         b = batch.rgb.shape[0]
+        prompts = list(batch.prompts)
+        if self.caption_dropout > 0:
+            drop = torch.rand(b, generator=generator, device=device) < self.caption_dropout
+            prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        with torch.set_grad_enabled("text_encoder" in self.trained):
+            text = c.encode_prompts(prompts, device)  # (B, 77, D)
         with torch.no_grad():
-            text = c.encode_prompts(batch.prompts, device)  # (B, 77, D)
             x0 = self.encode_images(stack_branches(batch.rgb, batch.rgb_local), generator)  # (2B, 4, h, w)
         text2 = text.repeat(2, 1, 1)
         mesh2 = stack_branches(batch.mesh, batch.mesh_local).to(x0.dtype)
@@ -287,14 +327,15 @@ class GuidanceTrainer:
         eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         x_t = c.scheduler.add_noise(x0, eps, t)
         tas = x0.new_zeros(())
-        tokens = [hand_token_indices(p, c.tokenizer) for p in batch.prompts] * 2
+        tokens = [hand_token_indices(p, c.tokenizer) if p else [] for p in prompts] * 2
         rows = [i for i, idx in enumerate(tokens) if idx]
         if self.tas_updates > 0 and rows:
             store = self._store(tuple(x0.shape[-2:]))
             index = torch.tensor(rows, device=device)
             with recording(c.unet, store):
                 updated, tas_losses = apply_tas(c.unet, store, x_t.index_select(0, index), t.index_select(0, index),
-                                                text2.index_select(0, index), token_mask([tokens[i] for i in rows],
+                                                text2.detach().index_select(0, index),
+                                                token_mask([tokens[i] for i in rows],
                                                                                         device), self.step_sizes)
             x_t = x_t.index_copy(0, index, updated)
             tas = tas_losses.mean()
@@ -309,12 +350,71 @@ class GuidanceTrainer:
         return total, StepLosses(total.detach(), loss_g.detach(), loss_l.detach(), tas.detach())
 
     def step(self, batch: TrainBatch, generator: torch.Generator) -> StepLosses:
-        """One AdamW step on phi_g; returns the batch's losses before the step."""
+        """One AdamW step on the trained modules; returns the batch's losses before the step."""
         self.optimizer.zero_grad(set_to_none=True)
         total, losses = self.loss(batch, generator)
         total.backward()
         self.optimizer.step()
         return losses
+
+
+class VaeTrainer:
+    """Trains the VAE alone (the tiny generator's first phase): L1 reconstruction of the global and local RGB
+    images in [-1, 1] + kl_weight * KL(q(z|x) || N(0, I)) (LDM's KL-regularised autoencoder), AdamW."""
+
+    def __init__(self, components: GeneratorComponents, *, lr: float = 1e-3, weight_decay: float = 1e-2,
+                 kl_weight: float = 1e-6):
+        self.components = components
+        for name in ("unet", "text_encoder", "guidance"):
+            getattr(components, name).requires_grad_(False).eval()
+        components.vae.requires_grad_(True).train()
+        self.params = list(components.vae.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.kl_weight = float(kl_weight)
+
+    def loss(self, batch: TrainBatch, generator: torch.Generator) -> tuple[Tensor, StepLosses]:
+        """L = L1(recon, x) + kl_weight * KL; StepLosses(total, L1 of the global rows, of the local rows, KL)."""
+        vae = self.components.vae
+        x = stack_branches(batch.rgb, batch.rgb_local).to(vae.dtype) * 2 - 1  # (2B, 3, S, S)
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.sample(generator=generator)).sample
+        l1 = (recon.float() - x.float()).abs().mean(dim=(1, 2, 3))
+        kl = dist.kl().float().mean()
+        total = l1.mean() + self.kl_weight * kl
+        l1_g, l1_l = split_branches(l1)
+        return total, StepLosses(total.detach(), l1_g.mean().detach(), l1_l.mean().detach(), kl.detach())
+
+    def step(self, batch: TrainBatch, generator: torch.Generator) -> StepLosses:
+        self.optimizer.zero_grad(set_to_none=True)
+        total, losses = self.loss(batch, generator)
+        total.backward()
+        self.optimizer.step()
+        return losses
+
+    @torch.no_grad()
+    def reconstruct(self, rgb: Tensor) -> Tensor:
+        """(B, 3, S, S) in [0, 1] -> the VAE's reconstruction from the posterior mean, in [0, 1]."""
+        vae = self.components.vae
+        was = vae.training
+        vae.eval()
+        try:
+            z = vae.encode(rgb.to(vae.dtype) * 2 - 1).latent_dist.mode()
+            return ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
+        finally:
+            vae.train(was)
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, batches: Sequence[Tensor]) -> float:
+    """1 / std of the VAE's latents (posterior means) over RGB batches in [0, 1]: LDM's rule for the factor that
+    gives the diffusion model unit-variance latents."""
+    was = vae.training
+    vae.eval()
+    try:
+        z = torch.cat([vae.encode(b.to(vae.dtype) * 2 - 1).latent_dist.mode().float().flatten() for b in batches])
+    finally:
+        vae.train(was)
+    return float(1.0 / z.std().clamp_min(1e-6))
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
@@ -341,17 +441,54 @@ def save_guidance(guidance, path: str | Path) -> Path:
     return path
 
 
-def save_checkpoint(folder: str | Path, trainer: GuidanceTrainer, *, step: int, config: dict) -> Path:
-    """checkpoints/step_XXXXXXX/ under `folder`: guidance.safetensors, optimizer.pt (AdamW state), state.json
-    (step, config). Written into a temporary folder and renamed, so a reader never sees half of it."""
+BASE_MODULES = ("unet", "text_encoder", "vae")
+
+
+def save_base(components: GeneratorComponents, path: str | Path) -> Path:
+    """UNet, text encoder and VAE weights as one .safetensors (keys prefixed "unet.", "text_encoder.", "vae."),
+    atomically; the VAE's latent scaling factor goes into the file's metadata."""
+    from safetensors.torch import save_file
+
+    state = {f"{name}.{k}": v.detach().contiguous().cpu() for name in BASE_MODULES
+             for k, v in getattr(components, name).state_dict().items()}
+    metadata = {"scaling_factor": repr(float(components.vae.config.scaling_factor))}
+    path = Path(path)
+    _write_atomic(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return path
+
+
+def load_base(components: GeneratorComponents, path: str | Path) -> None:
+    """Restore what `save_base` wrote (strict: every key of the three modules must fit)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    device = next(components.unet.parameters()).device
+    state = load_file(str(path), device=str(device))
+    for name in BASE_MODULES:
+        prefix = f"{name}."
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        getattr(components, name).load_state_dict(part, strict=True)
+    with safe_open(str(path), framework="pt") as f:
+        scaling = (f.metadata() or {}).get("scaling_factor")
+    if scaling is not None:
+        components.vae.register_to_config(scaling_factor=float(scaling))
+
+
+def save_checkpoint(folder: str | Path, trainer, *, step: int, config: dict, base: bool = False,
+                    state: dict | None = None) -> Path:
+    """checkpoints/step_XXXXXXX/ under `folder`: guidance.safetensors, base.safetensors (when `base`: UNet,
+    text encoder, VAE), optimizer.pt (AdamW state of the trainer's phase), state.json (step, config, `state`).
+    Written into a temporary folder and renamed, so a reader never sees half of it."""
     root = Path(folder) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
     try:
         save_guidance(trainer.components.guidance, tmp / GUIDANCE_FILE)
+        if base:
+            save_base(trainer.components, tmp / BASE_FILE)
         torch.save(trainer.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, "config": config}, indent=1))
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, **(state or {}), "config": config}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -381,15 +518,30 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
-def load_checkpoint(path: str | Path, trainer: GuidanceTrainer) -> int:
-    """Restore phi_g and the optimizer from a checkpoint (folder or run folder); returns its step."""
+def load_weights(folder: str | Path, components: GeneratorComponents) -> dict:
+    """Restore phi_g (and base.safetensors when the checkpoint has it) from a checkpoint folder; returns its
+    state.json."""
     from safetensors.torch import load_file
 
+    folder = Path(folder)
+    state = load_file(str(folder / GUIDANCE_FILE), device=str(next(components.guidance.parameters()).device))
+    components.guidance.controlnet.load_state_dict(state, strict=True)
+    if (folder / BASE_FILE).is_file():
+        load_base(components, folder / BASE_FILE)
+    return json.loads((folder / CHECKPOINT_STATE).read_text())
+
+
+def load_optimizer(folder: str | Path, trainer) -> None:
+    trainer.optimizer.load_state_dict(torch.load(Path(folder) / OPTIMIZER_FILE, map_location="cpu",
+                                                 weights_only=True))
+
+
+def load_checkpoint(path: str | Path, trainer: GuidanceTrainer) -> int:
+    """Restore the weights and the optimizer from a checkpoint (folder or run folder); returns its step."""
     folder = find_checkpoint(path)
-    state = load_file(str(folder / GUIDANCE_FILE), device=str(next(trainer.components.guidance.parameters()).device))
-    trainer.components.guidance.controlnet.load_state_dict(state, strict=True)
-    trainer.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-    return int(json.loads((folder / CHECKPOINT_STATE).read_text())["step"])
+    state = load_weights(folder, trainer.components)
+    load_optimizer(folder, trainer)
+    return int(state["step"])
 
 
 # -- samples -----------------------------------------------------------------------------------------------------
@@ -420,6 +572,17 @@ def sample_grid(components: GeneratorComponents, batch: TrainBatch, *, steps: in
     return make_grid(rows.float().cpu(), nrow=3, padding=2)
 
 
+@torch.no_grad()
+def reconstruction_grid(trainer: "VaeTrainer", batch: TrainBatch) -> Tensor:
+    """(3, rows*S, 4*S) grid: one row per sample, columns image | reconstruction | local | local reconstruction."""
+    from torchvision.utils import make_grid
+
+    recon = trainer.reconstruct(batch.rgb)
+    recon_local = trainer.reconstruct(batch.rgb_local)
+    rows = torch.stack([batch.rgb.float(), recon, batch.rgb_local.float(), recon_local], 1).flatten(0, 1)
+    return make_grid(rows.cpu(), nrow=4, padding=2)
+
+
 def save_png(image: Tensor, path: str | Path) -> Path:
     """(3, H, W) in [0, 1] -> PNG (atomic)."""
     from PIL import Image
@@ -444,23 +607,29 @@ def generator_config(cfg: TrainConfig) -> GeneratorConfig:
     return load_config(cfg.generator_config, overrides)
 
 
-def default_size(gen_cfg: GeneratorConfig) -> int:
-    return 512 if gen_cfg.sd_path else gen_cfg.tiny.latent_size * 8
-
-
 def train(cfg: TrainConfig, *, hand_model=None) -> dict:
-    """Run training as configured; returns {"step", "loss", "guidance_path", "seconds"}.
+    """Run training as configured; returns {"step", "loss", "guidance_path", "model_path", "seconds"}.
     hand_model: the hands.mano.HandModel the dataset's meshes use (default: HandModel(cfg.mano_dir))."""
     from hands.datasets import build_dataset
     from hands.mano import HandModel
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
-    if cfg.steps < 0 or cfg.batch_size < 1:
-        raise ValueError(f"--steps must be >= 0 and --batch-size >= 1; got {cfg.steps}, {cfg.batch_size}")
+    if cfg.steps < 0 or cfg.vae_steps < 0 or cfg.batch_size < 1:
+        raise ValueError(f"--steps and --vae-steps must be >= 0 and --batch-size >= 1; got {cfg.steps}, "
+                         f"{cfg.vae_steps}, {cfg.batch_size}")
+    if cfg.train_modules not in TRAIN_MODULES:
+        raise ValueError(f"--train-modules {cfg.train_modules!r}: expected one of {', '.join(TRAIN_MODULES)}")
+    if not 0.0 <= cfg.caption_dropout < 1.0:
+        raise ValueError(f"--caption-dropout must be in [0, 1); got {cfg.caption_dropout}")
+    if cfg.vae_steps and cfg.train_modules != "all":
+        raise ValueError("--vae-steps trains the VAE of a generator trained from scratch: it needs --train-modules all")
     device = resolve_device(cfg.device)
     gen_cfg = generator_config(cfg)
-    size = cfg.size or default_size(gen_cfg)
+    components = build_components(gen_cfg).to(device)
+    size = cfg.size or components.default_size
+    if size % components.vae_scale_factor:
+        raise ValueError(f"--size {size} must be a multiple of the VAE's factor {components.vae_scale_factor}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     config_dict = {"train": dataclasses.asdict(cfg), "generator": dataclasses.asdict(gen_cfg), "size": size}
@@ -471,54 +640,95 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
                             cfg.extend)
     faces_right = hand_model.faces_for("right").to(device)
     faces_left = hand_model.faces_for("left").to(device)
+    base = cfg.train_modules == "all"
 
-    components = build_components(gen_cfg).to(device)
-    trainer = GuidanceTrainer(components, lr=cfg.lr, weight_decay=cfg.weight_decay, lambda_global=cfg.lambda_global,
-                              lambda_local=cfg.lambda_local, tas_updates=cfg.tas_updates,
-                              tas_schedule=TasSchedule(kind=cfg.tas_schedule),
-                              attention_downsample=gen_cfg.attention_downsample)
-    start = load_checkpoint(cfg.resume, trainer) if cfg.resume else 0
-    if start >= cfg.steps:
-        logger.info("checkpoint is at step %d >= --steps %d: nothing to train", start, cfg.steps)
+    resume_folder, resume_state, start = None, None, 0
+    if cfg.resume:
+        resume_folder = find_checkpoint(cfg.resume)
+        resume_state = load_weights(resume_folder, components)
+        start = int(resume_state["step"])
+    total = cfg.vae_steps + cfg.steps
+    if start >= total:
+        logger.info("checkpoint is at step %d >= %d steps: nothing to train", start, total)
 
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatches(len(dataset), cfg.batch_size, seed=cfg.seed, start=start, stop=cfg.steps),
-        collate_fn=list, num_workers=cfg.num_workers)
     writer = SummaryWriter(str(out / "tb"))
-    fixed = None  # the sample grids' batch: the run's first batch
     losses = None
     began = time.perf_counter()
     step = start
+    phases = ([("vae", 0, cfg.vae_steps)] if cfg.vae_steps else []) + [("diffusion", cfg.vae_steps, total)]
     try:
-        with tqdm(total=cfg.steps, initial=start, desc="generator.train", disable=not cfg.progress) as bar:
-            for samples in loader:
-                batch = make_train_batch(samples, faces_right, faces_left, local_scale=cfg.local_scale,
-                                         default_prompt=cfg.default_prompt, device=device)
-                if fixed is None:
-                    fixed = batch
-                losses = trainer.step(batch, step_generator(cfg.seed, step, device))
-                step += 1
-                values = {k: float(v) for k, v in (("total", losses.total), ("global", losses.global_),
-                                                   ("local", losses.local), ("tas", losses.tas))}
-                for key, value in values.items():
-                    writer.add_scalar(f"loss/{key}", value, step)
-                bar.set_postfix(loss=f"{values['total']:.4f}")
-                bar.update(1)
-                last = step == cfg.steps
-                if (cfg.sample_every and step % cfg.sample_every == 0) or last:
-                    grid = sample_grid(components, fixed, steps=cfg.sample_steps, seed=cfg.seed,
-                                       attention_downsample=gen_cfg.attention_downsample, sampling=gen_cfg.sampling)
-                    writer.add_image("samples/mesh|generated|overlay", grid, step)
-                    save_png(grid, out / "samples" / f"step_{step:07d}.png")
-                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last:
-                    save_checkpoint(out, trainer, step=step, config=config_dict)
-                    save_guidance(components.guidance, out / GUIDANCE_FILE)
-                    for old in checkpoints(out)[:-max(cfg.keep_checkpoints, 1)]:
-                        shutil.rmtree(old, ignore_errors=True)
+        with tqdm(total=total, initial=start, desc="generator.train", disable=not cfg.progress) as bar:
+            for phase, lo, hi in phases:
+                if step >= hi:
+                    continue
+                if phase == "vae":
+                    trainer = VaeTrainer(components, lr=cfg.vae_lr, weight_decay=cfg.weight_decay,
+                                         kl_weight=cfg.kl_weight)
+                else:
+                    trainer = GuidanceTrainer(
+                        components, lr=cfg.lr, weight_decay=cfg.weight_decay, lambda_global=cfg.lambda_global,
+                        lambda_local=cfg.lambda_local, tas_updates=cfg.tas_updates,
+                        tas_schedule=TasSchedule(kind=cfg.tas_schedule),
+                        attention_downsample=gen_cfg.attention_downsample, train_modules=cfg.train_modules,
+                        caption_dropout=cfg.caption_dropout)
+                if resume_state is not None and resume_state.get("phase", "diffusion") == phase and step > lo:
+                    load_optimizer(resume_folder, trainer)
+                loader = torch.utils.data.DataLoader(
+                    dataset, batch_sampler=StepBatches(len(dataset), cfg.batch_size, seed=cfg.seed, start=step,
+                                                       stop=hi),
+                    collate_fn=list, num_workers=cfg.num_workers)
+                fixed = None  # the sample grids' batch: the phase's first batch
+                for samples in loader:
+                    batch = make_train_batch(samples, faces_right, faces_left, local_scale=cfg.local_scale,
+                                             default_prompt=cfg.default_prompt, device=device)
+                    if fixed is None:
+                        fixed = batch
+                    losses = trainer.step(batch, step_generator(cfg.seed, step, device))
+                    step += 1
+                    names = (("total", "l1_global", "l1_local", "kl") if phase == "vae" else
+                             ("total", "global", "local", "tas"))
+                    values = dict(zip(names, (float(v) for v in (losses.total, losses.global_, losses.local,
+                                                                   losses.tas))))
+                    for key, value in values.items():
+                        writer.add_scalar(f"{phase}/{key}" if phase == "vae" else f"loss/{key}", value, step)
+                    bar.set_postfix(phase=phase, loss=f"{values['total']:.4f}")
+                    bar.update(1)
+                    end = step == hi
+                    if phase == "vae" and end:
+                        # LDM's rule: unit-variance latents for the diffusion phase, measured on the images of
+                        # the run's first steps (the same whether or not the run was resumed)
+                        first = [make_train_batch([dataset[i] for i in indices], faces_right, faces_left,
+                                                  local_scale=cfg.local_scale, device=device)
+                                 for indices in StepBatches(len(dataset), cfg.batch_size, seed=cfg.seed, start=0,
+                                                            stop=max(1, 64 // cfg.batch_size))]
+                        factor = latent_scaling_factor(components.vae,
+                                                       [stack_branches(b.rgb, b.rgb_local) for b in first])
+                        components.vae.register_to_config(scaling_factor=factor)
+                        logger.info("VAE phase done: latent scaling factor %.4f", factor)
+                    if (cfg.sample_every and step % cfg.sample_every == 0) or end:
+                        if phase == "vae":
+                            grid = reconstruction_grid(trainer, fixed)
+                            tag = "samples/image|reconstruction"
+                        else:
+                            grid = sample_grid(components, fixed, steps=cfg.sample_steps, seed=cfg.seed,
+                                               attention_downsample=gen_cfg.attention_downsample,
+                                               sampling=gen_cfg.sampling)
+                            tag = "samples/mesh|generated|overlay"
+                        writer.add_image(tag, grid, step)
+                        save_png(grid, out / "samples" / f"step_{step:07d}.png")
+                    if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or end:
+                        save_checkpoint(out, trainer, step=step, config=config_dict, base=base,
+                                        state={"phase": phase})
+                        save_guidance(components.guidance, out / GUIDANCE_FILE)
+                        if base and phase == "diffusion":
+                            save_components(components, out / MODEL_DIR)
+                        for old in checkpoints(out)[:-max(cfg.keep_checkpoints, 1)]:
+                            shutil.rmtree(old, ignore_errors=True)
     finally:
         writer.close()
     return {"step": step, "loss": None if losses is None else float(losses.total),
-            "guidance_path": str(out / GUIDANCE_FILE), "seconds": round(time.perf_counter() - began, 1)}
+            "guidance_path": str(out / GUIDANCE_FILE), "model_path": str(out / MODEL_DIR) if base else None,
+            "seconds": round(time.perf_counter() - began, 1)}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
@@ -550,6 +760,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--lambda-local", type=float, help=f"({d.lambda_local})")
     p.add_argument("--tas-updates", type=int, help=f"TAS latent updates per step; the reference: 50 ({d.tas_updates})")
     p.add_argument("--tas-schedule", choices=("reference", "paper"), help=f"({d.tas_schedule})")
+    p.add_argument("--train-modules", choices=tuple(TRAIN_MODULES),
+                   help=f"guidance: phi_g only (a pretrained SD); all: UNet, text encoder and phi_g ({d.train_modules})")
+    p.add_argument("--vae-steps", type=int, help=f"VAE training steps before the diffusion steps ({d.vae_steps})")
+    p.add_argument("--vae-lr", type=float, help=f"({d.vae_lr})")
+    p.add_argument("--kl-weight", type=float, help=f"VAE KL weight ({d.kl_weight})")
+    p.add_argument("--caption-dropout", type=float, help=f"probability of an empty caption ({d.caption_dropout})")
     p.add_argument("--default-prompt", help=f"caption of samples without meta['prompt'] ({d.default_prompt!r})")
     p.add_argument("--sample-every", type=int, help=f"steps between sample grids; 0: at the end ({d.sample_every})")
     p.add_argument("--sample-steps", type=int, help=f"DDIM steps of the sample grids ({d.sample_steps})")

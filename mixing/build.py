@@ -14,13 +14,14 @@ from mixing.pool import SamplePool
 from mixing.shards import ShardReader
 from mixing.source import SyntheticSource
 
-__all__ = ["build_generator", "build_label_source", "build_source", "build_provider", "per_sample_preprocess"]
+__all__ = ["generator_config", "build_generator", "build_label_source", "build_source", "build_provider", "per_sample_preprocess"]
 
 logger = logging.getLogger(__name__)
 
 
-def build_generator(cfg: MixingConfig, device: torch.device | str = "cpu"):
-    """The generator named by ``cfg.generator`` on ``device`` (an :class:`mixing.source.ImageGenerator`)."""
+def generator_config(cfg: MixingConfig):
+    """The :class:`generator.model.GeneratorConfig` that ``cfg`` resolves to (its config file, sd_path /
+    guidance_path and sampling overrides)."""
     from generator.model import load_config
 
     overrides = []
@@ -35,6 +36,12 @@ def build_generator(cfg: MixingConfig, device: torch.device | str = "cpu"):
         gen_cfg.sampling.guidance_scale = cfg.guidance_scale
     if cfg.tas_steps is not None:
         gen_cfg.sampling.tas_steps = cfg.tas_steps
+    return gen_cfg
+
+
+def build_generator(cfg: MixingConfig, device: torch.device | str = "cpu"):
+    """The generator named by ``cfg.generator`` on ``device`` (an :class:`mixing.source.ImageGenerator`)."""
+    gen_cfg = generator_config(cfg)
     if cfg.generator == "attentionhand":
         from generator.pipeline import AttentionHandPipeline
 
@@ -64,6 +71,9 @@ def build_label_source(cfg: MixingConfig, *, hand_model, train_readers=()):
 
 
 def build_source(cfg: MixingConfig, *, hand_model, labels, device, seed: int, rank: int = 0) -> SyntheticSource:
+    """The synthetic source of ``cfg``: its generator, prompts from the bank the generator config names."""
+    from generator.prompts import prompt_bank
+
     return SyntheticSource(
         labels=labels,
         generator=build_generator(cfg, device),
@@ -72,6 +82,7 @@ def build_source(cfg: MixingConfig, *, hand_model, labels, device, seed: int, ra
         size=cfg.size,
         use_local=cfg.use_local,
         extend=cfg.extend,
+        prompts=prompt_bank(generator_config(cfg).prompts),
         seed=seed,
         rank=rank,
         device=device,

@@ -153,3 +153,31 @@ def test_configs_load_strictly():
     assert load_config("sd15", ["sd_path=/models/sd15"]).attention_downsample == 4
     with pytest.raises(Exception, match="nonsense"):
         load_config("tiny", ["nonsense=1"])
+
+
+def test_relative_paths_in_a_config_file_are_relative_to_the_file(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mine.yaml").write_text("sd_path: ../weights/model\nguidance_path: g.safetensors\n")
+    monkeypatch.chdir(tmp_path / "configs")
+    cfg = load_config(tmp_path / "configs" / "mine.yaml")
+    assert cfg.sd_path == str((tmp_path / "weights" / "model").resolve())
+    assert cfg.guidance_path == str((tmp_path / "configs" / "g.safetensors").resolve())
+    # an override is a command-line path: relative to the working directory, left as given
+    assert load_config(tmp_path / "configs" / "mine.yaml", ["sd_path=other"]).sd_path == "other"
+
+
+def test_prompt_banks_always_name_hand_tokens():
+    from generator.prompts import prompt_bank
+    from generator.tagging import hand_token_indices
+    from generator.text import load_clip_tokenizer
+
+    tokenizer = load_clip_tokenizer()
+    synthlab = prompt_bank("synthlab")
+    assert synthlab.prompt(0) == "a person clasping hands in a cluttered kitchen under warm light"
+    assert load_config("tiny-synthlab-init").prompts == "synthlab" and load_config("tiny").prompts == "wild"
+    g = torch.Generator().manual_seed(0)
+    for bank in (synthlab, prompt_bank("wild")):
+        for prompt in bank.sample(12, g):
+            assert hand_token_indices(prompt, tokenizer), prompt
+    with pytest.raises(ValueError, match="unknown prompt bank 'nope'"):
+        prompt_bank("nope")

@@ -141,3 +141,60 @@ def test_cli_flags_and_bad_resume(env, tmp_path):
         load_checkpoint(tmp_path, GuidanceTrainer(build_components(load_config(env[2])), attention_downsample=2))
     with pytest.raises(SystemExit):
         main(["--no-such-flag"])
+
+
+def test_from_scratch_trains_vae_then_base_resumes_across_phases_and_exports_a_loadable_model(env, tmp_path):
+    """--train-modules all --vae-steps N: the VAE phase changes only the VAE and sets the latent scaling factor;
+    the diffusion phase changes UNet, text encoder and phi_g, not the VAE; a run stopped at the phase boundary or
+    inside the second phase and resumed ends bit-identical to an uninterrupted one; <out>/model loads as sd_path."""
+    from safetensors.torch import load_file
+
+    model, root, config = env
+    common = ["--data-root", str(root), "--generator-config", str(config), "--size", "32", "--batch-size", "2",
+              "--lr", "1e-3", "--vae-lr", "1e-2", "--sample-steps", "1", "--sample-every", "0", "--no-progress",
+              "--device", "cpu", "--seed", "3", "--tas-updates", "1", "--train-modules", "all", "--vae-steps", "2",
+              "--caption-dropout", "0.5", "--checkpoint-every", "1", "--keep-checkpoints", "9"]
+    straight = train(parse_args(common + ["--out", str(tmp_path / "a"), "--steps", "2"]), hand_model=model)
+    assert straight["step"] == 4 and straight["model_path"] == str(tmp_path / "a" / "model")
+    ckpt = tmp_path / "a" / "checkpoints"
+    fresh = build_components(load_config(config))
+    after_vae = load_file(ckpt / "step_0000002" / "base.safetensors")
+    final = load_file(ckpt / "step_0000004" / "base.safetensors")
+    for name, module in (("unet", fresh.unet), ("text_encoder", fresh.text_encoder), ("vae", fresh.vae)):
+        init = module.state_dict()
+        changed_in_vae = any(not torch.equal(after_vae[f"{name}.{k}"], v) for k, v in init.items())
+        changed_later = any(not torch.equal(final[f"{name}.{k}"], after_vae[f"{name}.{k}"]) for k in init)
+        assert changed_in_vae == (name == "vae") and changed_later == (name != "vae"), name
+    assert json.loads((ckpt / "step_0000002" / "state.json").read_text())["phase"] == "vae"
+    assert json.loads((ckpt / "step_0000003" / "state.json").read_text())["phase"] == "diffusion"
+
+    for split in (0, 1):  # stop at the phase boundary (diffusion steps 0), or one step into the diffusion phase
+        out = tmp_path / f"b{split}"
+        train(parse_args(common + ["--out", str(out), "--steps", str(split)]), hand_model=model)
+        resumed = train(parse_args(common + ["--out", str(out), "--steps", "2", "--resume", str(out)]),
+                        hand_model=model)
+        assert resumed["step"] == 4 and abs(resumed["loss"] - straight["loss"]) < 1e-6
+        other = load_file(out / "checkpoints" / "step_0000004" / "base.safetensors")
+        assert all(torch.equal(final[k], other[k]) for k in final)
+
+    loaded = build_components(load_config(None, [f"sd_path={straight['model_path']}"]))
+    factor = loaded.vae.config.scaling_factor
+    assert factor != pytest.approx(0.18215) and factor > 0
+    assert all(torch.equal(v, final[f"unet.{k}"]) for k, v in loaded.unet.state_dict().items())
+    guidance = load_file(tmp_path / "a" / "guidance.safetensors")
+    assert all(torch.equal(v, guidance[k]) for k, v in loaded.guidance.controlnet.state_dict().items())
+    assert (tmp_path / "a" / "samples" / "step_0000002.png").is_file()  # the VAE phase's reconstructions
+
+
+def test_from_scratch_flags_are_checked(env, tmp_path):
+    model, root, config = env
+    base = ["--data-root", str(root), "--generator-config", str(config), "--size", "32", "--out", str(tmp_path),
+            "--no-progress", "--device", "cpu"]
+    with pytest.raises(ValueError, match="--vae-steps.*--train-modules all"):
+        train(parse_args(base + ["--vae-steps", "2"]), hand_model=model)
+    with pytest.raises(ValueError, match="--caption-dropout"):
+        train(parse_args(base + ["--train-modules", "all", "--caption-dropout", "1.0", "--steps", "1"]),
+              hand_model=model)
+    with pytest.raises(ValueError, match="--size 30 must be a multiple"):
+        train(parse_args(base[:4] + ["--size", "30", "--out", str(tmp_path), "--no-progress"]), hand_model=model)
+    assert parse_args(["--config", "train-tiny"]).train_modules == "all"
