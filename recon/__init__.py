@@ -6,7 +6,7 @@
 - :mod:`recon.config`: the run config (OmegaConf structured configs + configs/recon/*.yaml + overrides).
 - :mod:`recon.data`, :mod:`recon.evaluate`, :mod:`recon.checkpoint`, :mod:`recon.losses`: the pieces the
   commands share.
-- ``python -m recon.train`` and ``python -m recon.test``.
+- ``python -m recon.train``, ``python -m recon.test`` and ``python -m recon.table2`` (the runs of Table 2 over seeds).
 
 Importing the package loads nothing and writes nothing.
 """

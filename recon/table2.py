@@ -1,0 +1,973 @@
+"""``python -m recon.table2``: Table 2 of the paper for one regressor — trained without and with generated
+images, several seeds, evaluated, tabulated with the deltas and their spread over seeds.
+
+    python -m recon.table2 --arch interwild --seeds 3 --jobs 2          # the mini Table 2 on synthlab
+    python -m recon.table2 --arch interwild --seeds 3 --profile paper --data-root DATA --mano-dir MANO \\
+        --sd-path SD15 --backbone-weights resnet50.pth mixing.generator_config=sd15 mixing.guidance_path=CKPT
+    python -m recon.table2 --arch baseline --ratios 0,0.1,0.3 --seed-list 0,1 --max-steps 200 --dry-run
+
+What it does, top to bottom:
+
+1. plan: one ``python -m recon.train`` run per (ratio, seed) — ``--ratios`` (default ``0,0.3``; the first is
+   the reference) times ``--seeds N`` (seeds ``0..N-1``) or ``--seed-list`` — each with ``--arch A
+   --synthetic-ratio r --seed s --out OUT/<arch>_r<r>_s<seed>`` plus the flags and ``KEY=VALUE`` overrides
+   given here (the same steps, data and config for every run; only the ratio and the seed differ). Every
+   run's config is resolved and checked here first (:mod:`recon.config`), so a bad flag fails in one line
+   before anything trains. ``--dry-run`` prints the commands and stops.
+2. a figure, ``<results-dir>/mini-table2-samples.png``: rows of mesh image | generated image | overlay for
+   ``--figure-samples`` generated samples, made by the code and with the seed that the first run with r > 0
+   generates with (:mod:`mixing.build` from that run's resolved ``mixing`` config, labels from its
+   training readers, prompts from the bank its generator uses). It is made before the runs, so a generator
+   that cannot be built fails in minutes, not after the r = 0 runs.
+3. the runs, ``--jobs`` at a time, each in its own process (``sys.executable -m recon.train``), its output in
+   ``OUT/<run>/train.log``; a tqdm bar over runs. A run whose folder holds a finished ``metrics.json`` (every
+   test set evaluated) is skipped, one with checkpoints but no metrics continues from its newest checkpoint
+   (``--resume``), so a killed table run continues where it stopped; a folder whose ``config.yaml`` differs
+   from the run's config is refused (another experiment's run). A failed run stops the table (the other
+   runs get SIGINT, which makes recon.train leave a resumable checkpoint) with one line naming its folder
+   and its log.
+4. the table: per test set and metric, the mean ± sample standard deviation (n - 1) over seeds of every
+   ratio, and the delta ``metric(r) - metric(r0)`` paired by seed, mean ± std; the means again in the
+   paper's style (eval.report), beside the paper's rows of this regressor when the test sets are the paper's
+   (HIC, ReIH, IH2.6M). Printed, and written atomically as ``<results-dir>/mini-table2.md`` and ``.json``
+   (results dir: ``docs/results`` when every dataset is synthlab, else OUT; ``--results-dir``).
+
+The JSON (millimetres)::
+
+    {"arch", "method", "profile", "unit": "mm", "seeds": [0, 1, 2], "ratios": [0.0, 0.3],
+     "reference_ratio": 0.0, "test_sets": ["synthlab-test-lab", ...], "metrics": ["MPVPE", "RRVE", "MRRPE"],
+     "setup": {datasets, steps, batch size, image size, generator ...},
+     "runs": [{"name", "ratio", "seed", "folder", "status": "trained" | "resumed" | "skipped",
+               "steps", "train_time_s", "wall_s", "metrics": {test set: {metric: mm, ...}}}, ...],
+     "mean": {"0": {test set: {metric: mm}}, "0.3": ...}, "std": {...same; null with one seed...},
+     "deltas": {"0.3": {"0": {test set: {metric: mm}}, ...}},          # per seed, r minus the reference
+     "delta_mean": {"0.3": {test set: {metric: mm}}}, "delta_std": {...},
+     "steps_note": null | "why the runs of a seed trained different numbers of steps",
+     "delta_wild_mpvpe_mean", "delta_wild_mpvpe_std", "delta_wild_ratio", "wild_test_set",   # with a test-wild set
+     "paper": {"InterWild (paper)": {...}, ...} | null, "figure": {...} | null,
+     "command", "git_commit", "git_dirty", "created", "wall_s"}
+
+Ratio keys are written as ``f"{r:g}"``; NaN (a metric with nothing to count) is written as null. The
+``delta_wild_*`` fields compare the first ratio after the reference with the reference, on the test set
+named ``*-test-wild`` (synthlab's in-the-wild split).
+
+Steps: every run gets the same flags, but recon.train's epoch is a pass over the *real* data and a batch
+with r > 0 holds ``B - round(r * B)`` real samples, so a run bounded by ``--epochs`` (no ``--max-steps``)
+trains more steps with r > 0 (the same real data, the same epoch-based learning-rate schedule). Give
+``--max-steps`` for the same number of steps; the runs' steps are in the table, and ``steps_note`` says
+when they differ.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from tqdm import tqdm
+
+from mixing.config import MIX_MODES
+
+__all__ = [
+    "RunSpec",
+    "RunFailed",
+    "UsageError",
+    "build_parser",
+    "parse_args",
+    "plan_runs",
+    "train_command",
+    "resolve_run_config",
+    "run_state",
+    "summarize",
+    "format_markdown",
+    "steps_note",
+    "make_figure",
+    "main",
+]
+
+TRAIN_MODULE = "recon.train"
+STEM = "mini-table2"
+FIGURE_NAME = f"{STEM}-samples.png"
+FIGURE_TILE = 256  # px per figure cell: the tiny generator's 64 px upscaled (nearest), SD's 512 px downscaled
+POLL_S = 0.2  # how often the parent looks at its runs
+STOP_TIMEOUT_S = 120.0  # how long a stopped run may take to write its checkpoint before it is killed
+RESERVED_KEYS = {"arch", "seed", "out", "train.synthetic_ratio"}  # set per run by this command
+PAPER_TEST_SETS = ("hic", "reih", "ih26m")
+_TRAINED_RE = re.compile(r"trained (\d+) steps in ([0-9.]+) s")
+
+
+class UsageError(ValueError):
+    """A bad command line, in one line naming the flag."""
+
+
+class RunFailed(RuntimeError):
+    """A training run exited with an error; the message names its folder and its log."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. the command line and the plan
+# ----------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line (argparse would print the usage too)
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m recon.table2",
+        description="Train a regressor with and without generated images over several seeds; print and write "
+        "a Table-2-style table with the deltas and their spread.",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides passed to every run")
+    parser.add_argument("--arch", required=True, help="registered regressor name (interwild, intaghand, baseline, ...)")
+    parser.add_argument("--ratios", default="0,0.3",
+                        help="synthetic ratios, comma-separated; the first is the reference (default 0,0.3)")
+    parser.add_argument("--seeds", help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--seed-list", help="explicit seeds, comma-separated (instead of --seeds)")
+    parser.add_argument("--jobs", default="1", help="runs trained side by side (default 1)")
+    parser.add_argument("--out", default="runs/table2", help="folder of the run folders (default runs/table2)")
+    parser.add_argument("--results-dir", help="where mini-table2.md/.json/-samples.png go (default: docs/results on "
+                        "synthlab, else --out)")
+    parser.add_argument("--figure-samples", default="8", help="generated samples in the figure; 0: no figure")
+    parser.add_argument("--dry-run", action="store_true", help="print the training commands and stop")
+    # passed through to every recon.train run
+    parser.add_argument("--profile", choices=("demo", "paper"))
+    parser.add_argument("--config", help="a YAML file layered over the profile and arch files")
+    parser.add_argument("--data-root")
+    parser.add_argument("--datasets")
+    parser.add_argument("--test-datasets")
+    parser.add_argument("--mano-dir")
+    parser.add_argument("--sd-path")
+    parser.add_argument("--max-steps", type=_positive_int)
+    parser.add_argument("--epochs", type=_positive_int)
+    parser.add_argument("--batch-size", type=_positive_int)
+    parser.add_argument("--device")
+    parser.add_argument("--plugin", action="append", default=[])
+    parser.add_argument("--backbone-weights")
+    parser.add_argument("--mix-mode", choices=MIX_MODES)
+    parser.add_argument("--generator")
+    return parser
+
+
+# recon.train flags given here as they are: (our attribute, recon.train flag)
+_PASSED = (
+    ("profile", "--profile"),
+    ("config", "--config"),
+    ("data_root", "--data-root"),
+    ("datasets", "--datasets"),
+    ("test_datasets", "--test-datasets"),
+    ("mano_dir", "--mano-dir"),
+    ("sd_path", "--sd-path"),
+    ("max_steps", "--max-steps"),
+    ("epochs", "--epochs"),
+    ("batch_size", "--batch-size"),
+    ("device", "--device"),
+    ("backbone_weights", "--backbone-weights"),
+    ("mix_mode", "--mix-mode"),
+    ("generator", "--generator"),
+)
+
+
+def ratio_tag(ratio: float) -> str:
+    """How a ratio is written in folder names and JSON keys: ``0``, ``0.3``."""
+    return f"{ratio:g}"
+
+
+def _parse_ratios(text: str) -> list[float]:
+    ratios = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise UsageError(f"--ratios {text}: expected numbers 0 <= r < 1 separated by commas") from None
+        if not 0.0 <= value < 1.0:
+            raise UsageError(f"--ratios {text}: {part} is outside 0 <= r < 1")
+        if value in ratios:
+            raise UsageError(f"--ratios {text}: ratio {part} is given twice")
+        ratios.append(value)
+    if len(ratios) < 2:
+        raise UsageError(f"--ratios {text}: expected at least two ratios (the first is the reference), e.g. 0,0.3")
+    return ratios
+
+
+def _parse_seeds(args: argparse.Namespace) -> list[int]:
+    if args.seeds is not None and args.seed_list is not None:
+        raise UsageError("--seeds and --seed-list: give one of them")
+    if args.seed_list is not None:
+        try:
+            seeds = [int(part) for part in args.seed_list.split(",")]
+        except ValueError:
+            raise UsageError(f"--seed-list {args.seed_list}: expected integers separated by commas") from None
+        if len(set(seeds)) != len(seeds):
+            raise UsageError(f"--seed-list {args.seed_list}: a seed is given twice")
+        return seeds
+    text = "3" if args.seeds is None else args.seeds
+    try:
+        n = int(text)
+    except ValueError:
+        raise UsageError(f"--seeds {text}: expected a number of seeds >= 1") from None
+    if n < 1:
+        raise UsageError(f"--seeds {text}: expected a number of seeds >= 1")
+    return list(range(n))
+
+
+def _int_at_least(flag: str, text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise UsageError(f"{flag} {text}: expected an integer >= {least}")
+    return value
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse and check the command line; adds ``ratio_list``, ``seed_values``, ``jobs_n``,
+    ``figure_n``. Raises UsageError with one line naming the flag."""
+    args = build_parser().parse_intermixed_args(argv)  # KEY=VALUE may come before or after the flags
+    args.ratio_list = _parse_ratios(args.ratios)
+    args.seed_values = _parse_seeds(args)
+    args.jobs_n = _int_at_least("--jobs", args.jobs, 1)
+    args.figure_n = _int_at_least("--figure-samples", args.figure_samples, 0)
+    for item in args.overrides:
+        key = item.partition("=")[0].strip()
+        if key in RESERVED_KEYS:
+            raise UsageError(
+                f"override {item}: recon.table2 sets {key} for every run itself "
+                "(--arch, --ratios, --seeds / --seed-list, --out)"
+            )
+    return args
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the table: ``command`` is its full ``recon.train`` command line (without
+    ``--resume``), ``folder`` its ``--out``."""
+
+    arch: str
+    ratio: float
+    seed: int
+    folder: Path
+    command: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "train.log"
+
+
+def train_command(args: argparse.Namespace, ratio: float, seed: int, folder: Path) -> list[str]:
+    """The ``recon.train`` command of one run: the same passed-through flags and overrides for every run,
+    only ``--synthetic-ratio``, ``--seed`` and ``--out`` differ."""
+    command = [sys.executable, "-m", TRAIN_MODULE, "--arch", args.arch, "--synthetic-ratio", ratio_tag(ratio),
+               "--seed", str(seed), "--out", str(folder)]
+    for attribute, flag in _PASSED:
+        value = getattr(args, attribute)
+        if value is not None:
+            command += [flag, str(value)]
+    for plugin in args.plugin:
+        command += ["--plugin", plugin]
+    return command + list(args.overrides)
+
+
+def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
+    """Every (ratio, seed) run, ordered seed by seed (so that a stopped table has whole pairs first)."""
+    out = Path(args.out)
+    runs = []
+    for seed in args.seed_values:
+        for ratio in args.ratio_list:
+            folder = out / f"{args.arch}_r{ratio_tag(ratio)}_s{seed}"
+            runs.append(RunSpec(args.arch, ratio, seed, folder, tuple(train_command(args, ratio, seed, folder))))
+    return runs
+
+
+def resolve_run_config(run: RunSpec):
+    """The config ``recon.train`` resolves for this run's command (a read-only DictConfig), checked as
+    recon.train checks it (:func:`recon.train.check_config`, :func:`recon.data.check_data`). Plugins
+    (``--plugin``) must be imported before."""
+    from recon import train as recon_train
+    from recon.config import load_config
+    from recon.data import check_data
+    from recon.registry import load_builtin_regressors
+
+    load_builtin_regressors()
+    train_args = recon_train.parse_args(list(run.command[3:]))
+    cfg = load_config(
+        profile=train_args.profile,
+        arch=train_args.arch,
+        config_file=train_args.config,
+        flags=recon_train._flags(train_args),  # the one place where recon.train's flags become config keys
+        overrides=train_args.overrides,
+    )
+    recon_train.check_config(cfg)
+    check_data(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. the figure
+# ----------------------------------------------------------------------------------------------------
+def make_figure(cfg, n: int, path: Path, *, tile: int = FIGURE_TILE) -> dict:
+    """Write ``path``: rows of mesh image | generated image | overlay for ``n`` generated samples, made as
+    recon.train's run of ``cfg`` makes them (rank 0, its generator seed); returns the figure's facts
+    (prompts, generator, size). Raises UsageError when the generator cannot be built."""
+    import torch
+    import torch.nn.functional as F
+    from omegaconf import OmegaConf
+    from torchvision.utils import make_grid
+
+    from generator.train import overlay, save_png
+    from hands.mano import HandModel
+    from hands.render import render_hands
+    from mixing.build import build_label_source, build_provider, build_source
+    from mixing.config import MixingConfig
+    from recon.data import base_readers, build_train_set
+    from recon.train import resolve_device
+
+    mix_cfg = MixingConfig(**OmegaConf.to_container(cfg.mixing))
+    device = resolve_device(cfg.device, 0)
+    seed = cfg.seed * 1000 + 17  # as recon.train.synthetic_provider seeds the generator side (rank 0)
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        with torch.no_grad():
+            hand_model = HandModel(mano_dir=cfg.mano_dir)
+            if mix_cfg.mode == "offline":  # the run reads pre-generated shards: show those
+                provider = build_provider(mix_cfg, source=None, device=device, seed=seed)
+                batch = provider.take(n)
+                provider.close()
+                mesh = render_hands(
+                    batch.right.verts_cam, batch.left.verts_cam,
+                    hand_model.faces_for("right").to(device), hand_model.faces_for("left").to(device),
+                    batch.camera.K, tuple(batch.image.shape[-2:]),
+                    right_valid=batch.right.valid, left_valid=batch.left.valid,
+                ).image
+            else:
+                train_set = build_train_set(cfg, hand_model=hand_model)
+                labels = build_label_source(mix_cfg, hand_model=hand_model, train_readers=base_readers(train_set))
+                source = build_source(mix_cfg, hand_model=hand_model, labels=labels, device=device, seed=seed, rank=0)
+                batch = source.generate(n)
+                mesh, _ = source.render_conditions(batch)  # the global mesh image the generator was given
+            images = batch.image.float()
+            mesh = mesh.float()
+            cells = torch.stack([mesh, images, overlay(images, mesh)], 1).flatten(0, 1)  # (3n, 3, S, S)
+            if cells.shape[-1] < tile:
+                cells = F.interpolate(cells, size=(tile, tile), mode="nearest")
+            elif cells.shape[-1] > tile:
+                cells = F.interpolate(cells, size=(tile, tile), mode="bilinear", antialias=True, align_corners=False)
+            grid = make_grid(cells.clamp(0, 1).cpu(), nrow=3, padding=2, pad_value=1.0)
+            save_png(grid, path)  # atomic
+    except (ValueError, ImportError) as error:
+        raise UsageError(f"figure (mixing.generator={mix_cfg.generator}): {error}") from error
+    finally:
+        torch.set_num_threads(threads)
+    prompts = [str(m.get("prompt", "")) for m in batch.meta]
+    del batch
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "path": path.name,
+        "samples": n,
+        "ratio": ratio_tag(cfg.train.synthetic_ratio),
+        "seed": int(cfg.seed),
+        "generator": mix_cfg.generator,
+        "generator_config": mix_cfg.generator_config,
+        "size": mix_cfg.size,
+        "mode": mix_cfg.mode,
+        "prompts": prompts,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. the runs
+# ----------------------------------------------------------------------------------------------------
+def _flat(data, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: list(data) if isinstance(data, tuple) else data}  # a YAML list is a typed tuple here
+
+
+def _config_differences(run: RunSpec, cfg) -> list[str]:
+    """Dotted keys whose value in ``<folder>/config.yaml`` differs from the run's config (``mixing`` only
+    counts for r > 0: a run without generated images does not use it)."""
+    from omegaconf import OmegaConf
+
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(run.folder / "config.yaml"), resolve=True)
+    except Exception as error:  # yaml / OmegaConf errors: an unreadable file is a different config
+        return [f"config.yaml unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"]
+    new = OmegaConf.to_container(cfg, resolve=True)
+    if run.ratio == 0:
+        old.pop("mixing", None)
+        new.pop("mixing", None)
+    old, new = _flat(old), _flat(new)
+    return [
+        f"{key}: {old.get(key, '<unset>')!r} there, {new.get(key, '<unset>')!r} now"
+        for key in sorted(set(old) | set(new))
+        if old.get(key, "<unset>") != new.get(key, "<unset>")
+    ]
+
+
+def eval_set_keys(cfg) -> list[str]:
+    """The keys of the run's test sets in metrics.json (``synthlab-test-wild``, ``hic``, ...)."""
+    from recon.data import parse_specs
+
+    return [spec.key for spec in parse_specs(cfg.data.test, "test")]
+
+
+def all_dataset_names(cfg) -> set[str]:
+    """The names of the run's training and test datasets (``{"synthlab"}`` on the embedded default)."""
+    from recon.data import parse_specs
+
+    return {spec.name for spec in parse_specs(cfg.data.train, "train") + parse_specs(cfg.data.test, "test")}
+
+
+def read_metrics(folder: Path, test_sets: Sequence[str]) -> Optional[dict]:
+    """``<folder>/metrics.json`` when it is finished (valid JSON with every test set), else None."""
+    try:
+        data = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not all(isinstance(data.get(key), dict) for key in test_sets):
+        return None
+    return {key: data[key] for key in test_sets}
+
+
+def run_state(run: RunSpec, cfg, test_sets: Sequence[str]) -> str:
+    """``"finished"`` (skip it), ``"resume"`` (checkpoints, no metrics) or ``"new"``. Raises UsageError when
+    the folder holds a run of another config."""
+    if (run.folder / "config.yaml").is_file():
+        differences = _config_differences(run, cfg)
+        if differences:
+            shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+            raise UsageError(
+                f"--out {run.folder.parent}: {run.folder} holds a run of another config ({shown}); "
+                "give another --out or remove that folder"
+            )
+    if read_metrics(run.folder, test_sets) is not None:
+        return "finished"
+    if any((run.folder / "checkpoints").glob("step_*.json")):
+        return "resume"
+    return "new"
+
+
+def _child_env() -> dict:
+    """The environment of a run: this project importable wherever the command is started, output unbuffered
+    (train.log follows the run)."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else ""), "PYTHONUNBUFFERED": "1"}
+
+
+def _last_line(log: Path) -> str:
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in re.split(r"[\r\n]", text) if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _stop(running: dict, *, grace_s: float) -> None:
+    """Stop the runs still going: wait ``grace_s`` (after a Ctrl-C they got the SIGINT themselves), then
+    SIGINT (recon.train saves a resumable checkpoint), then kill after STOP_TIMEOUT_S."""
+    deadline = time.monotonic() + grace_s
+    for proc in running:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in running:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc, (_, _, log) in running.items():
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def execute(todo: Sequence[tuple[RunSpec, str]], *, jobs: int, bar, say: Callable[[str], None]) -> dict[str, float]:
+    """Train ``todo`` ((run, "new" | "resume")) with at most ``jobs`` processes at a time; returns each run's
+    wall time (s). Raises RunFailed on the first failure (the others are stopped, resumable)."""
+    pending = list(todo)
+    running: dict = {}  # Popen -> (run, start time, open log)
+    walls: dict[str, float] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                run, state = pending.pop(0)
+                command = list(run.command) + (["--resume", "auto"] if state == "resume" else [])
+                run.folder.mkdir(parents=True, exist_ok=True)
+                log = open(run.log, "a")
+                log.write(f"# recon.table2 {datetime.now().isoformat(timespec='seconds')}: {shlex.join(command)}\n")
+                log.flush()
+                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=_child_env())
+                running[proc] = (run, time.perf_counter(), log)
+                say(f"{'resume' if state == 'resume' else 'start'} {run.name} (log {run.log})")
+                bar.set_postfix_str(", ".join(r.name for r, _, _ in running.values()))
+            time.sleep(POLL_S)
+            for proc, (run, start, log) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                log.close()
+                del running[proc]
+                if code != 0:
+                    cause = _last_line(run.log)
+                    cause = f": {cause}" if cause else ""
+                    raise RunFailed(f"run {run.folder} failed (exit {code}){cause}; log {run.log}")
+                walls[run.name] = time.perf_counter() - start
+                say(f"done {run.name} in {walls[run.name]:.0f} s")
+                bar.update(1)
+                bar.set_postfix_str(", ".join(r.name for r, _, _ in running.values()))
+    except KeyboardInterrupt:
+        _stop(running, grace_s=10.0)
+        raise
+    except BaseException:
+        _stop(running, grace_s=0.0)
+        raise
+    return walls
+
+
+def _log_facts(log: Path) -> tuple[Optional[int], Optional[float]]:
+    """(steps, training time in s) from the "trained N steps in T s" lines recon.train printed into the run's
+    log: the last line's steps, the sum of the times of every attempt that got that far (a resumed run's
+    time before its interruption is not counted); (None, None) without such a line."""
+    try:
+        matches = _TRAINED_RE.findall(log.read_text(errors="replace"))
+    except OSError:
+        return None, None
+    if not matches:
+        return None, None
+    return int(matches[-1][0]), sum(float(seconds) for _, seconds in matches)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. the table
+# ----------------------------------------------------------------------------------------------------
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; NaN for one value); NaN when a value is NaN."""
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def summarize(
+    results: dict[tuple[float, int], dict[str, dict[str, float]]],
+    *,
+    ratios: Sequence[float],
+    seeds: Sequence[int],
+    test_sets: Sequence[str],
+    metrics: Sequence[str] = ("MPVPE", "RRVE", "MRRPE"),
+) -> dict:
+    """Means, spreads and paired deltas over seeds.
+
+    results: {(ratio, seed): {test set: {metric: mm}}} for every ratio and seed; ratios[0] is the reference.
+    Returns {"mean", "std": {ratio tag: {test set: {metric}}}, "deltas": {ratio tag: {seed (str): {test set:
+    {metric}}}} (r minus the reference at the same seed), "delta_mean", "delta_std": {ratio tag (r > ref):
+    {test set: {metric}}}}; std is the sample standard deviation (n - 1), NaN with one seed.
+    """
+
+    def value(ratio, seed, test, metric) -> float:
+        v = results[(ratio, seed)].get(test, {}).get(metric)
+        return math.nan if v is None else float(v)
+
+    out = {"mean": {}, "std": {}, "deltas": {}, "delta_mean": {}, "delta_std": {}}
+    reference = ratios[0]
+    for ratio in ratios:
+        tag = ratio_tag(ratio)
+        out["mean"][tag], out["std"][tag] = {}, {}
+        for test in test_sets:
+            pairs = {m: _mean_std([value(ratio, s, test, m) for s in seeds]) for m in metrics}
+            out["mean"][tag][test] = {m: pairs[m][0] for m in metrics}
+            out["std"][tag][test] = {m: pairs[m][1] for m in metrics}
+        if ratio == reference:
+            continue
+        out["deltas"][tag] = {
+            str(s): {t: {m: value(ratio, s, t, m) - value(reference, s, t, m) for m in metrics} for t in test_sets}
+            for s in seeds
+        }
+        out["delta_mean"][tag], out["delta_std"][tag] = {}, {}
+        for test in test_sets:
+            pairs = {m: _mean_std([out["deltas"][tag][str(s)][test][m] for s in seeds]) for m in metrics}
+            out["delta_mean"][tag][test] = {m: pairs[m][0] for m in metrics}
+            out["delta_std"][tag][test] = {m: pairs[m][1] for m in metrics}
+    return out
+
+
+def steps_note(runs: Sequence[dict]) -> Optional[str]:
+    """A sentence when runs of the same seed trained different numbers of steps (None when every seed's runs
+    agree or the steps are unknown). recon.train's epoch is a pass over the real data and a batch with
+    r > 0 holds fewer real samples, so without --max-steps an epoch of a run with r > 0 has more steps."""
+    by_seed: dict[int, dict[str, int]] = {}
+    for run in runs:
+        if run["steps"] is not None:
+            by_seed.setdefault(run["seed"], {})[ratio_tag(run["ratio"])] = run["steps"]
+    differing = {seed: steps for seed, steps in by_seed.items() if len(set(steps.values())) > 1}
+    if not differing:
+        return None
+    seed, steps = next(iter(differing.items()))
+    shown = ", ".join(f"r={tag}: {n}" for tag, n in steps.items())
+    return (
+        f"the runs of a seed trained different numbers of steps (seed {seed}: {shown}). An epoch is a pass "
+        "over the real data and a batch with r > 0 holds fewer real samples, so it has more steps; give "
+        "--max-steps for equal steps (the learning rate still decays by epoch, optim.lr_decay_epochs)."
+    )
+
+
+def paper_method(arch: str) -> Optional[str]:
+    """The paper's Table 2 row name of a regressor ("interwild" -> "InterWild"), None when it has none."""
+    from eval.report import PAPER_TABLE2
+
+    for name in PAPER_TABLE2:
+        if "+" not in name and name.lower() == arch.lower():
+            return name
+    return None
+
+
+def wild_test_set(test_sets: Sequence[str]) -> Optional[str]:
+    """The in-the-wild test split (``synthlab-test-wild``), None without one."""
+    return next((key for key in test_sets if key.endswith("test-wild")), None)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 100 else f"{seconds / 60:.1f} min"
+
+
+def _cell(mean: float, std: float, signed: bool = False) -> str:
+    if math.isnan(mean):
+        return "-"
+    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    return text if math.isnan(std) else f"{text} ± {std:.2f}"
+
+
+def row_names(method: str, ratios: Sequence[float]) -> dict[str, str]:
+    """{ratio tag: row name}: the reference is the method, the others "<method>+AttentionHand"."""
+    names = {ratio_tag(ratios[0]): f"{method} (r={ratio_tag(ratios[0])})"}
+    for ratio in ratios[1:]:
+        names[ratio_tag(ratio)] = f"{method}+AttentionHand (r={ratio_tag(ratio)})"
+    return names
+
+
+def format_markdown(report: dict) -> str:
+    """The Markdown of a report (the JSON payload of :func:`main`): the spread table, the means in the
+    paper's style (with the paper's rows when they apply), the runs, the figure."""
+    from eval.report import DATASET_TITLES, make_table, to_markdown
+
+    ratios, tests, metrics = report["ratios"], report["test_sets"], report["metrics"]
+    reference = ratio_tag(ratios[0])
+    names = row_names(report["method"], ratios)
+    columns = [(t, m) for t in tests for m in metrics]
+
+    def num(x) -> float:
+        return math.nan if x is None else float(x)
+
+    setup = report["setup"]
+    lines = [
+        f"# Table 2 ({report['method']}): {len(report['seeds'])} seed(s), synthetic ratios "
+        f"{', '.join(ratio_tag(r) for r in ratios)}",
+        "",
+        f"`{report['command']}` (commit {(report.get('git_commit') or 'unknown')[:12]}"
+        f"{', with uncommitted changes' if report.get('git_dirty') else ''}; {report['created']}; "
+        f"{_duration(report['wall_s'])} in all).",
+        "",
+        f"Every run: {setup['arch']} trained on {', '.join(setup['train_datasets'])} "
+        f"({setup['length']}, batch {setup['batch_size']}, {setup['image_size'][0]}x"
+        f"{setup['image_size'][1]} px, profile {setup['profile']}), seeds {', '.join(map(str, report['seeds']))}; "
+        f"r = share of every batch generated by {setup['generator']} ({setup['generator_config']}, "
+        f"{setup['generator_size']} px, labels: {setup['labels']}). Millimetres, lower is "
+        "better; mean ± sample standard deviation over seeds; Δ = metric(r) − metric(r="
+        f"{reference}), paired by seed.",
+        "",
+        "| Method | " + " | ".join(f"{DATASET_TITLES.get(t, t)} {m} ↓" for t, m in columns) + " |",
+        "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|",
+    ]
+    for ratio in ratios:
+        tag = ratio_tag(ratio)
+        cells = [_cell(num(report["mean"][tag][t][m]), num(report["std"][tag][t][m])) for t, m in columns]
+        lines.append(f"| {names[tag]} | " + " | ".join(cells) + " |")
+    for ratio in ratios[1:]:
+        tag = ratio_tag(ratio)
+        cells = [_cell(num(report["delta_mean"][tag][t][m]), num(report["delta_std"][tag][t][m]), signed=True)
+                 for t, m in columns]
+        lines.append(f"| Δ (r={tag} − r={reference}) | " + " | ".join(cells) + " |")
+    if report.get("delta_wild_mpvpe_mean") is not None:
+        delta = _cell(num(report["delta_wild_mpvpe_mean"]), num(report.get("delta_wild_mpvpe_std")), signed=True)
+        pair = f"r={report['delta_wild_ratio']} − r={reference}"
+        lines += ["", f"Δ MPVPE on {report['wild_test_set']} ({pair}): {delta} mm."]
+
+    if report.get("steps_note"):
+        lines += ["", f"Note: {report['steps_note']}"]
+
+    # the means in the paper's style (eval.report): "value (difference to the reference)"
+    results = {f"{names[ratio_tag(r)]}, ours": {t: {m: num(report["mean"][ratio_tag(r)][t][m]) for m in metrics}
+                                                 for t in tests} for r in ratios}
+    baselines = {f"{names[ratio_tag(r)]}, ours": f"{names[reference]}, ours" for r in ratios[1:]}
+    if report.get("paper"):
+        results.update(report["paper"])
+        paper_rows = list(report["paper"])
+        baselines.update({run: run.replace("+AttentionHand", "", 1) for run in paper_rows if "+AttentionHand" in run})
+    table = make_table(results, datasets=tests, metrics=metrics, baselines=baselines)
+    title = "Means (difference to the reference in brackets)"
+    if report.get("paper"):
+        title += ", beside the paper's rows"
+    lines += ["", to_markdown(table, title=title).rstrip()]
+
+    lines += ["", "## Runs", "",
+              "| run | r | seed | status | steps | train time | "
+              + " | ".join(f"{DATASET_TITLES.get(t, t)} MPVPE" for t in tests) + " |",
+              "|---|---:|---:|---|---:|---:|" + "---:|" * len(tests)]
+    for run in report["runs"]:
+        steps = "-" if run["steps"] is None else str(run["steps"])
+        train_time = "-" if run["train_time_s"] is None else _duration(run["train_time_s"])
+        mpvpe = [_cell(num(run["metrics"][t].get("MPVPE")), math.nan) for t in tests]
+        lines.append(f"| {run['name']} | {ratio_tag(run['ratio'])} | {run['seed']} | {run['status']} | {steps} | "
+                     f"{train_time} | " + " | ".join(mpvpe) + " |")
+
+    figure = report.get("figure")
+    if figure:
+        lines += ["", "## Generated samples", "",
+                  f"Mesh image | generated | overlay, {figure['samples']} samples made as the r={figure['ratio']} run "
+                  f"with seed {figure['seed']} makes them ({figure['generator']}, {figure['generator_config']}, "
+                  f"{figure['size']} px; mixing.mode={figure['mode']}).", "",
+                  f"![generated samples]({figure['path']})", ""]
+        lines += [f"{i + 1}. {prompt}" for i, prompt in enumerate(figure["prompts"])]
+    return "\n".join(lines) + "\n"
+
+
+def _clean(data):
+    """NaN -> None, recursively (JSON without NaN)."""
+    if isinstance(data, dict):
+        return {k: _clean(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_clean(v) for v in data]
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    return data
+
+
+def _write_atomic(path: Path, write: Callable[[str], None]) -> Path:
+    """Write through ``write(tmp_path)`` beside ``path``, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    return _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the command
+# ----------------------------------------------------------------------------------------------------
+def _setup(cfg, mixed_cfg) -> dict:
+    """The facts every run shares (from the reference run's config) and the generator of the runs with r > 0."""
+    from recon.data import parse_specs
+
+    return {
+        "arch": cfg.arch,
+        "profile": cfg.profile,
+        "train_datasets": [f"{s.name}:{s.split}" for s in parse_specs(cfg.data.train, "train")],
+        "test_datasets": [f"{s.name}:{s.split}" for s in parse_specs(cfg.data.test, "test")],
+        "data_root": cfg.data.root,
+        "mano_dir": cfg.mano_dir,
+        "length": f"{cfg.train.max_steps} steps" if cfg.train.max_steps is not None else f"{cfg.train.epochs} epochs",
+        "epochs": cfg.train.epochs,
+        "max_steps": cfg.train.max_steps,
+        "batch_size": cfg.train.batch_size,
+        "image_size": list(cfg.data.image_size),
+        "generator": mixed_cfg.mixing.generator,
+        "generator_config": mixed_cfg.mixing.generator_config,
+        "generator_size": mixed_cfg.mixing.size,
+        "mix_mode": mixed_cfg.mixing.mode,
+        "labels": mixed_cfg.mixing.labels,
+    }
+
+
+def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
+    """Plan, check, draw the figure, train, tabulate (see the module docstring); returns the JSON payload
+    (or {} for --dry-run)."""
+    wall_start = time.perf_counter()
+    from recon.registry import import_plugin, load_builtin_regressors
+
+    # 1. plan and check every run's config -------------------------------------------------------------
+    for plugin in args.plugin:
+        import_plugin(plugin)
+    load_builtin_regressors()
+    runs = plan_runs(args)
+    configs = {run.name: resolve_run_config(run) for run in runs}
+    reference_cfg = configs[runs[0].name]
+    tests = eval_set_keys(reference_cfg)
+    states = {run.name: run_state(run, configs[run.name], tests) for run in runs}
+    if args.dry_run:
+        for run in runs:
+            state = states[run.name]
+            note = {"finished": "# finished, would be skipped: ", "resume": "# would resume: "}.get(state, "")
+            print(note + shlex.join(run.command) + (" --resume auto" if state == "resume" else ""))
+        return {}
+
+    on_synthlab = all_dataset_names(reference_cfg) == {"synthlab"}
+    results_dir = Path(args.results_dir or ("docs/results" if on_synthlab else args.out))
+    first_mixed = next(run for run in runs if run.ratio > 0)
+    say = tqdm.write
+    say(f"recon.table2: {len(args.ratio_list)} ratios x {len(args.seed_values)} seeds = {len(runs)} runs of "
+        f"{args.arch} in {args.out} ({args.jobs_n} at a time); results in {results_dir}")
+
+    # 2. the figure --------------------------------------------------------------------------------------
+    figure = None
+    if args.figure_n > 0:
+        start = time.perf_counter()
+        figure = make_figure(configs[first_mixed.name], args.figure_n, results_dir / FIGURE_NAME)
+        say(f"wrote {results_dir / FIGURE_NAME} ({figure['samples']} samples, {time.perf_counter() - start:.1f} s)")
+
+    # 3. the runs ----------------------------------------------------------------------------------------
+    todo = []
+    for run in runs:
+        if states[run.name] == "finished":
+            warn = "" if (run.folder / "config.yaml").is_file() else " (no config.yaml to check it against)"
+            say(f"skip {run.name}: finished ({run.folder / 'metrics.json'}){warn}")
+        else:
+            todo.append((run, states[run.name]))
+    done = len(runs) - len(todo)
+    with tqdm(total=len(runs), initial=done, desc="table2 runs", unit="run", dynamic_ncols=True) as bar:
+        walls = execute(todo, jobs=args.jobs_n, bar=bar, say=say)
+
+    # 4. the table ---------------------------------------------------------------------------------------
+    results, run_entries = {}, []
+    for run in runs:
+        metrics = read_metrics(run.folder, tests)
+        if metrics is None:
+            raise RunFailed(f"run {run.folder} ended without a finished metrics.json; log {run.log}")
+        results[(run.ratio, run.seed)] = metrics
+        steps, train_time = _log_facts(run.log)
+        status = {"finished": "skipped", "resume": "resumed", "new": "trained"}[states[run.name]]
+        run_entries.append({
+            "name": run.name, "ratio": run.ratio, "seed": run.seed, "folder": str(run.folder), "status": status,
+            "steps": steps, "train_time_s": train_time, "wall_s": walls.get(run.name),
+            "metrics": {t: {k: v for k, v in metrics[t].items() if v is None or isinstance(v, (int, float))}
+                        for t in tests},
+            "command": shlex.join(run.command),
+        })
+    from eval.report import TABLE2_METRICS, paper_results
+    from recon.cards import code_version
+
+    metric_names = list(TABLE2_METRICS)
+    summary = summarize(results, ratios=args.ratio_list, seeds=args.seed_values, test_sets=tests, metrics=metric_names)
+    paper_name = paper_method(args.arch)
+    method = paper_name or args.arch
+    paper = paper_results([paper_name]) if paper_name and set(tests) <= set(PAPER_TEST_SETS) else None
+
+    version = code_version()
+    report = {
+        "arch": args.arch,
+        "method": method,
+        "profile": reference_cfg.profile,
+        "unit": "mm",
+        "seeds": list(args.seed_values),
+        "ratios": list(args.ratio_list),
+        "reference_ratio": args.ratio_list[0],
+        "test_sets": tests,
+        "metrics": metric_names,
+        "setup": _setup(reference_cfg, configs[first_mixed.name]),
+        "runs": run_entries,
+        **summary,
+    }
+    report["steps_note"] = steps_note(run_entries)
+    if report["steps_note"]:
+        say(f"recon.table2: note: {report['steps_note']}")
+    wild = wild_test_set(tests)
+    if wild is not None:
+        tag = ratio_tag(args.ratio_list[1])
+        report.update(
+            wild_test_set=wild,
+            delta_wild_ratio=tag,
+            delta_wild_mpvpe_mean=summary["delta_mean"][tag][wild]["MPVPE"],
+            delta_wild_mpvpe_std=summary["delta_std"][tag][wild]["MPVPE"],
+        )
+    report.update(
+        paper=paper,
+        figure=figure,
+        command="python -m recon.table2 " + shlex.join(argv),
+        git_commit=version["git_commit"],
+        git_dirty=version["git_dirty"],
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        wall_s=time.perf_counter() - wall_start,
+    )
+    report = _clean(report)
+    markdown = format_markdown(report)
+    print("\n" + markdown, end="")
+    md_path = _write_text(results_dir / f"{STEM}.md", markdown)
+    json_path = _write_text(results_dir / f"{STEM}.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    print(f"wrote {md_path} and {json_path}")
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from hands.datasets import DatasetError
+    from recon.config import ConfigError
+    from recon.data import DataSpecError
+    from recon.registry import PluginError
+    from recon.train import UsageError as TrainUsageError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+        run_table(args, argv)
+    except (UsageError, TrainUsageError, ConfigError, DataSpecError, DatasetError, PluginError) as error:
+        print(f"recon.table2: error: {error}", file=sys.stderr)
+        return 2
+    except RunFailed as error:
+        print(f"recon.table2: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("recon.table2: interrupted; the same command continues (finished runs are skipped, the others "
+              "resume from their newest checkpoint)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""recon.table2: paired deltas and spreads over seeds, the planned commands, skipping finished runs, the
+report files, clear failures, and one tiny end-to-end table (baseline, 1 seed, 2 steps, tiny synthlab)."""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from recon import table2
+from tests.recon_helpers import TINY, write_tiny_synthlab
+
+# The random-initialised tiny generator (whatever the default generator is), 32 px, 2 sampling steps.
+GEN = ["mixing.generator_config=tiny", "mixing.size=32", "mixing.num_inference_steps=2", "mixing.chunk=4",
+       "mixing.capacity=8"]
+TESTS = ("synthlab-test-lab", "synthlab-test-wild")
+
+
+@pytest.fixture(scope="module")
+def synthlab_root(tmp_path_factory) -> Path:
+    return write_tiny_synthlab(tmp_path_factory.mktemp("synthlab_table2"))
+
+
+def _argv(synthlab_root: Path, tmp_path: Path, *extra: str) -> list[str]:
+    """A table on the tiny synthlab with the tiny regressor and generator (results in tmp_path)."""
+    return [
+        "--arch", "baseline", "--data-root", str(synthlab_root), "--datasets", "synthlab",
+        "--test-datasets", "synthlab:test-lab,synthlab:test-wild", "--batch-size", "4", "--device", "cpu",
+        "--out", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"), *TINY, *GEN, *extra,
+    ]
+
+
+def _metrics(mpvpe_lab: float, mpvpe_wild: float) -> dict:
+    return {
+        "synthlab-test-lab": {"MPVPE": mpvpe_lab, "RRVE": mpvpe_lab + 10, "MRRPE": math.nan, "count_MPVPE": 6},
+        "synthlab-test-wild": {"MPVPE": mpvpe_wild, "RRVE": mpvpe_wild + 10, "MRRPE": 50.0, "count_MPVPE": 6},
+        "mixing": {"taken": 3},
+    }
+
+
+def _fake_finished_runs(argv: list[str], metrics: dict) -> list[table2.RunSpec]:
+    """Run folders as recon.train leaves them (config.yaml of the run's config, metrics.json), no training."""
+    runs = table2.plan_runs(table2.parse_args(argv))
+    for run in runs:
+        run.folder.mkdir(parents=True)
+        (run.folder / "config.yaml").write_text(OmegaConf.to_yaml(table2.resolve_run_config(run)))
+        (run.folder / "metrics.json").write_text(json.dumps(metrics[(run.ratio, run.seed)]))
+    return runs
+
+
+def _no_training(monkeypatch):
+    """Starting a recon.train process fails the test (other processes, e.g. git, still run)."""
+    real_popen = subprocess.Popen
+
+    def guarded(command, *args, **kwargs):
+        if table2.TRAIN_MODULE in list(command):
+            raise AssertionError(f"a run was started: {command}")
+        return real_popen(command, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", guarded)
+
+
+def test_summary_gives_means_sample_stds_and_deltas_paired_by_seed():
+    wild = {(0.0, 0): 10.0, (0.0, 1): 12.0, (0.0, 2): 14.0, (0.3, 0): 9.0, (0.3, 1): 12.0, (0.3, 2): 12.0}
+    results = {key: {"wild": {"MPVPE": value}, "lab": {"MPVPE": 20.0 + key[1]}} for key, value in wild.items()}
+    summary = table2.summarize(results, ratios=[0.0, 0.3], seeds=[0, 1, 2], test_sets=["lab", "wild"],
+                               metrics=["MPVPE"])
+    assert summary["mean"]["0"]["wild"]["MPVPE"] == 12.0 and summary["std"]["0"]["wild"]["MPVPE"] == 2.0
+    assert summary["mean"]["0.3"]["wild"]["MPVPE"] == 11.0
+    assert summary["std"]["0.3"]["wild"]["MPVPE"] == pytest.approx(math.sqrt(3.0), abs=1e-12)  # sample std (n - 1)
+    assert {s: d["wild"]["MPVPE"] for s, d in summary["deltas"]["0.3"].items()} == {"0": -1.0, "1": 0.0, "2": -2.0}
+    assert summary["delta_mean"]["0.3"]["wild"]["MPVPE"] == -1.0 and summary["delta_std"]["0.3"]["wild"]["MPVPE"] == 1.0
+    # the same seeds on both sides: the lab deltas are exactly 0 with no spread, although each ratio has one
+    assert summary["delta_mean"]["0.3"]["lab"]["MPVPE"] == 0.0 and summary["delta_std"]["0.3"]["lab"]["MPVPE"] == 0.0
+    assert summary["std"]["0"]["lab"]["MPVPE"] == 1.0
+    assert "0" not in summary["deltas"]  # the reference has no delta
+
+    one = table2.summarize({(0.0, 5): {"t": {"M": 1.0}}, (0.5, 5): {"t": {"M": 4.0}}}, ratios=[0.0, 0.5], seeds=[5],
+                           test_sets=["t"], metrics=["M"])
+    assert one["delta_mean"]["0.5"]["t"]["M"] == 3.0 and math.isnan(one["delta_std"]["0.5"]["t"]["M"])  # one seed
+
+
+def test_a_note_says_when_the_runs_of_a_seed_trained_different_numbers_of_steps():
+    runs = [{"ratio": 0.0, "seed": 0, "steps": 320}, {"ratio": 0.3, "seed": 0, "steps": 320},
+            {"ratio": 0.0, "seed": 1, "steps": None}, {"ratio": 0.3, "seed": 1, "steps": 320}]
+    assert table2.steps_note(runs) is None  # equal, or unknown
+    runs[1]["steps"] = 420  # batch 8: 8 real samples per step at r = 0, 6 at r = 0.3
+    note = table2.steps_note(runs)
+    assert "seed 0: r=0: 320, r=0.3: 420" in note and "--max-steps" in note
+
+
+def test_dry_run_prints_one_command_per_ratio_and_seed_with_the_same_flags(synthlab_root, tmp_path, capsys):
+    argv = _argv(synthlab_root, tmp_path, "--seeds", "2", "--max-steps", "7", "--dry-run", "optim.lr=1e-3")
+    assert table2.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4
+    commands = [shlex.split(line) for line in lines]
+    seen = set()
+    for command in commands:
+        assert command[1:3] == ["-m", "recon.train"]
+        flags = dict(zip(command[3::2], command[4::2]))  # every token after -m recon.train is "--flag value" or K=V
+        ratio, seed = float(flags["--synthetic-ratio"]), int(flags["--seed"])
+        seen.add((ratio, seed))
+        assert flags["--out"] == str(tmp_path / "runs" / f"baseline_r{ratio:g}_s{seed}")
+        assert flags["--max-steps"] == "7" and flags["--batch-size"] == "4" and flags["--device"] == "cpu"
+        assert command[-len(TINY) - len(GEN) - 1:] == [*TINY, *GEN, "optim.lr=1e-3"]  # overrides passed through
+        # only the ratio, the seed and the folder (the values of tokens 6, 8, 10) differ between the runs
+        assert command[5:11:2] == ["--synthetic-ratio", "--seed", "--out"]
+        assert [t for i, t in enumerate(command) if i not in (6, 8, 10)] == [
+            t for i, t in enumerate(commands[0]) if i not in (6, 8, 10)]
+    assert seen == {(0.0, 0), (0.3, 0), (0.0, 1), (0.3, 1)}
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    "extra, flag",
+    [
+        (["--ratios", "0,1.2"], "--ratios"),
+        (["--ratios", "0,-0.1"], "--ratios"),
+        (["--ratios", "0.3"], "--ratios"),
+        (["--ratios", "0,0"], "--ratios"),
+        (["--seeds", "0"], "--seeds"),
+        (["--seed-list", "0,x"], "--seed-list"),
+        (["--seeds", "2", "--seed-list", "0,1"], "--seed-list"),
+        (["--jobs", "0"], "--jobs"),
+        (["--max-steps", "0"], "--max-steps"),
+        (["seed=4"], "seed=4"),
+        (["train.synthetic_ratio=0.5"], "train.synthetic_ratio"),
+        (["no.such_key=1"], "no"),
+        (["--arch", "nope"], "--arch nope"),
+    ],
+)
+def test_bad_flags_fail_in_one_line_naming_the_flag(synthlab_root, tmp_path, capsys, extra, flag):
+    assert table2.main(_argv(synthlab_root, tmp_path, "--dry-run", *extra)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    error = captured.err.strip()
+    assert len(error.splitlines()) == 1 and error.startswith("recon.table2: error:") and flag in error, error
+
+
+def test_finished_runs_are_skipped_and_the_report_has_every_field(synthlab_root, tmp_path, capsys, monkeypatch):
+    argv = _argv(synthlab_root, tmp_path, "--seed-list", "3,4", "--max-steps", "2", "--figure-samples", "0")
+    metrics = {(0.0, 3): _metrics(100.0, 120.0), (0.3, 3): _metrics(99.0, 116.0),
+               (0.0, 4): _metrics(102.0, 122.0), (0.3, 4): _metrics(100.0, 120.0)}
+    runs = _fake_finished_runs(argv, metrics)
+    _no_training(monkeypatch)
+    assert table2.main(argv) == 0
+    out = capsys.readouterr().out
+    for run in runs:
+        assert f"skip {run.name}: finished" in out
+    assert "Δ (r=0.3 − r=0)" in out and "-3.00 ± 1.41" in out  # wild MPVPE deltas -4, -2
+
+    report = json.loads((tmp_path / "results" / "mini-table2.json").read_text())
+    assert report["arch"] == "baseline" and report["seeds"] == [3, 4] and report["ratios"] == [0.0, 0.3]
+    assert report["reference_ratio"] == 0.0 and report["test_sets"] == list(TESTS) and report["unit"] == "mm"
+    assert [(r["ratio"], r["seed"], r["status"]) for r in report["runs"]] == [
+        (0.0, 3, "skipped"), (0.3, 3, "skipped"), (0.0, 4, "skipped"), (0.3, 4, "skipped")]
+    first = report["runs"][0]
+    assert first["folder"] == str(runs[0].folder) and first["metrics"]["synthlab-test-wild"]["MPVPE"] == 120.0
+    assert first["metrics"]["synthlab-test-lab"]["MRRPE"] is None  # NaN: nothing counted, written as null
+    assert set(first) >= {"name", "steps", "train_time_s", "wall_s", "command"}
+    assert report["mean"]["0"]["synthlab-test-wild"]["MPVPE"] == 121.0
+    assert report["mean"]["0.3"]["synthlab-test-lab"]["RRVE"] == 109.5
+    assert report["std"]["0.3"]["synthlab-test-wild"]["MPVPE"] == pytest.approx(math.sqrt(8.0))
+    assert report["deltas"]["0.3"] == {
+        "3": {"synthlab-test-lab": {"MPVPE": -1.0, "RRVE": -1.0, "MRRPE": None},
+              "synthlab-test-wild": {"MPVPE": -4.0, "RRVE": -4.0, "MRRPE": 0.0}},
+        "4": {"synthlab-test-lab": {"MPVPE": -2.0, "RRVE": -2.0, "MRRPE": None},
+              "synthlab-test-wild": {"MPVPE": -2.0, "RRVE": -2.0, "MRRPE": 0.0}},
+    }
+    assert report["delta_wild_mpvpe_mean"] == -3.0
+    assert report["delta_wild_mpvpe_std"] == pytest.approx(math.sqrt(2.0))
+    assert report["wild_test_set"] == "synthlab-test-wild" and report["delta_wild_ratio"] == "0.3"
+    assert report["setup"]["max_steps"] == 2 and report["setup"]["batch_size"] == 4
+    assert report["paper"] is None and report["figure"] is None  # synthlab has no paper row
+    assert report["command"].startswith("python -m recon.table2 --arch baseline")
+    assert "git_commit" in report and report["wall_s"] >= 0
+    markdown = (tmp_path / "results" / "mini-table2.md").read_text()
+    assert "| baseline (r=0) |" in markdown and "121.00 ± 1.41" in markdown and "## Runs" in markdown
+
+
+def test_the_paper_rows_stand_beside_ours_on_the_paper_test_sets(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    for name in ("ih26m", "hic", "reih"):
+        (data / name).mkdir(parents=True)
+    argv = ["--arch", "interwild", "--seeds", "2", "--data-root", str(data), "--datasets", "ih26m",
+            "--test-datasets", "hic,reih,ih26m", "--out", str(tmp_path / "runs"), "--figure-samples", "0"]
+    values = {name: {"MPVPE": 15.0, "RRVE": 21.0, "MRRPE": 30.0} for name in ("hic", "reih", "ih26m")}
+    _fake_finished_runs(argv, {(r, s): values for r in (0.0, 0.3) for s in (0, 1)})
+    _no_training(monkeypatch)
+    assert table2.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| InterWild (paper) | 15.30 | 21.35 | 31.26 |" in out
+    assert "| InterWild+AttentionHand (paper) | 14.74 (-0.56) |" in out
+    report = json.loads((tmp_path / "runs" / "mini-table2.json").read_text())  # not synthlab: results in --out
+    assert set(report["paper"]) == {"InterWild (paper)", "InterWild+AttentionHand (paper)"}
+    assert report["method"] == "InterWild" and "delta_wild_mpvpe_mean" not in report  # no test-wild split
+
+
+def test_a_folder_holding_a_run_of_another_config_is_refused(synthlab_root, tmp_path, capsys):
+    argv = _argv(synthlab_root, tmp_path, "--seeds", "1", "--max-steps", "2")
+    _fake_finished_runs(argv, {(r, 0): _metrics(1.0, 2.0) for r in (0.0, 0.3)})
+    assert table2.main(_argv(synthlab_root, tmp_path, "--seeds", "1", "--max-steps", "3", "--dry-run")) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert "baseline_r0_s0 holds a run of another config (train.max_steps: 2 there, 3 now)" in error
+
+
+def test_a_failing_run_stops_the_table_naming_its_folder_and_log(synthlab_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(table2, "TRAIN_MODULE", "recon.no_such_trainer")  # the run's process exits with an error
+    assert table2.main(_argv(synthlab_root, tmp_path, "--seeds", "1", "--figure-samples", "0")) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    folder = tmp_path / "runs" / "baseline_r0_s0"
+    assert error.startswith(f"recon.table2: error: run {folder} failed (exit 1)")
+    assert "No module named recon.no_such_trainer" in error and error.endswith(f"log {folder / 'train.log'}")
+    assert not (tmp_path / "results" / "mini-table2.json").exists()
+
+
+def test_a_tiny_table_end_to_end_and_again_with_every_run_skipped(synthlab_root, tmp_path, capsys):
+    argv = _argv(synthlab_root, tmp_path, "--seeds", "1", "--max-steps", "2", "--jobs", "2", "--figure-samples", "2")
+    assert table2.main(argv) == 0
+    results = tmp_path / "results"
+    report = json.loads((results / "mini-table2.json").read_text())
+    assert (results / "mini-table2.md").read_text().startswith("# Table 2 (baseline)")
+    for run in report["runs"]:
+        assert run["status"] == "trained" and run["steps"] == 2
+        assert (Path(run["folder"]) / "train.log").is_file()
+        for test in TESTS:
+            assert math.isfinite(run["metrics"][test]["MPVPE"]) and math.isfinite(run["metrics"][test]["RRVE"])
+    assert {run["ratio"] for run in report["runs"]} == {0.0, 0.3}
+    assert math.isfinite(report["delta_wild_mpvpe_mean"]) and report["delta_wild_mpvpe_std"] is None  # one seed
+    assert report["steps_note"] is None  # --max-steps 2 < the epochs' steps of both ratios
+    assert report["figure"]["samples"] == 2 and len(report["figure"]["prompts"]) == 2
+    from PIL import Image
+
+    with Image.open(results / table2.FIGURE_NAME) as image:  # 2 rows of mesh | generated | overlay, 256 px cells
+        assert image.size == (3 * table2.FIGURE_TILE + 4 * 2, 2 * table2.FIGURE_TILE + 3 * 2)
+    capsys.readouterr()
+
+    # the same command again: both runs are finished (their real config.yaml and metrics.json), none retrains
+    assert table2.main(argv[:-1] + ["0"]) == 0
+    assert capsys.readouterr().out.count(": finished (") == 2
+    again = json.loads((results / "mini-table2.json").read_text())
+    assert [r["status"] for r in again["runs"]] == ["skipped", "skipped"]
+    assert again["mean"] == report["mean"]
