@@ -76,11 +76,14 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam with step decay by epoch: ``lr * lr_decay_gamma ** (number of lr_decay_epochs <= epoch)``."""
+    """Adam with step decay: ``lr * lr_decay_gamma ** (number of lr_decay_epochs <= epoch + number of
+    lr_decay_steps <= step)`` (milestones in epochs, and in optimizer steps for schedules that must not depend
+    on how many real samples a batch holds, as recon.table2's equal-steps runs)."""
 
     lr: float = 1e-4
     weight_decay: float = 0.0
     lr_decay_epochs: List[int] = field(default_factory=list)
+    lr_decay_steps: List[int] = field(default_factory=list)
     lr_decay_gamma: float = 0.1
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
 

@@ -51,11 +51,13 @@ Ratio keys are written as ``f"{r:g}"``; NaN (a metric with nothing to count) is 
 ``delta_wild_*`` fields compare the first ratio after the reference with the reference, on the test set
 named ``*-test-wild`` (synthlab's in-the-wild split).
 
-Steps: every run gets the same flags, but recon.train's epoch is a pass over the *real* data and a batch
-with r > 0 holds ``B - round(r * B)`` real samples, so a run bounded by ``--epochs`` (no ``--max-steps``)
-trains more steps with r > 0 (the same real data, the same epoch-based learning-rate schedule). Give
-``--max-steps`` for the same number of steps; the runs' steps are in the table, and ``steps_note`` says
-when they differ.
+Steps (``--schedule``): recon.train's epoch is a pass over the *real* data, and a batch with r > 0 holds
+``B - round(r * B)`` real samples, so an epoch of a run with r > 0 has more steps. The default, ``steps``,
+compares at equal optimizer steps and equal learning rates: the reference run's length (``--max-steps``, else
+its epochs x its steps per epoch, counted from its training set) is given to every run as ``--max-steps``, and
+its epoch milestones ``optim.lr_decay_epochs`` become step milestones ``optim.lr_decay_steps`` at the same
+steps (the JSON's ``schedule``). ``epochs`` passes the flags unchanged (the same real epochs, more steps with
+r > 0); ``steps_note`` then says when the runs of a seed trained different numbers of steps.
 """
 from __future__ import annotations
 
@@ -148,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", help="seeds 0..N-1 (default 3)")
     parser.add_argument("--seed-list", help="explicit seeds, comma-separated (instead of --seeds)")
     parser.add_argument("--jobs", default="1", help="runs trained side by side (default 1)")
+    parser.add_argument("--schedule", choices=("steps", "epochs"), default="steps",
+                        help="steps (default): every run trains the reference run's optimizer steps with its "
+                        "learning-rate drops at the same steps; epochs: every run trains the same passes over the "
+                        "real data (runs with r > 0 then take more steps)")
     parser.add_argument("--out", default="runs/table2", help="folder of the run folders (default runs/table2)")
     parser.add_argument("--results-dir", help="where mini-table2.md/.json/-samples.png go (default: docs/results on "
                         "synthlab, else --out)")
@@ -296,6 +302,26 @@ def train_command(args: argparse.Namespace, ratio: float, seed: int, folder: Pat
     return command + list(args.overrides)
 
 
+def equal_steps(reference_cfg) -> dict:
+    """The reference run's schedule in optimizer steps: {"steps", "lr_decay_steps", "steps_per_epoch"}.
+
+    steps: train.max_steps, else train.epochs x steps per epoch (one process: the training set's length //
+    its real samples per batch, as recon.train's drop_last loader); lr_decay_steps: every lr_decay_epochs
+    milestone times the steps per epoch, plus its own lr_decay_steps."""
+    from hands.mano import HandModel
+    from mixing.mixer import split_batch_size
+    from recon.data import build_train_set
+
+    n_real, _ = split_batch_size(reference_cfg.train.batch_size, reference_cfg.train.synthetic_ratio)
+    size = len(build_train_set(reference_cfg, hand_model=HandModel(mano_dir=reference_cfg.mano_dir)))
+    per_epoch = size // n_real
+    if per_epoch < 1:
+        raise UsageError(f"--batch-size {reference_cfg.train.batch_size}: larger than the training set ({size} samples)")
+    steps = reference_cfg.train.max_steps or reference_cfg.train.epochs * per_epoch
+    drops = sorted({m * per_epoch for m in reference_cfg.optim.lr_decay_epochs} | set(reference_cfg.optim.lr_decay_steps))
+    return {"steps": int(steps), "lr_decay_steps": [int(d) for d in drops], "steps_per_epoch": int(per_epoch)}
+
+
 def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
     """Every (ratio, seed) run, ordered seed by seed (so that a stopped table has whole pairs first)."""
     out = Path(args.out)
@@ -305,6 +331,23 @@ def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
             folder = out / f"{args.arch}_r{ratio_tag(ratio)}_s{seed}"
             runs.append(RunSpec(args.arch, ratio, seed, folder, tuple(train_command(args, ratio, seed, folder))))
     return runs
+
+
+def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, dict]:
+    """(runs, their resolved configs by run name, the schedule) of a parsed command line. With ``--schedule
+    steps`` every run's command also gets the reference run's steps (``--max-steps``) and learning-rate drops
+    (``optim.lr_decay_steps``; see the module docstring). Plugins must be imported before."""
+    runs = plan_runs(args)
+    configs = {run.name: resolve_run_config(run) for run in runs}
+    schedule = {"kind": args.schedule}
+    if args.schedule == "steps":
+        schedule.update(equal_steps(configs[runs[0].name]))
+        args.max_steps = schedule["steps"]
+        args.overrides = [*args.overrides, "optim.lr_decay_epochs=[]",
+                          "optim.lr_decay_steps=[" + ",".join(map(str, schedule["lr_decay_steps"])) + "]"]
+        runs = plan_runs(args)
+        configs = {run.name: resolve_run_config(run) for run in runs}
+    return runs, configs, schedule
 
 
 def resolve_run_config(run: RunSpec):
@@ -685,6 +728,15 @@ def row_names(method: str, ratios: Sequence[float]) -> dict[str, str]:
     return names
 
 
+def _schedule_lines(schedule: Optional[dict]) -> list[str]:
+    if not schedule or schedule.get("kind") != "steps":
+        return []
+    drops = ", ".join(map(str, schedule["lr_decay_steps"])) or "none"
+    return [f"Equal steps: every run trained {schedule['steps']} optimizer steps with its learning-rate drops at "
+            f"steps {drops} (the reference run's schedule; {schedule['steps_per_epoch']} steps per epoch of its "
+            "real data).", ""]
+
+
 def format_markdown(report: dict) -> str:
     """The Markdown of a report (the JSON payload of :func:`main`): the spread table, the means in the
     paper's style (with the paper's rows when they apply), the runs, the figure."""
@@ -715,6 +767,7 @@ def format_markdown(report: dict) -> str:
         "better; mean ± sample standard deviation over seeds; Δ = metric(r) − metric(r="
         f"{reference}), paired by seed.",
         "",
+        *_schedule_lines(report.get("schedule")),
         "| Method | " + " | ".join(f"{DATASET_TITLES.get(t, t)} {m} ↓" for t, m in columns) + " |",
         "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|",
     ]
@@ -837,8 +890,7 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     for plugin in args.plugin:
         import_plugin(plugin)
     load_builtin_regressors()
-    runs = plan_runs(args)
-    configs = {run.name: resolve_run_config(run) for run in runs}
+    runs, configs, schedule = plan(args)
     reference_cfg = configs[runs[0].name]
     tests = eval_set_keys(reference_cfg)
     states = {run.name: run_state(run, configs[run.name], tests) for run in runs}
@@ -912,6 +964,7 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         "test_sets": tests,
         "metrics": metric_names,
         "setup": _setup(reference_cfg, configs[first_mixed.name]),
+        "schedule": schedule,
         "runs": run_entries,
         **summary,
     }

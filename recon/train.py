@@ -194,9 +194,10 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
-def lr_at(cfg: DictConfig, epoch: int) -> float:
-    """Step decay: ``lr * gamma ** (number of lr_decay_epochs <= epoch)``."""
+def lr_at(cfg: DictConfig, epoch: int, step: int = 0) -> float:
+    """Step decay: ``lr * gamma ** (number of lr_decay_epochs <= epoch + number of lr_decay_steps <= step)``."""
     drops = sum(1 for milestone in cfg.optim.lr_decay_epochs if epoch >= milestone)
+    drops += sum(1 for milestone in cfg.optim.lr_decay_steps if step >= milestone)
     return cfg.optim.lr * cfg.optim.lr_decay_gamma**drops
 
 
@@ -383,8 +384,6 @@ def train(args: argparse.Namespace) -> dict:
     batch_in_epoch, bar = start_batch, None
     try:
         while step < max_steps and epoch < cfg.train.epochs:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg, epoch)
             model.train()
             if callable(getattr(model, "set_epoch", None)):  # epoch-dependent losses (IntagHand's edge term)
                 model.set_epoch(epoch)
@@ -393,6 +392,8 @@ def train(args: argparse.Namespace) -> dict:
             )
             batch_in_epoch = start_batch
             for batch in make_batches(epoch, start_batch):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(cfg, epoch, step)
                 output = ddp_model(batch)
                 losses = model.losses(output, batch)
                 loss = sum(losses.values())

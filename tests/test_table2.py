@@ -45,7 +45,7 @@ def _metrics(mpvpe_lab: float, mpvpe_wild: float) -> dict:
 
 def _fake_finished_runs(argv: list[str], metrics: dict) -> list[table2.RunSpec]:
     """Run folders as recon.train leaves them (config.yaml of the run's config, metrics.json), no training."""
-    runs = table2.plan_runs(table2.parse_args(argv))
+    runs = table2.plan(table2.parse_args(argv))[0]
     for run in runs:
         run.folder.mkdir(parents=True)
         (run.folder / "config.yaml").write_text(OmegaConf.to_yaml(table2.resolve_run_config(run)))
@@ -108,13 +108,47 @@ def test_dry_run_prints_one_command_per_ratio_and_seed_with_the_same_flags(synth
         seen.add((ratio, seed))
         assert flags["--out"] == str(tmp_path / "runs" / f"baseline_r{ratio:g}_s{seed}")
         assert flags["--max-steps"] == "7" and flags["--batch-size"] == "4" and flags["--device"] == "cpu"
-        assert command[-len(TINY) - len(GEN) - 1:] == [*TINY, *GEN, "optim.lr=1e-3"]  # overrides passed through
+        # overrides passed through, then the equal-steps schedule (--max-steps 7 given: the reference's steps)
+        assert command[-len(TINY) - len(GEN) - 3:-1] == [*TINY, *GEN, "optim.lr=1e-3", "optim.lr_decay_epochs=[]"]
+        assert command[-1].startswith("optim.lr_decay_steps=[")
         # only the ratio, the seed and the folder (the values of tokens 6, 8, 10) differ between the runs
         assert command[5:11:2] == ["--synthetic-ratio", "--seed", "--out"]
         assert [t for i, t in enumerate(command) if i not in (6, 8, 10)] == [
             t for i, t in enumerate(commands[0]) if i not in (6, 8, 10)]
     assert seen == {(0.0, 0), (0.3, 0), (0.0, 1), (0.3, 1)}
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()  # nothing written
+
+
+def test_equal_steps_give_every_run_the_reference_steps_and_learning_rate_drops(synthlab_root, tmp_path, capsys):
+    """--schedule steps (default): the reference run's epochs x its steps per epoch, and its epoch milestones
+    as step milestones, for every ratio; --schedule epochs passes the flags as they are."""
+    from hands.datasets import build_dataset
+
+    n = len(build_dataset("synthlab", synthlab_root, "train-lab"))
+    argv = _argv(synthlab_root, tmp_path, "--seeds", "1", "--ratios", "0,0.5", "--epochs", "3", "--dry-run",
+                 "optim.lr_decay_epochs=[2]")
+    assert table2.main(argv) == 0
+    per_epoch = n // 4
+    for line in capsys.readouterr().out.strip().splitlines():
+        command = shlex.split(line)
+        flags = dict(zip(command[3::2], command[4::2]))
+        assert flags["--max-steps"] == str(3 * per_epoch) and flags["--epochs"] == "3"
+        assert command[-2:] == ["optim.lr_decay_epochs=[]", f"optim.lr_decay_steps=[{2 * per_epoch}]"]
+    assert table2.main([*argv, "--schedule", "epochs"]) == 0
+    for line in capsys.readouterr().out.strip().splitlines():
+        command = shlex.split(line)
+        assert "--max-steps" not in command and command[-1] == "optim.lr_decay_epochs=[2]"
+
+
+def test_lr_drops_at_step_milestones():
+    from omegaconf import OmegaConf
+
+    from recon.train import lr_at
+
+    cfg = OmegaConf.create({"optim": {"lr": 1.0, "lr_decay_gamma": 0.1, "lr_decay_epochs": [3],
+                                      "lr_decay_steps": [10, 20]}})
+    assert [lr_at(cfg, 0, s) for s in (0, 9, 10, 19, 20)] == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01])
+    assert lr_at(cfg, 3, 20) == pytest.approx(0.001)
 
 
 @pytest.mark.parametrize(
@@ -189,7 +223,8 @@ def test_the_paper_rows_stand_beside_ours_on_the_paper_test_sets(tmp_path, capsy
     for name in ("ih26m", "hic", "reih"):
         (data / name).mkdir(parents=True)
     argv = ["--arch", "interwild", "--seeds", "2", "--data-root", str(data), "--datasets", "ih26m",
-            "--test-datasets", "hic,reih,ih26m", "--out", str(tmp_path / "runs"), "--figure-samples", "0"]
+            "--test-datasets", "hic,reih,ih26m", "--out", str(tmp_path / "runs"), "--figure-samples", "0",
+            "--schedule", "epochs"]  # the folders are empty: nothing to count an epoch's steps from
     values = {name: {"MPVPE": 15.0, "RRVE": 21.0, "MRRPE": 30.0} for name in ("hic", "reih", "ih26m")}
     _fake_finished_runs(argv, {(r, s): values for r in (0.0, 0.3) for s in (0, 1)})
     _no_training(monkeypatch)
