@@ -391,11 +391,11 @@ def make_figure(cfg, n: int, path: Path, *, tile: int = FIGURE_TILE) -> dict:
     from mixing.build import build_label_source, build_provider, build_source
     from mixing.config import MixingConfig
     from recon.data import base_readers, build_train_set
-    from recon.train import resolve_device
+    from recon.train import generator_seed, resolve_device
 
     mix_cfg = MixingConfig(**OmegaConf.to_container(cfg.mixing))
     device = resolve_device(cfg.device, 0)
-    seed = cfg.seed * 1000 + 17  # as recon.train.synthetic_provider seeds the generator side (rank 0)
+    seed = generator_seed(cfg)  # as recon.train.synthetic_provider seeds the generator side (rank 0)
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)

@@ -201,12 +201,18 @@ def lr_at(cfg: DictConfig, epoch: int, step: int = 0) -> float:
     return cfg.optim.lr * cfg.optim.lr_decay_gamma**drops
 
 
+def generator_seed(cfg: DictConfig) -> int:
+    """The seed of a run's generator side (labels, prompts, noise, synthetic augmentation; ranks differ by their
+    rank inside mixing), derived from the run's seed."""
+    return int(cfg.seed) * 1000 + 17
+
+
 def synthetic_provider(cfg: DictConfig, *, hand_model, train_set, device, rank: int, world_size: int):
     """The generator side of the mixed batches for r > 0 (:mod:`mixing`): labels of the training readers
     (or the pose prior), the generator, and the provider of ``cfg.mixing.mode``; plus the preprocessing that
     gives generated samples the real ones' crop and augmentation. Seeds derive from (seed, rank)."""
     mix_cfg = MixingConfig(**OmegaConf.to_container(cfg.mixing))
-    seed = cfg.seed * 1000 + 17
+    seed = generator_seed(cfg)
     source = None
     if mix_cfg.mode != "offline":
         labels = build_label_source(mix_cfg, hand_model=hand_model, train_readers=base_readers(train_set))
@@ -488,7 +494,9 @@ def train(args: argparse.Namespace) -> dict:
         if is_main:
             say(format_results(metrics))
             report = dict(metrics, mixing=mixing_stats) if mixing_stats is not None else metrics
-            (out / "metrics.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+            tmp = out / ".metrics.json.tmp"  # written whole, then renamed: a reader never sees half of it
+            tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
+            os.replace(tmp, out / "metrics.json")
             for key, values in metrics.items():
                 for name in ("MPVPE", "RRVE", "MRRPE"):
                     if math.isfinite(values.get(name, math.nan)):
