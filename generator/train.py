@@ -41,6 +41,7 @@ each epoch from (seed, epoch), so a resumed run continues exactly as an uninterr
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import dataclasses
 import json
@@ -60,6 +61,7 @@ from torch import Tensor
 
 from hands.camera import scale_bbox, square_bbox
 from hands.datasets import transforms
+from hands.paths import write_atomic
 from hands.render import crop_local, render_hands
 from hands.sample import HandBatch, HandSample, collate
 
@@ -258,7 +260,25 @@ class StepLosses:
 TRAIN_MODULES = {"guidance": ("guidance",), "all": ("unet", "text_encoder", "guidance")}
 
 
-class GuidanceTrainer:
+class _Trainer(abc.ABC):
+    """What the phases share: `loss(batch, generator) -> (differentiable total, StepLosses)` and an optimizer."""
+
+    optimizer: torch.optim.Optimizer
+
+    @abc.abstractmethod
+    def loss(self, batch: TrainBatch, generator: torch.Generator) -> tuple[Tensor, StepLosses]:
+        """The differentiable total loss of one batch and its detached parts."""
+
+    def step(self, batch: TrainBatch, generator: torch.Generator) -> StepLosses:
+        """One optimizer step on the trained modules; returns the batch's losses before the step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total, losses = self.loss(batch, generator)
+        total.backward()
+        self.optimizer.step()
+        return losses
+
+
+class GuidanceTrainer(_Trainer):
     """Trains components.guidance (phi_g) with AdamW, and with train_modules="all" also the UNet and the text
     encoder (the tiny generator from scratch); the VAE stays frozen (see `VaeTrainer`).
 
@@ -349,16 +369,9 @@ class GuidanceTrainer:
         total = self.lambda_global * loss_g + self.lambda_local * loss_l
         return total, StepLosses(total.detach(), loss_g.detach(), loss_l.detach(), tas.detach())
 
-    def step(self, batch: TrainBatch, generator: torch.Generator) -> StepLosses:
-        """One AdamW step on the trained modules; returns the batch's losses before the step."""
-        self.optimizer.zero_grad(set_to_none=True)
-        total, losses = self.loss(batch, generator)
-        total.backward()
-        self.optimizer.step()
-        return losses
 
 
-class VaeTrainer:
+class VaeTrainer(_Trainer):
     """Trains the VAE alone (the tiny generator's first phase): L1 reconstruction of the global and local RGB
     images in [-1, 1] + kl_weight * KL(q(z|x) || N(0, I)) (LDM's KL-regularised autoencoder), AdamW."""
 
@@ -383,13 +396,6 @@ class VaeTrainer:
         total = l1.mean() + self.kl_weight * kl
         l1_g, l1_l = split_branches(l1)
         return total, StepLosses(total.detach(), l1_g.mean().detach(), l1_l.mean().detach(), kl.detach())
-
-    def step(self, batch: TrainBatch, generator: torch.Generator) -> StepLosses:
-        self.optimizer.zero_grad(set_to_none=True)
-        total, losses = self.loss(batch, generator)
-        total.backward()
-        self.optimizer.step()
-        return losses
 
     @torch.no_grad()
     def reconstruct(self, rgb: Tensor) -> Tensor:
@@ -418,26 +424,13 @@ def latent_scaling_factor(vae, batches: Sequence[Tensor]) -> float:
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
-def _write_atomic(path: Path, write) -> None:
-    """Write a file through `write(tmp_path)` next to `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_guidance(guidance, path: str | Path) -> Path:
     """phi_g's ControlNet state dict as .safetensors (loadable by `generator.model.load_guidance`), atomically."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in guidance.controlnet.state_dict().items()}
     path = Path(path)
-    _write_atomic(path, lambda tmp: save_file(state, tmp))
+    write_atomic(path, lambda tmp: save_file(state, tmp))
     return path
 
 
@@ -453,7 +446,7 @@ def save_base(components: GeneratorComponents, path: str | Path) -> Path:
              for k, v in getattr(components, name).state_dict().items()}
     metadata = {"scaling_factor": repr(float(components.vae.config.scaling_factor))}
     path = Path(path)
-    _write_atomic(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    write_atomic(path, lambda tmp: save_file(state, tmp, metadata=metadata))
     return path
 
 
@@ -589,7 +582,7 @@ def save_png(image: Tensor, path: str | Path) -> Path:
 
     array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     path = Path(path)
-    _write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
     return path
 
 
@@ -633,7 +626,7 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     config_dict = {"train": dataclasses.asdict(cfg), "generator": dataclasses.asdict(gen_cfg), "size": size}
-    _write_atomic(out / "train_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=1)))
+    write_atomic(out / "train_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=1)))
 
     hand_model = hand_model if hand_model is not None else HandModel(mano_dir=cfg.mano_dir)
     dataset = FramedDataset(build_dataset(cfg.dataset, cfg.data_root, cfg.split, hand_model=hand_model), size,

@@ -6,9 +6,11 @@ at import: :func:`cache_dir` creates the folder when it is first asked for.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["cache_dir", "CACHE_ENV"]
+__all__ = ["cache_dir", "write_atomic", "CACHE_ENV"]
 
 CACHE_ENV = "ATTENTIONHAND_CACHE"
 
@@ -18,4 +20,20 @@ def cache_dir() -> Path:
     env = os.environ.get(CACHE_ENV)
     path = Path(env).expanduser() if env else Path.home() / ".cache" / "attentionhand-aug"
     path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Write a file through ``write(tmp_path)`` into a temporary file beside ``path``, then rename it into place
+    (``os.replace``: atomic on one file system), so a reader never sees half of it; returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path

@@ -72,7 +72,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -81,6 +80,8 @@ from typing import Callable, Optional, Sequence
 
 from tqdm import tqdm
 
+from hands.paths import write_atomic
+from recon.train import positive_int
 from mixing.config import MIX_MODES
 
 __all__ = [
@@ -127,16 +128,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m recon.table2",
@@ -167,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-datasets")
     parser.add_argument("--mano-dir")
     parser.add_argument("--sd-path")
-    parser.add_argument("--max-steps", type=_positive_int)
-    parser.add_argument("--epochs", type=_positive_int)
-    parser.add_argument("--batch-size", type=_positive_int)
+    parser.add_argument("--max-steps", type=positive_int)
+    parser.add_argument("--epochs", type=positive_int)
+    parser.add_argument("--batch-size", type=positive_int)
     parser.add_argument("--device")
     parser.add_argument("--plugin", action="append", default=[])
     parser.add_argument("--backbone-weights")
@@ -835,22 +826,8 @@ def _clean(data):
     return data
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> Path:
-    """Write through ``write(tmp_path)`` beside ``path``, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
 def _write_text(path: Path, text: str) -> Path:
-    return _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def _ratio(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -108,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-datasets", help="test datasets (default: the training datasets' test splits)")
     parser.add_argument("--mano-dir", help="folder with MANO_RIGHT.pkl / MANO_LEFT.pkl (default: procedural hand)")
     parser.add_argument("--out", help="run folder for checkpoints, TensorBoard logs and metrics.json")
-    parser.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
-    parser.add_argument("--epochs", type=_positive_int)
-    parser.add_argument("--batch-size", type=_positive_int, help="samples per step and process")
+    parser.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
+    parser.add_argument("--epochs", type=positive_int)
+    parser.add_argument("--batch-size", type=positive_int, help="samples per step and process")
     parser.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint (default: newest in --out)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
