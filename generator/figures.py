@@ -131,11 +131,11 @@ def mesh_from_dataset(dataset: str, root, split: str, index: int, size: int, *, 
 def main(argv: Sequence[str] | None = None) -> int:
     from .model import load_config
     from .pipeline import AttentionHandPipeline
-    from .train import default_size, resolve_device
+    from .train import resolve_device
 
     p = argparse.ArgumentParser(prog="python -m generator.figures", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for the PNGs")
-    p.add_argument("--generator-config", default="tiny", help="tiny | sd15 | a YAML path")
+    p.add_argument("--generator-config", default="tiny-synthlab", help="tiny-synthlab (trained) | tiny | sd15 | a YAML path")
     p.add_argument("--sd-path", help="local Stable Diffusion 1.5 folder (diffusers layout)")
     p.add_argument("--guidance-path", help="trained guidance weights (generator.train's guidance.safetensors)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -158,11 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.guidance_path:
         overrides.append(f"guidance_path={args.guidance_path}")
     gen_cfg = load_config(args.generator_config, overrides)
-    size = args.size or default_size(gen_cfg)
     device = resolve_device(args.device)
+    pipe = AttentionHandPipeline.from_config(gen_cfg).to(device)
+    size = args.size or pipe.default_size
     mesh, local, caption = mesh_from_dataset(args.dataset, args.data_root, args.split, args.index, size)
     prompt = args.prompt or caption
-    pipe = AttentionHandPipeline.from_config(gen_cfg).to(device)
     mesh, local = mesh.to(device), local.to(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

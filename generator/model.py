@@ -35,6 +35,7 @@ SD15_SCHEDULER_CONFIG = {
     "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
 }
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "generator"
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"  # the project's own trained generators
 
 
 @dataclass(kw_only=True)

@@ -19,7 +19,8 @@ class MixingConfig:
     mode: ``online`` (a device-resident pool filled by a background producer), ``sync`` (generated inline;
         debugging, ablations) or ``offline`` (shards from ``python -m mixing.pregenerate``, in ``shards``).
     generator: ``attentionhand`` or a baseline of Table A (see :data:`generator.baselines.GENERATORS`).
-    generator_config: a name in configs/generator/ (``tiny``, ``sd15``) or a YAML path.
+    generator_config: a name in configs/generator/ (``tiny-synthlab``: the trained embedded default;
+        ``tiny``: random init; ``sd15``) or a YAML path.
     sd_path / guidance_path: a local Stable Diffusion 1.5 folder (diffusers layout) and a guidance
         checkpoint; they override the generator config's.
     size: generator resolution (square images; 512 for SD 1.5).
@@ -33,7 +34,7 @@ class MixingConfig:
 
     mode: str = "online"
     generator: str = "attentionhand"
-    generator_config: str = "tiny"
+    generator_config: str = "tiny-synthlab"
     sd_path: Optional[str] = None
     guidance_path: Optional[str] = None
     size: int = 64

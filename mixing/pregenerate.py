@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="the dataset's folder (default: the embedded synthlab)")
     p.add_argument("--mano-dir", default=None)
     p.add_argument("--generator", default="attentionhand")
-    p.add_argument("--generator-config", default="tiny")
+    p.add_argument("--generator-config", default="tiny-synthlab", help="tiny-synthlab (trained, default) | tiny | sd15 | a YAML path")
     p.add_argument("--sd-path", default=None)
     p.add_argument("--guidance-path", default=None)
     p.add_argument("--size", type=int, default=64, help="generator resolution (square)")

@@ -47,6 +47,12 @@ LICENCES = {
         "url": "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5",
         "note": "use-based restrictions of the licence apply to generated images and what is trained on them",
     },
+    "tiny_synthlab": {
+        "part": "embedded tiny generator (generator/weights/tiny-synthlab, trained by this project on synthlab)",
+        "name": "Apache-2.0 (this project)",
+        "url": "https://www.apache.org/licenses/LICENSE-2.0",
+        "note": "no third-party model weights",
+    },
     "ih26m": {
         "part": "InterHand2.6M",
         "name": "CC BY-NC 4.0",
@@ -195,6 +201,16 @@ def _generator_card(cfg) -> Optional[dict]:
     return card
 
 
+def _is_shipped_generator(sd_path: str) -> bool:
+    """Whether an sd_path is the project's own trained tiny generator (not Stable Diffusion weights)."""
+    from generator.model import SHIPPED_WEIGHTS
+
+    try:
+        return Path(sd_path).resolve().is_relative_to(SHIPPED_WEIGHTS.resolve())
+    except OSError:
+        return False
+
+
 def build_card(cfg, hand_model) -> dict:
     """``{"card": {...}}`` for a run's config (recon.config's DictConfig) and its hand model; the keys of
     the module docstring. Safe to call at every checkpoint (hashes are cached)."""
@@ -207,8 +223,9 @@ def build_card(cfg, hand_model) -> dict:
     hand = hand_model_card(hand_model)
     licences = [LICENCES["procedural" if hand["kind"] == "procedural" else "mano"]]
     licences += [LICENCES[name] for name in names if name in LICENCES]
-    if generator is not None and (generator.get("config") or {}).get("sd_path"):
-        licences.append(LICENCES["stable_diffusion"])
+    sd_path = (generator.get("config") or {}).get("sd_path") if generator is not None else None
+    if sd_path:
+        licences.append(LICENCES["tiny_synthlab" if _is_shipped_generator(sd_path) else "stable_diffusion"])
     card = {
         "datasets": {
             "train": [f"{s.name}:{s.split}" for s in train_specs],

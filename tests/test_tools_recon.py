@@ -212,12 +212,25 @@ def test_card_with_generated_images_records_the_generator_and_its_weights(tmp_pa
     card = build_card(cfg, HandModel())["card"]
     assert card["mix"] == {"synthetic_ratio": 0.25, "mode": "sync", "labels": "train", "size": 64}
     generator = card["generator"]
-    assert generator["name"] == "attentionhand" and generator["config_name"] == "tiny"
+    assert generator["name"] == "attentionhand" and generator["config_name"] == "tiny-synthlab"
     assert generator["config"]["sd_path"] == str(sd) and generator["config"]["tiny"]["unet_channels"]
     assert generator["weights"]["sd_path"] == {"unet/diffusion_pytorch_model.safetensors": hashlib.sha256(weights.read_bytes()).hexdigest()}
     names = [entry["name"] for entry in card["licences"]]
     assert "CreativeML Open RAIL-M" in names and names.count("CC BY-NC 4.0") == 1  # IH2.6M; HIC has its own terms
     assert card["datasets"]["train"] == ["ih26m:train"] and card["datasets"]["test"] == ["hic:test"]
+
+
+def test_card_of_the_embedded_generator_names_its_own_licence_not_stable_diffusions():
+    from hands.mano import HandModel
+    from recon.cards import build_card
+    from recon.config import load_config
+
+    cfg = load_config(overrides=["train.synthetic_ratio=0.25"])  # the default generator: tiny-synthlab
+    card = build_card(cfg, HandModel())["card"]
+    names = [entry["name"] for entry in card["licences"]]
+    assert card["generator"]["config_name"] == "tiny-synthlab" and card["generator"]["weights"]["sd_path"]
+    assert "CreativeML Open RAIL-M" not in names
+    assert any("embedded tiny generator" in entry["part"] for entry in card["licences"])
 
 
 def test_recon_test_warns_when_evaluated_with_another_mano_model(run, tmp_path, capsys):

@@ -1,0 +1,68 @@
+"""The embedded trained generator (configs/generator/tiny-synthlab.yaml -> generator/weights/tiny-synthlab): it ships
+within the size limit, loads offline from any working directory, is the mixing default, samples finite seeded
+images, and its hands follow the mesh images (what changes when only the mesh changes lies on the meshes)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from generator.model import load_config
+from generator.pipeline import AttentionHandPipeline
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "generator" / "weights" / "tiny-synthlab"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return AttentionHandPipeline.from_config(load_config("tiny-synthlab"))
+
+
+@pytest.fixture(scope="module")
+def meshes():
+    """Global and local mesh images and captions of 4 synthlab test-wild samples framed as generator.train does."""
+    from generator.train import FramedDataset, make_train_batch
+    from hands.datasets import build_dataset
+    from hands.mano import HandModel
+
+    model = HandModel()
+    data = FramedDataset(build_dataset("synthlab", None, "test-wild", hand_model=model), 64)
+    return make_train_batch([data[i] for i in (0, 9, 18, 27)], model.faces_for("right"), model.faces_for("left"))
+
+
+def test_shipped_weights_are_small_and_load_from_any_directory(tmp_path, monkeypatch):
+    files = [p for p in WEIGHTS.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 20 * 2**20
+    assert {p.relative_to(WEIGHTS).parts[0] for p in files} >= {"model_index.json", "unet", "vae", "text_encoder",
+                                                                "scheduler", "guidance"}
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny-synthlab")
+    assert Path(cfg.sd_path) == WEIGHTS.resolve() and cfg.prompts == "synthlab"
+    from mixing.config import MixingConfig
+
+    assert MixingConfig().generator_config == "tiny-synthlab"
+
+
+def test_samples_are_seeded_finite_images(pipe, meshes):
+    g = [torch.Generator().manual_seed(i) for i in range(2)]
+    a = pipe(meshes.mesh[:2], meshes.mesh_local[:2], meshes.prompts[:2], generator=g, num_inference_steps=4).images
+    g = [torch.Generator().manual_seed(i) for i in range(2)]
+    b = pipe(meshes.mesh[:2], meshes.mesh_local[:2], meshes.prompts[:2], generator=g, num_inference_steps=4).images
+    assert a.shape == (2, 3, 64, 64) and torch.isfinite(a).all() and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, b) and a.std() > 0.05  # images, not a flat colour
+
+
+def test_hands_follow_the_mesh_images(pipe, meshes):
+    """Same seeds and captions, the mesh images of another sample: the image changes where the hands are (on the
+    union of the two mesh silhouettes) much more than elsewhere."""
+    def generate(mesh, local):
+        g = [torch.Generator().manual_seed(i) for i in range(len(mesh))]
+        return pipe(mesh, local, meshes.prompts, generator=g, num_inference_steps=10).images
+
+    a = generate(meshes.mesh, meshes.mesh_local)
+    b = generate(meshes.mesh.roll(1, 0), meshes.mesh_local.roll(1, 0))
+    drawn = (meshes.mesh.amax(1, keepdim=True) > 0.02) | (meshes.mesh.roll(1, 0).amax(1, keepdim=True) > 0.02)
+    diff = (a - b).abs().mean(1, keepdim=True)
+    inside, outside = diff[drawn].mean(), diff[~drawn].mean()
+    assert inside > 2.0 * outside, (float(inside), float(outside))
