@@ -114,9 +114,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         path = resolve_config_path(path)
         layer = OmegaConf.load(path)
         for key in PATH_KEYS:
-            value = layer.get(key) if not OmegaConf.is_missing(layer, key) else None
-            if isinstance(value, str) and value and not Path(value).is_absolute():
-                layer[key] = str((path.parent / value).resolve())
+            if key not in layer or OmegaConf.is_missing(layer, key):
+                continue
+            if OmegaConf.is_interpolation(layer, key):
+                continue  # ${...} resolves later, as written
+            value = layer.get(key)
+            if not isinstance(value, str) or not value:
+                continue
+            value = Path(value).expanduser()
+            layer[key] = str(value if value.is_absolute() else (path.parent / value).resolve())
         layers.append(layer)
     if overrides:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
@@ -323,10 +329,12 @@ def build_components(config: GeneratorConfig) -> GeneratorComponents:
     return components
 
 
-def save_components(components: GeneratorComponents, folder: str | Path) -> Path:
+def save_components(components: GeneratorComponents, folder: str | Path, *, trained_by: str | None = None) -> Path:
     """Write the components as an SD folder in diffusers layout plus `guidance/` (loadable with `sd_path`).
 
-    The folder is written next to its destination and renamed into place, so a reader never sees half of it.
+    trained_by: recorded as model_index.json's "_trained_by" (how checkpoint cards tell the project's own
+    generators from Stable Diffusion weights). The folder is written next to its destination and renamed into
+    place, so a reader never sees half of it.
     """
     import diffusers
 
@@ -338,6 +346,8 @@ def save_components(components: GeneratorComponents, folder: str | Path) -> Path
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "scheduler": ["diffusers", type(components.scheduler).__name__],
              "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    if trained_by:
+        index["_trained_by"] = trained_by
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     components.unet.save_pretrained(tmp / "unet")
     components.vae.save_pretrained(tmp / "vae")
@@ -352,4 +362,23 @@ def save_components(components: GeneratorComponents, folder: str | Path) -> Path
         shutil.rmtree(old)
     else:
         os.replace(tmp, folder)
+    os.chmod(folder, 0o777 & ~_umask())  # mkdtemp made it 0700
     return folder
+
+
+def is_project_generator(sd_path: str | Path) -> bool:
+    """Whether an sd_path holds one of the project's own generators (the shipped weights, or an export of
+    ``python -m generator.train --train-modules all``, marked in its model_index.json), not Stable Diffusion."""
+    try:
+        if Path(sd_path).resolve().is_relative_to(SHIPPED_WEIGHTS.resolve()):
+            return True
+        index = json.loads((Path(sd_path) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(index.get("_trained_by"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

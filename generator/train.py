@@ -18,7 +18,8 @@ One step (paper §3, Eqs. 1-9; the reference code's recipe, shared/reference/FAC
 5. The noise the network has to explain is the residual eps_hat = (x_hat - sqrt(abar_t) x0) / sqrt(1 - abar_t)
    (equal to eps without TAS); pred = UNet(x_hat, t, K) + phi_g(x_hat, t, K, mesh) (Eq. 6).
 6. L = lambda_G MSE(pred_G, eps_hat_G) + lambda_L MSE(pred_L, eps_hat_L) (Eq. 9, 0.5 / 0.5 as the reference);
-   AdamW on phi_g's parameters only (UNet, VAE and text encoder are frozen).
+   AdamW on phi_g's parameters only (UNet, VAE and text encoder are frozen), unless the tiny generator is
+   trained from scratch (below).
 
 Training the tiny generator from scratch (`--train-modules all`, configs/generator/train-tiny.yaml): SD 1.5 comes
 pretrained, the tiny generator does not, so its base is learnt here on the same data, in two phases of one run:
@@ -78,6 +79,7 @@ DEFAULT_PROMPT = "a photo of two hands"
 CHECKPOINT_STATE = "state.json"
 GUIDANCE_FILE = "guidance.safetensors"
 BASE_FILE = "base.safetensors"
+TRAINED_BY = "attentionhand-aug generator.train --train-modules all"  # model_index.json marker of our own exports
 MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -89,7 +91,7 @@ class TrainConfig:
     dataset / data_root / split: the reader (`hands.datasets.build_dataset`); data_root None = the cached
     synthlab (written on first use). generator_config: "tiny", "sd15" or a YAML path; sd_path: a local SD 1.5
     folder (diffusers layout); overrides: extra `key=value` generator settings. size: generator resolution S
-    (None: the tiny generator's latent_size * 8, 512 for SD). extend: window = union hand box squared, x extend.
+    (None: the UNet's sample size x the VAE's factor: 64 for the tiny generators, 512 for SD). extend: window = union hand box squared, x extend.
     local_scale: the local crop's square box grown by this. lambda_global / lambda_local: Eq. 9 weights.
     tas_updates: TAS latent updates per step (0 = no TAS); tas_schedule: "reference" or "paper".
     train_modules: "guidance" (phi_g only, the paper's setting on a pretrained SD) or "all" (UNet, text encoder
@@ -321,7 +323,8 @@ class GuidanceTrainer(_Trainer):
 
     @torch.no_grad()
     def encode_images(self, rgb: Tensor, generator: torch.Generator) -> Tensor:
-        """(N, 3, S, S) RGB in [0, 1] -> latents x0 (N, 4, S/8, S/8) = VAE sample * scaling_factor."""
+        """(N, 3, S, S) RGB in [0, 1] -> latents x0 (N, 4, S/f, S/f) = VAE sample * scaling_factor (f: the VAE's
+        factor, 8 for SD)."""
         vae = self.components.vae
         dist = vae.encode(rgb.to(vae.dtype) * 2 - 1).latent_dist
         return dist.sample(generator=generator) * self.scaling_factor
@@ -412,8 +415,9 @@ class VaeTrainer(_Trainer):
 
 @torch.no_grad()
 def latent_scaling_factor(vae, batches: Sequence[Tensor]) -> float:
-    """1 / std of the VAE's latents (posterior means) over RGB batches in [0, 1]: LDM's rule for the factor that
-    gives the diffusion model unit-variance latents."""
+    """1 / std of the VAE's latents over RGB batches in [0, 1]: LDM's rule for the factor that gives the
+    diffusion model unit-variance latents (posterior means here; LDM used samples, the same at a KL weight of
+    1e-6, whose posterior std is tiny)."""
     was = vae.training
     vae.eval()
     try:
@@ -640,6 +644,11 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
         resume_folder = find_checkpoint(cfg.resume)
         resume_state = load_weights(resume_folder, components)
         start = int(resume_state["step"])
+        for key, flag in (("train_modules", "--train-modules"), ("vae_steps", "--vae-steps")):
+            saved = resume_state.get(key)
+            if saved is not None and saved != getattr(cfg, key):
+                raise ValueError(f"--resume {resume_folder}: trained with {flag} {saved}, resumed with "
+                                 f"{flag} {getattr(cfg, key)}; resume with the same value")
     total = cfg.vae_steps + cfg.steps
     if start >= total:
         logger.info("checkpoint is at step %d >= %d steps: nothing to train", start, total)
@@ -711,16 +720,18 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
                         save_png(grid, out / "samples" / f"step_{step:07d}.png")
                     if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or end:
                         save_checkpoint(out, trainer, step=step, config=config_dict, base=base,
-                                        state={"phase": phase})
+                                        state={"phase": phase, "train_modules": cfg.train_modules,
+                                               "vae_steps": cfg.vae_steps})
                         save_guidance(components.guidance, out / GUIDANCE_FILE)
                         if base and phase == "diffusion":
-                            save_components(components, out / MODEL_DIR)
+                            save_components(components, out / MODEL_DIR, trained_by=TRAINED_BY)
                         for old in checkpoints(out)[:-max(cfg.keep_checkpoints, 1)]:
                             shutil.rmtree(old, ignore_errors=True)
     finally:
         writer.close()
     return {"step": step, "loss": None if losses is None else float(losses.total),
-            "guidance_path": str(out / GUIDANCE_FILE), "model_path": str(out / MODEL_DIR) if base else None,
+            "guidance_path": str(out / GUIDANCE_FILE),
+            "model_path": str(out / MODEL_DIR) if base and (out / MODEL_DIR).is_dir() else None,
             "seconds": round(time.perf_counter() - began, 1)}
 
 
@@ -737,12 +748,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--data-root", help="dataset folder (default: the cached synthlab, written on first use)")
     p.add_argument("--split", help=f"({d.split})")
     p.add_argument("--mano-dir", help="official MANO files (default: the procedural hand model)")
-    p.add_argument("--generator-config", help=f"tiny | sd15 | a YAML path ({d.generator_config})")
+    p.add_argument("--generator-config", help=f"tiny-synthlab-init | tiny | sd15 | a YAML path ({d.generator_config})")
     p.add_argument("--sd-path", help="local Stable Diffusion 1.5 folder (diffusers layout)")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                    help="generator config override, e.g. --set seed=1 (repeatable)")
     p.add_argument("--out", help=f"run folder ({d.out})")
-    p.add_argument("--steps", type=int, help=f"total optimisation steps; a resumed run continues ({d.steps})")
+    p.add_argument("--steps", type=int, help=f"diffusion-phase steps (after --vae-steps); a resumed run continues ({d.steps})")
     p.add_argument("--batch-size", type=int, help=f"({d.batch_size})")
     p.add_argument("--lr", type=float, help=f"AdamW learning rate ({d.lr})")
     p.add_argument("--weight-decay", type=float, help=f"({d.weight_decay})")

@@ -32,6 +32,9 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp made it 0600; give it the permissions of a plain open()
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

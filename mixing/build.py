@@ -29,6 +29,14 @@ def generator_config(cfg: MixingConfig):
         overrides.append(f"sd_path={cfg.sd_path}")
     if cfg.guidance_path:
         overrides.append(f"guidance_path={cfg.guidance_path}")
+    if cfg.sd_path and cfg.generator_config == "tiny-synthlab":
+        from generator.model import is_project_generator
+
+        if not is_project_generator(cfg.sd_path):
+            raise ValueError(
+                f"mixing.sd_path={cfg.sd_path} with mixing.generator_config=tiny-synthlab (the default): that config's "
+                "TAS resolution, prompts and sampling are the tiny generator's; for Stable Diffusion 1.5 also pass "
+                "mixing.generator_config=sd15 (an export of python -m generator.train --train-modules all is fine)")
     gen_cfg = load_config(cfg.generator_config, overrides)
     if cfg.num_inference_steps is not None:
         gen_cfg.sampling.num_inference_steps = cfg.num_inference_steps

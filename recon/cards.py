@@ -201,16 +201,6 @@ def _generator_card(cfg) -> Optional[dict]:
     return card
 
 
-def _is_shipped_generator(sd_path: str) -> bool:
-    """Whether an sd_path is the project's own trained tiny generator (not Stable Diffusion weights)."""
-    from generator.model import SHIPPED_WEIGHTS
-
-    try:
-        return Path(sd_path).resolve().is_relative_to(SHIPPED_WEIGHTS.resolve())
-    except OSError:
-        return False
-
-
 def build_card(cfg, hand_model) -> dict:
     """``{"card": {...}}`` for a run's config (recon.config's DictConfig) and its hand model; the keys of
     the module docstring. Safe to call at every checkpoint (hashes are cached)."""
@@ -225,7 +215,9 @@ def build_card(cfg, hand_model) -> dict:
     licences += [LICENCES[name] for name in names if name in LICENCES]
     sd_path = (generator.get("config") or {}).get("sd_path") if generator is not None else None
     if sd_path:
-        licences.append(LICENCES["tiny_synthlab" if _is_shipped_generator(sd_path) else "stable_diffusion"])
+        from generator.model import is_project_generator
+
+        licences.append(LICENCES["tiny_synthlab" if is_project_generator(sd_path) else "stable_diffusion"])
     card = {
         "datasets": {
             "train": [f"{s.name}:{s.split}" for s in train_specs],

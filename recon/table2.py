@@ -296,7 +296,7 @@ def train_command(args: argparse.Namespace, ratio: float, seed: int, folder: Pat
 def equal_steps(reference_cfg) -> dict:
     """The reference run's schedule in optimizer steps: {"steps", "lr_decay_steps", "steps_per_epoch"}.
 
-    steps: train.max_steps, else train.epochs x steps per epoch (one process: the training set's length //
+    steps: train.epochs x steps per epoch, or train.max_steps when smaller (one process: the training set's length //
     its real samples per batch, as recon.train's drop_last loader); lr_decay_steps: every lr_decay_epochs
     milestone times the steps per epoch, plus its own lr_decay_steps."""
     from hands.mano import HandModel
@@ -308,7 +308,9 @@ def equal_steps(reference_cfg) -> dict:
     per_epoch = size // n_real
     if per_epoch < 1:
         raise UsageError(f"--batch-size {reference_cfg.train.batch_size}: larger than the training set ({size} samples)")
-    steps = reference_cfg.train.max_steps or reference_cfg.train.epochs * per_epoch
+    steps = reference_cfg.train.epochs * per_epoch  # recon.train stops at whichever bound comes first
+    if reference_cfg.train.max_steps is not None:
+        steps = min(steps, reference_cfg.train.max_steps)
     drops = sorted({m * per_epoch for m in reference_cfg.optim.lr_decay_epochs} | set(reference_cfg.optim.lr_decay_steps))
     return {"steps": int(steps), "lr_decay_steps": [int(d) for d in drops], "steps_per_epoch": int(per_epoch)}
 
@@ -681,7 +683,7 @@ def steps_note(runs: Sequence[dict]) -> Optional[str]:
     return (
         f"the runs of a seed trained different numbers of steps (seed {seed}: {shown}). An epoch is a pass "
         "over the real data and a batch with r > 0 holds fewer real samples, so it has more steps; give "
-        "--max-steps for equal steps (the learning rate still decays by epoch, optim.lr_decay_epochs)."
+        "--schedule steps (the default) for equal steps and learning-rate drops at equal steps."
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import shutil
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -164,6 +166,11 @@ def test_relative_paths_in_a_config_file_are_relative_to_the_file(tmp_path, monk
     assert cfg.guidance_path == str((tmp_path / "configs" / "g.safetensors").resolve())
     # an override is a command-line path: relative to the working directory, left as given
     assert load_config(tmp_path / "configs" / "mine.yaml", ["sd_path=other"]).sd_path == "other"
+    # ~ is the home folder, and ${...} resolves as written
+    (tmp_path / "configs" / "home.yaml").write_text("sd_path: ~/sd15\nguidance_path: ${oc.env:MY_GUIDANCE}\n")
+    monkeypatch.setenv("MY_GUIDANCE", "rel/g.safetensors")
+    cfg = load_config(tmp_path / "configs" / "home.yaml")
+    assert cfg.sd_path == str(Path("~/sd15").expanduser()) and cfg.guidance_path == "rel/g.safetensors"
 
 
 def test_prompt_banks_always_name_hand_tokens():

@@ -66,3 +66,28 @@ def test_hands_follow_the_mesh_images(pipe, meshes):
     diff = (a - b).abs().mean(1, keepdim=True)
     inside, outside = diff[drawn].mean(), diff[~drawn].mean()
     assert inside > 2.0 * outside, (float(inside), float(outside))
+
+
+def test_a_stable_diffusion_folder_on_the_tiny_default_is_refused_naming_the_fix(tmp_path):
+    """mixing.sd_path alone would run SD 1.5 with the tiny generator's TAS resolution, prompts and sampling."""
+    from mixing.build import generator_config
+    from mixing.config import MixingConfig
+
+    with pytest.raises(ValueError, match="mixing.generator_config=sd15"):
+        generator_config(MixingConfig(sd_path=str(tmp_path)))
+    assert generator_config(MixingConfig(sd_path=str(WEIGHTS))).prompts == "synthlab"  # our own export: fine
+    assert generator_config(MixingConfig(generator_config="sd15", sd_path=str(tmp_path))).attention_downsample == 4
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
+    import os
+
+    from hands.paths import write_atomic
+
+    mask = os.umask(0o022)
+    try:
+        path = write_atomic(tmp_path / "a" / "x.txt", lambda tmp: Path(tmp).write_text("hi"))
+    finally:
+        os.umask(mask)
+    assert path.read_text() == "hi" and (path.stat().st_mode & 0o777) == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["x.txt"]

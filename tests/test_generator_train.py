@@ -184,6 +184,12 @@ def test_from_scratch_trains_vae_then_base_resumes_across_phases_and_exports_a_l
     guidance = load_file(tmp_path / "a" / "guidance.safetensors")
     assert all(torch.equal(v, guidance[k]) for k, v in loaded.guidance.controlnet.state_dict().items())
     assert (tmp_path / "a" / "samples" / "step_0000002.png").is_file()  # the VAE phase's reconstructions
+    from generator.model import is_project_generator
+
+    assert is_project_generator(straight["model_path"])  # marked as ours: cards do not call it Stable Diffusion
+    with pytest.raises(ValueError, match="trained with --vae-steps 2, resumed with --vae-steps 1"):
+        train(parse_args([*common[:-8], "--vae-steps", "1", "--checkpoint-every", "1", "--out", str(tmp_path / "a"),
+                          "--steps", "3", "--resume", str(tmp_path / "a")]), hand_model=model)
 
 
 def test_from_scratch_flags_are_checked(env, tmp_path):
