@@ -129,3 +129,11 @@ def test_hic_bad_records_and_split(tmp_path, model):
     assert dataset.skipped["mesh file does not load"] + dataset.skipped["mesh: not 778 vertices"] == 1
     with pytest.raises(ValueError, match="only the 'test' split"):
         build_dataset("hic", tmp_path, "train")
+
+
+def test_truncation_ratios_that_are_not_finite_numbers_are_skipped_not_crashes():
+    """Found by the fuzz test: an integer beyond float range made np.isfinite raise TypeError."""
+    from hands.datasets.reih import _finite_number
+
+    assert _finite_number(0.5) and _finite_number(-9_223_372_036_854_775_809)
+    assert not any(_finite_number(v) for v in (10**400, float("nan"), float("inf"), True, "0.5", None))

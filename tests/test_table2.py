@@ -91,7 +91,7 @@ def test_a_note_says_when_the_runs_of_a_seed_trained_different_numbers_of_steps(
     assert table2.steps_note(runs) is None  # equal, or unknown
     runs[1]["steps"] = 420  # batch 8: 8 real samples per step at r = 0, 6 at r = 0.3
     note = table2.steps_note(runs)
-    assert "seed 0: r=0: 320, r=0.3: 420" in note and "--max-steps" in note
+    assert "seed 0: r=0: 320, r=0.3: 420" in note and "--schedule steps" in note
 
 
 def test_dry_run_prints_one_command_per_ratio_and_seed_with_the_same_flags(synthlab_root, tmp_path, capsys):

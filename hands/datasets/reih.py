@@ -23,6 +23,8 @@ the forearm stub are dropped), see :data:`REIH_TO_OURS`. ``rel_root`` comes from
 """
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +73,16 @@ def _camera(params: dict, where: str) -> dict:
         raise BadRecord(f"{where}: focal not positive")
     return cam
 
+
+
+def _finite_number(value) -> bool:
+    """A JSON number (not a bool) that is finite as a float; an integer too large for a float is not."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 class ReInterHand(HandDataset):
     """ReInterHand as HandSamples.
@@ -167,7 +179,7 @@ class ReInterHand(HandDataset):
         ratios = load_json(base / "truncation_ratio.json", "per-frame truncation ratios {'%06d': ratio}")
         for frame in self._frame_list(capture):
             ratio = ratios.get(f"{frame:06d}")
-            if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not np.isfinite(ratio):
+            if not _finite_number(ratio):
                 self.skip("truncation ratio missing")
                 continue
             if ratio < 0.2:
