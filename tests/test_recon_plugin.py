@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from recon import test as recon_test
 from recon import train as recon_train
@@ -16,12 +15,7 @@ from tests.recon_helpers import write_tiny_synthlab
 DOC = Path(__file__).resolve().parents[1] / "docs" / "new-regressor.md"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _plugin_source() -> str:

@@ -14,14 +14,7 @@ from recon import train as recon_train
 from tests.recon_helpers import TINY, run_args, write_tiny_synthlab
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models run several times faster than with 2 threads on a shared
-    2-core machine (no oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="session")
