@@ -60,14 +60,18 @@ class DataConfig:
         embedded synthlab benchmark (written on first use into the cache folder).
     train / test: dataset specs ``name`` or ``name:split`` (split defaults: synthlab train-lab / test-lab and
         test-wild; others train / test).
-    image_size: (H, W) pixels of the model input (crop around both hands, resized).
+    image_size: (H, W) pixels of the model input.
+    crop: the input protocol: "image" (the whole image made to the input's aspect ratio and resized; InterWild,
+        whose box net finds the hands) or "hands" (the union of the ground-truth hand boxes x1.3; IntagHand and
+        the baseline). Each arch states it in configs/recon/<arch>.yaml; a regressor that declares
+        ``input_crop`` refuses the other one (recon.data.check_input_protocol).
     """
 
     root: Optional[str] = None
     train: List[str] = field(default_factory=lambda: ["synthlab"])
     test: List[str] = field(default_factory=lambda: ["synthlab"])
     image_size: Tuple[int, int] = (128, 128)
-    crop: str = "hands"  # "hands": the union of the hand boxes x1.3; "image": the whole image (InterWild)
+    crop: str = "hands"  # "hands": the union of the ground-truth hand boxes x1.3; "image": the whole image
     augment: bool = True
     num_workers: int = 0
     max_train_samples: Optional[int] = None

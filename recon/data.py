@@ -35,6 +35,7 @@ __all__ = [
     "ShardSampler",
     "eval_transform",
     "check_data",
+    "check_input_protocol",
     "describe_default_data",
     "build_train_set",
     "train_transform",
@@ -180,9 +181,10 @@ def _square_to(box: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
 
 
 def eval_transform(crop_mode: str, image_size: tuple[int, int], extend: float = 1.3) -> Callable[[HandSample], HandSample]:
-    """The deterministic test-time input: the whole image (``crop_mode="image"``) or the union of the hand
+    """The deterministic test-time input: the whole image (``crop_mode="image"``; InterWild's
+    ``process_bbox([0, 0, W, H], extend_ratio=1.0)``: no ground-truth box is read) or the union of the hand
     boxes grown by ``extend`` (``"hands"``; uses the ground-truth boxes, as IntagHand's evaluation does),
-    made to the input's aspect ratio and resized to ``image_size`` (H, W)."""
+    made to the input's aspect ratio (the shorter side padded with black) and resized to ``image_size`` (H, W)."""
 
     def apply(sample: HandSample) -> HandSample:
         height, width = sample.image_size
@@ -217,8 +219,30 @@ def _reader(cfg, spec: DatasetSpec, n_named: int, hand_model) -> Dataset:
     return build_dataset(spec.name, root, spec.split, hand_model=hand_model)  # synthlab with root None: written on first use
 
 
+def check_input_protocol(cfg) -> None:
+    """Refuse, in one line, a ``data.crop`` other than the one the regressor's reference reads.
+
+    A regressor class may declare ``input_crop`` ("image": the whole image, e.g. InterWild, whose box net finds
+    the hands; "hands": a crop around both hands from the ground-truth boxes, e.g. IntagHand). Training or
+    testing it on the other input would make its numbers incomparable with its reference's."""
+    from recon.registry import REGRESSORS, load_builtin_regressors
+
+    load_builtin_regressors()
+    if cfg.arch not in REGRESSORS:
+        return  # a plugin not imported here: recon.train reports unknown names itself
+    required = getattr(REGRESSORS.get(cfg.arch), "input_crop", None)
+    if required is not None and cfg.data.crop != required:
+        what = {"image": "the whole image (its box net finds the hands)", "hands": "a crop around both hands"}
+        raise DataSpecError(
+            f"data.crop={cfg.data.crop!r}: regressor {cfg.arch!r} reads {what.get(required, required)} as its "
+            f"reference does; set data.crop={required!r} (a checkpoint trained otherwise must be retrained)"
+        )
+
+
 def check_data(cfg) -> None:
-    """Fail early, in one line, on unknown dataset names or missing roots (before anything is loaded)."""
+    """Fail early, in one line, on unknown dataset names, missing roots or an input protocol the regressor
+    does not use (before anything is loaded)."""
+    check_input_protocol(cfg)
     for role in ("train", "test"):
         specs = parse_specs(getattr(cfg.data, role), role)
         n_named = len({spec.name for spec in specs})
@@ -271,7 +295,9 @@ def build_train_set(cfg, *, hand_model) -> Dataset:
 
 
 def build_test_sets(cfg, *, hand_model, datasets: Optional[Sequence[str]] = None) -> dict[DatasetSpec, Dataset]:
-    """{spec: dataset} for ``datasets`` (default ``cfg.data.test``), cropped deterministically."""
+    """{spec: dataset} for ``datasets`` (default ``cfg.data.test``), cropped deterministically
+    (:func:`eval_transform`; :func:`check_input_protocol` first)."""
+    check_input_protocol(cfg)
     specs = parse_specs(list(datasets) if datasets is not None else cfg.data.test, "test")
     n_named = len({spec.name for spec in specs})
     transform = eval_transform(cfg.data.crop, tuple(cfg.data.image_size))

@@ -18,7 +18,8 @@ binary ships in the imageio-ffmpeg wheel). Outputs under ``--out``:
 
 The regressor's input is what it was trained on (the checkpoint's ``data.crop`` and ``data.image_size``):
 
-- ``crop: image``: the whole frame, made to the input's aspect ratio and resized;
+- ``crop: image``: the whole frame, made to the input's aspect ratio and resized (InterWild's protocol: its
+  box net finds the hands in it);
 - ``crop: hands`` (a region around both hands grown 1.3x): the boxes come from ``--boxes FILE``, a JSON
   ``{frame: [x0, y0, x1, y1]}`` (the hands' region) or ``{frame: {"right": box | null, "left": box | null}}``
   (per hand; null: the hand is absent), frame being the image's file name or the video frame's index; else,
@@ -285,6 +286,8 @@ def run(args: argparse.Namespace) -> dict:
         detector_size = tuple(int(v) for v in detector_info.meta["config"]["data"]["image_size"])
     if crop_mode == "image":
         box_source = "whole frame (the checkpoint was trained on whole images)"
+        if is_interwild and boxes is None:
+            box_source += f"; InterWild's box net finds the hands (present when box_conf >= {args.hand_threshold})"
     elif boxes is not None:
         box_source = f"box file {args.boxes}"
     elif detector is not None:

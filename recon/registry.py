@@ -13,6 +13,8 @@ Contract of a regressor (what :func:`build_regressor` checks and what ``recon.tr
   trainer minimises their sum and logs each one. Terms must respect the batch's validity masks.
 - Optional: ``visualize_meshes`` is not part of the contract; the trainer draws predictions from the
   ``TwoHandOutput`` alone.
+- Optional: a class attribute ``input_crop`` ("image" or "hands") states the input its reference reads;
+  ``recon.data.check_input_protocol`` then refuses runs and test sets with another ``data.crop``.
 
 Regressors register themselves at import with ``@REGRESSORS.register("name")``. The built-in ones are
 imported by one visible list in :mod:`recon.archs`; a user's own module is imported with

@@ -58,14 +58,14 @@ def _replace_hand(hand: HandLabels, **changes) -> HandLabels:
     return dataclasses.replace(hand, **changes)
 
 
-def _transform_box(bbox: Tensor, affine: Tensor, image_size: tuple[int, int]) -> Tensor:
-    """(4,) box -> the axis-aligned box of its four transformed corners, clipped to (H, W)."""
+def _transform_box(bbox: Tensor, affine: Tensor) -> Tensor:
+    """(4,) box -> the axis-aligned box of its four transformed corners, *not* clipped to the output image:
+    InterWild's ``process_hand_bbox`` keeps a hand box that the augmentation pushes partly out of the image
+    whole, so the box net learns the hand's full extent (the reader clips boxes once, in the original image)."""
     x0, y0, x1, y1 = bbox.unbind(-1)
     corners = torch.stack([torch.stack([x0, y0]), torch.stack([x1, y0]), torch.stack([x1, y1]), torch.stack([x0, y1])])
     moved = apply_affine(corners[None], affine[None].to(corners.dtype))[0]  # (4, 2)
-    height, width = image_size
-    lo, hi = moved.amin(0), moved.amax(0)
-    return torch.stack([lo[0].clamp(0, width - 1), lo[1].clamp(0, height - 1), hi[0].clamp(0, width - 1), hi[1].clamp(0, height - 1)])
+    return torch.cat([moved.amin(0), moved.amax(0)])
 
 
 def _rotation_z(angle_deg: float, dtype=torch.float32) -> Tensor:
@@ -138,10 +138,10 @@ def _rotate_hand(hand: HandLabels, Rz: Tensor) -> HandLabels:
     )
 
 
-def _warp_hand(hand: HandLabels, affine: Tensor, image_size: tuple[int, int]) -> HandLabels:
+def _warp_hand(hand: HandLabels, affine: Tensor) -> HandLabels:
     joints_img = apply_affine(hand.joints_img[None], affine[None].to(hand.joints_img.dtype))[0]
     joints_img = torch.where(hand.joints_valid[:, None], joints_img, torch.zeros_like(joints_img))
-    bbox = _transform_box(hand.bbox, affine, image_size) if bool(hand.valid) else hand.bbox
+    bbox = _transform_box(hand.bbox, affine) if bool(hand.valid) else hand.bbox
     return _replace_hand(hand, joints_img=joints_img, bbox=bbox)
 
 
@@ -166,11 +166,11 @@ def warp(sample: HandSample, affine: Tensor, out_size: tuple[int, int], rotation
     image = crop_image(sample.image[None], total[None], out_size)[0].clamp_(0.0, 1.0)
     meta = dict(sample.meta)
     if isinstance(meta.get("bbox_ann"), Tensor):  # IH2.6M's annotation box follows the image
-        meta["bbox_ann"] = _transform_box(meta["bbox_ann"], total, out_size)
+        meta["bbox_ann"] = _transform_box(meta["bbox_ann"], total)
     return HandSample(
         image=image,
-        right=_warp_hand(right, total, out_size),
-        left=_warp_hand(left, total, out_size),
+        right=_warp_hand(right, total),
+        left=_warp_hand(left, total),
         rel_root=rel_root,
         rel_root_valid=sample.rel_root_valid.clone(),
         # pixels' = affine K Rz K^-1 (K X) = affine K (Rz X): with the labels rotated, K changes by the affine only

@@ -357,6 +357,10 @@ def _min_box_size(box: Tensor, min_size) -> Tensor:
 
 @REGRESSORS.register("interwild")
 class InterWild(nn.Module):
+    # InterWild's input protocol: the whole image is the body box (process_bbox([0, 0, W, H], 1.0) for IH2.6M,
+    # ReIH and HIC, in training and at test); its box net finds the hands, so no ground-truth box is read.
+    input_crop = "image"
+
     """InterWild two-hand mesh regressor (see the module docstring for the data flow and frames).
 
     Keyword arguments (the ``model:`` section of configs/recon/interwild*.yaml):
@@ -375,7 +379,8 @@ class InterWild(nn.Module):
       mano_dir: the official MANO files' folder; None: the procedural MANO-format hand (hands.mano).
 
     Inputs are the batch's image (B, 3, H, W) in [0, 1] and intrinsics ``camera.K`` (B, 3, 3); any H, W
-    works (the paper feeds 512 x 384 crops around both hands).
+    works (the reference feeds the whole image made 3:4 and resized to 512 x 384: ``data.crop: image``).
+    Nothing else of the batch is read by ``forward``; the labels are read by :meth:`losses` only.
     """
 
     def __init__(

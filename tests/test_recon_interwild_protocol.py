@@ -1,0 +1,126 @@
+"""InterWild run as its reference runs it: the whole image in every profile and at test time (no ground-truth
+box is read), joints regressed from the mesh. Tiny models on a tiny synthlab (64 px)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from recon.config import CONFIG_DIR, load_config
+from tests.recon_helpers import write_tiny_synthlab
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+TINY_MODEL = [
+    "model.body_backbone=resnet10t",
+    "model.hand_backbone=resnet10t",
+    "model.trans_backbone=resnet10t",
+    "model.backbone_channels=[8,16,32,64]",
+    "model.body_input_size=[64,48]",
+    "model.hand_input_size=64",
+    "model.box_channels=32",
+    "model.rotation_channels=32",
+    "model.trans_grid_size=16",
+    "model.trans_sigma=1.0",
+    "data.image_size=[64,48]",
+]
+
+
+@pytest.fixture(scope="module")
+def synthlab_root(tmp_path_factory) -> Path:
+    return write_tiny_synthlab(tmp_path_factory.mktemp("synthlab"))
+
+
+@pytest.mark.parametrize("profile", ["demo", "paper"])
+def test_every_interwild_profile_reads_the_whole_image(profile):
+    cfg = load_config(profile=profile, arch="interwild")
+    assert cfg.data.crop == "image"
+    recipe = load_config(config_file=str(CONFIG_DIR / "interwild-recipe.yaml"))
+    assert recipe.arch == "interwild" and recipe.data.crop == "image"
+    # IntagHand's reference crops around the hands with the ground-truth boxes: it keeps that protocol
+    assert load_config(profile=profile, arch="intaghand").data.crop == "hands"
+
+
+def test_interwild_refuses_a_ground_truth_crop():
+    from recon.data import DataSpecError, build_test_sets, check_data
+
+    cfg = load_config(profile="demo", arch="interwild", overrides=["data.crop=hands"])
+    with pytest.raises(DataSpecError, match=r"data.crop='hands': regressor 'interwild' reads the whole image"):
+        check_data(cfg)
+    with pytest.raises(DataSpecError, match="data.crop='hands'"):
+        build_test_sets(cfg, hand_model=None)
+
+
+class _Poisoned(Dataset):
+    """The reader's samples with every ground-truth box (and IH2.6M's annotation box) moved to a corner."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        sample = self.dataset[index]
+        corner = torch.tensor([0.0, 0.0, 3.0, 3.0])
+        meta = dict(sample.meta, bbox_ann=corner.clone())
+        return dataclasses.replace(
+            sample,
+            right=dataclasses.replace(sample.right, bbox=corner.clone()),
+            left=dataclasses.replace(sample.left, bbox=corner.clone()),
+            meta=meta,
+        )
+
+
+def test_evaluation_reads_no_ground_truth_box(synthlab_root, monkeypatch):
+    """Poisoned ground-truth boxes give identical metrics: InterWild's test path never reads them."""
+    from hands.mano import HandModel
+    from recon import data as recon_data
+    from recon.config import from_config
+    from recon.evaluate import evaluate_regressor
+    from recon.registry import REGRESSORS
+
+    torch.manual_seed(0)
+    cfg = load_config(
+        profile="demo",
+        arch="interwild",
+        overrides=[*TINY_MODEL, f"data.root={synthlab_root}", "data.test=[synthlab:test-wild]"],
+    )
+    hand_model = HandModel()
+    model = REGRESSORS.get("interwild")(**from_config(cfg, REGRESSORS.get("interwild"))).eval()
+
+    def evaluate():
+        sets = recon_data.build_test_sets(cfg, hand_model=hand_model)
+        return evaluate_regressor(model, sets, hand_model=hand_model, device=torch.device("cpu"), batch_size=3, progress=False)
+
+    clean = evaluate()
+    real_reader = recon_data._reader
+    monkeypatch.setattr(recon_data, "_reader", lambda *args, **kwargs: _Poisoned(real_reader(*args, **kwargs)))
+    poisoned = evaluate()
+    metrics = clean["synthlab-test-wild"]
+    assert metrics["count_MPVPE"] > 0
+    assert poisoned == clean
+
+
+def test_hand_box_targets_are_not_clipped_to_the_augmented_image():
+    """InterWild's process_hand_bbox moves a hand box with the augmentation and does not clip it."""
+    from hands.datasets.transforms import crop
+    from hands.sample import Camera, HandLabels, HandSample
+
+    right = HandLabels.empty()
+    right.valid = torch.tensor(True)
+    right.bbox = torch.tensor([10.0, 12.0, 30.0, 36.0])
+    sample = HandSample(
+        image=torch.rand(3, 64, 80), right=right, left=HandLabels.empty(), rel_root=torch.zeros(3),
+        rel_root_valid=torch.tensor(False), camera=Camera(torch.eye(3)), hand_type="right",
+        meta={"dataset": "test", "id": "0", "is_synthetic": False},
+    )
+    out = crop(sample, torch.tensor([20.0, 0.0, 60.0, 40.0]), (40, 40))  # the hand's left part leaves the crop
+    # 40 source px -> 40 crop px: the box moves by -20 px in x (minus bbox_crop_affine's half-pixel offset)
+    box = out.right.bbox
+    assert float(box[0]) < -9.0  # the whole box, its left part outside the image
+    assert torch.allclose(box[2:] - box[:2], torch.tensor([20.0, 24.0]), atol=1e-4)
+    assert out.left.bbox.abs().sum() == 0  # an absent hand's box stays zero
