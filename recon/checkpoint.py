@@ -10,7 +10,8 @@ name first and then moved into place with ``os.replace`` (atomic on one file sys
 - ``step_000200.json``: the sidecar, written last, so its presence marks a complete checkpoint: format
   version, the regressor's registry name and constructor arguments, the full run config, the data-order
   state (epoch, step, step within the epoch, sampler seed, world size) and the SHA-256 of the two other
-  files, which turns a truncated or swapped file into a clear error rather than silent garbage.
+  files, which turns a truncated or swapped file into a clear error rather than silent garbage; and the
+  ``run_id`` of the run that wrote it (:mod:`recon.runs`).
 
 ``recon.test`` needs the ``.safetensors`` and ``.json`` files only.
 """
@@ -125,12 +126,16 @@ def save_checkpoint(
     progress: dict,
     keep_last: int = 0,
     extra: Optional[dict] = None,
+    run_id: Optional[str] = None,
 ) -> Path:
     """Write ``folder/step_<progress['step']>.{safetensors,state.pt,json}`` atomically; returns the JSON path.
 
     progress: data-order state, at least ``step`` (optimizer steps done), ``epoch``, ``step_in_epoch``
         (batches of ``epoch`` already consumed), ``sampler_seed`` and ``world_size``.
-    keep_last: when > 0, delete older complete checkpoints in ``folder`` beyond the newest ``keep_last``.
+    keep_last: when > 0, delete this run's older complete checkpoints in ``folder`` beyond the newest
+        ``keep_last`` (checkpoints of other runs are never touched).
+    run_id: the run the checkpoint belongs to (:mod:`recon.runs`), recorded in the sidecar; pruning and
+        :func:`find_checkpoint` on a run folder go by it.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -153,6 +158,7 @@ def save_checkpoint(
         "arch": arch,
         "model_kwargs": model_kwargs,
         "config": config,
+        "run_id": run_id,
         **{key: value for key, value in progress.items()},
         "weights": weights_path.name,
         "weights_sha256": _sha256(weights_path),
@@ -165,27 +171,71 @@ def save_checkpoint(
     _replace_atomically(json_tmp, json_path)
 
     if keep_last > 0:
-        for old in _complete_checkpoints(folder)[:-keep_last]:
+        for old in _complete_checkpoints(folder, run_id=run_id)[:-keep_last]:
             for path in (old, old.with_suffix(".safetensors"), old.with_name(old.stem + ".state.pt")):
                 path.unlink(missing_ok=True)  # the JSON first: a half-deleted checkpoint is never "complete"
     return json_path
 
 
-def _complete_checkpoints(folder: Path) -> list[Path]:
-    """Sidecars in ``folder`` ordered by step (oldest first)."""
+def _run_id_of(sidecar: Path) -> Optional[str]:
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("run_id") if isinstance(meta, dict) else None
+
+
+def _complete_checkpoints(folder: Path, run_id: Optional[str] = None) -> list[Path]:
+    """Sidecars in ``folder`` ordered by step (oldest first); with ``run_id``, only that run's."""
     found = [(int(m.group(1)), p) for p in folder.glob("step_*.json") if (m := _NAME.match(p.name))]
+    if run_id is not None:
+        found = [(step, p) for step, p in found if _run_id_of(p) == run_id]
     return [path for _, path in sorted(found)]
+
+
+def _folder_run_id(run_folder: Path) -> Optional[str]:
+    """The run id recorded in ``run_folder/run.json`` (:mod:`recon.runs`), None without one."""
+    try:
+        data = json.loads((run_folder / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("run_id") if isinstance(data, dict) and isinstance(data.get("run_id"), str) else None
+
+
+def _newest_in(folder: Path, run_folder: Path) -> Optional[Path]:
+    """The newest checkpoint in ``folder`` of the run ``run_folder`` records; without a record, the newest
+    when every checkpoint there belongs to one run (CheckpointError when they belong to several)."""
+    found = _complete_checkpoints(folder)
+    if not found:
+        return None
+    run_id = _folder_run_id(run_folder)
+    if run_id is not None:
+        own = [path for path in found if _run_id_of(path) == run_id]
+        if not own:
+            raise CheckpointError(
+                f"{folder}: no checkpoint of run {run_id} (recorded in {run_folder / 'run.json'}); "
+                "name a checkpoint file instead of the folder"
+            )
+        return own[-1]
+    runs = {_run_id_of(path) for path in found}
+    if len(runs) > 1:
+        raise CheckpointError(
+            f"{folder}: checkpoints of {len(runs)} different runs and no run.json naming one; name a checkpoint file"
+        )
+    return found[-1]
 
 
 def find_checkpoint(path: str | Path) -> Path:
     """Resolve a user's checkpoint path to a sidecar: a ``.json`` sidecar, a ``.safetensors`` file (its
-    sidecar beside it), or a folder (its newest checkpoint, also looking into ``checkpoints/``)."""
+    sidecar beside it), or a folder (its newest checkpoint, also looking into ``checkpoints/``; in a run folder, the newest
+    of the run its ``run.json`` names)."""
     path = Path(path)
     if path.is_dir():
-        for folder in (path, path / "checkpoints"):
-            found = _complete_checkpoints(folder) if folder.is_dir() else []
-            if found:
-                return found[-1]
+        for folder, run_folder in ((path, path.parent if path.name == "checkpoints" else path),
+                                   (path / "checkpoints", path)):
+            found = _newest_in(folder, run_folder) if folder.is_dir() else None
+            if found is not None:
+                return found
         raise CheckpointError(f"{path}: no checkpoint (step_*.json) in this folder or its checkpoints/")
     if path.suffix == ".safetensors":
         sidecar = path.with_suffix(".json")
@@ -217,8 +267,24 @@ def read_checkpoint_info(path: str | Path, *, need_state: bool = False) -> Check
     for key in ("arch", "model_kwargs", "config", "step", "weights", "weights_sha256"):
         if key not in meta:
             raise CheckpointError(f"{json_path}: sidecar lacks the key {key!r}")
+    if need_state:  # what resuming reads besides the weights: the data order and the state file
+        for key in ("epoch", "step_in_epoch", "state", "state_sha256"):
+            if key not in meta:
+                raise CheckpointError(f"{json_path}: sidecar lacks the key {key!r} (needed to resume)")
+    kinds = {"arch": str, "model_kwargs": dict, "config": dict, "weights": str, "weights_sha256": str}
+    for key, kind in kinds.items():
+        if not isinstance(meta[key], kind):
+            raise CheckpointError(f"{json_path}: sidecar key {key!r} is not a {'JSON object' if kind is dict else 'string'}")
+    for key in ("step", "epoch", "step_in_epoch", "world_size"):
+        value = meta.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"{json_path}: sidecar key {key!r} is {value!r}; expected a non-negative integer")
+    for key in ("weights", "state"):
+        name = meta.get(key, "x")
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(f"{json_path}: sidecar key {key!r} is {name!r}; expected a file name beside the sidecar")
     weights_path = json_path.with_name(meta["weights"])
-    state_path = json_path.with_name(meta.get("state", ""))
+    state_path = json_path.with_name(meta.get("state", json_path.stem + ".state.pt"))
     if not weights_path.is_file():
         raise CheckpointError(f"{json_path}: its weights file {weights_path.name} is missing")
     if _sha256(weights_path) != meta["weights_sha256"]:

@@ -81,6 +81,7 @@ from typing import Callable, Optional, Sequence
 from tqdm import tqdm
 
 from hands.paths import write_atomic
+from recon.runs import RUN_FILES
 from recon.train import positive_int
 from mixing.config import MIX_MODES
 
@@ -556,6 +557,15 @@ def _stop(running: dict, *, grace_s: float) -> None:
         log.close()
 
 
+def _state_flags(run: RunSpec, state: str) -> list[str]:
+    """``--resume auto`` for a run to continue; ``--overwrite`` for a new run whose folder holds the files of an
+    attempt killed before its first checkpoint (same config, checked by :func:`run_state`): recon.train refuses
+    a folder holding a run otherwise."""
+    if state == "resume":
+        return ["--resume", "auto"]
+    return ["--overwrite"] if any((run.folder / name).exists() for name in RUN_FILES) else []
+
+
 def execute(todo: Sequence[tuple[RunSpec, str]], *, jobs: int, bar, say: Callable[[str], None]) -> dict[str, float]:
     """Train ``todo`` ((run, "new" | "resume")) with at most ``jobs`` processes at a time; returns each run's
     wall time (s). Raises RunFailed on the first failure (the others are stopped, resumable)."""
@@ -566,7 +576,7 @@ def execute(todo: Sequence[tuple[RunSpec, str]], *, jobs: int, bar, say: Callabl
         while pending or running:
             while pending and len(running) < jobs:
                 run, state = pending.pop(0)
-                command = list(run.command) + (["--resume", "auto"] if state == "resume" else [])
+                command = list(run.command) + _state_flags(run, state)
                 run.folder.mkdir(parents=True, exist_ok=True)
                 log = open(run.log, "a")
                 log.write(f"# recon.table2 {datetime.now().isoformat(timespec='seconds')}: {shlex.join(command)}\n")
@@ -877,7 +887,7 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         for run in runs:
             state = states[run.name]
             note = {"finished": "# finished, would be skipped: ", "resume": "# would resume: "}.get(state, "")
-            print(note + shlex.join(run.command) + (" --resume auto" if state == "resume" else ""))
+            print(note + shlex.join(list(run.command) + _state_flags(run, state)))
         return {}
 
     on_synthlab = all_dataset_names(reference_cfg) == {"synthlab"}

@@ -25,12 +25,14 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -61,6 +63,7 @@ from recon.data import (
 )
 from recon.evaluate import evaluate_regressor, format_results
 from recon.registry import REGRESSORS, PluginError, build_regressor, import_plugin, load_builtin_regressors
+from recon.runs import RunFolderError, claim_run_folder
 
 __all__ = ["main", "parse_args", "NonFiniteLoss", "UsageError"]
 
@@ -112,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=positive_int)
     parser.add_argument("--batch-size", type=positive_int, help="samples per step and process")
     parser.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint (default: newest in --out)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="a new run replaces the run already in --out (its checkpoints, logs, metrics); with "
+                        "--resume, drops that run's checkpoints later than the one resumed")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--plugin", action="append", default=[], help="module or .py file registering regressors")
@@ -241,8 +247,31 @@ def _reduce_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
     return values
 
 
+def claim_out(out: Path, *, resume_meta, overwrite: bool, is_main: bool, world_size: int, say):
+    """Rank 0 claims the run folder (:func:`recon.runs.claim_run_folder`: lock, one run per folder); every
+    rank learns the outcome, so a refused folder stops all of them with the same one line."""
+    folder, error = None, None
+    if is_main:
+        try:
+            folder = claim_run_folder(out, resume_meta=resume_meta, overwrite=overwrite, say=say)
+        except RunFolderError as refused:
+            error = str(refused)
+    if world_size > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UsageError(error)
+    return folder
+
+
 def train(args: argparse.Namespace) -> dict:
     """Run a training job from parsed arguments; returns {"metrics": ..., "out": ..., "step": ...}."""
+    with ExitStack() as cleanup:  # releases the run folder's lock however the run ends
+        return _train(args, cleanup)
+
+
+def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
     wall_start = time.perf_counter()
 
     # 1. arguments -> config ------------------------------------------------------------------------------
@@ -280,8 +309,16 @@ def train(args: argparse.Namespace) -> dict:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    out = Path(cfg.out)
+    np.random.seed(cfg.seed % 2**32)  # any NumPy / Python draw (a plugin's, a library's) is seeded too
+    random.seed(cfg.seed)
+    out = Path(cfg.out).expanduser()
     say = print if is_main else (lambda *a, **k: None)
+    run_folder = claim_out(
+        out, resume_meta=resume_info.meta if resume_info is not None else None, overwrite=args.overwrite,
+        is_main=is_main, world_size=world_size, say=say,
+    )
+    if run_folder is not None:
+        cleanup.callback(run_folder.release)
 
     # 3. data ---------------------------------------------------------------------------------------------
     hand_model = HandModel(mano_dir=cfg.mano_dir)
@@ -355,8 +392,8 @@ def train(args: argparse.Namespace) -> dict:
     if is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        out.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(out / "tb"))
+        # a resumed run drops the events logged after its checkpoint's step (they belong to the lost attempt)
+        writer = SummaryWriter(str(out / "tb"), purge_step=step + 1 if resume_info is not None else None)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
     def save(epoch_now: int, batch_in_epoch: int) -> Path:
@@ -374,6 +411,7 @@ def train(args: argparse.Namespace) -> dict:
             optimizer=optimizer,
             progress=progress,
             keep_last=3,
+            run_id=run_folder.run_id,
             extra={"hand_model": hand_model.fingerprint(), "procedural_hand": bool(hand_model.is_procedural), **build_card(cfg, hand_model)},
         )
 
@@ -385,7 +423,7 @@ def train(args: argparse.Namespace) -> dict:
     )
     if provider is not None and callable(getattr(provider, "prime", None)):
         provider.prime(n_synthetic)  # the first generated batch before the clock starts (reported as prime_s)
-    saved_step = step if resume_info is not None else -1
+    saved_step = resumed_step = step if resume_info is not None else -1
     loop_start, samples_seen = time.perf_counter(), 0
     batch_in_epoch, bar = start_batch, None
     try:
@@ -474,8 +512,8 @@ def train(args: argparse.Namespace) -> dict:
     final = None
     if is_main and saved_step != step:
         final = save(epoch, start_batch)
-    elif is_main:
-        final = ckpt.find_checkpoint(out / "checkpoints")
+    elif is_main:  # nothing trained since the last checkpoint this run wrote (or resumed from)
+        final = ckpt.find_checkpoint(out / "checkpoints") if saved_step != resumed_step else resume_info.json_path
     say(f"trained {step} steps in {train_time:.1f} s; checkpoint {final}")
 
     metrics: dict = {}
