@@ -171,3 +171,14 @@ def test_a_sidecar_missing_or_mistyping_keys_is_refused_in_one_line(tmp_path, ed
     path.write_text(json.dumps(meta))
     with pytest.raises(ckpt.CheckpointError, match=message.replace("(", "\\(").replace(")", "\\)")):
         ckpt.read_checkpoint_info(path, need_state=True)
+
+
+def test_table2_restarts_an_attempt_killed_before_its_first_checkpoint_with_overwrite(tmp_path):
+    from recon.table2 import RunSpec, _state_flags
+
+    run = RunSpec(arch="baseline", ratio=0.0, seed=0, folder=tmp_path / "r0", command=("python",))
+    run.folder.mkdir()
+    (run.folder / "train.log").write_text("")
+    assert _state_flags(run, "new") == [] and _state_flags(run, "resume") == ["--resume", "auto"]
+    (run.folder / "config.yaml").write_text("seed: 0\n")  # killed after writing its config, before a checkpoint
+    assert _state_flags(run, "new") == ["--overwrite"]
