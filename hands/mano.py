@@ -358,6 +358,21 @@ class HandModel(nn.Module):
         return HandOutput(verts=verts, joints=joints[:, self._order])
 
 
+    def regress_joints(self, side: str, verts: Tensor) -> Tensor:
+        """Joints regressed from a posed mesh: verts (..., 778, 3) of ``side`` -> (..., 21, 3), our order, same
+        frame and units: MANO's joint regressor applied to the mesh (16 joints) plus the five tip vertices.
+
+        This is InterWild's joint definition (``get_coord`` with ``mano.sh_joint_regressor``) and the one the
+        metrics align meshes with (row 0, the wrist). It differs from :meth:`forward`'s ``joints`` (smplx's
+        LBS joints, whose wrist is the root rotation's centre) by about 0.4-0.6 mm on average and several mm at
+        some poses; predictions and synthesised labels use this one.
+        """
+        regressor = self.j_regressor_for(side).to(verts.dtype)  # (16, 778)
+        regressed = torch.einsum("jv,...vc->...jc", regressor, verts)  # (..., 16, 3)
+        tips = verts[..., self.tip_verts, :]  # (..., 5, 3)
+        return torch.cat([regressed, tips], -2)[..., self._order, :]
+
+
 def _check_side(side: str) -> str:
     if side not in SIDES:
         raise ValueError(f"side must be 'right' or 'left', got {side!r}")

@@ -91,7 +91,7 @@ def test_ensure_synthlab_writes_once_into_the_cache(tmp_path, monkeypatch, model
     monkeypatch.setenv("ATTENTIONHAND_CACHE", str(tmp_path / "cache"))
     sizes = {"train-lab": 1, "test-lab": 1, "train-wild": 0, "test-wild": 0}
     root = ensure_synthlab(sizes=sizes, resolution=48, hand_model=model, show_progress=False)
-    assert root == tmp_path / "cache" / "synthlab" / model.fingerprint()[:16] and (root / "synthlab.json").is_file()
+    assert root == tmp_path / "cache" / "synthlab" / f"{model.fingerprint()[:16]}-v2" and (root / "synthlab.json").is_file()
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".synthlab-")]  # no temp folder left
     stamp = (root / "synthlab.json").stat().st_mtime_ns
     assert ensure_synthlab(sizes=sizes, resolution=48, hand_model=model) == root

@@ -124,3 +124,54 @@ def test_hand_box_targets_are_not_clipped_to_the_augmented_image():
     assert float(box[0]) < -9.0  # the whole box, its left part outside the image
     assert torch.allclose(box[2:] - box[:2], torch.tensor([20.0, 24.0]), atol=1e-4)
     assert out.left.bbox.abs().sum() == 0  # an absent hand's box stays zero
+
+
+def _tiny_interwild():
+    from recon.config import from_config
+    from recon.registry import REGRESSORS
+
+    cls = REGRESSORS.get("interwild")
+    return cls(**from_config(load_config(profile="demo", arch="interwild", overrides=TINY_MODEL), cls))
+
+
+def test_predicted_joints_are_regressed_from_the_predicted_mesh(synthlab_root):
+    """InterWild's get_coord: the 21 joints are the joint regressor (+ tips) applied to the posed mesh, and
+    mesh and joints are rooted at that regressed wrist (not smplx's LBS joints)."""
+    from hands.datasets import build_dataset
+    from hands.mano import HandModel
+    from hands.sample import collate
+    from recon.data import eval_transform
+
+    torch.manual_seed(1)
+    model = _tiny_interwild().eval()
+    dataset = build_dataset("synthlab", synthlab_root, "test-wild")
+    transform = eval_transform("image", (64, 48))
+    batch = collate([transform(dataset[i]) for i in range(3)])
+    with torch.no_grad():
+        out = model(batch)
+    hand_model = HandModel()
+    for side in ("right", "left"):
+        verts, joints = out.side(side)
+        regressed = hand_model.regress_joints(side, verts)
+        assert torch.allclose(regressed[:, 0], torch.zeros(3), atol=1e-6)  # rooted at the regressed wrist
+        assert torch.allclose(joints, regressed, atol=1e-5)
+
+
+def test_synthlab_joints_are_regressed_from_its_meshes(synthlab_root):
+    """Targets use the same definition as predictions: synthlab writes the joints regressed from its meshes."""
+    from hands.datasets import build_dataset
+    from hands.mano import HandModel
+
+    hand_model = HandModel()
+    dataset = build_dataset("synthlab", synthlab_root, "test-lab", hand_model=hand_model)
+    checked = 0
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        for side in ("right", "left"):
+            hand = sample.hand(side)
+            if bool(hand.valid) and bool(hand.mano_valid):
+                regressed = hand_model.regress_joints(side, hand.verts_cam)
+                valid = hand.joints_valid
+                assert torch.allclose(hand.joints_cam[valid], regressed[valid], atol=1e-5)
+                checked += 1
+    assert checked > 0

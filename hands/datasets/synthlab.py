@@ -55,7 +55,7 @@ SPLITS = ("train-lab", "test-lab", "train-wild", "test-wild")
 DEFAULT_SIZES = {"train-lab": 256, "test-lab": 64, "train-wild": 256, "test-wild": 64}
 DEFAULT_RESOLUTION = 256
 CAMERAS_PER_CAPTURE = 4
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: joints regressed from the mesh (1: smplx's LBS joints)
 
 SKIN_TONES = np.array(
     [
@@ -277,8 +277,10 @@ def write_split(
                 outputs = {}
                 for side, fit in fits.items():
                     if fit is not None:
-                        verts, joints = sampler.forward(side, fit.pose[None], fit.shape[None], fit.trans[None])
-                        outputs[side] = (verts[0], joints[0])
+                        verts, _ = sampler.forward(side, fit.pose[None], fit.shape[None], fit.trans[None])
+                        # the joints are regressed from the mesh (+ tips), InterWild's definition (get_coord)
+                        joints = model.regress_joints(side, torch.from_numpy(verts[0])).numpy()
+                        outputs[side] = (verts[0], joints)
                 points = np.concatenate([v for v, _ in outputs.values()])
                 visible = True
                 for cam in rig:
@@ -438,10 +440,11 @@ def write_synthlab(
 
 def ensure_synthlab(root: str | Path | None = None, **options) -> Path:
     """The synthlab folder, written on first use: ``root`` or
-    ``hands.paths.cache_dir() / "synthlab" / <hand model fingerprint>``.
+    ``hands.paths.cache_dir() / "synthlab" / <hand model fingerprint>-v<FORMAT_VERSION>``.
 
-    The default folder is keyed by the hand model's fingerprint, so a changed hand model (another
-    ``mano_dir``, a new version of the procedural hand) gets its own benchmark instead of a stale one.
+    The default folder is keyed by the hand model's fingerprint and the format version, so a changed hand
+    model (another ``mano_dir``, a new version of the procedural hand) or a changed label definition gets its
+    own benchmark instead of a stale one.
     Written into a temporary sibling folder and renamed into place, so an interrupted run leaves no
     half-written benchmark. ``options`` go to :func:`write_synthlab` (seed, sizes, resolution, mano_dir,
     hand_model); a complete folder is returned as it is (its synthlab.json says how it was written).
@@ -454,7 +457,7 @@ def ensure_synthlab(root: str | Path | None = None, **options) -> Path:
             from hands.mano import HandModel
 
             model = options["hand_model"] = HandModel(mano_dir=options.get("mano_dir"))
-        root = cache_dir() / "synthlab" / model.fingerprint()[:16]
+        root = cache_dir() / "synthlab" / f"{model.fingerprint()[:16]}-v{FORMAT_VERSION}"
     root = Path(root)
     if (root / "synthlab.json").is_file():
         return root

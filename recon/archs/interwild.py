@@ -15,7 +15,9 @@ Architecture and recipe as read from the reference code (FACTS.md §3); the code
    (tx, ty, gamma) come from the pooled features, with tz = sigmoid(gamma) * sqrt(f * f * 0.6^2 / (S * S))
    for the virtual focal f = 5000 of the crop.
 4. The left hand's outputs are un-mirrored: rotations (x, -y, -z), translation x -> -x, crop x -> S - 1 - x.
-   MANO (hands.mano.HandModel) gives both meshes; joints and vertices are made relative to the wrist.
+   MANO (hands.mano.HandModel) gives both meshes; the 21 joints are regressed from each mesh (joint
+   regressor + tip vertices, InterWild's ``get_coord``) and joints and vertices are made relative to that
+   regressed wrist.
 5. Relative translation net: both hands' joints (position head, no gradient) are drawn as 3D Gaussian
    heatmaps in the square union of their boxes (G^3 voxels, sigma 2.5 at G = 64), 2 x 21 x G channels ->
    conv -> ResNet stages -> features sampled at the two wrists -> linear -> left wrist minus right wrist.
@@ -57,7 +59,7 @@ from hands.camera import (
     scale_bbox,
     square_bbox,
 )
-from hands.joints import MANO21_TO_OURS, WRIST
+from hands.joints import WRIST
 from hands.mano import HandModel
 from hands.rotation import axis_angle_to_matrix, matrix_to_axis_angle, mirror_axis_angle, rot6d_to_matrix
 from hands.sample import HandBatch
@@ -453,17 +455,19 @@ class InterWild(nn.Module):
         return layer["model"]
 
     def _mano(self, side: str, pose: Tensor, shape: Tensor) -> Tuple[Tensor, Tensor]:
-        """pose (N, 48), shape (N, 10) -> wrist-relative verts (N, 778, 3), joints (N, 21, 3), metres."""
-        output = self.hand_model(pose.device)(side, pose, shape)
-        wrist = output.joints[:, WRIST : WRIST + 1]
-        return output.verts - wrist, output.joints - wrist
+        """pose (N, 48), shape (N, 10) -> wrist-relative verts (N, 778, 3), joints (N, 21, 3), metres.
+
+        InterWild's ``get_coord``: all 21 joints are regressed from the posed mesh (joint regressor + the five
+        tip vertices), and mesh and joints are rooted at that regressed wrist (not smplx's LBS joints)."""
+        verts = self.hand_model(pose.device)(side, pose, shape).verts
+        joints = self.joints_from_verts(side, verts)
+        wrist = joints[:, WRIST : WRIST + 1]
+        return verts - wrist, joints - wrist
 
     def joints_from_verts(self, side: str, verts: Tensor) -> Tensor:
-        """verts (N, 778, 3) of ``side`` -> (N, 21, 3) joints in our order: MANO's 16 regressed + 5 tips."""
-        model = self.hand_model(verts.device)
-        regressed = torch.einsum("jv,nvc->njc", model.j_regressor_for(side).to(verts.dtype), verts)  # (N, 16, 3)
-        tips = verts[:, model.tip_verts]  # (N, 5, 3)
-        return torch.cat((regressed, tips), 1)[:, list(MANO21_TO_OURS)]
+        """verts (N, 778, 3) of ``side`` -> (N, 21, 3) joints in our order: MANO's 16 regressed + 5 tips
+        (:meth:`hands.mano.HandModel.regress_joints`)."""
+        return self.hand_model(verts.device).regress_joints(side, verts)
 
     # -- crops ------------------------------------------------------------------------------------------
 
