@@ -1,9 +1,11 @@
-"""Mesh-graph utilities of IntagHand: Graclus-style coarsening, graph orders, Laplacians, upsampling.
+"""Mesh-graph utilities of IntagHand: heavy-edge-matching coarsening, graph orders, Laplacians, upsampling.
 
-Written here in NumPy / SciPy because no kept library in this environment offers a deterministic
-heavy-edge-matching coarsening with fake nodes (torch_geometric's graclus needs compiled extensions that are
-not installed, and it does not produce the balanced binary pooling tree IntagHand relies on). The algorithm is
-the one of Defferrard et al. (NeurIPS 2016, ``coarsening.py``), which IntagHand uses; the code is our own.
+Written here in NumPy / SciPy because no kept library in this environment offers this coarsening
+(torch_geometric's graclus needs compiled extensions that are not installed, and it neither produces the
+balanced binary pooling tree IntagHand relies on nor uses IntagHand's pairing score). The algorithm is the
+variant in IntagHand's ``models/model_zoo/coarsening.py`` (forked from Defferrard et al.'s and
+hand-graph-cnn's); the code is our own and reproduces that file's pairing, visit order, coarse weights,
+permutation and Laplacians (including its quirks, listed in :func:`heavy_edge_matching`).
 
 Conventions of this module (stated once):
 
@@ -11,10 +13,11 @@ Conventions of this module (stated once):
 - *graph order*: ``N0 = M * 2 ** levels`` positions; position ``j`` at level 0 holds real vertex
   ``perm[j]`` when ``perm[j] < V`` and a *fake* node otherwise. Positions ``(2k, 2k + 1)`` at level ``l`` are the
   two children of node ``k`` at level ``l + 1``, so average pooling by 2 coarsens and repetition by 2
-  upsamples (``graph_pool`` / ``graph_repeat``). Level ``levels`` has ``M`` nodes (63 for MANO's faces, the
-  IntagHand chain 1008 -> 504 -> 252 -> 126 -> 63).
-- Fake nodes carry a copy of their sibling's value (``fill_index``), so that pooling averages real vertices
-  only (with multiplicities).
+  upsamples (``graph_pool`` / ``graph_repeat``). Level ``levels`` has ``M`` nodes, the matching's own count
+  (the reference pads nothing: 63 for official MANO's faces in IntagHand's shipped graphs, 65 for the
+  procedural hand with this machine's NumPy, see docs/intaghand.md).
+- Fake nodes carry a copy of their sibling's subtree (``fill_index``, the reference's ``cut_perm``), so that
+  pooling averages real vertices only (with multiplicities).
 """
 from __future__ import annotations
 
@@ -28,12 +31,15 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "LAPLACIAN_RESCALES",
     "CoarseGraphs",
     "coarsen_mesh",
     "mesh_adjacency",
     "heavy_edge_matching",
+    "coarsen_graph",
     "compute_permutations",
     "normalized_laplacian",
+    "largest_eigenvalue",
     "rescale_laplacian",
     "graph_pool",
     "graph_repeat",
@@ -41,68 +47,132 @@ __all__ = [
     "fit_upsampling",
 ]
 
+# How the Chebyshev convolutions' Laplacians are rescaled (see rescale_laplacian):
+# "reference": IntagHand's code, L / (2 lambda_max) - I on every level but the coarsest, which keeps L;
+# "chebyshev": the intended form (the reference's own comment), 2 L / lambda_max - I on every level.
+LAPLACIAN_RESCALES = ("reference", "chebyshev")
+
 
 def mesh_adjacency(faces: np.ndarray, num_verts: int) -> scipy.sparse.csr_matrix:
-    """faces: (F, 3) int -> (V, V) symmetric 0/1 adjacency of the mesh edges, no self loops."""
+    """faces: (F, 3) int -> (V, V) float32 symmetric 0/1 adjacency of the mesh edges, no self-loops
+    (the reference's ``build_adj_mat``: an edge shared by two faces counts once)."""
     faces = np.asarray(faces, dtype=np.int64)
     rows = np.concatenate([faces[:, 0], faces[:, 1], faces[:, 2], faces[:, 1], faces[:, 2], faces[:, 0]])
     cols = np.concatenate([faces[:, 1], faces[:, 2], faces[:, 0], faces[:, 0], faces[:, 1], faces[:, 2]])
-    adjacency = scipy.sparse.csr_matrix((np.ones(rows.shape[0]), (rows, cols)), shape=(num_verts, num_verts))
+    adjacency = scipy.sparse.csr_matrix(
+        (np.ones(rows.shape[0], dtype=np.float32), (rows, cols)), shape=(num_verts, num_verts)
+    )
     adjacency.data[:] = 1.0
     adjacency.setdiag(0)
     adjacency.eliminate_zeros()
-    return adjacency.tocsr()
+    adjacency.sort_indices()
+    return adjacency
 
 
-def heavy_edge_matching(weights: scipy.sparse.csr_matrix, visit_order: np.ndarray) -> np.ndarray:
-    """One level of Graclus heavy-edge matching (normalised-cut weights).
+def heavy_edge_matching(weights: scipy.sparse.csr_matrix, degree: np.ndarray) -> np.ndarray:
+    """One level of IntagHand's heavy-edge matching.
 
-    weights: (N, N) symmetric non-negative adjacency; visit_order: (N,) permutation of the nodes.
-    Each unmarked node, in visit order, is matched with the unmarked neighbour maximising
-    ``w_ij * (1 / d_i + 1 / d_j)`` (d = weighted degree), or left alone. Returns (N,) cluster ids 0..C-1
-    (each cluster holds one or two nodes), numbered in visit order.
+    weights: (N, N) symmetric non-negative float32 adjacency (self-loops allowed; every node must have a
+    stored entry); degree: (N,) float32, the pairing's ``d`` (the reference: the degree without self-loops at
+    the first level, with them later). Returns (N,) cluster ids 0..C-1 (each cluster one or two nodes),
+    numbered in visit order.
+
+    Nodes are visited by increasing row sum (``np.argsort``, the reference's call: its random permutation is
+    overwritten by this sort at every level). An unmarked node is paired with the unmarked neighbour ``j``
+    maximising ``(2 W_ij + W_ii + W_jj) / (d_i + d_j)`` (strictly above 0 and above earlier candidates, in
+    column order), or left alone. As in the reference's code (its row bookkeeping, reproduced on purpose so
+    that the permutation is the reference's):
+
+    - ``W_ii`` is the first stored entry of row ``i`` (the self-loop only when no neighbour has a smaller
+      index; at the first level, with no self-loops, the weight to the lowest-indexed neighbour);
+    - row 0's candidates also include the first stored entry of row 1, and the last row's omit its last
+      stored entry (the reference's row-length count is off by one at both ends).
+
+    Scores are computed in float32, as the reference's under NumPy 2.
     """
     weights = weights.tocsr()
-    degree = np.asarray(weights.sum(axis=1)).ravel()
-    degree = np.where(degree > 0, degree, 1.0)
+    weights.sort_indices()
     num_nodes = weights.shape[0]
-    cluster = np.full(num_nodes, -1, dtype=np.int64)
+    starts, values, columns = weights.indptr, weights.data.astype(np.float32), weights.indices
+    empty = np.flatnonzero(np.diff(starts) == 0)
+    if len(empty):
+        raise ValueError(f"heavy-edge matching: node {int(empty[0])} has no edge (isolated vertices are not supported)")
+    first = values[starts[:-1]]  # (N,) the reference's "W_ii"
+    degree = np.asarray(degree, dtype=np.float32).ravel()
+    row_sums = np.asarray(weights.sum(axis=0), dtype=np.float32).ravel()
+    order = np.argsort(row_sums)
+    marked = np.zeros(num_nodes, dtype=bool)
+    cluster = np.zeros(num_nodes, dtype=np.int64)
     count = 0
-    for node in visit_order:
-        if cluster[node] >= 0:
+    for node in order:
+        if marked[node]:
             continue
-        start, end = weights.indptr[node], weights.indptr[node + 1]
-        best, best_value = -1, 0.0
-        for neighbour, value in zip(weights.indices[start:end], weights.data[start:end]):
-            if neighbour == node or cluster[neighbour] >= 0:
-                continue
-            score = value * (1.0 / degree[node] + 1.0 / degree[neighbour])
-            if score > best_value:  # strict: ties keep the first neighbour in index order (deterministic)
-                best, best_value = neighbour, score
+        marked[node] = True
+        begin, end = starts[node], starts[node + 1]
+        if node == 0 and num_nodes > 1:
+            end += 1  # the reference's off-by-one: row 0 also scans row 1's first entry
+        elif node == num_nodes - 1 and num_nodes > 1:
+            end -= 1  # ... and the last row misses its last entry
+        neighbours, w_ij = columns[begin:end], values[begin:end]
+        score = (np.float32(2.0) * w_ij + first[node] + first[neighbours]) / (
+            degree[node] + degree[neighbours] + np.float32(1e-9)
+        )
+        score = np.where(marked[neighbours], np.float32(0.0), score)
+        best = -1
+        if len(score) and score.max() > 0.0:
+            best = int(neighbours[int(np.argmax(score))])  # the first maximum, as the reference's strict ">"
         cluster[node] = count
         if best >= 0:
             cluster[best] = count
+            marked[best] = True
         count += 1
     return cluster
 
 
-def compute_permutations(parents: List[np.ndarray], top_nodes: int | None = None) -> List[np.ndarray]:
-    """The graph order of every level from the cluster ids of each coarsening step.
+def coarsen_graph(
+    adjacency: scipy.sparse.csr_matrix, levels: int
+) -> tuple[list[scipy.sparse.csr_matrix], list[np.ndarray]]:
+    """``levels`` rounds of :func:`heavy_edge_matching` (the reference's ``HEM``).
+
+    adjacency: (N, N) float32 symmetric, no self-loops. Returns (graphs, parents): ``graphs[0]`` is the input,
+    ``graphs[l + 1]`` the coarse graph after round ``l`` with *summed* edge weights and the merged pairs'
+    internal edges kept as self-loops (weight 2 W_ij, both directions); ``parents[l]`` the cluster ids of round l.
+    """
+    graphs, parents = [adjacency.tocsr()], []
+    degree = np.asarray(adjacency.sum(axis=0), dtype=np.float32).ravel() - adjacency.diagonal().astype(np.float32)
+    for _ in range(levels):
+        cluster = heavy_edge_matching(graphs[-1], degree)
+        parents.append(cluster)
+        coo = graphs[-1].tocoo()
+        size = int(cluster.max()) + 1
+        coarse = scipy.sparse.csr_matrix(
+            (coo.data.astype(np.float32), (cluster[coo.row], cluster[coo.col])), shape=(size, size)
+        )
+        coarse.sum_duplicates()
+        coarse.eliminate_zeros()
+        coarse.sort_indices()
+        graphs.append(coarse)
+        degree = np.asarray(coarse.sum(axis=0), dtype=np.float32).ravel()  # self-loops included from now on
+    return graphs, parents
+
+
+def compute_permutations(parents: List[np.ndarray]) -> List[np.ndarray]:
+    """The graph order of every level from the cluster ids of each coarsening step (the reference's
+    ``compute_perm``).
 
     parents[l]: (N_l,) cluster id at level l + 1 of each node of level l. Returns ``perms`` with
     ``perms[l]`` (M * 2 ** (L - l),): node index at level l of each position (an index >= N_l is a fake node),
-    such that positions (2k, 2k + 1) of level l are the children of position k of level l + 1;
-    ``perms[L]`` is the identity on the M top nodes, followed by fake top nodes up to ``top_nodes`` if given.
+    such that positions (2k, 2k + 1) of level l are the children of position k of level l + 1 (children in
+    increasing index; a singleton's fake sibling after it; a fake node's two fake children);
+    ``perms[L]`` is the identity on the M top nodes.
     """
     top = int(parents[-1].max()) + 1
-    if top_nodes is not None and top_nodes < top:
-        raise ValueError(f"coarsening: the mesh coarsens to {top} top nodes, more than top_nodes={top_nodes}")
-    perms = [np.arange(top if top_nodes is None else top_nodes)]
+    perms = [np.arange(top)]
     for parent in parents[::-1]:
         next_fake = len(parent)
         order = []
         for node in perms[-1]:
-            children = list(np.flatnonzero(parent == node)) if node < parent.max() + 1 else []
+            children = list(np.flatnonzero(parent == node))
             if len(children) > 2:
                 raise AssertionError("heavy-edge matching produced a cluster of more than two nodes")
             while len(children) < 2:
@@ -113,20 +183,39 @@ def compute_permutations(parents: List[np.ndarray], top_nodes: int | None = None
     return perms[::-1]
 
 
-def normalized_laplacian(adjacency: scipy.sparse.spmatrix) -> np.ndarray:
-    """(N, N) adjacency -> dense I - D^-1/2 A D^-1/2 (isolated nodes, e.g. fake ones, get L_ii = 1)."""
-    dense = np.asarray(adjacency.todense(), dtype=np.float64)
+def normalized_laplacian(adjacency: np.ndarray) -> np.ndarray:
+    """(N, N) weighted adjacency (self-loops included, as the reference's coarse graphs) -> dense
+    ``I - D^-1/2 A D^-1/2`` with ``D`` the row sums; isolated nodes (fake ones) get ``L_ii = 1``."""
+    dense = np.asarray(adjacency, dtype=np.float64)
     degree = dense.sum(axis=1)
     inv_sqrt = np.where(degree > 0, 1.0 / np.sqrt(np.where(degree > 0, degree, 1.0)), 0.0)
     return np.eye(dense.shape[0]) - inv_sqrt[:, None] * dense * inv_sqrt[None, :]
 
 
-def rescale_laplacian(laplacian: np.ndarray) -> np.ndarray:
-    """2 L / lambda_max - I: the Chebyshev domain [-1, 1] (lambda_max by Lanczos on the sparse matrix)."""
-    lambda_max = float(
-        scipy.sparse.linalg.eigsh(scipy.sparse.csr_matrix(laplacian), k=1, which="LA", return_eigenvectors=False)[0]
-    )
-    return 2.0 * laplacian / lambda_max - np.eye(laplacian.shape[0])
+def largest_eigenvalue(laplacian: np.ndarray) -> float:
+    """The largest-magnitude eigenvalue of a symmetric (N, N) matrix (Lanczos, as the reference's ``lmax_L``;
+    dense for N <= 2)."""
+    if laplacian.shape[0] <= 2:
+        return float(np.abs(np.linalg.eigvalsh(laplacian)).max())
+    matrix = scipy.sparse.csr_matrix(laplacian)
+    return float(scipy.sparse.linalg.eigsh(matrix, k=1, which="LM", return_eigenvectors=False)[0])
+
+
+def rescale_laplacian(laplacian: np.ndarray, lambda_max: float, rescale: str, coarsest: bool) -> np.ndarray:
+    """The Laplacian a Chebyshev convolution uses, per ``rescale`` (see LAPLACIAN_RESCALES).
+
+    "reference": ``L / (2 lambda_max) - I`` (IntagHand's ``rescale_L``: ``L /= lmax * 2; L -= I``, spectrum in
+    [-1, -1/2]), and ``L`` unchanged on the coarsest level (the reference rescales only its four finer
+    levels). "chebyshev": ``2 L / lambda_max - I`` on every level (spectrum in [-1, 1]).
+    """
+    if rescale not in LAPLACIAN_RESCALES:
+        raise ValueError(f"laplacian rescale {rescale!r}: expected one of {', '.join(LAPLACIAN_RESCALES)}")
+    identity = np.eye(laplacian.shape[0])
+    if rescale == "chebyshev":
+        return 2.0 * laplacian / lambda_max - identity
+    if coarsest:
+        return laplacian.copy()
+    return laplacian / (2.0 * lambda_max) - identity
 
 
 def graph_pool(x: Tensor, factor: int = 2) -> Tensor:
@@ -148,9 +237,10 @@ class CoarseGraphs:
     perm: (N0,) real vertex (< V) or fake (>= V) of each graph position.
     fill_index: (N0,) the real vertex whose value each graph position carries (fake nodes copy a sibling).
     inverse: (V,) graph position of each real vertex.
-    laplacians: per level, (N_l, N_l) rescaled normalised Laplacian in that level's graph order (fake nodes
-        isolated).
-    adjacencies: per level, (N_l, N_l) 0/1 adjacency in graph order (real nodes of the coarsened graph).
+    laplacians: per level, (N_l, N_l) normalised Laplacian ``I - D^-1/2 A D^-1/2`` in that level's graph order
+        (not rescaled; fake nodes isolated); lambda_max: per level, its largest eigenvalue.
+    adjacencies: per level, (N_l, N_l) weighted adjacency in graph order (self-loops and summed weights of the
+        coarse graphs kept, as the reference's).
     """
 
     num_verts: int
@@ -159,7 +249,13 @@ class CoarseGraphs:
     fill_index: np.ndarray
     inverse: np.ndarray
     laplacians: List[np.ndarray]
+    lambda_max: List[float]
     adjacencies: List[np.ndarray]
+
+    def chebyshev_laplacian(self, level: int, rescale: str = "reference") -> np.ndarray:
+        """(N_l, N_l) float64, the rescaled Laplacian of ``level`` (see :func:`rescale_laplacian`)."""
+        coarsest = level == len(self.sizes) - 1
+        return rescale_laplacian(self.laplacians[level], self.lambda_max[level], rescale, coarsest)
 
     def to_graph(self, x: Tensor) -> Tensor:
         """x: (B, V, C) mesh order -> (B, N0, C) graph order (fake positions copy a sibling)."""
@@ -180,61 +276,31 @@ class CoarseGraphs:
         return self.sizes.index(num_nodes)
 
 
-FIRST_ORDER_TRIES = 64  # seeded first-level visit orders tried when index order coarsens to too many nodes
+def coarsen_mesh(faces: np.ndarray, num_verts: int, levels: int = 4) -> CoarseGraphs:
+    """Coarsen a triangle mesh ``levels`` times as IntagHand's ``build_graph`` does.
 
-
-def _match_levels(
-    adjacency: scipy.sparse.csr_matrix, levels: int, first_order: np.ndarray
-) -> tuple[list[scipy.sparse.csr_matrix], list[np.ndarray]]:
-    """``levels`` rounds of heavy-edge matching: (graphs, level 0 first; parents, cluster ids per round).
-    The first round visits nodes in ``first_order``, later ones by increasing weighted degree (stable)."""
-    graphs, parents = [adjacency], []
-    order = first_order
-    for _ in range(levels):
-        cluster = heavy_edge_matching(graphs[-1], order)
-        parents.append(cluster)
-        coo = graphs[-1].tocoo()
-        size = int(cluster.max()) + 1
-        coarse = scipy.sparse.csr_matrix((coo.data, (cluster[coo.row], cluster[coo.col])), shape=(size, size))
-        coarse.setdiag(0)
-        coarse.eliminate_zeros()
-        graphs.append(coarse)
-        order = np.argsort(np.asarray(coarse.sum(axis=0)).ravel(), kind="stable")
-    return graphs, parents
-
-
-def coarsen_mesh(faces: np.ndarray, num_verts: int, levels: int = 4, top_nodes: int | None = None) -> CoarseGraphs:
-    """Coarsen a triangle mesh ``levels`` times by heavy-edge matching, with fake nodes so each level halves.
-
-    faces: (F, 3) int; num_verts: V. top_nodes: pad the coarsest level with isolated fake nodes to this
-    count (IntagHand's decoder sizes 63 / 126 / 252 for any hand mesh that coarsens to at most 63 nodes);
-    None keeps the matching's own count. Raises ValueError when the mesh coarsens to more than top_nodes.
-    Deterministic: the first level visits vertices in index order (if that leaves more than top_nodes, seeded
-    random orders 0, 1, ... up to FIRST_ORDER_TRIES, as the reference's random first level), later levels by
-    increasing weighted degree (stable sort), as Defferrard's code does. Returns :class:`CoarseGraphs`.
+    faces: (F, 3) int; num_verts: V (every vertex must lie on a face). Heavy-edge matching
+    (:func:`coarsen_graph`), fake nodes so that each level halves (:func:`compute_permutations`), the graphs
+    permuted into graph order, their normalised Laplacians and largest eigenvalues. Deterministic for a given
+    NumPy (the visit order is ``np.argsort`` of the row sums, whose order among equal sums is NumPy's).
+    Returns :class:`CoarseGraphs`.
     """
     adjacency = mesh_adjacency(faces, num_verts)
-    graphs, parents = _match_levels(adjacency, levels, np.arange(num_verts))
-    # The top count depends on the first level's visit order; when index order leaves more than top_nodes,
-    # try seeded random orders (as the reference's random first level), deterministically, in seed order.
-    seed = 0
-    while top_nodes is not None and graphs[-1].shape[0] > top_nodes and seed < FIRST_ORDER_TRIES:
-        order = np.random.default_rng(seed).permutation(num_verts)
-        graphs, parents = _match_levels(adjacency, levels, order)
-        seed += 1
-    perms = compute_permutations(parents, top_nodes)
-    real_top = graphs[-1].shape[0]
+    graphs, parents = coarsen_graph(adjacency, levels)
+    perms = compute_permutations(parents)
     sizes = [len(p) for p in perms]
 
-    laplacians, adjacencies = [], []
+    laplacians, lambda_max, adjacencies = [], [], []
     for level, graph in enumerate(graphs):
         perm = perms[level]
-        real = perm < graph.shape[0]
+        real = np.flatnonzero(perm < graph.shape[0])
         dense = np.zeros((len(perm), len(perm)))
-        sub = np.asarray(graph.todense())
-        dense[np.ix_(np.flatnonzero(real), np.flatnonzero(real))] = (sub[perm[real]][:, perm[real]] > 0)
+        sub = np.asarray(graph.todense(), dtype=np.float64)
+        dense[np.ix_(real, real)] = sub[perm[real]][:, perm[real]]
         adjacencies.append(dense)
-        laplacians.append(rescale_laplacian(normalized_laplacian(scipy.sparse.csr_matrix(dense))))
+        laplacian = normalized_laplacian(dense)
+        laplacians.append(laplacian)
+        lambda_max.append(largest_eigenvalue(laplacian))
 
     perm0 = perms[0]
     fill = np.where(perm0 < num_verts, perm0, -1)
@@ -247,10 +313,6 @@ def coarsen_mesh(faces: np.ndarray, num_verts: int, levels: int = 4, top_nodes: 
             elif (pair[0] < 0).all():
                 pair[0] = pair[1]
         fill = blocks.reshape(-1)
-    top_blocks = fill.reshape(len(perms[-1]), -1)
-    for index in range(real_top, len(top_blocks)):  # padded top nodes copy a real top node's subtree
-        top_blocks[index] = top_blocks[index - real_top]
-    fill = top_blocks.reshape(-1)
     if (fill < 0).any():
         raise AssertionError("coarsening left a graph position without a real vertex")
     inverse = np.empty(num_verts, dtype=np.int64)
@@ -263,6 +325,7 @@ def coarsen_mesh(faces: np.ndarray, num_verts: int, levels: int = 4, top_nodes: 
         fill_index=fill,
         inverse=inverse,
         laplacians=laplacians,
+        lambda_max=lambda_max,
         adjacencies=adjacencies,
     )
 
@@ -294,6 +357,7 @@ def fit_upsampling(graphs: CoarseGraphs, level: int, sample_verts: np.ndarray, r
     for vertex in range(graphs.num_verts):
         own = graphs.inverse[vertex] // block
         neighbours = np.flatnonzero(adjacency[own] > 0)
+        neighbours = neighbours[neighbours != own]  # coarse graphs keep self-loops
         upsample[vertex, own] = 1.0
         if len(neighbours) == 0:
             continue

@@ -7,20 +7,26 @@ Architecture and recipe as read from the reference code (FACTS.md §4); the code
    and the mask/dense decoder (2 masks, right then left, and 6 dense-correspondence channels, right RGB then
    left RGB), each a 1x1 conv then three (x2 bilinear upsample, 3x3 conv) layers, so their outputs are at
    1/4 of the input. The fused feature maps at 1/32, 1/16 and 1/8 of the input (8, 16, 32 px for a 256 crop)
-   are 1x1 convolutions of the two decoders' features concatenated with the encoder stage of that size.
-2. Graph decoder, per hand: the global feature (pooled last stage) -> linear + layer norm, repeated over the
-   coarsest graph's nodes, plus a 3-d per-node code (the dense-correspondence colour, pooled). Three levels of
-   63 -> 126 -> 252 nodes; each level adds a learned node position embedding, runs residual Chebyshev graph
-   convolutions (K = 2) per hand, attention from the node tokens to 8 x 8 image patch tokens of the fused map,
-   and cross-hand attention (one module for both directions: shared weights); then a linear map to the
-   level's output width and x2 repetition to the next level (valid because of the coarsening's order).
-3. Output: coordinates on the 252 nodes, a frozen linear map 252 -> 778 (no bias) and a weak-perspective
-   camera (scale, tx, ty) per hand from the node features.
+   are 1x1 convolutions (no bias) -> ReLU -> BatchNorm of the two decoders' features concatenated with the
+   encoder stage of that size.
+2. Graph decoder (the reference's ``DualGraph``), per hand: the global feature (pooled last stage) -> linear +
+   layer norm, repeated over the coarsest graph's nodes, plus a 3-d per-node code (the dense-correspondence
+   colour, pooled). Three levels (63 -> 126 -> 252 nodes for official MANO, 65 -> 130 -> 260 for the procedural
+   hand); each level (:class:`DualGraphLevel`) adds a vertex position embedding shared by both hands, runs a
+   :class:`GraphLayer` per hand (residual Chebyshev blocks, K = 2; the first block maps the input width to the
+   output width, everything after it runs at the output width), :class:`ImageAttention` per hand (grid tokens
+   of the fused map by a strided convolution, a self-attention among them, then one self-attention over
+   [vertex; grid] tokens) and :class:`HandAttention` (a self-attention per hand, then the cross-hand attention
+   with shared projections, per-hand norms and feed-forwards); x2 repetition to the next level (valid because
+   of the coarsening's order).
+3. Output: coordinates on the last level's nodes, a frozen linear map to the 778 vertices (no bias) and a
+   weak-perspective camera (scale, tx, ty) per hand from the node features.
 
 The coarse graphs (:mod:`recon.archs.graph`) are computed once per hand model (its fingerprint) and cached in
-memory: heavy-edge-matching coarsening of the loaded model's faces (procedural or official MANO), 4 levels,
-fake nodes so that each level halves, padded to 63 top nodes; rescaled Laplacians; the 252 -> 778 map is a
-local least-squares fit on the hand model's own meshes (see :func:`recon.archs.graph.fit_upsampling`).
+memory: the reference's heavy-edge-matching coarsening of the loaded model's faces (procedural or official
+MANO), 4 levels, fake nodes so that each level halves; Laplacians rescaled as the reference's (or the intended
+Chebyshev form, ``laplacian_rescale``); the last level -> 778 map is a local least-squares fit on the hand
+model's own meshes (see :func:`recon.archs.graph.fit_upsampling`).
 
 Frames and units (stated once):
 
@@ -32,8 +38,8 @@ Frames and units (stated once):
   each hand's wrist is MANO's regressed wrist of the predicted mesh; ``right_verts = s * (verts_n - wrist_n)``
   and ``rel_root = s * (left_wrist_n - right_wrist_n)`` with ``s = 1``: the normalised space is read as metres,
   i.e. the prediction is metric under the assumption that the hand has the canonical size (wrist-to-middle-
-  knuckle 0.095 m). With ``rescale_with_gt_bone_length=True`` ``s`` is the ground-truth bone length of the
-  batch / 0.095 (IntagHand's own evaluation protocol; it reads labels, so it is not a fair test-time setting).
+  knuckle 0.095 m). IntagHand's own evaluation protocol (middle-knuckle root, each hand rescaled by its
+  ground-truth / predicted bone length) is :class:`IntagHandProtocol`, reported beside these metrics.
 - image: the batch's input pixels (x right, y down, pixel centres at integers). The weak-perspective camera
   maps a normalised point X to ``((scale * X_xy + t) + 1) / 2 * (W, H) - 0.5``.
 """
@@ -50,11 +56,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hands.camera import project
-from hands.joints import MANO21_TO_OURS, MIDDLE_KNUCKLE, WRIST
+from hands.joints import MANO21_TO_OURS, MANO_TIP_VERTS, MIDDLE_KNUCKLE, WRIST
 from hands.mano import HandModel
 from hands.render import render_mesh
 from hands.sample import HandBatch
-from recon.archs.graph import CoarseGraphs, coarsen_mesh, fit_upsampling
+from recon.archs.graph import LAPLACIAN_RESCALES, CoarseGraphs, coarsen_mesh, fit_upsampling
 from recon.archs.common import HandModelMixin
 from recon.output import TwoHandOutput
 from recon.registry import REGRESSORS
@@ -73,11 +79,13 @@ BONE_LENGTH = 0.095  # metres, IntagHand's mean wrist-to-middle-knuckle length o
 SIDES = ("right", "left")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-COARSEN_LEVELS = 4  # 1008 -> 504 -> 252 -> 126 -> 63
-TOP_NODES = 63
-DECODER_LEVELS = (4, 3, 2)  # graph levels of the three decoder stages: 63, 126, 252 nodes
-UPSAMPLE_SAMPLES = 96  # meshes the 252 -> 778 map is fitted on
+COARSEN_LEVELS = 4  # e.g. 1008 -> 504 -> 252 -> 126 -> 63 for official MANO, 1040 -> ... -> 65 procedural
+DECODER_LEVELS = (4, 3, 2)  # graph levels of the three decoder stages (63, 126, 252 nodes for official MANO)
+UPSAMPLE_SAMPLES = 96  # meshes the level-2 -> 778 map is fitted on
 UPSAMPLE_SEED = 0
+# IntagHand's fingertip vertices of official MANO (its J_regressor's tip rows): thumb, index, middle, ring,
+# pinky. The middle tip is 444 (InterWild and hands.joints use 445).
+INTAGHAND_TIP_VERTS = (745, 317, 444, 556, 673)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -90,7 +98,7 @@ class HandGraphs:
     """Everything IntagHand derives from a hand model, per side.
 
     graphs[side]: :class:`CoarseGraphs` of that side's faces.
-    upsample[side]: (778, 252) float32, the frozen map from the 252-node level (graph order) to the mesh.
+    upsample[side]: (778, N2) float32, the frozen map from the decoder's last level (graph order) to the mesh.
     dense_code: (778, 3) float32 in [0, 1], the per-vertex dense-correspondence colour (the template's
         vertex positions normalised to its bounding box; the same code for both sides).
     """
@@ -112,7 +120,7 @@ def _hand_graphs_cached(fingerprint: str, model_ref: "_Ref") -> HandGraphs:
         for side in SIDES:
             faces = model.faces_for(side).cpu().numpy()
             num_verts = model.j_regressor_for(side).shape[1]
-            graphs[side] = coarsen_mesh(faces, num_verts, COARSEN_LEVELS, TOP_NODES)
+            graphs[side] = coarsen_mesh(faces, num_verts, COARSEN_LEVELS)
             verts = model(side, pose, shape).verts.cpu().double().numpy()  # (S, 778, 3)
             upsample[side] = fit_upsampling(graphs[side], DECODER_LEVELS[-1], verts).astype(np.float32)
         template = model("right", torch.zeros(1, 48), torch.zeros(1, 10)).verts[0].cpu().double().numpy()
@@ -139,15 +147,26 @@ def hand_graphs(model: HandModel) -> HandGraphs:
     return _hand_graphs_cached(model.fingerprint(), _Ref(model))
 
 
+def tip_vertices(model: HandModel) -> Tuple[int, ...]:
+    """The fingertip vertices IntagHand's joints use: IntagHand's own (middle tip 444) for official MANO, the
+    hand model's ``tip_verts`` otherwise (the procedural hand's tips are its own vertices)."""
+    tips = tuple(int(v) for v in model.tip_verts.tolist())
+    if not model.is_procedural and tips == tuple(MANO_TIP_VERTS):
+        return INTAGHAND_TIP_VERTS
+    return tips
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Label normalisation (IntagHand's label space)
 # ----------------------------------------------------------------------------------------------------------
 
 
 def _joints_from_verts(model: HandModel, side: str, verts: Tensor) -> Tensor:
-    """verts: (B, 778, 3) of ``side`` -> (B, 21, 3) joints in our order (MANO's 16 regressed + 5 tips)."""
+    """verts: (B, 778, 3) of ``side`` -> (B, 21, 3) joints in our order (MANO's 16 regressed + 5 tips,
+    IntagHand's tip vertices: :func:`tip_vertices`)."""
     regressed = torch.einsum("jv,bvc->bjc", model.j_regressor_for(side).to(verts), verts)  # (B, 16, 3)
-    return torch.cat((regressed, verts[:, model.tip_verts]), 1)[:, list(MANO21_TO_OURS)]
+    tips = torch.as_tensor(tip_vertices(model), device=verts.device)
+    return torch.cat((regressed, verts[:, tips]), 1)[:, list(MANO21_TO_OURS)]
 
 
 def normalise_labels(
@@ -253,10 +272,11 @@ class FeatureDecoder(nn.Module):
 
 
 class ChebConv(nn.Module):
-    """Chebyshev graph convolution, K = 2: ``y = x W0 + (L~ x) W1 + b``.
+    """Chebyshev graph convolution, K = 2: ``y = [x, L~ x] W + b`` (IntagHand's ``graph_conv_cheby``).
 
     x: (B, N, C_in) node features in graph order; laplacian: (N, N) rescaled Laplacian. Returns (B, N, C_out).
-    Dense matmul: the graphs have at most 252 nodes.
+    The linear layer reads the features interleaved as the reference's (input index ``c * 2 + k``), so its
+    weights have the reference's layout. Dense matmul: the graphs have at most a few hundred nodes.
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
@@ -265,88 +285,222 @@ class ChebConv(nn.Module):
 
     def forward(self, x: Tensor, laplacian: Tensor) -> Tensor:
         lx = torch.einsum("nm,bmc->bnc", laplacian.to(x.dtype), x)  # (B, N, C_in)
-        return self.linear(torch.cat([x, lx], -1))
+        return self.linear(torch.stack([x, lx], -1).flatten(-2))  # (B, N, 2 C_in) interleaved -> (B, N, C_out)
 
 
 class GraphResBlock(nn.Module):
-    """x + LN(cheb(ReLU(LN(cheb(x))))), then ReLU. x: (B, N, C) -> (B, N, C)."""
+    """IntagHand's ``GCN_ResBlock``: ``LN(dropout(cheb(ReLU(LN(cheb(x))))) + linear(x))``.
 
-    def __init__(self, channels: int) -> None:
+    x: (B, N, C_in) -> (B, N, C_out); the first Chebyshev convolution maps C_in to C_out, the linear shortcut
+    too (always a linear layer, as the reference's, even when C_in == C_out).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float) -> None:
         super().__init__()
-        self.conv1, self.conv2 = ChebConv(channels, channels), ChebConv(channels, channels)
-        self.norm1, self.norm2 = nn.LayerNorm(channels), nn.LayerNorm(channels)
+        self.conv1 = ChebConv(in_channels, out_channels)
+        self.norm1 = nn.LayerNorm(out_channels, eps=1e-6)
+        self.conv2 = ChebConv(out_channels, out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.shortcut = nn.Linear(in_channels, out_channels)
+        self.norm_out = nn.LayerNorm(out_channels, eps=1e-6)
 
     def forward(self, x: Tensor, laplacian: Tensor) -> Tensor:
         h = F.relu(self.norm1(self.conv1(x, laplacian)))
-        return F.relu(x + self.norm2(self.conv2(h, laplacian)))
+        h = self.dropout(self.conv2(h, laplacian))
+        return self.norm_out(h + self.shortcut(x))
 
 
-class AttentionBlock(nn.Module):
-    """Residual multi-head attention + feed-forward (post-norm). query: (B, N, C), context: (B, T, C)."""
+class GraphLayer(nn.Module):
+    """IntagHand's ``GraphLayer``: ``blocks`` :class:`GraphResBlock` with ReLU between them (not after the
+    last); the first maps C_in to C_out, the others run at C_out. x: (B, N, C_in) -> (B, N, C_out)."""
+
+    def __init__(self, in_channels: int, out_channels: int, blocks: int, dropout: float) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [GraphResBlock(in_channels if i == 0 else out_channels, out_channels, dropout) for i in range(blocks)]
+        )
+
+    def forward(self, x: Tensor, laplacian: Tensor) -> Tensor:
+        for index, block in enumerate(self.blocks):
+            x = block(x, laplacian)
+            if index < len(self.blocks) - 1:
+                x = F.relu(x)
+        return x
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with q / k / v / output projections (with bias), ``heads`` heads of C / heads
+    channels, dropout on the attention weights and on the output (as the reference's ``SelfAttn``).
+
+    query: (B, Nq, C), context: (B, Nk, C) -> (B, Nq, C) (no residual, no norm).
+    """
 
     def __init__(self, channels: int, heads: int, dropout: float) -> None:
         super().__init__()
-        self.attention = nn.MultiheadAttention(channels, heads, dropout=dropout, batch_first=True)
-        self.norm1, self.norm2 = nn.LayerNorm(channels), nn.LayerNorm(channels)
-        self.ffn = nn.Sequential(
-            nn.Linear(channels, 2 * channels),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(2 * channels, channels),
-        )
+        self.heads, self.dropout_p = heads, dropout
+        self.q, self.k, self.v = (nn.Linear(channels, channels) for _ in range(3))
+        self.out = nn.Linear(channels, channels)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, query: Tensor, context: Tensor) -> Tensor:
-        x = self.norm1(query + self.attention(query, context, context, need_weights=False)[0])
-        return self.norm2(x + self.ffn(x))
+        batch, num_query, channels = query.shape
+        head_dim = channels // self.heads
+
+        def split(x: Tensor) -> Tensor:
+            return x.view(batch, -1, self.heads, head_dim).transpose(1, 2)  # (B, heads, N, C / heads)
+
+        x = F.scaled_dot_product_attention(
+            split(self.q(query)), split(self.k(context)), split(self.v(context)),
+            dropout_p=self.dropout_p if self.training else 0.0,
+        )  # (B, heads, Nq, C / heads)
+        return self.dropout(self.out(x.transpose(1, 2).reshape(batch, num_query, channels)))
+
+
+class FeedForward(nn.Module):
+    """The reference's ``MLP_res_block`` (pre-norm): ``x + drop(fc2(drop(ReLU(fc1(LN(x))))))``, hidden = C.
+    x: (B, N, C) -> (B, N, C)."""
+
+    def __init__(self, channels: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        self.fc1, self.fc2 = nn.Linear(channels, channels), nn.Linear(channels, channels)
+        self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.dropout2(self.fc2(self.dropout1(F.relu(self.fc1(self.norm(x))))))
+
+
+class SelfAttentionBlock(nn.Module):
+    """The reference's ``SelfAttn`` (pre-norm): ``x = x + MHA(LN(x))``, then :class:`FeedForward`.
+    x: (B, N, C) -> (B, N, C), every token attends to every token."""
+
+    def __init__(self, channels: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        self.attention = MultiHeadAttention(channels, heads, dropout)
+        self.ffn = FeedForward(channels, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        normed = self.norm(x)
+        return self.ffn(x + self.attention(normed, normed))
+
+
+class ImageAttention(nn.Module):
+    """One hand's image attention (the reference's ``img_ex``).
+
+    The fused map (B, C_img, S, S) is embedded into ``grid x grid`` tokens by a strided convolution
+    (kernel = stride = S / grid) + ReLU, plus a learned position (``nn.Embedding``), and the grid tokens run one
+    self-attention layer among themselves; they are then projected to the vertex width and one self-attention
+    layer runs over [vertex tokens; grid tokens] together; the vertex tokens are kept.
+    verts: (B, N, C) -> (B, N, C).
+    """
+
+    def __init__(
+        self, image_channels: int, map_size: int, grid: int, grid_width: int, channels: int, heads: int, dropout: float
+    ) -> None:
+        super().__init__()
+        if map_size % grid:
+            raise ValueError(f"image attention: the {map_size} px feature map is not a multiple of the {grid} px grid")
+        patch = map_size // grid
+        self.map_size = map_size
+        self.grid_proj = nn.Conv2d(image_channels, grid_width, kernel_size=patch, stride=patch)
+        self.grid_position = nn.Embedding(grid * grid, grid_width)
+        self.grid_attention = SelfAttentionBlock(grid_width, heads, dropout)
+        self.to_vertex = nn.Linear(grid_width, channels)
+        self.joint_attention = SelfAttentionBlock(channels, heads, dropout)
+
+    def grid_tokens(self, image_map: Tensor) -> Tensor:
+        """image_map: (B, C_img, S, S) -> (B, grid * grid, grid_width) after the grid self-attention."""
+        grid = F.relu(self.grid_proj(image_map)).flatten(2).transpose(1, 2)  # (B, g*g, grid_width)
+        return self.grid_attention(grid + self.grid_position.weight)
+
+    def forward(self, verts: Tensor, image_map: Tensor) -> Tensor:
+        if image_map.shape[-1] != self.map_size or image_map.shape[-2] != self.map_size:
+            raise ValueError(
+                f"image attention: expected a {self.map_size} x {self.map_size} feature map, got "
+                f"{tuple(image_map.shape[-2:])} (the model's input_size does not match the images)"
+            )
+        tokens = torch.cat([verts, self.to_vertex(self.grid_tokens(image_map))], 1)  # (B, N + g*g, C)
+        return self.joint_attention(tokens)[:, : verts.shape[1]]
+
+
+class HandAttention(nn.Module):
+    """The reference's ``inter_attn``: a self-attention layer per hand over its own vertices, then the
+    cross-hand attention: each hand's vertices query the other hand's, with q / k / v / output projections
+    shared by both directions but a pre-norm and a feed-forward per hand:
+    ``right' = FF_right(right + MHA(LN_right(right), LN_left(left)))`` and symmetrically for the left.
+    right, left: (B, N, C) -> (B, N, C) each.
+    """
+
+    def __init__(self, channels: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attention = nn.ModuleDict({side: SelfAttentionBlock(channels, heads, dropout) for side in SIDES})
+        self.cross_attention = MultiHeadAttention(channels, heads, dropout)  # shared by both directions
+        self.norm = nn.ModuleDict({side: nn.LayerNorm(channels, eps=1e-6) for side in SIDES})
+        self.ffn = nn.ModuleDict({side: FeedForward(channels, dropout) for side in SIDES})
+
+    def forward(self, right: Tensor, left: Tensor) -> Tuple[Tensor, Tensor]:
+        right, left = self.self_attention["right"](right), self.self_attention["left"](left)
+        right_normed, left_normed = self.norm["right"](right), self.norm["left"](left)
+        new_right = self.ffn["right"](right + self.cross_attention(right_normed, left_normed))
+        new_left = self.ffn["left"](left + self.cross_attention(left_normed, right_normed))
+        return new_right, new_left
+
+
+def _reference_init(module: nn.Module) -> None:
+    """The reference's ``weights_init`` of its graph and attention modules: Xavier-uniform weights for linear
+    and convolution layers, zero biases for the linear ones (convolution biases keep PyTorch's default)."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(layer.weight)
+            if isinstance(layer, nn.Linear) and layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
 
 class DualGraphLevel(nn.Module):
-    """One decoder level for both hands.
+    """One decoder level for both hands (the reference's ``DualGraphLayer``).
 
-    right, left: (B, N, C_in) node features in graph order; image_map: (B, C_img, h, w) fused feature map.
-    Returns (B, N, C_out) each: position embedding, ``blocks`` residual Chebyshev blocks per hand, attention to
-    ``grid x grid`` image patch tokens (per hand), cross-hand attention (one module, both directions), linear.
+    right, left: (B, N, C_in) node features in graph order; image_map: (B, C_img, S, S) fused feature map;
+    laplacians[side]: (N, N). Returns (B, N, C_out) each: a vertex position embedding shared by both hands
+    (``nn.Embedding``, default init), a :class:`GraphLayer` per hand (C_in -> C_out at its first block),
+    :class:`ImageAttention` per hand and :class:`HandAttention`, all at C_out.
     """
 
     def __init__(
         self,
+        *,
         num_nodes: int,
         in_channels: int,
         out_channels: int,
         image_channels: int,
+        map_size: int,
+        grid: int,
+        grid_width: int,
         blocks: int,
         heads: int,
         dropout: float,
-        grid: int,
     ) -> None:
         super().__init__()
-        self.grid = grid
-        self.position = nn.ParameterDict(
-            {side: nn.Parameter(torch.randn(num_nodes, in_channels) * 0.02) for side in SIDES}
+        self.position = nn.Embedding(num_nodes, in_channels)
+        self.graph = nn.ModuleDict({side: GraphLayer(in_channels, out_channels, blocks, dropout) for side in SIDES})
+        self.image_attention = nn.ModuleDict(
+            {
+                side: ImageAttention(image_channels, map_size, grid, grid_width, out_channels, heads, dropout)
+                for side in SIDES
+            }
         )
-        self.graph_blocks = nn.ModuleDict(
-            {side: nn.ModuleList([GraphResBlock(in_channels) for _ in range(blocks)]) for side in SIDES}
-        )
-        self.patch_proj = nn.Linear(image_channels, in_channels)
-        self.patch_position = nn.Parameter(torch.randn(grid * grid, in_channels) * 0.02)
-        self.image_attention = nn.ModuleDict({side: AttentionBlock(in_channels, heads, dropout) for side in SIDES})
-        self.cross_attention = AttentionBlock(in_channels, heads, dropout)  # shared by both directions
-        self.out = nn.ModuleDict({side: nn.Linear(in_channels, out_channels) for side in SIDES})
+        self.hand_attention = HandAttention(out_channels, heads, dropout)
+        for module in (self.graph, self.image_attention, self.hand_attention):
+            _reference_init(module)
 
     def forward(
         self, right: Tensor, left: Tensor, image_map: Tensor, laplacians: Dict[str, Tensor]
     ) -> Tuple[Tensor, Tensor]:
-        patches = F.adaptive_avg_pool2d(image_map, self.grid).flatten(2).transpose(1, 2)  # (B, g*g, C_img)
-        patches = self.patch_proj(patches) + self.patch_position
         features = {"right": right, "left": left}
         for side in SIDES:
-            x = features[side] + self.position[side]
-            for block in self.graph_blocks[side]:
-                x = block(x, laplacians[side])
-            features[side] = self.image_attention[side](x, patches)
-        right = self.cross_attention(features["right"], features["left"])
-        left = self.cross_attention(features["left"], features["right"])
-        return self.out["right"](right), self.out["left"](left)
+            x = self.graph[side](features[side] + self.position.weight, laplacians[side])
+            features[side] = self.image_attention[side](x, image_map)
+        return self.hand_attention(features["right"], features["left"])
 
 
 def weak_perspective(points: Tensor, camera: Tensor, image_size: Tuple[int, int]) -> Tensor:
@@ -364,6 +518,19 @@ def _normalise_pixels(pixels: Tensor, image_size: Tuple[int, int]) -> Tensor:
     return (pixels + 0.5) / pixels.new_tensor([width, height]) * 2.0 - 1.0
 
 
+# Keys only the previous IntagHand layout (before the decoder followed the reference's structure) had.
+_PREVIOUS_LAYOUT_KEYS = ("levels.0.patch_proj.weight", "levels.0.out.right.weight", "fuse.0.bias")
+
+
+def _refuse_previous_layout(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: a checkpoint of the previous IntagHand layout fails in one line."""
+    if any(prefix + key in state_dict for key in _PREVIOUS_LAYOUT_KEYS):
+        raise RuntimeError(
+            "intaghand: this checkpoint has the previous IntagHand decoder layout (before the graph decoder was "
+            "rebuilt to the reference's structure); it cannot be loaded, retrain it"
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The regressor
 # ----------------------------------------------------------------------------------------------------------
@@ -376,19 +543,24 @@ class IntagHand(HandModelMixin, nn.Module):
     Args (keyword-only):
         backbone: a timm ResNet name (random init; ``load_backbone_weights`` reads pretrained weights).
         backbone_kwargs: extra ``timm.create_model`` arguments (e.g. ``channels`` for a narrow test ResNet).
+        input_size: side of the square input crop, pixels, a multiple of 32 (IntagHand: 256); the image
+            attention's grid convolutions are sized for the fused maps of this input (input_size / 32, / 16, / 8).
         decoder_width: channels of the heatmap and mask/dense decoders (IntagHand: 128).
         fused_width: channels of the fused feature maps (IntagHand: 256).
         gcn_in / gcn_out: node feature widths in / out of the three graph levels (IntagHand: 512/256/128 in,
-            256/128/64 out; ``gcn_out[i] == gcn_in[i + 1]``).
+            256/128/64 out; ``gcn_out[i] == gcn_in[i + 1]``); each level runs at its output width after its
+            first graph block.
+        grid_widths: channels of the image grid tokens per level (IntagHand: 256/128/64).
         graph_blocks: residual Chebyshev blocks per hand per level (4). heads: attention heads (4);
-        dropout: attention dropout (0.05); patch_grid: image patch tokens per side (8).
+        dropout: dropout of the graph blocks and attention layers (0.05); patch_grid: image grid tokens per side
+            (8; the fused maps' sides must be multiples of it).
+        laplacian_rescale: "reference" (IntagHand's code: L / (2 lambda_max) - I, the coarsest level unscaled)
+            or "chebyshev" (2 L / lambda_max - I on every level, the form its comment intends).
         mano_dir: folder with the official MANO_RIGHT/LEFT.pkl; None: the procedural hand model.
         weight_*: loss weights (FACTS.md §4): verts 100 (L1, also joints and the coarse level), verts_2d 50
             (MSE in [-1, 1] image units, also the coarse level), normal 10, edge 2000 from ``edge_loss_epoch``
             (50) on (see :meth:`set_epoch`), mask 500 (SmoothL1), dense 30 (SmoothL1), heatmap 100 (MSE).
         heatmap_sigma: the Gaussian of the ground-truth heatmaps, decoder pixels (1/4 of the input).
-        rescale_with_gt_bone_length: scale the output by the batch's ground-truth bone length (IntagHand's
-            evaluation protocol) instead of the canonical hand size (see the module docstring).
     """
 
     def __init__(
@@ -396,14 +568,17 @@ class IntagHand(HandModelMixin, nn.Module):
         *,
         backbone: str = "resnet50",
         backbone_kwargs: Optional[Dict] = None,
+        input_size: int = 256,
         decoder_width: int = 128,
         fused_width: int = 256,
         gcn_in: List[int] = [512, 256, 128],  # noqa: B006 (copied; the config needs the default as a list)
         gcn_out: List[int] = [256, 128, 64],  # noqa: B006
+        grid_widths: List[int] = [256, 128, 64],  # noqa: B006
         graph_blocks: int = 4,
         heads: int = 4,
         dropout: float = 0.05,
         patch_grid: int = 8,
+        laplacian_rescale: str = "reference",
         mano_dir: Optional[str] = None,
         weight_verts: float = 100.0,
         weight_verts_2d: float = 50.0,
@@ -414,19 +589,33 @@ class IntagHand(HandModelMixin, nn.Module):
         weight_dense: float = 30.0,
         weight_heatmap: float = 100.0,
         heatmap_sigma: float = 2.0,
-        rescale_with_gt_bone_length: bool = False,
     ) -> None:
         super().__init__()
-        gcn_in, gcn_out = list(gcn_in), list(gcn_out)
+        gcn_in, gcn_out, grid_widths = list(gcn_in), list(gcn_out), list(grid_widths)
         if len(gcn_in) != 3 or len(gcn_out) != 3 or gcn_out[:2] != gcn_in[1:]:
             raise ValueError(
                 f"gcn_in / gcn_out: three levels with gcn_out[i] == gcn_in[i + 1], got {gcn_in} / {gcn_out}"
             )
         if gcn_in[0] <= 3:
             raise ValueError(f"gcn_in[0] must exceed 3 (the per-node code), got {gcn_in[0]}")
-        for width in gcn_in:
-            if width % heads:
-                raise ValueError(f"gcn_in {gcn_in}: every width must be divisible by heads={heads}")
+        if len(grid_widths) != 3:
+            raise ValueError(f"grid_widths: one width per level (three), got {grid_widths}")
+        for name, widths in (("gcn_out", gcn_out), ("grid_widths", grid_widths)):
+            if any(width % heads for width in widths):
+                raise ValueError(f"{name} {widths}: every width must be divisible by heads={heads}")
+        map_sizes = [input_size // 32, input_size // 16, input_size // 8]
+        if input_size % 32 or map_sizes[0] % patch_grid:
+            raise ValueError(
+                f"input_size={input_size}: must be a multiple of 32 whose 1/32 map ({input_size / 32:g} px) is a "
+                f"multiple of patch_grid={patch_grid}"
+            )
+        if laplacian_rescale not in LAPLACIAN_RESCALES:
+            raise ValueError(
+                f"laplacian_rescale={laplacian_rescale!r}: expected one of {', '.join(LAPLACIAN_RESCALES)}"
+            )
+        if graph_blocks < 1:
+            raise ValueError(f"graph_blocks must be at least 1, got {graph_blocks}")
+        self.input_size = input_size
         self.encoder = timm.create_model(
             backbone, pretrained=False, features_only=True, out_indices=(1, 2, 3, 4), **(backbone_kwargs or {})
         )
@@ -434,10 +623,17 @@ class IntagHand(HandModelMixin, nn.Module):
         top = stage_channels[-1]
         self.heatmap_decoder = FeatureDecoder(top, decoder_width, 2 * 21)
         self.mask_dense_decoder = FeatureDecoder(top, decoder_width, 2 + 6)
-        # Fused maps at strides 32, 16, 8: both decoders' features (+ the encoder stage of that stride).
+        # Fused maps at strides 32, 16, 8: both decoders' features (+ the encoder stage of that stride), each a
+        # 1x1 conv (no bias) -> ReLU -> BatchNorm, the reference's conv1x1.
         self.fuse = nn.ModuleList(
             [
-                nn.Conv2d(2 * decoder_width + (stage_channels[3 - index] if index > 0 else 0), fused_width, 1)
+                nn.Sequential(
+                    nn.Conv2d(
+                        2 * decoder_width + (stage_channels[3 - index] if index > 0 else 0), fused_width, 1, bias=False
+                    ),
+                    nn.ReLU(inplace=True),
+                    nn.BatchNorm2d(fused_width),
+                )
                 for index in range(3)
             ]
         )
@@ -447,11 +643,29 @@ class IntagHand(HandModelMixin, nn.Module):
                 for side in SIDES
             }
         )
-        node_counts = [TOP_NODES * 2 ** (COARSEN_LEVELS - level) for level in DECODER_LEVELS]  # 63, 126, 252
+
+        # The hand model and everything derived from it are kept out of the checkpoint (as the baseline's MANO
+        # layer): they are rebuilt from mano_dir, and the sidecar records the hand model's fingerprint.
+        self._set_hand_model(mano_dir)
+        derived = hand_graphs(self.hand_model)
+        self.graphs = derived.graphs
+        sizes = {side: self.graphs[side].sizes for side in SIDES}
+        if sizes["right"] != sizes["left"]:
+            raise ValueError(f"intaghand: the right and left meshes coarsen differently ({sizes})")
+        node_counts = [sizes["right"][level] for level in DECODER_LEVELS]  # e.g. 63, 126, 252
         self.levels = nn.ModuleList(
             [
                 DualGraphLevel(
-                    node_counts[i], gcn_in[i], gcn_out[i], fused_width, graph_blocks, heads, dropout, patch_grid
+                    num_nodes=node_counts[i],
+                    in_channels=gcn_in[i],
+                    out_channels=gcn_out[i],
+                    image_channels=fused_width,
+                    map_size=map_sizes[i],
+                    grid=patch_grid,
+                    grid_width=grid_widths[i],
+                    blocks=graph_blocks,
+                    heads=heads,
+                    dropout=dropout,
                 )
                 for i in range(3)
             ]
@@ -459,7 +673,7 @@ class IntagHand(HandModelMixin, nn.Module):
         self.coord_head = nn.Linear(gcn_out[-1], 3)
         self.node_pool = nn.Linear(node_counts[-1], 1)
         self.camera_head = nn.Linear(gcn_out[-1], 3)
-        for module in (self.heatmap_decoder, self.mask_dense_decoder, self.fuse, self.global_layer):
+        for module in (self.heatmap_decoder, self.mask_dense_decoder, self.global_layer):
             _xavier_init(module)
         _xavier_init(self.coord_head)
         _xavier_init(self.node_pool)
@@ -469,15 +683,12 @@ class IntagHand(HandModelMixin, nn.Module):
 
         self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        # The hand model and everything derived from it are kept out of the checkpoint (as the baseline's MANO
-        # layer): they are rebuilt from mano_dir, and the sidecar records the hand model's fingerprint.
-        self._set_hand_model(mano_dir)
-        derived = hand_graphs(self.hand_model)
-        self.graphs = derived.graphs
         for side in SIDES:
             for index, level in enumerate(DECODER_LEVELS):
-                laplacian = torch.as_tensor(self.graphs[side].laplacians[level], dtype=torch.float32)
-                self.register_buffer(f"laplacian_{side}_{index}", laplacian, persistent=False)
+                laplacian = self.graphs[side].chebyshev_laplacian(level, laplacian_rescale)
+                self.register_buffer(
+                    f"laplacian_{side}_{index}", torch.as_tensor(laplacian, dtype=torch.float32), persistent=False
+                )
             self.register_buffer(f"upsample_{side}", torch.as_tensor(derived.upsample[side]), persistent=False)
             self.register_buffer(
                 f"fill_index_{side}", torch.as_tensor(self.graphs[side].fill_index), persistent=False
@@ -489,8 +700,8 @@ class IntagHand(HandModelMixin, nn.Module):
         )
         self.edge_loss_epoch = edge_loss_epoch
         self.heatmap_sigma = heatmap_sigma
-        self.rescale_with_gt_bone_length = rescale_with_gt_bone_length
         self.epoch = 0
+        self.register_load_state_dict_pre_hook(_refuse_previous_layout)
 
     # -- bookkeeping -------------------------------------------------------------------------------------
 
@@ -518,26 +729,29 @@ class IntagHand(HandModelMixin, nn.Module):
             )
 
     def to_graph(self, side: str, x: Tensor) -> Tensor:
-        """x: (B, 778, C) mesh order -> (B, 1008, C) graph order (fake nodes copy a sibling)."""
+        """x: (B, 778, C) mesh order -> (B, N0, C) graph order (fake nodes copy a sibling)."""
         return x[:, getattr(self, f"fill_index_{side}")]
 
     def pool_graph(self, x: Tensor, level: int) -> Tensor:
-        """x: (B, 1008, C) graph order -> (B, 1008 / 2^level, C) cluster means."""
+        """x: (B, N0, C) graph order -> (B, N0 / 2^level, C) cluster means."""
         batch, nodes, channels = x.shape
         return x.reshape(batch, nodes >> level, 1 << level, channels).mean(2)
 
     # -- forward -----------------------------------------------------------------------------------------
 
     def forward(self, batch: HandBatch) -> TwoHandOutput:
-        """batch.image: (B, 3, H, W) RGB in [0, 1], H and W multiples of 32 -> TwoHandOutput (each hand relative
+        """batch.image: (B, 3, H, W) RGB in [0, 1], H = W = ``input_size`` -> TwoHandOutput (each hand relative
         to its own wrist, camera axes, metres; see the module docstring for the conversion). ``extras`` holds
         the normalised-space predictions the losses read: ``{side}_verts_norm`` (B, 778, 3),
-        ``{side}_nodes_norm`` (B, 252, 3), ``{side}_verts_img`` / ``{side}_nodes_img`` pixels, ``{side}_camera``
+        ``{side}_nodes_norm`` (B, N2, 3) (the last level's nodes), ``{side}_verts_img`` / ``{side}_nodes_img`` pixels, ``{side}_camera``
         (B, 3), ``heatmaps`` (B, 42, H/4, W/4), ``masks`` (B, 2, H/4, W/4), ``dense`` (B, 6, H/4, W/4)."""
         image = batch.image
         height, width = image.shape[-2:]
-        if height % 32 or width % 32:
-            raise ValueError(f"intaghand: the input image must be a multiple of 32 pixels, got {height} x {width}")
+        if height != self.input_size or width != self.input_size:
+            raise ValueError(
+                f"intaghand: the input image must be {self.input_size} x {self.input_size} pixels (model.input_size; "
+                f"set data.image_size to match), got {height} x {width}"
+            )
         stages = self.encoder((image - self.image_mean) / self.image_std)  # strides 4, 8, 16, 32
         heatmaps, heatmap_maps = self.heatmap_decoder(stages[-1])
         mask_dense, mask_dense_maps = self.mask_dense_decoder(stages[-1])
@@ -551,9 +765,9 @@ class IntagHand(HandModelMixin, nn.Module):
         code = self.dense_code[None].expand(bsz, -1, -1) * 2.0 - 1.0  # (B, 778, 3)
         features = {}
         for side in SIDES:
-            node_code = self.pool_graph(self.to_graph(side, code), DECODER_LEVELS[0])  # (B, 63, 3)
+            node_code = self.pool_graph(self.to_graph(side, code), DECODER_LEVELS[0])  # (B, N_top, 3)
             start = self.global_layer[side](global_feature)[:, None].expand(-1, node_code.shape[1], -1)
-            features[side] = torch.cat([start, node_code], -1)  # (B, 63, gcn_in[0])
+            features[side] = torch.cat([start, node_code], -1)  # (B, N_top, gcn_in[0])
         for index, level in enumerate(self.levels):
             laplacians = {side: getattr(self, f"laplacian_{side}_{index}") for side in SIDES}
             features["right"], features["left"] = level(features["right"], features["left"], fused[index], laplacians)
@@ -583,8 +797,6 @@ class IntagHand(HandModelMixin, nn.Module):
 
         # Boundary conversion: normalised space -> wrist-rooted metres (module docstring).
         metres = torch.ones(bsz, device=image.device, dtype=image.dtype)
-        if self.rescale_with_gt_bone_length:
-            metres = 1.0 / self._labels(batch, hand_model)["scale"].to(image.dtype)
         out.update(
             normalised_to_metric(
                 extras["right_verts_norm"], extras["left_verts_norm"], extras["right_joints_norm"],
