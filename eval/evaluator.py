@@ -25,9 +25,9 @@ reih       both hands of every sample         every sample; GT rel_root =  every
                                               reader fills it from the
                                               keypoint wrists)
 ih26m,     the frame type's hand(s) with a    interacting frames with both both wrists valid
-synthlab   MANO fit (``mano_valid``)          fits; GT rel_root from the   (``joints_valid[:, 0]``), any
-                                              GT 3D joints' wrists         hand type; GT rel_root from
-                                                                           the GT 3D joints' wrists
+synthlab   MANO fit (``mano_valid``)          fits and both wrists valid;  (``joints_valid[:, 0]``), any
+                                              GT rel_root from the GT 3D   hand type; GT rel_root from
+                                              joints' wrists               the GT 3D joints' wrists
 ========== ================================== ============================ ==============================
 
 "single-hand frame of type right" counts only the right hand's MPVPE (and vice versa). Every value is
@@ -38,7 +38,14 @@ MPJPE follows InterWild's aggregation: wrist-aligned per-joint errors on joints 
 "all" averages the single and interacting per-joint means together (42 + 42 values). GT joints are
 ``batch.<side>.joints_cam`` for every rule set (InterWild regresses ReIH's from the GT mesh instead).
 
+Which hands are present is the readers' business: the IH2.6M reader (as InterWild's loader) drops a hand
+whose wrist is invalid, MANO fit included, so nothing here is derived from an invalid wrist; the RRVE rule
+also requires both wrists so that a reader which keeps such a hand cannot score RRVE against a zeroed wrist.
+
 Deviations from the reference code, chosen on purpose:
+- IH2.6M validity: a joint is valid when both the 3D (``joint_3d``) and the 2D (annotation) flags say so; the
+  reference takes MRRPE's wrists from the 2D flags (``joint_trunc``) and reads ``joint_cam``, whose 3D-invalid
+  joints it has set to a 1 mm filler.
 - HIC MRRPE also requires both GT meshes (the reference regresses a wrist from an all-zero mesh when an
   "interacting" frame misses one, which is a bug, not a rule).
 - ReIH samples missing a hand's mesh (``valid``/``mano_valid`` False) or the GT rel_root
@@ -268,8 +275,10 @@ class HandEvaluator:
         else:  # ih26m, synthlab
             count_right = right_fit & (is_right_frame | interacting)
             count_left = left_fit & (is_left_frame | interacting)
-            count_rrve = interacting & right_fit & left_fit
+            # nothing derived from an invalid wrist counts: RRVE needs the GT relative root too (InterWild's
+            # loader drops a hand whose wrist is invalid, fit included; this also guards other readers)
             count_mrrpe = right_joints_valid[:, 0] & left_joints_valid[:, 0]
+            count_rrve = interacting & right_fit & left_fit & count_mrrpe
             gt_rel_root = left.joints_cam[:, 0].to(dtype) - right.joints_cam[:, 0].to(dtype)
 
         # 2. units: one read-back for the whole batch (ground truth in mm raises, predictions in mm warn)

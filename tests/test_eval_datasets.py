@@ -61,6 +61,39 @@ def test_ih26m_reader_and_rules(model, tmp_path):
     assert_zero_with_counts(results, {"MPVPE": (2, 3), "RRVE": (0, 1), "MRRPE": (0, 2)})
 
 
+@pytest.mark.parametrize("wrist", [41, 20])  # IH2.6M's left wrist, right wrist
+def test_ih26m_hand_with_an_invalid_wrist_is_dropped_as_interwild_does(model, tmp_path, wrist):
+    """InterWild's loader: a hand whose wrist is invalid loses all its joints, its box and its MANO fit, so it is
+    neither evaluated nor counted as interacting for RRVE, and no relative root comes from its zeroed wrist."""
+    # frames 0, 2 interacting, 1, 3 right only; frame 0's wrist `wrist` is invalid
+    write_ih26m_fixture(tmp_path, model, frames=4, cameras=1, size=(24, 32), invalid_joint=(0, wrist))
+    dataset = build_dataset("ih26m", tmp_path, "test", hand_model=model)
+    frame0 = next(dataset[i] for i in range(len(dataset)) if dataset[i].meta["frame_idx"] == 0)
+    dropped, kept = ("left", "right") if wrist == 41 else ("right", "left")
+    assert not bool(frame0.hand(dropped).valid) and not bool(frame0.hand(dropped).mano_valid)
+    assert not bool(frame0.hand(dropped).joints_valid.any())
+    assert bool(frame0.hand(kept).valid) and bool(frame0.hand(kept).mano_valid)
+    assert frame0.hand_type == "interacting" and not bool(frame0.rel_root_valid)  # the annotation's type is kept
+
+    # a perfect prediction whose relative root is off by 10 mm: RRVE moves the left mesh (half the vertices)
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    prediction = perfect_prediction(batch)
+    prediction.rel_root = batch.rel_root + torch.tensor([0.010, 0.0, 0.0])
+    evaluator = HandEvaluator(j_regressor_right=model.j_regressor_for("right"), j_regressor_left=model.j_regressor_for("left"))
+    evaluator.process(prediction, batch)
+    results = evaluator.evaluate()
+    # InterWild's counts: MPVPE single = frames 1, 3; interacting = frame 0's kept hand + both of frame 2;
+    # RRVE and MRRPE: frame 2 only (frames 1 and 3 have no left wrist)
+    counts = {"MPVPE": (2, 3), "RRVE": (0, 1), "MRRPE": (0, 1)}
+    for metric, (single, interacting) in counts.items():
+        assert (results[f"count_{metric}_single"], results[f"count_{metric}_interacting"]) == (single, interacting), metric
+    assert results["MPVPE"] == pytest.approx(0.0, abs=1e-3)
+    assert results["RRVE"] == pytest.approx(5.0, abs=1e-3)  # 10 mm on 778 of 1556 vertices
+    assert results["MRRPE"] == pytest.approx(10.0, abs=1e-3)
+    # the dropped hand's joints are not evaluated: 5 hands x 21 joints (4 right + 1 left, or 3 right + 2 left)
+    assert results["count_MPJPE"] == 5 * 21
+
+
 def test_reih_reader_and_rules(model, tmp_path):
     write_reih_fixture(tmp_path, model, captures=(REIH_TEST_CAPTURE,), frames=(0, 6), cameras=1, size=(24, 32), ego=False)
     results = evaluate(model, build_dataset("reih", tmp_path, "test", hand_model=model))

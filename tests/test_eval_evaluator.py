@@ -105,8 +105,9 @@ def reference_evaluate(pred: Prediction, batch: HandBatch, rules: str, reg_r, re
         else:
             rel_gt = as_np(batch.left.joints_cam[n, 0] - batch.right.joints_cam[n, 0])
             counts = {"right": rm and hand_type in ("right", "interacting"), "left": lm and hand_type in ("left", "interacting")}
-            count_rrve = hand_type == "interacting" and rm and lm
             count_mrrpe = bool(batch.right.joints_valid[n, 0] and batch.left.joints_valid[n, 0])
+            # the GT relative root needs both wrists (InterWild drops a hand with an invalid wrist, fit included)
+            count_rrve = hand_type == "interacting" and rm and lm and count_mrrpe
         rel_out = as_np(pred.rel_root[n])
         for side in ("right", "left"):
             if counts[side]:
@@ -311,3 +312,17 @@ def test_half_precision_predictions_are_scored_in_float32():
     want, got = full.evaluate(), half.evaluate()
     for key in ("MPVPE", "RRVE", "MRRPE", "MPJPE"):
         assert got[key] == pytest.approx(want[key], abs=0.5), key  # fp16 rounding of ~0.6 m coordinates
+
+
+@pytest.mark.parametrize("rules", ["ih26m", "synthlab"])
+def test_no_rrve_from_an_invalid_wrist(rules):
+    """Both MANO fits but an invalid left wrist: the GT relative root would come from a zeroed wrist, so the
+    sample counts for MPVPE only (InterWild's loader would have dropped the hand; a reader that keeps it must
+    not produce an RRVE against a made-up root)."""
+    batch = make_batch(["interacting", "interacting"], dataset=rules, left={"wrist_valid": [False, True]})
+    batch.left.joints_cam[0, 0] = 0.0  # what a reader leaves at an invalid joint
+    reg = one_hot_wrist_regressor()
+    evaluator = HandEvaluator(j_regressor_right=reg)
+    evaluator.process(noisy_prediction(batch), batch)
+    results = evaluator.evaluate()
+    assert results["count_MPVPE"] == 4 and results["count_RRVE"] == 1 and results["count_MRRPE"] == 1

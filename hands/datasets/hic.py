@@ -180,7 +180,7 @@ class HIC(HandDataset):
             joints = joints_from_verts(verts, model.j_regressor_for(side), model.tip_verts)
             hands[side] = make_hand_labels(
                 joints_cam=joints,
-                joints_valid=joints[:, 2] > 1e-3,
+                joints_valid=(joints[:, 2] > 1e-3) & (joints[0, 2] > 1e-3),  # no valid wrist: hand absent
                 K=K,
                 image_size=(height, width),
                 verts_cam=verts,

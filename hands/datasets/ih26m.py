@@ -16,7 +16,9 @@ itself when it holds ``annotations/``, else the single variant folder found unde
 Cameras: ``X_cam = R X_world + t`` with ``t = -R campos`` (campos in mm). Joints: the 42-joint order
 (per hand thumb tip..base, index, middle, ring, pinky, wrist last) mapped to ours with
 :data:`hands.joints.IH26M_TO_OURS`; a joint is valid when both the frame's ``joint_3d`` validity and the
-annotation's ``joint_valid`` say so; a hand is present when one of its valid joints projects into the image.
+annotation's ``joint_valid`` say so and its hand's wrist is valid (InterWild's loader: a hand whose root is
+invalid is dropped, with its box and MANO fit); a hand is present when one of its valid joints projects into
+the image.
 MANO fits (world, metres, flat_hand_mean=False) are moved into camera space with
 :func:`hands.datasets.mano_fit.fit_to_camera` and meshed with the hand model in ``__getitem__``; a null fit
 gives ``mano_valid`` False. ``joints_cam`` always comes from ``joint_3d``, never from MANO.
@@ -259,6 +261,10 @@ class InterHand26M(HandDataset):
 
         joints_world, valid_3d, fits = self._cached(("frame", capture, frame), lambda: self._frame(joints, manos, capture, frame))
         valid = valid_3d & as_array(ann["joint_valid"], (42,), "annotation joint_valid").astype(bool)
+        # InterWild's loader: without a valid root (wrist) a hand's root-relative pose is not valid, so all its
+        # joints become invalid; the hand is then absent (no box, no MANO mesh, not counted by the evaluator)
+        for rows in _IH_SIDE_ROWS.values():
+            valid[rows] &= valid[rows[0]]
         if not np.isfinite(joints_world[valid]).all():
             raise BadRecord("world_coord: NaN or inf at a valid joint")
         if (np.abs(joints_world[valid]) > 1e3).any():

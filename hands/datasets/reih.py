@@ -291,7 +291,7 @@ class ReInterHand(HandDataset):
                 mano = {"mano_pose": pose_cam[0], "mano_shape": shape[0], "verts_cam": verts_cam[0], "mesh_wrist_cam": wrist_cam[0]}
             hands[side] = make_hand_labels(
                 joints_cam=joints_cam,
-                joints_valid=joints_cam[:, 2] > 1e-3,
+                joints_valid=(joints_cam[:, 2] > 1e-3) & (joints_cam[0, 2] > 1e-3),  # no valid wrist: hand absent
                 K=K,
                 dist=dist,
                 image_size=(height, width),
