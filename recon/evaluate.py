@@ -45,12 +45,20 @@ def evaluate_regressor(
             j_regressor_right=hand_model.j_regressor_for("right").to(device),
             j_regressor_left=hand_model.j_regressor_for("left").to(device),
         )
+        # A regressor may offer its own paper's protocol beside these metrics (e.g. IntagHand's).
+        protocol_factory = getattr(getattr(model, "module", model), "protocol_evaluator", None)
+        protocol = protocol_factory() if protocol_factory is not None else None
         sampler = ShardSampler(len(dataset), num_replicas=world_size, rank=rank)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate)
         for batch in tqdm(loader, desc=f"eval {spec.key}", disable=not progress or rank != 0, leave=False):
             batch = batch.to(device)
-            evaluator.process(model(batch), batch)
+            output = model(batch)
+            evaluator.process(output, batch)
+            if protocol is not None:
+                protocol.process(output, batch)
         results[spec.key] = evaluator.evaluate()
+        if protocol is not None:
+            results[spec.key].update(protocol.evaluate())
     return results
 
 

@@ -28,6 +28,8 @@ from recon.archs.graph import (
     normalized_laplacian,
     rescale_laplacian,
 )
+from eval.intaghand_protocol import IntagHandProtocol, intaghand_errors
+from hands.joints import MANO21_TO_OURS
 from recon.archs.intaghand import (
     BONE_LENGTH,
     DualGraphLevel,
@@ -36,6 +38,7 @@ from recon.archs.intaghand import (
     hand_graphs,
     normalise_labels,
     normalised_to_metric,
+    tip_vertices,
 )
 from recon.config import from_config, load_config
 from recon.registry import build_regressor
@@ -423,7 +426,8 @@ def test_demo_profile_trains_on_the_embedded_default(tmp_path):
     out = tmp_path / "run"
     argv = [
         "--arch", "intaghand", "--data-root", str(root), "--datasets", "synthlab", "--out", str(out),
-        "--batch-size", "2", "--seed", "0", "--max-steps", "2", "eval.at_end=false", "train.image_every=0",
+        "--test-datasets", "synthlab:test-lab", "--batch-size", "2", "--seed", "0", "--max-steps", "2",
+        "train.image_every=0",
         "model.backbone_kwargs.channels=[8,16,32,64]", "model.backbone_kwargs.stem_width=8",
         "data.image_size=[64,64]", "model.input_size=64", "model.patch_grid=2",
     ]
@@ -431,3 +435,67 @@ def test_demo_profile_trains_on_the_embedded_default(tmp_path):
     sidecar = json.loads(sorted((out / "checkpoints").glob("step_*.json"))[-1].read_text())
     assert sidecar["arch"] == "intaghand" and sidecar["step"] == 2
     assert sidecar["model_kwargs"]["gcn_in"] == [128, 64, 32] and sidecar["model_kwargs"]["laplacian_rescale"] == "reference"
+    # IntagHand's own protocol is reported beside the InterWild-convention metrics.
+    metrics = json.loads((out / "metrics.json").read_text())["synthlab-test-lab"]
+    assert {"MPVPE", "RRVE", "MRRPE", "IntagHand_MPVPE", "IntagHand_MPJPE", "count_IntagHand"} <= set(metrics)
+    if metrics["count_IntagHand"]:
+        assert 0 < metrics["IntagHand_MPVPE"] < 1000
+
+
+# -- IntagHand's evaluation protocol (eval.intaghand_protocol) -----------------------------------------------
+
+
+def test_bone_length_rescale_on_a_hand_made_case():
+    # 21 vertices; the regressor's row j picks vertex j and the tips are vertices 16-20, so our joint 0 (the
+    # wrist) is vertex 0 and joint 9 (the middle knuckle, MANO joint 4) is vertex 4.
+    regressor = torch.eye(21, dtype=torch.float64)[:16]
+    tips = (16, 17, 18, 19, 20)
+    gt = torch.zeros(1, 21, 3, dtype=torch.float64)
+    gt[0, 4] = torch.tensor([0.0, 0.1, 0.0])  # GT bone 0.1 m
+    gt[0, 5] = torch.tensor([0.03, 0.0, 0.0])
+    pred = torch.zeros(1, 21, 3, dtype=torch.float64)
+    pred[0, 4] = torch.tensor([0.0, 0.05, 0.0])  # predicted bone 0.05: the prediction is scaled by 2
+    pred[0, 5] = torch.tensor([0.01, 0.0, 0.0])
+    verts_error, joints_error = intaghand_errors(pred, gt, regressor, tips)
+    # About the knuckle: vertex 5 -> 2 * (0.01, -0.05) = (0.02, -0.1) against (0.03, -0.1): 1 cm off;
+    # every other vertex lands exactly.
+    expected = torch.zeros(1, 21, dtype=torch.float64)
+    expected[0, 5] = 0.01
+    assert torch.allclose(verts_error, expected, atol=1e-12)
+    assert torch.allclose(joints_error[0, MANO21_TO_OURS.index(5)], torch.tensor(0.01, dtype=torch.float64))
+    assert joints_error.sum() == pytest.approx(0.01)
+    # Per hand: any translation and scale of the prediction gives the same errors.
+    again, _ = intaghand_errors(pred * 3.7 + torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), gt, regressor, tips)
+    assert torch.allclose(again, verts_error, atol=1e-12)
+
+
+def test_protocol_evaluator_counts_interacting_pairs_and_rescales_each_hand(hand_model):
+    batch = _make_batch(hand_model, 3)
+    batch.hand_type[2] = "right"  # a single-hand frame does not count
+    tips = tip_vertices(hand_model)
+    protocol = IntagHandProtocol(
+        j_regressor_right=hand_model.j_regressor_for("right"), j_regressor_left=hand_model.j_regressor_for("left"),
+        tip_verts=tips,
+    )
+    # Each hand scaled and shifted differently: IntagHand's protocol sees no error.
+    outputs = {
+        "right_verts": batch.right.verts_cam.double() * 1.3 + 0.2,
+        "left_verts": batch.left.verts_cam.double() * 0.6 - 0.1,
+    }
+    protocol.process(outputs, batch)
+    result = protocol.evaluate()
+    assert result["count_IntagHand"] == 2
+    assert result["IntagHand_MPVPE"] == pytest.approx(0.0, abs=1e-5)
+    assert result["IntagHand_MPJPE"] == pytest.approx(0.0, abs=1e-5)
+    # A 2 mm shift of one right-hand vertex: 2 / 778 mm on the right hand's mean, halved by the two-side mean.
+    shifted = outputs["right_verts"].clone()
+    unused = (hand_model.j_regressor_for("right").abs().sum(0) == 0).nonzero()[:, 0].tolist()
+    far = next(v for v in unused if v not in tips)  # moves neither a joint nor the root nor the bone
+    shifted[:, far, 0] += 0.002 * 1.3  # 2 mm after the hand's rescale by 1 / 1.3
+    protocol.reset()
+    protocol.process({"right_verts": shifted, "left_verts": outputs["left_verts"]}, batch)
+    assert protocol.evaluate()["IntagHand_MPVPE"] == pytest.approx(2.0 / 778 / 2, abs=1e-5)  # mm; float32 regressor rows
+    # recon.evaluate reports the protocol beside the InterWild-convention metrics for IntagHand.
+    model = build_regressor("intaghand", **TINY)
+    assert isinstance(model.protocol_evaluator(), IntagHandProtocol)
+    assert model.protocol_evaluator().tip_verts == tips

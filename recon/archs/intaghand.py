@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from eval.intaghand_protocol import IntagHandProtocol
 from hands.camera import project
 from hands.joints import MANO21_TO_OURS, MANO_TIP_VERTS, MIDDLE_KNUCKLE, WRIST
 from hands.mano import HandModel
@@ -709,6 +710,17 @@ class IntagHand(HandModelMixin, nn.Module):
         """Tell the model the current training epoch (0-based): the edge-length loss is on from
         ``edge_loss_epoch``. The trainer calls this at the start of every epoch."""
         self.epoch = int(epoch)
+
+    def protocol_evaluator(self) -> IntagHandProtocol:
+        """IntagHand's own evaluation protocol (:mod:`eval.intaghand_protocol`: middle-knuckle root, each hand
+        rescaled by its ground-truth / predicted bone length), which ``recon.evaluate`` reports beside the
+        InterWild-convention metrics as ``IntagHand_MPVPE`` / ``IntagHand_MPJPE``."""
+        hand_model = self.hand_model
+        return IntagHandProtocol(
+            j_regressor_right=hand_model.j_regressor_for("right"),
+            j_regressor_left=hand_model.j_regressor_for("left"),
+            tip_verts=tip_vertices(hand_model),
+        )
 
     def load_backbone_weights(self, path: str) -> None:
         """Load pretrained ResNet weights into the encoder (a .safetensors file or a torch state dict; the

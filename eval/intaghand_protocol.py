@@ -1,0 +1,122 @@
+"""IntagHand's own evaluation protocol (its ``apps/eval_interhand.py``), offered beside the InterWild-convention
+metrics of :mod:`eval.evaluator`.
+
+Per hand, on the meshes only (any frame, any unit: the protocol is invariant to each hand's translation and scale):
+
+1. joints = the hand model's 16 regressed joints + 5 fingertip vertices (IntagHand's tips on official MANO:
+   745, 317, 444, 556, 673), in :mod:`hands.joints` order, for the prediction and the ground truth alike;
+2. root = the middle-finger knuckle (joint 9): both meshes and joint sets are shifted to their own root;
+3. the prediction is rescaled by (its ground-truth bone length / its predicted bone length), bone = wrist to
+   middle knuckle, *per hand*;
+4. MPVPE / MPJPE = mean Euclidean error over the vertices / joints, in millimetres; each side's mean over its
+   hands, then the mean of the two sides (the reference's "all").
+
+Which frames count: IntagHand evaluates InterHand2.6M's interacting test frames with both MANO fits; here, samples
+of ``hand_type == "interacting"`` whose two hands both have a mesh (``valid & mano_valid``). The ground truth reads
+labels (the bone lengths): these numbers are comparable with IntagHand's paper, not a test-time setting.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from hands.joints import MANO21_TO_OURS, MIDDLE_KNUCKLE, WRIST
+from hands.sample import HandBatch
+from hands.units import to_mm
+
+__all__ = ["regress_joints", "intaghand_errors", "IntagHandProtocol"]
+
+SIDES = ("right", "left")
+
+
+def regress_joints(verts: Tensor, j_regressor: Tensor, tip_verts: Sequence[int]) -> Tensor:
+    """verts: (B, V, 3); j_regressor: (16, V) (row 0 the wrist); tip_verts: 5 vertex indices (thumb, index,
+    middle, ring, pinky). Returns (B, 21, 3) joints in :mod:`hands.joints` order, the verts' frame and unit."""
+    regressed = torch.einsum("jv,bvc->bjc", j_regressor.to(verts), verts)  # (B, 16, 3)
+    tips = verts[:, torch.as_tensor(list(tip_verts), device=verts.device)]  # (B, 5, 3)
+    return torch.cat([regressed, tips], 1)[:, list(MANO21_TO_OURS)]
+
+
+def intaghand_errors(
+    pred_verts: Tensor, gt_verts: Tensor, j_regressor: Tensor, tip_verts: Sequence[int]
+) -> tuple[Tensor, Tensor]:
+    """One hand's errors under IntagHand's protocol (module docstring, steps 1-3).
+
+    pred_verts, gt_verts: (B, V, 3) the predicted and ground-truth meshes of one side (each in any frame; the
+    ground truth in metres gives errors in metres). Returns (verts_error (B, V), joints_error (B, 21)).
+    """
+    pred_joints = regress_joints(pred_verts, j_regressor, tip_verts)
+    gt_joints = regress_joints(gt_verts, j_regressor, tip_verts)
+    pred_root = pred_joints[:, MIDDLE_KNUCKLE : MIDDLE_KNUCKLE + 1]  # (B, 1, 3)
+    gt_root = gt_joints[:, MIDDLE_KNUCKLE : MIDDLE_KNUCKLE + 1]
+    pred_bone = (pred_joints[:, MIDDLE_KNUCKLE] - pred_joints[:, WRIST]).norm(dim=-1)  # (B,)
+    gt_bone = (gt_joints[:, MIDDLE_KNUCKLE] - gt_joints[:, WRIST]).norm(dim=-1)
+    scale = (gt_bone / pred_bone)[:, None, None]
+    verts_error = ((pred_verts - pred_root) * scale - (gt_verts - gt_root)).norm(dim=-1)
+    joints_error = ((pred_joints - pred_root) * scale - (gt_joints - gt_root)).norm(dim=-1)
+    return verts_error, joints_error
+
+
+class IntagHandProtocol:
+    """Streaming IntagHand-protocol MPVPE / MPJPE (``reset`` / ``process`` / ``evaluate``).
+
+    Args (keyword-only):
+        j_regressor_right, j_regressor_left: (16, V) the hand model's joint regressors (row 0 the wrist).
+        tip_verts: the 5 fingertip vertices (IntagHand's ``(745, 317, 444, 556, 673)`` on official MANO).
+        distributed: sum the statistics over ranks in :meth:`evaluate` when torch.distributed is initialised.
+    """
+
+    def __init__(
+        self, *, j_regressor_right: Tensor, j_regressor_left: Tensor, tip_verts: Sequence[int], distributed: bool = True
+    ) -> None:
+        if len(tip_verts) != 5:
+            raise ValueError(f"tip_verts: expected 5 fingertip vertices, got {len(tip_verts)}")
+        self.j_regressor = {"right": j_regressor_right, "left": j_regressor_left}
+        self.tip_verts = tuple(int(v) for v in tip_verts)
+        self.distributed = distributed
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything processed so far."""
+        self._stats = torch.zeros(2, 2, 2, dtype=torch.float64)  # (side, [verts, joints], [sum of means, hands])
+
+    @torch.no_grad()
+    def process(self, outputs, batch: HandBatch) -> None:
+        """outputs: ``right_verts`` / ``left_verts`` (B, V, 3) (a TwoHandOutput or a mapping); batch: the ground
+        truth. Accumulates the interacting samples whose two hands both have a mesh."""
+        both = torch.ones(len(batch), dtype=torch.bool, device=batch.image.device)
+        for side in SIDES:
+            gt = batch.hand(side)
+            both = both & gt.valid.bool() & gt.mano_valid.bool()
+        interacting = torch.tensor([t == "interacting" for t in batch.hand_type], device=both.device)
+        keep = both & interacting
+        if not bool(keep.any()):
+            return
+        for index, side in enumerate(SIDES):
+            pred = outputs[f"{side}_verts"] if isinstance(outputs, dict) else getattr(outputs, f"{side}_verts")
+            pred = pred.detach().to(torch.float64)[keep.to(pred.device)]
+            gt = batch.hand(side).verts_cam.to(device=pred.device, dtype=torch.float64)[keep.to(pred.device)]
+            regressor = self.j_regressor[side].to(device=pred.device, dtype=torch.float64)
+            verts_error, joints_error = intaghand_errors(pred, gt, regressor, self.tip_verts)
+            self._stats[index, 0] += torch.tensor([float(verts_error.mean(1).sum()), float(len(pred))])
+            self._stats[index, 1] += torch.tensor([float(joints_error.mean(1).sum()), float(len(pred))])
+
+    def evaluate(self) -> dict[str, float]:
+        """``IntagHand_MPVPE``, ``IntagHand_MPJPE`` (mm; the mean of the right and left means; NaN when nothing
+        counted) and ``count_IntagHand`` (samples). A collective under torch.distributed: call it on every rank."""
+        stats = self._stats.clone()
+        if self.distributed and dist.is_available() and dist.is_initialized():
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            stats = stats.to(device)
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+            stats = stats.cpu()
+        results: dict[str, float] = {}
+        for index, name in enumerate(("MPVPE", "MPJPE")):
+            sums, counts = stats[:, index, 0], stats[:, index, 1]
+            results[f"IntagHand_{name}"] = float(to_mm((sums / counts).mean())) if bool((counts > 0).all()) else math.nan
+        results["count_IntagHand"] = int(stats[0, 0, 1])
+        return results
