@@ -158,7 +158,9 @@ class HandSample:
     camera: :class:`Camera` intrinsics.
     hand_type: "right" | "left" | "interacting".
     meta: dict with at least ``dataset`` (str), ``id`` (str), ``is_synthetic`` (bool); optional
-        ``prompt`` (str) and anything a reader wants to keep (e.g. ``hand_type_valid``).
+        ``prompt`` (str), ``joints_3d`` (bool, default True: False when ``joints_cam`` is not a label,
+        only ``joints_img``; see :attr:`HandBatch.joints_3d`) and anything a reader wants to keep (e.g.
+        ``hand_type_valid``).
     """
 
     image: Tensor
@@ -239,6 +241,14 @@ class HandBatch:
     def is_synthetic(self) -> Tensor:
         """(B,) bool on the batch's device."""
         return torch.tensor([bool(m.get("is_synthetic", False)) for m in self.meta], device=self.device)
+
+    @property
+    def joints_3d(self) -> Tensor:
+        """(B,) bool on the batch's device: False for 2D-only samples (``meta["joints_3d"]`` False, MSCOCO's
+        InterWild ``is_3D = 0``), whose ``joints_cam`` are not labels and whose ``joints_img`` /
+        ``joints_valid`` are; True when the key is absent. Losses on joints_cam (or on depths taken from
+        it) multiply their mask by this."""
+        return torch.tensor([bool(m.get("joints_3d", True)) for m in self.meta], device=self.device)
 
     @property
     def interacting(self) -> Tensor:

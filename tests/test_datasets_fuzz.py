@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hands.datasets import DatasetError, build_dataset
-from hands.datasets.fixtures import REIH_TEST_CAPTURE, write_hic_fixture, write_ih26m_fixture, write_reih_fixture
+from hands.datasets.fixtures import REIH_TEST_CAPTURE, write_coco_fixture, write_hic_fixture, write_ih26m_fixture, write_reih_fixture
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # numeric overflow is a bug too
 
@@ -195,6 +195,22 @@ def test_fuzz_hic(hic_base, model, case):
     if case[0] == "image" and case[1] % 2:  # corrupt a mesh instead of an image
         images = sorted((root / "meshes").glob("*.ply"))
     _fuzz_once(root, lambda: _corrupt(root, [root / "HIC.json"], images, case), lambda: build_dataset("hic", root, "test", hand_model=model))
+
+
+@pytest.fixture(scope="module")
+def coco_base(tmp_path_factory, model):
+    root = tmp_path_factory.mktemp("fuzz_coco")
+    write_coco_fixture(root, model)
+    return root
+
+
+@given(case=mutation)
+@FUZZ
+def test_fuzz_coco(coco_base, model, case):
+    root = coco_base
+    images = sorted((root / "images" / "train2017").glob("*.jpg"))
+    json_files = [root / "annotations" / "coco_wholebody_train_v1.0.json", root / "annotations" / "MSCOCO_train_MANO_NeuralAnnot.json"]
+    _fuzz_once(root, lambda: _corrupt(root, json_files, images, case), lambda: build_dataset("coco", root, "train", hand_model=model))
 
 
 def test_truncated_json_names_the_file(ih26m_base, model):

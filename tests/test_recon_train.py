@@ -139,7 +139,7 @@ def test_bad_flags_fail_clearly(argv, message, capsys):
         (["model.depth=3"], "unknown key 'model.depth' for regressor 'baseline'"),
         (["mixing.mode=bogus"], "mixing.mode='bogus': expected one of online, sync, offline"),
         (["--mix-mode", "offline"], "mixing.mode=offline needs mixing.shards=DIR"),
-        (["--datasets", "coco"], "dataset 'coco' (in train datasets): unknown; known: hic, ih26m, reih, synthlab"),
+        (["--datasets", "freihand"], "dataset 'freihand' (in train datasets): unknown; known: coco, hic, ih26m, reih, synthlab"),
         (["--datasets", "ih26m"], "dataset 'ih26m' needs --data-root"),
         (["--resume"], "--resume: no checkpoints in "),
         (["threads=0"], "threads=0: expected a positive number of CPU threads"),

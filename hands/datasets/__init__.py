@@ -5,6 +5,8 @@
 - ``ih26m``: InterHand2.6M (:class:`hands.datasets.ih26m.InterHand26M`), splits train/val/test;
 - ``reih``: ReInterHand (:class:`hands.datasets.reih.ReInterHand`), splits train/test;
 - ``hic``: HIC (:class:`hands.datasets.hic.HIC`), split test;
+- ``coco``: MSCOCO with COCO-WholeBody hands and NeuralAnnot MANO fits (:class:`hands.datasets.coco.MSCOCO`),
+  splits train/val; 2D-only supervision where no fit exists (``meta["joints_3d"]`` False);
 - ``synthlab``: the embedded benchmark (:class:`hands.datasets.synthlab.SynthLab`), splits train-lab,
   test-lab, train-wild, test-wild; ``root=None`` writes it on first use (:func:`ensure_synthlab`).
 
@@ -25,6 +27,7 @@ DATASETS = {
     "ih26m": "hands.datasets.ih26m:InterHand26M",
     "reih": "hands.datasets.reih:ReInterHand",
     "hic": "hands.datasets.hic:HIC",
+    "coco": "hands.datasets.coco:MSCOCO",
     "synthlab": "hands.datasets.synthlab:SynthLab",
 }
 

@@ -39,6 +39,7 @@ SPLITS = {
     "ih26m": ("train", "val", "test"),
     "reih": ("train", "test"),
     "hic": ("test",),
+    "coco": ("train", "val"),
     "synthlab": ("train-lab", "test-lab", "train-wild", "test-wild"),
 }
 _IH26M_V0 = ("all", "human_annot", "machine_annot")
@@ -91,6 +92,14 @@ def describe_variants(name: str, root: Path) -> dict:
             "captures": len(captures),
             "cameras": sorted({kind for c in captures for kind, sub in (("mugsy", "Mugsy_cameras"), ("ego", "Ego_cameras")) if (c / sub).is_dir()}),
         }
+    if name == "coco":
+        from hands.datasets.coco import ANNOTATION_FILES, MANO_FILE
+
+        annotations = root / "annotations"
+        return {
+            "annotations": sorted(split for split, f in ANNOTATION_FILES.items() if (annotations / f).is_file()) or None,
+            "MANO fits": MANO_FILE if (annotations / MANO_FILE).is_file() else "absent (train needs it)",
+        }
     if name == "hic":
         return {"annotation": "HIC.json" if (root / "HIC.json").is_file() or (root / "data" / "HIC.json").is_file() else None}
     return {}
@@ -112,6 +121,10 @@ def _split_absent(name: str, root: Path, split: str) -> bool:
 
         bases = [root] + [root / folder for folder in VARIANT_FOLDERS.values()]
         return not any((base / "annotations" / split).exists() for base in bases)
+    if name == "coco":
+        from hands.datasets.coco import ANNOTATION_FILES
+
+        return not (root / "annotations" / ANNOTATION_FILES[split]).exists()
     return False
 
 
@@ -196,6 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--splits", help="comma-separated splits (default: all of the dataset's)")
     parser.add_argument("--variant", help="IH2.6M: 5fps | 30fps | a sub-folder (default: the one found)")
     parser.add_argument("--cameras", choices=("mugsy", "ego"), help="ReInterHand: third-person (default) or egocentric views")
+    parser.add_argument("--one-person", action="store_true", help="MSCOCO: only images with one person (the paper's generator data)")
     parser.add_argument("--max-images", type=int, help="decode at most this many images per split")
     parser.add_argument("--strict", action="store_true", help="also fail on missing or undecodable images")
     args = parser.parse_args(argv)
@@ -203,6 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     options = {"variant": args.variant} if args.variant and args.name == "ih26m" else {}
     if args.cameras and args.name == "reih":
         options["cameras"] = args.cameras
+    if args.one_person and args.name == "coco":
+        options["one_person"] = True
     try:
         reports, variants = check_dataset(args.name, args.root, splits, max_images=args.max_images, **options)
     except (DatasetError, ValueError) as error:

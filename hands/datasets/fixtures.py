@@ -17,7 +17,15 @@ from hands.datasets.layouts import IH26MWriter, save_image, write_hic_json, writ
 from hands.joints import IH26M_TO_OURS
 from hands.rotation import matrix_to_axis_angle
 
-__all__ = ["random_world_fit", "write_ih26m_fixture", "write_reih_fixture", "write_hic_fixture", "REIH_TEST_CAPTURE", "REIH_TRAIN_CAPTURE"]
+__all__ = [
+    "random_world_fit",
+    "write_ih26m_fixture",
+    "write_reih_fixture",
+    "write_hic_fixture",
+    "write_coco_fixture",
+    "REIH_TEST_CAPTURE",
+    "REIH_TRAIN_CAPTURE",
+]
 
 REIH_TEST_CAPTURE = "m--20221215--0949--RNS217--pilot--ProjectGoliathScript--Hands--two-hands"
 REIH_TRAIN_CAPTURE = "m--20221111--1111--ABC123--pilot--ProjectGoliathScript--Hands--two-hands"
@@ -221,4 +229,128 @@ def write_hic_fixture(root: Path, model, *, count: int = 3, size: tuple[int, int
         truth["meshes"].append(meshes)
         truth["hand_type"].append(hand_type)
     write_hic_json(Path(root), images, annotations)
+    return truth
+
+
+def _coco_hand(rng: np.random.Generator, model, side: str, centre: np.ndarray, focal: float, princpt: np.ndarray, size) -> dict:
+    """A camera-space fit seen by a NeuralAnnot-style virtual camera, its keypoints (21 x (x, y, score)) and
+    the box around them (x, y, w, h)."""
+    fit = random_world_fit(rng, model, side, centre)
+    uv = fit["joints"][:, :2] / fit["joints"][:, 2:] * focal + princpt
+    score = rng.uniform(0.3, 1.0, size=21)
+    score[rng.integers(1, 21)] = 0.0  # one keypoint unlabelled
+    kpts = np.concatenate([uv, score[:, None]], 1)
+    lo, hi = uv.min(0) - 2.0, uv.max(0) + 2.0
+    return {
+        "fit": fit,
+        "cam": {"focal": [focal, focal], "princpt": princpt.tolist()},
+        "kpts": kpts,
+        "box": [float(lo[0]), float(lo[1]), float(hi[0] - lo[0]), float(hi[1] - lo[1])],
+    }
+
+
+def write_coco_fixture(root: Path, model, *, size: tuple[int, int] = (60, 80), seed: int = 0) -> dict:
+    """InterWild's MSCOCO layout under ``root``: annotations/coco_wholebody_{train,val}_v1.0.json,
+    annotations/MSCOCO_train_MANO_NeuralAnnot.json, images/{train2017,val2017}/*.jpg.
+
+    train2017: image 1 holds one person (aid 11: both hands with fits, the left fitted with another virtual
+    camera); image 2 holds two people (aid 21: right hand only, no fit entry at all; aid 22: both hands, the
+    left side's fit null and the right's fit broken, a 47-value pose); image 3 holds one person whose hand
+    box lies outside the image (aid 31: left hand with keypoints only, a valid right hand with a fit); image 4
+    holds the bad or filtered records: aid 40 iscrowd, 41 no body keypoints, 42 neither hand valid, 43 an image_id not
+    among the images, 44 a NaN in its person box, 45 no ``righthand_kpts``, 46 a person box outside the
+    image. val2017: aid 91 (both hands, 2D only).
+
+    Returns truth: {"train": {aid: {"image_id", "file", "size", "boxes" {side: xyxy or None}, "kpts" {side:
+    (21, 3)}, "fits" {side: {pose, shape, trans, verts, joints, focal, princpt} or None}}}, "val": {...},
+    "skipped_train": {aid: reason substring}, "persons": {image_id: count}}.
+    """
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    height, width = size
+    princpt = np.array([(width - 1) / 2, (height - 1) / 2])
+    truth: dict = {"train": {}, "val": {}, "skipped_train": {}, "persons": {}}
+
+    def person(aid, image_id, sides, *, cams=None, fit_sides=None, file="", split="train"):
+        cams = cams or {}
+        ann = {
+            "id": aid, "image_id": image_id, "category_id": 1, "iscrowd": 0, "num_keypoints": 10,
+            "bbox": [2.0, 2.0, width - 6.0, height - 6.0], "area": 100.0,
+            "lefthand_valid": False, "righthand_valid": False,
+            "lefthand_box": [0.0, 0.0, 0.0, 0.0], "righthand_box": [0.0, 0.0, 0.0, 0.0],
+            "lefthand_kpts": [0.0] * 63, "righthand_kpts": [0.0] * 63,
+        }
+        entry = {"image_id": image_id, "file": file, "size": size, "boxes": {"right": None, "left": None},
+                 "kpts": {"right": np.zeros((21, 3)), "left": np.zeros((21, 3))}, "fits": {"right": None, "left": None}}
+        fits = {}
+        for side in sides:
+            focal = cams.get(side, 16.0 * width)  # NeuralAnnot's virtual cameras are long (focal 5000 px on a crop)
+            centre = np.array([0.04 if side == "left" else -0.04, 0.0, 8.0])
+            hand = _coco_hand(rng, model, side, centre, focal, princpt, size)
+            prefix = "righthand" if side == "right" else "lefthand"
+            ann[f"{prefix}_valid"] = True
+            ann[f"{prefix}_box"] = hand["box"]
+            ann[f"{prefix}_kpts"] = hand["kpts"].reshape(-1).tolist()
+            x, y, w, h = hand["box"]
+            x1, y1 = max(0.0, x), max(0.0, y)
+            x2, y2 = min(width - 1.0, x1 + max(0.0, w - 1.0)), min(height - 1.0, y1 + max(0.0, h - 1.0))
+            entry["boxes"][side] = np.array([x1, y1, x2, y2]) if (w * h > 0 and x2 > x1 and y2 > y1) else None
+            entry["kpts"][side] = hand["kpts"]
+            if fit_sides is None or side in fit_sides:
+                fits[side] = {"mano_param": {k: hand["fit"][k].tolist() for k in ("pose", "shape", "trans")}, "cam_param": hand["cam"]}
+                entry["fits"][side] = dict(hand["fit"], focal=np.array(hand["cam"]["focal"]), princpt=np.array(hand["cam"]["princpt"]))
+        truth[split][aid] = entry
+        return ann, fits
+
+    train_images, train_anns, mano = [], [], {}
+    for image_id in (1, 2, 3, 4):
+        file = f"{image_id:012d}.jpg"
+        train_images.append({"id": image_id, "file_name": file, "width": width, "height": height})
+        save_image(root / "images" / "train2017" / file, _noise_image(rng, size))
+    ann, fits = person(11, 1, ("right", "left"), cams={"left": 20.0 * width}, file="000000000001.jpg")
+    train_anns.append(ann), mano.update({"11": fits})
+    ann, _ = person(21, 2, ("right",), fit_sides=(), file="000000000002.jpg")  # no NeuralAnnot entry at all
+    train_anns.append(ann)
+    ann, fits = person(22, 2, ("right", "left"), fit_sides=(), file="000000000002.jpg")
+    right = _coco_hand(rng, model, "right", np.array([-0.04, 0.0, 8.0]), 16.0 * width, princpt, size)
+    pose = right["fit"]["pose"].tolist()[:47]
+    mano["22"] = {"right": {"mano_param": {"pose": pose, "shape": right["fit"]["shape"].tolist(), "trans": right["fit"]["trans"].tolist()},
+                            "cam_param": right["cam"]}, "left": None}
+    train_anns.append(ann)
+    ann, fits = person(31, 3, ("right", "left"), fit_sides=("right",), file="000000000003.jpg")
+    ann["lefthand_box"] = [width + 5.0, 3.0, 10.0, 10.0]  # outside the image: sanitised away, keypoints stay
+    truth["train"][31]["boxes"]["left"] = None
+    train_anns.append(ann), mano.update({"31": fits})
+    for aid, change, reason in (
+        (40, {"iscrowd": 1}, "crowd"),
+        (41, {"num_keypoints": 0}, "crowd or no body keypoints"),
+        (42, {"righthand_valid": False}, "neither hand valid"),
+        (43, {"image_id": 999}, "image_id not among the images"),
+        (44, {"bbox": [float("nan"), 1.0, 5.0, 5.0]}, "bbox: NaN or inf"),
+        (45, {"righthand_kpts": None}, "missing key 'righthand_kpts'"),
+        (46, {"bbox": [width + 10.0, 2.0, 5.0, 5.0]}, "person box empty"),
+    ):
+        bad, _ = person(aid, 4, ("right",), file="000000000004.jpg")
+        del truth["train"][aid]
+        bad.update(change)
+        if change.get("righthand_kpts", 0) is None:
+            del bad["righthand_kpts"]
+        train_anns.append(bad)
+        truth["skipped_train"][aid] = reason
+    truth["persons"] = {1: 1, 2: 2, 3: 1, 4: 6, 999: 1}
+    val_file = "000000000091.jpg"
+    save_image(root / "images" / "val2017" / val_file, _noise_image(rng, size))
+    val_ann, _ = person(91, 91, ("right", "left"), file=val_file, split="val")
+    for entry in truth["val"].values():
+        entry["fits"] = {"right": None, "left": None}
+    annotations = root / "annotations"
+    annotations.mkdir(parents=True, exist_ok=True)
+    categories = [{"id": 1, "name": "person"}]
+    (annotations / "coco_wholebody_train_v1.0.json").write_text(
+        json.dumps({"images": train_images, "annotations": train_anns, "categories": categories})
+    )
+    (annotations / "coco_wholebody_val_v1.0.json").write_text(json.dumps({
+        "images": [{"id": 91, "file_name": val_file, "width": width, "height": height}], "annotations": [val_ann], "categories": categories
+    }))
+    (annotations / "MSCOCO_train_MANO_NeuralAnnot.json").write_text(json.dumps(mano))
     return truth

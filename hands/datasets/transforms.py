@@ -54,6 +54,10 @@ _MIRROR = torch.tensor([-1.0, 1.0, 1.0])
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
+# boxes in meta (x0, y0, x1, y1 pixels) that move with the image: IH2.6M's annotation box, MSCOCO's person box
+_IMAGE_BOXES = ("bbox_ann", "body_bbox")
+
+
 def _replace_hand(hand: HandLabels, **changes) -> HandLabels:
     return dataclasses.replace(hand, **changes)
 
@@ -106,9 +110,10 @@ def hflip(sample: HandSample) -> HandSample:
     swap = {"right": "left", "left": "right", "interacting": "interacting"}
     meta = dict(sample.meta)
     meta["flipped"] = not bool(meta.get("flipped", False))
-    if isinstance(meta.get("bbox_ann"), Tensor):  # IH2.6M's annotation box follows the image
-        x0, y0, x1, y1 = meta["bbox_ann"].unbind(-1)
-        meta["bbox_ann"] = torch.stack([(width - 1) - x1, y0, (width - 1) - x0, y1])
+    for key in _IMAGE_BOXES:  # IH2.6M's annotation box, MSCOCO's person box follow the image
+        if isinstance(meta.get(key), Tensor):
+            x0, y0, x1, y1 = meta[key].unbind(-1)
+            meta[key] = torch.stack([(width - 1) - x1, y0, (width - 1) - x0, y1])
     rel_root = -(sample.rel_root * _MIRROR.to(sample.rel_root.dtype))  # new left - new right = -M(old rel)
     return HandSample(
         image=sample.image.flip(-1),
@@ -165,8 +170,9 @@ def warp(sample: HandSample, affine: Tensor, out_size: tuple[int, int], rotation
         rel_root = rel_root @ Rz.T.to(rel_root.dtype)
     image = crop_image(sample.image[None], total[None], out_size)[0].clamp_(0.0, 1.0)
     meta = dict(sample.meta)
-    if isinstance(meta.get("bbox_ann"), Tensor):  # IH2.6M's annotation box follows the image
-        meta["bbox_ann"] = _transform_box(meta["bbox_ann"], total)
+    for key in _IMAGE_BOXES:  # IH2.6M's annotation box, MSCOCO's person box follow the image
+        if isinstance(meta.get(key), Tensor):
+            meta[key] = _transform_box(meta[key], total)
     return HandSample(
         image=image,
         right=_warp_hand(right, total),
@@ -242,7 +248,8 @@ class InterWildAugment:
             rot_prob, else 0.
         color_range: per-channel factor ~ U[color_range].
         flip_prob: horizontal flip probability (sides swap).
-        box: "image" (the whole image, InterWild's body box) or "hands" (the union of the hand boxes x1.3).
+        box: "image" (the whole image, InterWild's body box; a sample with ``meta["body_bbox"]``, MSCOCO's
+            person box, uses that box as InterWild does) or "hands" (the union of the hand boxes x1.3).
     """
 
     def __init__(
@@ -280,7 +287,9 @@ class InterWildAugment:
 
     def apply(self, sample: HandSample, params: dict) -> HandSample:
         height, width = sample.image_size
-        if self.box == "image":
+        if self.box == "image" and isinstance(sample.meta.get("body_bbox"), Tensor):
+            box = sample.meta["body_bbox"].to(torch.float32)  # MSCOCO: InterWild crops the person box
+        elif self.box == "image":
             box = torch.tensor([0.0, 0.0, width - 1.0, height - 1.0])
         else:
             box = hands_box(sample, 1.3)
