@@ -67,13 +67,16 @@ def build_generator(cfg: MixingConfig, device: torch.device | str = "cpu"):
 
 
 def build_label_source(cfg: MixingConfig, *, hand_model, train_readers=()):
-    """Labels from the training readers (``cfg.labels == "train"``; the first reader that serves labels)
-    or from the pose prior."""
+    """Labels from the training readers (``cfg.labels == "train"``: the first reader that serves labels; a
+    dataset name: that reader, e.g. ``coco``) or from the pose prior."""
     if cfg.labels == "prior":
         return PriorLabelSource(hand_model, image_size=max(cfg.size, 256))
     for reader in train_readers:
-        if hasattr(reader, "load_labels"):
+        if hasattr(reader, "load_labels") and cfg.labels in ("train", getattr(reader, "name", None)):
             return DatasetLabelSource(reader, hand_model)
+    if cfg.labels != "train":
+        names = ", ".join(getattr(r, "name", type(r).__name__) for r in train_readers) or "none"
+        raise ValueError(f"mixing.labels={cfg.labels}: no training reader of that name (training readers: {names})")
     names = ", ".join(type(r).__name__ for r in train_readers) or "none"
     raise ValueError(f"mixing.labels=train: no training reader serves labels (readers: {names}); use mixing.labels=prior")
 

@@ -24,8 +24,9 @@ class MixingConfig:
     sd_path / guidance_path: a local Stable Diffusion 1.5 folder (diffusers layout) and a guidance
         checkpoint; they override the generator config's.
     size: generator resolution (square images; 512 for SD 1.5).
-    labels: ``train`` (MANO fits and cameras of the training set, never its images) or ``prior`` (the pose
-        prior of hands.datasets.poses with random cameras).
+    labels: ``train`` (MANO fits and cameras of the training set, never its images: its first reader that
+        serves labels), a training dataset's name (that reader's fits, e.g. ``coco`` for MSCOCO's NeuralAnnot
+        fits) or ``prior`` (the pose prior of hands.datasets.poses with random cameras).
     capacity / max_reuse / chunk: the pool's bound, how often a sample may be drawn, samples per generator call.
     num_inference_steps / guidance_scale / tas_steps: sampling overrides (None: the generator config's).
     extend: the generation window is the union of the hand boxes made square and grown by this factor.
@@ -53,8 +54,13 @@ class MixingConfig:
         """Raise ValueError naming the key whose value is out of range."""
         if self.mode not in MIX_MODES:
             raise ValueError(f"mixing.mode={self.mode!r}: expected one of {', '.join(MIX_MODES)}")
-        if self.labels not in LABEL_SOURCES:
-            raise ValueError(f"mixing.labels={self.labels!r}: expected one of {', '.join(LABEL_SOURCES)}")
+        from hands.datasets import DATASETS
+
+        if self.labels not in LABEL_SOURCES and self.labels not in DATASETS:
+            raise ValueError(
+                f"mixing.labels={self.labels!r}: expected one of {', '.join(LABEL_SOURCES)} or a training dataset's name "
+                f"({', '.join(sorted(DATASETS))})"
+            )
         if self.mode == "offline" and not self.shards:
             raise ValueError("mixing.mode=offline needs mixing.shards=DIR (written by python -m mixing.pregenerate)")
         for key in ("size", "capacity", "max_reuse", "chunk"):

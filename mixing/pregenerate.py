@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder of shard-*.safetensors/.json")
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--labels", choices=LABEL_SOURCES, default="train", help="training-set labels or the pose prior")
-    p.add_argument("--dataset", default="synthlab", help="label dataset (with --labels train): ih26m, reih, synthlab")
+    p.add_argument("--dataset", default="synthlab", help="label dataset (with --labels train): ih26m, reih, coco, synthlab")
     p.add_argument("--split", default=None, help="its split (default: train-lab for synthlab, else train)")
     p.add_argument("--data-root", default=None, help="the dataset's folder (default: the embedded synthlab)")
     p.add_argument("--mano-dir", default=None)

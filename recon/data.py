@@ -24,6 +24,7 @@ from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, Sampler
 from hands.camera import square_bbox
 from hands.datasets import DATASETS, build_dataset, transforms
 from hands.sample import HandSample
+from recon.balance import SameLength, balance_2d_3d
 
 __all__ = [
     "DataSpecError",
@@ -49,7 +50,7 @@ class DataSpecError(ValueError):
 
 _DEFAULT_SPLITS = {
     "train": {"synthlab": ("train-lab",)},
-    "test": {"synthlab": ("test-lab", "test-wild")},
+    "test": {"synthlab": ("test-lab", "test-wild"), "coco": ()},  # MSCOCO has no 3D test labels
 }
 
 
@@ -81,7 +82,7 @@ def parse_specs(items: Sequence[str], role: str) -> list[DatasetSpec]:
             splits = (split,) if split else _DEFAULT_SPLITS[role].get(name, (role,))
             specs.extend(DatasetSpec(name, s) for s in splits)
     if not specs:
-        raise DataSpecError(f"no {role} datasets given")
+        raise DataSpecError(f"no {role} datasets given" + (" (coco has no test split with 3D labels; name --test-datasets)" if role == "test" else ""))
     return specs
 
 
@@ -131,6 +132,10 @@ def set_epoch(dataset: Dataset, epoch: int) -> None:
     """Set the epoch of every :class:`SeededTransform` in ``dataset`` (through ConcatDatasets)."""
     if isinstance(dataset, SeededTransform):
         dataset.set_epoch(epoch)
+    elif isinstance(dataset, SameLength):
+        dataset.set_epoch(epoch)
+        for part in dataset.datasets:
+            set_epoch(part, epoch)
     elif isinstance(dataset, ConcatDataset):
         for part in dataset.datasets:
             set_epoch(part, epoch)
@@ -275,15 +280,16 @@ def train_transform(cfg) -> Callable[[HandSample, torch.Generator], HandSample]:
 
 def base_readers(dataset: Dataset) -> list:
     """The dataset readers under a training set's wrappers (ConcatDataset, Subset, transforms)."""
-    if isinstance(dataset, ConcatDataset):
+    if isinstance(dataset, (ConcatDataset, SameLength)):
         return [r for part in dataset.datasets for r in base_readers(part)]
     inner = getattr(dataset, "dataset", None)
     return base_readers(inner) if inner is not None else [dataset]
 
 
 def build_train_set(cfg, *, hand_model) -> Dataset:
-    """The training datasets of ``cfg.data.train``, concatenated, each sample augmented (InterWild's
-    augmentation, seeded per (seed, epoch, index)) and cropped to ``cfg.data.image_size``."""
+    """The training datasets of ``cfg.data.train``, concatenated (3D sets and MSCOCO sampled 50/50 when both
+    are named, as InterWild does: :mod:`recon.balance`), each sample augmented (InterWild's augmentation,
+    seeded per (seed, epoch, index)) and cropped to ``cfg.data.image_size``."""
     specs = parse_specs(cfg.data.train, "train")
     n_named = len({spec.name for spec in specs})
     augment = train_transform(cfg)
@@ -291,7 +297,7 @@ def build_train_set(cfg, *, hand_model) -> Dataset:
         SeededTransform(_limit(_reader(cfg, spec, n_named, hand_model), cfg.data.max_train_samples), augment, seed=cfg.seed)
         for spec in specs
     ]
-    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    return balance_2d_3d(parts, [spec.name for spec in specs], seed=cfg.seed)  # 3D sets vs MSCOCO 50/50
 
 
 def build_test_sets(cfg, *, hand_model, datasets: Optional[Sequence[str]] = None) -> dict[DatasetSpec, Dataset]:

@@ -157,7 +157,7 @@ class BaselineRegressor(HandModelMixin, nn.Module):
             gt_verts = gt.verts_cam - gt_wrist[:, None]
             pred_verts, pred_joints = output.side(side)
             terms["verts"] = terms["verts"] + masked_l1(pred_verts, gt_verts, mano_valid[:, None, None])
-            joints_valid = gt.valid[:, None] & gt.joints_valid & gt.joints_valid[:, :1]  # (B, 21)
+            joints_valid = gt.valid[:, None] & gt.joints_valid & gt.joints_valid[:, :1] & batch.joints_3d[:, None]  # (B, 21)
             gt_joints = gt.joints_cam - gt.joints_cam[:, :1]
             terms["joints"] = terms["joints"] + masked_l1(pred_joints, gt_joints, joints_valid[..., None])
             gt_rotmat = axis_angle_to_matrix(gt.mano_pose.reshape(-1, NUM_MANO_JOINTS, 3))  # (B, 16, 3, 3)

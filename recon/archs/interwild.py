@@ -621,7 +621,8 @@ class InterWild(nn.Module):
         box_centre_<side>, box_size_<side>: box-grid cells, masked by the hand's ``valid``;
         rel_root: metres, masked by ``rel_root_valid``;
         mano_pose: rotation matrices, mano_shape: betas, masked by ``mano_valid``;
-        joint_cam (x10): wrist-relative joints, masked by ``joints_valid`` (and the wrist's);
+        joint_cam (x10): wrist-relative joints, masked by ``joints_valid`` (and the wrist's) and
+          ``batch.joints_3d`` (2D-only samples such as MSCOCO's have none; their joint_img loses its depth);
         mano_mesh_cam (x10): wrist-relative vertices, masked by ``mano_valid``;
         joint_img, mano_joint_img: position-head joints vs. annotated / MANO joints in the hand grid of the
           crop that was actually used (x, y cells, z depth bins), masked where the target falls outside;
@@ -681,13 +682,16 @@ class InterWild(nn.Module):
 
         pred_joints = torch.stack((output.right_joints, output.left_joints), 1)  # (B, 2, 21, 3)
         pred_verts = torch.stack((output.right_verts, output.left_verts), 1)  # (B, 2, 778, 3)
+        # 2D-only samples (MSCOCO, InterWild's is_3D = 0): no joint_cam and no depth of joint_img
+        is_3d = batch.joints_3d.to(dtype)[:, None, None, None]  # (B, 1, 1, 1)
         joints_valid = gt["joints_valid"][..., None].to(dtype)  # (B, 2, 21, 1)
-        terms["joint_cam"] = self.cam_loss_weight * _masked_l1(pred_joints, gt["joints"], joints_valid)
+        terms["joint_cam"] = self.cam_loss_weight * _masked_l1(pred_joints, gt["joints"], joints_valid * is_3d)
         terms["mano_mesh_cam"] = self.cam_loss_weight * _masked_l1(pred_verts, gt["verts"], mano_valid[:, :, None, None])
 
         joints_grid = extras["joints_hand_grid"]  # (B, 2, 21, 3)
         grid_valid = gt["grid_valid"][..., None].to(dtype)  # (B, 2, 21, 1)
-        terms["joint_img"] = _masked_l1(joints_grid, gt["grid"], grid_valid)
+        xyz_valid = torch.cat((grid_valid.expand(-1, -1, -1, 2), grid_valid * is_3d), -1)  # (B, 2, 21, 3)
+        terms["joint_img"] = _masked_l1(joints_grid, gt["grid"], xyz_valid)
         terms["mano_joint_img"] = _masked_l1(joints_grid, gt["mano_grid"], gt["mano_grid_valid"][..., None].to(dtype))
         terms["joint_proj"] = _masked_l1(extras["joints_proj_hand_grid"], gt["grid"][..., :2], grid_valid)
         return terms
