@@ -11,9 +11,9 @@ Architecture and recipe as read from the reference code (FACTS.md §4); the code
    encoder stage of that size.
 2. Graph decoder (the reference's ``DualGraph``), per hand: the global feature (pooled last stage) -> linear +
    layer norm, repeated over the coarsest graph's nodes, plus a 3-d per-node code (the dense-correspondence
-   colour, pooled). Three levels (63 -> 126 -> 252 nodes for official MANO, 65 -> 130 -> 260 for the procedural
-   hand); each level (:class:`DualGraphLevel`) adds a vertex position embedding shared by both hands, runs a
-   :class:`GraphLayer` per hand (residual Chebyshev blocks, K = 2; the first block maps the input width to the
+   colour, pooled). Three levels (65 -> 130 -> 260 nodes on the procedural hand; 63 -> 126 -> 252 in IntagHand's
+   shipped graphs of official MANO); each level (:class:`DualGraphLevel`) adds a vertex position embedding
+   shared by both hands, runs a :class:`GraphLayer` per hand (residual Chebyshev blocks, K = 2; the first block maps the input width to the
    output width, everything after it runs at the output width), :class:`ImageAttention` per hand (grid tokens
    of the fused map by a strided convolution, a self-attention among them, then one self-attention over
    [vertex; grid] tokens) and :class:`HandAttention` (a self-attention per hand, then the cross-hand attention
@@ -80,8 +80,8 @@ BONE_LENGTH = 0.095  # metres, IntagHand's mean wrist-to-middle-knuckle length o
 SIDES = ("right", "left")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-COARSEN_LEVELS = 4  # e.g. 1008 -> 504 -> 252 -> 126 -> 63 for official MANO, 1040 -> ... -> 65 procedural
-DECODER_LEVELS = (4, 3, 2)  # graph levels of the three decoder stages (63, 126, 252 nodes for official MANO)
+COARSEN_LEVELS = 4  # 1040 -> 520 -> 260 -> 130 -> 65 on the procedural hand (IntagHand's MANO graphs: 1008 ... 63)
+DECODER_LEVELS = (4, 3, 2)  # graph levels of the three decoder stages (65, 130, 260 nodes on the procedural hand)
 UPSAMPLE_SAMPLES = 96  # meshes the level-2 -> 778 map is fitted on
 UPSAMPLE_SEED = 0
 # IntagHand's fingertip vertices of official MANO (its J_regressor's tip rows): thumb, index, middle, ring,
@@ -653,7 +653,7 @@ class IntagHand(HandModelMixin, nn.Module):
         sizes = {side: self.graphs[side].sizes for side in SIDES}
         if sizes["right"] != sizes["left"]:
             raise ValueError(f"intaghand: the right and left meshes coarsen differently ({sizes})")
-        node_counts = [sizes["right"][level] for level in DECODER_LEVELS]  # e.g. 63, 126, 252
+        node_counts = [sizes["right"][level] for level in DECODER_LEVELS]  # e.g. 65, 130, 260
         self.levels = nn.ModuleList(
             [
                 DualGraphLevel(
@@ -791,7 +791,7 @@ class IntagHand(HandModelMixin, nn.Module):
         extras: Dict[str, Tensor] = {"heatmaps": heatmaps, "masks": mask_dense[:, :2], "dense": mask_dense[:, 2:]}
         out: Dict[str, Tensor] = {}
         for side in SIDES:
-            nodes = self.coord_head(features[side])  # (B, 252, 3) normalised space, graph order
+            nodes = self.coord_head(features[side])  # (B, N2, 3) normalised space, graph order
             camera = self.camera_head(self.node_pool(features[side].transpose(1, 2))[..., 0])  # (B, 3)
             verts = torch.einsum("vn,bnc->bvc", getattr(self, f"upsample_{side}"), nodes)  # (B, 778, 3)
             joints = _joints_from_verts(hand_model, side, verts)  # (B, 21, 3)
@@ -851,7 +851,7 @@ class IntagHand(HandModelMixin, nn.Module):
     def losses(self, output: TwoHandOutput, batch: HandBatch) -> Dict[str, Tensor]:
         """IntagHand's weighted terms (FACTS.md §4), each averaged over the two hands and masked by validity:
         ``verts``, ``joints``, ``verts_2d``, ``normal``, ``edge`` (0 before ``edge_loss_epoch``),
-        ``coarse_verts``, ``coarse_verts_2d`` (the 252-node level against the pooled ground truth), ``mask``,
+        ``coarse_verts``, ``coarse_verts_2d`` (the last level's nodes against the pooled ground truth), ``mask``,
         ``dense`` (ground truth rendered from the GT meshes at the decoder's resolution), ``heatmap``.
         3D terms compare normalised-space coordinates; 2D terms image coordinates scaled to [-1, 1]."""
         extras = output.extras
@@ -877,8 +877,8 @@ class IntagHand(HandModelMixin, nn.Module):
             terms["normal"] = terms["normal"] + _masked_mean(_normal_error(pred_verts, gt_verts, faces), valid) / 2
             terms["edge"] = terms["edge"] + _masked_mean(_edge_error(pred_verts, gt_verts, faces), valid) / 2
             level = DECODER_LEVELS[-1]
-            gt_nodes = self.pool_graph(self.to_graph(side, gt_verts), level)  # (B, 252, 3)
-            gt_nodes_img = self.pool_graph(self.to_graph(side, gt_verts_img), level)  # (B, 252, 2)
+            gt_nodes = self.pool_graph(self.to_graph(side, gt_verts), level)  # (B, N2, 3)
+            gt_nodes_img = self.pool_graph(self.to_graph(side, gt_verts_img), level)  # (B, N2, 2)
             terms["coarse_verts"] = terms["coarse_verts"] + _masked_mean(
                 (extras[f"{side}_nodes_norm"] - gt_nodes).abs(), valid
             ) / 2
