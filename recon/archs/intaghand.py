@@ -13,10 +13,10 @@ Architecture and recipe as read from the reference code (FACTS.md §4); the code
    layer norm, repeated over the coarsest graph's nodes, plus a 3-d per-node code (the dense-correspondence
    colour, pooled). Three levels (65 -> 130 -> 260 nodes on the procedural hand; 63 -> 126 -> 252 in IntagHand's
    shipped graphs of official MANO); each level (:class:`DualGraphLevel`) adds a vertex position embedding
-   shared by both hands, runs a :class:`GraphLayer` per hand (residual Chebyshev blocks, K = 2; the first block maps the input width to the
-   output width, everything after it runs at the output width), :class:`ImageAttention` per hand (grid tokens
-   of the fused map by a strided convolution, a self-attention among them, then one self-attention over
-   [vertex; grid] tokens) and :class:`HandAttention` (a self-attention per hand, then the cross-hand attention
+   shared by both hands, runs a :class:`GraphLayer` per hand (residual Chebyshev blocks, K = 2; the first
+   block maps the input width to the output width, everything after it runs at the output width),
+   :class:`ImageAttention` per hand (grid tokens of the fused map by a strided convolution, a self-attention
+   among them, then one self-attention over [vertex; grid] tokens) and :class:`HandAttention` (a self-attention per hand, then the cross-hand attention
    with shared projections, per-hand norms and feed-forwards); x2 repetition to the next level (valid because
    of the coarsening's order).
 3. Output: coordinates on the last level's nodes, a frozen linear map to the 778 vertices (no bias) and a
