@@ -16,9 +16,9 @@ Architecture and recipe as read from the reference code (FACTS.md §4); the code
    shared by both hands, runs a :class:`GraphLayer` per hand (residual Chebyshev blocks, K = 2; the first
    block maps the input width to the output width, everything after it runs at the output width),
    :class:`ImageAttention` per hand (grid tokens of the fused map by a strided convolution, a self-attention
-   among them, then one self-attention over [vertex; grid] tokens) and :class:`HandAttention` (a self-attention per hand, then the cross-hand attention
-   with shared projections, per-hand norms and feed-forwards); x2 repetition to the next level (valid because
-   of the coarsening's order).
+   among them, then one self-attention over [vertex; grid] tokens) and :class:`HandAttention` (a
+   self-attention per hand, then the cross-hand attention with shared projections, per-hand norms and
+   feed-forwards); x2 repetition to the next level (valid because of the coarsening's order).
 3. Output: coordinates on the last level's nodes, a frozen linear map to the 778 vertices (no bias) and a
    weak-perspective camera (scale, tx, ty) per hand from the node features.
 
@@ -755,7 +755,8 @@ class IntagHand(HandModelMixin, nn.Module):
         """batch.image: (B, 3, H, W) RGB in [0, 1], H = W = ``input_size`` -> TwoHandOutput (each hand relative
         to its own wrist, camera axes, metres; see the module docstring for the conversion). ``extras`` holds
         the normalised-space predictions the losses read: ``{side}_verts_norm`` (B, 778, 3),
-        ``{side}_nodes_norm`` (B, N2, 3) (the last level's nodes), ``{side}_verts_img`` / ``{side}_nodes_img`` pixels, ``{side}_camera``
+        ``{side}_nodes_norm`` (B, N2, 3) (the last level's nodes), ``{side}_verts_img`` / ``{side}_nodes_img``
+        pixels, ``{side}_camera``
         (B, 3), ``heatmaps`` (B, 42, H/4, W/4), ``masks`` (B, 2, H/4, W/4), ``dense`` (B, 6, H/4, W/4)."""
         image = batch.image
         height, width = image.shape[-2:]
