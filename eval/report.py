@@ -345,7 +345,8 @@ def load_results(path: str | Path) -> dict[str, dict[str, float]]:
         raise ValueError(f"{path}: cannot read a results JSON ({error})") from error
     if not isinstance(payload, dict) or not all(isinstance(v, dict) for v in payload.values()):
         raise ValueError(f"{path}: expected {{dataset: {{metric: value}}}}, got {type(payload).__name__}")
-    payload.pop("mixing", None)  # recon.train's mixing statistics sit beside the datasets in metrics.json
+    payload.pop("mixing", None)  # recon.train's mixing statistics and skip counts sit beside the datasets
+    payload.pop("skips", None)
     return {
         dataset: {k: (math.nan if v is None else float(v)) for k, v in values.items() if isinstance(v, (int, float)) or v is None}
         for dataset, values in payload.items()

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -22,7 +23,8 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, Sampler, Subset
 
 from hands.camera import square_bbox
-from hands.datasets import DATASETS, build_dataset, transforms
+from hands.datasets import DATASETS, DatasetError, build_dataset, transforms
+from hands.datasets.common import SkippedRecord
 from hands.sample import HandSample
 from recon.balance import SameLength, balance_2d_3d
 
@@ -38,6 +40,8 @@ __all__ = [
     "check_data",
     "check_input_protocol",
     "describe_default_data",
+    "describe_skips",
+    "index_skips",
     "build_train_set",
     "train_transform",
     "base_readers",
@@ -211,17 +215,40 @@ class _Mapped(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> HandSample:
-        return self.transform(self.dataset[index])
+    def __getitem__(self, index: int) -> HandSample | SkippedRecord:
+        sample = self.dataset[index]
+        return sample if isinstance(sample, SkippedRecord) else self.transform(sample)
 
 
 def _limit(dataset: Dataset, limit: Optional[int]) -> Dataset:
     return dataset if limit is None or limit >= len(dataset) else Subset(dataset, range(limit))
 
 
-def _reader(cfg, spec: DatasetSpec, n_named: int, hand_model) -> Dataset:
+def describe_skips(skipped: Counter, limit: int = 3) -> str:
+    """``"12 (image does not decode: 10, joints_cam: NaN or inf: 2)"``: the count and the commonest reasons."""
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in skipped.most_common(limit))
+    more = ", ..." if len(skipped) > limit else ""
+    return f"{sum(skipped.values())} ({reasons}{more})"
+
+
+def index_skips(readers) -> dict[str, dict[str, int]]:
+    """``{reader description: {reason: count}}`` of the records each reader dropped when indexing (only
+    readers that dropped some)."""
+    return {reader.describe(): dict(reader.index_skipped) for reader in readers if getattr(reader, "index_skipped", None)}
+
+
+def _reader(cfg, spec: DatasetSpec, n_named: int, hand_model, *, role: str = "train") -> Dataset:
+    """The reader of ``spec``; ``index_skipped`` keeps the records it dropped when indexing. A split with no
+    usable record is a DatasetError naming it and the commonest reason."""
     root = dataset_root(spec.name, cfg.data.root, n_named)
-    return build_dataset(spec.name, root, spec.split, hand_model=hand_model)  # synthlab with root None: written on first use
+    reader = build_dataset(spec.name, root, spec.split, hand_model=hand_model)  # synthlab with root None: written on first use
+    reader.index_skipped = Counter(reader.skipped)
+    if len(reader) == 0:
+        why = (f"every record was skipped: {describe_skips(reader.skipped)}" if reader.skipped
+               else "the split holds no record")
+        raise DatasetError(f"{role} dataset {spec.name}:{spec.split} ({root or 'embedded'}): no usable sample; {why}")
+    reader.substitute = role == "train"  # a test record that does not decode is counted, never replaced
+    return reader
 
 
 def check_input_protocol(cfg) -> None:
@@ -308,6 +335,6 @@ def build_test_sets(cfg, *, hand_model, datasets: Optional[Sequence[str]] = None
     n_named = len({spec.name for spec in specs})
     transform = eval_transform(cfg.data.crop, tuple(cfg.data.image_size))
     return {
-        spec: _Mapped(_limit(_reader(cfg, spec, n_named, hand_model), cfg.data.max_test_samples), transform)
+        spec: _Mapped(_limit(_reader(cfg, spec, n_named, hand_model, role="test"), cfg.data.max_test_samples), transform)
         for spec in specs
     }

@@ -10,7 +10,8 @@ sidecar (``--plugin`` registers user regressors first), then loaded from the ``.
 missing sidecar, a damaged file or weights that do not fit are refused with one line. The test sets default
 to those of the run's config (the embedded synthlab test splits for a default run). The JSON written
 (``--out``, default ``<run>/test_metrics.json``) has the shape of ``metrics.json``:
-``{dataset: {"MPVPE": mm, "RRVE": mm, "MRRPE": mm, ...}}``.
+``{dataset: {"MPVPE": mm, "RRVE": mm, "MRRPE": mm, ..., "records_skipped": n}, "skips": {"test": {dataset:
+{reason: count}}}}``: a test record that does not load is counted there, never replaced by another sample.
 """
 from __future__ import annotations
 
@@ -30,10 +31,10 @@ from hands.mano import HandModel
 from recon import checkpoint as ckpt
 from recon.cards import hand_model_warning
 from recon.config import ConfigError, from_dict, load_config
-from recon.data import DataSpecError, build_test_sets
+from recon.data import DataSpecError, build_test_sets, describe_skips
 from recon.evaluate import HEADLINE, evaluate_regressor, format_results
 from recon.registry import REGRESSORS, PluginError, build_regressor, import_plugin, load_builtin_regressors
-from recon.train import UsageError, _distributed, resolve_device
+from recon.train import UsageError, _distributed, positive_int, resolve_device
 
 __all__ = ["main", "load_regressor"]
 
@@ -48,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", help="another run's metrics JSON; prints the deltas (this minus other)")
     parser.add_argument("--out", help="where to write the metrics JSON (default: <run>/test_metrics.json)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
-    parser.add_argument("--max-samples", type=int, help="evaluate the first N samples of each test set")
+    parser.add_argument("--batch-size", type=positive_int, help="evaluation batch size (default: the run's)")
+    parser.add_argument("--max-samples", type=positive_int, help="evaluate the first N samples of each test set")
     return parser
 
 
@@ -86,7 +87,13 @@ def _read_metrics(path: str) -> dict:
         raise UsageError(f"--compare {path}: not valid JSON ({error})") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise UsageError(f"--compare {path}: expected {{dataset: {{metric: value}}}} (a metrics.json)")
-    data.pop("mixing", None)  # recon.train's mixing statistics sit beside the datasets
+    data.pop("mixing", None)  # recon.train's mixing statistics and the skip counts sit beside the datasets
+    data.pop("skips", None)
+    for dataset, values in data.items():
+        for name in HEADLINE:
+            value = values.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise UsageError(f"--compare {path}: {dataset}.{name} is {value!r}; expected a number (mm)")
     return data
 
 
@@ -109,6 +116,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"recon.test: warning: {mismatch}", file=sys.stderr)
     datasets = args.datasets.split(",") if args.datasets else None
     test_sets = build_test_sets(cfg, hand_model=hand_model, datasets=datasets)
+    skips: dict = {}
     results = evaluate_regressor(
         model,
         test_sets,
@@ -118,6 +126,7 @@ def run(args: argparse.Namespace) -> dict:
         num_workers=cfg.data.num_workers,
         rank=rank,
         world_size=world_size,
+        skips=skips,
     )
     if rank == 0:
         run_name = f"{info.arch} step {info.step}"
@@ -127,9 +136,13 @@ def run(args: argparse.Namespace) -> dict:
                 for name in HEADLINE:
                     other = compare.get(key, {}).get(name, math.nan)
                     print(f"delta {key} {name}: {values.get(name, math.nan) - other:+.2f} mm")
+        for key, found in skips.items():
+            if found:
+                print(f"{key}: {describe_skips(found)} record(s) skipped, not scored")
         out = Path(args.out) if args.out else info.json_path.parent.parent / "test_metrics.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2, sort_keys=True))
+        report = dict(results, skips={"test": {key: dict(found) for key, found in skips.items() if found}})
+        out.write_text(json.dumps(report, indent=2, sort_keys=True))
         print(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
     return results
 

@@ -28,6 +28,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
@@ -56,6 +57,8 @@ from recon.data import (
     base_readers,
     build_test_sets,
     build_train_set,
+    describe_skips,
+    index_skips,
     check_data,
     describe_default_data,
     set_epoch,
@@ -326,6 +329,14 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
     if default_note:
         say(default_note)
     train_set = build_train_set(cfg, hand_model=hand_model)
+    # the test sets too, before training: an empty split is an error now, not after the run
+    test_sets = build_test_sets(cfg, hand_model=hand_model) if cfg.eval.at_end else {}
+    skip_report = {"train": index_skips(base_readers(train_set)), "test": {}}
+    for spec, dataset in test_sets.items():
+        skip_report["test"].update({spec.key: n for n in index_skips(base_readers(dataset)).values()})
+    for role, found in skip_report.items():
+        for name, skipped in found.items():
+            say(f"{role} {name}: {describe_skips(Counter(skipped))} record(s) skipped when indexing")
     sampler = ResumableSampler(train_set, num_replicas=world_size, rank=rank, seed=cfg.seed, batch_size=n_real)
     loader = DataLoader(
         train_set,
@@ -424,7 +435,7 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
     if provider is not None and callable(getattr(provider, "prime", None)):
         provider.prime(n_synthetic)  # the first generated batch before the clock starts (reported as prime_s)
     saved_step = resumed_step = step if resume_info is not None else -1
-    loop_start, samples_seen = time.perf_counter(), 0
+    loop_start, samples_seen, substituted = time.perf_counter(), 0, 0
     batch_in_epoch, bar = start_batch, None
     try:
         while step < max_steps and epoch < cfg.train.epochs:
@@ -453,6 +464,7 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
                 step += 1
                 batch_in_epoch += 1
                 samples_seen += len(batch) * world_size
+                substituted += sum(1 for meta in batch.meta if "substituted_for" in meta)  # images that did not decode
                 speed = samples_seen / max(time.perf_counter() - loop_start, 1e-9)
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(logged[0]):.4f}", samples_per_s=f"{speed:.1f}")
@@ -516,9 +528,12 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
         final = ckpt.find_checkpoint(out / "checkpoints") if saved_step != resumed_step else resume_info.json_path
     say(f"trained {step} steps in {train_time:.1f} s; checkpoint {final}")
 
+    if substituted:  # this process's count (each rank reads its own share)
+        skip_report["train_samples_substituted"] = substituted
+        say(f"train: {substituted} sample(s) replaced by the next one because their image did not decode")
     metrics: dict = {}
     if cfg.eval.at_end:
-        test_sets = build_test_sets(cfg, hand_model=hand_model)
+        test_skips: dict = {}
         metrics = evaluate_regressor(
             model,
             test_sets,
@@ -528,10 +543,16 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
             num_workers=cfg.data.num_workers,
             rank=rank,
             world_size=world_size,
+            skips=test_skips,
         )
+        skip_report["test"] = {key: dict(found) for key, found in test_skips.items() if found}
         if is_main:
             say(format_results(metrics))
-            report = dict(metrics, mixing=mixing_stats) if mixing_stats is not None else metrics
+            for key, found in skip_report["test"].items():
+                say(f"test {key}: {describe_skips(Counter(found))} record(s) skipped, not scored")
+            report = dict(metrics, skips=skip_report)
+            if mixing_stats is not None:
+                report["mixing"] = mixing_stats
             tmp = out / ".metrics.json.tmp"  # written whole, then renamed: a reader never sees half of it
             tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
             os.replace(tmp, out / "metrics.json")

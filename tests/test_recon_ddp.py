@@ -53,11 +53,13 @@ def test_torchrun_two_processes(tmp_path):
     assert meta["world_size"] == 2 and meta["step"] == 6 and (meta["epoch"], meta["step_in_epoch"]) == (2, 0)
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1  # one writer: rank 0's
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics.pop("skips") == {"train": {}, "test": {}}
     single = tmp_path / "single.json"
     torch.set_num_threads(1)
     assert recon_test.main(["--ckpt", str(out), "--out", str(single)]) == 0
     again = json.loads(single.read_text())
     for key in metrics:
+        assert again[key]["records_skipped"] == metrics[key]["records_skipped"] == 0
         for name in ("count_MPVPE", "count_RRVE", "count_MRRPE"):  # every test sample counted once
             assert again[key][name] == metrics[key][name] > 0, (key, name)
         for name in ("MPVPE", "RRVE", "MRRPE"):  # float32 convolutions differ slightly with the batch size

@@ -67,9 +67,10 @@ def test_train_writes_checkpoints_tensorboard_and_metrics_and_test_reproduces_th
     assert [p.name for p in sorted((out / "checkpoints").glob("*.json"))] == ["step_000002.json", "step_000004.json"]
     assert list((out / "tb").glob("events.out.tfevents.*"))
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"synthlab-test-lab", "synthlab-test-wild"}
+    assert set(metrics) == {"synthlab-test-lab", "synthlab-test-wild", "skips"}
+    assert metrics.pop("skips") == {"train": {}, "test": {}}  # the tiny synthlab has no bad record
     for values in metrics.values():
-        assert values["count_MPVPE"] > 0
+        assert values["count_MPVPE"] > 0 and values["records_skipped"] == 0
         for name in ("MPVPE", "RRVE", "MRRPE"):  # NaN only where nothing counted (e.g. no two-hand frame)
             assert (0 < values[name] < 2000) if values[f"count_{name}"] else math.isnan(values[name])  # mm
     sidecar = json.loads((out / "checkpoints" / "step_000004.json").read_text())
@@ -89,7 +90,7 @@ def test_train_writes_checkpoints_tensorboard_and_metrics_and_test_reproduces_th
     argv = ["--ckpt", str(out), "--data-root", str(synthlab_root), "--datasets", "synthlab:test-lab", "--max-samples", "3"]
     assert recon_test.main([*argv, "--out", str(only)]) == 0
     subset = json.loads(only.read_text())
-    assert list(subset) == ["synthlab-test-lab"] and 0 < subset["synthlab-test-lab"]["count_MPVPE"] <= 6  # 3 images
+    assert list(subset) == ["skips", "synthlab-test-lab"] and 0 < subset["synthlab-test-lab"]["count_MPVPE"] <= 6  # 3 images
     capsys.readouterr()
 
     # a truncated checkpoint is refused in one line

@@ -6,10 +6,13 @@ Conventions (all readers):
 - Bad input: a missing file or folder raises :class:`DatasetError` naming the path and what the reader
   expected there. A bad *record* (missing keys, wrong types, NaN, an empty or out-of-image box) is dropped
   when the index is built and counted in ``dataset.skipped`` by reason. An image that does not decode is
-  found in ``__getitem__``: the reader counts it, remembers it, and returns the next valid sample
-  (deterministically: index + 1, + 2, ...) with ``meta["substituted_for"]`` naming the sample it replaces, so
-  that counts made in DataLoader worker processes are not lost. ``report_skips()`` logs the counts once
-  (call it once per epoch).
+  found in ``__getitem__``: the reader counts it, remembers it, and
+  - for training (``substitute = True``, the default) returns the next valid sample (deterministically:
+    index + 1, + 2, ...) with ``meta["substituted_for"]`` naming the sample it replaces, so that counts made in
+    DataLoader worker processes are not lost;
+  - for testing (``substitute = False``) returns a :class:`SkippedRecord` instead: a score never includes
+    another sample's data twice, and the evaluation counts the record as skipped.
+  ``report_skips()`` logs the counts once (call it once per epoch).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import json
 import logging
 import math
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,6 +36,7 @@ from hands.sample import Camera, HandLabels, HandSample
 __all__ = [
     "DatasetError",
     "BadRecord",
+    "SkippedRecord",
     "HandDataset",
     "require_dir",
     "require_file",
@@ -64,6 +69,16 @@ class BadRecord(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """What a reader with ``substitute = False`` returns for a record that does not load: the dataset, the
+    record's id and the reason. Collation for evaluation drops it and counts it (:mod:`recon.evaluate`)."""
+
+    dataset: str
+    record: str
+    reason: str
 
 
 def require_dir(path: Path, what: str) -> Path:
@@ -292,6 +307,7 @@ class HandDataset(torch.utils.data.Dataset):
     """
 
     name = "base"
+    substitute = True  # a record that does not decode: the next valid sample (training) or a SkippedRecord
 
     def __init__(self) -> None:
         self.records: list = []
@@ -334,6 +350,14 @@ class HandDataset(torch.utils.data.Dataset):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"{self.name}: index {index} out of range for {len(self)} samples")
+        if not self.substitute:
+            try:
+                return self.load(self.records[index])
+            except BadRecord as bad:
+                if index not in self._bad:
+                    self._bad.add(index)
+                    self.skip(bad.reason)
+                return SkippedRecord(self.describe(), self.record_id(self.records[index]), bad.reason)
         for offset in range(len(self)):
             current = (index + offset) % len(self)
             if current in self._bad:
