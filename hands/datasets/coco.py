@@ -39,7 +39,8 @@ What a sample holds (the 2D-only supervision InterWild gives COCO):
   a pinhole with focal max(W, H) at the image centre); a hand whose camera differs is moved so that its
   wrist projects to the same pixel and its image size is kept (depth scaled by f_K / f_hand), which is
   exact for the wrist and first-order for the rest of the hand (see docs/fidelity.md).
-- ``meta``: dataset, id (annotation id), image_id, is_synthetic, image_path, joints_3d False,
+- ``meta``: dataset, id (annotation id), image_id, is_synthetic, image_path, joints_3d False, prompt (the
+  image's hand-related caption, when a captions file has one: see ``captions``),
   body_bbox (x0, y0, x1, y1: InterWild's ``process_bbox``, the person box made 384:512 and x1.25, the crop
   InterWild trains on), persons (annotations of that image in the file).
 
@@ -70,7 +71,9 @@ from hands.datasets.common import (
     load_image,
     load_json,
     require_dir,
+    require_file,
 )
+from hands.datasets.captions import default_captions_path, load_captions
 from hands.sample import Camera, HandLabels, HandSample, SIDES
 
 __all__ = ["MSCOCO", "SPLIT_FOLDERS", "sanitize_box", "body_box", "neuralannot_camera_shift"]
@@ -136,6 +139,9 @@ class MSCOCO(HandDataset):
         root: InterWild's ``data/MSCOCO`` folder (``annotations/`` and ``images/``).
         split: "train" (with fits) or "val" (2D only, as InterWild reads it).
         one_person: keep only images with one person annotation (the paper's generator data).
+        captions: a captions file (``python -m generator.caption``) whose hand-related caption of an image
+            becomes ``meta["prompt"]`` of its samples; "auto" (default) reads the split's default file
+            (:func:`hands.datasets.captions.default_captions_path`) when it exists; None reads none.
         hand_model: a HandModel for meshing the fits; built from ``mano_dir`` on first use when None.
         mano_dir: folder of the MANO files (None: the procedural hand; give the real MANO for real fits).
     """
@@ -148,6 +154,7 @@ class MSCOCO(HandDataset):
         split: str = "train",
         *,
         one_person: bool = False,
+        captions: str | Path | None = "auto",
         hand_model=None,
         mano_dir: str | Path | None = None,
     ) -> None:
@@ -158,6 +165,15 @@ class MSCOCO(HandDataset):
         self.root = require_dir(Path(root).expanduser(), "InterWild's MSCOCO folder holding annotations/ and images/")
         self.image_dir = self.root / "images" / SPLIT_FOLDERS[split]
         self.hand_model, self.mano_dir = hand_model, mano_dir
+        if captions == "auto":
+            captions = default_captions_path(self.root, split)
+            captions = captions if captions.is_file() else None
+        elif captions is not None:
+            require_file(Path(captions).expanduser(), "a captions file written by python -m generator.caption")
+        try:
+            self.captions = load_captions(Path(captions).expanduser()) if captions is not None else {}
+        except ValueError as exc:
+            raise DatasetError(str(exc)) from None
         annotations = self.root / "annotations"
         data = load_json(annotations / ANNOTATION_FILES[split], "COCO-WholeBody annotations")
         fits = load_json(annotations / MANO_FILE, "NeuralAnnot MANO fits of MSCOCO train") if split == "train" else {}
@@ -346,6 +362,8 @@ class MSCOCO(HandDataset):
             "body_bbox": torch.from_numpy(record["body_bbox"].copy()),
             "persons": record["persons"],
         }
+        if record["path"] in self.captions:
+            meta["prompt"] = self.captions[record["path"]]
         return HandSample(
             image=image,
             right=right,
