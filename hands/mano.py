@@ -42,6 +42,8 @@ from torch import Tensor, nn
 from hands.joints import MANO21_TO_OURS, MANO_TIP_VERTS
 
 __all__ = [
+    "MANOError",
+    "MANOFilesMissing",
     "HandModel",
     "HandOutput",
     "MANO_DIR_ENV",
@@ -64,6 +66,15 @@ _REQUIRED = {
     "hands_components": (45, 45),
     "hands_mean": (45,),
 }
+
+
+class MANOError(ValueError):
+    """MANO files that cannot be used (not a MANO pickle, wrong shapes, NaN / inf values), in one line naming
+    the file. Command lines report it as a usage error."""
+
+
+class MANOFilesMissing(MANOError, FileNotFoundError):
+    """A MANO folder that does not exist or lacks MANO_RIGHT.pkl / MANO_LEFT.pkl (one line naming it)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,23 +184,32 @@ def load_mano_file(path: str | os.PathLike) -> dict:
     """Read a MANO ``.pkl`` (official, chumpy-pickled, or procedural) into plain numpy arrays.
 
     Returns a dict with at least the keys of ``_REQUIRED`` (numpy arrays; ``J_regressor`` as a
-    ``scipy.sparse.csc_matrix``), validated against MANO's shapes. Raises ``ValueError`` with a one-line
-    message naming the file and what is wrong (not a pickle, not a dict, missing keys, wrong shapes).
+    ``scipy.sparse.csc_matrix``), validated against MANO's shapes and finite. Raises :class:`MANOError` (a
+    ValueError) with a one-line message naming the file and what is wrong (not a pickle, not a dict, missing
+    keys, wrong shapes, NaN or inf values), :class:`MANOFilesMissing` when the file does not exist.
     """
     path = Path(path)
     try:
         data = _MANOUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
     except FileNotFoundError:
-        raise
+        raise MANOFilesMissing(f"{path}: no such MANO file") from None
+    except IsADirectoryError:
+        raise MANOError(f"{path}: a folder, not a MANO model file") from None
     except Exception as err:  # any unpickling failure: not a MANO pickle
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{path}: not a MANO model file (cannot unpickle it: {msg})") from None
+        raise MANOError(f"{path}: not a MANO model file (cannot unpickle it: {msg})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a MANO model file (the pickle holds a {type(data).__name__}, not a dict)")
+        raise MANOError(f"{path}: not a MANO model file (the pickle holds a {type(data).__name__}, not a dict)")
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
-        raise ValueError(f"{path}: not a MANO model file: missing keys {missing}")
-    out = {k: _plain(v, f"{path} key '{k}'") for k, v in data.items()}
+        raise MANOError(f"{path}: not a MANO model file: missing keys {missing}")
+    try:
+        out = {k: _plain(v, f"{path} key '{k}'") for k, v in data.items()}
+    except MANOError:
+        raise
+    except Exception as err:  # a chumpy object without an array, a malformed sparse matrix
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise MANOError(f"{path}: not a MANO model file ({msg})") from None
     for key, want in _REQUIRED.items():
         value = out[key]
         shape = tuple(value.shape) if hasattr(value, "shape") else None
@@ -198,8 +218,21 @@ def load_mano_file(path: str | os.PathLike) -> dict:
         )
         if not ok:
             need = tuple("10+" if w is None else w for w in want)
-            raise ValueError(f"{path}: not a MANO model file: '{key}' has shape {shape}, MANO needs {need}")
-        out[key] = scipy.sparse.csc_matrix(value) if key == "J_regressor" else np.asarray(value)  # dense or sparse
+            raise MANOError(f"{path}: not a MANO model file: '{key}' has shape {shape}, MANO needs {need}")
+        try:
+            out[key] = scipy.sparse.csc_matrix(value) if key == "J_regressor" else np.asarray(value)  # dense or sparse
+            numbers = out[key].data if key == "J_regressor" else out[key]
+            finite = bool(np.isfinite(np.asarray(numbers, dtype=np.float64)).all())
+        except (TypeError, ValueError):
+            raise MANOError(f"{path}: not a MANO model file: '{key}' is not numeric") from None
+        if not finite:  # refused before anything (a rendered benchmark, a cache) is made from it
+            raise MANOError(f"{path}: '{key}' holds NaN or inf values; these MANO files are damaged")
+    faces = out["f"]
+    if faces.min() < 0 or faces.max() >= 778 or not np.array_equal(faces, np.round(faces)):
+        raise MANOError(f"{path}: 'f' holds values outside the 778 vertex indices; these MANO files are damaged")
+    parents = out["kintree_table"][0, 1:]
+    if parents.min() < 0 or parents.max() >= 16:
+        raise MANOError(f"{path}: 'kintree_table' names parents outside the 16 joints; these MANO files are damaged")
     return out
 
 
@@ -275,10 +308,13 @@ class HandModel(nn.Module):
             mano_dir = os.environ[MANO_DIR_ENV]
         folder = Path(mano_dir).expanduser() if mano_dir is not None else procedural_mano_dir()
         self.mano_dir = folder
+        if folder.exists() and not folder.is_dir():
+            raise MANOFilesMissing(f"{folder}: a file, not a MANO folder (point --mano-dir or ${MANO_DIR_ENV} at the "
+                                   "folder holding MANO_RIGHT.pkl and MANO_LEFT.pkl)")
         paths = {side: folder / _FILES[side] for side in SIDES}
         for side, path in paths.items():
             if not path.is_file():
-                raise FileNotFoundError(
+                raise MANOFilesMissing(
                     f"{path}: no {_FILES[side]} in {folder} (point --mano-dir or ${MANO_DIR_ENV} at the folder "
                     "holding MANO_RIGHT.pkl and MANO_LEFT.pkl)"
                 )
@@ -289,7 +325,11 @@ class HandModel(nn.Module):
         from hands.procedural import MODEL_SOURCE
 
         self.is_procedural = all(str(data[s].get("model_source", "")) == MODEL_SOURCE for s in SIDES)
-        self.layers = nn.ModuleDict({side: _smplx_layer(data[side], paths[side], side == "right") for side in SIDES})
+        try:
+            self.layers = nn.ModuleDict({side: _smplx_layer(data[side], paths[side], side == "right") for side in SIDES})
+        except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as err:  # e.g. a kinematic tree out of range
+            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise MANOError(f"{folder}: smplx cannot build MANO from these files ({type(err).__name__}: {msg})") from None
         # left-hand shapedirs fix (FACTS.md §7)
         right_sd, left_sd = self.layers["right"].shapedirs, self.layers["left"].shapedirs
         self.left_shapedirs_fixed = bool(torch.sum(torch.abs(left_sd[:, 0, :] - right_sd[:, 0, :])) < 1)

@@ -454,12 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from hands.mano import MANOError
     from recon.train import UsageError
 
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (DemoError, UsageError, ckpt.CheckpointError, PluginError) as error:
+    except (DemoError, UsageError, ckpt.CheckpointError, PluginError, MANOError) as error:
         print(f"recon.demo: error: {error}", file=sys.stderr)
         return 2
     return 0

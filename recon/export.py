@@ -134,13 +134,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError:
         print("recon.export: error: ONNX export needs onnx: pip install 'attentionhand-aug[export]'", file=sys.stderr)
         return 2
+    from hands.mano import MANOError
     from recon.test import load_regressor
 
     try:
         for plugin in args.plugin:
             import_plugin(plugin)
         model, info = load_regressor(args.ckpt, device="cpu", mano_dir=args.mano_dir)
-    except (ckpt.CheckpointError, PluginError) as error:
+    except (ckpt.CheckpointError, PluginError, MANOError) as error:
         print(f"recon.export: error: {error}", file=sys.stderr)
         return 2
     names = export_onnx(model, info, args.onnx, batch=args.batch)

@@ -11,8 +11,10 @@ What ``recon.train`` does with its ``--out`` folder, before it writes anything t
    those files first; other files (``train.log`` of ``recon.table2``, a user's notes) are left alone. A
    *resumed* run must continue the run the folder holds (the same run id) and from its newest checkpoint;
    ``--overwrite`` with ``--resume`` drops that run's later checkpoints instead.
-3. ``<out>/run.json`` records the run id (a new one per new run, the checkpoint's when resuming); every
-   checkpoint's sidecar carries it, pruning removes only this run's older checkpoints, and
+3. ``<out>/run.json`` records the run id (a new one per new run, the checkpoint's when resuming), written
+   when the run writes its first file (:meth:`RunFolder.record`, with ``config.yaml``): a run refused or
+   failing before that leaves the folder as it found it (a folder it created is removed). Every
+   checkpoint's sidecar carries the run id, pruning removes only this run's older checkpoints, and
    :func:`recon.checkpoint.find_checkpoint` on the folder picks the newest checkpoint *of this run*.
 4. Leftovers: holding the lock, any ``*.tmp-<pid>`` file of an interrupted checkpoint write and any
    ``.metrics.json.tmp`` is stale (its writer is gone); they are deleted and counted.
@@ -119,12 +121,21 @@ def _remove_checkpoint(sidecar: Path) -> None:
 
 @dataclass
 class RunFolder:
-    """A claimed ``--out`` folder; :meth:`release` (or the context manager) removes the lock."""
+    """A claimed ``--out`` folder; :meth:`record` writes ``run.json``, :meth:`release` (or the context
+    manager) removes the lock, and the folder too when this claim created it and nothing was written."""
 
     path: Path
     run_id: str
     notes: list[str] = field(default_factory=list)
     _lock: Optional[Path] = None
+    _created: bool = False
+
+    def record(self) -> None:
+        """Write ``run.json`` (the run id): from now on the folder holds this run."""
+        content = {"run_id": self.run_id, "host": socket.gethostname(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        tmp = self.path / f".{RUN_JSON}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(content, indent=2, sort_keys=True))
+        os.replace(tmp, self.path / RUN_JSON)
 
     def release(self) -> None:
         if self._lock is None:
@@ -133,6 +144,11 @@ class RunFolder:
         if owner.get("pid") == os.getpid() and owner.get("run_id") == self.run_id:
             self._lock.unlink(missing_ok=True)
         self._lock = None
+        if self._created:
+            try:
+                self.path.rmdir()  # only when empty: a run that wrote nothing leaves no folder behind
+            except OSError:
+                pass
 
     def __enter__(self) -> "RunFolder":
         return self
@@ -196,6 +212,7 @@ def claim_run_folder(
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {out}: is a file; expected a run folder (a new or empty one, or this run's)")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -206,7 +223,7 @@ def claim_run_folder(
     run_id = str(resume_meta.get("run_id") or new_run_id()) if resuming else new_run_id()
     notes: list[str] = []
     lock = _take_lock(out, run_id, notes)
-    folder = RunFolder(path=out, run_id=run_id, notes=notes, _lock=lock)
+    folder = RunFolder(path=out, run_id=run_id, notes=notes, _lock=lock, _created=created)
     try:
         _clean_leftovers(out, notes)
         if resuming:
@@ -223,10 +240,6 @@ def claim_run_folder(
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
             if occupied:
                 notes.append(f"--overwrite: deleted the previous run's {', '.join(occupied)} in {out}")
-        record = {"run_id": run_id, "host": socket.gethostname(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        tmp = out / f".{RUN_JSON}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-        os.replace(tmp, out / RUN_JSON)
     except BaseException:
         folder.release()
         raise

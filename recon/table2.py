@@ -989,6 +989,7 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from hands.datasets import DatasetError
+    from hands.mano import MANOError
     from recon.config import ConfigError
     from recon.data import DataSpecError
     from recon.registry import PluginError
@@ -998,7 +999,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse_args(argv)
         run_table(args, argv)
-    except (UsageError, TrainUsageError, ConfigError, DataSpecError, DatasetError, PluginError) as error:
+    except (UsageError, TrainUsageError, ConfigError, DataSpecError, DatasetError, PluginError, MANOError) as error:
         print(f"recon.table2: error: {error}", file=sys.stderr)
         return 2
     except RunFailed as error:

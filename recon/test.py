@@ -27,14 +27,14 @@ import torch
 import torch.distributed as dist
 
 from hands.datasets import DatasetError
-from hands.mano import HandModel
+from hands.mano import HandModel, MANOError
 from recon import checkpoint as ckpt
 from recon.cards import hand_model_warning
 from recon.config import ConfigError, from_dict, load_config
 from recon.data import DataSpecError, build_test_sets, describe_skips
 from recon.evaluate import HEADLINE, evaluate_regressor, format_results
 from recon.registry import REGRESSORS, PluginError, build_regressor, import_plugin, load_builtin_regressors
-from recon.train import UsageError, _distributed, positive_int, resolve_device
+from recon.train import UsageError, _distributed, one_line, positive_int, resolve_device
 
 __all__ = ["main", "load_regressor"]
 
@@ -151,8 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (UsageError, ConfigError, ckpt.CheckpointError, DatasetError, DataSpecError, PluginError) as error:
-        print(f"recon.test: error: {error}", file=sys.stderr)
+    except (UsageError, ConfigError, ckpt.CheckpointError, DatasetError, DataSpecError, PluginError, MANOError) as error:
+        print(f"recon.test: error: {one_line(error)}", file=sys.stderr)
         return 2
     finally:
         if dist.is_available() and dist.is_initialized():

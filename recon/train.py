@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from eval.report import mesh_overlay_grid
 from hands.datasets import DatasetError
-from hands.mano import HandModel
+from hands.mano import HandModel, MANOError
 from hands.sample import collate
 from mixing.build import build_label_source, build_provider, build_source, per_sample_preprocess
 from mixing.config import MIX_MODES, MixingConfig
@@ -77,6 +77,13 @@ class UsageError(ValueError):
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the message holds the step and the loss dict."""
+
+
+def one_line(error: BaseException, limit: int = 600) -> str:
+    """An error's message on one line (whitespace runs, newlines included, become one space), at most
+    ``limit`` characters: what a command line prints after ``error:``."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _ratio(text: str) -> float:
@@ -380,8 +387,11 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
             raise UsageError(f"--backbone-weights: regressor {cfg.arch!r} has no load_backbone_weights()")
         try:
             model.load_backbone_weights(cfg.train.backbone_weights)
-        except (ValueError, FileNotFoundError) as error:
-            raise UsageError(str(error)) from None
+        except Exception as error:  # a user's file: unreadable, not a state dict, not fitting (torch, safetensors, pickle)
+            message = one_line(error)
+            if not message.startswith("--backbone-weights"):
+                message = f"--backbone-weights {cfg.train.backbone_weights}: cannot load it ({type(error).__name__}: {message})"
+            raise UsageError(message) from None
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     step, epoch, start_batch = 0, 0, 0
     if resume_info is not None:
@@ -405,6 +415,7 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
 
         # a resumed run drops the events logged after its checkpoint's step (they belong to the lost attempt)
         writer = SummaryWriter(str(out / "tb"), purge_step=step + 1 if resume_info is not None else None)
+        run_folder.record()  # run.json: from here on the folder holds this run
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
     def save(epoch_now: int, batch_in_epoch: int) -> Path:
@@ -577,8 +588,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (UsageError, ConfigError, ckpt.CheckpointError, DatasetError, DataSpecError, PluginError) as error:
-        print(f"recon.train: error: {error}", file=sys.stderr)
+    except (UsageError, ConfigError, ckpt.CheckpointError, DatasetError, DataSpecError, PluginError, MANOError) as error:
+        print(f"recon.train: error: {one_line(error)}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:
         print(f"recon.train: {error}; stopping", file=sys.stderr)

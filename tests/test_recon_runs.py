@@ -112,11 +112,16 @@ def test_resume_from_an_earlier_checkpoint_reports_its_step_and_tensorboard_keep
     assert "but the checkpoint to resume belongs to run" in _one_line_error(capsys)
 
 
-def test_out_naming_a_file_is_refused(synthlab_root, tmp_path, capsys):
+def test_out_naming_a_file_is_refused_and_a_run_failing_before_its_first_file_leaves_no_folder(
+    synthlab_root, tmp_path, capsys
+):
     target = tmp_path / "a_file"
     target.write_text("x")
     assert recon_train.main(run_args(synthlab_root, target, "--max-steps", "1")) == 2
     assert f"--out {target}: is a file" in _one_line_error(capsys)
+    out = tmp_path / "never"
+    assert recon_train.main(run_args(synthlab_root, out, "--backbone-weights", str(target))) == 2
+    assert "--backbone-weights" in _one_line_error(capsys) and not out.exists()
 
 
 def _save(folder: Path, step: int, run_id: str) -> Path:
@@ -149,6 +154,7 @@ def test_claim_keeps_other_files_and_refuses_a_second_claim(tmp_path):
     first = claim_run_folder(tmp_path, say=lambda *_: None)  # a log only: not a run
     with pytest.raises(RunFolderError, match=f"in use by process {os.getpid()}"):
         claim_run_folder(tmp_path, say=lambda *_: None)
+    first.record()
     first.release()
     assert not (tmp_path / "run.lock").exists() and (tmp_path / "train.log").exists()
     with pytest.raises(RunFolderError, match="holds a run already \\(run.json\\)"):
