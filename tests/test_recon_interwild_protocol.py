@@ -81,8 +81,9 @@ def test_evaluation_reads_no_ground_truth_box(synthlab_root, monkeypatch):
     from recon import data as recon_data
     from recon.config import from_config
     from recon.evaluate import evaluate_regressor
-    from recon.registry import REGRESSORS
+    from recon.registry import REGRESSORS, load_builtin_regressors
 
+    load_builtin_regressors()
     torch.manual_seed(0)
     cfg = load_config(
         profile="demo",
@@ -128,8 +129,9 @@ def test_hand_box_targets_are_not_clipped_to_the_augmented_image():
 
 def _tiny_interwild():
     from recon.config import from_config
-    from recon.registry import REGRESSORS
+    from recon.registry import REGRESSORS, load_builtin_regressors
 
+    load_builtin_regressors()
     cls = REGRESSORS.get("interwild")
     return cls(**from_config(load_config(profile="demo", arch="interwild", overrides=TINY_MODEL), cls))
 
@@ -175,3 +177,68 @@ def test_synthlab_joints_are_regressed_from_its_meshes(synthlab_root):
                 assert torch.allclose(hand.joints_cam[valid], regressed[valid], atol=1e-5)
                 checked += 1
     assert checked > 0
+
+
+def _fisheye_batch(hand_model, dist):
+    """Two hands whose labels are consistent through a fisheye camera (64 x 48 image): joints regressed from
+    the meshes, joints_img the distorted projection; the right hand's fingers leave the image on the left."""
+    from hands.camera import bbox_from_points, scale_bbox
+    from hands.datasets.common import project_points
+    from hands.sample import Camera, HandLabels, HandSample, collate
+
+    K = torch.tensor([[45.0, 0.0, 23.5], [0.0, 45.0, 31.5], [0.0, 0.0, 1.0]])
+    gen = torch.Generator().manual_seed(4)
+    hands = {}
+    for side, root in (("right", (-0.115, 0.0, 0.45)), ("left", (0.09, 0.05, 0.45))):
+        pose = torch.randn(1, 48, generator=gen) * 0.2
+        pose[:, :3] = torch.tensor([3.1, 0.0, 0.0])
+        verts = hand_model(side, pose, torch.zeros(1, 10)).verts[0]
+        joints = hand_model.regress_joints(side, verts)
+        shift = torch.tensor(root) - joints[0]
+        verts, joints = verts + shift, joints + shift
+        joints_img = project_points(joints, K, dist)
+        hands[side] = HandLabels(
+            mano_pose=pose[0], mano_shape=torch.zeros(10), root_cam=joints[0], verts_cam=verts, joints_cam=joints,
+            joints_img=joints_img, bbox=scale_bbox(bbox_from_points(joints_img), 1.2), valid=torch.tensor(True),
+            joints_valid=torch.ones(21, dtype=torch.bool), mano_valid=torch.tensor(True),
+        )
+    sample = HandSample(
+        image=torch.rand(3, 64, 48, generator=gen), right=hands["right"], left=hands["left"],
+        rel_root=hands["left"].root_cam - hands["right"].root_cam, rel_root_valid=torch.tensor(True),
+        camera=Camera(K, dist), hand_type="interacting", meta={"dataset": "test", "id": "0", "is_synthetic": False},
+    )
+    return collate([sample])
+
+
+def test_2d_targets_follow_the_distortion_and_interwilds_truncation():
+    """mano_joint_img targets are projected through the fisheye distortion (get_mano_data's
+    distort_projection_fisheye) and 2D terms skip joints outside the input image (joint_trunc), while the 3D
+    terms keep them."""
+    from hands.mano import HandModel
+
+    hand_model = HandModel()
+    batch = _fisheye_batch(hand_model, torch.tensor([0.08, -0.03, 0.01, 0.0]))
+    outside = batch.right.joints_img[0, :, 0] < -0.5
+    assert 0 < int(outside.sum()) < 21  # some right-hand joints are truncated by the image border
+    torch.manual_seed(0)
+    model = _tiny_interwild().eval()
+    boxes = torch.stack([batch.right.bbox, batch.left.bbox], 1)  # crops that hold the hands, image or not
+    with torch.no_grad():
+        full = model(batch)
+        out = model.forward_hands(batch.image, batch.camera.K, boxes)
+    out.extras.update({k: full.extras[k] for k in ("box_centre", "box_size", "box_stride", "box_conf")})
+    # the position head predicts exactly the annotated 2.5D joints; the truncated ones are off by 3 cells
+    cells = out.extras["hand_grid_cells"]
+    cells_per_px = cells / model.hand_input_size
+    grid = []
+    for i, side in enumerate(("right", "left")):
+        hand = batch.hand(side)
+        target, _ = model._hand_grid_targets(hand.joints_img, hand.joints_cam, out.extras["crop_affine"][:, i], cells_per_px, cells)
+        grid.append(target)
+    grid = torch.stack(grid, 1)  # (1, 2, 21, 3)
+    grid[0, 0, outside, 0] += 3.0
+    out.extras["joints_hand_grid"] = grid
+    losses = model.losses(out, batch)
+    assert float(losses["joint_img"]) == pytest.approx(0.0, abs=1e-6)  # truncated joints are not 2D targets
+    # the MANO joints are the annotated ones here: through the distortion their targets coincide
+    assert float(losses["mano_joint_img"]) == pytest.approx(0.0, abs=1e-4)

@@ -625,12 +625,16 @@ class InterWild(nn.Module):
           ``batch.joints_3d`` (2D-only samples such as MSCOCO's have none; their joint_img loses its depth);
         mano_mesh_cam (x10): wrist-relative vertices, masked by ``mano_valid``;
         joint_img, mano_joint_img: position-head joints vs. annotated / MANO joints in the hand grid of the
-          crop that was actually used (x, y cells, z depth bins), masked where the target falls outside;
+          crop that was actually used (x, y cells, z depth bins), masked as InterWild's joint_trunc /
+          mano_joint_trunc: outside the input image or the crop's volume the target is truncated; the MANO
+          joints are projected through the camera's fisheye distortion where it has one;
         joint_proj: virtual-camera projections vs. annotated joints, hand grid, same mask as joint_img.
         """
         extras = output.extras
         dtype = output.right_verts.dtype
         K = batch.camera.K.to(dtype)
+        dist = batch.camera.dist.to(dtype)
+        image_size = tuple(batch.image.shape[-2:])
         stride = extras["box_stride"]
         grid_cells = extras["hand_grid_cells"]
         cells_per_px = grid_cells / self.hand_input_size
@@ -658,15 +662,17 @@ class InterWild(nn.Module):
             gt["verts"].append(hand.verts_cam - gt_mano_joints[:, WRIST : WRIST + 1])
             gt["mano_valid"].append(mano_valid)
 
-            # 2.5D targets in the hand grid of the crop that was used
+            # 2.5D targets in the hand grid of the crop that was used. The 2D masks are InterWild's truncation
+            # masks (joint_trunc, mano_joint_trunc): valid, inside the (augmented) input image and inside the
+            # crop's h x h x D volume; the 3D terms above keep joints that are valid but truncated in 2D.
             affine = extras["crop_affine"][:, i]
             target, inside = self._hand_grid_targets(hand.joints_img, hand.joints_cam, affine, cells_per_px, grid_cells)
             gt["grid"].append(target)
-            gt["grid_valid"].append(inside & joints_valid)
-            mano_img = project(gt_mano_joints, K)
+            gt["grid_valid"].append(inside & joints_valid & _inside_image(hand.joints_img, image_size))
+            mano_img = _project_distorted(gt_mano_joints, K, dist)  # fisheye views: the distorted projection
             target, inside = self._hand_grid_targets(mano_img, gt_mano_joints, affine, cells_per_px, grid_cells)
             gt["mano_grid"].append(target)
-            gt["mano_grid_valid"].append(inside & mano_valid[:, None])
+            gt["mano_grid_valid"].append(inside & mano_valid[:, None] & _inside_image(mano_img, image_size))
         gt = {key: torch.stack(values, 1) for key, values in gt.items()}  # (B, 2, ...)
         mano_valid = gt["mano_valid"].to(dtype)  # (B, 2)
 
@@ -789,6 +795,29 @@ def _virtual_intrinsics(focal: float, crop_size: int, like: Tensor) -> Tensor:
     """(3, 3) intrinsics of a crop's virtual camera: focal ``focal``, principal point at the crop centre."""
     centre = (crop_size - 1) / 2
     return like.new_tensor([[focal, 0.0, centre], [0.0, focal, centre], [0.0, 0.0, 1.0]])
+
+
+def _inside_image(points: Tensor, image_size: Tuple[int, int]) -> Tensor:
+    """points (B, N, 2) px -> (B, N) bool: inside the H x W image (pixel centres at integers, so the image
+    spans [-0.5, W - 0.5) x [-0.5, H - 0.5); InterWild's 0 <= x < W in its pixel-corner convention)."""
+    height, width = image_size
+    x, y = points[..., 0], points[..., 1]
+    return (x >= -0.5) & (x < width - 0.5) & (y >= -0.5) & (y < height - 0.5)
+
+
+def _project_distorted(points: Tensor, K: Tensor, dist: Tensor) -> Tensor:
+    """points (B, N, 3) camera space, metres; K (B, 3, 3); dist (B, 4) OpenCV fisheye k1..k4, zeros for a
+    pinhole camera -> (B, N, 2) px. InterWild's ``get_mano_data`` projects with ``distort_projection_fisheye``
+    where a camera has ``D`` (ReIH's egocentric views). Both projections are computed and selected per sample
+    (no host read-back); kornia's Kannala-Brandt model is the fisheye one."""
+    from kornia.geometry.camera.distortion_kannala_brandt import distort_points_kannala_brandt
+
+    pinhole = project(points, K)
+    normalized = points[..., :2] / points[..., 2:3].clamp(min=1e-6)  # (B, N, 2) on the z = 1 plane
+    params = torch.cat((K[:, 0, 0:1], K[:, 1, 1:2], K[:, 0, 2:3], K[:, 1, 2:3], dist), -1)  # (B, 8)
+    fisheye = distort_points_kannala_brandt(normalized, params[:, None].expand(-1, points.shape[1], -1))
+    is_fisheye = (dist.abs().sum(-1) > 0)[:, None, None]  # (B, 1, 1)
+    return torch.where(is_fisheye, fisheye, pinhole)
 
 
 def _masked_l1(pred: Tensor, target, valid: Tensor) -> Tensor:
