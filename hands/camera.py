@@ -53,8 +53,8 @@ def bbox_from_points(points: Tensor, valid: Tensor | None = None) -> Tensor:
         valid = torch.ones(points.shape[:-1], dtype=torch.bool, device=points.device)
     big = torch.finfo(points.dtype).max
     mask = valid.unsqueeze(-1)
-    lo = torch.where(mask, points, points.new_tensor(big)).amin(-2)
-    hi = torch.where(mask, points, points.new_tensor(-big)).amax(-2)
+    lo = torch.where(mask, points, big).amin(-2)  # a Python fill: no host-to-device copy
+    hi = torch.where(mask, points, -big).amax(-2)
     box = torch.cat([lo, hi], -1)
     return torch.where(valid.any(-1, keepdim=True), box, torch.zeros_like(box))
 
@@ -93,22 +93,30 @@ def bbox_crop_affine(
     batch = bbox.shape[0]
     dtype, device = bbox.dtype, bbox.device
     out_h, out_w = out_size
-    rot = torch.as_tensor(rotation_deg, dtype=dtype, device=device).expand(batch) * (math.pi / 180.0)
-    flip_t = torch.as_tensor(flip, device=device).expand(batch).bool()
     centre = (bbox[:, :2] + bbox[:, 2:]) / 2  # (B, 2)
     size = (bbox[:, 2:] - bbox[:, :2]).clamp(min=1e-6)  # (B, 2)
     sx = out_w / size[:, 0]
     sy = out_h / size[:, 1]
-    cos, sin = torch.cos(rot), torch.sin(rot)
-    fx = torch.where(flip_t, -torch.ones_like(sx), torch.ones_like(sx))
+    # Python numbers become fills on the box's device (no host-to-device copy); tensors are moved to it
+    if isinstance(rotation_deg, Tensor):
+        rot = rotation_deg.to(device=device, dtype=dtype).expand(batch) * (math.pi / 180.0)
+        cos, sin = torch.cos(rot), torch.sin(rot)
+    else:
+        theta = math.radians(float(rotation_deg))
+        cos, sin = torch.full_like(sx, math.cos(theta)), torch.full_like(sx, math.sin(theta))
+    if isinstance(flip, Tensor):
+        fx = torch.where(flip.to(device).expand(batch).bool(), -torch.ones_like(sx), torch.ones_like(sx))
+    else:
+        fx = torch.full_like(sx, -1.0 if flip else 1.0)
     # p' = S F Rot (p - c) + o, with o the crop centre ((out - 1) / 2 for pixel centres)
     lin = torch.zeros(batch, 2, 2, dtype=dtype, device=device)
     lin[:, 0, 0] = sx * fx * cos
     lin[:, 0, 1] = sx * fx * sin
     lin[:, 1, 0] = -sy * sin
     lin[:, 1, 1] = sy * cos
-    offset = torch.tensor([(out_w - 1) / 2, (out_h - 1) / 2], dtype=dtype, device=device)
-    trans = offset - (lin @ centre.unsqueeze(-1)).squeeze(-1)
+    trans = -(lin @ centre.unsqueeze(-1)).squeeze(-1)
+    trans[:, 0] += (out_w - 1) / 2
+    trans[:, 1] += (out_h - 1) / 2
     return torch.cat([lin, trans.unsqueeze(-1)], -1)
 
 
@@ -126,7 +134,8 @@ def affine_to_3x3(affine: Tensor) -> Tensor:
 
 def invert_affine(affine: Tensor) -> Tensor:
     """(..., 2, 3) -> its inverse (..., 2, 3)."""
-    return torch.linalg.inv(affine_to_3x3(affine))[..., :2, :]
+    # inv_ex: no error check (a host sync on an accelerator); an affine from this module is invertible
+    return torch.linalg.inv_ex(affine_to_3x3(affine)).inverse[..., :2, :]
 
 
 def crop_image(image: Tensor, affine: Tensor, out_size: tuple[int, int], mode: str = "bilinear") -> Tensor:

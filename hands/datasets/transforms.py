@@ -50,7 +50,12 @@ __all__ = [
     "InterWildAugment",
 ]
 
-_MIRROR = torch.tensor([-1.0, 1.0, 1.0])
+
+def _mirror_like(t: Tensor) -> Tensor:
+    """(3,) the camera-space mirror (-1, 1, 1) on ``t``'s device and dtype (no host copy on an accelerator)."""
+    mirror = torch.ones(3, dtype=t.dtype, device=t.device)
+    mirror[0] = -1.0
+    return mirror
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
@@ -72,23 +77,30 @@ def _transform_box(bbox: Tensor, affine: Tensor) -> Tensor:
     return torch.cat([moved.amin(0), moved.amax(0)])
 
 
-def _rotation_z(angle_deg: float, dtype=torch.float32) -> Tensor:
+def _rotation_z(angle_deg: float, dtype=torch.float32, device=None) -> Tensor:
     """Rotation about the camera's z axis that turns image content counter-clockwise on screen by
-    ``angle_deg`` (camera y points down, so this is Rz(-angle))."""
+    ``angle_deg`` (camera y points down, so this is Rz(-angle)). Built on ``device`` from Python numbers
+    (fills, no host-to-device copy)."""
     theta = -math.radians(angle_deg)
     c, s = math.cos(theta), math.sin(theta)
-    return torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=dtype)
+    R = torch.eye(3, dtype=dtype, device=device)
+    R[0, 0], R[0, 1], R[1, 0], R[1, 1] = c, -s, s, c
+    return R
+
+
+def _inverse_intrinsics(K: Tensor) -> Tensor:
+    """K^-1 of (3, 3) intrinsics (upper triangular, K[2, 2] = 1), without torch.linalg.inv's error check
+    (a host sync on an accelerator)."""
+    return torch.linalg.inv_ex(K).inverse
 
 
 # -- hflip ---------------------------------------------------------------------------------------------------
 def _mirror_hand(hand: HandLabels, width: int) -> HandLabels:
-    mirror = _MIRROR.to(hand.joints_cam.dtype)
-    valid = hand.valid
+    mirror = _mirror_like(hand.joints_cam)
     joints_img = hand.joints_img.clone()
     joints_img[:, 0] = torch.where(hand.joints_valid, (width - 1) - joints_img[:, 0], joints_img[:, 0])
-    bbox = hand.bbox.clone()
-    if bool(valid):
-        bbox = torch.stack([(width - 1) - hand.bbox[2], hand.bbox[1], (width - 1) - hand.bbox[0], hand.bbox[3]])
+    flipped = torch.stack([(width - 1) - hand.bbox[2], hand.bbox[1], (width - 1) - hand.bbox[0], hand.bbox[3]])
+    bbox = torch.where(hand.valid, flipped, hand.bbox)  # no host sync on the validity flag
     return _replace_hand(
         hand,
         mano_pose=mirror_axis_angle(hand.mano_pose),
@@ -114,7 +126,7 @@ def hflip(sample: HandSample) -> HandSample:
         if isinstance(meta.get(key), Tensor):
             x0, y0, x1, y1 = meta[key].unbind(-1)
             meta[key] = torch.stack([(width - 1) - x1, y0, (width - 1) - x0, y1])
-    rel_root = -(sample.rel_root * _MIRROR.to(sample.rel_root.dtype))  # new left - new right = -M(old rel)
+    rel_root = -(sample.rel_root * _mirror_like(sample.rel_root))  # new left - new right = -M(old rel)
     return HandSample(
         image=sample.image.flip(-1),
         right=right,
@@ -129,15 +141,15 @@ def hflip(sample: HandSample) -> HandSample:
 
 # -- geometric warps -----------------------------------------------------------------------------------------
 def _rotate_hand(hand: HandLabels, Rz: Tensor) -> HandLabels:
+    # validity flags select with torch.where (no host sync on an accelerator)
     Rz = Rz.to(hand.joints_cam.dtype)
     pose = hand.mano_pose.clone()
-    if bool(hand.mano_valid):
-        pose[:3] = matrix_to_axis_angle(Rz @ axis_angle_to_matrix(pose[:3]))
+    pose[:3] = torch.where(hand.mano_valid, matrix_to_axis_angle(Rz @ axis_angle_to_matrix(pose[:3])), pose[:3])
     joints_cam = torch.where(hand.joints_valid[:, None], hand.joints_cam @ Rz.T, hand.joints_cam)
     return _replace_hand(
         hand,
         mano_pose=pose,
-        root_cam=hand.root_cam @ Rz.T if bool(hand.valid) else hand.root_cam,
+        root_cam=torch.where(hand.valid, hand.root_cam @ Rz.T, hand.root_cam),
         verts_cam=hand.verts_cam @ Rz.T,
         joints_cam=joints_cam,
     )
@@ -146,7 +158,7 @@ def _rotate_hand(hand: HandLabels, Rz: Tensor) -> HandLabels:
 def _warp_hand(hand: HandLabels, affine: Tensor) -> HandLabels:
     joints_img = apply_affine(hand.joints_img[None], affine[None].to(hand.joints_img.dtype))[0]
     joints_img = torch.where(hand.joints_valid[:, None], joints_img, torch.zeros_like(joints_img))
-    bbox = _transform_box(hand.bbox, affine) if bool(hand.valid) else hand.bbox
+    bbox = torch.where(hand.valid, _transform_box(hand.bbox, affine), hand.bbox)
     return _replace_hand(hand, joints_img=joints_img, bbox=bbox)
 
 
@@ -163,8 +175,8 @@ def warp(sample: HandSample, affine: Tensor, out_size: tuple[int, int], rotation
     right, left, rel_root = sample.right, sample.left, sample.rel_root
     total = affine
     if rotation_deg:
-        Rz = _rotation_z(rotation_deg, dtype)
-        rot_pixels = (K @ Rz @ torch.linalg.inv(K))[:2]  # (2, 3): K Rz K^-1 has last row (0, 0, 1)
+        Rz = _rotation_z(rotation_deg, dtype, K.device)
+        rot_pixels = (K @ Rz @ _inverse_intrinsics(K))[:2]  # (2, 3): K Rz K^-1 has last row (0, 0, 1)
         total = (affine_to_3x3(affine) @ affine_to_3x3(rot_pixels))[:2]
         right, left = _rotate_hand(right, Rz), _rotate_hand(left, Rz)
         rel_root = rel_root @ Rz.T.to(rel_root.dtype)
@@ -172,7 +184,7 @@ def warp(sample: HandSample, affine: Tensor, out_size: tuple[int, int], rotation
     meta = dict(sample.meta)
     for key in _IMAGE_BOXES:  # IH2.6M's annotation box, MSCOCO's person box follow the image
         if isinstance(meta.get(key), Tensor):
-            meta[key] = _transform_box(meta[key], total)
+            meta[key] = _transform_box(meta[key].to(total.device), total)  # meta stays put in .to(device)
     return HandSample(
         image=image,
         right=_warp_hand(right, total),
@@ -189,7 +201,7 @@ def warp(sample: HandSample, affine: Tensor, out_size: tuple[int, int], rotation
 def rotate(sample: HandSample, angle_deg: float) -> HandSample:
     """Turn the image content counter-clockwise on screen by ``angle_deg`` about the principal point,
     keeping its size; the 3D labels rotate about the optical axis with it."""
-    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=sample.camera.K.dtype)
+    identity = torch.eye(2, 3, dtype=sample.camera.K.dtype, device=sample.camera.K.device)
     return warp(sample, identity, sample.image_size, rotation_deg=angle_deg)
 
 
@@ -205,7 +217,7 @@ def crop(
     box = square_bbox(bbox.to(sample.camera.K.dtype).reshape(4), aspect=out_w / out_h)
     if rotation_deg:
         K = sample.camera.K
-        rot_pixels = (K @ _rotation_z(rotation_deg, K.dtype) @ torch.linalg.inv(K))[:2]
+        rot_pixels = (K @ _rotation_z(rotation_deg, K.dtype, K.device) @ _inverse_intrinsics(K))[:2]
         centre = (box[:2] + box[2:]) / 2
         moved = apply_affine(centre[None, None], rot_pixels[None])[0, 0]
         box = torch.cat([box[:2] + moved - centre, box[2:] + moved - centre])
@@ -215,20 +227,31 @@ def crop(
 
 def color_scale(sample: HandSample, factors: Tensor) -> HandSample:
     """Multiply the RGB channels by ``factors`` (3,), clamped to [0, 1]."""
-    image = (sample.image * factors.to(sample.image.dtype).reshape(3, 1, 1)).clamp(0.0, 1.0)
+    factors = factors.to(device=sample.image.device, dtype=sample.image.dtype, non_blocking=True)
+    image = (sample.image * factors.reshape(3, 1, 1)).clamp(0.0, 1.0)
     return dataclasses.replace(sample, image=image, meta=dict(sample.meta))
 
 
 # -- boxes ---------------------------------------------------------------------------------------------------
 def hands_box(sample: HandSample, extend: float = 1.0) -> Tensor:
     """(4,) the union of the valid hands' boxes grown by ``extend``; the whole image when no hand is valid."""
-    boxes = [hand.bbox for hand in (sample.right, sample.left) if bool(hand.valid)]
+    whole = _image_box(sample)
+    valid = torch.stack([sample.right.valid, sample.left.valid])  # (2,)
+    boxes = torch.stack([sample.right.bbox, sample.left.bbox]).to(whole.dtype)  # (2, 4)
+    # the union over valid hands, without a host sync: invalid rows cannot win the min / max
+    big = torch.finfo(whole.dtype).max
+    lo = torch.where(valid[:, None], boxes[:, :2], big).amin(0)
+    hi = torch.where(valid[:, None], boxes[:, 2:], -big).amax(0)
+    union = scale_bbox(torch.cat([lo, hi]), extend)
+    return torch.where(valid.any(), union, whole)
+
+
+def _image_box(sample: HandSample) -> Tensor:
+    """(4,) the whole image as a box, on the sample's device."""
     height, width = sample.image_size
-    if not boxes:
-        return torch.tensor([0.0, 0.0, width - 1.0, height - 1.0])
-    stacked = torch.stack(boxes)
-    union = torch.cat([stacked[:, :2].amin(0), stacked[:, 2:].amax(0)])
-    return scale_bbox(union, extend)
+    box = torch.zeros(4, dtype=sample.camera.K.dtype, device=sample.image.device)
+    box[2], box[3] = width - 1.0, height - 1.0
+    return box
 
 
 def crop_to_hands(sample: HandSample, out_size: tuple[int, int] = (256, 256), extend: float = 1.3) -> HandSample:
@@ -286,11 +309,11 @@ class InterWildAugment:
         return {"scale": scale, "rotation_deg": rotation, "color": color, "flip": flip}
 
     def apply(self, sample: HandSample, params: dict) -> HandSample:
-        height, width = sample.image_size
         if self.box == "image" and isinstance(sample.meta.get("body_bbox"), Tensor):
-            box = sample.meta["body_bbox"].to(torch.float32)  # MSCOCO: InterWild crops the person box
+            # MSCOCO: InterWild crops the person box (meta stays where it is in .to(device): follow the image)
+            box = sample.meta["body_bbox"].to(device=sample.image.device, dtype=sample.camera.K.dtype)
         elif self.box == "image":
-            box = torch.tensor([0.0, 0.0, width - 1.0, height - 1.0])
+            box = _image_box(sample)
         else:
             box = hands_box(sample, 1.3)
         out_h, out_w = self.out_size
