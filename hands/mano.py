@@ -288,6 +288,11 @@ def _smplx_layer(data: dict, path: Path, is_right: bool) -> nn.Module:
     for module in layer.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
             module.register_buffer(name, buffer, persistent=False)
+    # smplx walks the kinematic chain with ``parents[i]`` per joint: a device buffer costs one host sync per
+    # joint on an accelerator. The (16,) index stays a plain CPU attribute (not moved by .to(device)).
+    parents = layer.parents
+    del layer._buffers["parents"]
+    layer.parents = parents.cpu()
     return layer
 
 

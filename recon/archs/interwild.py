@@ -504,7 +504,8 @@ class InterWild(nn.Module):
         stride = image.new_tensor([width / grid_w, height / grid_h])  # image px per box-grid cell
         hand_boxes = _box_from_centre_size(_cells_to_pixels(box["centre"], stride), box["size"] * stride)  # (B, 2, 4)
 
-        output = self.forward_hands(image, batch.camera.K, hand_boxes.detach(), min_box_size=float(stride.max()))
+        min_box = float(torch.tensor(max(width / grid_w, height / grid_h), dtype=stride.dtype))  # no host sync
+        output = self.forward_hands(image, batch.camera.K, hand_boxes.detach(), min_box_size=min_box)
         output.extras.update(box_centre=box["centre"], box_size=box["size"], box_stride=stride, box_conf=box["conf"])
         return output
 
@@ -610,7 +611,7 @@ class InterWild(nn.Module):
         real_focal = torch.sqrt(K[:, 0, 0] * K[:, 1, 1])[:, None] * zoom  # (B, 2)
         depth = translation[..., 2] * real_focal / self.virtual_focal  # (B, 2)
         homogeneous = torch.cat((root_img, torch.ones_like(root_img[..., :1])), -1)  # (B, 2, 3)
-        rays = homogeneous @ torch.linalg.inv(K).transpose(-1, -2)  # (B, 2, 3), z = 1
+        rays = homogeneous @ torch.linalg.inv_ex(K).inverse.transpose(-1, -2)  # (B, 2, 3), z = 1; no error-check sync
         return rays * depth[..., None]
 
     # -- losses -----------------------------------------------------------------------------------------
