@@ -237,6 +237,22 @@ class HandBatch:
     def to(self, device=None, dtype=None, non_blocking: bool = False) -> "HandBatch":
         return _map_tensors(self, lambda t: _move(t, device, dtype, non_blocking))
 
+    def pin_memory(self) -> "HandBatch":
+        """The batch in page-locked host memory (what a DataLoader with ``pin_memory=True`` calls), so that
+        ``.to(cuda, non_blocking=True)`` is an asynchronous copy."""
+        return _map_tensors(self, lambda t: t.pin_memory())
+
+    def record_stream(self, stream) -> None:
+        """Mark every tensor as used on ``stream`` (CUDA's caching allocator then keeps their memory until the
+        work queued there is done, although they were allocated on another stream)."""
+        _map_tensors(self, lambda t: t.record_stream(stream))
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor field, in field order."""
+        out: list[Tensor] = []
+        _map_tensors(self, lambda t: out.append(t) or t)
+        return out
+
     @property
     def is_synthetic(self) -> Tensor:
         """(B,) bool on the batch's device."""
@@ -264,8 +280,12 @@ class HandBatch:
             positions = index.nonzero().flatten().tolist() if index.dtype == torch.bool else index.tolist()
         else:
             positions = list(index)
-        idx = torch.as_tensor(positions, dtype=torch.long, device=self.device)
-        picked = _map_tensors(self, lambda t: t.index_select(0, idx.to(t.device)))
+        if positions and positions == list(range(positions[0], positions[-1] + 1)):
+            start, stop = positions[0], positions[-1] + 1  # a contiguous run: no index copy to the device
+            picked = _map_tensors(self, lambda t: t[start:stop].clone())
+        else:
+            idx = torch.as_tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
+            picked = _map_tensors(self, lambda t: t.index_select(0, idx.to(t.device)))
         return dataclasses.replace(
             picked, hand_type=[self.hand_type[i] for i in positions], meta=[self.meta[i] for i in positions]
         )

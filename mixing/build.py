@@ -113,7 +113,14 @@ def build_provider(
     if cfg.mode == "sync":
         return SyncProvider(source.generate)
     chunk = cfg.chunk
-    return SamplePool(lambda: source.generate(chunk), capacity=cfg.capacity, max_reuse=cfg.max_reuse, device=device, seed=seed + rank)
+    return SamplePool(
+        lambda: source.generate(chunk),
+        capacity=cfg.capacity,
+        max_reuse=cfg.max_reuse,
+        device=device,
+        seed=seed + rank,
+        resident=(source.generator, source.faces_right, source.faces_left),  # read on the producer's stream
+    )
 
 
 def per_sample_preprocess(

@@ -7,13 +7,20 @@ trainer draws samples with :meth:`SamplePool.take`. Each sample carries a reuse 
 trainer never waits while the pool holds enough usable samples; it waits (and the wait is counted as
 stall time) only when fewer than the requested number are usable.
 
-On a CUDA device the producer runs on its own stream; every chunk it adds carries an event, and ``take``
-makes the consumer's current stream wait on the events of the chunks it reads, so there is no host sync.
+On a CUDA device the producer selects the pool's device (``torch.cuda.set_device``: each DDP rank's producer
+works on its own GPU) and runs on its own stream, which first waits for the stream that built the pool (the
+generator's weights). Every chunk it adds carries an event. ``take`` makes the consumer's current stream wait
+on the events of the chunks it reads *before* reading them, and marks their tensors with ``record_stream`` for
+the consumer's stream (they were allocated on the producer's stream: without it the caching allocator could
+hand their memory back to the producer while the trainer still reads it). Tensors the producer reads but did
+not allocate (``resident``: the generator's weights, the renderer's faces) are marked for the producer's stream
+once. There is no host sync on the trainer's side.
 
 Failures: a generated sample with a non-finite image is dropped and counted (``dropped_nonfinite``); an
 exception in ``produce`` stops the producer and is re-raised in the trainer by the next ``take`` (as a
-``RuntimeError`` whose ``__cause__`` is the original), never a hang. ``close()`` stops and joins the
-producer; the pool is also a context manager.
+:class:`ProducerError` whose ``__cause__`` is the original), never a hang; so is a producer whose last
+``max_dropped_chunks`` chunks were all non-finite (a broken generator would otherwise loop forever).
+``close()`` stops and joins the producer; the pool is also a context manager.
 """
 from __future__ import annotations
 
@@ -21,13 +28,34 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
+from torch import nn
 
 from hands.sample import HandBatch, concat_batches
 
-__all__ = ["SamplePool", "PoolStats", "ProducerError"]
+__all__ = ["SamplePool", "PoolStats", "ProducerError", "resident_tensors"]
+
+
+def resident_tensors(*objects) -> list[torch.Tensor]:
+    """The tensors of ``objects``: tensors themselves, a module's parameters and buffers, and, one level down,
+    those of the modules and tensors an object holds as attributes (a pipeline's UNet, VAE, ...)."""
+    out: dict[int, torch.Tensor] = {}
+
+    def add(obj, depth: int) -> None:
+        if isinstance(obj, torch.Tensor):
+            out.setdefault(id(obj), obj)
+        elif isinstance(obj, nn.Module):
+            for t in (*obj.parameters(), *obj.buffers()):
+                out.setdefault(id(t), t)
+        elif depth == 0 and hasattr(obj, "__dict__"):
+            for value in vars(obj).values():
+                add(value, 1)
+
+    for obj in objects:
+        add(obj, 0)
+    return list(out.values())
 
 
 class ProducerError(RuntimeError):
@@ -77,6 +105,7 @@ class _Chunk:
         self.reuse = [0] * len(batch)
         self.alive = [True] * len(batch)
         self.event = event  # a torch.cuda.Event on CUDA, else None
+        self.streams: set = set()  # consumer streams its tensors are recorded on
 
     def n_alive(self) -> int:
         return sum(self.alive)
@@ -92,6 +121,10 @@ class SamplePool:
         device: where the samples live; a CUDA device gives the producer its own stream.
         seed: seeds the tie-breaking among equally-reused samples, so runs repeat.
         start: start the producer thread now (else call :meth:`start`).
+        resident: tensors (or modules, or objects holding them, see :func:`resident_tensors`) allocated
+            outside the producer that it reads on CUDA (the generator's weights); recorded on its stream.
+        max_dropped_chunks: the producer fails (ProducerError in ``take``) after this many chunks in a row
+            with no finite image.
     """
 
     def __init__(
@@ -103,6 +136,8 @@ class SamplePool:
         device: torch.device | str = "cpu",
         seed: int = 0,
         start: bool = True,
+        resident: Iterable = (),
+        max_dropped_chunks: int = 100,
     ):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -112,6 +147,12 @@ class SamplePool:
         self.capacity = capacity
         self.max_reuse = max_reuse
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.resident = resident_tensors(*resident) if self.device.type == "cuda" else []
+        if max_dropped_chunks < 1:
+            raise ValueError(f"max_dropped_chunks must be >= 1, got {max_dropped_chunks}")
+        self.max_dropped_chunks = max_dropped_chunks
         self._chunks: list[_Chunk] = []
         self._lock = threading.Condition()
         self._stop = threading.Event()
@@ -134,8 +175,15 @@ class SamplePool:
         return sum(c.n_alive() for c in self._chunks)
 
     def _run(self) -> None:
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        stream = None
+        dropped_in_a_row = 0
         try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # this thread's current device: a context on the right GPU
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(torch.cuda.current_stream(self.device))  # weights written before the pool
+                for tensor in self.resident:
+                    tensor.record_stream(stream)
             while not self._stop.is_set():
                 with self._lock:
                     while self._size() >= self.capacity and not self._stop.is_set():
@@ -153,6 +201,12 @@ class SamplePool:
                     batch = self._drop_nonfinite(self.produce())
                     event = None
                 busy = time.perf_counter() - started
+                dropped_in_a_row = 0 if batch is not None else dropped_in_a_row + 1
+                if dropped_in_a_row >= self.max_dropped_chunks:
+                    raise RuntimeError(
+                        f"the generator made {dropped_in_a_row} chunks in a row with no finite image "
+                        f"({self._stats.dropped_nonfinite} images dropped); check the generator"
+                    )
                 with self._lock:
                     self._stats.busy_s += busy
                     if batch is not None and len(batch):
@@ -216,11 +270,7 @@ class SamplePool:
                     raise TimeoutError(f"take({n}): the pool did not fill within {timeout} s")
             waited = time.perf_counter() - start
             picks = self._pick(n)
-            parts, events = [], []
             for chunk, positions in picks:
-                parts.append(chunk.batch.select(positions))
-                if chunk.event is not None:
-                    events.append(chunk.event)
                 for p in positions:
                     self._stats.reuse_histogram[chunk.reuse[p]] += 1
                     if chunk.reuse[p] == 0:
@@ -233,10 +283,17 @@ class SamplePool:
             self._stats.taken += n
             self._stats.stall_s += waited
             self._lock.notify_all()
-        if events:
-            current = torch.cuda.current_stream(self.device)
-            for event in events:
-                current.wait_event(event)
+        # The chunks' tensors are read only after the consumer's stream waits on their events (CUDA), and are
+        # recorded on it once per chunk (they were allocated on the producer's stream).
+        current = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        parts = []
+        for chunk, positions in picks:
+            if current is not None and chunk.event is not None:
+                current.wait_event(chunk.event)
+                if current not in chunk.streams:
+                    chunk.batch.record_stream(current)
+                    chunk.streams.add(current)
+            parts.append(chunk.batch.select(positions))
         return concat_batches(parts)
 
     def _pick(self, n: int) -> list[tuple[_Chunk, list[int]]]:
