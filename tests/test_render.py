@@ -325,7 +325,7 @@ def test_output_dtype_and_device_follow_the_input():
     assert out32.image.device == v.device and out32.fragments.face_index.dtype == torch.long
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_runs_on_cuda_and_matches_cpu():
     v, f = sphere(0.05, (0.0, 0.0, 0.3))
     K = make_intrinsics(60.0, (15.5, 15.5))

@@ -1,0 +1,149 @@
+"""The GPU code paths, checked on the CPU with a fake CUDA device (tests/fake_cuda.py): the augmentation of
+generated samples on the device, the sample pool's streams, the sampler, and recon.train's step with online
+mixing. Zero device mismatches, zero cross-stream hazards, and a handful of host syncs per training step."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from hands.datasets.transforms import InterWildAugment
+from tests.fake_cuda import fake_cuda, report
+from tests.recon_helpers import run_args, write_tiny_synthlab
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+HAZARDS = ("mismatch", "cpu0d", "generator", "race", "xstream")
+GEN = ["mixing.size=32", "mixing.num_inference_steps=2", "mixing.chunk=4", "mixing.capacity=8", "mixing.max_reuse=2"]
+
+
+@pytest.fixture(scope="module")
+def synthlab_root(tmp_path_factory):
+    return write_tiny_synthlab(tmp_path_factory.mktemp("synthlab_fake_cuda"))
+
+
+@pytest.fixture(scope="module")
+def batch(synthlab_root):
+    from hands.datasets.synthlab import SynthLab
+    from hands.sample import collate
+
+    reader = SynthLab(synthlab_root, split="train-lab")
+    return collate([reader[i] for i in range(4)])
+
+
+def test_the_harness_sees_a_cpu_constant_a_cpu_generator_and_an_unordered_stream(batch):
+    """Negative controls: what the other tests assert absent is seen when present."""
+    with fake_cuda() as fake:
+        image = batch.image.to("cuda:0")
+        _ = image * torch.tensor([0.5, 1.0, 2.0]).reshape(1, 3, 1, 1)  # a CPU constant (the old colour factors)
+        torch.randn(3, device="cuda:0", generator=torch.Generator().manual_seed(0))
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            made = image * 2
+        _ = made + 1  # read on the default stream: no wait, no record_stream
+        float(image.sum())
+    assert fake.events["mismatch"] and fake.events["generator"]
+    assert fake.events["race"] and fake.events["xstream"]
+    assert fake.syncs["MainThread"] == 1
+
+
+@pytest.mark.parametrize("box", ["image", "hands"])
+def test_augmenting_on_the_device_mixes_no_cpu_tensor_and_does_not_sync(batch, box):
+    augment = InterWildAugment((64, 48), box=box, rot_prob=1.0, flip_prob=1.0)
+    params = augment.draw(torch.Generator().manual_seed(1))  # drawn on the host, as per_sample_preprocess does
+    expected = augment.apply(batch.unbind()[0], params)
+    with fake_cuda() as fake:
+        sample = batch.to("cuda:0").unbind()[0]
+        out = augment.apply(sample, params)
+        assert out.image.device.type == "meta"  # the fake device
+        got = out.image.elem.clone()
+        got_joints = out.right.joints_img.elem.clone()
+    assert report(fake, HAZARDS) == ""
+    assert fake.syncs["MainThread"] == 0, fake.events["sync"]
+    torch.testing.assert_close(got, expected.image)
+    torch.testing.assert_close(got_joints, expected.right.joints_img)
+
+
+def test_the_pool_orders_its_streams_and_records_its_chunks(batch):
+    from mixing.pool import SamplePool
+
+    with fake_cuda() as fake:
+        weights = torch.ones(3, 1, 1, device="cuda:0")  # made on the default stream, read by the producer
+        source = batch.to("cuda:0")
+
+        def produce():
+            return dataclasses.replace(source, image=source.image * weights)
+
+        with SamplePool(produce, capacity=8, max_reuse=2, device="cuda:0", resident=[weights, source.image]) as pool:
+            pool.prime(4)
+            for _ in range(4):
+                taken = pool.take(3)
+                _ = taken.image.sum(dim=0) + 1  # the trainer reads them on its stream
+    assert report(fake, HAZARDS) == ""
+    assert fake.syncs["MainThread"] == 0, fake.events["sync"]
+
+
+def test_a_pool_chunk_read_without_its_event_is_caught(batch):
+    """The harness sees a chunk read on the trainer's stream with no wait and no record_stream (the old take())."""
+    from mixing.pool import SamplePool
+
+    with fake_cuda() as fake:
+        source = batch.to("cuda:0")
+        with SamplePool(lambda: source.select(slice(0, 4)), capacity=4, max_reuse=1, device="cuda:0") as pool:
+            pool.prime(4)
+            pool._chunks[0].event = None  # take() then neither waits on it nor records it
+            _ = pool.take(2).image + 1
+    assert fake.events["xstream"]
+
+
+def test_the_sampler_runs_on_the_device_without_cpu_tensors():
+    from generator.model import build_components, load_config
+    from generator.pipeline import AttentionHandPipeline
+
+    config = load_config("tiny-synthlab")
+    components = build_components(config)  # weights load on the host, outside the fake device
+    pipe = AttentionHandPipeline.from_components(components, attention_downsample=config.attention_downsample,
+                                                 sampling=config.sampling)
+    size = pipe.default_size
+    mesh = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with fake_cuda() as fake:
+        pipe.to("cuda:0")
+        generators = [torch.Generator("cuda:0").manual_seed(i) for i in range(2)]
+        out = pipe(mesh.to("cuda:0"), mesh.to("cuda:0"), ["a photo of two hands", "a hand"], generator=generators,
+                   num_inference_steps=2, tas_steps=1)
+        assert out.images.shape == (2, 3, size, size)
+    assert report(fake, HAZARDS) == ""
+    assert fake.syncs["MainThread"] <= 3, fake.events["sync"]  # the input range check and the timesteps, once
+
+
+def test_a_training_step_with_online_mixing_is_device_clean_and_syncs_a_handful_of_times(synthlab_root, tmp_path, monkeypatch):
+    import generator.model as generator_model
+    import generator.pipeline as generator_pipeline
+    from recon import train as recon_train
+
+    template = generator_model.load_config("tiny-synthlab")
+    on_host = generator_model.build_components(template)
+
+    def build_on_host(config):  # weights load on the host; the fake device gets a copy (.to(device) in mixing)
+        assert config.sd_path == template.sd_path  # the shipped tiny generator, whatever its sampling settings
+        return copy.deepcopy(on_host)
+
+    monkeypatch.setattr(generator_model, "build_components", build_on_host)
+    monkeypatch.setattr(generator_pipeline, "build_components", build_on_host)
+    steps = []
+    real_step = torch.optim.Adam.step
+
+    def counted_step(self, *args, **kwargs):
+        steps.append(fake.syncs["MainThread"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counted_step)
+    args = run_args(synthlab_root, tmp_path / "run", "--synthetic-ratio", "0.5", "--max-steps", "4", "--device", "cuda:0",
+                    "eval.at_end=false", *GEN)
+    with fake_cuda() as fake:
+        result = recon_train.train(recon_train.parse_args(args))
+    assert result["step"] == 4 and result["mixing"]["taken"] == 4 * 2
+    assert report(fake, HAZARDS) == ""
+    per_step = (steps[3] - steps[1]) / 2  # steps 2 and 3: warm, no checkpoint, no image grid
+    assert per_step <= 3, sorted(fake.events["sync"].items(), key=lambda kv: -kv[1])[:12]
