@@ -115,3 +115,16 @@ def test_prime_waits_for_the_first_samples_without_counting_stall():
         pool.take(2, timeout=10)
         stats = pool.stats()
         assert stats["prime_s"] == waited and stats["trainer_stall_s"] < 0.05
+
+
+def test_a_generator_that_only_makes_nonfinite_images_fails_take_instead_of_hanging():
+    def broken():
+        batch = fake_batch(0, 2)
+        batch.image[:] = float("nan")
+        return batch
+
+    with SamplePool(broken, capacity=4, max_reuse=1, max_dropped_chunks=5) as pool:
+        with pytest.raises(ProducerError, match="5 chunks in a row with no finite image") as info:
+            pool.take(1, timeout=30)
+        assert isinstance(info.value.__cause__, RuntimeError)
+        assert pool.stats()["dropped_nonfinite"] == 10
