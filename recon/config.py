@@ -80,10 +80,14 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam with step decay: ``lr * lr_decay_gamma ** (number of lr_decay_epochs <= epoch + number of
-    lr_decay_steps <= step)`` (milestones in epochs, and in optimizer steps for schedules that must not depend
-    on how many real samples a batch holds, as recon.table2's equal-steps runs)."""
+    """Adam (``optimizer: adamw``: AdamW) with step decay: ``lr * lr_decay_gamma ** (number of lr_decay_epochs
+    <= epoch + number of lr_decay_steps <= step)`` (milestones in epochs, and in optimizer steps for schedules
+    that must not depend on how many real samples a batch holds, as recon.table2's equal-steps runs); or
+    ``schedule: cosine``: ``lr * (1 + cos(pi * epoch / train.epochs)) / 2``, set per epoch (PyTorch's
+    CosineAnnealingLR stepped once per epoch with T_max = the epochs and eta_min = 0, DIR's schedule)."""
 
+    optimizer: str = "adam"  # adam | adamw
+    schedule: str = "step"  # step | cosine
     lr: float = 1e-4
     weight_decay: float = 0.0
     lr_decay_epochs: List[int] = field(default_factory=list)

@@ -187,6 +187,10 @@ def check_config(cfg: DictConfig) -> None:
         raise UsageError(f"threads={cfg.threads}: expected a positive number of CPU threads")
     if cfg.optim.lr <= 0:
         raise UsageError(f"optim.lr={cfg.optim.lr}: expected a positive learning rate")
+    if cfg.optim.optimizer not in ("adam", "adamw"):
+        raise UsageError(f"optim.optimizer={cfg.optim.optimizer!r}: expected 'adam' or 'adamw'")
+    if cfg.optim.schedule not in ("step", "cosine"):
+        raise UsageError(f"optim.schedule={cfg.optim.schedule!r}: expected 'step' or 'cosine'")
     try:
         MixingConfig(**OmegaConf.to_container(cfg.mixing)).check()
     except ValueError as error:
@@ -211,7 +215,10 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
 
 
 def lr_at(cfg: DictConfig, epoch: int, step: int = 0) -> float:
-    """Step decay: ``lr * gamma ** (number of lr_decay_epochs <= epoch + number of lr_decay_steps <= step)``."""
+    """Step decay: ``lr * gamma ** (number of lr_decay_epochs <= epoch + number of lr_decay_steps <= step)``;
+    ``optim.schedule=cosine``: ``lr * (1 + cos(pi * epoch / train.epochs)) / 2`` (per epoch)."""
+    if cfg.optim.schedule == "cosine":
+        return cfg.optim.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.train.epochs))
     drops = sum(1 for milestone in cfg.optim.lr_decay_epochs if epoch >= milestone)
     drops += sum(1 for milestone in cfg.optim.lr_decay_steps if step >= milestone)
     return cfg.optim.lr * cfg.optim.lr_decay_gamma**drops
@@ -392,7 +399,8 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
             if not message.startswith("--backbone-weights"):
                 message = f"--backbone-weights {cfg.train.backbone_weights}: cannot load it ({type(error).__name__}: {message})"
             raise UsageError(message) from None
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer_cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_cls(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     step, epoch, start_batch = 0, 0, 0
     if resume_info is not None:
         if int(resume_info.meta.get("world_size", 1)) != world_size:

@@ -1,0 +1,433 @@
+"""DIR (recon.archs.dir): the parameter count at paper size equals the reference's, outputs follow the
+contract, the refinement stages change the prediction, DIR's losses on hand-made cases, an overfit on four
+rendered samples, the profiles, and (on a tiny run of recon.train with generated samples mixed in) ONNX export,
+recon.demo with boxes and a two-process DDP run. Tiny models (narrow ResNet-18, 8-16 channel heads, 64 px)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hands.camera import bbox_from_points, make_intrinsics, project, scale_bbox
+from hands.mano import HandModel
+from hands.render import render_hands
+from hands.sample import Camera, HandLabels, HandSample, collate
+from recon.archs.dir import DIR
+from recon.archs.dir.heads import OFFSET_UNIT, robust_rot6d_to_matrix
+from recon.archs.dir.losses import (
+    edge_length_loss,
+    lovasz_softmax,
+    normal_vector_loss,
+    segmentation_loss,
+    smooth_l1,
+)
+from recon.archs.dir.model import SEG_LEFT, SEG_RIGHT, joints_from_verts
+from recon.archs.dir.modules import BONE_PARENTS, JointGraphConv, bone_feature_map
+from recon.config import from_config, load_config
+from recon.registry import build_regressor
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+SIZE = 64
+TINY = dict(
+    backbone="resnet18",
+    backbone_kwargs=dict(channels=[8, 16, 32, 64], stem_width=8),
+    decoder_channels=16,
+    joint_channels=8,
+    joint_out_channels=4,
+    gcn_layers=1,
+    transformer_blocks=1,
+    heads=2,
+)
+TINY_ARGS = [
+    "model.backbone=resnet18",
+    "model.backbone_kwargs.channels=[8,16,32,64]",
+    "model.backbone_kwargs.stem_width=8",
+    "model.decoder_channels=16",
+    "model.joint_channels=8",
+    "model.joint_out_channels=4",
+    "model.gcn_layers=1",
+    "model.transformer_blocks=1",
+    "model.heads=2",
+    f"data.image_size=[{SIZE},{SIZE}]",
+    "train.image_every=0",
+]
+
+
+@pytest.fixture(scope="module")
+def hand_model() -> HandModel:
+    return HandModel()
+
+
+def _make_batch(hand_model: HandModel, n: int, seed: int = 0):
+    """n rendered two-hand samples (64 x 64) with consistent 3D and 2D labels."""
+    gen = torch.Generator().manual_seed(seed)
+    K = make_intrinsics((80.0, 80.0), ((SIZE - 1) / 2, (SIZE - 1) / 2))
+    labels, verts = {}, {}
+    for side, offset in (("right", (-0.04, -0.02)), ("left", (0.04, 0.02))):
+        pose = torch.randn(n, 48, generator=gen) * 0.25
+        pose[:, :3] = torch.tensor([math.pi, 0.0, 0.0]) + torch.randn(n, 3, generator=gen) * 0.3
+        shape = torch.randn(n, 10, generator=gen) * 0.5
+        out = hand_model(side, pose, shape)
+        root = torch.tensor([*offset, 0.6]) + torch.randn(n, 3, generator=gen) * 0.02
+        shift = root - out.joints[:, 0]
+        joints_cam, verts_cam = out.joints + shift[:, None], out.verts + shift[:, None]
+        joints_img = project(joints_cam, K)
+        labels[side] = [
+            HandLabels(
+                mano_pose=pose[i], mano_shape=shape[i], root_cam=root[i], verts_cam=verts_cam[i],
+                joints_cam=joints_cam[i], joints_img=joints_img[i],
+                bbox=scale_bbox(bbox_from_points(joints_img[i]), 1.2), valid=torch.tensor(True),
+                joints_valid=torch.ones(21, dtype=torch.bool), mano_valid=torch.tensor(True),
+            )
+            for i in range(n)
+        ]
+        verts[side] = verts_cam
+    images = render_hands(
+        verts["right"], verts["left"], hand_model.faces_for("right"), hand_model.faces_for("left"), K, (SIZE, SIZE)
+    ).image
+    samples = [
+        HandSample(
+            image=images[i], right=labels["right"][i], left=labels["left"][i],
+            rel_root=labels["left"][i].root_cam - labels["right"][i].root_cam, rel_root_valid=torch.tensor(True),
+            camera=Camera(K=K), hand_type="interacting", meta={"dataset": "test", "id": str(i), "is_synthetic": False},
+        )
+        for i in range(n)
+    ]
+    return collate(samples)
+
+
+# -- size ---------------------------------------------------------------------------------------------------------
+
+
+def test_parameter_count_at_paper_size_equals_the_reference():
+    """The reference (models/dir.py, DIR(21, mano_path)) holds 92,725,019 parameters, counted by instantiating its
+    modules (MANO layers stubbed: they hold buffers only): 90,411,059 take part in its forward pass, plus the
+    ResNet-50's unused ImageNet classifier (2048 x 1000 + 1000 = 2,049,000) and, in each of the two refinement
+    stages, the transformer block the loop skips (132,480 each). Ours builds the 90,411,059."""
+    model = build_regressor("dir")
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(model) == 90_411_059 == 92_725_019 - 2_049_000 - 2 * 132_480
+    assert count(model.encoder) == 23_508_032  # torchvision's ResNet-50 without fc
+    assert count(model.init_regressor) == 2 * 18_878_465 + 6_147 + 2 * 131_136
+    assert [count(stage) for stage in model.stages] == [12_365_492 - 132_480] * 2  # Joint2BoneFeature
+    assert count(model.stages[0].gcn["left"]) == 2_754_292  # ResSimplePGCN: per-joint weights
+    assert count(model.fuse4) == 1_070_848 and count(model.skip4) == 576_768 and count(model.seg_head) == 295_683
+
+
+# -- contract -----------------------------------------------------------------------------------------------------
+
+
+def test_outputs_follow_the_contract(hand_model):
+    torch.manual_seed(0)
+    model = build_regressor("dir", **TINY).eval()
+    assert isinstance(model, DIR)
+    batch = _make_batch(hand_model, 2)
+    with torch.no_grad():
+        out = model(batch)
+    out.validate(2)
+    stages = out.extras["stages"]
+    assert len(stages) == 3 and out.extras["seg"].shape == (2, 3, SIZE // 8, SIZE // 8)
+    assert out.extras["dense"].shape == (2, 3, SIZE // 8, SIZE // 8)
+    for side in ("right", "left"):
+        verts, joints = out.side(side)
+        # Wrist-rooted metres: the mesh's regressed wrist is the origin and joint 0 is that wrist.
+        wrist = torch.einsum("v,bvc->bc", hand_model.j_regressor_for(side)[0], verts)
+        assert torch.allclose(wrist, torch.zeros_like(wrist), atol=1e-6)
+        assert torch.allclose(joints[:, 0], torch.zeros(2, 3), atol=1e-7)
+        # The MANO parameters in the output rebuild the mesh.
+        mano = hand_model(side, getattr(out, f"{side}_mano_pose"), getattr(out, f"{side}_mano_shape"))
+        rebuilt = joints_from_verts(hand_model, side, mano.verts)
+        assert torch.allclose(verts, mano.verts - rebuilt[:, :1], atol=1e-6)
+        # 2D joints: DIR's normalised coordinates -> input pixels.
+        uv = stages[-1][side]["joints_uv"]
+        assert torch.allclose(getattr(out, f"{side}_joints_img"), (uv + 1) / 2 * SIZE - 0.5, atol=1e-5)
+    # DIR's offset is (right - left) / 0.15 m; the contract's rel_root is left - right in metres.
+    assert torch.allclose(out.rel_root, -OFFSET_UNIT * stages[-1]["offset"], atol=1e-7)
+    # DIR's published protocol: each hand scaled by GT / predicted wrist-to-middle-knuckle length; rel_root as is.
+    model.rescale_with_gt_bone_length = True
+    with torch.no_grad():
+        scaled = model(batch)
+    for side in ("right", "left"):
+        gt = joints_from_verts(hand_model, side, batch.hand(side).verts_cam)
+        pred = getattr(out, f"{side}_joints")
+        factor = (gt[:, 9] - gt[:, 0]).norm(dim=-1) / (pred[:, 9] - pred[:, 0]).norm(dim=-1)
+        assert torch.allclose(getattr(scaled, f"{side}_verts"), getattr(out, f"{side}_verts") * factor[:, None, None], atol=1e-6)
+        scaled_joints = getattr(scaled, f"{side}_joints")
+        assert torch.allclose((scaled_joints[:, 9] - scaled_joints[:, 0]).norm(dim=-1), (gt[:, 9] - gt[:, 0]).norm(dim=-1), atol=1e-6)
+    assert torch.equal(scaled.rel_root, out.rel_root)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        model(dataclasses.replace(batch, image=torch.zeros(2, 3, 48, 48)))
+
+
+def test_refinement_stages_change_the_prediction(hand_model):
+    torch.manual_seed(0)
+    model = build_regressor("dir", **TINY).eval()
+    batch = _make_batch(hand_model, 2)
+    with torch.no_grad():
+        out = model(batch)
+        stages = out.extras["stages"]
+        verts = [stage["right"]["verts"] for stage in stages]
+        offsets = [stage["offset"] for stage in stages]
+        for a, b in ((0, 1), (1, 2), (0, 2)):
+            assert (verts[a] - verts[b]).abs().max() > 1e-5, (a, b)
+            assert (offsets[a] - offsets[b]).abs().max() > 1e-6, (a, b)
+        # The output is the last refinement, not the initial regression.
+        assert torch.equal(out.right_verts, verts[2]) and torch.equal(out.left_verts, stages[2]["left"]["verts"])
+        # A refinement stage reads the previous stage's parameters: another initial regression changes it.
+        model.init_regressor.params["right"].bias.add_(0.05)
+        moved = model(batch).extras["stages"]
+    assert (moved[0]["right"]["verts"] - verts[0]).abs().max() > 1e-4
+    assert (moved[1]["right"]["verts"] - verts[1]).abs().max() > 1e-6
+
+
+# -- losses on hand-made cases ------------------------------------------------------------------------------------
+
+
+def test_smooth_l1_is_huber_with_delta_0_01_averaged_per_sample():
+    target = torch.zeros(3, 2)
+    pred = torch.tensor([[0.005, -0.005], [0.1, -0.1], [7.0, 7.0]])
+    per_sample = torch.tensor([0.5 * 0.005**2, 0.01 * (0.1 - 0.005), 0.01 * (7.0 - 0.005)])
+    assert smooth_l1(pred, target).item() == pytest.approx(per_sample.mean().item(), rel=1e-6)
+    valid = torch.tensor([True, True, False])  # the third sample has no label
+    assert smooth_l1(pred, target, valid).item() == pytest.approx(per_sample[:2].mean().item(), rel=1e-6)
+    assert smooth_l1(pred, target, torch.zeros(3, dtype=torch.bool)).item() == 0.0
+
+
+def test_edge_and_normal_losses_on_hand_meshes(hand_model):
+    verts = hand_model("right", torch.zeros(2, 48), torch.zeros(2, 10)).verts
+    faces = hand_model.faces_for("right")
+    assert edge_length_loss(verts, verts, faces).item() == pytest.approx(0.0, abs=1e-7)
+    assert normal_vector_loss(verts, verts, faces).item() == pytest.approx(0.0, abs=1e-5)  # edges lie in their face
+    # Twice the size: every edge is longer by its own length; the shape (and so every normal) is unchanged.
+    edges = torch.cat([(verts[:, faces[:, i]] - verts[:, faces[:, j]]).norm(dim=-1) for i, j in ((0, 1), (0, 2), (1, 2))], 1)
+    assert edge_length_loss(2 * verts, verts, faces).item() == pytest.approx(edges.mean().item(), rel=1e-4)
+    assert normal_vector_loss(2 * verts, verts, faces).item() == pytest.approx(0.0, abs=1e-5)
+    # A rotated copy: the same edge lengths, edges out of the target faces' planes.
+    turn = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    assert edge_length_loss(verts @ turn.T, verts, faces).item() == pytest.approx(0.0, abs=1e-6)
+    assert normal_vector_loss(verts @ turn.T, verts, faces).item() > 0.1
+    # A sample without a mesh does not count.
+    broken = torch.cat([verts[:1], verts[1:] * 3])
+    assert edge_length_loss(broken, verts, faces, torch.tensor([True, False])).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_lovasz_softmax_is_the_jaccard_loss_on_hard_predictions():
+    labels = torch.tensor([0, 0, 1, 1]).reshape(1, 2, 2)
+    perfect = torch.nn.functional.one_hot(labels, 2).permute(0, 3, 1, 2).float()
+    assert lovasz_softmax(perfect, labels).item() == pytest.approx(0.0, abs=1e-7)
+    guess = torch.tensor([1, 0, 0, 1]).reshape(1, 2, 2)  # per class: intersection 1, union 3 -> 1 - 1/3
+    hard = torch.nn.functional.one_hot(guess, 2).permute(0, 3, 1, 2).float()
+    assert lovasz_softmax(hard, labels).item() == pytest.approx(2.0 / 3.0, rel=1e-6)
+    # Only classes present in the labels count; an invalid sample's pixels are left out.
+    three = torch.cat([hard, torch.zeros(1, 1, 2, 2)], 1)
+    assert lovasz_softmax(three, labels).item() == pytest.approx(2.0 / 3.0, rel=1e-6)
+    both = torch.cat([perfect, hard])
+    assert lovasz_softmax(both, torch.cat([labels, labels]), torch.tensor([True, False])).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_segmentation_loss_weighs_background_less():
+    logits = torch.zeros(1, 3, 1, 2)
+    logits[0, SEG_RIGHT, 0, 0] = 2.0  # pixel 0 says right, pixel 1 is undecided
+    labels = torch.tensor([[[0, SEG_LEFT]]])
+    log_p = torch.log_softmax(logits, 1)[0, :, 0]  # (3, 2)
+    expected = -(0.1 * log_p[0, 0] + 0.45 * log_p[SEG_LEFT, 1]) / (0.1 + 0.45)
+    assert segmentation_loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_robust_6d_places_the_frame_symmetrically():
+    assert torch.allclose(robust_rot6d_to_matrix(torch.tensor([1.0, 0, 0, 0, 1, 0])), torch.eye(3), atol=1e-6)
+    rot6d = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+    matrix = robust_rot6d_to_matrix(rot6d)
+    assert torch.allclose(matrix.transpose(1, 2) @ matrix, torch.eye(3).expand(64, 3, 3), atol=1e-5)
+    assert torch.allclose(torch.linalg.det(matrix), torch.ones(64), atol=1e-5)
+    a = torch.nn.functional.normalize(rot6d[:, :3], dim=-1)
+    b = torch.nn.functional.normalize(rot6d[:, 3:], dim=-1)
+    # Neither input is privileged: x is as far from a as y is from b (Gram-Schmidt would keep x = a).
+    assert torch.allclose((matrix[..., 0] * a).sum(-1), (matrix[..., 1] * b).sum(-1), atol=1e-5)
+
+
+def test_joint_graph_convolution_starts_as_self_plus_neighbour_mean():
+    conv = JointGraphConv(2, 2, [(0, 1), (1, 2)], num_nodes=3)
+    x = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [4.0, 4.0]]])
+    with torch.no_grad():
+        conv.bias.zero_()
+        conv.weight[0] = torch.eye(2)
+        conv.weight[1] = 0.0
+        assert torch.allclose(conv(x), x)  # the self term: each node's own feature
+        conv.weight[0] = 0.0
+        conv.weight[1] = torch.eye(2)
+        neighbours = torch.stack([x[0, 1], (x[0, 0] + x[0, 2]) / 2, x[0, 1]])[None]
+        assert torch.allclose(conv(x), neighbours)  # the neighbour term: the mean over the neighbours
+
+
+def test_bone_feature_map_paints_features_along_the_bone():
+    size = 8
+    cells = torch.full((1, 21, 2), 100.0)  # every joint far outside the map ...
+    cells[0, 0] = torch.tensor([1.5, 4.5])  # ... but the wrist and thumb1, bone 0, along row 4
+    cells[0, 1] = torch.tensor([6.5, 4.5])
+    cells[0, 2] = torch.tensor([6.5, 4.5])  # thumb1 -> thumb2 has zero length: it paints nothing
+    uv = cells / size * 2 - 1
+    features = torch.zeros(1, 21, 2)
+    features[0, 0] = torch.tensor([1.0, 0.0])
+    features[0, 1] = torch.tensor([0.0, 1.0])
+    painted = bone_feature_map(uv, features, (size, size), radius=1.0)  # (1, 40, 8, 8)
+    assert painted.shape == (1, len(BONE_PARENTS) * 2, size, size)
+    bone0 = painted[0, :2]  # (2, 8, 8)
+    assert torch.allclose(bone0[:, 4, 1], torch.tensor([1.0, 0.0]), atol=1e-5)  # at the wrist
+    assert torch.allclose(bone0[:, 4, 6], torch.tensor([0.0, 1.0]), atol=1e-5)  # at thumb1
+    assert torch.allclose(bone0[:, 4, 3], torch.tensor([0.6, 0.4]), atol=1e-5)  # 2 and 3 cells from the ends
+    on_bone = torch.zeros(size, size, dtype=torch.bool)
+    on_bone[4, 1:7] = True
+    assert (bone0[:, ~on_bone] == 0).all()  # the neighbouring rows are 1 cell away: not < radius
+    assert (painted[0, 2:4] == 0).all()  # bone 1 (zero length)
+
+
+# -- training -----------------------------------------------------------------------------------------------------
+
+
+def test_losses_fall_when_overfitting_four_samples(hand_model):
+    torch.manual_seed(0)
+    model = build_regressor("dir", **TINY)
+    batch = _make_batch(hand_model, 4, seed=1)
+    first = model.losses(model(batch), batch)
+    names = {f"{n}_{i}" for n in ("joint_uv", "mesh_uv", "joint_xyz", "mesh_xyz", "edge", "normal", "offset") for i in range(3)}
+    assert set(first) == names | {"seg", "lovasz", "dense"}
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    history = []
+    for _ in range(12):
+        losses = model.losses(model(batch), batch)
+        total = sum(losses.values())
+        assert torch.isfinite(total)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        history.append({name: value.item() for name, value in losses.items()})
+    assert sum(history[-1].values()) < 0.5 * sum(history[0].values())
+    for name in ("mesh_xyz_0", "mesh_xyz_2", "joint_uv_2", "offset_2", "seg", "dense"):
+        assert history[-1][name] < history[0][name], name
+
+
+def test_dense_targets_match_the_rendered_sides(hand_model):
+    model = build_regressor("dir", **TINY)
+    batch = _make_batch(hand_model, 2)
+    labels = model._labels(batch, hand_model, torch.float32)
+    seg, dense, complete = model._dense_targets(batch, labels, (SIZE, SIZE))
+    side = render_hands(
+        batch.right.verts_cam, batch.left.verts_cam, hand_model.faces_for("right"), hand_model.faces_for("left"),
+        batch.camera.K, (SIZE, SIZE),
+    ).side  # 1 right, 2 left
+    assert torch.equal(seg == SEG_RIGHT, side == 1) and torch.equal(seg == SEG_LEFT, side == 2)
+    assert (dense.amax(1)[seg == 0] == 0).all() and (dense.amax(1)[seg > 0] > 0).all() and complete.all()
+    # A present hand without a mesh makes the sample's targets incomplete.
+    batch.left.mano_valid[1] = False
+    labels = model._labels(batch, hand_model, torch.float32)
+    assert model._dense_targets(batch, labels, (SIZE, SIZE))[2].tolist() == [True, False]
+
+
+def test_profiles_and_the_cosine_schedule():
+    from recon.train import lr_at
+
+    paper = load_config(profile="paper", arch="dir")
+    assert list(paper.data.image_size) == [256, 256] and paper.data.crop == "hands"
+    assert paper.model.backbone == "resnet50" and paper.model.decoder_channels == 256
+    assert (paper.optim.optimizer, paper.optim.schedule, paper.optim.lr, paper.optim.weight_decay) == ("adamw", "cosine", 5e-4, 0.01)
+    assert paper.train.batch_size == 64 and paper.train.epochs == 50 and paper.optim.grad_clip == 0.0
+    assert [lr_at(paper, epoch) for epoch in (0, 25, 50)] == pytest.approx([5e-4, 2.5e-4, 0.0], abs=1e-12)
+    kwargs = from_config(paper, DIR)
+    assert kwargs["weight_coord"] == 10.0 and kwargs["bone_radius"] == [1.0, 2.0]
+    demo = load_config(profile="demo", arch="dir")
+    assert demo.model.backbone == "resnet18" and demo.data.image_size[0] % 32 == 0 and demo.optim.optimizer == "adam"
+
+
+# -- recon.train with generated samples, ONNX, demo, DDP ------------------------------------------------------------
+
+GEN = ["mixing.size=32", "mixing.num_inference_steps=2", "mixing.chunk=4", "mixing.capacity=8", "mixing.max_reuse=2"]
+
+
+def _run_args(root, out, *extra: str) -> list:
+    from tests.recon_helpers import run_args
+
+    args = run_args(root, out, "--arch", "dir", *extra)
+    return [arg for arg in args if not arg.startswith("model.")] + TINY_ARGS
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory):
+    """(synthlab root, run folder, result) of 2 steps of tiny DIR with half of each batch generated."""
+    from recon import train as recon_train
+    from tests.recon_helpers import write_tiny_synthlab
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = write_tiny_synthlab(tmp_path_factory.mktemp("synthlab_dir"))
+    out = tmp_path_factory.mktemp("dir_run")
+    args = _run_args(root, out, "--synthetic-ratio", "0.5", "--mix-mode", "sync", "--max-steps", "2", *GEN)
+    result = recon_train.train(recon_train.parse_args(args))
+    torch.set_num_threads(threads)
+    return root, out, result
+
+
+def test_trains_with_generated_samples_mixed_in(mixed_run):
+    _, out, result = mixed_run
+    assert result["step"] == 2 and result["mixing"]["taken"] == 2 * 2  # batch 4, r = 0.5
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("synthlab-test-lab", "synthlab-test-wild"):
+        assert metrics[key]["count_MPVPE"] > 0 and math.isfinite(metrics[key]["MPVPE"]) and math.isfinite(metrics[key]["MRRPE"])
+    sidecar = json.loads(sorted((out / "checkpoints").glob("step_*.json"))[-1].read_text())
+    assert sidecar["arch"] == "dir" and sidecar["model_kwargs"]["decoder_channels"] == 16
+
+
+def test_onnx_export_matches_pytorch(mixed_run, tmp_path):
+    pytest.importorskip("onnx", reason="ONNX export needs the 'export' extra (onnx)")
+    pytest.importorskip("onnxruntime", reason="the comparison needs the 'export' extra (onnxruntime)")
+    from recon import export as recon_export
+    from recon import test as recon_test
+
+    _, out, _ = mixed_run
+    model, info = recon_test.load_regressor(out)
+    path = tmp_path / "dir.onnx"
+    names = recon_export.export_onnx(model, info, path, batch=2)
+    assert names[:5] == ["right_verts", "left_verts", "right_joints", "left_joints", "rel_root"]
+    assert {"right_joints_img", "right_mano_pose", "left_mano_shape"} <= set(names)
+    diffs = recon_export.compare_with_onnxruntime(model, info, path, batch=2)
+    assert set(diffs) == set(names) and max(diffs.values()) < 1e-4, diffs
+
+
+def test_demo_with_boxes(mixed_run, tmp_path):
+    from recon import demo as recon_demo
+    from hands.datasets import build_dataset
+
+    root, out, _ = mixed_run
+    dataset = build_dataset("synthlab", root, "test-lab")
+    sample = next(dataset[i] for i in range(len(dataset)) if bool(dataset[i].right.valid) and bool(dataset[i].left.valid))
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "two.jpg").write_bytes(open(sample.meta["image_path"], "rb").read())
+    boxes = {"two.jpg": {side: sample.hand(side).bbox.tolist() for side in ("right", "left")}}
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    demo_out = tmp_path / "demo"
+    assert recon_demo.main(["--ckpt", str(out), "--input", str(images), "--out", str(demo_out), "--boxes", str(tmp_path / "boxes.json")]) == 0
+    frame = json.loads((demo_out / "json" / "two.json").read_text())
+    assert [hand["side"] for hand in frame["hands"]] == ["right", "left"] and len(frame["rel_root"]) == 3
+    assert (demo_out / "overlays" / "two.png").is_file() and len(list((demo_out / "meshes").glob("two_*.obj"))) == 2
+
+
+def test_torchrun_two_processes(mixed_run, tmp_path):
+    root, _, _ = mixed_run
+    out = tmp_path / "ddp"
+    argv = _run_args(root, out, "--max-steps", "2", "--batch-size", "2", "eval.at_end=false")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "recon.train", *argv]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    meta = json.loads((out / "checkpoints" / "step_000002.json").read_text())
+    assert meta["world_size"] == 2 and meta["arch"] == "dir"
