@@ -151,18 +151,6 @@ def test_outputs_follow_the_contract(hand_model):
         assert torch.allclose(getattr(out, f"{side}_joints_img"), (uv + 1) / 2 * SIZE - 0.5, atol=1e-5)
     # DIR's offset is (right - left) / 0.15 m; the contract's rel_root is left - right in metres.
     assert torch.allclose(out.rel_root, -OFFSET_UNIT * stages[-1]["offset"], atol=1e-7)
-    # DIR's published protocol: each hand scaled by GT / predicted wrist-to-middle-knuckle length; rel_root as is.
-    model.rescale_with_gt_bone_length = True
-    with torch.no_grad():
-        scaled = model(batch)
-    for side in ("right", "left"):
-        gt = joints_from_verts(hand_model, side, batch.hand(side).verts_cam)
-        pred = getattr(out, f"{side}_joints")
-        factor = (gt[:, 9] - gt[:, 0]).norm(dim=-1) / (pred[:, 9] - pred[:, 0]).norm(dim=-1)
-        assert torch.allclose(getattr(scaled, f"{side}_verts"), getattr(out, f"{side}_verts") * factor[:, None, None], atol=1e-6)
-        scaled_joints = getattr(scaled, f"{side}_joints")
-        assert torch.allclose((scaled_joints[:, 9] - scaled_joints[:, 0]).norm(dim=-1), (gt[:, 9] - gt[:, 0]).norm(dim=-1), atol=1e-6)
-    assert torch.equal(scaled.rel_root, out.rel_root)
     with pytest.raises(ValueError, match="multiple of 32"):
         model(dataclasses.replace(batch, image=torch.zeros(2, 3, 48, 48)))
 
@@ -290,6 +278,36 @@ def test_bone_feature_map_paints_features_along_the_bone():
     assert (painted[0, 2:4] == 0).all()  # bone 1 (zero length)
 
 
+def test_dir_protocol_on_hand_made_predictions(hand_model):
+    from eval.dir_protocol import DIRProtocol, dir_errors
+
+    batch = _make_batch(hand_model, 3)
+    gt = {side: batch.hand(side).verts_cam for side in ("right", "left")}
+    regressor = {side: hand_model.j_regressor_for(side) for side in ("right", "left")}
+    tips = tuple(hand_model.tip_verts.tolist())
+    wrist = {side: torch.einsum("v,bvc->bc", regressor[side][0], gt[side]) for side in ("right", "left")}
+    # Another size and place: the protocol roots each hand at its wrist and rescales it by its bone length.
+    moved = 1.7 * (gt["right"] - wrist["right"][:, None]) + torch.tensor([0.3, -0.1, 0.2])
+    verts_error, joints_error = dir_errors(moved, gt["right"], regressor["right"], tips)
+    assert verts_error.abs().max() < 1e-6 and joints_error.abs().max() < 1e-6
+    # A root-relative error stays: a quarter turn about the wrist.
+    turn = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    turned = (gt["right"] - wrist["right"][:, None]) @ turn.T
+    verts_error, _ = dir_errors(turned, gt["right"], regressor["right"], tips)
+    expected = (turned - (gt["right"] - wrist["right"][:, None])).norm(dim=-1)
+    assert torch.allclose(verts_error, expected, atol=1e-6)
+    # The streaming evaluator: interacting samples with both meshes; the root error is the offset's error.
+    protocol = DIRProtocol(j_regressor_right=regressor["right"], j_regressor_left=regressor["left"], tip_verts=tips)
+    rel_root = wrist["left"] - wrist["right"] + torch.tensor([0.003, 0.004, 0.0])  # 5 mm off
+    outputs = {"right_verts": gt["right"] * 2, "left_verts": gt["left"] - 1.0, "rel_root": rel_root}
+    batch.hand_type[2] = "right"  # a single-hand frame does not count
+    protocol.process(outputs, batch)
+    results = protocol.evaluate()
+    assert results["count_DIR"] == 2
+    assert results["DIR_MPVPE"] == pytest.approx(0.0, abs=1e-3) and results["DIR_MPJPE"] == pytest.approx(0.0, abs=1e-3)
+    assert results["DIR_root"] == pytest.approx(5.0, rel=1e-4)
+
+
 # -- training -----------------------------------------------------------------------------------------------------
 
 
@@ -381,6 +399,7 @@ def test_trains_with_generated_samples_mixed_in(mixed_run):
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("synthlab-test-lab", "synthlab-test-wild"):
         assert metrics[key]["count_MPVPE"] > 0 and math.isfinite(metrics[key]["MPVPE"]) and math.isfinite(metrics[key]["MRRPE"])
+        assert {"DIR_MPVPE", "DIR_MPJPE", "DIR_root", "count_DIR"} <= metrics[key].keys()  # DIR's own protocol
     sidecar = json.loads(sorted((out / "checkpoints").glob("step_*.json"))[-1].read_text())
     assert sidecar["arch"] == "dir" and sidecar["model_kwargs"]["decoder_channels"] == 16
 

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hands.camera import project
-from hands.joints import MANO21_TO_OURS, MIDDLE_KNUCKLE, WRIST
+from eval.dir_protocol import DIR_TIP_VERTS, DIRProtocol
+from hands.joints import MANO21_TO_OURS, MANO_TIP_VERTS, WRIST
 from hands.mano import HandModel, load_mano_file
 from hands.render import render_mesh
 from hands.rotation import matrix_to_axis_angle
@@ -50,7 +51,16 @@ from .heads import HAND_PARAMS, OFFSET_UNIT, PARAM_SPLIT, InitRegressor, RefineS
 from .losses import edge_length_loss, lovasz_softmax, normal_vector_loss, segmentation_loss, smooth_l1
 from .modules import Residual, init_conv_bn
 
-__all__ = ["DIR", "IMAGENET_MEAN", "IMAGENET_STD", "SEG_LEFT", "SEG_RIGHT", "dense_code", "joints_from_verts"]
+__all__ = [
+    "DIR",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SEG_LEFT",
+    "SEG_RIGHT",
+    "dense_code",
+    "joints_from_verts",
+    "protocol_tip_vertices",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,6 +72,15 @@ def joints_from_verts(hand_model: HandModel, side: str, verts: Tensor) -> Tensor
     """verts: (B, 778, 3) of ``side`` -> (B, 21, 3) joints in our order (MANO's 16 regressed + 5 tip vertices)."""
     regressed = torch.einsum("jv,bvc->bjc", hand_model.j_regressor_for(side).to(verts), verts)  # (B, 16, 3)
     return torch.cat((regressed, verts[:, hand_model.tip_verts]), 1)[:, list(MANO21_TO_OURS)]
+
+
+def protocol_tip_vertices(hand_model: HandModel) -> Tuple[int, ...]:
+    """The fingertip vertices of DIR's evaluation joints: DIR's own (middle tip 444, both hands) for official
+    MANO, the hand model's ``tip_verts`` otherwise (the procedural hand's tips are its own vertices)."""
+    tips = tuple(int(v) for v in hand_model.tip_verts.tolist())
+    if not hand_model.is_procedural and tips == tuple(MANO_TIP_VERTS):
+        return DIR_TIP_VERTS
+    return tips
 
 
 @functools.lru_cache(maxsize=4)
@@ -96,8 +115,9 @@ class DIR(HandModelMixin, nn.Module):
         mano_dir: folder with the official MANO_RIGHT/LEFT.pkl; None: the procedural hand model.
         weight_coord: weight of every 2D, 3D and offset term (DIR: 10); weight_edge (1), weight_normal (0.1),
             weight_seg (0.1, the cross-entropy), weight_lovasz (0.1), weight_dense (1).
-        rescale_with_gt_bone_length: DIR's published protocol: scale each predicted hand by the ground-truth
-            wrist-to-middle-knuckle length over the predicted one (reads labels; not a test-time setting).
+
+    DIR's own evaluation protocol (wrist root, per-hand GT / predicted bone-length rescale, root error) is
+    :meth:`protocol_evaluator`, reported by ``recon.evaluate`` beside the InterWild-convention metrics.
     """
 
     def __init__(
@@ -119,7 +139,6 @@ class DIR(HandModelMixin, nn.Module):
         weight_seg: float = 0.1,
         weight_lovasz: float = 0.1,
         weight_dense: float = 1.0,
-        rescale_with_gt_bone_length: bool = False,
     ) -> None:
         super().__init__()
         bone_radius = [float(r) for r in bone_radius]
@@ -167,7 +186,6 @@ class DIR(HandModelMixin, nn.Module):
             coord=weight_coord, edge=weight_edge, normal=weight_normal, seg=weight_seg, lovasz=weight_lovasz,
             dense=weight_dense,
         )
-        self.rescale_with_gt_bone_length = rescale_with_gt_bone_length
 
     @staticmethod
     def _dense_head(width: int) -> nn.Sequential:
@@ -253,22 +271,23 @@ class DIR(HandModelMixin, nn.Module):
         size = image.new_tensor([width, height])
         out = {}
         for side in SIDES:
-            scale = 1.0
-            if self.rescale_with_gt_bone_length:
-                scale = self._bone_scale(batch, side, last[side]["joints"], hand_model)[:, None, None]
-            out[f"{side}_verts"] = last[side]["verts"] * scale
-            out[f"{side}_joints"] = last[side]["joints"] * scale
+            out[f"{side}_verts"] = last[side]["verts"]
+            out[f"{side}_joints"] = last[side]["joints"]
             out[f"{side}_joints_img"] = (last[side]["joints_uv"] + 1.0) / 2.0 * size - 0.5
             out[f"{side}_mano_pose"] = last[side]["pose"]
             out[f"{side}_mano_shape"] = last[side]["shape"]
         return TwoHandOutput(rel_root=-OFFSET_UNIT * last["offset"], extras=extras, **out)
 
-    def _bone_scale(self, batch: HandBatch, side: str, joints: Tensor, hand_model: HandModel) -> Tensor:
-        """(B,) GT wrist-to-middle-knuckle length / predicted one (DIR's evaluation; GT joints regressed from
-        the GT mesh)."""
-        gt = joints_from_verts(hand_model, side, batch.hand(side).verts_cam.to(joints.dtype))
-        gt_length = (gt[:, MIDDLE_KNUCKLE] - gt[:, WRIST]).norm(dim=-1)
-        return gt_length / (joints[:, MIDDLE_KNUCKLE] - joints[:, WRIST]).norm(dim=-1).clamp(min=1e-6)
+    def protocol_evaluator(self) -> DIRProtocol:
+        """DIR's own evaluation protocol (:mod:`eval.dir_protocol`: wrist root, each hand rescaled by its
+        ground-truth / predicted bone length, root error of the offset), reported by ``recon.evaluate`` beside
+        the InterWild-convention metrics as ``DIR_MPVPE`` / ``DIR_MPJPE`` / ``DIR_root``."""
+        hand_model = self.hand_model
+        return DIRProtocol(
+            j_regressor_right=hand_model.j_regressor_for("right"),
+            j_regressor_left=hand_model.j_regressor_for("left"),
+            tip_verts=protocol_tip_vertices(hand_model),
+        )
 
     # -- losses ------------------------------------------------------------------------------------------
 

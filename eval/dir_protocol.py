@@ -1,0 +1,133 @@
+"""DIR's own evaluation protocol (PengfeiRen96/DIR ``apps/eval.py`` with its defaults ``--root_joint 0
+--scale True``, which gives the numbers of its README), offered beside the InterWild-convention metrics of
+:mod:`eval.evaluator`.
+
+Per hand, on the meshes (any frame: the protocol is invariant to each hand's translation and scale):
+
+1. joints = the hand model's 16 regressed joints + 5 fingertip vertices (DIR's tips on official MANO: 745, 317,
+   444, 556, 673 for both hands), in :mod:`hands.joints` order, for the prediction and the ground truth alike;
+2. root = the **wrist** (joint 0): both meshes and joint sets are shifted to their own wrist;
+3. the prediction is rescaled by (its ground-truth bone length / its predicted bone length), bone = wrist to
+   middle knuckle, *per hand*;
+4. MPVPE / MPJPE = mean Euclidean error over the vertices / joints, in millimetres; each side's mean over its
+   hands, then the mean of the two sides (the README's "all");
+5. root error = ``|| (GT right wrist - GT left wrist) - predicted offset ||`` (mm), the GT wrists regressed from the
+   GT meshes, the prediction unscaled; with this project's ``rel_root`` (left - right) that is
+   ``|| (GT left wrist - GT right wrist) - rel_root ||``.
+
+Which frames count: DIR evaluates IntagHand's preparation of InterHand2.6M's test set, interacting frames with both
+MANO fits; here, samples of ``hand_type == "interacting"`` whose two hands both have a mesh (``valid &
+mano_valid``). Steps 3 read labels (the bone lengths): the MPVPE / MPJPE numbers are comparable with DIR's, not a
+test-time setting.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from eval.intaghand_protocol import regress_joints
+from hands.joints import MIDDLE_KNUCKLE, WRIST
+from hands.sample import HandBatch
+from hands.units import to_mm
+
+__all__ = ["DIR_TIP_VERTS", "dir_errors", "DIRProtocol"]
+
+DIR_TIP_VERTS = (745, 317, 444, 556, 673)  # apps/eval.py's Jr on official MANO (both hands)
+SIDES = ("right", "left")
+
+
+def dir_errors(pred_verts: Tensor, gt_verts: Tensor, j_regressor: Tensor, tip_verts: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """One hand's errors under DIR's protocol (module docstring, steps 1-3).
+
+    pred_verts, gt_verts: (B, V, 3) the predicted and ground-truth meshes of one side (each in any frame; the
+    ground truth in metres gives errors in metres). Returns (verts_error (B, V), joints_error (B, 21)).
+    """
+    pred_joints = regress_joints(pred_verts, j_regressor, tip_verts)
+    gt_joints = regress_joints(gt_verts, j_regressor, tip_verts)
+    pred_root = pred_joints[:, WRIST : WRIST + 1]  # (B, 1, 3)
+    gt_root = gt_joints[:, WRIST : WRIST + 1]
+    pred_bone = (pred_joints[:, MIDDLE_KNUCKLE] - pred_joints[:, WRIST]).norm(dim=-1)  # (B,)
+    gt_bone = (gt_joints[:, MIDDLE_KNUCKLE] - gt_joints[:, WRIST]).norm(dim=-1)
+    scale = (gt_bone / pred_bone)[:, None, None]
+    verts_error = ((pred_verts - pred_root) * scale - (gt_verts - gt_root)).norm(dim=-1)
+    joints_error = ((pred_joints - pred_root) * scale - (gt_joints - gt_root)).norm(dim=-1)
+    return verts_error, joints_error
+
+
+class DIRProtocol:
+    """Streaming DIR-protocol MPVPE / MPJPE / root error (``reset`` / ``process`` / ``evaluate``).
+
+    Args (keyword-only):
+        j_regressor_right, j_regressor_left: (16, V) the hand model's joint regressors (row 0 the wrist).
+        tip_verts: the 5 fingertip vertices (:data:`DIR_TIP_VERTS` on official MANO).
+        distributed: sum the statistics over ranks in :meth:`evaluate` when torch.distributed is initialised.
+    """
+
+    def __init__(
+        self, *, j_regressor_right: Tensor, j_regressor_left: Tensor, tip_verts: Sequence[int], distributed: bool = True
+    ) -> None:
+        if len(tip_verts) != 5:
+            raise ValueError(f"tip_verts: expected 5 fingertip vertices, got {len(tip_verts)}")
+        self.j_regressor = {"right": j_regressor_right, "left": j_regressor_left}
+        self.tip_verts = tuple(int(v) for v in tip_verts)
+        self.distributed = distributed
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything processed so far."""
+        # rows: right verts, right joints, left verts, left joints, root error; columns: sum of means, count
+        self._stats = torch.zeros(5, 2, dtype=torch.float64)
+
+    @torch.no_grad()
+    def process(self, outputs, batch: HandBatch) -> None:
+        """outputs: ``right_verts`` / ``left_verts`` (B, V, 3) and ``rel_root`` (B, 3) (a TwoHandOutput or a
+        mapping); batch: the ground truth. Accumulates the interacting samples whose two hands have a mesh."""
+        def get(name: str) -> Tensor:
+            value = outputs[name] if isinstance(outputs, dict) else getattr(outputs, name)
+            return value.detach().to(torch.float64)
+
+        both = torch.ones(len(batch), dtype=torch.bool, device=batch.image.device)
+        for side in SIDES:
+            gt = batch.hand(side)
+            both = both & gt.valid.bool() & gt.mano_valid.bool()
+        interacting = torch.tensor([t == "interacting" for t in batch.hand_type], device=both.device)
+        keep = both & interacting
+        if not bool(keep.any()):
+            return
+        wrists = {}
+        for index, side in enumerate(SIDES):
+            pred = get(f"{side}_verts")
+            keep_here = keep.to(pred.device)
+            pred = pred[keep_here]
+            gt = batch.hand(side).verts_cam.to(device=pred.device, dtype=torch.float64)[keep_here]
+            regressor = self.j_regressor[side].to(device=pred.device, dtype=torch.float64)
+            verts_error, joints_error = dir_errors(pred, gt, regressor, self.tip_verts)
+            self._stats[2 * index] += torch.tensor([float(verts_error.mean(1).sum()), float(len(pred))])
+            self._stats[2 * index + 1] += torch.tensor([float(joints_error.mean(1).sum()), float(len(pred))])
+            wrists[side] = torch.einsum("v,bvc->bc", regressor[WRIST], gt)  # (K, 3)
+        rel_root = get("rel_root")[keep.to(get("rel_root").device)]
+        root_error = ((wrists["left"] - wrists["right"]) - rel_root.to(wrists["left"].device)).norm(dim=-1)
+        self._stats[4] += torch.tensor([float(root_error.sum()), float(len(root_error))])
+
+    def evaluate(self) -> dict[str, float]:
+        """``DIR_MPVPE``, ``DIR_MPJPE`` (mm; the mean of the right and left means), ``DIR_root`` (mm) (NaN when
+        nothing counted) and ``count_DIR`` (samples). A collective under torch.distributed: call it on every rank."""
+        stats = self._stats.clone()
+        if self.distributed and dist.is_available() and dist.is_initialized():
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            stats = stats.to(device)
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+            stats = stats.cpu()
+        counted = bool((stats[:, 1] > 0).all())
+        means = stats[:, 0] / stats[:, 1].clamp(min=1.0)
+        nan = math.nan
+        return {
+            "DIR_MPVPE": float(to_mm((means[0] + means[2]) / 2)) if counted else nan,
+            "DIR_MPJPE": float(to_mm((means[1] + means[3]) / 2)) if counted else nan,
+            "DIR_root": float(to_mm(means[4])) if counted else nan,
+            "count_DIR": int(stats[4, 1]),
+        }
