@@ -107,6 +107,10 @@ def test_one_person_filter_and_val_split(coco, model):
     kept = [r["aid"] for r in single.records]
     assert kept == [aid for aid in sorted(truth["train"]) if truth["persons"][truth["train"][aid]["image_id"]] == 1]
     assert single.skipped["more than one person in the image (one_person)"] >= 2  # aids 21, 22 (+ image 4)
+    fitted = build_dataset("coco", root, "train", hand_model=model, one_person=True, require_fit=True)
+    assert [r["aid"] for r in fitted.records] == [11, 31]  # both have a fit; 21 and 22 have none
+    assert [r["aid"] for r in build_dataset("coco", root, "train", hand_model=model, require_fit=True).records] == [11, 31]
+    assert build_dataset("coco", root, "train", hand_model=model, require_fit=True).skipped["no MANO fit (require_fit)"] == 2
     val = build_dataset("coco", root, "val", hand_model=model)
     assert [r["aid"] for r in val.records] == [91]
     sample = val[0]

@@ -210,6 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--variant", help="IH2.6M: 5fps | 30fps | a sub-folder (default: the one found)")
     parser.add_argument("--cameras", choices=("mugsy", "ego"), help="ReInterHand: third-person (default) or egocentric views")
     parser.add_argument("--one-person", action="store_true", help="MSCOCO: only images with one person (the paper's generator data)")
+    parser.add_argument("--require-fit", action="store_true", help="MSCOCO: only annotations with a MANO fit (the generator's data)")
     parser.add_argument("--max-images", type=int, help="decode at most this many images per split")
     parser.add_argument("--strict", action="store_true", help="also fail on missing or undecodable images")
     args = parser.parse_args(argv)
@@ -219,6 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options["cameras"] = args.cameras
     if args.one_person and args.name == "coco":
         options["one_person"] = True
+    if args.require_fit and args.name == "coco":
+        options["require_fit"] = True
     try:
         reports, variants = check_dataset(args.name, args.root, splits, max_images=args.max_images, **options)
     except (DatasetError, ValueError) as error:

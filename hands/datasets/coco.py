@@ -46,7 +46,8 @@ What a sample holds (the 2D-only supervision InterWild gives COCO):
 
 Options: ``one_person=True`` keeps only images with exactly one annotation in the file (the paper's filter
 for the generator's training data: "we filtered out the case of more than one person"); crowd regions count,
-since they hold people. Bad records (missing keys, wrong types or sizes, NaN) are counted skips; a bad fit
+since they hold people. ``require_fit=True`` keeps only annotations with a fit for at least one hand (the
+generator needs a mesh image). ``captions``: see :class:`MSCOCO`. Bad records (missing keys, wrong types or sizes, NaN) are counted skips; a bad fit
 drops the fit only (counted as ``fit dropped: ...``) and keeps the 2D labels.
 """
 from __future__ import annotations
@@ -139,6 +140,8 @@ class MSCOCO(HandDataset):
         root: InterWild's ``data/MSCOCO`` folder (``annotations/`` and ``images/``).
         split: "train" (with fits) or "val" (2D only, as InterWild reads it).
         one_person: keep only images with one person annotation (the paper's generator data).
+        require_fit: keep only annotations with a MANO fit for at least one hand (the generator's training data
+            needs a mesh image).
         captions: a captions file (``python -m generator.caption``) whose hand-related caption of an image
             becomes ``meta["prompt"]`` of its samples; "auto" (default) reads the split's default file
             (:func:`hands.datasets.captions.default_captions_path`) when it exists; None reads none.
@@ -154,6 +157,7 @@ class MSCOCO(HandDataset):
         split: str = "train",
         *,
         one_person: bool = False,
+        require_fit: bool = False,
         captions: str | Path | None = "auto",
         hand_model=None,
         mano_dir: str | Path | None = None,
@@ -161,7 +165,7 @@ class MSCOCO(HandDataset):
         super().__init__()
         if split not in SPLIT_FOLDERS:
             raise ValueError(f"coco: split must be one of {', '.join(SPLIT_FOLDERS)}, got {split!r}")
-        self.split, self.one_person = split, bool(one_person)
+        self.split, self.one_person, self.require_fit = split, bool(one_person), bool(require_fit)
         self.root = require_dir(Path(root).expanduser(), "InterWild's MSCOCO folder holding annotations/ and images/")
         self.image_dir = self.root / "images" / SPLIT_FOLDERS[split]
         self.hand_model, self.mano_dir = hand_model, mano_dir
@@ -264,6 +268,8 @@ class MSCOCO(HandDataset):
                         record_fits[side] = _parse_fit(entry.get(side))
                     except BadRecord as bad:
                         self.skip(f"fit dropped: {bad.reason}")
+        if self.require_fit and not any(fit is not None for fit in record_fits.values()):
+            raise BadRecord("no MANO fit (require_fit)")
         return {
             "aid": aid,
             "image_id": image_id,
@@ -277,7 +283,8 @@ class MSCOCO(HandDataset):
         }
 
     def describe(self) -> str:
-        return f"{self.root}, split {self.split}" + (", one person per image" if self.one_person else "")
+        return (f"{self.root}, split {self.split}" + (", one person per image" if self.one_person else "")
+                + (", annotations with a MANO fit" if self.require_fit else ""))
 
     def record_id(self, record) -> str:
         return str(record["aid"])
