@@ -104,6 +104,7 @@ class TrainConfig:
     dataset: str = "synthlab"
     data_root: str | None = None
     split: str = "train-wild"
+    dataset_options: dict = field(default_factory=dict)  # reader keyword arguments, e.g. {one_person: true} for coco
     mano_dir: str | None = None
     generator_config: str = "tiny"
     sd_path: str | None = None
@@ -633,7 +634,7 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
     write_atomic(out / "train_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=1)))
 
     hand_model = hand_model if hand_model is not None else HandModel(mano_dir=cfg.mano_dir)
-    dataset = FramedDataset(build_dataset(cfg.dataset, cfg.data_root, cfg.split, hand_model=hand_model), size,
+    dataset = FramedDataset(build_dataset(cfg.dataset, cfg.data_root, cfg.split, hand_model=hand_model, **cfg.dataset_options), size,
                             cfg.extend)
     faces_right = hand_model.faces_for("right").to(device)
     faces_left = hand_model.faces_for("left").to(device)
@@ -735,6 +736,20 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
             "seconds": round(time.perf_counter() - began, 1)}
 
 
+class _DatasetOption(argparse.Action):
+    """``--dataset-option KEY=VALUE`` (repeatable) -> {KEY: VALUE} with the value read as YAML (true, 3, text)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        import yaml
+
+        key, sep, text = value.partition("=")
+        if not sep or not key.isidentifier():
+            parser.error(f"{option_string} {value}: expected KEY=VALUE, e.g. one_person=true")
+        options = dict(getattr(namespace, self.dest, None) or {})
+        options[key] = yaml.safe_load(text)
+        setattr(namespace, self.dest, options)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """TrainConfig from the defaults, then `--config FILE` (YAML with TrainConfig keys, e.g.
     configs/generator/train-sd15.yaml), then the flags given on the command line."""
@@ -747,6 +762,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--dataset", help=f"dataset reader, a hands.datasets.build_dataset name ({d.dataset})")
     p.add_argument("--data-root", help="dataset folder (default: the cached synthlab, written on first use)")
     p.add_argument("--split", help=f"({d.split})")
+    p.add_argument("--dataset-option", dest="dataset_options", action=_DatasetOption, metavar="KEY=VALUE",
+                   help="reader option (repeatable), e.g. --dataset-option one_person=true --dataset-option "
+                        "require_fit=true for the paper's MSCOCO data")
     p.add_argument("--mano-dir", help="official MANO files (default: the procedural hand model)")
     p.add_argument("--generator-config", help=f"tiny-synthlab-init | tiny | sd15 | a YAML path ({d.generator_config})")
     p.add_argument("--sd-path", help="local Stable Diffusion 1.5 folder (diffusers layout)")

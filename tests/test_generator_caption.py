@@ -144,3 +144,42 @@ def test_caption_cli_errors_in_one_line(coco, tmp_path, capsys):
     assert "--model" in err and "config.json" in err and err.count("\n") == 0
     assert main(["--root", str(tmp_path), "--model", str(tmp_path)]) == 1
     assert "coco_wholebody_train_v1.0.json" in capsys.readouterr().err
+
+
+TINY_GENERATOR_YAML = """
+seed: 0
+tiny: {unet_channels: [4, 8], attention_heads: 2, cross_attention_dim: 8, latent_size: 4,
+       vae_channels: [4, 8, 8, 8], text_layers: 1, text_heads: 2, text_intermediate_size: 8}
+guidance_embedding_channels: [4, 4, 4, 4]
+attention_downsample: 2
+"""
+
+
+def test_generator_trains_on_coco_one_person_with_its_captions(coco, tmp_path):
+    from generator.train import FramedDataset, make_train_batch, parse_args, train
+    from hands.mano import HandModel
+
+    model = HandModel()
+    captions = tmp_path / "captions.jsonl"
+    entries = [{"image_id": 1, "file_name": "000000000001.jpg", "raw": "x", "caption": "A person holds a cup with both hands."},
+               {"image_id": 3, "file_name": "000000000003.jpg", "raw": "x", "caption": ""}]
+    captions.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    options = ["--dataset-option", "one_person=true", "--dataset-option", "require_fit=true",
+               "--dataset-option", f"captions={captions}"]
+    cfg = parse_args(["--dataset", "coco", "--data-root", str(coco), "--split", "train", *options])
+    assert cfg.dataset_options == {"one_person": True, "require_fit": True, "captions": str(captions)}
+    reader = build_dataset("coco", coco, "train", hand_model=model, **cfg.dataset_options)
+    assert [r["aid"] for r in reader.records] == [11, 31]  # one person per image, with a fit
+    data = FramedDataset(reader, 32)
+    batch = make_train_batch([data[0], data[1]], model.faces_for("right"), model.faces_for("left"))
+    assert batch.prompts == ["A person holds a cup with both hands.", "a photo of two hands"]  # empty: the default
+    assert float(batch.mesh[0].sum()) > 0 and float(batch.mesh[1].sum()) > 0  # the fits are drawn
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_GENERATOR_YAML)
+    result = train(parse_args(["--dataset", "coco", "--data-root", str(coco), "--split", "train", *options,
+                               "--generator-config", str(config), "--size", "32", "--batch-size", "2", "--steps", "1",
+                               "--sample-every", "0", "--sample-steps", "1", "--no-progress", "--device", "cpu",
+                               "--tas-updates", "0", "--out", str(tmp_path / "run")]), hand_model=model)
+    assert result["step"] == 1 and (tmp_path / "run" / "guidance.safetensors").is_file()
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["train"]["dataset_options"]["one_person"] is True
