@@ -62,9 +62,13 @@ class DataConfig:
         test-wild; others train / test).
     image_size: (H, W) pixels of the model input.
     crop: the input protocol: "image" (the whole image made to the input's aspect ratio and resized; InterWild,
-        whose box net finds the hands) or "hands" (the union of the ground-truth hand boxes x1.3; IntagHand and
-        the baseline). Each arch states it in configs/recon/<arch>.yaml; a regressor that declares
-        ``input_crop`` refuses the other one (recon.data.check_input_protocol).
+        whose box net finds the hands), "hands" (the union of the ground-truth hand boxes x1.3; the baseline) or
+        "verts" (the square of 1.25x the extent of both hands' projected ground-truth vertices; IntagHand's
+        ``cut_img``). Each arch states it in configs/recon/<arch>.yaml; a regressor that declares
+        ``input_crop`` refuses the others (recon.data.check_input_protocol).
+    augment: apply the training augmentation (else the test-time crop); augmentation: whose —
+        "interwild" (:class:`hands.datasets.transforms.InterWildAugment`) or "intaghand"
+        (:class:`hands.datasets.transforms.IntagHandAugment`).
     """
 
     root: Optional[str] = None
@@ -73,6 +77,7 @@ class DataConfig:
     image_size: Tuple[int, int] = (128, 128)
     crop: str = "hands"  # "hands": the union of the ground-truth hand boxes x1.3; "image": the whole image
     augment: bool = True
+    augmentation: str = "interwild"
     num_workers: int = 0
     max_train_samples: Optional[int] = None
     max_test_samples: Optional[int] = None
@@ -84,7 +89,10 @@ class OptimConfig:
     <= epoch + number of lr_decay_steps <= step)`` (milestones in epochs, and in optimizer steps for schedules
     that must not depend on how many real samples a batch holds, as recon.table2's equal-steps runs); or
     ``schedule: cosine``: ``lr * (1 + cos(pi * epoch / train.epochs)) / 2``, set per epoch (PyTorch's
-    CosineAnnealingLR stepped once per epoch with T_max = the epochs and eta_min = 0, DIR's schedule)."""
+    CosineAnnealingLR stepped once per epoch with T_max = the epochs and eta_min = 0, DIR's schedule).
+    With ``warmup_epochs`` > 0 the rate of epoch ``e < warmup_epochs`` is also multiplied by
+    ``f + (1 - f) * e / warmup_epochs``, ``f = warmup_start`` (IntagHand's StepLR_withWarmUp: 3 epochs from
+    1e-3 x lr)."""
 
     optimizer: str = "adam"  # adam | adamw
     schedule: str = "step"  # step | cosine
@@ -93,6 +101,8 @@ class OptimConfig:
     lr_decay_epochs: List[int] = field(default_factory=list)
     lr_decay_steps: List[int] = field(default_factory=list)
     lr_decay_gamma: float = 0.1
+    warmup_epochs: int = 0
+    warmup_start: float = 1e-3
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
 
 

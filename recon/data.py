@@ -192,13 +192,16 @@ def _square_to(box: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
 def eval_transform(crop_mode: str, image_size: tuple[int, int], extend: float = 1.3) -> Callable[[HandSample], HandSample]:
     """The deterministic test-time input: the whole image (``crop_mode="image"``; InterWild's
     ``process_bbox([0, 0, W, H], extend_ratio=1.0)``: no ground-truth box is read) or the union of the hand
-    boxes grown by ``extend`` (``"hands"``; uses the ground-truth boxes, as IntagHand's evaluation does),
+    boxes grown by ``extend`` (``"hands"``; uses the ground-truth boxes) or 1.25x the extent of both hands'
+    projected ground-truth vertices (``"verts"``, IntagHand's ``cut_img``, as its evaluation does),
     made to the input's aspect ratio (the shorter side padded with black) and resized to ``image_size`` (H, W)."""
 
     def apply(sample: HandSample) -> HandSample:
         height, width = sample.image_size
         if crop_mode == "image":
             box = torch.tensor([0.0, 0.0, width - 1.0, height - 1.0])
+        elif crop_mode == "verts":
+            box = transforms.vertex_box(sample)
         else:
             box = transforms.hands_box(sample, extend)
         return transforms.crop(sample, _square_to(box, image_size), tuple(image_size))
@@ -264,7 +267,11 @@ def check_input_protocol(cfg) -> None:
         return  # a plugin not imported here: recon.train reports unknown names itself
     required = getattr(REGRESSORS.get(cfg.arch), "input_crop", None)
     if required is not None and cfg.data.crop != required:
-        what = {"image": "the whole image (its box net finds the hands)", "hands": "a crop around both hands"}
+        what = {
+            "image": "the whole image (its box net finds the hands)",
+            "hands": "a crop around both hands",
+            "verts": "a crop of 1.25x both hands' vertex extent",
+        }
         raise DataSpecError(
             f"data.crop={cfg.data.crop!r}: regressor {cfg.arch!r} reads {what.get(required, required)} as its "
             f"reference does; set data.crop={required!r} (a checkpoint trained otherwise must be retrained)"
@@ -295,10 +302,12 @@ def describe_default_data(cfg) -> Optional[str]:
 
 
 def train_transform(cfg) -> Callable[[HandSample, torch.Generator], HandSample]:
-    """The training input of a run: InterWild's augmentation then the crop to ``cfg.data.image_size``
-    (``cfg.data.augment``), or the deterministic test-time crop. Real samples get it in the data loader,
+    """The training input of a run: InterWild's augmentation (or IntagHand's, ``data.augmentation``) then the
+    crop to ``cfg.data.image_size`` (``cfg.data.augment``), or the deterministic test-time crop. Real samples get it in the data loader,
     generated ones in :mod:`mixing` (the same transform, so both look alike to the regressor)."""
     image_size = tuple(cfg.data.image_size)
+    if cfg.data.augment and cfg.data.get("augmentation", "interwild") == "intaghand":
+        return transforms.IntagHandAugment(image_size, box=cfg.data.crop)
     if cfg.data.augment:
         return transforms.InterWildAugment(image_size, box=cfg.data.crop)
     fixed = eval_transform(cfg.data.crop, image_size)

@@ -279,7 +279,7 @@ def run(args: argparse.Namespace) -> dict:
     boxes = read_boxes(args.boxes) if args.boxes else None
     is_interwild = _has_box_net(model)
     detector, detector_size = (model, input_size) if is_interwild else (None, None)
-    if args.detector and crop_mode == "hands" and boxes is None:
+    if args.detector and crop_mode in ("hands", "verts") and boxes is None:
         detector, detector_info = load_regressor(args.detector, device=device, mano_dir=args.mano_dir)
         if not _has_box_net(detector):
             raise DemoError(f"--detector {args.detector}: {detector_info.arch!r} has no box net (give an InterWild checkpoint)")
@@ -324,7 +324,7 @@ def run(args: argparse.Namespace) -> dict:
             present = {"right": True, "left": True}
             confidences = {}
             box = _whole(image)
-            if crop_mode == "hands":
+            if crop_mode in ("hands", "verts"):  # "verts" (IntagHand): no GT vertices here, the boxes stand in
                 if boxes is not None:
                     entry = boxes.get(frame.key)
                     if entry is None:

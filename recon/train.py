@@ -181,8 +181,20 @@ def check_config(cfg: DictConfig) -> None:
         raise UsageError(f"train.max_steps={cfg.train.max_steps}: expected a positive integer")
     if min(cfg.data.image_size) < 16:
         raise UsageError(f"data.image_size={list(cfg.data.image_size)}: expected at least 16 px per side")
-    if cfg.data.crop not in ("hands", "image"):
-        raise UsageError(f"data.crop={cfg.data.crop!r}: expected 'hands' or 'image'")
+    if cfg.data.crop not in ("hands", "image", "verts"):
+        raise UsageError(f"data.crop={cfg.data.crop!r}: expected 'hands', 'image' or 'verts'")
+    if cfg.data.augmentation not in ("interwild", "intaghand"):
+        raise UsageError(f"data.augmentation={cfg.data.augmentation!r}: expected 'interwild' or 'intaghand'")
+    if cfg.data.augment and (cfg.data.augmentation, cfg.data.crop) in (("interwild", "verts"), ("intaghand", "image")):
+        raise UsageError(
+            f"data.augmentation={cfg.data.augmentation!r} does not crop data.crop={cfg.data.crop!r} "
+            "(InterWild's crops 'image' or 'hands', IntagHand's 'verts' or 'hands')"
+        )
+    if cfg.optim.warmup_epochs < 0 or not 0.0 <= cfg.optim.warmup_start <= 1.0:
+        raise UsageError(
+            f"optim.warmup_epochs={cfg.optim.warmup_epochs}, optim.warmup_start={cfg.optim.warmup_start}: "
+            "expected epochs >= 0 and a start factor in [0, 1]"
+        )
     if cfg.threads is not None and cfg.threads < 1:
         raise UsageError(f"threads={cfg.threads}: expected a positive number of CPU threads")
     if cfg.optim.lr <= 0:
@@ -216,12 +228,18 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
 
 def lr_at(cfg: DictConfig, epoch: int, step: int = 0) -> float:
     """Step decay: ``lr * gamma ** (number of lr_decay_epochs <= epoch + number of lr_decay_steps <= step)``;
-    ``optim.schedule=cosine``: ``lr * (1 + cos(pi * epoch / train.epochs)) / 2`` (per epoch)."""
+    ``optim.schedule=cosine``: ``lr * (1 + cos(pi * epoch / train.epochs)) / 2`` (per epoch); either after a
+    linear warm-up over the first ``optim.warmup_epochs`` epochs (see OptimConfig)."""
+    warmup = cfg.optim.get("warmup_epochs", 0)
+    factor = 1.0
+    if epoch < warmup:
+        start = cfg.optim.get("warmup_start", 1e-3)
+        factor = start + (1.0 - start) * epoch / warmup
     if cfg.optim.schedule == "cosine":
-        return cfg.optim.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.train.epochs))
+        return factor * cfg.optim.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.train.epochs))
     drops = sum(1 for milestone in cfg.optim.lr_decay_epochs if epoch >= milestone)
     drops += sum(1 for milestone in cfg.optim.lr_decay_steps if step >= milestone)
-    return cfg.optim.lr * cfg.optim.lr_decay_gamma**drops
+    return cfg.optim.lr * cfg.optim.lr_decay_gamma**drops * factor
 
 
 def generator_seed(cfg: DictConfig) -> int:

@@ -16,6 +16,7 @@ import scipy.sparse
 import torch
 
 from hands.camera import bbox_from_points, make_intrinsics, project, scale_bbox
+from hands.datasets.transforms import IntagHandAugment, crop_to_vertices, vertex_box
 from hands.mano import HandModel
 from hands.render import render_hands
 from hands.sample import Camera, HandLabels, HandSample, collate
@@ -75,6 +76,11 @@ def _posed(hand_model: HandModel, side: str, n: int, seed: int) -> torch.Tensor:
 
 
 def _make_batch(hand_model: HandModel, n: int, seed: int = 0):
+    """n rendered two-hand samples (64 x 64) with consistent 3D and 2D labels, collated."""
+    return collate(_make_samples(hand_model, n, seed))
+
+
+def _make_samples(hand_model: HandModel, n: int, seed: int = 0) -> list:
     """n rendered two-hand samples (64 x 64) with consistent 3D and 2D labels."""
     gen = torch.Generator().manual_seed(seed)
     K = make_intrinsics((80.0, 80.0), ((SIZE - 1) / 2, (SIZE - 1) / 2))
@@ -109,7 +115,7 @@ def _make_batch(hand_model: HandModel, n: int, seed: int = 0):
         )
         for i in range(n)
     ]
-    return collate(samples)
+    return samples
 
 
 # -- graphs ------------------------------------------------------------------------------------------------
@@ -325,9 +331,10 @@ def test_render_targets_match_the_rendered_sides(hand_model):
 
 def test_config_profiles_and_backbone_weights(tmp_path):
     paper = load_config(profile="paper", arch="intaghand")
-    assert list(paper.data.image_size) == [256, 256] and paper.data.crop == "hands"
+    assert list(paper.data.image_size) == [256, 256] and paper.data.crop == "verts"
+    assert paper.data.augmentation == "intaghand" and paper.optim.warmup_epochs == 3
     assert paper.model.backbone == "resnet50" and list(paper.model.gcn_in) == [512, 256, 128]
-    assert paper.train.batch_size == 64 and paper.train.epochs == 200 and list(paper.optim.lr_decay_epochs) == [150]
+    assert paper.train.batch_size == 64 and paper.train.epochs == 200 and list(paper.optim.lr_decay_epochs) == [153]
     kwargs = from_config(paper, IntagHand)
     assert kwargs["edge_loss_epoch"] == 50 and kwargs["weight_mask"] == 500.0
     demo = load_config(profile="demo", arch="intaghand")
@@ -499,3 +506,68 @@ def test_protocol_evaluator_counts_interacting_pairs_and_rescales_each_hand(hand
     model = build_regressor("intaghand", **TINY)
     assert isinstance(model.protocol_evaluator(), IntagHandProtocol)
     assert model.protocol_evaluator().tip_verts == tips
+
+
+# -- IntagHand's recipe: input crop, augmentation, warm-up ---------------------------------------------------
+
+
+def test_vertex_box_and_crop_hold_the_vertices_at_1_25x_their_extent(hand_model):
+    sample = _make_samples(hand_model, 1, seed=2)[0]
+    points = torch.cat([project(sample.right.verts_cam, sample.camera.K), project(sample.left.verts_cam, sample.camera.K)])
+    box = vertex_box(sample)
+    side = (box[2:] - box[:2])
+    assert torch.allclose(side[0], side[1])  # square
+    extent = points.amax(0) - points.amin(0)
+    assert side[0] == pytest.approx(float(extent.max()) / 0.8, rel=1e-5)
+    assert torch.allclose((box[:2] + box[2:]) / 2, (points.amax(0) + points.amin(0)) / 2, atol=1e-4)
+    out = crop_to_vertices(sample, (64, 64))
+    moved = torch.cat([project(out.right.verts_cam, out.camera.K), project(out.left.verts_cam, out.camera.K)])
+    # After the crop the vertices span 0.8 of the side (pixel centres at integers: the side spans 64 px).
+    assert float((moved.amax(0) - moved.amin(0)).max()) == pytest.approx(0.8 * 64, rel=1e-3)
+    # The test-time input of data.crop=verts is this crop.
+    from recon.data import eval_transform
+
+    assert torch.allclose(eval_transform("verts", (64, 64))(sample).image, out.image)
+
+
+def test_intaghand_augment_draws_its_ranges_and_keeps_labels_consistent(hand_model):
+    augment = IntagHandAugment((64, 64))
+    params = [augment.draw(torch.Generator().manual_seed(s)) for s in range(400)]
+    rotations = np.array([p["rotation_deg"] for p in params])
+    scales = np.array([p["scale"] for p in params])
+    colors = torch.stack([p["color"] for p in params])
+    brightness = np.array([p["brightness"] for p in params])
+    flips = np.array([p["flip"] for p in params])
+    assert rotations.min() >= -90 and rotations.max() <= 90 and rotations.min() < -80 and rotations.max() > 80
+    assert scales.min() >= 0.9 and scales.max() <= 1.1 and scales.max() - scales.min() > 0.18
+    assert colors.min() >= 0.7 and colors.max() <= 1.3 and float(colors.max() - colors.min()) > 0.55
+    assert np.abs(brightness).max() <= 0.05 and np.abs(brightness).max() > 0.045
+    assert 0.4 < flips.mean() < 0.6
+    sample = _make_samples(hand_model, 1, seed=3)[0]
+    first = augment(sample, torch.Generator().manual_seed(7))
+    again = augment(sample, torch.Generator().manual_seed(7))
+    assert torch.equal(first.image, again.image) and first.meta["augment"] == again.meta["augment"]
+    for seed in range(6):
+        out = augment(sample, torch.Generator().manual_seed(seed))
+        out.validate()
+        assert out.image_size == (64, 64) and 0.0 <= float(out.image.min()) and float(out.image.max()) <= 1.0
+        for side in ("right", "left"):
+            hand = out.hand(side)
+            assert torch.allclose(project(hand.joints_cam, out.camera.K), hand.joints_img, atol=1e-3)
+        # Unrotated, unscaled, the vertices would span 0.8 of the side; the scale zooms by at most 10 %.
+        moved = torch.cat([project(out.right.verts_cam, out.camera.K), project(out.left.verts_cam, out.camera.K)])
+        span = float((moved.amax(0) - moved.amin(0)).max())
+        params = out.meta["augment"]
+        assert span <= 0.8 * 64 * params["scale"] * math.sqrt(2) + 1e-3
+
+
+def test_paper_recipe_warms_up_for_three_epochs_then_decays_after_153():
+    from recon.train import lr_at
+
+    cfg = load_config(profile="paper", arch="intaghand")
+    assert lr_at(cfg, 0) == pytest.approx(1e-4 * 1e-3)
+    assert lr_at(cfg, 1) == pytest.approx(1e-4 * (1e-3 + 0.999 / 3))
+    assert lr_at(cfg, 3) == pytest.approx(1e-4) and lr_at(cfg, 152) == pytest.approx(1e-4)
+    assert lr_at(cfg, 153) == pytest.approx(1e-5)
+    demo = load_config(profile="demo", arch="intaghand")
+    assert demo.optim.warmup_epochs == 0 and lr_at(demo, 0) == pytest.approx(demo.optim.lr)

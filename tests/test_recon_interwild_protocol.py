@@ -40,8 +40,8 @@ def test_every_interwild_profile_reads_the_whole_image(profile):
     assert cfg.data.crop == "image"
     recipe = load_config(config_file=str(CONFIG_DIR / "interwild-recipe.yaml"))
     assert recipe.arch == "interwild" and recipe.data.crop == "image"
-    # IntagHand's reference crops around the hands with the ground-truth boxes: it keeps that protocol
-    assert load_config(profile=profile, arch="intaghand").data.crop == "hands"
+    # IntagHand's reference crops around the hands from the ground truth (1.25x the vertex extent): it keeps that
+    assert load_config(profile=profile, arch="intaghand").data.crop == "verts"
 
 
 def test_interwild_refuses_a_ground_truth_crop():

@@ -18,6 +18,8 @@ kornia through :func:`hands.camera.crop_image`; an image-plane affine changes th
 - :class:`InterWildAugment` draws InterWild's training augmentation (FACTS.md §3) from a torch.Generator:
   scale 1 + 0.25 N clipped to [0.75, 1.25], rotation 30° N clipped to ±60° with probability 0.6, colour
   x U[0.8, 1.2] per channel, horizontal flip with probability 0.5, then the crop to ``out_size``.
+- :class:`IntagHandAugment` draws IntagHand's: its input box (:func:`vertex_box`, 1.25x the hands' vertex
+  extent), rotation U[-90°, 90°], scale U[0.9, 1.1], colour x U[0.7, 1.3] per channel ±5 % brightness, flip 0.5.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from hands.camera import (
     apply_affine,
     bbox_crop_affine,
     crop_image,
+    project,
     square_bbox,
     scale_bbox,
     transform_intrinsics,
@@ -48,6 +51,9 @@ __all__ = [
     "hands_box",
     "crop_to_hands",
     "InterWildAugment",
+    "vertex_box",
+    "crop_to_vertices",
+    "IntagHandAugment",
 ]
 
 
@@ -320,6 +326,101 @@ class InterWildAugment:
         box = scale_bbox(square_bbox(box, aspect=out_w / out_h), params["scale"])
         out = crop(sample, box, self.out_size, rotation_deg=params["rotation_deg"])
         out = color_scale(out, params["color"])
+        if params["flip"]:
+            out = hflip(out)
+        out.meta["augment"] = {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in params.items()}
+        return out
+
+    def __call__(self, sample: HandSample, generator: torch.Generator | None = None) -> HandSample:
+        return self.apply(sample, self.draw(generator))
+
+
+# -- IntagHand's input crop and training augmentation --------------------------------------------------------
+INTAGHAND_BOX_RATIO = 0.8  # IntagHand's HAND_BBOX_RATIO: the vertex extent fills 0.8 of the crop's side
+
+
+def vertex_box(sample: HandSample, ratio: float = INTAGHAND_BOX_RATIO) -> Tensor:
+    """(4,) IntagHand's input box (its ``cut_img``): the square centred on the extent of both hands' projected
+    vertices, of side ``max(extent) / ratio`` (1.25x the vertex extent). Hands count when ``valid`` and
+    ``mano_valid``; for a fisheye view (``camera.dist`` set), or when no hand has a mesh, the extent of the valid
+    hands' ``joints_img`` stands in for the vertices'; the whole image when no hand is valid."""
+    points = [
+        project(hand.verts_cam, sample.camera.K)
+        for hand in (sample.right, sample.left)
+        if bool(hand.valid) and bool(hand.mano_valid) and not bool(sample.camera.is_fisheye)
+    ]
+    if not points:
+        points = [
+            hand.joints_img[hand.joints_valid.bool()]
+            for hand in (sample.right, sample.left)
+            if bool(hand.valid) and bool(hand.joints_valid.any())
+        ]
+    if not points:
+        height, width = sample.image_size
+        return torch.tensor([0.0, 0.0, width - 1.0, height - 1.0])
+    stacked = torch.cat(points).float()
+    low, high = stacked.amin(0), stacked.amax(0)
+    centre, half = (low + high) / 2, float((high - low).max()) / 2 / ratio
+    return torch.cat([centre - half, centre + half])
+
+
+def crop_to_vertices(sample: HandSample, out_size: tuple[int, int] = (256, 256)) -> HandSample:
+    """IntagHand's deterministic input: :func:`vertex_box` (made to the output's aspect) resampled to out_size."""
+    box = square_bbox(vertex_box(sample), aspect=out_size[1] / out_size[0])
+    return crop(sample, box, out_size)
+
+
+class IntagHandAugment:
+    """IntagHand's training augmentation (its ``core/loader.py`` and ``utils.imgUtils``) on HandSamples, drawn
+    from a torch.Generator, in the reference's order:
+
+    1. the input box: :func:`vertex_box` (``box="verts"``, IntagHand's) or the union of the hand boxes x1.3
+       (``box="hands"``);
+    2. rotation U[-90, 90] degrees about the optical axis (the 3D labels turn with it) and scale U[0.9, 1.1]
+       (a scale above 1 zooms in: the source window is the box / scale), then the crop to ``out_size``;
+    3. colour: each RGB channel x U[0.7, 1.3], plus one brightness offset U[-0.05, 0.05] (images in [0, 1];
+       its ``add_noise`` with alpha 0.3, beta 0.05 and no Gaussian noise), clamped to [0, 1];
+    4. horizontal flip with probability 0.5 (sides swap).
+    """
+
+    def __init__(
+        self,
+        out_size: tuple[int, int] = (256, 256),
+        *,
+        rot_range_deg: float = 90.0,
+        scale_range: tuple[float, float] = (0.9, 1.1),
+        color_range: tuple[float, float] = (0.7, 1.3),
+        brightness: float = 0.05,
+        flip_prob: float = 0.5,
+        box: str = "verts",
+    ) -> None:
+        if box not in ("verts", "hands"):
+            raise ValueError(f"box must be 'verts' or 'hands', got {box!r}")
+        self.out_size = tuple(out_size)
+        self.rot_range_deg, self.scale_range = rot_range_deg, scale_range
+        self.color_range, self.brightness, self.flip_prob = color_range, brightness, flip_prob
+        self.box = box
+
+    def draw(self, generator: torch.Generator | None = None) -> dict:
+        """Draw one set of parameters: rotation_deg, scale, color (3,), brightness, flip."""
+        uniform = torch.rand(7, generator=generator)
+        rotation = self.rot_range_deg * (2.0 * float(uniform[0]) - 1.0)
+        low, high = self.scale_range
+        scale = low + (high - low) * float(uniform[1])
+        low, high = self.color_range
+        color = low + (high - low) * uniform[2:5]
+        brightness = self.brightness * (2.0 * float(uniform[5]) - 1.0)
+        flip = bool(uniform[6] < self.flip_prob)
+        return {"rotation_deg": rotation, "scale": scale, "color": color, "brightness": brightness, "flip": flip}
+
+    def apply(self, sample: HandSample, params: dict) -> HandSample:
+        box = vertex_box(sample) if self.box == "verts" else hands_box(sample, 1.3)
+        out_h, out_w = self.out_size
+        box = scale_bbox(square_bbox(box, aspect=out_w / out_h), 1.0 / params["scale"])
+        out = crop(sample, box, self.out_size, rotation_deg=params["rotation_deg"])
+        factors = params["color"].to(out.image.dtype).reshape(3, 1, 1)
+        image = (out.image * factors + params["brightness"]).clamp(0.0, 1.0)
+        out = dataclasses.replace(out, image=image, meta=dict(out.meta))
         if params["flip"]:
             out = hflip(out)
         out.meta["augment"] = {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in params.items()}

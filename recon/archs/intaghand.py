@@ -540,6 +540,7 @@ def _refuse_previous_layout(module, state_dict, prefix, *args) -> None:
 @REGRESSORS.register("intaghand")
 class IntagHand(HandModelMixin, nn.Module):
     """IntagHand: image -> both hands' meshes through a two-hand graph decoder (see the module docstring).
+    Its input is IntagHand's crop of 1.25x both hands' projected vertex extent (``input_crop = "verts"``).
 
     Args (keyword-only):
         backbone: a timm ResNet name (random init; ``load_backbone_weights`` reads pretrained weights).
@@ -563,6 +564,8 @@ class IntagHand(HandModelMixin, nn.Module):
             (50) on (see :meth:`set_epoch`), mask 500 (SmoothL1), dense 30 (SmoothL1), heatmap 100 (MSE).
         heatmap_sigma: the Gaussian of the ground-truth heatmaps, decoder pixels (1/4 of the input).
     """
+
+    input_crop = "verts"
 
     def __init__(
         self,
