@@ -258,6 +258,11 @@ def check_sd_folder(sd_path: str | Path) -> Path:
             missing.append(f"{sub}/{stems[0]}.safetensors")
     if missing:
         raise ValueError(f"{root} is not a Stable Diffusion folder in diffusers layout: missing {', '.join(missing)}")
+    empty = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.stat().st_size == 0
+                   and (p.suffix in (".json", ".safetensors", ".bin") or p.name == "merges.txt"))
+    if empty:
+        raise ValueError(f"{root}: empty files {', '.join(empty[:4])}{', ...' if len(empty) > 4 else ''} "
+                         "(an interrupted copy or download?)")
     return root
 
 

@@ -4,7 +4,7 @@
       "datasets": {"train": ["synthlab:train-lab"], "test": [...], "root": str | None,
                    "variants": {name: {...}}},                # IH2.6M fps folders / H or H+M subset, ...
       "mix": {"synthetic_ratio": r, "mode": "online" | "sync" | "offline", "labels": ..., "size": px},
-      "generator": None (r = 0) | {"name", "config" (the resolved generator config), "weights": {file: sha256}},
+      "generator": None (r = 0 or round(r * B) = 0) | {"name", "config" (the resolved generator config), "weights": {file: sha256}},
       "hand_model": {"kind": "procedural" | "official", "fingerprint": sha256, "mano_dir": str | None},
       "code": {"package": "attentionhand-aug", "version": ..., "git_commit": str | None, "git_dirty": bool | None},
       "licences": [{"part", "name", "url", "note"}],          # what binds the weights
@@ -167,11 +167,14 @@ def _dataset_variants(names: list[str], data_root: Optional[str]) -> dict:
 
 
 def _generator_card(cfg) -> Optional[dict]:
-    """The generator's name, resolved configuration and weight hashes; None when no image is generated."""
+    """The generator's name, resolved configuration and weight hashes; None when no image is generated
+    (r = 0 or round(r * B) = 0)."""
     from omegaconf import OmegaConf
 
-    if float(cfg.train.synthetic_ratio) <= 0:
-        return None
+    from mixing.mixer import split_batch_size
+
+    if split_batch_size(int(cfg.train.batch_size), float(cfg.train.synthetic_ratio))[1] == 0:
+        return None  # r = 0, or round(r * B) = 0: no batch gets a generated sample
     mixing = OmegaConf.to_container(cfg.mixing, resolve=True)
     card: dict[str, Any] = {"name": mixing["generator"], "config_name": mixing["generator_config"]}
     if mixing["mode"] == "offline":  # images came from shards: their folder is the provenance

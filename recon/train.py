@@ -209,6 +209,58 @@ def check_config(cfg: DictConfig) -> None:
         raise UsageError(str(error)) from None
     if cfg.arch not in REGRESSORS:
         raise UsageError(f"--arch {cfg.arch}: unknown regressor; known: {', '.join(REGRESSORS.names())} (plugins: --plugin MODULE)")
+    for key in ("data.max_train_samples", "data.max_test_samples"):
+        if OmegaConf.select(cfg, key) is not None and OmegaConf.select(cfg, key) < 1:
+            raise UsageError(f"{key}={OmegaConf.select(cfg, key)}: expected a positive number of samples (or null)")
+    check_mixing(cfg)
+
+
+def check_mixing(cfg: DictConfig) -> None:
+    """The combinations of batch size, ratio and mixing settings that would fail once training runs;
+    UsageError names the flag or key. Nothing is checked when no generated sample is used (round(r * B) = 0)."""
+    ratio, batch = cfg.train.synthetic_ratio, cfg.train.batch_size
+    n_real, n_synthetic = split_batch_size(batch, ratio)
+    if n_real < 1:
+        raise UsageError(
+            f"--synthetic-ratio {ratio} with --batch-size {batch}: round(r * B) = {n_synthetic} generated samples "
+            "leave no real sample in a batch; lower the ratio or raise the batch size"
+        )
+    if n_synthetic == 0:
+        return
+    if cfg.mixing.mode == "online" and cfg.mixing.capacity < n_synthetic:
+        raise UsageError(
+            f"mixing.capacity={cfg.mixing.capacity}: smaller than the {n_synthetic} generated samples each batch takes "
+            f"(round({ratio} * {batch})); raise it to at least {n_synthetic}"
+        )
+    if cfg.mixing.mode == "offline":
+        return  # the shards' images are used as they are
+    from generator.model import check_sd_folder
+    from mixing.build import generator_config
+
+    try:
+        generator_cfg = generator_config(MixingConfig(**OmegaConf.to_container(cfg.mixing)))
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"mixing.generator_config={cfg.mixing.generator_config}: {one_line(error)}") from None
+    multiple = None
+    if generator_cfg.sd_path:
+        try:
+            root = check_sd_folder(generator_cfg.sd_path)
+            levels = [
+                len(json.loads((root / sub / "config.json").read_text())["block_out_channels"]) for sub in ("vae", "unet")
+            ]
+            multiple = 2 ** (levels[0] - 1) * 2 ** (levels[1] - 1)
+        except ValueError as error:  # also a config.json that is not JSON (JSONDecodeError)
+            raise UsageError(f"--sd-path {generator_cfg.sd_path}: {one_line(error)}") from None
+        except (KeyError, TypeError, OSError) as error:
+            raise UsageError(f"--sd-path {generator_cfg.sd_path}: unreadable vae/unet config.json ({one_line(error)})") from None
+    else:
+        tiny = generator_cfg.tiny
+        multiple = 2 ** (len(tiny.vae_channels) - 1) * 2 ** (len(tiny.unet_channels) - 1)
+    if multiple and cfg.mixing.size % multiple:
+        raise UsageError(
+            f"mixing.size={cfg.mixing.size}: generator {cfg.mixing.generator_config} needs a multiple of {multiple} px "
+            f"(its VAE and UNet downsampling); e.g. mixing.size={max(multiple, cfg.mixing.size // multiple * multiple)}"
+        )
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -348,6 +400,13 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
     random.seed(cfg.seed)
     out = Path(cfg.out).expanduser()
     say = print if is_main else (lambda *a, **k: None)
+    if cfg.train.synthetic_ratio > 0 and n_synthetic == 0 and is_main:
+        print(
+            f"recon.train: warning: --synthetic-ratio {cfg.train.synthetic_ratio} with --batch-size {cfg.train.batch_size}: "
+            "round(r * B) = 0, so no batch gets a generated sample; this run trains on real samples only "
+            "(its checkpoints record no generator)",
+            file=sys.stderr,
+        )
     run_folder = claim_out(
         out, resume_meta=resume_info.meta if resume_info is not None else None, overwrite=args.overwrite,
         is_main=is_main, world_size=world_size, say=say,
@@ -392,8 +451,8 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
             provider, preprocess_synthetic = synthetic_provider(
                 cfg, hand_model=hand_model, train_set=train_set, device=device, rank=rank, world_size=world_size
             )
-        except (ValueError, ImportError) as error:
-            raise UsageError(f"--synthetic-ratio {cfg.train.synthetic_ratio}: {error}") from error
+        except (ValueError, ImportError, OSError) as error:  # OSError: diffusers' unreadable weight files
+            raise UsageError(f"--synthetic-ratio {cfg.train.synthetic_ratio}: {one_line(error)}") from error
         say(
             f"mixing: {n_synthetic} of {cfg.train.batch_size} samples per batch from {cfg.mixing.generator} "
             f"({cfg.mixing.mode}, labels: {cfg.mixing.labels}, {cfg.mixing.size} px)"
