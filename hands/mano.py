@@ -264,6 +264,13 @@ class HandOutput:
     joints: Tensor
 
 
+def _full_precision(device: torch.device):
+    """A block with autocast off on ``device`` when it is on there (else a no-op context)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _smplx_layer(data: dict, path: Path, is_right: bool) -> nn.Module:
     import smplx
     from smplx.utils import Struct
@@ -392,12 +399,13 @@ class HandModel(nn.Module):
         if trans is not None and trans.shape != (batch, 3):
             raise ValueError(f"trans must be ({batch}, 3), got {tuple(trans.shape)}")
         dtype = layer.shapedirs.dtype
-        out = layer(
-            betas=shape.to(dtype),
-            global_orient=pose[:, :3].to(dtype),
-            hand_pose=pose[:, 3:].to(dtype),
-            transl=None if trans is None else trans.to(dtype),
-        )
+        with _full_precision(pose.device):  # the mesh in full precision under mixed precision
+            out = layer(
+                betas=shape.to(dtype),
+                global_orient=pose[:, :3].to(dtype),
+                hand_pose=pose[:, 3:].to(dtype),
+                transl=None if trans is None else trans.to(dtype),
+            )
         verts = out.vertices  # (B, 778, 3)
         joints = torch.cat([out.joints, verts[:, self.tip_verts]], dim=1)  # (B, 21, 3) MANO order + tips
         return HandOutput(verts=verts, joints=joints[:, self._order])

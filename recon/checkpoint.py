@@ -127,6 +127,7 @@ def save_checkpoint(
     keep_last: int = 0,
     extra: Optional[dict] = None,
     run_id: Optional[str] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
 ) -> Path:
     """Write ``folder/step_<progress['step']>.{safetensors,state.pt,json}`` atomically; returns the JSON path.
 
@@ -136,6 +137,7 @@ def save_checkpoint(
         ``keep_last`` (checkpoints of other runs are never touched).
     run_id: the run the checkpoint belongs to (:mod:`recon.runs`), recorded in the sidecar; pruning and
         :func:`find_checkpoint` on a run folder go by it.
+    scaler: fp16 training's GradScaler; its state goes into the training state (``"scaler"``).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -148,6 +150,8 @@ def save_checkpoint(
     _replace_atomically(weights_tmp, weights_path)
 
     state = {"optimizer": optimizer.state_dict() if optimizer is not None else None, "rng": capture_rng_state()}
+    if scaler is not None and scaler.is_enabled():  # fp16 training: the loss scale resumes where it was
+        state["scaler"] = scaler.state_dict()
     state_tmp = state_path.with_name(state_path.name + tmp)
     torch.save(state, state_tmp)
     _replace_atomically(state_tmp, state_path)

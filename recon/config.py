@@ -116,6 +116,11 @@ class TrainConfig:
     log_every: int = 10  # steps between TensorBoard scalars
     image_every: int = 100  # steps between TensorBoard image grids; 0 disables them
     backbone_weights: Optional[str] = None  # a file the regressor's load_backbone_weights() reads
+    # speed (docs/performance.md): mixed precision of the forward pass: off | bf16 | fp16 (with a GradScaler) |
+    # auto (on CUDA bf16 where supported, else fp16; off on the CPU); losses, MANO and evaluation stay fp32
+    amp: str = "off"
+    channels_last: bool = False  # the regressor and its input images in channels-last memory format
+    compile: bool = False  # torch.compile the training forward pass (evaluation runs the plain model)
 
 
 @dataclass

@@ -22,6 +22,7 @@ dict.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -203,6 +204,8 @@ def check_config(cfg: DictConfig) -> None:
         raise UsageError(f"optim.optimizer={cfg.optim.optimizer!r}: expected 'adam' or 'adamw'")
     if cfg.optim.schedule not in ("step", "cosine"):
         raise UsageError(f"optim.schedule={cfg.optim.schedule!r}: expected 'step' or 'cosine'")
+    if cfg.train.amp not in AMP_MODES:
+        raise UsageError(f"train.amp={cfg.train.amp!r}: expected one of {', '.join(AMP_MODES)}")
     try:
         MixingConfig(**OmegaConf.to_container(cfg.mixing)).check()
     except ValueError as error:
@@ -276,6 +279,19 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
+
+
+AMP_MODES = ("off", "bf16", "fp16", "auto")
+
+
+def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``train.amp`` on ``device`` (None: full precision). ``auto``: bf16 on a CUDA device
+    that supports it, else fp16 there; full precision on the CPU."""
+    if mode == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
 def lr_at(cfg: DictConfig, epoch: int, step: int = 0) -> float:
@@ -476,8 +492,12 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
             if not message.startswith("--backbone-weights"):
                 message = f"--backbone-weights {cfg.train.backbone_weights}: cannot load it ({type(error).__name__}: {message})"
             raise UsageError(message) from None
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer_cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_cls(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    autocast_dtype = amp_dtype(cfg.train.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)  # fp16 only
     step, epoch, start_batch = 0, 0, 0
     if resume_info is not None:
         if int(resume_info.meta.get("world_size", 1)) != world_size:
@@ -488,10 +508,13 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
         ckpt.load_weights(model, resume_info, device=device)
         state = ckpt.load_training_state(resume_info)
         optimizer.load_state_dict(state["optimizer"])
+        if scaler.is_enabled() and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng_state(state["rng"])
         step, epoch, start_batch = (int(resume_info.meta[k]) for k in ("step", "epoch", "step_in_epoch"))
         say(f"resuming {resume_info.json_path} at step {step} (epoch {epoch}, batch {start_batch})")
     ddp_model = DistributedDataParallel(model) if world_size > 1 else model
+    forward = torch.compile(ddp_model) if cfg.train.compile else ddp_model  # training only; `model` stays plain
     max_steps = cfg.train.max_steps or cfg.train.epochs * batches_per_epoch
 
     writer = None
@@ -516,6 +539,7 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
             model_kwargs=model_kwargs,
             config=to_dict(cfg),
             optimizer=optimizer,
+            scaler=scaler,
             progress=progress,
             keep_last=3,
             run_id=run_folder.run_id,
@@ -545,28 +569,36 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
             for batch in make_batches(epoch, start_batch):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(cfg, epoch, step)
-                output = ddp_model(batch)
-                losses = model.losses(output, batch)
+                if cfg.train.channels_last:
+                    batch = dataclasses.replace(batch, image=batch.image.contiguous(memory_format=torch.channels_last))
+                with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext():
+                    output = forward(batch)
+                losses = model.losses(output, batch)  # outside autocast: the losses in full precision
                 loss = sum(losses.values())
                 logged = _reduce_mean(torch.stack([loss.detach(), *(v.detach() for v in losses.values())]), world_size)
-                if not torch.isfinite(logged).all():
-                    values = {name: float(v) for name, v in zip(["total", *losses], logged.tolist())}
-                    raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {epoch}): {values}")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
+                # the step's one host sync (on a GPU): the finiteness check, progress bar and logs read these
+                # numbers, taken once the backward pass is queued; a non-finite loss stops before the update
+                values = logged.tolist()
+                if not all(math.isfinite(v) for v in values):
+                    named = dict(zip(["total", *losses], values))
+                    raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {epoch}): {named}")
                 if cfg.optim.grad_clip > 0:
+                    scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 step += 1
                 batch_in_epoch += 1
                 samples_seen += len(batch) * world_size
                 substituted += sum(1 for meta in batch.meta if "substituted_for" in meta)  # images that did not decode
                 speed = samples_seen / max(time.perf_counter() - loop_start, 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(logged[0]):.4f}", samples_per_s=f"{speed:.1f}")
+                bar.set_postfix(loss=f"{values[0]:.4f}", samples_per_s=f"{speed:.1f}")
                 if writer is not None and step % cfg.train.log_every == 0:
-                    writer.add_scalar("train/loss", float(logged[0]), step)
-                    for name, value in zip(losses, logged[1:].tolist()):
+                    writer.add_scalar("train/loss", values[0], step)
+                    for name, value in zip(losses, values[1:]):
                         writer.add_scalar(f"train/loss_{name}", value, step)
                     writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
                     writer.add_scalar("train/samples_per_s", speed, step)
