@@ -78,6 +78,7 @@ class DataConfig:
     crop: str = "hands"  # "hands": the union of the ground-truth hand boxes x1.3; "image": the whole image
     augment: bool = True
     augmentation: str = "interwild"
+    train_frames: str = "all"  # "interacting_both_fits": IntagHand's training frames (recon.data._select_frames)
     num_workers: int = 0
     max_train_samples: Optional[int] = None
     max_test_samples: Optional[int] = None

@@ -322,6 +322,30 @@ def base_readers(dataset: Dataset) -> list:
     return base_readers(inner) if inner is not None else [dataset]
 
 
+def _select_frames(reader: Dataset, frames: str, name: str) -> Dataset:
+    """``frames="all"``: the reader itself; ``"interacting_both_fits"``: only its interacting frames (with a valid
+    hand type) that carry both hands' MANO fits, as IntagHand trains (its ``dataset/interhand.py``); needs a
+    reader in IH2.6M's layout (ih26m, synthlab), whose records hold ``hand_type`` and ``fits``."""
+    if frames == "all":
+        return reader
+    records = getattr(reader, "records", None)
+    if frames != "interacting_both_fits" or not records or "fits" not in records[0]:
+        raise DataSpecError(
+            f"data.train_frames={frames!r}: expected 'all', or 'interacting_both_fits' with a reader in IH2.6M's "
+            f"layout (ih26m, synthlab); got dataset {name!r}"
+        )
+    keep = [
+        index
+        for index, record in enumerate(records)
+        if record["hand_type"] == "interacting"
+        and record.get("hand_type_valid", True)
+        and all(record["fits"].get(side) is not None for side in ("right", "left"))
+    ]
+    if not keep:
+        raise DataSpecError(f"data.train_frames={frames!r}: dataset {name!r} has no interacting frame with both fits")
+    return Subset(reader, keep)
+
+
 def build_train_set(cfg, *, hand_model) -> Dataset:
     """The training datasets of ``cfg.data.train``, concatenated (3D sets and MSCOCO sampled 50/50 when both
     are named, as InterWild does: :mod:`recon.balance`), each sample augmented (InterWild's augmentation,
@@ -329,8 +353,13 @@ def build_train_set(cfg, *, hand_model) -> Dataset:
     specs = parse_specs(cfg.data.train, "train")
     n_named = len({spec.name for spec in specs})
     augment = train_transform(cfg)
+    frames = cfg.data.get("train_frames", "all")
     parts = [
-        SeededTransform(_limit(_reader(cfg, spec, n_named, hand_model), cfg.data.max_train_samples), augment, seed=cfg.seed)
+        SeededTransform(
+            _limit(_select_frames(_reader(cfg, spec, n_named, hand_model), frames, spec.name), cfg.data.max_train_samples),
+            augment,
+            seed=cfg.seed,
+        )
         for spec in specs
     ]
     return balance_2d_3d(parts, [spec.name for spec in specs], seed=cfg.seed)  # 3D sets vs MSCOCO 50/50

@@ -184,6 +184,8 @@ def check_config(cfg: DictConfig) -> None:
         raise UsageError(f"data.image_size={list(cfg.data.image_size)}: expected at least 16 px per side")
     if cfg.data.crop not in ("hands", "image", "verts"):
         raise UsageError(f"data.crop={cfg.data.crop!r}: expected 'hands', 'image' or 'verts'")
+    if cfg.data.train_frames not in ("all", "interacting_both_fits"):
+        raise UsageError(f"data.train_frames={cfg.data.train_frames!r}: expected 'all' or 'interacting_both_fits'")
     if cfg.data.augmentation not in ("interwild", "intaghand"):
         raise UsageError(f"data.augmentation={cfg.data.augmentation!r}: expected 'interwild' or 'intaghand'")
     if cfg.data.augment and (cfg.data.augmentation, cfg.data.crop) in (("interwild", "verts"), ("intaghand", "image")):

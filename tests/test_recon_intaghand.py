@@ -423,13 +423,19 @@ def test_checkpoints_of_the_previous_layout_fail_in_one_line():
     assert "\n" not in str(error.value)
 
 
-def test_demo_profile_trains_on_the_embedded_default(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_synthlab(tmp_path_factory):
+    from tests.recon_helpers import write_tiny_synthlab
+
+    return write_tiny_synthlab(tmp_path_factory.mktemp("synthlab"))
+
+
+def test_demo_profile_trains_on_the_embedded_default(tmp_path, tiny_synthlab):
     # The demo profile's IntagHand (configs/recon/intaghand.yaml) trains with recon.train on a tiny synthlab
     # (the embedded default's data, the procedural hand), narrowed to 64 px.
     from recon import train as recon_train
-    from tests.recon_helpers import write_tiny_synthlab
 
-    root = write_tiny_synthlab(tmp_path / "synthlab")
+    root = tiny_synthlab
     out = tmp_path / "run"
     argv = [
         "--arch", "intaghand", "--data-root", str(root), "--datasets", "synthlab", "--out", str(out),
@@ -571,3 +577,21 @@ def test_paper_recipe_warms_up_for_three_epochs_then_decays_after_153():
     assert lr_at(cfg, 153) == pytest.approx(1e-5)
     demo = load_config(profile="demo", arch="intaghand")
     assert demo.optim.warmup_epochs == 0 and lr_at(demo, 0) == pytest.approx(demo.optim.lr)
+
+
+def test_training_frames_can_be_intaghands_interacting_frames_with_both_fits(tiny_synthlab, hand_model):
+    from hands.datasets import build_dataset
+    from recon.data import DataSpecError, _select_frames
+
+    reader = build_dataset("synthlab", tiny_synthlab, "train-lab", hand_model=hand_model)
+    assert _select_frames(reader, "all", "synthlab") is reader
+    selected = _select_frames(reader, "interacting_both_fits", "synthlab")
+    assert 0 < len(selected) < len(reader)  # the tiny set has single-hand frames too
+    for index in range(len(selected)):
+        sample = selected[index]
+        assert sample.hand_type == "interacting"
+        assert bool(sample.right.mano_valid) and bool(sample.left.mano_valid)
+    with pytest.raises(DataSpecError, match="IH2.6M's layout"):
+        _select_frames(torch.utils.data.TensorDataset(torch.zeros(2)), "interacting_both_fits", "coco")
+    assert load_config(profile="paper", arch="intaghand").data.train_frames == "interacting_both_fits"
+    assert load_config(profile="demo", arch="intaghand").data.train_frames == "all"
