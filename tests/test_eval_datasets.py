@@ -94,6 +94,23 @@ def test_ih26m_hand_with_an_invalid_wrist_is_dropped_as_interwild_does(model, tm
     assert results["count_MPJPE"] == 5 * 21
 
 
+def test_hic_hand_out_of_the_frame_is_evaluated_as_interwild_does(model, tmp_path):
+    """InterWild's HIC evaluation scores every hand that has a mesh; a hand outside the image is valid in 3D
+    (its 2D joints truncated), so it counts for MPVPE, RRVE and MRRPE."""
+    import trimesh
+
+    write_hic_fixture(tmp_path, model, count=3)  # interacting, right, left
+    ply = tmp_path / "meshes" / "0000_left.ply"
+    mesh = trimesh.load(ply, process=False)
+    mesh.vertices = mesh.vertices + [0.6, 0.0, 0.0]  # 0.6 m to the right at 0.5 m depth: far outside 640 px
+    mesh.export(ply)
+    dataset = build_dataset("hic", tmp_path, "test", hand_model=model)
+    left = dataset[0].left
+    assert bool(left.valid) and float(left.joints_img[:, 0].min()) > 640
+    results = evaluate(model, dataset)
+    assert_zero_with_counts(results, {"MPVPE": (2, 2), "RRVE": (0, 1), "MRRPE": (0, 1)})
+
+
 def test_reih_reader_and_rules(model, tmp_path):
     write_reih_fixture(tmp_path, model, captures=(REIH_TEST_CAPTURE,), frames=(0, 6), cameras=1, size=(24, 32), ego=False)
     results = evaluate(model, build_dataset("reih", tmp_path, "test", hand_model=model))

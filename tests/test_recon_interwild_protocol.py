@@ -242,3 +242,19 @@ def test_2d_targets_follow_the_distortion_and_interwilds_truncation():
     assert float(losses["joint_img"]) == pytest.approx(0.0, abs=1e-6)  # truncated joints are not 2D targets
     # the MANO joints are the annotated ones here: through the distortion their targets coincide
     assert float(losses["mano_joint_img"]) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_hand_boxes_span_the_joints_each_reference_loader_uses():
+    """IH2.6M (get_bbox over every 2D-valid joint, then sanitize_bbox clips) vs ReIH (the joints inside the
+    image only): for a hand cut by the image border the first box reaches the border, the second does not."""
+    from hands.datasets.common import hand_bbox_from_joints
+
+    joints = torch.tensor([[10.0, 10.0], [20.0, 14.0], [30.0, 18.0], [60.0, 22.0]])  # the last one right of x = 39
+    valid = torch.ones(4, dtype=torch.bool)
+    inside = hand_bbox_from_joints(joints, valid, (32, 40), box_joints="inside")
+    every = hand_bbox_from_joints(joints, valid, (32, 40), box_joints="valid")
+    assert torch.allclose(inside, torch.tensor([8.0, 9.2, 32.0, 18.8]))  # (10..30) x1.2 about 20
+    assert torch.allclose(every, torch.tensor([5.0, 8.8, 39.0, 23.2]))  # (10..60) x1.2, clipped at x = 39
+    assert hand_bbox_from_joints(joints[3:], valid[3:], (32, 40), box_joints="valid") is None  # none inside
+    with pytest.raises(ValueError, match="box_joints"):
+        hand_bbox_from_joints(joints, valid, (32, 40), box_joints="all")

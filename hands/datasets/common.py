@@ -190,13 +190,17 @@ def project_points(points_cam: Tensor, K: Tensor, dist: Tensor | None = None) ->
 
 
 def hand_bbox_from_joints(
-    joints_img: Tensor, joints_valid: Tensor, image_size: tuple[int, int], extend: float = 1.2
+    joints_img: Tensor, joints_valid: Tensor, image_size: tuple[int, int], extend: float = 1.2, box_joints: str = "inside"
 ) -> Tensor | None:
-    """A hand box from its projected joints (InterWild's rule: the joints inside the image, box x1.2).
+    """A hand box from its projected joints (InterWild's ``get_bbox``: the joints' box x1.2, clipped).
 
-    joints_img: (21, 2) px; joints_valid: (21,) bool; image_size: (H, W).
+    joints_img: (21, 2) px; joints_valid: (21,) bool; image_size: (H, W); box_joints: which joints span the
+    box: "inside" (the valid joints inside the image: InterWild's ReIH loader, joint_trunc) or "valid" (every
+    valid joint, also outside the image: its IH2.6M loader, which then clips the box, sanitize_bbox).
     Returns (4,) x0, y0, x1, y1 clipped to the image, or None when no valid joint lies in the image.
     """
+    if box_joints not in ("inside", "valid"):
+        raise ValueError(f"box_joints must be 'inside' or 'valid', got {box_joints!r}")
     height, width = image_size
     inside = (
         joints_valid
@@ -207,7 +211,7 @@ def hand_bbox_from_joints(
     )
     if not bool(inside.any()):
         return None
-    box = scale_bbox(bbox_from_points(joints_img, inside), extend)
+    box = scale_bbox(bbox_from_points(joints_img, inside if box_joints == "inside" else joints_valid), extend)
     box = torch.stack(
         [box[0].clamp(0, width - 1), box[1].clamp(0, height - 1), box[2].clamp(0, width - 1), box[3].clamp(0, height - 1)]
     )
@@ -227,6 +231,8 @@ def make_hand_labels(
     mano_shape: Tensor | None = None,
     verts_cam: Tensor | None = None,
     mesh_wrist_cam: Tensor | None = None,
+    box_joints: str = "inside",
+    keep_out_of_frame: bool = False,
 ) -> HandLabels:
     """Assemble one hand's HandLabels in camera space (metres).
 
@@ -237,7 +243,10 @@ def make_hand_labels(
     wrist joint is not valid.
 
     The hand is ``valid`` when a valid joint projects into the image; ``bbox`` is then the joint box of
-    :func:`hand_bbox_from_joints`. ``root_cam`` is the annotated wrist when valid, else the mesh wrist.
+    :func:`hand_bbox_from_joints` (``box_joints`` says which joints span it). With ``keep_out_of_frame`` a hand
+    none of whose joints projects into the image stays valid (in 3D; its 2D joints are truncated), with the
+    unclipped x1.2 box of its projected joints: InterWild evaluates every HIC hand that has a mesh.
+    ``root_cam`` is the annotated wrist when valid, else the mesh wrist.
     """
     dtype = torch.float32
     joints_cam = joints_cam.to(dtype)
@@ -247,8 +256,10 @@ def make_hand_labels(
     joints_img = project_points(joints_cam, K.to(dtype), dist)
     joints_valid = joints_valid & torch.isfinite(joints_img).all(-1)  # a wild fisheye model can give NaN
     joints_img = torch.where(joints_valid[:, None], joints_img, torch.zeros_like(joints_img))
-    bbox = hand_bbox_from_joints(joints_img, joints_valid, image_size)
+    bbox = hand_bbox_from_joints(joints_img, joints_valid, image_size, box_joints=box_joints)
     has_mano = mano_pose is not None and verts_cam is not None
+    if bbox is None and keep_out_of_frame and bool(joints_valid.any()):
+        bbox = scale_bbox(bbox_from_points(joints_img, joints_valid), 1.2)  # outside the image, not clipped
     if bbox is None:
         return labels  # no valid joint in the image: the hand is absent from this sample
     labels.joints_cam = joints_cam

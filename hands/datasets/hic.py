@@ -185,6 +185,7 @@ class HIC(HandDataset):
                 image_size=(height, width),
                 verts_cam=verts,
                 mesh_wrist_cam=joints[0],
+                keep_out_of_frame=True,  # InterWild evaluates every hand that has a mesh, in the frame or not
             )
         meta = {
             "dataset": self.name,

@@ -392,7 +392,8 @@ class InterHand26M(HandDataset):
         hands = {}
         for side in SIDES:
             rows = _IH_SIDE_ROWS[side]
-            args = dict(joints_cam=joints_cam[rows], joints_valid=valid[rows], K=K, image_size=(height, width))
+            # the box spans every valid joint, clipped to the image (InterWild's get_bbox + sanitize_bbox)
+            args = dict(joints_cam=joints_cam[rows], joints_valid=valid[rows], K=K, image_size=(height, width), box_joints="valid")
             hands[side] = make_hand_labels(**args)
             if bool(hands[side].valid) and record["fits"][side] is not None:  # mesh only hands in the image
                 hands[side] = make_hand_labels(**args, **self._mano_labels(record, side))
