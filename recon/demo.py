@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -100,13 +101,31 @@ def _read_image(path: Path) -> Tensor:
         raise DemoError(f"{path}: not a readable image ({type(error).__name__})") from None
 
 
+# what imageio / ffmpeg raise for a file that is not a decodable video (empty, truncated, another format)
+_VIDEO_ERRORS = (OSError, ValueError, RuntimeError, IndexError, KeyError, StopIteration)
+
+
 def video_fps(path: Path) -> float:
-    """The video's frame rate (25 when the container does not say)."""
+    """The video's frame rate (25 when the container does not say); DemoError when it is not a readable video."""
     import imageio.v3 as iio
 
-    meta = iio.immeta(path, plugin="FFMPEG")
+    if path.stat().st_size == 0:
+        raise DemoError(f"--input {path}: an empty file (0 bytes), not a video")
+    try:
+        meta = iio.immeta(path, plugin="FFMPEG")
+    except _VIDEO_ERRORS as error:
+        raise DemoError(f"--input {path}: cannot read it as a video ({type(error).__name__}: {_first_line(error)})") from None
     fps = meta.get("fps")
-    return float(fps) if fps else 25.0
+    try:
+        fps = float(fps) if fps else 25.0
+    except (TypeError, ValueError):
+        fps = 25.0
+    return fps if 0 < fps < 10_000 else 25.0
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(error).__name__
 
 
 def iter_frames(path: str | Path, max_frames: Optional[int] = None) -> Iterator[Frame]:
@@ -125,13 +144,19 @@ def iter_frames(path: str | Path, max_frames: Optional[int] = None) -> Iterator[
             import imageio.v3 as iio
         except ImportError:
             raise DemoError("video input needs imageio and imageio-ffmpeg: pip install 'attentionhand-aug[video]'") from None
+        if path.stat().st_size == 0:
+            raise DemoError(f"--input {path}: an empty file (0 bytes), not a video")
+        count = 0
         try:
             for index, array in enumerate(iio.imiter(path, plugin="FFMPEG")):
                 if max_frames is not None and index >= max_frames:
                     break
+                count += 1
                 yield Frame(str(index), f"frame_{index:06d}", _to_tensor(array))
-        except OSError as error:
-            raise DemoError(f"--input {path}: cannot decode the video ({error})") from None
+        except _VIDEO_ERRORS as error:
+            raise DemoError(f"--input {path}: cannot decode the video ({type(error).__name__}: {_first_line(error)})") from None
+        if count == 0 and max_frames != 0:
+            raise DemoError(f"--input {path}: the video holds no frame")
     elif path.is_file():
         yield Frame(path.name, path.stem, _read_image(path))
     else:
@@ -151,7 +176,10 @@ def read_boxes(path: str | Path) -> dict[str, dict]:
         raise DemoError(f"--boxes {path}: expected {{frame: [x0, y0, x1, y1]}} or {{frame: {{right: box, left: box}}}}")
 
     def box(value, where: str) -> Tensor:
-        if not (isinstance(value, list) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value)):
+        numbers = isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+        )
+        if not (numbers and len(value) == 4):
             raise DemoError(f"--boxes {path}: {where}: expected [x0, y0, x1, y1] in pixels, got {value!r}")
         out = torch.tensor([float(v) for v in value])
         if not (out[2] > out[0] and out[3] > out[1]):
@@ -170,6 +198,12 @@ def read_boxes(path: str | Path) -> dict[str, dict]:
         else:
             boxes[str(key)] = {"union": box(value, f"frame {key}")}
     return boxes
+
+
+def _overlaps_frame(box: Tensor, height: int, width: int) -> bool:
+    """Whether an (x0, y0, x1, y1) pixel box shares some area with the ``width`` x ``height`` frame."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return x0 < width and y0 < height and x1 > 0 and y1 > 0
 
 
 def _intrinsics(args, height: int, width: int) -> Tensor:
@@ -329,6 +363,13 @@ def run(args: argparse.Namespace) -> dict:
                     entry = boxes.get(frame.key)
                     if entry is None:
                         raise DemoError(f"--boxes {args.boxes}: no entry for frame {frame.key!r}")
+                    for name, given_box in entry.items():
+                        if given_box is not None and not _overlaps_frame(given_box, height, width):
+                            where = f"frame {frame.key}" + ("" if name == "union" else f" {name}")
+                            raise DemoError(
+                                f"--boxes {args.boxes}: {where}: box {[round(float(v), 1) for v in given_box]} lies "
+                                f"wholly outside the {width}x{height} frame (x0, y0, x1, y1 in pixels of the frame)"
+                            )
                     if "union" in entry:
                         box = _union_box([entry["union"]], height, width)
                     else:
@@ -435,6 +476,12 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
+def _positive_int(text: str) -> int:
+    from recon.train import positive_int
+
+    return positive_int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m recon.demo", description="Run a regressor on your own images or videos.")
     parser.add_argument("--ckpt", required=True, help="a .json sidecar, a .safetensors file or a run folder")
@@ -446,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--princpt", type=float, nargs=2, metavar=("CX", "CY"), help="principal point in pixels")
     parser.add_argument("--hand-threshold", type=float, default=0.05, help="InterWild box confidence for a present hand")
     parser.add_argument("--alpha", type=float, default=0.7, help="overlay opacity")
-    parser.add_argument("--max-frames", type=int, help="process at most this many frames")
+    parser.add_argument("--max-frames", type=_positive_int, help="process at most this many frames")
     parser.add_argument("--mano-dir", help="MANO folder (default: the checkpoint's)")
     parser.add_argument("--plugin", action="append", default=[], help="module or .py file registering regressors")
     parser.add_argument("--device", default="auto")
