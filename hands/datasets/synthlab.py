@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -438,6 +439,29 @@ def write_synthlab(
     return out
 
 
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _remove_stale_partials(folder: Path) -> int:
+    """Delete the ``.synthlab-<host>-<pid>-*`` folders of writers on this host that are gone (a killed first
+    use); a live writer's folder and other hosts' (a shared cache) are left alone. Returns how many."""
+    removed = 0
+    for path in folder.glob(f".synthlab-{_HOST}-*-*"):
+        pid = path.name[len(f".synthlab-{_HOST}-"):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still writing
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, OSError):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 def ensure_synthlab(root: str | Path | None = None, **options) -> Path:
     """The synthlab folder, written on first use: ``root`` or
     ``hands.paths.cache_dir() / "synthlab" / <hand model fingerprint>-v<FORMAT_VERSION>``.
@@ -445,8 +469,9 @@ def ensure_synthlab(root: str | Path | None = None, **options) -> Path:
     The default folder is keyed by the hand model's fingerprint and the format version, so a changed hand
     model (another ``mano_dir``, a new version of the procedural hand) or a changed label definition gets its
     own benchmark instead of a stale one.
-    Written into a temporary sibling folder and renamed into place, so an interrupted run leaves no
-    half-written benchmark. ``options`` go to :func:`write_synthlab` (seed, sizes, resolution, mano_dir,
+    Written into a temporary sibling folder (``.synthlab-<host>-<pid>-*``) and renamed into place, so an
+    interrupted run leaves no half-written benchmark; such a folder left by a killed writer on this host is
+    deleted by the next first use. ``options`` go to :func:`write_synthlab` (seed, sizes, resolution, mano_dir,
     hand_model); a complete folder is returned as it is (its synthlab.json says how it was written).
     """
     if root is None:
@@ -464,7 +489,8 @@ def ensure_synthlab(root: str | Path | None = None, **options) -> Path:
     if root.exists() and any(root.iterdir()):
         raise DatasetError(f"{root}: exists but has no synthlab.json (an incomplete synthlab?); remove it and retry")
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".synthlab-", dir=root.parent))
+    _remove_stale_partials(root.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".synthlab-{_HOST}-{os.getpid()}-", dir=root.parent))
     try:
         write_synthlab(tmp, **options)
         try:
