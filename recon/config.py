@@ -90,7 +90,8 @@ class OptimConfig:
     <= epoch + number of lr_decay_steps <= step)`` (milestones in epochs, and in optimizer steps for schedules
     that must not depend on how many real samples a batch holds, as recon.table2's equal-steps runs); or
     ``schedule: cosine``: ``lr * (1 + cos(pi * epoch / train.epochs)) / 2``, set per epoch (PyTorch's
-    CosineAnnealingLR stepped once per epoch with T_max = the epochs and eta_min = 0, DIR's schedule).
+    CosineAnnealingLR stepped once per epoch with T_max = the epochs and eta_min = 0, DIR's schedule), or per
+    step over ``train.max_steps`` when that is set.
     With ``warmup_epochs`` > 0 the rate of epoch ``e < warmup_epochs`` is also multiplied by
     ``f + (1 - f) * e / warmup_epochs``, ``f = warmup_start`` (IntagHand's StepLR_withWarmUp: 3 epochs from
     1e-3 x lr)."""

@@ -298,14 +298,19 @@ def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
 
 def lr_at(cfg: DictConfig, epoch: int, step: int = 0) -> float:
     """Step decay: ``lr * gamma ** (number of lr_decay_epochs <= epoch + number of lr_decay_steps <= step)``;
-    ``optim.schedule=cosine``: ``lr * (1 + cos(pi * epoch / train.epochs)) / 2`` (per epoch); either after a
-    linear warm-up over the first ``optim.warmup_epochs`` epochs (see OptimConfig)."""
+    ``optim.schedule=cosine``: ``lr * (1 + cos(pi * epoch / train.epochs)) / 2``, per epoch (DIR's), or per step
+    over ``train.max_steps`` when that is set (``lr * (1 + cos(pi * step / max_steps)) / 2``: runs of equal steps,
+    as recon.table2's, then anneal alike whatever their steps per epoch); either after a linear warm-up over the
+    first ``optim.warmup_epochs`` epochs (see OptimConfig)."""
     warmup = cfg.optim.get("warmup_epochs", 0)
     factor = 1.0
     if epoch < warmup:
         start = cfg.optim.get("warmup_start", 1e-3)
         factor = start + (1.0 - start) * epoch / warmup
     if cfg.optim.schedule == "cosine":
+        if cfg.train.max_steps:
+            progress = min(step, cfg.train.max_steps) / cfg.train.max_steps
+            return factor * cfg.optim.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
         return factor * cfg.optim.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.train.epochs))
     drops = sum(1 for milestone in cfg.optim.lr_decay_epochs if epoch >= milestone)
     drops += sum(1 for milestone in cfg.optim.lr_decay_steps if step >= milestone)

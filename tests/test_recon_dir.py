@@ -359,6 +359,9 @@ def test_profiles_and_the_cosine_schedule():
     assert (paper.optim.optimizer, paper.optim.schedule, paper.optim.lr, paper.optim.weight_decay) == ("adamw", "cosine", 5e-4, 0.01)
     assert paper.train.batch_size == 64 and paper.train.epochs == 50 and paper.optim.grad_clip == 0.0
     assert [lr_at(paper, epoch) for epoch in (0, 25, 50)] == pytest.approx([5e-4, 2.5e-4, 0.0], abs=1e-12)
+    # With a step budget (recon.table2's equal-steps runs) the cosine anneals over the steps instead.
+    capped = load_config(profile="paper", arch="dir", flags={"train.max_steps": 100})
+    assert [lr_at(capped, 7, step) for step in (0, 50, 100)] == pytest.approx([5e-4, 2.5e-4, 0.0], abs=1e-12)
     kwargs = from_config(paper, DIR)
     assert kwargs["weight_coord"] == 10.0 and kwargs["bone_radius"] == [1.0, 2.0]
     demo = load_config(profile="demo", arch="dir")
