@@ -302,12 +302,16 @@ def describe_default_data(cfg) -> Optional[str]:
 
 
 def train_transform(cfg) -> Callable[[HandSample, torch.Generator], HandSample]:
-    """The training input of a run: InterWild's augmentation (or IntagHand's, ``data.augmentation``) then the
+    """The training input of a run: InterWild's augmentation (or IntagHand's or DIR's, ``data.augmentation``) then the
     crop to ``cfg.data.image_size`` (``cfg.data.augment``), or the deterministic test-time crop. Real samples get it in the data loader,
     generated ones in :mod:`mixing` (the same transform, so both look alike to the regressor)."""
     image_size = tuple(cfg.data.image_size)
     if cfg.data.augment and cfg.data.get("augmentation", "interwild") == "intaghand":
         return transforms.IntagHandAugment(image_size, box=cfg.data.crop)
+    if cfg.data.augment and cfg.data.get("augmentation", "interwild") == "dir":  # DIR's own (recon.archs.dir.augment)
+        from recon.archs.dir.augment import DIRAugment
+
+        return DIRAugment(image_size, box=cfg.data.crop)
     if cfg.data.augment:
         return transforms.InterWildAugment(image_size, box=cfg.data.crop)
     fixed = eval_transform(cfg.data.crop, image_size)

@@ -186,8 +186,8 @@ def check_config(cfg: DictConfig) -> None:
         raise UsageError(f"data.crop={cfg.data.crop!r}: expected 'hands', 'image' or 'verts'")
     if cfg.data.train_frames not in ("all", "interacting_both_fits"):
         raise UsageError(f"data.train_frames={cfg.data.train_frames!r}: expected 'all' or 'interacting_both_fits'")
-    if cfg.data.augmentation not in ("interwild", "intaghand"):
-        raise UsageError(f"data.augmentation={cfg.data.augmentation!r}: expected 'interwild' or 'intaghand'")
+    if cfg.data.augmentation not in ("interwild", "intaghand", "dir"):
+        raise UsageError(f"data.augmentation={cfg.data.augmentation!r}: expected 'interwild', 'intaghand' or 'dir'")
     if cfg.data.augment and (cfg.data.augmentation, cfg.data.crop) in (("interwild", "verts"), ("intaghand", "image")):
         raise UsageError(
             f"data.augmentation={cfg.data.augmentation!r} does not crop data.crop={cfg.data.crop!r} "

@@ -67,6 +67,11 @@ def hand_model() -> HandModel:
 
 
 def _make_batch(hand_model: HandModel, n: int, seed: int = 0):
+    """n rendered two-hand samples (64 x 64) with consistent 3D and 2D labels, collated."""
+    return collate(_make_samples(hand_model, n, seed))
+
+
+def _make_samples(hand_model: HandModel, n: int, seed: int = 0) -> list:
     """n rendered two-hand samples (64 x 64) with consistent 3D and 2D labels."""
     gen = torch.Generator().manual_seed(seed)
     K = make_intrinsics((80.0, 80.0), ((SIZE - 1) / 2, (SIZE - 1) / 2))
@@ -101,7 +106,7 @@ def _make_batch(hand_model: HandModel, n: int, seed: int = 0):
         )
         for i in range(n)
     ]
-    return collate(samples)
+    return samples
 
 
 # -- size ---------------------------------------------------------------------------------------------------------
@@ -306,6 +311,44 @@ def test_dir_protocol_on_hand_made_predictions(hand_model):
     assert results["count_DIR"] == 2
     assert results["DIR_MPVPE"] == pytest.approx(0.0, abs=1e-3) and results["DIR_MPJPE"] == pytest.approx(0.0, abs=1e-3)
     assert results["DIR_root"] == pytest.approx(5.0, rel=1e-4)
+
+
+def test_dir_augmentation_keeps_labels_consistent_and_draws_the_references_ranges(hand_model):
+    from recon.archs.dir.augment import DIRAugment, motion_blur_kernel
+    from recon.data import train_transform
+
+    augment = DIRAugment((SIZE, SIZE))
+    generator = torch.Generator().manual_seed(0)
+    draws = [augment.draw(generator) for _ in range(400)]
+    assert all(0.9 <= d["scale"] <= 1.1 and abs(d["rotation_deg"]) <= 180 for d in draws)
+    assert all(max(abs(v) for v in d["shift"]) <= 10 * SIZE / 256 for d in draws)
+    assert all(0.7 <= c <= 1.3 for d in draws for c in d["color"]) and all(abs(d["brightness"]) <= 0.05 for d in draws)
+    blurs = [d["blur"] for d in draws if d["blur"] is not None]
+    assert {size for size, _ in blurs} == set(range(3, 10)) and all(abs(angle) <= math.pi for _, angle in blurs)
+    assert abs(len(blurs) / len(draws) - 0.3) < 0.07 and abs(sum(d["flip"] for d in draws) / len(draws) - 0.5) < 0.08
+    assert max(abs(d["rotation_deg"]) for d in draws) > 170  # the full circle, not InterWild's clipped normal
+
+    sample = _make_samples(hand_model, 1)[0]
+    for seed in range(6):
+        params = augment.draw(torch.Generator().manual_seed(seed))
+        params.update(flip=seed % 2 == 1, blur=(5, 2.0) if seed < 3 else None)
+        out = augment.apply(sample, params)
+        assert out.image.shape == (3, SIZE, SIZE) and 0.0 <= float(out.image.min()) and float(out.image.max()) <= 1.0
+        for side in ("right", "left"):
+            hand = out.hand(side)  # 2D labels stay the projection of the (rotated, mirrored) 3D labels
+            assert torch.allclose(hand.joints_img, project(hand.joints_cam, out.camera.K), atol=1e-3)
+        assert out.meta["augment"]["flip"] == params["flip"]
+    again = augment(sample, torch.Generator().manual_seed(7))
+    assert torch.equal(again.image, augment(sample, torch.Generator().manual_seed(7)).image)  # seeded
+
+    flat = motion_blur_kernel(5, 0.0)
+    assert flat.sum().item() == pytest.approx(1.0) and torch.allclose(flat[2], torch.full((5,), 0.2), atol=1e-6)
+    upright = motion_blur_kernel(5, 90.0)
+    assert torch.allclose(upright[:, 2], torch.full((5,), 0.2), atol=1e-5)
+    # DIR's profiles use it, for real and generated samples alike (mixing reuses train_transform)
+    for profile in ("demo", "paper"):
+        cfg = load_config(profile=profile, arch="dir")
+        assert cfg.data.augmentation == "dir" and isinstance(train_transform(cfg), DIRAugment)
 
 
 # -- training -----------------------------------------------------------------------------------------------------
