@@ -397,7 +397,8 @@ def test_profiles_and_the_cosine_schedule():
     from recon.train import lr_at
 
     paper = load_config(profile="paper", arch="dir")
-    assert list(paper.data.image_size) == [256, 256] and paper.data.crop == "hands"
+    assert list(paper.data.image_size) == [256, 256] and paper.data.crop == "verts"  # IntagHand's crop, DIR's data
+    assert paper.data.train_frames == "interacting_both_fits"
     assert paper.model.backbone == "resnet50" and paper.model.decoder_channels == 256
     assert (paper.optim.optimizer, paper.optim.schedule, paper.optim.lr, paper.optim.weight_decay) == ("adamw", "cosine", 5e-4, 0.01)
     assert paper.train.batch_size == 64 and paper.train.epochs == 50 and paper.optim.grad_clip == 0.0
