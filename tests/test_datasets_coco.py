@@ -157,6 +157,12 @@ def test_check_cli(coco, capsys):
     assert "skipped: neither hand valid (InterWild's filter): 1" in out
     assert check_main(["--name", "coco", "--root", str(root), "--one-person", "--splits", "train"]) == 0
     assert "train: ok, 2 records" in capsys.readouterr().out
+    (root / "annotations" / "coco_wholebody_val_v1.0.json").rename(root / "val.json")
+    try:
+        assert check_main(["--name", "coco", "--root", str(root), "--splits", "val"]) == 1
+        assert "val: ABSENT no annotations/coco_wholebody_val_v1.0.json" in capsys.readouterr().out
+    finally:
+        (root / "val.json").rename(root / "annotations" / "coco_wholebody_val_v1.0.json")
 
 
 def test_interwild_augment_crops_the_person_box(coco, model):

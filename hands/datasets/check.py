@@ -132,7 +132,8 @@ def check_split(name: str, root: Path, split: str, *, max_images: Optional[int] 
     """Build the reader of (name, root, split) and check its records' images."""
     root = Path(root)
     if _split_absent(name, root, split):
-        return SplitReport(split, "absent", f"no annotations/{split} folder")
+        what = f"annotations/coco_wholebody_{split}_v1.0.json" if name == "coco" else f"annotations/{split} folder"
+        return SplitReport(split, "absent", f"no {what}")
     try:
         dataset = build_dataset(name, root, split, **options)
     except (DatasetError, ValueError) as error:
