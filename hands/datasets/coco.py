@@ -9,7 +9,8 @@ Layout under ``root`` (InterWild's ``data/MSCOCO``)::
                                                        {left,right}hand_kpts (21 x (x, y, score)))
     annotations/MSCOCO_train_MANO_NeuralAnnot.json     {str(annotation id): {"right"|"left": null or
                                                        {"mano_param": {pose (48), shape (10), trans (3)},
-                                                        "cam_param": {focal (2), princpt (2)}}}}
+                                                        "cam_param": {focal (2), princpt (2)[, R (3x3),
+                                                        t (3, metres)]}}}}
                                                        (train only; camera space, metres, flat_hand_mean=False)
     images/{train2017,val2017}/{file_name}
 
@@ -68,6 +69,7 @@ from hands.datasets.common import (
     as_array,
     as_bounded,
     as_int,
+    as_rotation,
     hand_bbox_from_joints,
     load_image,
     load_json,
@@ -325,6 +327,12 @@ class MSCOCO(HandDataset):
             pose = torch.as_tensor(fit["pose"], dtype=torch.float32)
             shape = torch.as_tensor(fit["shape"], dtype=torch.float32)
             trans = torch.as_tensor(fit["trans"], dtype=torch.float32)
+            if fit.get("R") is not None:  # extrinsics in cam_param (InterWild's get_mano_data applies them too)
+                from hands.datasets.mano_fit import fit_to_camera
+
+                R = torch.as_tensor(fit["R"], dtype=torch.float32)[None]
+                t = torch.as_tensor(fit["t"], dtype=torch.float32)[None]
+                pose, trans = (x[0] for x in fit_to_camera(model, side, pose[None], shape[None], trans[None], R, t))
             with torch.no_grad():
                 out = model(side, pose[None], shape[None], trans[None])
             verts, joints = out.verts[0], out.joints[0]
@@ -403,4 +411,7 @@ def _parse_fit(value) -> dict | None:
     }
     if (fit["focal"] <= 0).any():
         raise BadRecord("fit focal: not positive")
+    if "R" in cam:  # optional extrinsics (metres), as InterWild's get_mano_data reads them
+        fit["R"] = as_rotation(cam["R"], "fit R")
+        fit["t"] = as_bounded(cam.get("t", [0.0, 0.0, 0.0]), (3,), "fit t", 1e4)
     return fit

@@ -249,6 +249,22 @@ def _coco_hand(rng: np.random.Generator, model, side: str, centre: np.ndarray, f
     }
 
 
+def _with_extrinsics(rng: np.random.Generator, model, side: str, entry: dict) -> dict:
+    """A camera-space NeuralAnnot entry rewritten as a world-frame fit plus cam_param R, t (metres) that bring
+    it back: the same mesh for a reader that applies them (InterWild's get_mano_data does)."""
+    from hands.datasets.mano_fit import fit_to_camera
+    from hands.datasets.poses import _random_rotation
+
+    R = _random_rotation(rng)
+    t = rng.normal(0.0, 0.3, size=3)
+    f = lambda x: torch.tensor(np.asarray(x)[None], dtype=torch.float64)  # noqa: E731
+    inv_R, inv_t = f(R.T), f(-R.T @ t)
+    pose, trans = fit_to_camera(model, side, f(entry["mano_param"]["pose"]).float(), f(entry["mano_param"]["shape"]).float(),
+                                f(entry["mano_param"]["trans"]).float(), inv_R.float(), inv_t.float())
+    mano_param = {"pose": pose[0].tolist(), "shape": entry["mano_param"]["shape"], "trans": trans[0].tolist()}
+    return {"mano_param": mano_param, "cam_param": dict(entry["cam_param"], R=R.tolist(), t=t.tolist())}
+
+
 def write_coco_fixture(root: Path, model, *, size: tuple[int, int] = (60, 80), seed: int = 0) -> dict:
     """InterWild's MSCOCO layout under ``root``: annotations/coco_wholebody_{train,val}_v1.0.json,
     annotations/MSCOCO_train_MANO_NeuralAnnot.json, images/{train2017,val2017}/*.jpg.
@@ -256,7 +272,8 @@ def write_coco_fixture(root: Path, model, *, size: tuple[int, int] = (60, 80), s
     train2017: image 1 holds one person (aid 11: both hands with fits, the left fitted with another virtual
     camera); image 2 holds two people (aid 21: right hand only, no fit entry at all; aid 22: both hands, the
     left side's fit null and the right's fit broken, a 47-value pose); image 3 holds one person whose hand
-    box lies outside the image (aid 31: left hand with keypoints only, a valid right hand with a fit); image 4
+    box lies outside the image (aid 31: left hand with keypoints only, a valid right hand whose fit is written in
+    a world frame with ``R``, ``t`` in its cam_param); image 4
     holds the bad or filtered records: aid 40 iscrowd, 41 no body keypoints, 42 neither hand valid, 43 an image_id not
     among the images, 44 a NaN in its person box, 45 no ``righthand_kpts``, 46 a person box outside the
     image. val2017: aid 91 (both hands, 2D only).
@@ -320,6 +337,7 @@ def write_coco_fixture(root: Path, model, *, size: tuple[int, int] = (60, 80), s
     ann, fits = person(31, 3, ("right", "left"), fit_sides=("right",), file="000000000003.jpg")
     ann["lefthand_box"] = [width + 5.0, 3.0, 10.0, 10.0]  # outside the image: sanitised away, keypoints stay
     truth["train"][31]["boxes"]["left"] = None
+    fits["right"] = _with_extrinsics(rng, model, "right", fits["right"])  # a world fit with R, t in cam_param
     train_anns.append(ann), mano.update({"31": fits})
     for aid, change, reason in (
         (40, {"iscrowd": 1}, "crowd"),
