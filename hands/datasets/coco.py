@@ -66,7 +66,6 @@ from hands.datasets.common import (
     BadRecord,
     DatasetError,
     HandDataset,
-    as_array,
     as_bounded,
     as_int,
     as_rotation,
@@ -90,6 +89,7 @@ MANO_FILE = "MSCOCO_train_MANO_NeuralAnnot.json"
 BODY_ASPECT = 384 / 512
 BODY_EXTEND = 1.25
 _SIDE_KEY = {"right": "righthand", "left": "lefthand"}
+_PIXEL_LIMIT = 1e7  # boxes and keypoints beyond this many pixels are malformed (and overflow float32 math)
 
 
 def sanitize_box(box_xywh, width: int, height: int) -> np.ndarray | None:
@@ -234,14 +234,14 @@ class MSCOCO(HandDataset):
         hands_valid = {}
         for side in SIDES:
             value = ann[f"{_SIDE_KEY[side]}_valid"]
-            if not isinstance(value, (bool, int)) or isinstance(value, float):
+            if not isinstance(value, (bool, int)):
                 raise BadRecord(f"annotation: {_SIDE_KEY[side]}_valid not a boolean")
             hands_valid[side] = bool(value)
         if not any(hands_valid.values()):
             raise BadRecord("neither hand valid (InterWild's filter)")
         if self.one_person and persons[image_id] > 1:
             raise BadRecord("more than one person in the image (one_person)")
-        body = body_box(as_array(ann["bbox"], (4,), "bbox"), width, height)
+        body = body_box(as_bounded(ann["bbox"], (4,), "bbox", _PIXEL_LIMIT), width, height)
         if body is None:
             raise BadRecord("person box empty after clipping to the image (InterWild's filter)")
         boxes, keypoints = {}, {}
@@ -251,13 +251,13 @@ class MSCOCO(HandDataset):
             if hands_valid[side]:
                 if f"{prefix}_box" not in ann:
                     raise BadRecord(f"annotation: missing key '{prefix}_box'")
-                box = sanitize_box(as_array(ann[f"{prefix}_box"], (4,), f"{prefix}_box"), width, height)
+                box = sanitize_box(as_bounded(ann[f"{prefix}_box"], (4,), f"{prefix}_box", _PIXEL_LIMIT), width, height)
                 if box is not None:
                     box[2:] += box[:2]  # xywh -> xyxy
             boxes[side] = box
             if f"{prefix}_kpts" not in ann:
                 raise BadRecord(f"annotation: missing key '{prefix}_kpts'")
-            kpts = as_array(ann[f"{prefix}_kpts"], (21, 3), f"{prefix}_kpts").astype(np.float32)
+            kpts = as_bounded(ann[f"{prefix}_kpts"], (21, 3), f"{prefix}_kpts", _PIXEL_LIMIT).astype(np.float32)
             keypoints[side] = (kpts[:, :2].copy(), kpts[:, 2] > 0)
         record_fits = {"right": None, "left": None}
         if self.split == "train" and str(aid) in fits:
