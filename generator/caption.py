@@ -161,7 +161,7 @@ class Captioner:
         import torch
 
         inputs = self.processor(text=[self.prompt] * len(images), images=list(images), padding=True, return_tensors="pt")
-        inputs = inputs.to(self.device)
+        inputs = inputs.to(device=self.device, dtype=self.model.dtype)  # casts the floating inputs (pixels) only
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         new_tokens = out[:, inputs["input_ids"].shape[1]:]

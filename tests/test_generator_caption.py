@@ -112,6 +112,8 @@ def test_batched_answers_equal_one_by_one(tiny_vlm):
     batched = captioner(images)
     assert len(batched) == 3 and all(isinstance(a, str) for a in batched)
     assert batched == [captioner([image])[0] for image in images]
+    half = Captioner(tiny_vlm, max_new_tokens=3, dtype="bfloat16")  # pixels are cast to the model's dtype
+    assert half.model.dtype == torch.bfloat16 and len(half(images[:2])) == 2
 
 
 def test_caption_cli_end_to_end_resumes_and_feeds_the_reader(tiny_vlm, coco, capsys):
