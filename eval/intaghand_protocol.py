@@ -33,16 +33,17 @@ __all__ = ["regress_joints", "intaghand_errors", "IntagHandProtocol"]
 SIDES = ("right", "left")
 
 
-def regress_joints(verts: Tensor, j_regressor: Tensor, tip_verts: Sequence[int]) -> Tensor:
+def regress_joints(verts: Tensor, j_regressor: Tensor, tip_verts: Sequence[int] | Tensor) -> Tensor:
     """verts: (B, V, 3); j_regressor: (16, V) (row 0 the wrist); tip_verts: 5 vertex indices (thumb, index,
-    middle, ring, pinky). Returns (B, 21, 3) joints in :mod:`hands.joints` order, the verts' frame and unit."""
+    middle, ring, pinky; a long tensor on the verts' device avoids a copy). Returns (B, 21, 3) joints in :mod:`hands.joints` order, the verts' frame and unit."""
     regressed = torch.einsum("jv,bvc->bjc", j_regressor.to(verts), verts)  # (B, 16, 3)
-    tips = verts[:, torch.as_tensor(list(tip_verts), device=verts.device)]  # (B, 5, 3)
+    index = tip_verts if isinstance(tip_verts, Tensor) else torch.as_tensor(list(tip_verts))
+    tips = verts[:, index.to(verts.device)]  # (B, 5, 3)
     return torch.cat([regressed, tips], 1)[:, list(MANO21_TO_OURS)]
 
 
 def intaghand_errors(
-    pred_verts: Tensor, gt_verts: Tensor, j_regressor: Tensor, tip_verts: Sequence[int]
+    pred_verts: Tensor, gt_verts: Tensor, j_regressor: Tensor, tip_verts: Sequence[int] | Tensor
 ) -> tuple[Tensor, Tensor]:
     """One hand's errors under IntagHand's protocol (module docstring, steps 1-3).
 
@@ -82,38 +83,44 @@ class IntagHandProtocol:
 
     def reset(self) -> None:
         """Forget everything processed so far."""
-        self._stats = torch.zeros(2, 2, 2, dtype=torch.float64)  # (side, [verts, joints], [sum of means, hands])
+        self._stats: Tensor | None = None  # (side, [verts, joints], [sum of means, hands]) on the inputs' device
 
     @torch.no_grad()
     def process(self, outputs, batch: HandBatch) -> None:
         """outputs: ``right_verts`` / ``left_verts`` (B, V, 3) (a TwoHandOutput or a mapping); batch: the ground
-        truth. Accumulates the interacting samples whose two hands both have a mesh."""
-        both = torch.ones(len(batch), dtype=torch.bool, device=batch.image.device)
+        truth. Accumulates the interacting samples whose two hands both have a mesh (no host sync)."""
+        preds = {
+            side: (outputs[f"{side}_verts"] if isinstance(outputs, dict) else getattr(outputs, f"{side}_verts"))
+            for side in SIDES
+        }
+        device = preds["right"].device
+        keep = torch.tensor([t == "interacting" for t in batch.hand_type]).to(device, non_blocking=True)
         for side in SIDES:
             gt = batch.hand(side)
-            both = both & gt.valid.bool() & gt.mano_valid.bool()
-        interacting = torch.tensor([t == "interacting" for t in batch.hand_type], device=both.device)
-        keep = both & interacting
-        if not bool(keep.any()):
-            return
+            keep = keep & gt.valid.to(device).bool() & gt.mano_valid.to(device).bool()
+        weight = keep.to(torch.float64)  # (B,)
+        if self._stats is None:
+            self._stats = torch.zeros(2, 2, 2, dtype=torch.float64, device=device)
+            self._tips = torch.as_tensor(self.tip_verts, device=device)
+            self._regressors = {s: self.j_regressor[s].to(device=device, dtype=torch.float64) for s in SIDES}
         for index, side in enumerate(SIDES):
-            pred = outputs[f"{side}_verts"] if isinstance(outputs, dict) else getattr(outputs, f"{side}_verts")
-            pred = pred.detach().to(torch.float64)[keep.to(pred.device)]
-            gt = batch.hand(side).verts_cam.to(device=pred.device, dtype=torch.float64)[keep.to(pred.device)]
-            regressor = self.j_regressor[side].to(device=pred.device, dtype=torch.float64)
-            verts_error, joints_error = intaghand_errors(pred, gt, regressor, self.tip_verts)
-            self._stats[index, 0] += torch.tensor([float(verts_error.mean(1).sum()), float(len(pred))])
-            self._stats[index, 1] += torch.tensor([float(joints_error.mean(1).sum()), float(len(pred))])
+            pred = preds[side].detach().to(torch.float64)
+            gt = batch.hand(side).verts_cam.to(device=device, dtype=torch.float64)
+            verts_error, joints_error = intaghand_errors(pred, gt, self._regressors[side], self._tips)
+            zero = verts_error.new_zeros(())
+            self._stats[index, 0, 0] += torch.where(keep, verts_error.mean(1), zero).sum()  # NaN-safe masking
+            self._stats[index, 1, 0] += torch.where(keep, joints_error.mean(1), zero).sum()
+            self._stats[index, :, 1] += weight.sum()
 
     def evaluate(self) -> dict[str, float]:
         """``IntagHand_MPVPE``, ``IntagHand_MPJPE`` (mm; the mean of the right and left means; NaN when nothing
         counted) and ``count_IntagHand`` (samples). A collective under torch.distributed: call it on every rank."""
-        stats = self._stats.clone()
+        stats = self._stats.clone() if self._stats is not None else torch.zeros(2, 2, 2, dtype=torch.float64)
         if self.distributed and dist.is_available() and dist.is_initialized():
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
             stats = stats.to(device)
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-            stats = stats.cpu()
+        stats = stats.cpu()
         results: dict[str, float] = {}
         for index, name in enumerate(("MPVPE", "MPJPE")):
             sums, counts = stats[:, index, 0], stats[:, index, 1]

@@ -483,8 +483,10 @@ def test_bone_length_rescale_on_a_hand_made_case():
 
 
 def test_protocol_evaluator_counts_interacting_pairs_and_rescales_each_hand(hand_model):
-    batch = _make_batch(hand_model, 3)
-    batch.hand_type[2] = "right"  # a single-hand frame does not count
+    batch = _make_batch(hand_model, 4)
+    batch.hand_type[2] = "right"  # a single-hand frame does not count,
+    batch.left.mano_valid[3] = False  # nor one missing a fit; its zero mesh (no bone length) leaves no NaN
+    batch.left.verts_cam[3] = 0.0
     tips = tip_vertices(hand_model)
     protocol = IntagHandProtocol(
         j_regressor_right=hand_model.j_regressor_for("right"), j_regressor_left=hand_model.j_regressor_for("left"),

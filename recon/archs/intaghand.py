@@ -162,11 +162,12 @@ def tip_vertices(model: HandModel) -> Tuple[int, ...]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _joints_from_verts(model: HandModel, side: str, verts: Tensor) -> Tensor:
+def _joints_from_verts(model: HandModel, side: str, verts: Tensor, tips: Optional[Tensor] = None) -> Tensor:
     """verts: (B, 778, 3) of ``side`` -> (B, 21, 3) joints in our order (MANO's 16 regressed + 5 tips,
-    IntagHand's tip vertices: :func:`tip_vertices`)."""
+    IntagHand's tip vertices: :func:`tip_vertices`; ``tips`` (5,) long on the verts' device saves a copy)."""
     regressed = torch.einsum("jv,bvc->bjc", model.j_regressor_for(side).to(verts), verts)  # (B, 16, 3)
-    tips = torch.as_tensor(tip_vertices(model), device=verts.device)
+    if tips is None:
+        tips = torch.as_tensor(tip_vertices(model), device=verts.device)
     return torch.cat((regressed, verts[:, tips]), 1)[:, list(MANO21_TO_OURS)]
 
 
@@ -698,6 +699,7 @@ class IntagHand(HandModelMixin, nn.Module):
                 f"fill_index_{side}", torch.as_tensor(self.graphs[side].fill_index), persistent=False
             )
         self.register_buffer("dense_code", torch.as_tensor(derived.dense_code), persistent=False)
+        self.register_buffer("tip_index", torch.as_tensor(tip_vertices(self.hand_model)), persistent=False)
         self.weights = dict(
             verts=weight_verts, verts_2d=weight_verts_2d, normal=weight_normal, edge=weight_edge,
             mask=weight_mask, dense=weight_dense, heatmap=weight_heatmap,
@@ -798,7 +800,7 @@ class IntagHand(HandModelMixin, nn.Module):
             nodes = self.coord_head(features[side])  # (B, N2, 3) normalised space, graph order
             camera = self.camera_head(self.node_pool(features[side].transpose(1, 2))[..., 0])  # (B, 3)
             verts = torch.einsum("vn,bnc->bvc", getattr(self, f"upsample_{side}"), nodes)  # (B, 778, 3)
-            joints = _joints_from_verts(hand_model, side, verts)  # (B, 21, 3)
+            joints = _joints_from_verts(hand_model, side, verts, self.tip_index)  # (B, 21, 3)
             extras.update(
                 {
                     f"{side}_nodes_norm": nodes,
@@ -839,7 +841,7 @@ class IntagHand(HandModelMixin, nn.Module):
             gt = batch.hand(side)
             has_mesh[side] = gt.valid & gt.mano_valid
             verts_cam[side] = gt.verts_cam.to(batch.image.dtype)
-            joints_cam[side] = _joints_from_verts(hand_model, side, verts_cam[side])
+            joints_cam[side] = _joints_from_verts(hand_model, side, verts_cam[side], self.tip_index)
         origin, scale, valid = normalise_labels(
             verts_cam["right"], verts_cam["left"], joints_cam["right"], joints_cam["left"],
             has_mesh["right"], has_mesh["left"],
