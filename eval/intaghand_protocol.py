@@ -28,30 +28,33 @@ from hands.joints import MANO21_TO_OURS, MIDDLE_KNUCKLE, WRIST
 from hands.sample import HandBatch
 from hands.units import to_mm
 
-__all__ = ["regress_joints", "intaghand_errors", "IntagHandProtocol"]
+__all__ = ["joint_regressor", "regress_joints", "intaghand_errors", "IntagHandProtocol"]
 
 SIDES = ("right", "left")
 
 
-def regress_joints(verts: Tensor, j_regressor: Tensor, tip_verts: Sequence[int] | Tensor) -> Tensor:
-    """verts: (B, V, 3); j_regressor: (16, V) (row 0 the wrist); tip_verts: 5 vertex indices (thumb, index,
-    middle, ring, pinky; a long tensor on the verts' device avoids a copy). Returns (B, 21, 3) joints in :mod:`hands.joints` order, the verts' frame and unit."""
-    regressed = torch.einsum("jv,bvc->bjc", j_regressor.to(verts), verts)  # (B, 16, 3)
-    index = tip_verts if isinstance(tip_verts, Tensor) else torch.as_tensor(list(tip_verts))
-    tips = verts[:, index.to(verts.device)]  # (B, 5, 3)
-    return torch.cat([regressed, tips], 1)[:, list(MANO21_TO_OURS)]
+def joint_regressor(j_regressor: Tensor, tip_verts: Sequence[int]) -> Tensor:
+    """j_regressor: (16, V) (row 0 the wrist); tip_verts: 5 vertex indices (thumb, index, middle, ring, pinky).
+    Returns (21, V): the rows that give the 21 joints in :mod:`hands.joints` order (one-hot rows for the tips)."""
+    tips = torch.zeros(5, j_regressor.shape[1], dtype=j_regressor.dtype, device=j_regressor.device)
+    tips[torch.arange(5), torch.as_tensor(list(tip_verts))] = 1.0
+    return torch.cat([j_regressor, tips], 0)[list(MANO21_TO_OURS)]
 
 
-def intaghand_errors(
-    pred_verts: Tensor, gt_verts: Tensor, j_regressor: Tensor, tip_verts: Sequence[int] | Tensor
-) -> tuple[Tensor, Tensor]:
+def regress_joints(verts: Tensor, regressor: Tensor) -> Tensor:
+    """verts: (B, V, 3); regressor: (21, V) from :func:`joint_regressor`. Returns (B, 21, 3), the verts' frame."""
+    return torch.einsum("jv,bvc->bjc", regressor.to(verts), verts)
+
+
+def intaghand_errors(pred_verts: Tensor, gt_verts: Tensor, regressor: Tensor) -> tuple[Tensor, Tensor]:
     """One hand's errors under IntagHand's protocol (module docstring, steps 1-3).
 
     pred_verts, gt_verts: (B, V, 3) the predicted and ground-truth meshes of one side (each in any frame; the
-    ground truth in metres gives errors in metres). Returns (verts_error (B, V), joints_error (B, 21)).
+    ground truth in metres gives errors in metres); regressor: (21, V) (:func:`joint_regressor`).
+    Returns (verts_error (B, V), joints_error (B, 21)).
     """
-    pred_joints = regress_joints(pred_verts, j_regressor, tip_verts)
-    gt_joints = regress_joints(gt_verts, j_regressor, tip_verts)
+    pred_joints = regress_joints(pred_verts, regressor)
+    gt_joints = regress_joints(gt_verts, regressor)
     pred_root = pred_joints[:, MIDDLE_KNUCKLE : MIDDLE_KNUCKLE + 1]  # (B, 1, 3)
     gt_root = gt_joints[:, MIDDLE_KNUCKLE : MIDDLE_KNUCKLE + 1]
     pred_bone = (pred_joints[:, MIDDLE_KNUCKLE] - pred_joints[:, WRIST]).norm(dim=-1)  # (B,)
@@ -101,12 +104,13 @@ class IntagHandProtocol:
         weight = keep.to(torch.float64)  # (B,)
         if self._stats is None:
             self._stats = torch.zeros(2, 2, 2, dtype=torch.float64, device=device)
-            self._tips = torch.as_tensor(self.tip_verts, device=device)
-            self._regressors = {s: self.j_regressor[s].to(device=device, dtype=torch.float64) for s in SIDES}
+            self._regressors = {
+                s: joint_regressor(self.j_regressor[s].to(torch.float64).cpu(), self.tip_verts).to(device) for s in SIDES
+            }
         for index, side in enumerate(SIDES):
             pred = preds[side].detach().to(torch.float64)
             gt = batch.hand(side).verts_cam.to(device=device, dtype=torch.float64)
-            verts_error, joints_error = intaghand_errors(pred, gt, self._regressors[side], self._tips)
+            verts_error, joints_error = intaghand_errors(pred, gt, self._regressors[side])
             zero = verts_error.new_zeros(())
             self._stats[index, 0, 0] += torch.where(keep, verts_error.mean(1), zero).sum()  # NaN-safe masking
             self._stats[index, 1, 0] += torch.where(keep, joints_error.mean(1), zero).sum()

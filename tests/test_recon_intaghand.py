@@ -29,7 +29,7 @@ from recon.archs.graph import (
     normalized_laplacian,
     rescale_laplacian,
 )
-from eval.intaghand_protocol import IntagHandProtocol, intaghand_errors
+from eval.intaghand_protocol import IntagHandProtocol, intaghand_errors, joint_regressor
 from hands.joints import MANO21_TO_OURS
 from recon.archs.intaghand import (
     BONE_LENGTH,
@@ -469,7 +469,7 @@ def test_bone_length_rescale_on_a_hand_made_case():
     pred = torch.zeros(1, 21, 3, dtype=torch.float64)
     pred[0, 4] = torch.tensor([0.0, 0.05, 0.0])  # predicted bone 0.05: the prediction is scaled by 2
     pred[0, 5] = torch.tensor([0.01, 0.0, 0.0])
-    verts_error, joints_error = intaghand_errors(pred, gt, regressor, tips)
+    verts_error, joints_error = intaghand_errors(pred, gt, joint_regressor(regressor, tips))
     # About the knuckle: vertex 5 -> 2 * (0.01, -0.05) = (0.02, -0.1) against (0.03, -0.1): 1 cm off;
     # every other vertex lands exactly.
     expected = torch.zeros(1, 21, dtype=torch.float64)
@@ -478,7 +478,8 @@ def test_bone_length_rescale_on_a_hand_made_case():
     assert torch.allclose(joints_error[0, MANO21_TO_OURS.index(5)], torch.tensor(0.01, dtype=torch.float64))
     assert joints_error.sum() == pytest.approx(0.01)
     # Per hand: any translation and scale of the prediction gives the same errors.
-    again, _ = intaghand_errors(pred * 3.7 + torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), gt, regressor, tips)
+    moved = pred * 3.7 + torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    again, _ = intaghand_errors(moved, gt, joint_regressor(regressor, tips))
     assert torch.allclose(again, verts_error, atol=1e-12)
 
 

@@ -55,9 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eval.intaghand_protocol import IntagHandProtocol
+from eval.intaghand_protocol import IntagHandProtocol, joint_regressor, regress_joints
 from hands.camera import project
-from hands.joints import MANO21_TO_OURS, MANO_TIP_VERTS, MIDDLE_KNUCKLE, WRIST
+from hands.joints import MANO_TIP_VERTS, MIDDLE_KNUCKLE, WRIST
 from hands.mano import HandModel
 from hands.render import render_mesh
 from hands.sample import HandBatch
@@ -162,13 +162,13 @@ def tip_vertices(model: HandModel) -> Tuple[int, ...]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _joints_from_verts(model: HandModel, side: str, verts: Tensor, tips: Optional[Tensor] = None) -> Tensor:
+def _joints_from_verts(model: HandModel, side: str, verts: Tensor, regressor: Optional[Tensor] = None) -> Tensor:
     """verts: (B, 778, 3) of ``side`` -> (B, 21, 3) joints in our order (MANO's 16 regressed + 5 tips,
-    IntagHand's tip vertices: :func:`tip_vertices`; ``tips`` (5,) long on the verts' device saves a copy)."""
-    regressed = torch.einsum("jv,bvc->bjc", model.j_regressor_for(side).to(verts), verts)  # (B, 16, 3)
-    if tips is None:
-        tips = torch.as_tensor(tip_vertices(model), device=verts.device)
-    return torch.cat((regressed, verts[:, tips]), 1)[:, list(MANO21_TO_OURS)]
+    IntagHand's tip vertices: :func:`tip_vertices`). regressor: that (21, 778) map
+    (:func:`eval.intaghand_protocol.joint_regressor`) on the verts' device, if already built."""
+    if regressor is None:
+        regressor = joint_regressor(model.j_regressor_for(side).cpu(), tip_vertices(model))
+    return regress_joints(verts, regressor)
 
 
 def normalise_labels(
@@ -509,15 +509,16 @@ def weak_perspective(points: Tensor, camera: Tensor, image_size: Tuple[int, int]
     """points: (B, N, 3) normalised space; camera: (B, 3) (scale, tx, ty); image_size: (H, W).
     Returns (B, N, 2) input-image pixels: ``((scale * xy + t) + 1) / 2 * (W, H) - 0.5``."""
     height, width = image_size
-    size = points.new_tensor([width, height])
     unit = camera[:, None, :1] * points[..., :2] + camera[:, None, 1:]  # (B, N, 2) in [-1, 1] over the image
-    return (unit + 1.0) * 0.5 * size - 0.5
+    half = (unit + 1.0) * 0.5
+    return torch.cat([half[..., :1] * width, half[..., 1:] * height], -1) - 0.5  # no host-to-device copy
 
 
 def _normalise_pixels(pixels: Tensor, image_size: Tuple[int, int]) -> Tensor:
     """(..., 2) pixels -> (..., 2) in [-1, 1] over the image (the inverse of weak_perspective's last step)."""
     height, width = image_size
-    return (pixels + 0.5) / pixels.new_tensor([width, height]) * 2.0 - 1.0
+    shifted = pixels + 0.5
+    return torch.cat([shifted[..., :1] / width, shifted[..., 1:] / height], -1) * 2.0 - 1.0
 
 
 # Keys only the previous IntagHand layout (before the decoder followed the reference's structure) had.
@@ -699,7 +700,9 @@ class IntagHand(HandModelMixin, nn.Module):
                 f"fill_index_{side}", torch.as_tensor(self.graphs[side].fill_index), persistent=False
             )
         self.register_buffer("dense_code", torch.as_tensor(derived.dense_code), persistent=False)
-        self.register_buffer("tip_index", torch.as_tensor(tip_vertices(self.hand_model)), persistent=False)
+        for side in SIDES:  # (21, 778): the 16 regressed joints + IntagHand's tips, in our joint order
+            regressor = joint_regressor(self.hand_model.j_regressor_for(side).cpu(), tip_vertices(self.hand_model))
+            self.register_buffer(f"joint_regressor_{side}", regressor, persistent=False)
         self.weights = dict(
             verts=weight_verts, verts_2d=weight_verts_2d, normal=weight_normal, edge=weight_edge,
             mask=weight_mask, dense=weight_dense, heatmap=weight_heatmap,
@@ -800,7 +803,7 @@ class IntagHand(HandModelMixin, nn.Module):
             nodes = self.coord_head(features[side])  # (B, N2, 3) normalised space, graph order
             camera = self.camera_head(self.node_pool(features[side].transpose(1, 2))[..., 0])  # (B, 3)
             verts = torch.einsum("vn,bnc->bvc", getattr(self, f"upsample_{side}"), nodes)  # (B, 778, 3)
-            joints = _joints_from_verts(hand_model, side, verts, self.tip_index)  # (B, 21, 3)
+            joints = _joints_from_verts(hand_model, side, verts, getattr(self, f"joint_regressor_{side}"))  # (B, 21, 3)
             extras.update(
                 {
                     f"{side}_nodes_norm": nodes,
@@ -841,7 +844,9 @@ class IntagHand(HandModelMixin, nn.Module):
             gt = batch.hand(side)
             has_mesh[side] = gt.valid & gt.mano_valid
             verts_cam[side] = gt.verts_cam.to(batch.image.dtype)
-            joints_cam[side] = _joints_from_verts(hand_model, side, verts_cam[side], self.tip_index)
+            joints_cam[side] = _joints_from_verts(
+                hand_model, side, verts_cam[side], getattr(self, f"joint_regressor_{side}")
+            )
         origin, scale, valid = normalise_labels(
             verts_cam["right"], verts_cam["left"], joints_cam["right"], joints_cam["left"],
             has_mesh["right"], has_mesh["left"],
