@@ -10,7 +10,7 @@ sample could be evaluated is a DatasetError naming it and the commonest reason."
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -42,12 +42,15 @@ def evaluate_regressor(
     world_size: int = 1,
     progress: bool = True,
     skips: Optional[dict] = None,
+    refine: Optional[Callable] = None,
 ) -> dict[str, dict[str, float]]:
     """{spec.key: evaluator results (mm; see HandEvaluator.evaluate)} for every test set.
 
     model: a regressor (``forward(batch) -> TwoHandOutput``), put in eval mode here and left so.
     hand_model: :class:`hands.mano.HandModel` whose joint regressors (row 0 the wrist) align the meshes.
     skips: a dict filled with ``{spec.key: Counter(reason -> records)}`` (every rank's, summed).
+    refine: optional ``refine(batch, output) -> output`` applied to each batch's predictions before they are
+    scored (a test-time optimisation such as IHMR-OPT; it enables gradients itself if it needs them).
     """
     model.eval()
     results: dict[str, dict[str, float]] = {}
@@ -70,6 +73,8 @@ def evaluate_regressor(
             evaluated += len(batch)
             batch = batch.to(device)
             output = model(batch)
+            if refine is not None:
+                output = refine(batch, output)
             evaluator.process(output, batch)
             if protocol is not None:
                 protocol.process(output, batch)

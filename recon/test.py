@@ -4,6 +4,7 @@
     python -m recon.test --ckpt runs/recon/checkpoints/step_000256.json --datasets synthlab:test-wild
     python -m recon.test --ckpt CKPT --data-root /data --datasets hic,reih,ih26m --mano-dir /mano
     python -m recon.test --ckpt CKPT --plugin my_regressor.py --compare runs/other/metrics.json
+    python -m recon.test --ckpt runs/ihmr --optimize              # IHMR-OPT on the predictions, then scored
 
 The regressor is rebuilt through the registry from the name and constructor arguments in the checkpoint's
 sidecar (``--plugin`` registers user regressors first), then loaded from the ``.safetensors`` weights; a
@@ -12,6 +13,8 @@ to those of the run's config (the embedded synthlab test splits for a default ru
 (``--out``, default ``<run>/test_metrics.json``) has the shape of ``metrics.json``:
 ``{dataset: {"MPVPE": mm, "RRVE": mm, "MRRPE": mm, ..., "records_skipped": n}, "skips": {"test": {dataset:
 {reason: count}}}}``: a test record that does not load is counted there, never replaced by another sample.
+``--optimize`` runs the regressor's ``test_time_optimize(batch, output)`` on each batch's predictions before
+they are scored (default JSON ``<run>/test_metrics_opt.json``); a regressor without one is refused.
 """
 from __future__ import annotations
 
@@ -51,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=positive_int, help="evaluation batch size (default: the run's)")
     parser.add_argument("--max-samples", type=positive_int, help="evaluate the first N samples of each test set")
+    parser.add_argument(
+        "--optimize", action="store_true",
+        help="run the regressor's test-time optimisation on its predictions before scoring (IHMR-OPT for ihmr)",
+    )
+    parser.add_argument(
+        "--opt-iterations", type=positive_int, help="--optimize: iterations per stage (default: the method's)"
+    )
     return parser
 
 
@@ -104,7 +114,16 @@ def run(args: argparse.Namespace) -> dict:
     compare = _read_metrics(args.compare) if args.compare else None
     rank, world_size, local_rank = _distributed()
     device = resolve_device(args.device, local_rank)
+    if args.opt_iterations is not None and not args.optimize:
+        raise UsageError("--opt-iterations: only with --optimize")
     model, info = load_regressor(args.ckpt, device=device, mano_dir=args.mano_dir)
+    refine = None
+    if args.optimize:
+        if not callable(getattr(model, "test_time_optimize", None)):
+            raise UsageError(f"--optimize: regressor {info.arch!r} has no test-time optimisation (test_time_optimize)")
+
+        def refine(batch, output):
+            return model.test_time_optimize(batch, output, iterations=args.opt_iterations)
 
     flags = {"data.root": args.data_root, "mano_dir": args.mano_dir, "data.max_test_samples": args.max_samples}
     cfg = load_config(base=from_dict(info.meta["config"]), flags=flags)
@@ -127,9 +146,10 @@ def run(args: argparse.Namespace) -> dict:
         rank=rank,
         world_size=world_size,
         skips=skips,
+        refine=refine,
     )
     if rank == 0:
-        run_name = f"{info.arch} step {info.step}"
+        run_name = f"{info.arch} step {info.step}" + (" + test-time optimisation" if args.optimize else "")
         print(format_results(results, run=run_name, compare=compare, compare_name=Path(args.compare).name if compare else ""))
         if compare is not None:
             for key, values in results.items():
@@ -139,7 +159,8 @@ def run(args: argparse.Namespace) -> dict:
         for key, found in skips.items():
             if found:
                 print(f"{key}: {describe_skips(found)} record(s) skipped, not scored")
-        out = Path(args.out) if args.out else info.json_path.parent.parent / "test_metrics.json"
+        default_name = "test_metrics_opt.json" if args.optimize else "test_metrics.json"
+        out = Path(args.out) if args.out else info.json_path.parent.parent / default_name
         out.parent.mkdir(parents=True, exist_ok=True)
         report = dict(results, skips={"test": {key: dict(found) for key, found in skips.items() if found}})
         out.write_text(json.dumps(report, indent=2, sort_keys=True))
