@@ -697,10 +697,17 @@ def steps_note(runs: Sequence[dict]) -> Optional[str]:
     )
 
 
+# Registered names that differ from the paper's row name (the paper calls IHMR "IHM").
+PAPER_ROW_ALIASES = {"ihmr": "IHM"}
+
+
 def paper_method(arch: str) -> Optional[str]:
-    """The paper's Table 2 row name of a regressor ("interwild" -> "InterWild"), None when it has none."""
+    """The paper's Table 2 row name of a regressor ("interwild" -> "InterWild", "ihmr" -> "IHM"), None when it
+    has none."""
     from eval.report import PAPER_TABLE2
 
+    if arch.lower() in PAPER_ROW_ALIASES:
+        return PAPER_ROW_ALIASES[arch.lower()]
     for name in PAPER_TABLE2:
         if "+" not in name and name.lower() == arch.lower():
             return name

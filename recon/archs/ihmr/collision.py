@@ -77,6 +77,13 @@ def close_boundary(faces: Tensor) -> Tensor:
     return torch.tensor(caps, dtype=torch.long, device=faces.device).reshape(-1, 3)
 
 
+def _cross(u: Tensor, v: Tensor, dim: int = -1) -> Tensor:
+    """Cross product over the last axis, written out (exports to ONNX, where linalg.cross does not)."""
+    ux, uy, uz = u[..., 0], u[..., 1], u[..., 2]
+    vx, vy, vz = v[..., 0], v[..., 1], v[..., 2]
+    return torch.stack([uy * vz - uz * vy, uz * vx - ux * vz, ux * vy - uy * vx], dim=-1)
+
+
 def _segment_distance2(points: Tensor, start: Tensor, end: Tensor) -> Tensor:
     """Squared distance from points (..., 3) to segments start-end (..., 3), broadcast -> (...)."""
     edge = end - start  # (1, F, 3)
@@ -91,12 +98,12 @@ def point_triangle_distance_pairs(points: Tensor, triangles: Tensor) -> Tensor:
     projects inside the triangle, else the nearest edge. Returns (...)."""
     p = points
     a, b, c = triangles[..., 0, :], triangles[..., 1, :], triangles[..., 2, :]
-    normal = torch.cross(b - a, c - a, dim=-1)
+    normal = _cross(b - a, c - a, dim=-1)
     normal_len2 = (normal * normal).sum(-1).clamp_min(1e-20)
     inside = (
-        ((torch.cross(b - a, p - a, dim=-1) * normal).sum(-1) >= 0)
-        & ((torch.cross(c - b, p - b, dim=-1) * normal).sum(-1) >= 0)
-        & ((torch.cross(a - c, p - c, dim=-1) * normal).sum(-1) >= 0)
+        ((_cross(b - a, p - a, dim=-1) * normal).sum(-1) >= 0)
+        & ((_cross(c - b, p - b, dim=-1) * normal).sum(-1) >= 0)
+        & ((_cross(a - c, p - c, dim=-1) * normal).sum(-1) >= 0)
     )  # the projection onto the plane falls inside the triangle
     plane2 = ((p - a) * normal).sum(-1) ** 2 / normal_len2
     edges2 = torch.minimum(
@@ -122,7 +129,7 @@ def winding_number(points: Tensor, triangles: Tensor) -> Tensor:
     rel = triangles[None] - points[:, None, None, :]  # (N, F, 3, 3)
     a, b, c = rel[:, :, 0], rel[:, :, 1], rel[:, :, 2]
     la, lb, lc = a.norm(dim=-1), b.norm(dim=-1), c.norm(dim=-1)
-    numerator = (a * torch.cross(b, c, dim=-1)).sum(-1)
+    numerator = (a * _cross(b, c, dim=-1)).sum(-1)
     denominator = la * lb * lc + (a * b).sum(-1) * lc + (b * c).sum(-1) * la + (c * a).sum(-1) * lb
     return (2.0 * torch.atan2(numerator, denominator)).sum(-1) / (4.0 * math.pi)
 
@@ -138,28 +145,64 @@ def _ray_frame(dtype, device) -> Tensor:
     return torch.stack([x, y, z]).to(dtype=dtype, device=device)
 
 
-def ray_parity(points: Tensor, triangles: Tensor) -> Tensor:
+def ray_parity(points: Tensor, triangles: Tensor, *, cells: int = 16) -> Tensor:
     """Inside test of a closed mesh by ray casting, as the reference's kernel: a point is inside when a ray
     from it crosses the surface an odd number of times. The ray is a fixed direction; in a frame where it is
     +z a crossing is a triangle whose xy projection holds the point and whose plane lies above it.
+
+    Only the triangles whose xy bounding box shares a cell of a ``cells`` x ``cells`` grid with the point are
+    tested (all of them while tracing for export, where shapes must not depend on the data).
 
     points: (N, 3); triangles: (F, 3, 3). Returns (N,) bool.
     """
     frame = _ray_frame(points.dtype, points.device)
     p = points @ frame.T  # (N, 3)
     t = triangles @ frame.T  # (F, 3, 3)
-    a, b, c = t[:, 0], t[:, 1], t[:, 2]  # (F, 3)
+    if torch.jit.is_tracing() or cells < 1:
+        candidates = torch.arange(t.shape[0], device=t.device).expand(p.shape[0], -1)  # (N, F)
+    else:
+        candidates = _grid_candidates(p[:, :2], t[:, :, :2], cells)  # (N, K), -1 pads
+    safe = candidates.clamp(min=0)
+    a, b, c = t[safe, 0], t[safe, 1], t[safe, 2]  # (N, K, 3)
     px, py = p[:, None, 0], p[:, None, 1]  # (N, 1)
 
-    def edge(u: Tensor, v: Tensor) -> Tensor:  # twice the signed area of (u, v, p) in xy: (N, F)
-        return (v[:, 0] - u[:, 0]) * (py - u[:, 1]) - (v[:, 1] - u[:, 1]) * (px - u[:, 0])
+    def edge(u: Tensor, v: Tensor) -> Tensor:  # twice the signed area of (u, v, p) in xy: (N, K)
+        return (v[..., 0] - u[..., 0]) * (py - u[..., 1]) - (v[..., 1] - u[..., 1]) * (px - u[..., 0])
 
     e_bc, e_ca, e_ab = edge(b, c), edge(c, a), edge(a, b)
     area = e_bc + e_ca + e_ab  # twice the triangle's signed xy area
     holds = ((e_bc >= 0) & (e_ca >= 0) & (e_ab >= 0)) | ((e_bc <= 0) & (e_ca <= 0) & (e_ab <= 0))
-    z = (e_bc * a[:, 2] + e_ca * b[:, 2] + e_ab * c[:, 2]) / torch.where(area == 0, torch.ones_like(area), area)
-    crossing = holds & (area != 0) & (z > p[:, None, 2])
+    z = (e_bc * a[..., 2] + e_ca * b[..., 2] + e_ab * c[..., 2]) / torch.where(area == 0, torch.ones_like(area), area)
+    crossing = holds & (area != 0) & (z > p[:, None, 2]) & (candidates >= 0)
     return crossing.sum(dim=1) % 2 == 1
+
+
+def _grid_candidates(points_xy: Tensor, triangles_xy: Tensor, cells: int) -> Tensor:
+    """For each point (N, 2), the indices of the triangles (F, 3, 2) whose xy bounding box touches the
+    point's cell of a uniform grid over the triangles' extent; (N, K) long, padded with -1."""
+    low, high = triangles_xy.amin(dim=1), triangles_xy.amax(dim=1)  # (F, 2)
+    origin = low.amin(dim=0)
+    size = (high.amax(dim=0) - origin).clamp_min(1e-12) / cells  # (2,)
+    first = ((low - origin) / size).floor().long().clamp(0, cells - 1)  # (F, 2)
+    last = ((high - origin) / size).floor().long().clamp(0, cells - 1)
+    span = last - first + 1  # (F, 2)
+    steps_x = torch.arange(int(span[:, 0].max()), device=points_xy.device)
+    steps_y = torch.arange(int(span[:, 1].max()), device=points_xy.device)
+    covered = (steps_x[None, :, None] < span[:, 0, None, None]) & (steps_y[None, None, :] < span[:, 1, None, None])
+    cell = (first[:, 0, None, None] + steps_x[None, :, None]) * cells + first[:, 1, None, None] + steps_y[None, None, :]
+    triangle = torch.arange(triangles_xy.shape[0], device=points_xy.device)[:, None, None].expand_as(cell)
+    cell, triangle = cell[covered], triangle[covered]  # one entry per (triangle, covered cell)
+    order = torch.argsort(cell, stable=True)
+    cell, triangle = cell[order], triangle[order]
+    counts = torch.bincount(cell, minlength=cells * cells)
+    starts = torch.cumsum(counts, 0) - counts
+    table = torch.full((cells * cells, int(counts.max())), -1, dtype=torch.long, device=points_xy.device)
+    table[cell, torch.arange(cell.numel(), device=cell.device) - starts[cell]] = triangle
+    index = ((points_xy - origin) / size).floor().long()  # (N, 2)
+    inside_grid = ((index >= 0) & (index < cells)).all(dim=1)
+    flat = index[:, 0].clamp(0, cells - 1) * cells + index[:, 1].clamp(0, cells - 1)
+    candidates = table[flat]
+    return torch.where(inside_grid[:, None], candidates, torch.full_like(candidates, -1))
 
 
 def _chunks(n_points: int, n_faces: int, budget: int = 1 << 20) -> int:
@@ -185,6 +228,9 @@ def penetration_depth(points: Tensor, verts: Tensor, faces: Tensor, cap_faces: O
     step = _chunks(points.shape[0], closed.shape[0])
     with torch.no_grad():
         inside = torch.cat([ray_parity(points[i : i + step].detach(), closed) for i in range(0, points.shape[0], step)])
+    if torch.jit.is_tracing():  # export: fixed shapes, every point measured against every triangle
+        distance = point_triangle_distance(points, triangles).min(dim=1).values
+        return torch.where(inside, distance, torch.zeros_like(distance))
     index = inside.nonzero().flatten()
     if index.numel() == 0:
         return depth
@@ -232,12 +278,14 @@ def collision_loss(
     caps_right: Optional[Tensor] = None,
     caps_left: Optional[Tensor] = None,
     robustifier: Optional[float] = None,
+    samples: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """IHMR's collision term per sample.
 
     right_verts, left_verts: (B, 778, 3) both hands in one frame (e.g. right-wrist-rooted camera axes), metres.
     faces_right, faces_left: (F, 3) long; caps_*: their wrist caps (:func:`close_boundary`; None: computed).
     robustifier: the reference's ``sdf_robustifier`` (``phi <- (phi/r)^2 / ((phi/r)^2 + 1)``), None: off.
+    samples: (B,) bool, the samples to measure (the others get 0); None: all.
 
     Returns (loss (B,), depth_sum (B,)): ``loss`` = sum over the vertices of both hands of
     ``depth / other hand's box scale / 4`` (the reference's normalised units; gradient to the penetrating
@@ -260,14 +308,21 @@ def collision_loss(
         # 0 with a gradient path (to nothing): a batch without contact still backpropagates
         loss_b = (right_verts[b, :1, :1].sum() + left_verts[b, :1, :1].sum()) * 0.0
         depth_b = right_verts.new_zeros(())
+        if samples is not None and not bool(samples[b]):
+            losses.append(loss_b)
+            depths.append(depth_b)
+            continue
         for side, other in (("right", "left"), ("left", "right")):
             points = verts[side][b]  # (778, 3)
-            with torch.no_grad():
-                in_box = ((points >= low[other][b]) & (points <= high[other][b])).all(dim=-1)
-            index = in_box.nonzero().flatten()
-            if index.numel() == 0:
-                continue
-            depth = penetration_depth(points[index], verts[other][b].detach(), *faces[other])  # (n,)
+            if torch.jit.is_tracing():  # export: fixed shapes, no pruning (the same values)
+                depth = penetration_depth(points, verts[other][b].detach(), *faces[other])
+            else:
+                with torch.no_grad():
+                    in_box = ((points >= low[other][b]) & (points <= high[other][b])).all(dim=-1)
+                index = in_box.nonzero().flatten()
+                if index.numel() == 0:
+                    continue
+                depth = penetration_depth(points[index], verts[other][b].detach(), *faces[other])  # (n,)
             phi = depth / scale[other][b]  # the other hand's normalised units, as its grid's
             if robustifier:
                 frac = (phi / robustifier) ** 2

@@ -372,14 +372,16 @@ class IHMR(HandModelMixin, nn.Module):
             self._caps[key] = close_boundary(faces)
         return self._caps[key]
 
-    def collision(self, decoded: Decoded, *, robustifier: Optional[float] = None) -> Tensor:
-        """(B,) the collision term of decoded meshes (right-wrist frame), unweighted by hand presence."""
+    def collision(self, decoded: Decoded, *, robustifier: Optional[float] = None,
+                  samples: Optional[Tensor] = None) -> Tensor:
+        """(B,) the collision term of decoded meshes (right-wrist frame), unweighted by hand presence;
+        ``samples`` (B,) bool: measure only these (0 for the others)."""
         hand_model = self._hand_model_on(decoded.right_verts.device)
         faces_right, faces_left = hand_model.faces_for("right"), hand_model.faces_for("left")
         loss, _ = collision_loss(
             decoded.right_verts, decoded.left_verts, faces_right, faces_left,
             caps_right=self.caps("right", faces_right), caps_left=self.caps("left", faces_left),
-            robustifier=robustifier,
+            robustifier=robustifier, samples=samples,
         )
         return loss
 
@@ -431,10 +433,13 @@ class IHMR(HandModelMixin, nn.Module):
         if self.refine:
             last = len(STAGES) - 1 if not self.training else self.active_stage()
             both = (hand_prob.detach() > 0.5).all(dim=1)
+            labelled_both = None
+            if self.training and batch.right is not None:  # the learning stage's loss needs every such sample
+                labelled_both = batch.right.valid & batch.left.valid
             kp3, kp2 = keypoints_3d.detach(), keypoints_2d.detach()
             previous = None
             if last >= 0:
-                collision = self.collision(_detached(decoded))
+                collision = self.collision(_detached(decoded), samples=both)
                 previous = self.selection_losses(_detached(decoded), kp3, kp2, collision, both)
             current = params.detach()
             for index, (stage, refiner) in enumerate(zip(STAGES, self.refiners)):
@@ -444,8 +449,18 @@ class IHMR(HandModelMixin, nn.Module):
                     continue
                 updated = _apply_residual(current, residual, stage.update)
                 new = decode_params(hand_model, updated)
-                collision = self.collision(new)
-                losses = self.selection_losses(_detached(new), kp3, kp2, collision.detach(), both)
+                zero = torch.zeros_like(previous["collision"])
+                losses = self.selection_losses(_detached(new), kp3, kp2, zero, both)
+                if _uses_collision(stage):
+                    # Only samples the stage can accept need the term (a lower joint deviation, a collision to
+                    # lower); the others are rejected whatever it is. The learning stage's loss needs all.
+                    need = both & (losses["joints_3d_p"] < previous["joints_3d_p"]) & (previous["collision"] > 0)
+                    if index == last and labelled_both is not None:
+                        need = need | labelled_both
+                    collision = self.collision(new, samples=need)
+                else:  # the camera does not move the meshes
+                    collision = previous["collision"]
+                losses["collision"] = SELECTION_WEIGHTS["collision"] * collision.detach() * both.to(collision.dtype)
                 keep = _accepted(stage, losses, previous)  # (B,) bool
                 stages.append({"stage": stage, "residual": residual, "decoded": new, "collision": collision, "keep": keep})
                 current = torch.where(keep[:, None], updated, current).detach()
@@ -614,6 +629,10 @@ def _apply_residual(params: Tensor, residual: Tensor, groups: Sequence[str]) -> 
         pieces[group] = pieces[group] + residual[:, offset : offset + size]
         offset += size
     return torch.cat([pieces[name] for name in PARAM_SLICES], 1)
+
+
+def _uses_collision(stage: Stage) -> bool:
+    return stage.select == "collision" or any(name == "collision" for name, _ in stage.filters)
 
 
 def _accepted(stage: Stage, new: Dict[str, Tensor], old: Dict[str, Tensor]) -> Tensor:

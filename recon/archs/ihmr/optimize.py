@@ -102,7 +102,7 @@ def optimize(model: IHMR, output: TwoHandOutput, *, iterations: Optional[int] = 
 
     def evaluate(current: Tensor, weights: Dict[str, float]):
         decoded = decode_params(hand_model, current)
-        collision = model.collision(decoded) * both  # (B,)
+        collision = model.collision(decoded, samples=both > 0) * both  # (B,)
         per_sample = {
             "joints_3d_p": weights["joints_3d"] * joints_3d_error(decoded.joints, keypoints_3d, ones),
             "joints_2d_p": weights["joints_2d"] * joints_2d_error(decoded.joints_2d, keypoints_2d, ones),
