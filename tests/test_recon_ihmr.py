@@ -484,3 +484,15 @@ def test_table2_puts_the_papers_ihm_row_beside_ours():
 
     assert paper_method("ihmr") == "IHM"
     assert PAPER_TABLE2["IHM"]["hic"]["MPVPE"] == 38.57 and PAPER_TABLE2["IHM"]["ih26m"]["MRRPE"] == 33.39
+
+
+def test_recon_demo_runs_an_ihmr_checkpoint(tiny_run, tmp_path):
+    from recon import demo as recon_demo
+
+    root, out = tiny_run
+    image = sorted((root / "images" / "test-lab").rglob("*.jpg"))[0]
+    assert recon_demo.main(["--ckpt", str(out), "--input", str(image), "--out", str(tmp_path / "demo")]) == 0
+    record = json.loads((tmp_path / "demo" / "json" / f"{image.stem}.json").read_text())
+    assert len(record["hands"]) == 2 and (tmp_path / "demo" / "overlays" / f"{image.stem}.png").is_file()
+    hand = record["hands"][0]
+    assert len(hand["mano_pose"]) == 48 and len(hand["joints_cam"]) == 21
