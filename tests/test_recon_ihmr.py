@@ -496,3 +496,35 @@ def test_recon_demo_runs_an_ihmr_checkpoint(tiny_run, tmp_path):
     assert len(record["hands"]) == 2 and (tmp_path / "demo" / "overlays" / f"{image.stem}.png").is_file()
     hand = record["hands"][0]
     assert len(hand["mano_pose"]) == 48 and len(hand["joints_cam"]) == 21
+
+
+def test_ihmr_protocol_against_a_direct_computation(hand_model):
+    from recon.archs.ihmr.protocol import IHMRProtocol, inter_joint_errors
+
+    batch = _rendered_batch(hand_model, 2, seed=5)
+    right, left = _two_hands(hand_model, 0.0, n=2)
+    right_joints = torch.stack([batch.right.joints_cam[b] - batch.right.joints_cam[b, :1] for b in range(2)])
+    right_joints[:, 1:] += 0.01
+    left_joints = torch.stack([batch.left.joints_cam[b] - batch.left.joints_cam[b, :1] for b in range(2)])
+    rel_root = batch.rel_root + torch.tensor([0.02, 0.0, 0.0])
+    outputs = {"right_joints": right_joints, "left_joints": left_joints, "rel_root": torch.zeros(2, 3),
+               "right_verts": right, "left_verts": left}
+    protocol = IHMRProtocol(faces_right=hand_model.faces_for("right"), faces_left=hand_model.faces_for("left"))
+    protocol.process(outputs, batch)
+    result = protocol.evaluate()
+    # per-hand wrist-aligned: the right joints off by (1, 1, 1) cm except the wrist, the left exact
+    expected = (20 * 3**0.5 * 10 + 0) / 42  # mm, pooled over 42 joints
+    assert result["IHMR_MPJPE"] == pytest.approx(expected, rel=1e-5)
+    # the interacting MPJPE is invariant to a per-axis scale and shift of the prediction
+    pred = torch.cat([right_joints[0], left_joints[0] + rel_root[0]])
+    gt = torch.cat([batch.right.joints_cam[0], batch.left.joints_cam[0]]).double()
+    valid = torch.ones(42, dtype=torch.bool)
+    moved = pred.double() * torch.tensor([2.0, 0.5, 3.0]) + torch.tensor([1.0, -2.0, 0.3])
+    assert torch.allclose(inter_joint_errors(moved, gt, valid), inter_joint_errors(pred.double(), gt, valid), atol=1e-9)
+    # collision: both hands interpenetrate (rel_root 0 in outputs): mean and max depth, mm
+    depth = torch.cat([penetration_depth(right[0], left[0], hand_model.faces_for("left")),
+                       penetration_depth(left[0], right[0], hand_model.faces_for("right"))])
+    assert result["count_IHMR_collision"] == 2 and result["IHMR_collision_max"] > result["IHMR_collision_ave"] > 0
+    depth_1 = torch.cat([penetration_depth(right[1], left[1], hand_model.faces_for("left")),
+                         penetration_depth(left[1], right[1], hand_model.faces_for("right"))])
+    assert result["IHMR_collision_ave"] == pytest.approx(float(depth.mean() + depth_1.mean()) / 2 * 1000, rel=1e-4)

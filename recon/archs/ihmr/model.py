@@ -496,6 +496,14 @@ class IHMR(HandModelMixin, nn.Module):
             extras={**extras, "params": params, "decoded": decoded},
         )
 
+    def protocol_evaluator(self):
+        """IHMR's own evaluation protocol (:mod:`recon.archs.ihmr.protocol`: per-hand wrist-aligned MPJPE, the
+        interacting MPJPE after per-axis scale and translation, the collision depth), which ``recon.evaluate``
+        reports beside the InterWild-convention metrics as ``IHMR_*``."""
+        from recon.archs.ihmr.protocol import IHMRProtocol
+
+        return IHMRProtocol(faces_right=self.hand_model.faces_for("right"), faces_left=self.hand_model.faces_for("left"))
+
     def test_time_optimize(self, batch: HandBatch, output: TwoHandOutput, *, iterations: Optional[int] = None) -> TwoHandOutput:
         """IHMR-OPT on this model's predictions for ``batch`` (:func:`recon.archs.ihmr.optimize.optimize`);
         ``recon.test --optimize`` calls it. iterations: per stage (None: the reference's 300)."""
