@@ -383,6 +383,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(error))
     if not results:
         parser.error("nothing to report: give --results NAME=FILE.json and/or --paper")
+    if args.out:
+        from hands.paths import output_folder
+
+        try:
+            output_folder(args.out, "--out")
+        except ValueError as error:
+            parser.error(str(error))
     datasets = args.datasets.split(",") if args.datasets else None
     table = make_table(results, datasets=datasets)
     print(to_markdown(table), end="")

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["cache_dir", "write_atomic", "CACHE_ENV"]
+__all__ = ["cache_dir", "write_atomic", "output_folder", "output_file", "CACHE_ENV"]
 
 CACHE_ENV = "ATTENTIONHAND_CACHE"
 
@@ -20,6 +20,29 @@ def cache_dir() -> Path:
     env = os.environ.get(CACHE_ENV)
     path = Path(env).expanduser() if env else Path.home() / ".cache" / "attentionhand-aug"
     path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def output_folder(path: str | Path, what: str) -> Path:
+    """Create the output folder ``path`` (with its parents) and return it; ValueError in one line naming
+    ``what`` (e.g. ``"--out"``) when it is a file, lies under a file or cannot be created."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path}: is a file; expected a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{what} {path}: cannot create the folder ({error.strerror or type(error).__name__})") from None
+    return path
+
+
+def output_file(path: str | Path, what: str) -> Path:
+    """Check that the output file ``path`` can be written (creating its folder); ValueError in one line
+    naming ``what`` when it is a folder or its folder cannot be created."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{what} {path}: is a folder; expected a file name")
+    output_folder(path.parent, what)
     return path
 
 

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     if args.n < 1 or args.shard_size < 1:
-        print("error: --n and --shard-size must be positive", file=sys.stderr)
+        print("mixing.pregenerate: error: --n and --shard-size must be positive", file=sys.stderr)
         return 2
     cfg = MixingConfig(
         mode="sync",
@@ -62,12 +62,25 @@ def main(argv=None) -> int:
     )
     try:
         cfg.check()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        return _pregenerate(args, cfg)
+    except (ValueError, OSError, RuntimeError) as exc:  # bad flags, files, datasets, MANO folders, devices
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"mixing.pregenerate: error: {message}", file=sys.stderr)
         return 2
+
+
+def _pregenerate(args: argparse.Namespace, cfg: MixingConfig) -> int:
     from hands.mano import HandModel
+    from hands.paths import output_folder
     from mixing.build import build_label_source, build_source
 
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device}: not a device name (cpu, cuda, cuda:N)") from None
+    output_folder(args.out, "--out")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: expected a positive number of sampling steps")
     hand_model = HandModel(mano_dir=args.mano_dir)
     readers = []
     if args.labels == "train":
@@ -76,7 +89,7 @@ def main(argv=None) -> int:
         split = args.split or ("train-lab" if args.dataset == "synthlab" else "train")
         readers.append(build_dataset(args.dataset, args.data_root, split, hand_model=hand_model))
     labels = build_label_source(cfg, hand_model=hand_model, train_readers=readers)
-    source = build_source(cfg, hand_model=hand_model, labels=labels, device=torch.device(args.device), seed=args.seed)
+    source = build_source(cfg, hand_model=hand_model, labels=labels, device=device, seed=args.seed)
 
     n_shards = math.ceil(args.n / args.shard_size)
     out = args.out

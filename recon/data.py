@@ -244,7 +244,12 @@ def _reader(cfg, spec: DatasetSpec, n_named: int, hand_model, *, role: str = "tr
     """The reader of ``spec``; ``index_skipped`` keeps the records it dropped when indexing. A split with no
     usable record is a DatasetError naming it and the commonest reason."""
     root = dataset_root(spec.name, cfg.data.root, n_named)
-    reader = build_dataset(spec.name, root, spec.split, hand_model=hand_model)  # synthlab with root None: written on first use
+    try:
+        reader = build_dataset(spec.name, root, spec.split, hand_model=hand_model)  # synthlab with root None: written on first use
+    except DatasetError:
+        raise
+    except ValueError as error:  # an unknown split and the like, from the reader's constructor
+        raise DataSpecError(f"{role} dataset {spec.name}:{spec.split}: {error}") from None
     reader.index_skipped = Counter(reader.skipped)
     if len(reader) == 0:
         why = (f"every record was skipped: {describe_skips(reader.skipped)}" if reader.skipped

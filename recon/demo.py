@@ -300,7 +300,13 @@ def run(args: argparse.Namespace) -> dict:
     from recon.test import load_regressor
     from recon.train import resolve_device
 
+    from hands.paths import output_folder
+
     start = time.perf_counter()
+    try:
+        output_folder(args.out, "--out")
+    except ValueError as error:
+        raise DemoError(str(error)) from None
     for plugin in args.plugin:
         import_plugin(plugin)
     device = resolve_device(args.device, 0)

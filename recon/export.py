@@ -120,11 +120,17 @@ def compare_with_onnxruntime(model: nn.Module, info: ckpt.CheckpointInfo, path: 
     return {name: float((torch.from_numpy(a) - b).abs().max()) for name, a, b in zip(names, got, expected)}
 
 
+def _positive_int(text: str) -> int:
+    from recon.train import positive_int
+
+    return positive_int(text)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recon.export", description="Export a regressor to ONNX.")
     parser.add_argument("--ckpt", required=True, help="a .json sidecar, a .safetensors file or a run folder")
     parser.add_argument("--onnx", required=True, help="the .onnx file to write")
-    parser.add_argument("--batch", type=int, default=1, help="batch size of the exported graph")
+    parser.add_argument("--batch", type=_positive_int, default=1, help="batch size of the exported graph")
     parser.add_argument("--check", action="store_true", help="compare ONNX Runtime's outputs with PyTorch's")
     parser.add_argument("--mano-dir", help="MANO folder (default: the checkpoint's)")
     parser.add_argument("--plugin", action="append", default=[], help="module or .py file registering regressors")
@@ -135,13 +141,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("recon.export: error: ONNX export needs onnx: pip install 'attentionhand-aug[export]'", file=sys.stderr)
         return 2
     from hands.mano import MANOError
+    from hands.paths import output_file
     from recon.test import load_regressor
 
     try:
+        output_file(args.onnx, "--onnx")
         for plugin in args.plugin:
             import_plugin(plugin)
         model, info = load_regressor(args.ckpt, device="cpu", mano_dir=args.mano_dir)
-    except (ckpt.CheckpointError, PluginError, MANOError) as error:
+    except (ckpt.CheckpointError, PluginError, MANOError, ValueError) as error:  # ValueError: output_file
         print(f"recon.export: error: {error}", file=sys.stderr)
         return 2
     names = export_onnx(model, info, args.onnx, batch=args.batch)

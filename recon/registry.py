@@ -27,8 +27,9 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import traceback
 from pathlib import Path
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, Optional, TypeVar
 
 from torch import nn
 
@@ -130,6 +131,17 @@ def build_regressor(name: str, **kwargs) -> nn.Module:
     return model
 
 
+def _where(error: BaseException, path: Optional[Path] = None) -> str:
+    """`` (file.py, line N)``: where in the user's code an import failed (a SyntaxError's own position, else
+    the innermost frame in ``path``, else the innermost frame)."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return f" ({error.filename}, line {error.lineno})"
+    frames = traceback.extract_tb(error.__traceback__)
+    if path is not None:
+        frames = [f for f in frames if Path(f.filename).resolve() == path.resolve()] or frames
+    return f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+
+
 def import_plugin(spec: str) -> None:
     """Import a user module that registers regressors: a module name (``my_pkg.my_regressor``) or the path
     of a ``.py`` file. Raises PluginError with one line when it cannot be found."""
@@ -147,7 +159,11 @@ def import_plugin(spec: str) -> None:
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
         try:
-            module_spec.loader.exec_module(module)  # errors inside the user's code keep their traceback
+            module_spec.loader.exec_module(module)
+        except Exception as error:  # the user's code failed: one line with the file and line where it did
+            del sys.modules[module_name]
+            raise PluginError(f"--plugin {spec}: importing it failed{_where(error, path)}: "
+                              f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from error
         except BaseException:
             del sys.modules[module_name]
             raise
@@ -157,4 +173,7 @@ def import_plugin(spec: str) -> None:
     except ModuleNotFoundError as error:
         if error.name and spec.startswith(error.name):
             raise PluginError(f"--plugin {spec}: no module named {error.name!r} (give a module name or a .py path)") from error
-        raise
+        raise PluginError(f"--plugin {spec}: importing it failed: {type(error).__name__}: {error}") from error
+    except Exception as error:  # the user's module failed at import
+        raise PluginError(f"--plugin {spec}: importing it failed{_where(error)}: "
+                          f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from error

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from hands.datasets import DatasetError
 from hands.mano import HandModel, MANOError
+from hands.paths import output_file
 from recon import checkpoint as ckpt
 from recon.cards import hand_model_warning
 from recon.config import ConfigError, from_dict, load_config
@@ -93,8 +94,10 @@ def _read_metrics(path: str) -> dict:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UsageError(f"--compare {path}: no such file") from None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UsageError(f"--compare {path}: not valid JSON ({error})") from None
+    except OSError as error:  # a folder, unreadable
+        raise UsageError(f"--compare {path}: cannot read it ({error.strerror or type(error).__name__})") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise UsageError(f"--compare {path}: expected {{dataset: {{metric: value}}}} (a metrics.json)")
     data.pop("mixing", None)  # recon.train's mixing statistics and the skip counts sit beside the datasets
@@ -112,6 +115,11 @@ def run(args: argparse.Namespace) -> dict:
     for plugin in args.plugin:
         import_plugin(plugin)
     compare = _read_metrics(args.compare) if args.compare else None
+    if args.out:  # a bad output path fails now, not after the evaluation
+        try:
+            output_file(args.out, "--out")
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     rank, world_size, local_rank = _distributed()
     device = resolve_device(args.device, local_rank)
     if args.opt_iterations is not None and not args.optimize:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -198,10 +199,18 @@ def check_config(cfg: DictConfig) -> None:
             f"optim.warmup_epochs={cfg.optim.warmup_epochs}, optim.warmup_start={cfg.optim.warmup_start}: "
             "expected epochs >= 0 and a start factor in [0, 1]"
         )
+    if not 0 <= cfg.seed < 2**32:  # NumPy's limit; torch's generators take 64 bits
+        raise UsageError(f"seed={cfg.seed}: expected 0 <= seed < 2**32")
     if cfg.threads is not None and cfg.threads < 1:
         raise UsageError(f"threads={cfg.threads}: expected a positive number of CPU threads")
-    if cfg.optim.lr <= 0:
+    if not (cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr)):  # NaN fails the comparison too
         raise UsageError(f"optim.lr={cfg.optim.lr}: expected a positive learning rate")
+    for key in ("optim.weight_decay", "optim.grad_clip", "optim.lr_decay_gamma"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            raise UsageError(f"{key}={value}: expected a finite number >= 0")
+    if cfg.data.num_workers < 0:
+        raise UsageError(f"data.num_workers={cfg.data.num_workers}: expected 0 (load in the main process) or more")
     if cfg.optim.optimizer not in ("adam", "adamw"):
         raise UsageError(f"optim.optimizer={cfg.optim.optimizer!r}: expected 'adam' or 'adamw'")
     if cfg.optim.schedule not in ("step", "cosine"):
@@ -244,7 +253,7 @@ def check_mixing(cfg: DictConfig) -> None:
 
     try:
         generator_cfg = generator_config(MixingConfig(**OmegaConf.to_container(cfg.mixing)))
-    except (FileNotFoundError, ValueError) as error:
+    except Exception as error:  # not found, unknown keys, a YAML or OmegaConf parse error: the user's file
         raise UsageError(f"mixing.generator_config={cfg.mixing.generator_config}: {one_line(error)}") from None
     multiple = None
     if generator_cfg.sd_path:
@@ -275,6 +284,8 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name}: CUDA is not available on this machine")
@@ -712,7 +723,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (UsageError, ConfigError, ckpt.CheckpointError, DatasetError, DataSpecError, PluginError, MANOError) as error:
+    except (UsageError, ConfigError, ckpt.CheckpointError, DatasetError, DataSpecError, PluginError, MANOError,
+            OmegaConfBaseException) as error:  # OmegaConf: an interpolation (${...}) resolved when first read
         print(f"recon.train: error: {one_line(error)}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:

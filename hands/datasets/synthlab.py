@@ -559,9 +559,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(s < 0 for s in args.sizes):
         parser.error("--sizes must be non-negative")
-    out = write_synthlab(
-        args.out, seed=args.seed, sizes=dict(zip(SPLITS, args.sizes)), resolution=args.resolution, mano_dir=args.mano_dir
-    )
+    try:
+        if args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out {args.out}: is a file; expected a folder")
+        out = write_synthlab(
+            args.out, seed=args.seed, sizes=dict(zip(SPLITS, args.sizes)), resolution=args.resolution, mano_dir=args.mano_dir
+        )
+    except (ValueError, OSError) as error:  # bad sizes or resolution, a bad MANO folder, an unwritable --out
+        parser.exit(2, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
     info = json.loads((out / "synthlab.json").read_text())
     print(f"synthlab written to {out} ({sum(info['sizes'].values())} images, {info['seconds']} s)")
     return 0
