@@ -99,24 +99,26 @@ def lovasz_softmax(scores: Tensor, labels: Tensor, valid: Optional[Tensor] = Non
     softmax probabilities, as the loss's definition asks); DIR is reproduced as it trains. labels: (B, h, w)
     long in [0, C); valid: (B,) bool or None (pixels of invalid samples are left out). Returns a scalar
     (0 with a gradient path when no pixel counts).
+
+    Without host synchronisation: a left-out pixel gets error 0 and no foreground, which sorts it after every
+    counted error and leaves the others' Lovasz gradients unchanged (its own term is 0 x its weight); an absent
+    class is computed and weighted 0.
     """
     classes = scores.shape[1]
     flat_scores = scores.permute(0, 2, 3, 1).reshape(-1, classes)  # (P, C)
     flat_labels = labels.reshape(-1)
+    keep = torch.ones_like(flat_labels, dtype=flat_scores.dtype)
     if valid is not None:
-        keep = valid[:, None, None].expand_as(labels).reshape(-1)
-        flat_scores, flat_labels = flat_scores[keep], flat_labels[keep]
-    losses = []
+        keep = valid[:, None, None].expand_as(labels).reshape(-1).to(flat_scores.dtype)
+    losses, present = [], []
     for c in range(classes):
-        foreground = (flat_labels == c).to(flat_scores.dtype)
-        if foreground.sum() == 0:
-            continue
-        errors = (foreground - flat_scores[:, c]).abs()
+        foreground = (flat_labels == c).to(flat_scores.dtype) * keep
+        errors = (foreground - flat_scores[:, c]).abs() * keep
         errors_sorted, order = torch.sort(errors, descending=True)
         losses.append(torch.dot(errors_sorted, _lovasz_grad(foreground[order])))
-    if not losses:
-        return scores.sum() * 0.0
-    return torch.stack(losses).mean()
+        present.append((foreground.sum() > 0).to(flat_scores.dtype))
+    losses, present = torch.stack(losses), torch.stack(present)
+    return (losses * present).sum() / present.sum().clamp(min=1.0)
 
 
 def segmentation_loss(logits: Tensor, labels: Tensor, valid: Optional[Tensor] = None) -> Tensor:
@@ -125,9 +127,9 @@ def segmentation_loss(logits: Tensor, labels: Tensor, valid: Optional[Tensor] = 
 
     logits: (B, 3, h, w); labels: (B, h, w) long; valid: (B,) bool or None.
     """
-    weight = logits.new_tensor(SEG_CLASS_WEIGHTS)
+    weight = torch.stack([torch.full_like(logits[0, 0, 0, 0], w) for w in SEG_CLASS_WEIGHTS])  # (3,) on device
+    pixel_weight = weight[labels]  # (B, h, w)
     if valid is not None:
-        logits, labels = logits[valid], labels[valid]
-    if labels.numel() == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, labels, weight=weight)
+        pixel_weight = pixel_weight * valid[:, None, None].to(pixel_weight.dtype)
+    loss = F.cross_entropy(logits, labels, reduction="none")  # (B, h, w)
+    return (loss * pixel_weight).sum() / pixel_weight.sum().clamp(min=1e-12)

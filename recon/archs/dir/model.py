@@ -49,7 +49,7 @@ from recon.registry import REGRESSORS
 
 from .heads import HAND_PARAMS, OFFSET_UNIT, PARAM_SPLIT, InitRegressor, RefineStage, robust_rot6d_to_matrix
 from .losses import edge_length_loss, lovasz_softmax, normal_vector_loss, segmentation_loss, smooth_l1
-from .modules import Residual, init_conv_bn
+from .modules import Residual, index_on, init_conv_bn
 
 __all__ = [
     "DIR",
@@ -71,7 +71,7 @@ SEG_LEFT, SEG_RIGHT = 1, 2  # DIR's segmentation classes (0: background)
 def joints_from_verts(hand_model: HandModel, side: str, verts: Tensor) -> Tensor:
     """verts: (B, 778, 3) of ``side`` -> (B, 21, 3) joints in our order (MANO's 16 regressed + 5 tip vertices)."""
     regressed = torch.einsum("jv,bvc->bjc", hand_model.j_regressor_for(side).to(verts), verts)  # (B, 16, 3)
-    return torch.cat((regressed, verts[:, hand_model.tip_verts]), 1)[:, list(MANO21_TO_OURS)]
+    return torch.cat((regressed, verts[:, hand_model.tip_verts]), 1)[:, index_on(MANO21_TO_OURS, verts.device)]
 
 
 def protocol_tip_vertices(hand_model: HandModel) -> Tuple[int, ...]:
@@ -268,12 +268,11 @@ class DIR(HandModelMixin, nn.Module):
         extras = {"stages": stages, "seg": self.seg_head(final), "dense": self.dense_head(final)}
 
         last = stages[-1]
-        size = image.new_tensor([width, height])
         out = {}
         for side in SIDES:
             out[f"{side}_verts"] = last[side]["verts"]
             out[f"{side}_joints"] = last[side]["joints"]
-            out[f"{side}_joints_img"] = (last[side]["joints_uv"] + 1.0) / 2.0 * size - 0.5
+            out[f"{side}_joints_img"] = unit_to_pixels(last[side]["joints_uv"], height, width)
             out[f"{side}_mano_pose"] = last[side]["pose"]
             out[f"{side}_mano_shape"] = last[side]["shape"]
         return TwoHandOutput(rel_root=-OFFSET_UNIT * last["offset"], extras=extras, **out)
@@ -296,7 +295,6 @@ class DIR(HandModelMixin, nn.Module):
         (metres; joints regressed from the GT mesh), their normalised 2D projections ``verts_uv`` /
         ``joints_uv``, and ``verts_cam``."""
         height, width = batch.image.shape[-2:]
-        size = batch.image.new_tensor([width, height]).to(dtype)
         K = batch.camera.K.to(dtype)
         labels = {}
         for side in SIDES:
@@ -309,8 +307,8 @@ class DIR(HandModelMixin, nn.Module):
                 "verts_cam": verts_cam,
                 "verts": verts_cam - wrist,
                 "joints": joints_cam - wrist,
-                "verts_uv": (project(verts_cam, K) + 0.5) / size * 2.0 - 1.0,
-                "joints_uv": (project(joints_cam, K) + 0.5) / size * 2.0 - 1.0,
+                "verts_uv": pixels_to_unit(project(verts_cam, K), height, width),
+                "joints_uv": pixels_to_unit(project(joints_cam, K), height, width),
             }
         return labels
 
@@ -395,6 +393,16 @@ class DIR(HandModelMixin, nn.Module):
         for side in SIDES:
             complete = complete & (labels[side]["valid"] | ~batch.hand(side).valid)
         return seg.long(), rendered.image, complete
+
+
+def pixels_to_unit(points: Tensor, height: int, width: int) -> Tensor:
+    """(..., 2) input pixels (centres at integers) -> DIR's normalised image coordinates ([-1, 1] edge to edge)."""
+    return torch.stack([(points[..., 0] + 0.5) / width * 2.0 - 1.0, (points[..., 1] + 0.5) / height * 2.0 - 1.0], -1)
+
+
+def unit_to_pixels(uv: Tensor, height: int, width: int) -> Tensor:
+    """The inverse of :func:`pixels_to_unit`: (..., 2) normalised coordinates -> input pixels."""
+    return torch.stack([(uv[..., 0] + 1.0) / 2.0 * width - 0.5, (uv[..., 1] + 1.0) / 2.0 * height - 0.5], -1)
 
 
 def _up(x: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ image (``grid_sample``'s ``align_corners=False`` convention: -1 and 1 are the ou
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence, Tuple
 
@@ -28,6 +29,7 @@ __all__ = [
     "ImageToJointFeature",
     "bone_feature_map",
     "init_conv_bn",
+    "index_on",
 ]
 
 # The hand skeleton in our joint order (hands/joints.py, which is DIR's order too): wrist -> each finger's
@@ -35,6 +37,12 @@ __all__ = [
 HAND_EDGES: Tuple[Tuple[int, int], ...] = tuple((0 if k % 4 == 1 else k - 1, k) for k in range(1, 21))
 BONE_PARENTS: Tuple[int, ...] = tuple(a for a, _ in HAND_EDGES)  # 20 bones
 BONE_CHILDREN: Tuple[int, ...] = tuple(b for _, b in HAND_EDGES)
+
+
+@functools.lru_cache(maxsize=16)
+def index_on(values: Tuple[int, ...], device: torch.device) -> Tensor:
+    """A constant long index tensor on ``device``, made once per device (no host-to-device copy per call)."""
+    return torch.as_tensor(values, dtype=torch.long, device=device)
 
 
 def init_conv_bn(module: nn.Module, linear_std: float | None = None) -> None:
@@ -232,9 +240,8 @@ def bone_feature_map(uv: Tensor, joint_features: Tensor, size: Tuple[int, int], 
     """
     height, width = size
     batch, _, channels = joint_features.shape
-    parents = torch.as_tensor(BONE_PARENTS, device=uv.device)
-    children = torch.as_tensor(BONE_CHILDREN, device=uv.device)
-    cells = (uv + 1.0) / 2.0 * uv.new_tensor([width, height])  # (B, 21, 2) in cell units
+    parents, children = index_on(BONE_PARENTS, uv.device), index_on(BONE_CHILDREN, uv.device)
+    cells = torch.stack([(uv[..., 0] + 1.0) / 2.0 * width, (uv[..., 1] + 1.0) / 2.0 * height], -1)  # (B, 21, 2) cells
     a = cells[:, parents][:, None]  # (B, 1, 20, 2)
     b = cells[:, children][:, None]
     ys = torch.arange(height, device=uv.device, dtype=uv.dtype) + 0.5
