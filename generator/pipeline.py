@@ -66,6 +66,7 @@ class AttentionHandPipeline:
         self.guidance = guidance
         self.attention_downsample = attention_downsample
         self.sampling = sampling or SamplingConfig()
+        self._compiled = None  # (unet, guidance) wrapped by torch.compile, see `optimize`
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @classmethod
@@ -83,6 +84,28 @@ class AttentionHandPipeline:
         for module in (self.text_encoder, self.vae, self.unet, self.guidance):
             if module is not None:
                 module.to(**_to_kwargs(device, dtype))
+        return self
+
+    def optimize(self, *, dtype: torch.dtype | str | None = None, channels_last: bool = False,
+                 compile: bool | str = False) -> "AttentionHandPipeline":
+        """Speed options (docs/performance.md). dtype: the text encoder, VAE, UNet and guidance in this dtype
+        (e.g. torch.bfloat16; TAS's attention maps, its loss and latent update stay in fp32; images are returned
+        as fp32). channels_last: the UNet, guidance and VAE in channels-last memory format. compile: torch.compile
+        the UNet and the guidance (True, or a mode such as "max-autotune" / "reduce-overhead" for static shapes),
+        used on the steps that record no attention (no TAS, no return_attention); the first call per shape pays
+        the compilation. Returns self."""
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        if dtype is not None:
+            self.to(dtype=dtype)
+        if channels_last:
+            for module in (self.unet, self.guidance, self.vae):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
+        if compile:
+            mode = compile if isinstance(compile, str) else None
+            self._compiled = (torch.compile(self.unet, mode=mode),
+                              torch.compile(self.guidance, mode=mode) if self.guidance is not None else None)
         return self
 
     @property
@@ -254,7 +277,8 @@ class AttentionHandPipeline:
                 if return_attention:
                     store.reset()
                     store.active = True
-                noise = predict_noise(self.unet, self.guidance, model_input, t_device, text, mesh_rows,
+                unet, guidance = self._compiled if self._compiled and store is None else (self.unet, self.guidance)
+                noise = predict_noise(unet, guidance, model_input, t_device, text, mesh_rows,
                                       conditioning_scale)
                 if return_attention:
                     store.active = False

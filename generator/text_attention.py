@@ -64,7 +64,8 @@ class AttentionStore:
         if probs.shape[2] != h * w:
             raise RuntimeError(f"layer {name} attends over {probs.shape[2]} pixels, expected {h}x{w}={h * w}: the "
                                "latent size does not match the one the store was built for")
-        self._maps.append(probs.mean(dim=1))  # (B, HW, T)
+        # (B, HW, T) in fp32 at least, whatever the UNet's dtype (bf16 / fp16 sampling)
+        self._maps.append(probs.to(torch.promote_types(probs.dtype, torch.float32)).mean(dim=1))
         if self.stop_early and name == self.layer_names[-1]:
             raise _StopForward
 
@@ -298,7 +299,8 @@ def apply_tas(unet, store: AttentionStore, latents: torch.Tensor, timestep, cond
     """
     mask = token_indices if isinstance(token_indices, torch.Tensor) else token_mask(token_indices, latents.device)
     x = latents.detach()
-    losses = torch.zeros(latents.shape[0], device=latents.device, dtype=latents.dtype)
+    exact = torch.promote_types(latents.dtype, torch.float32)  # the loss and the update in fp32 at least
+    losses = torch.zeros(latents.shape[0], device=latents.device, dtype=exact)
     for alpha in step_sizes:
         with torch.enable_grad():
             x.requires_grad_(True)
@@ -306,5 +308,5 @@ def apply_tas(unet, store: AttentionStore, latents: torch.Tensor, timestep, cond
             maps = tas_attention_maps(unet, store, unet_input, timestep, cond_embeds, **unet_kwargs)
             losses = tas_loss_batch(maps, mask)  # (B,)
             grad = torch.autograd.grad(losses.sum(), x)[0]
-        x = (x - alpha * grad).detach()
+        x = (x.to(exact) - alpha * grad.to(exact)).to(latents.dtype).detach()
     return x, losses.detach()

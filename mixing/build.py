@@ -14,7 +14,7 @@ from mixing.pool import SamplePool
 from mixing.shards import ShardReader
 from mixing.source import SyntheticSource
 
-__all__ = ["generator_config", "build_generator", "build_label_source", "build_source", "build_provider", "per_sample_preprocess"]
+__all__ = ["generator_config", "build_generator", "generator_dtype", "build_label_source", "build_source", "build_provider", "per_sample_preprocess"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,21 @@ def build_generator(cfg: MixingConfig, device: torch.device | str = "cpu"):
                 f"available ({exc}); use mixing.generator=attentionhand"
             ) from exc
         pipe = build_baseline(cfg.generator, gen_cfg)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if callable(getattr(pipe, "optimize", None)):
+        pipe.optimize(dtype=generator_dtype(cfg, device), channels_last=cfg.channels_last,
+                      compile={"off": False, "default": True}.get(cfg.compile, cfg.compile))
+    return pipe
+
+
+def generator_dtype(cfg: MixingConfig, device: torch.device | str) -> torch.dtype | None:
+    """The generator's dtype for ``cfg.dtype`` on ``device`` (None: keep the generator config's)."""
+    device = torch.device(device)
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def build_label_source(cfg: MixingConfig, *, hand_model, train_readers=()):

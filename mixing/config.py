@@ -10,6 +10,8 @@ __all__ = ["MixingConfig", "MIX_MODES", "LABEL_SOURCES"]
 
 MIX_MODES = ("online", "sync", "offline")
 LABEL_SOURCES = ("train", "prior")
+GENERATOR_DTYPES = ("auto", "float32", "float16", "bfloat16")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -31,6 +33,10 @@ class MixingConfig:
     num_inference_steps / guidance_scale / tas_steps: sampling overrides (None: the generator config's).
     extend: the generation window is the union of the hand boxes made square and grown by this factor.
     use_local: pass local mesh images to the generator (VAS's local branch).
+    dtype / channels_last / compile: the generator's speed options (:meth:`generator.pipeline.
+        AttentionHandPipeline.optimize`, docs/performance.md). dtype ``auto``: bfloat16 on a CUDA device that
+        supports it, else float16 there, the generator config's dtype on the CPU; or float32 / float16 / bfloat16.
+        compile: ``off``, ``default``, ``reduce-overhead`` or ``max-autotune`` (torch.compile modes).
     """
 
     mode: str = "online"
@@ -49,6 +55,9 @@ class MixingConfig:
     tas_steps: Optional[int] = None
     extend: float = 1.5
     use_local: bool = True
+    dtype: str = "auto"
+    channels_last: bool = False
+    compile: str = "off"
 
     def check(self) -> None:
         """Raise ValueError naming the key whose value is out of range."""
@@ -68,3 +77,7 @@ class MixingConfig:
                 raise ValueError(f"mixing.{key}={getattr(self, key)}: expected a positive integer")
         if self.size % 8:
             raise ValueError(f"mixing.size={self.size}: expected a multiple of 8 (the VAE's factor)")
+        if self.dtype not in GENERATOR_DTYPES:
+            raise ValueError(f"mixing.dtype={self.dtype!r}: expected one of {', '.join(GENERATOR_DTYPES)}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"mixing.compile={self.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
