@@ -44,6 +44,8 @@ from recon.archs.intaghand import (
 from recon.config import from_config, load_config
 from recon.registry import build_regressor
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the tiny models train
+
 SIZE = 64
 TINY = dict(
     backbone="resnet18",
