@@ -263,8 +263,9 @@ def check_input_protocol(cfg) -> None:
     """Refuse, in one line, a ``data.crop`` other than the one the regressor's reference reads.
 
     A regressor class may declare ``input_crop`` ("image": the whole image, e.g. InterWild, whose box net finds
-    the hands; "hands": a crop around both hands from the ground-truth boxes, e.g. IntagHand). Training or
-    testing it on the other input would make its numbers incomparable with its reference's."""
+    the hands; "hands": a crop around both hands from the ground-truth boxes; "verts": 1.25x both hands' projected
+    ground-truth vertex extent, e.g. IntagHand). Training or testing it on another input would make its numbers
+    incomparable with its reference's."""
     from recon.registry import REGRESSORS, load_builtin_regressors
 
     load_builtin_regressors()

@@ -13,8 +13,10 @@ Contract of a regressor (what :func:`build_regressor` checks and what ``recon.tr
   trainer minimises their sum and logs each one. Terms must respect the batch's validity masks.
 - Optional: ``visualize_meshes`` is not part of the contract; the trainer draws predictions from the
   ``TwoHandOutput`` alone.
-- Optional: a class attribute ``input_crop`` ("image" or "hands") states the input its reference reads;
+- Optional: a class attribute ``input_crop`` ("image", "hands" or "verts") states the input its reference reads;
   ``recon.data.check_input_protocol`` then refuses runs and test sets with another ``data.crop``.
+- Optional: ``protocol_evaluator()`` returns an evaluator (``process(output, batch)`` / ``evaluate() -> dict``)
+  of the regressor's own paper's protocol, which ``recon.evaluate`` reports beside the common metrics.
 
 Regressors register themselves at import with ``@REGRESSORS.register("name")``. The built-in ones are
 imported by one visible list in :mod:`recon.archs`; a user's own module is imported with
