@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from eval.intaghand_protocol import regress_joints
+from eval.intaghand_protocol import joint_regressor, regress_joints
 from hands.joints import MIDDLE_KNUCKLE, WRIST
 from hands.sample import HandBatch
 from hands.units import to_mm
@@ -46,8 +46,9 @@ def dir_errors(pred_verts: Tensor, gt_verts: Tensor, j_regressor: Tensor, tip_ve
     pred_verts, gt_verts: (B, V, 3) the predicted and ground-truth meshes of one side (each in any frame; the
     ground truth in metres gives errors in metres). Returns (verts_error (B, V), joints_error (B, 21)).
     """
-    pred_joints = regress_joints(pred_verts, j_regressor, tip_verts)
-    gt_joints = regress_joints(gt_verts, j_regressor, tip_verts)
+    regressor = joint_regressor(j_regressor.to(pred_verts), tip_verts)  # (21, V)
+    pred_joints = regress_joints(pred_verts, regressor)
+    gt_joints = regress_joints(gt_verts.to(pred_verts), regressor)
     pred_root = pred_joints[:, WRIST : WRIST + 1]  # (B, 1, 3)
     gt_root = gt_joints[:, WRIST : WRIST + 1]
     pred_bone = (pred_joints[:, MIDDLE_KNUCKLE] - pred_joints[:, WRIST]).norm(dim=-1)  # (B,)
