@@ -8,7 +8,7 @@
   seen by random cameras, as synthlab does.
 
 Both return a :class:`hands.sample.HandBatch` whose images are black at the labels' image size and whose
-hands are *mesh-consistent*: for every hand with a MANO fit, ``joints_cam`` are the hand model's joints of
+hands are *mesh-consistent*: for every hand with a MANO fit, ``joints_cam`` are the joints regressed from
 that very mesh (a dataset's annotated joints can differ from its MANO fit by the fit's error; a generated
 image shows the mesh, so its labels must be the mesh's). Hands without a fit are dropped by
 :func:`mixing.source.keep_rendered_hands` before rendering.
@@ -32,17 +32,15 @@ __all__ = ["DatasetLabelSource", "PriorLabelSource", "mesh_consistent"]
 
 @torch.no_grad()
 def mesh_consistent(sample: HandSample, hand_model) -> HandSample:
-    """Replace each MANO-fitted hand's joints by the joints of its mesh (HandModel forward with the fit's pose
-    and shape, translated onto ``verts_cam``) and recompute ``joints_img``, ``root_cam`` and ``rel_root``."""
+    """Replace each MANO-fitted hand's joints by the joints regressed from its mesh (``HandModel.regress_joints``
+    on ``verts_cam``, InterWild's definition) and recompute ``joints_img``, ``root_cam`` and ``rel_root``."""
     hands = {}
     for side in ("right", "left"):
         hand = getattr(sample, side)
         if not bool(hand.mano_valid):
             hands[side] = hand
             continue
-        out = hand_model(side, hand.mano_pose[None], hand.mano_shape[None])
-        trans = (hand.verts_cam - out.verts[0]).mean(0)  # (3,) the fit's camera-space translation
-        joints_cam = out.joints[0] + trans
+        joints_cam = hand_model.regress_joints(side, hand.verts_cam)
         hands[side] = dataclasses.replace(
             hand,
             joints_cam=joints_cam,
@@ -115,7 +113,7 @@ class PriorLabelSource:
                 if fit is None:
                     hands[side] = None
                     continue
-                pose_cam, trans_cam, verts_cam, _ = fit_to_camera_mesh(
+                pose_cam, _, verts_cam, _ = fit_to_camera_mesh(
                     self.hand_model,
                     side,
                     torch.as_tensor(fit.pose, dtype=torch.float32)[None],
@@ -124,7 +122,7 @@ class PriorLabelSource:
                     R,
                     t,
                 )
-                joints_cam = self.hand_model(side, pose_cam, torch.as_tensor(fit.shape, dtype=torch.float32)[None], trans_cam).joints[0]
+                joints_cam = self.hand_model.regress_joints(side, verts_cam[0])
                 uv = project(verts_cam, K[None])[0]
                 if (verts_cam[0, :, 2] < 0.1).any() or (uv < 0).any() or (uv > size - 1).any():
                     in_view = False
