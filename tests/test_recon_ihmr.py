@@ -173,7 +173,7 @@ def test_depth_inside_the_hand_matches_brute_force(hand_model):
         0, faces.flatten(), torch.cross(verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]],
                                         dim=-1).repeat_interleave(3, 0))
     normals = normals / normals.norm(dim=1, keepdim=True)
-    index = torch.arange(0, 778, 26)
+    index = torch.arange(0, 778, 39)
     points = torch.cat([verts[index] - 0.003 * normals[index], verts[index] + 0.003 * normals[index]])  # in, out
     brute = _brute_depth(points.numpy(), verts.numpy(), faces.numpy(), caps.numpy())
     assert (brute[: len(index)] > 0).mean() > 0.8 and (brute[len(index):] == 0).mean() > 0.8
@@ -528,3 +528,17 @@ def test_ihmr_protocol_against_a_direct_computation(hand_model):
     depth_1 = torch.cat([penetration_depth(right[1], left[1], hand_model.faces_for("left")),
                          penetration_depth(left[1], right[1], hand_model.faces_for("right"))])
     assert result["IHMR_collision_ave"] == pytest.approx(float(depth.mean() + depth_1.mean()) / 2 * 1000, rel=1e-4)
+
+
+def test_backbone_weights_load_and_a_wrong_file_is_refused(tmp_path):
+    torch.manual_seed(0)
+    source = build_regressor("ihmr", **TINY, refine=False)
+    path = tmp_path / "backbone.pt"
+    torch.save(source.backbone.state_dict(), path)
+    target = build_regressor("ihmr", **TINY, refine=False)
+    target.load_backbone_weights(str(path))
+    for key, value in source.backbone.state_dict().items():
+        assert torch.equal(target.backbone.state_dict()[key], value)
+    torch.save({"not_a_layer.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="does not fit the backbone"):
+        target.load_backbone_weights(str(tmp_path / "bad.pt"))

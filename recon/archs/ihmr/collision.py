@@ -308,7 +308,7 @@ def collision_loss(
         # 0 with a gradient path (to nothing): a batch without contact still backpropagates
         loss_b = (right_verts[b, :1, :1].sum() + left_verts[b, :1, :1].sum()) * 0.0
         depth_b = right_verts.new_zeros(())
-        if samples is not None and not bool(samples[b]):
+        if samples is not None and not torch.jit.is_tracing() and not bool(samples[b]):  # tracing: all
             losses.append(loss_b)
             depths.append(depth_b)
             continue
