@@ -296,6 +296,13 @@ def collision_loss(
         caps_right = close_boundary(faces_right)
     if caps_left is None:
         caps_left = close_boundary(faces_left)
+    device = right_verts.device
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):  # inside tests need float32
+        with torch.autocast(device.type, enabled=False):
+            return collision_loss(
+                right_verts.float(), left_verts.float(), faces_right, faces_left,
+                caps_right=caps_right, caps_left=caps_left, robustifier=robustifier, samples=samples,
+            )
     batch = right_verts.shape[0]
     scale = {"right": box_scale(right_verts), "left": box_scale(left_verts)}
     verts = {"right": right_verts, "left": left_verts}
