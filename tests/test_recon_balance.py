@@ -93,6 +93,13 @@ def test_interwild_gives_2d_only_samples_no_3d_joint_loss():
     assert float(two_d["joint_img"]) > 0 and float(two_d["joint_proj"]) > 0  # the 2D keypoints still supervise
     assert float(model.losses(out, moved)["joint_img"]) == pytest.approx(float(two_d["joint_img"]))
     assert float(two_d["joint_proj"]) == pytest.approx(float(full["joint_proj"]))
+    # hand crops that hold the hands (the random model's own boxes hold at most a joint or two)
+    out.extras["crop_affine"] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(2, 2, 2, 3).clone()
+    for side in ("right", "left"):
+        flat.hand(side).joints_valid[:, 0] = False  # the wrist unlabelled: the other 2D keypoints still count
+        batch.hand(side).joints_valid[:, 0] = False  # a 3D sample without its wrist: no 2.5D target (InterWild)
+    assert float(model.losses(out, flat)["joint_proj"]) > 0
+    assert float(model.losses(out, batch)["joint_proj"]) == 0.0
 
 
 def test_baseline_gives_2d_only_samples_no_3d_joint_loss():

@@ -644,6 +644,7 @@ class InterWild(nn.Module):
         # Per side, stacked along dim 1 below (right, left): targets and their masks.
         keys = ("joints", "joints_valid", "verts", "mano_valid", "grid", "grid_valid", "mano_grid", "mano_grid_valid")
         gt = {key: [] for key in keys}
+        joints_3d = batch.joints_3d  # (B,) bool: False for 2D-only samples (MSCOCO)
         for i, side in enumerate(SIDES):
             hand = batch.hand(side)
 
@@ -669,7 +670,9 @@ class InterWild(nn.Module):
             affine = extras["crop_affine"][:, i]
             target, inside = self._hand_grid_targets(hand.joints_img, hand.joints_cam, affine, cells_per_px, grid_cells)
             gt["grid"].append(target)
-            gt["grid_valid"].append(inside & joints_valid & _inside_image(hand.joints_img, image_size))
+            # 2D-only samples (MSCOCO: no depth target) need no labelled wrist for their x, y (InterWild's joint_trunc)
+            xy_valid = torch.where(joints_3d[:, None], joints_valid, hand.joints_valid & hand.valid[:, None])
+            gt["grid_valid"].append(inside & xy_valid & _inside_image(hand.joints_img, image_size))
             mano_img = _project_distorted(gt_mano_joints, K, dist)  # fisheye views: the distorted projection
             target, inside = self._hand_grid_targets(mano_img, gt_mano_joints, affine, cells_per_px, grid_cells)
             gt["mano_grid"].append(target)
@@ -690,7 +693,7 @@ class InterWild(nn.Module):
         pred_joints = torch.stack((output.right_joints, output.left_joints), 1)  # (B, 2, 21, 3)
         pred_verts = torch.stack((output.right_verts, output.left_verts), 1)  # (B, 2, 778, 3)
         # 2D-only samples (MSCOCO, InterWild's is_3D = 0): no joint_cam and no depth of joint_img
-        is_3d = batch.joints_3d.to(dtype)[:, None, None, None]  # (B, 1, 1, 1)
+        is_3d = joints_3d.to(dtype)[:, None, None, None]  # (B, 1, 1, 1)
         joints_valid = gt["joints_valid"][..., None].to(dtype)  # (B, 2, 21, 1)
         terms["joint_cam"] = self.cam_loss_weight * _masked_l1(pred_joints, gt["joints"], joints_valid * is_3d)
         terms["mano_mesh_cam"] = self.cam_loss_weight * _masked_l1(pred_verts, gt["verts"], mano_valid[:, :, None, None])
