@@ -129,6 +129,16 @@ def mesh_from_dataset(dataset: str, root, split: str, index: int, size: int, *, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .train import user_errors
+
+    try:
+        return _main(argv)
+    except user_errors() as error:
+        print(f"generator.figures: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from .model import load_config
     from .pipeline import AttentionHandPipeline
     from .train import resolve_device

@@ -595,7 +595,10 @@ def save_png(image: Tensor, path: str | Path) -> Path:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:N)") from None
 
 
 def generator_config(cfg: TrainConfig) -> GeneratorConfig:
@@ -807,10 +810,22 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     return OmegaConf.to_object(OmegaConf.merge(*layers))
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What a bad flag, file or folder raises here (and in generator.figures): reported in one line."""
+    import yaml
+    from omegaconf.errors import OmegaConfBaseException
+
+    return (ValueError, OSError, IndexError, OmegaConfBaseException, yaml.YAMLError)  # ValueError: DatasetError, MANOError
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = parse_args(argv)
-    result = train(cfg)
+    try:
+        cfg = parse_args(argv)
+        result = train(cfg)
+    except user_errors() as error:
+        print(f"generator.train: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+        return 2
     print(json.dumps(result))
     return 0
 

@@ -32,6 +32,8 @@ QUICK = ["--max-steps", "1", "eval.at_end=false", *TINY]
 
 def _mains() -> dict[str, Callable]:
     from eval import report
+    from generator import figures as generator_figures
+    from generator import train as generator_train
     from hands.datasets import check, synthlab
     from mixing import pregenerate
     from recon import demo, doctor, export, table2
@@ -43,6 +45,7 @@ def _mains() -> dict[str, Callable]:
         "recon.export": export.main, "recon.table2": table2.main, "recon.doctor": doctor.main,
         "hands.datasets.check": check.main, "hands.datasets.synthlab": synthlab.main,
         "mixing.pregenerate": pregenerate.main, "eval.report": report.main,
+        "generator.train": generator_train.main, "generator.figures": generator_figures.main,
     }
 
 
@@ -429,6 +432,21 @@ def _other_cases() -> list[tuple[str, list[str]]]:
                  ["--arch", "baseline", "--figure-samples", "-1", *table],
                  ["--arch", "baseline", "--data-root", "{f}/missing", "--dry-run"]):
         cases.append(("recon.table2", argv))
+    safe = ["--steps", "1", "--vae-steps", "0", "--batch-size", "2", "--sample-every", "0", "--sample-steps", "1",
+            "--no-progress", "--data-root", "{root}", "--split", "train-lab", "--out", "{out}"]
+    for argv in (["--steps", "-1"], ["--batch-size", "0"], ["--steps", "x"], [*safe, "--generator-config", "nope"],
+                 [*safe, "--mano-dir", "{f}/mano_nan"], [*safe, "--resume", "{f}/missing"],
+                 [*safe, "--config", "{f}/bad.yaml"], [*safe, "--device", "tpu"], [*safe, "--out", "{f}/text.txt"],
+                 [*safe, "--split", "nope"], [*safe, "--lr", "nan"], [*safe, "--set", "nope=1"],
+                 [*safe, "--sd-path", "{f}/folder", "--generator-config", "sd15"],
+                 [*safe, "--dataset-option", "nokey"]):
+        cases.append(("generator.train", argv))
+    for argv in (["--out", "{out}", "--generator-config", "nope"],
+                 ["--out", "{out}", "--data-root", "{root}", "--index", "999"],
+                 ["--out", "{out}", "--data-root", "{root}", "--split", "nope"],
+                 ["--out", "{out}", "--data-root", "{f}/missing"], ["--out", "{out}", "--device", "tpu"],
+                 ["--out", "{out}", "--set", "x=1"], ["--out", "{out}", "--steps", "x"]):
+        cases.append(("generator.figures", argv))
     return cases
 
 
