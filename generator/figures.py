@@ -112,8 +112,10 @@ def samples_figure(pipe, mesh_image: Tensor, prompt: str, *, num_samples: int = 
     return figure, images
 
 
-def mesh_from_dataset(dataset: str, root, split: str, index: int, size: int, *, hand_model=None, extend=1.5):
-    """(mesh (1, 3, S, S), local mesh (1, 3, S, S), caption) of one sample, framed and rendered as in training."""
+def mesh_from_dataset(dataset: str, root, split: str, index: int, size: int, *, hand_model=None, extend=1.5,
+                      framing: str = "frame"):
+    """(mesh (1, 3, S, S), local mesh (1, 3, S, S), caption) of one sample, framed (`generator.framing`) and
+    rendered as in training."""
     from hands.datasets import build_dataset
     from hands.mano import HandModel
 
@@ -123,7 +125,7 @@ def mesh_from_dataset(dataset: str, root, split: str, index: int, size: int, *, 
     data = build_dataset(dataset, root, split, hand_model=hand_model)
     if not 0 <= index < len(data):
         raise IndexError(f"--index {index} outside the {len(data)} samples of {dataset} {split}")
-    batch = make_train_batch([frame_sample(data[index], size, extend)], hand_model.faces_for("right"),
+    batch = make_train_batch([frame_sample(data[index], size, extend, framing)], hand_model.faces_for("right"),
                              hand_model.faces_for("left"))
     return batch.mesh, batch.mesh_local, batch.prompts[0]
 
@@ -171,7 +173,8 @@ def _main(argv: Sequence[str] | None) -> int:
     device = resolve_device(args.device)
     pipe = AttentionHandPipeline.from_config(gen_cfg).to(device)
     size = args.size or pipe.default_size
-    mesh, local, caption = mesh_from_dataset(args.dataset, args.data_root, args.split, args.index, size)
+    mesh, local, caption = mesh_from_dataset(args.dataset, args.data_root, args.split, args.index, size,
+                                             extend=gen_cfg.extend, framing=gen_cfg.framing)
     prompt = args.prompt or caption
     mesh, local = mesh.to(device), local.to(device)
     out = Path(args.out)

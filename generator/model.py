@@ -83,6 +83,8 @@ class GeneratorConfig:
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     attention_downsample: int = 4  # TAS attention resolution = latent size / this (16 for 64 x 64 latents)
     prompts: Literal["wild", "synthlab"] = "wild"  # the prompt bank it is sampled with (generator.prompts)
+    framing: Literal["frame", "hands"] = "frame"  # the global window it was trained on (generator.framing)
+    extend: float = 1.5  # framing "hands": union hand box squared x this
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 

@@ -60,12 +60,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hands.camera import scale_bbox, square_bbox
 from hands.datasets import transforms
 from hands.paths import write_atomic
 from hands.render import crop_local, render_hands
 from hands.sample import HandBatch, HandSample, collate
 
+from .framing import FRAMINGS, window_boxes
 from .model import (GeneratorComponents, GeneratorConfig, build_components, load_config, resolve_config_path,
                     save_components)
 from .tagging import hand_token_indices
@@ -91,11 +91,18 @@ class TrainConfig:
     dataset / data_root / split: the reader (`hands.datasets.build_dataset`); data_root None = the cached
     synthlab (written on first use). generator_config: "tiny", "sd15" or a YAML path; sd_path: a local SD 1.5
     folder (diffusers layout); overrides: extra `key=value` generator settings. size: generator resolution S
-    (None: the UNet's sample size x the VAE's factor: 64 for the tiny generators, 512 for SD). extend: window = union hand box squared, x extend.
+    (None: the UNet's sample size x the VAE's factor: 64 for the tiny generators, 512 for SD). framing: the
+    global window, "frame" (the whole image, the paper's) or "hands" (union hand box squared, x extend;
+    `generator.framing`); set the generator config's framing / extend to the same values for sampling.
     local_scale: the local crop's square box grown by this. lambda_global / lambda_local: Eq. 9 weights.
     tas_updates: TAS latent updates per step (0 = no TAS); tas_schedule: "reference" or "paper".
+    tas_target: what the TAS-shifted latent is trained against, "epsilon" (the reference code: the drawn noise)
+    or "residual" (the paper's prose: the noise the shifted latent holds), see `tas_training_target`;
+    tas_residual_max: the residual target's heavy-tail guard (RMS of the shift term, in noise units).
     train_modules: "guidance" (phi_g only, the paper's setting on a pretrained SD) or "all" (UNet, text encoder
-    and phi_g: the tiny generator from scratch). vae_steps: steps of VAE training before the diffusion steps
+    and phi_g: the tiny generator from scratch). mesh_dropout: probability that a sample's mesh images are black
+    (its caption alone has to draw the hands; the tiny generator's stand-in for SD's text-to-image pretraining,
+    where hand words learnt to attend to hands). vae_steps: steps of VAE training before the diffusion steps
     (vae_lr, kl_weight); caption_dropout: probability of an empty caption (classifier-free guidance).
     sample_every / checkpoint_every: steps between sample grids / checkpoints (0 = only at the end).
     sample_steps: DDIM steps of the sample grids. keep_checkpoints: step folders kept (older ones removed).
@@ -115,17 +122,21 @@ class TrainConfig:
     lr: float = 1e-5
     weight_decay: float = 1e-2
     size: int | None = None
+    framing: str = "frame"
     extend: float = 1.5
     local_scale: float = 1.0
     lambda_global: float = 0.5
     lambda_local: float = 0.5
     tas_updates: int = 1
     tas_schedule: str = "reference"
+    tas_target: str = "epsilon"
+    tas_residual_max: float = 1.0
     train_modules: str = "guidance"
     vae_steps: int = 0
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     caption_dropout: float = 0.0
+    mesh_dropout: float = 0.0
     default_prompt: str = DEFAULT_PROMPT
     sample_every: int = 50
     sample_steps: int = 10
@@ -139,25 +150,29 @@ class TrainConfig:
 
 
 # -- data ------------------------------------------------------------------------------------------------------
-def frame_sample(sample: HandSample, size: int, extend: float = 1.5) -> HandSample:
-    """The sample re-framed on a (size, size) window: the union of its valid hand boxes, squared and grown by
-    `extend` (mixing's generation framing). Image, intrinsics, joints_img and boxes move; camera-space labels
-    stay. A sample without valid hands keeps its whole image (squared about its centre)."""
-    box = scale_bbox(square_bbox(transforms.hands_box(sample)), extend)
+def frame_sample(sample: HandSample, size: int, extend: float = 1.5, framing: str = "frame") -> HandSample:
+    """The sample re-framed on a (size, size) window (`generator.framing.window_boxes`): "frame" the whole image
+    squared about its centre (the paper's global image), "hands" the union of its valid hand boxes squared and
+    grown by `extend`. Image, intrinsics, joints_img and boxes move; camera-space labels stay. A sample without
+    valid hands keeps its whole image with either framing."""
+    box = window_boxes(transforms.hands_box(sample), sample.image_size, framing, extend)
     return transforms.crop(sample, box, (size, size))
 
 
 class FramedDataset(torch.utils.data.Dataset):
-    """A HandSample dataset re-framed for the generator: item i is `frame_sample(dataset[i], size, extend)`."""
+    """A HandSample dataset re-framed for the generator: item i is `frame_sample(dataset[i], size, extend,
+    framing)`."""
 
-    def __init__(self, dataset, size: int, extend: float = 1.5):
-        self.dataset, self.size, self.extend = dataset, int(size), float(extend)
+    def __init__(self, dataset, size: int, extend: float = 1.5, framing: str = "frame"):
+        if framing not in FRAMINGS:
+            raise ValueError(f"--framing {framing!r}: expected one of {', '.join(FRAMINGS)}")
+        self.dataset, self.size, self.extend, self.framing = dataset, int(size), float(extend), framing
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> HandSample:
-        return frame_sample(self.dataset[index], self.size, self.extend)
+        return frame_sample(self.dataset[index], self.size, self.extend, self.framing)
 
 
 @dataclass
@@ -252,15 +267,46 @@ def step_generator(seed: int, step: int, device) -> torch.Generator:
 # -- the training step -------------------------------------------------------------------------------------------
 @dataclass
 class StepLosses:
-    """Scalar tensors (detached): total L, L_G, L_L and the mean L_TAS before the last update (0 without TAS)."""
+    """Scalar tensors (detached): total L, L_G, L_L, the mean L_TAS before the last update (0 without TAS) and
+    the number of rows the residual target's heavy-tail guard fell back on (see `tas_training_target`)."""
 
     total: Tensor
     global_: Tensor
     local: Tensor
     tas: Tensor
+    guarded: Tensor | None = None  # rows whose residual target the heavy-tail guard replaced (0-d count)
 
 
 TRAIN_MODULES = {"guidance": ("guidance",), "all": ("unet", "text_encoder", "guidance")}
+TAS_TARGETS = ("epsilon", "residual")
+
+
+def tas_training_target(kind: str, x_hat: Tensor, x_t: Tensor, x0: Tensor, eps: Tensor, alphas: Tensor, *,
+                        residual_max: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(model input, noise target, guarded row count) of the TAS-shifted training latents.
+
+    x_hat: (N, C, h, w) the latents after TAS; x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, the latents before it;
+    alphas: abar_t broadcastable to (N, 1, 1, 1). With delta = x_hat - x_t:
+    - "epsilon" (the reference code, ddpm.py p_losses): the input x_hat, the target the drawn eps. The UNet learns
+      eps(x_t + delta) = eps, so its x0-prediction (x_hat - sqrt(1 - abar) eps_hat) / sqrt(abar) becomes
+      x0 + delta / sqrt(abar): the TAS direction reaches the denoised image.
+    - "residual" (the paper's prose): the target (x_hat - sqrt(abar) x0) / sqrt(1 - abar) = eps + delta /
+      sqrt(1 - abar), the noise x_hat actually holds; the UNet learns to undo the shift (x0-prediction x0).
+      delta / sqrt(1 - abar) is up to 1 / sqrt(beta_0) ~ 34x delta at t = 0 (SD's schedule), a heavy tail: rows
+      where its RMS exceeds `residual_max` (in units of the unit-variance noise) fall back on (x_t, eps), as if
+      TAS had not run, and are counted.
+    Rows TAS left alone (delta = 0) get (x_t, eps) with either kind.
+    """
+    if kind == "epsilon":
+        return x_hat, eps, eps.new_zeros((), dtype=torch.long)
+    if kind != "residual":
+        raise ValueError(f"tas target {kind!r}: expected one of {', '.join(TAS_TARGETS)}")
+    shift = (x_hat - x_t) / (1 - alphas).sqrt()
+    rms = shift.float().pow(2).mean(dim=tuple(range(1, shift.ndim))).sqrt()  # (N,)
+    guard = (rms > residual_max).view(-1, *([1] * (shift.ndim - 1)))
+    model_input = torch.where(guard, x_t, x_hat)
+    target = torch.where(guard, eps, eps + shift)
+    return model_input, target, guard.sum()
 
 
 class _Trainer(abc.ABC):
@@ -293,7 +339,10 @@ class GuidanceTrainer(_Trainer):
     def __init__(self, components: GeneratorComponents, *, lr: float = 1e-5, weight_decay: float = 1e-2,
                  lambda_global: float = 0.5, lambda_local: float = 0.5, tas_updates: int = 1,
                  tas_schedule: TasSchedule | None = None, attention_downsample: int = 4,
-                 train_modules: str = "guidance", caption_dropout: float = 0.0):
+                 train_modules: str = "guidance", caption_dropout: float = 0.0, tas_target: str = "epsilon",
+                 tas_residual_max: float = 1.0, mesh_dropout: float = 0.0):
+        if tas_target not in TAS_TARGETS:
+            raise ValueError(f"--tas-target {tas_target!r}: expected one of {', '.join(TAS_TARGETS)}")
         if train_modules not in TRAIN_MODULES:
             raise ValueError(f"--train-modules {train_modules!r}: expected one of {', '.join(TRAIN_MODULES)}")
         if not 0.0 <= caption_dropout < 1.0:
@@ -301,6 +350,9 @@ class GuidanceTrainer(_Trainer):
         self.components = components
         self.trained = TRAIN_MODULES[train_modules]
         self.caption_dropout = float(caption_dropout)
+        if not 0.0 <= mesh_dropout < 1.0:
+            raise ValueError(f"--mesh-dropout must be in [0, 1); got {mesh_dropout}")
+        self.mesh_dropout = float(mesh_dropout)
         for name in ("unet", "vae", "text_encoder", "guidance"):
             module = getattr(components, name)
             trained = name in self.trained
@@ -309,6 +361,7 @@ class GuidanceTrainer(_Trainer):
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.lambda_global, self.lambda_local = lambda_global, lambda_local
         self.tas_updates = int(tas_updates)
+        self.tas_target, self.tas_residual_max = tas_target, float(tas_residual_max)
         self.step_sizes = (tas_schedule or TasSchedule()).step_sizes(self.tas_updates)
         self.attention_downsample = attention_downsample
         self._stores: dict[tuple[int, int], AttentionStore] = {}
@@ -340,16 +393,22 @@ class GuidanceTrainer(_Trainer):
         if self.caption_dropout > 0:
             drop = torch.rand(b, generator=generator, device=device) < self.caption_dropout
             prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        mesh_keep = None
+        if self.mesh_dropout > 0:  # drawn after the caption dropout: runs without it keep their random stream
+            mesh_keep = (torch.rand(b, generator=generator, device=device) >= self.mesh_dropout).to(batch.mesh.dtype)
         with torch.set_grad_enabled("text_encoder" in self.trained):
             text = c.encode_prompts(prompts, device)  # (B, 77, D)
         with torch.no_grad():
             x0 = self.encode_images(stack_branches(batch.rgb, batch.rgb_local), generator)  # (2B, 4, h, w)
         text2 = text.repeat(2, 1, 1)
         mesh2 = stack_branches(batch.mesh, batch.mesh_local).to(x0.dtype)
+        if mesh_keep is not None:  # a dropped sample trains on black mesh images in both branches
+            mesh2 = mesh2 * mesh_keep.repeat(2).view(-1, 1, 1, 1)
         num_train = c.scheduler.config.num_train_timesteps
         t = torch.randint(0, num_train, (b,), generator=generator, device=device).repeat(2)  # (2B,)
         eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         x_t = c.scheduler.add_noise(x0, eps, t)
+        x_t_plain = x_t
         tas = x0.new_zeros(())
         tokens = [hand_token_indices(p, c.tokenizer) if p else [] for p in prompts] * 2
         rows = [i for i, idx in enumerate(tokens) if idx]
@@ -364,14 +423,15 @@ class GuidanceTrainer(_Trainer):
             x_t = x_t.index_copy(0, index, updated)
             tas = tas_losses.mean()
         alphas = c.scheduler.alphas_cumprod.to(device=device, dtype=x0.dtype)[t].view(-1, 1, 1, 1)
-        target = (x_t - alphas.sqrt() * x0) / (1 - alphas).sqrt()  # residual noise; eps where TAS did nothing
+        x_t, target, guarded = tas_training_target(self.tas_target, x_t, x_t_plain, x0, eps, alphas,
+                                                   residual_max=self.tas_residual_max)
         pred = predict_noise(c.unet, c.guidance, x_t, t, text2, mesh2)
         pred_g, pred_l = split_branches(pred)
         target_g, target_l = split_branches(target)
         loss_g = F.mse_loss(pred_g.float(), target_g.float())
         loss_l = F.mse_loss(pred_l.float(), target_l.float())
         total = self.lambda_global * loss_g + self.lambda_local * loss_l
-        return total, StepLosses(total.detach(), loss_g.detach(), loss_l.detach(), tas.detach())
+        return total, StepLosses(total.detach(), loss_g.detach(), loss_l.detach(), tas.detach(), guarded.detach())
 
 
 
@@ -609,7 +669,8 @@ def generator_config(cfg: TrainConfig) -> GeneratorConfig:
 
 
 def train(cfg: TrainConfig, *, hand_model=None) -> dict:
-    """Run training as configured; returns {"step", "loss", "guidance_path", "model_path", "seconds"}.
+    """Run training as configured; returns {"step", "loss", "tas_guarded" (rows the residual target's guard fell
+    back on), "guidance_path", "model_path", "seconds"}.
     hand_model: the hands.mano.HandModel the dataset's meshes use (default: HandModel(cfg.mano_dir))."""
     from hands.datasets import build_dataset
     from hands.mano import HandModel
@@ -637,8 +698,8 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
     write_atomic(out / "train_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=1)))
 
     hand_model = hand_model if hand_model is not None else HandModel(mano_dir=cfg.mano_dir)
-    dataset = FramedDataset(build_dataset(cfg.dataset, cfg.data_root, cfg.split, hand_model=hand_model, **cfg.dataset_options), size,
-                            cfg.extend)
+    dataset = FramedDataset(build_dataset(cfg.dataset, cfg.data_root, cfg.split, hand_model=hand_model,
+                                          **cfg.dataset_options), size, cfg.extend, cfg.framing)
     faces_right = hand_model.faces_for("right").to(device)
     faces_left = hand_model.faces_for("left").to(device)
     base = cfg.train_modules == "all"
@@ -659,6 +720,7 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
 
     writer = SummaryWriter(str(out / "tb"))
     losses = None
+    guarded = int(resume_state.get("tas_guarded", 0)) if resume_state is not None else 0
     began = time.perf_counter()
     step = start
     phases = ([("vae", 0, cfg.vae_steps)] if cfg.vae_steps else []) + [("diffusion", cfg.vae_steps, total)]
@@ -676,7 +738,8 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
                         lambda_local=cfg.lambda_local, tas_updates=cfg.tas_updates,
                         tas_schedule=TasSchedule(kind=cfg.tas_schedule),
                         attention_downsample=gen_cfg.attention_downsample, train_modules=cfg.train_modules,
-                        caption_dropout=cfg.caption_dropout)
+                        caption_dropout=cfg.caption_dropout, tas_target=cfg.tas_target,
+                        tas_residual_max=cfg.tas_residual_max, mesh_dropout=cfg.mesh_dropout)
                 if resume_state is not None and resume_state.get("phase", "diffusion") == phase and step > lo:
                     load_optimizer(resume_folder, trainer)
                 loader = torch.utils.data.DataLoader(
@@ -695,6 +758,9 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
                              ("total", "global", "local", "tas"))
                     values = dict(zip(names, (float(v) for v in (losses.total, losses.global_, losses.local,
                                                                    losses.tas))))
+                    if losses.guarded is not None:
+                        guarded += int(losses.guarded)
+                        writer.add_scalar("tas/guarded_rows", guarded, step)
                     for key, value in values.items():
                         writer.add_scalar(f"{phase}/{key}" if phase == "vae" else f"loss/{key}", value, step)
                     bar.set_postfix(phase=phase, loss=f"{values['total']:.4f}")
@@ -725,7 +791,7 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
                     if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or end:
                         save_checkpoint(out, trainer, step=step, config=config_dict, base=base,
                                         state={"phase": phase, "train_modules": cfg.train_modules,
-                                               "vae_steps": cfg.vae_steps})
+                                               "vae_steps": cfg.vae_steps, "tas_guarded": guarded})
                         save_guidance(components.guidance, out / GUIDANCE_FILE)
                         if base and phase == "diffusion":
                             save_components(components, out / MODEL_DIR, trained_by=TRAINED_BY)
@@ -733,7 +799,10 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
                             shutil.rmtree(old, ignore_errors=True)
     finally:
         writer.close()
-    return {"step": step, "loss": None if losses is None else float(losses.total),
+    if guarded:
+        logger.warning("residual TAS target: %d rows had a shift term above --tas-residual-max %g and trained "
+                       "without their TAS shift", guarded, cfg.tas_residual_max)
+    return {"step": step, "loss": None if losses is None else float(losses.total), "tas_guarded": guarded,
             "guidance_path": str(out / GUIDANCE_FILE),
             "model_path": str(out / MODEL_DIR) if base and (out / MODEL_DIR).is_dir() else None,
             "seconds": round(time.perf_counter() - began, 1)}
@@ -779,18 +848,29 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--lr", type=float, help=f"AdamW learning rate ({d.lr})")
     p.add_argument("--weight-decay", type=float, help=f"({d.weight_decay})")
     p.add_argument("--size", type=int, help="generator resolution (default: 64 tiny, 512 SD)")
-    p.add_argument("--extend", type=float, help=f"window = union hand box squared x this ({d.extend})")
+    p.add_argument("--framing", choices=FRAMINGS,
+                   help=f"global window: the whole frame (the paper's) or the hands' box x --extend ({d.framing})")
+    p.add_argument("--extend", type=float, help=f"--framing hands: window = union hand box squared x this ({d.extend})")
     p.add_argument("--local-scale", type=float, help=f"local crop box scale ({d.local_scale})")
     p.add_argument("--lambda-global", type=float, help=f"({d.lambda_global})")
     p.add_argument("--lambda-local", type=float, help=f"({d.lambda_local})")
     p.add_argument("--tas-updates", type=int, help=f"TAS latent updates per step; the reference: 50 ({d.tas_updates})")
     p.add_argument("--tas-schedule", choices=("reference", "paper"), help=f"({d.tas_schedule})")
+    p.add_argument("--tas-target", choices=TAS_TARGETS,
+                   help=f"target of the TAS-shifted latent: epsilon (reference code) or residual (paper text) "
+                        f"({d.tas_target})")
+    p.add_argument("--tas-residual-max", type=float,
+                   help=f"residual target guard: rows whose shift term has RMS above this train as without TAS, "
+                        f"counted ({d.tas_residual_max})")
     p.add_argument("--train-modules", choices=tuple(TRAIN_MODULES),
                    help=f"guidance: phi_g only (a pretrained SD); all: UNet, text encoder and phi_g ({d.train_modules})")
     p.add_argument("--vae-steps", type=int, help=f"VAE training steps before the diffusion steps ({d.vae_steps})")
     p.add_argument("--vae-lr", type=float, help=f"({d.vae_lr})")
     p.add_argument("--kl-weight", type=float, help=f"VAE KL weight ({d.kl_weight})")
     p.add_argument("--caption-dropout", type=float, help=f"probability of an empty caption ({d.caption_dropout})")
+    p.add_argument("--mesh-dropout", type=float,
+                   help=f"probability that a sample trains on black mesh images, so that its text has to draw the "
+                        f"hands ({d.mesh_dropout})")
     p.add_argument("--default-prompt", help=f"caption of samples without meta['prompt'] ({d.default_prompt!r})")
     p.add_argument("--sample-every", type=int, help=f"steps between sample grids; 0: at the end ({d.sample_every})")
     p.add_argument("--sample-steps", type=int, help=f"DDIM steps of the sample grids ({d.sample_steps})")

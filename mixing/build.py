@@ -99,6 +99,7 @@ def build_source(cfg: MixingConfig, *, hand_model, labels, device, seed: int, ra
     """The synthetic source of ``cfg``: its generator, prompts from the bank the generator config names."""
     from generator.prompts import prompt_bank
 
+    gen_cfg = generator_config(cfg)
     return SyntheticSource(
         labels=labels,
         generator=build_generator(cfg, device),
@@ -106,8 +107,9 @@ def build_source(cfg: MixingConfig, *, hand_model, labels, device, seed: int, ra
         faces_left=hand_model.faces_for("left"),
         size=cfg.size,
         use_local=cfg.use_local,
-        extend=cfg.extend,
-        prompts=prompt_bank(generator_config(cfg).prompts),
+        framing=cfg.framing or gen_cfg.framing,
+        extend=gen_cfg.extend if cfg.extend is None else cfg.extend,
+        prompts=prompt_bank(gen_cfg.prompts),
         seed=seed,
         rank=rank,
         device=device,

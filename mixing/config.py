@@ -31,8 +31,10 @@ class MixingConfig:
         fits) or ``prior`` (the pose prior of hands.datasets.poses with random cameras).
     capacity / max_reuse / chunk: the pool's bound, how often a sample may be drawn, samples per generator call.
     num_inference_steps / guidance_scale / tas_steps: sampling overrides (None: the generator config's).
-    extend: the generation window is the union of the hand boxes made square and grown by this factor.
-    use_local: pass local mesh images to the generator (VAS's local branch).
+    framing / extend: the generation window, ``frame`` (the whole source frame) or ``hands`` (the union of the
+        hand boxes squared, x extend); None: the generator config's (the framing it was trained in).
+    use_local: also run VAS's local branch at sampling (its images are not used: the global images are the
+        same without it, so it is off, as in the reference's inference).
     dtype / channels_last / compile: the generator's speed options (:meth:`generator.pipeline.
         AttentionHandPipeline.optimize`, docs/performance.md). dtype ``auto``: bfloat16 on a CUDA device that
         supports it, else float16 there, the generator config's dtype on the CPU; or float32 / float16 / bfloat16.
@@ -53,8 +55,9 @@ class MixingConfig:
     num_inference_steps: Optional[int] = None
     guidance_scale: Optional[float] = None
     tas_steps: Optional[int] = None
-    extend: float = 1.5
-    use_local: bool = True
+    framing: Optional[str] = None
+    extend: Optional[float] = None
+    use_local: bool = False
     dtype: str = "auto"
     channels_last: bool = False
     compile: str = "off"
@@ -75,6 +78,8 @@ class MixingConfig:
         for key in ("size", "capacity", "max_reuse", "chunk"):
             if getattr(self, key) < 1:
                 raise ValueError(f"mixing.{key}={getattr(self, key)}: expected a positive integer")
+        if self.framing is not None and self.framing not in ("frame", "hands"):
+            raise ValueError(f"mixing.framing={self.framing!r}: expected frame or hands (or null: the generator's)")
         if self.size % 8:
             raise ValueError(f"mixing.size={self.size}: expected a multiple of 8 (the VAE's factor)")
         if self.dtype not in GENERATOR_DTYPES:

@@ -1,8 +1,8 @@
 """SyntheticSource: labels -> global and local mesh images -> prompt -> generator -> a HandBatch.
 
 For each requested sample the source draws labels (MANO meshes, joints and a camera) from a label source
-(:mod:`mixing.labels`), frames both hands in a square window (the union of the hand boxes grown by
-``extend``) at the generator's resolution, renders the global mesh image there with
+(:mod:`mixing.labels`), frames them in a square window (the whole source frame, or the union of the hand boxes
+grown by ``extend``: :mod:`generator.framing`) at the generator's resolution, renders the global mesh image there with
 :func:`hands.render.render_hands` and the local mesh image with :func:`hands.render.crop_local`, draws a
 prompt from a seeded :class:`generator.prompts.PromptBank`, and runs the generator. The returned
 :class:`hands.sample.HandBatch` holds the generated RGB images and *exactly the labels that were rendered*
@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from generator.prompts import PromptBank
-from hands.camera import apply_affine, bbox_crop_affine, scale_bbox, square_bbox, transform_intrinsics
+from generator.framing import window_boxes
+from hands.camera import apply_affine, bbox_crop_affine, transform_intrinsics
 from hands.render import crop_local, render_hands
 from hands.sample import Camera, HandBatch, HandLabels
 
@@ -64,14 +65,15 @@ def _warp_hand(hand: HandLabels, affine: Tensor) -> HandLabels:
     )
 
 
-def frame_labels(labels: HandBatch, size: int, extend: float = 1.5) -> HandBatch:
-    """Re-frame a label batch on a (size, size) square window around both hands.
+def frame_labels(labels: HandBatch, size: int, extend: float = 1.5, framing: str = "frame") -> HandBatch:
+    """Re-frame a label batch on a (size, size) square window (:func:`generator.framing.window_boxes`).
 
-    labels: HandBatch whose image fixes the source image size; the window is the union of the valid hand
-    boxes made square and grown by ``extend``. Camera-space labels are unchanged; ``camera.K``,
+    labels: HandBatch whose image fixes the source image size; framing ``"frame"``: the window is the whole
+    source image, squared about its centre (the paper's global image); ``"hands"``: the union of the valid
+    hand boxes made square and grown by ``extend``. Camera-space labels are unchanged; ``camera.K``,
     ``joints_img`` and ``bbox`` move to the window; the image becomes black (size, size).
     """
-    box = scale_bbox(square_bbox(hands_union_box(labels)), extend)
+    box = window_boxes(hands_union_box(labels), tuple(labels.image.shape[-2:]), framing, extend)
     affine = bbox_crop_affine(box, (size, size))  # (B, 2, 3), source pixels -> window pixels
     return dataclasses.replace(
         labels,
@@ -108,11 +110,16 @@ class SyntheticSource:
         generator: an :class:`ImageGenerator` (AttentionHandPipeline or a baseline).
         faces_right, faces_left: (F, 3) mesh faces of the hand model the labels were made with.
         size: generator resolution S (square images), e.g. 512 for SD 1.5, 64 for the tiny generator.
-        local_size: local mesh image size (default S); use_local: pass local mesh images to the generator.
-        extend: window = union of the hand boxes, squared, grown by this factor.
+        use_local: pass local mesh images to the generator; off by default: the generated images are the
+            global branch's, the reference's inference samples that branch only, and the global images do not
+            depend on the local rows (tests/test_mixing_source.py), so the local branch would only double the
+            generator's batch.
+        framing: the global window, ``"frame"`` (the whole source image, the paper's) or ``"hands"`` (the union
+            of the hand boxes, squared, grown by ``extend``), see :mod:`generator.framing`.
         local_scale: the local crop's square hand box is grown by this factor.
-        extend and local_scale default to the framing ``python -m generator.train`` trains with, so the
-        generator sees at sampling the conditions it learned from.
+        framing, extend and local_scale must be those the generator was trained with (its config's
+        ``framing`` / ``extend``; :func:`mixing.build.build_source` passes them), so the generator sees at
+        sampling the conditions it learned from.
         prompts: the prompt bank; seed, rank: random streams; device: where everything runs.
         sampling: extra keyword arguments for the generator call (num_inference_steps, guidance_scale, ...).
     """
@@ -125,7 +132,8 @@ class SyntheticSource:
         faces_right: Tensor,
         faces_left: Tensor,
         size: int,
-        use_local: bool = True,
+        use_local: bool = False,
+        framing: str = "frame",
         extend: float = 1.5,
         local_scale: float = 1.0,
         prompts: PromptBank | None = None,
@@ -141,6 +149,7 @@ class SyntheticSource:
         self.faces_left = faces_left.to(self.device)
         self.size = int(size)
         self.use_local = use_local
+        self.framing = framing
         self.extend = extend
         self.local_scale = local_scale
         self.prompts = prompts or PromptBank()
@@ -152,8 +161,9 @@ class SyntheticSource:
     def _stream_seed(self, call: int) -> int:
         return (self.seed * 1_000_003 + self.rank * 7_919 + call) % (2**63 - 1)
 
-    def render_conditions(self, framed: HandBatch) -> tuple[Tensor, Tensor]:
-        """Global and local mesh images, (B, 3, S, S) each, of a framed label batch."""
+    def render_conditions(self, framed: HandBatch, local: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Global and local mesh images, (B, 3, S, S) each, of a framed label batch (local None when not
+        ``local``)."""
         rendered = render_hands(
             framed.right.verts_cam,
             framed.left.verts_cam,
@@ -164,8 +174,9 @@ class SyntheticSource:
             right_valid=framed.right.valid,
             left_valid=framed.left.valid,
         )
-        local = crop_local(rendered.image, hands_union_box(framed), self.size, scale=self.local_scale)
-        return rendered.image, local
+        if not local:
+            return rendered.image, None
+        return rendered.image, crop_local(rendered.image, hands_union_box(framed), self.size, scale=self.local_scale)
 
     def generate(self, n: int, *, call: int | None = None) -> HandBatch:
         """``n`` new samples on the device: generated images + the labels they were generated from.
@@ -177,8 +188,8 @@ class SyntheticSource:
             self._calls += 1
         host_gen = torch.Generator().manual_seed(self._stream_seed(call))
         labels = self.labels.draw(n, host_gen).to(self.device, non_blocking=True)
-        framed = keep_rendered_hands(frame_labels(labels, self.size, self.extend))
-        mesh_images, local_mesh_images = self.render_conditions(framed)
+        framed = keep_rendered_hands(frame_labels(labels, self.size, self.extend, self.framing))
+        mesh_images, local_mesh_images = self.render_conditions(framed, local=self.use_local)
         prompts = self.prompts.sample(n, host_gen)
         noise_seeds = torch.randint(2**62, (n,), generator=host_gen).tolist()
         generators = [torch.Generator(device=self.device).manual_seed(s) for s in noise_seeds]

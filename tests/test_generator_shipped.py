@@ -27,7 +27,8 @@ def meshes():
     from hands.mano import HandModel
 
     model = HandModel()
-    data = FramedDataset(build_dataset("synthlab", None, "test-wild", hand_model=model), 64)
+    cfg = load_config("tiny-synthlab")  # the framing it was trained in
+    data = FramedDataset(build_dataset("synthlab", None, "test-wild", hand_model=model), 64, cfg.extend, cfg.framing)
     return make_train_batch([data[i] for i in (0, 9, 18, 27)], model.faces_for("right"), model.faces_for("left"))
 
 

@@ -204,3 +204,79 @@ def test_from_scratch_flags_are_checked(env, tmp_path):
     with pytest.raises(ValueError, match="--size 30 must be a multiple"):
         train(parse_args(base[:4] + ["--size", "30", "--out", str(tmp_path), "--no-progress"]), hand_model=model)
     assert parse_args(["--config", "train-tiny"]).train_modules == "all"
+
+
+def test_tas_targets_on_a_hand_made_case():
+    """epsilon: the shifted latent against the drawn noise; residual: the noise the shifted latent holds, guarded
+    (rows whose shift term is too large train as without TAS, and are counted)."""
+    from generator.train import tas_training_target
+
+    x0 = torch.tensor([1.0, -2.0, 0.5, 0.0]).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
+    eps = torch.tensor([0.3, 0.1, -0.4, 1.0]).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
+    alphas = torch.tensor([0.64, 0.64]).view(2, 1, 1, 1)  # sqrt 0.8, sqrt(1 - abar) 0.6
+    x_t = 0.8 * x0 + 0.6 * eps
+    delta = torch.zeros_like(x0)
+    delta[0] = 0.06  # shift term 0.06 / 0.6 = 0.1 (kept); row 1: 1.2 / 0.6 = 2 (guarded at 1)
+    delta[1] = 1.2
+    x_hat = x_t + delta
+    inp, target, guarded = tas_training_target("epsilon", x_hat, x_t, x0, eps, alphas)
+    assert torch.equal(inp, x_hat) and torch.equal(target, eps) and int(guarded) == 0
+    inp, target, guarded = tas_training_target("residual", x_hat, x_t, x0, eps, alphas, residual_max=1.0)
+    torch.testing.assert_close(target[0], eps[0] + 0.1)
+    torch.testing.assert_close(target[0], (x_hat[0] - 0.8 * x0[0]) / 0.6)  # the paper's residual noise
+    assert torch.equal(inp[0], x_hat[0]) and torch.equal(inp[1], x_t[1]) and torch.equal(target[1], eps[1])
+    assert int(guarded) == 1
+    with pytest.raises(ValueError, match="epsilon, residual"):
+        tas_training_target("x0", x_hat, x_t, x0, eps, alphas)
+
+
+def test_epsilon_target_moves_the_x0_prediction_along_the_tas_shift(env, batch):
+    """First order: a denoiser that meets its target at the shifted latent x_hat = x_t + delta predicts
+    x0_hat = (x_hat - sqrt(1 - abar) eps_hat) / sqrt(abar). With the epsilon target that is x0 + delta / sqrt(abar):
+    the TAS shift (a real one, from apply_tas on the tiny generator) reaches the denoised image; with the residual
+    target it is x0: the shift is undone."""
+    from generator.tagging import hand_token_indices
+    from generator.text_attention import AttentionStore, apply_tas, cross_attention_layers, recording
+    from generator.train import tas_training_target
+
+    _, _, config = env
+    c = build_components(load_config(config))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 4, 4, generator=g)
+    eps = torch.randn(2, 4, 4, 4, generator=g)
+    t = torch.tensor([400, 400])
+    x_t = c.scheduler.add_noise(x0, eps, t)
+    text = c.encode_prompts(batch.prompts, "cpu")
+    tokens = [hand_token_indices(p, c.tokenizer) for p in batch.prompts]
+    assert all(tokens)
+    store = AttentionStore(cross_attention_layers(c.unet, (4, 4), (2, 2)), (2, 2))
+    with recording(c.unet, store):
+        x_hat, _ = apply_tas(c.unet, store, x_t, t, text, tokens, [2000.0])
+    delta = x_hat - x_t
+    assert delta.abs().amax() > 0
+    abar = c.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    for kind, expected in (("epsilon", x0 + delta / abar.sqrt()), ("residual", x0)):
+        inp, target, _ = tas_training_target(kind, x_hat, x_t, x0, eps, abar, residual_max=float("inf"))
+        x0_hat = (inp - (1 - abar).sqrt() * target) / abar.sqrt()
+        torch.testing.assert_close(x0_hat, expected, atol=1e-5, rtol=1e-5)
+    moved = (x0 + delta / abar.sqrt() - x0).flatten()
+    assert torch.nn.functional.cosine_similarity(moved, delta.flatten(), dim=0) > 0.999
+
+
+def test_trainer_takes_the_target_and_the_mesh_dropout(env, batch):
+    _, _, config = env
+    components = build_components(load_config(config))
+    totals = {}
+    for kind in ("epsilon", "residual"):
+        for updates in (0, 1):
+            trainer = GuidanceTrainer(components, tas_updates=updates, attention_downsample=2, tas_target=kind,
+                                      tas_residual_max=float("inf"))
+            totals[kind, updates] = trainer.loss(batch, step_generator(0, 3, "cpu"))[1]
+    assert torch.equal(totals["epsilon", 0].total, totals["residual", 0].total)  # no TAS: both are eps
+    assert not torch.equal(totals["epsilon", 1].total, totals["residual", 1].total)
+    dropped = GuidanceTrainer(components, tas_updates=0, attention_downsample=2, mesh_dropout=0.99)
+    assert not torch.equal(dropped.loss(batch, step_generator(0, 3, "cpu"))[1].total, totals["epsilon", 0].total)
+    with pytest.raises(ValueError, match="--tas-target"):
+        GuidanceTrainer(components, tas_target="x0")
+    with pytest.raises(ValueError, match="--mesh-dropout"):
+        GuidanceTrainer(components, mesh_dropout=1.0)

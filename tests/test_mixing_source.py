@@ -49,9 +49,10 @@ def test_generated_batch_has_images_and_framed_labels(source):
                 assert (hand.joints_img[i] > -1).all() and (hand.joints_img[i] < 33).all()
 
 
-def test_rerendering_the_labels_gives_the_conditioning_image(source):
+@pytest.mark.parametrize("framing", ["frame", "hands"])
+def test_rerendering_the_labels_gives_the_conditioning_image(source, framing):
     labels = source.labels.draw(2, torch.Generator().manual_seed(11))
-    framed = frame_labels(labels, source.size, source.extend)
+    framed = frame_labels(labels, source.size, source.extend, framing)
     mesh_images, local = source.render_conditions(framed)
     again = render_hands(framed.right.verts_cam, framed.left.verts_cam, source.faces_right, source.faces_left,
                          framed.camera.K, (32, 32), right_valid=framed.right.valid, left_valid=framed.left.valid)
@@ -100,3 +101,56 @@ def test_dataset_labels_come_without_images_and_match_the_mesh(tmp_path, hand_mo
                 idx = int(batch.meta[i]["id"])
                 ref = getattr(reader[[r["aid"] for r in reader.records].index(idx)], side).joints_cam
                 torch.testing.assert_close(hand.joints_cam[i], ref, atol=1e-4, rtol=0)
+
+
+def test_frame_framing_is_the_whole_source_image_resized(source):
+    """framing "frame" (the paper's global image): the window is the whole source frame, so the labels' pixel
+    coordinates are the source's scaled by S / source size; "hands" zooms in on the hands."""
+    labels = source.labels.draw(2, torch.Generator().manual_seed(5))
+    framed = frame_labels(labels, 32, framing="frame")
+    scale = 32 / labels.image.shape[-1]
+    for side in ("right", "left"):
+        a, b = getattr(labels, side), getattr(framed, side)
+        for i in range(2):
+            if bool(a.valid[i]):
+                torch.testing.assert_close(b.joints_img[i], (a.joints_img[i] + 0.5) * scale - 0.5, atol=1e-3, rtol=0)
+    zoomed = frame_labels(labels, 32, 1.5, "hands")
+    assert (hands_union_box(zoomed)[:, 2:] - hands_union_box(zoomed)[:, :2]).amin() > \
+        (hands_union_box(framed)[:, 2:] - hands_union_box(framed)[:, :2]).amin()
+    with pytest.raises(ValueError, match="frame, hands"):
+        frame_labels(labels, 32, framing="scene")
+
+
+class _Recorder:
+    """An ImageGenerator that records what it is given."""
+
+    def __init__(self, pipe):
+        self.pipe, self.calls = pipe, []
+
+    def __call__(self, mesh_images, local_mesh_images, prompts, *, generator, **kwargs):
+        self.calls.append(local_mesh_images)
+        return self.pipe(mesh_images, local_mesh_images, prompts, generator=generator, **kwargs)
+
+
+def test_sampling_runs_the_global_branch_only_with_the_same_global_images_at_half_the_rows(source):
+    """The local branch's images are thrown away and the global images do not depend on it: the source samples
+    the global branch only (the reference's inference), at half the UNet rows, with bit-identical images."""
+    recorder = _Recorder(source.generator)
+
+    def fresh(use_local):
+        return SyntheticSource(labels=source.labels, generator=recorder, faces_right=source.faces_right,
+                               faces_left=source.faces_left, size=32, seed=3, use_local=use_local,
+                               sampling={"num_inference_steps": 2})
+
+    rows = []
+    unet = source.generator.unet
+    handle = unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        default = fresh(False).generate(2)
+        with_local = fresh(True).generate(2)
+    finally:
+        handle.remove()
+    assert recorder.calls[0] is None and recorder.calls[1] is not None
+    assert torch.equal(default.image, with_local.image)  # bit-identical global images
+    assert rows[0] * 2 == rows[-1] and rows[0] == 2 * 2  # classifier-free guidance x2, 2 samples; x2 with local
+    assert SyntheticSource.__init__.__kwdefaults__["use_local"] is False
