@@ -401,6 +401,9 @@ class GenerationEvaluator:
         crop_size, crop_scale: hand crops for FID-H / KID-H (see :func:`hand_crops`).
         kid_subsets, kid_subset_size: KID's subsets (clipped to the set sizes).
         mse2d_unit: "px" (squared pixels) or "normalized" (x / W, y / H); mse3d_unit: "mm" or "cm".
+        silhouette_scorer: ``(images, batch) -> (B,)`` alignment scores in [0, 1] (optional; e.g.
+            :class:`generator.segmenter.SilhouetteScore`, the IoU of a hand segmenter's mask with the labels'
+            mesh silhouette: the embedded stand-in for MSE-2D / MSE-3D); reported as "SilhouetteIoU".
         match_sides: match the detector's two hands to the labelled hands by position (per image, the side
             assignment as given or swapped with more matched hands, then the lower error) instead of
             trusting its handedness; MediaPipe's handedness is often wrong on generated hands.
@@ -423,6 +426,7 @@ class GenerationEvaluator:
         mse2d_unit: str = "px",
         mse3d_unit: str = "mm",
         match_sides: bool = True,
+        silhouette_scorer: Callable[[Tensor, HandBatch], Tensor] | None = None,
     ) -> None:
         if mse2d_unit not in ("px", "normalized"):
             raise ValueError(f"mse2d_unit={mse2d_unit!r}: expected 'px' or 'normalized'")
@@ -435,6 +439,7 @@ class GenerationEvaluator:
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.mse2d_unit, self.mse3d_unit = mse2d_unit, mse3d_unit
         self.match_sides = match_sides
+        self.silhouette_scorer = silhouette_scorer
         self.reset()
 
     def reset(self) -> None:
@@ -445,6 +450,8 @@ class GenerationEvaluator:
         self._mse2d_count = 0
         self._mse3d_sum = 0.0
         self._mse3d_count = 0
+        self._silhouette_sum = 0.0
+        self._silhouette_count = 0
 
     def _add_features(self, key: str, images: Tensor, batch: HandBatch | None) -> None:
         _check_images(images)
@@ -469,6 +476,10 @@ class GenerationEvaluator:
             self._add_keypoints_2d(images, batch, present)
         if self.joint_regressor is not None:
             self._add_joints_3d(images, batch, present)
+        if self.silhouette_scorer is not None:
+            scores = torch.as_tensor(self.silhouette_scorer(images, batch), dtype=torch.float64).reshape(-1)
+            self._silhouette_sum += float(scores.sum())
+            self._silhouette_count += int(scores.numel())
 
     def _add_keypoints_2d(self, images: Tensor, batch: HandBatch, present: Tensor) -> None:
         detections = self.keypoint_detector(images)
@@ -516,7 +527,8 @@ class GenerationEvaluator:
             self._mse3d_count += int(mask.sum())
 
     def compute(self) -> dict[str, float]:
-        """{"FID", "KID", "KID_std", "FID-H", "KID-H", "KID-H_std", "HandConf", "MSE-2D", "MSE-3D"} plus
+        """{"FID", "KID", "KID_std", "FID-H", "KID-H", "KID-H_std", "HandConf", "MSE-2D", "MSE-3D",
+        "SilhouetteIoU"} plus
         counts ("num_real", "num_generated", "num_real_hands", "num_generated_hands"); a metric without
         its inputs (no detector, fewer than 2 samples) is NaN."""
         results: dict[str, float] = {}
@@ -533,6 +545,7 @@ class GenerationEvaluator:
         results["HandConf"] = self._conf_sum / self._conf_count if self._conf_count else math.nan
         results["MSE-2D"] = self._mse2d_sum / self._mse2d_count if self._mse2d_count else math.nan
         results["MSE-3D"] = self._mse3d_sum / self._mse3d_count if self._mse3d_count else math.nan
+        results["SilhouetteIoU"] = self._silhouette_sum / self._silhouette_count if self._silhouette_count else math.nan
         results["num_real"] = sum(f.shape[0] for f in self._features["real"])
         results["num_generated"] = sum(f.shape[0] for f in self._features["fake"])
         results["num_real_hands"] = sum(f.shape[0] for f in self._features["real_hand"])

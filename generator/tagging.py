@@ -5,9 +5,16 @@ hand / hands / finger / fingers / gesture. Every BPE token of such a word is ret
 77-token CLIP sequence with the start token at position 0 (the reference code used word indices shifted by one
 as token positions; that defect is not reproduced).
 
-Offline by construction: POS tags come from NLTK's averaged-perceptron tagger only when its data is already
-installed (`nltk.data.find`, never `nltk.download`), otherwise from textblob's PatternTagger, which ships its
-own lexicon. Words are split with a regex, so no punkt data is needed either.
+One tagger, the same on every machine: textblob's PatternTagger (pattern's Brill-style lexicon tagger), whose
+lexicon ships inside the textblob wheel, so it needs no data download and gives the same tags wherever the
+package installs. NLTK's perceptron tagger is not used even where its data happens to be installed (it tags some
+words differently, so tags would depend on the machine). Words are split with a regex (no punkt data either).
+
+False positives of the VBG rule: a gerund that is part of a noun compound ("living room", "dining table") is
+tagged VBG but names no hand action; `NOUN_COMPOUNDS` lists such compounds, and their -ing word is not
+hand-related when the compound's noun follows it. In the project's prompt banks (generator.prompts, synthlab's
+captions) "living" in "living room" is the only one (all the other VBG words are hand actions: checked by
+tests/test_generator_text.py).
 """
 from __future__ import annotations
 
@@ -22,49 +29,53 @@ HAND_TAGS = frozenset({"VBG"})
 _WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*|\d+|(?:[^\w\s]|_)+", re.UNICODE)
 
 
+# gerund + noun compounds whose -ing word the VBG rule would take for a hand action
+NOUN_COMPOUNDS = frozenset({
+    ("living", "room"), ("dining", "room"), ("dining", "table"), ("waiting", "room"), ("sitting", "room"),
+    ("washing", "machine"), ("sewing", "machine"), ("swimming", "pool"), ("parking", "lot"),
+    ("shopping", "mall"), ("shopping", "bag"), ("cutting", "board"), ("ironing", "board"), ("frying", "pan"),
+    ("rolling", "pin"), ("sleeping", "bag"), ("climbing", "wall"), ("boxing", "ring"), ("changing", "room"),
+})
+
+
 @lru_cache(maxsize=1)
-def _tagger():
-    """A function words -> tags; NLTK's perceptron tagger when its data is installed, else textblob's."""
-    import nltk
-
-    for resource, lang in (("taggers/averaged_perceptron_tagger_eng", "eng"),
-                           ("taggers/averaged_perceptron_tagger", None)):
-        try:
-            nltk.data.find(resource)
-        except LookupError:
-            continue
-        from nltk.tag import PerceptronTagger
-
-        tagger = PerceptronTagger(lang=lang) if lang else PerceptronTagger()
-        return "nltk", lambda words: [tag for _, tag in tagger.tag(words)]
-
+def _pattern_tagger():
     from textblob.en.taggers import PatternTagger
 
-    pattern = PatternTagger()
+    return PatternTagger()
 
-    def tag_with_pattern(words: list[str]) -> list[str]:
-        # pattern re-tokenises a string; our words contain no spaces, so tokenize=False keeps them one-to-one.
-        tagged = pattern.tag(" ".join(words), tokenize=False)
-        if len(tagged) != len(words):
-            raise RuntimeError(f"textblob's tagger split {words!r} into {len(tagged)} tokens")
-        return [tag for _, tag in tagged]
 
-    return "textblob", tag_with_pattern
+def pos_tags(words: list[str]) -> list[str]:
+    """Penn Treebank tags of `words` (one per word) from textblob's PatternTagger."""
+    if not words:
+        return []
+    # pattern re-tokenises a string; our words contain no spaces, so tokenize=False keeps them one-to-one.
+    tagged = _pattern_tagger().tag(" ".join(words), tokenize=False)
+    if len(tagged) != len(words):
+        raise RuntimeError(f"textblob's tagger split {words!r} into {len(tagged)} tokens")
+    return [tag for _, tag in tagged]
 
 
 def tagger_backend() -> str:
-    """'nltk' when NLTK's perceptron tagger data is installed, else 'textblob'."""
-    return _tagger()[0]
+    """The POS tagger used: always 'textblob' (its PatternTagger)."""
+    return "textblob"
 
 
 def hand_words(prompt: str) -> list[tuple[str, int, int, bool]]:
-    """The prompt's words (regex-split) as (word, start char, end char, is hand-related)."""
+    """The prompt's words (regex-split) as (word, start char, end char, is hand-related): a hand word, or a VBG
+    that is not the first word of a `NOUN_COMPOUNDS` compound."""
     matches = list(_WORD.finditer(prompt))
     if not matches:
         return []
-    tags = _tagger()[1]([m.group() for m in matches])
-    return [(m.group(), m.start(), m.end(), m.group().lower() in HAND_WORDS or tag in HAND_TAGS)
-            for m, tag in zip(matches, tags)]
+    words = [m.group() for m in matches]
+    tags = pos_tags(words)
+    lower = [w.lower() for w in words]
+    out = []
+    for i, (m, tag) in enumerate(zip(matches, tags)):
+        compound = i + 1 < len(lower) and (lower[i], lower[i + 1]) in NOUN_COMPOUNDS
+        is_hand = lower[i] in HAND_WORDS or (tag in HAND_TAGS and not compound)
+        out.append((m.group(), m.start(), m.end(), is_hand))
+    return out
 
 
 def hand_token_indices(prompt: str, tokenizer=None) -> list[int]:

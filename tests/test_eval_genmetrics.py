@@ -214,3 +214,24 @@ def test_detections_are_matched_to_the_labelled_hands_by_position():
     assert res[True]["HandConf"] == pytest.approx((0.9 + 0.6 + 0.7) / 3)
     assert res[False]["MSE-2D"] > 100.0
     assert res[False]["HandConf"] == pytest.approx((0.6 + 0.9 + 0.0) / 3)
+
+
+def test_silhouette_score_is_averaged_over_generated_images():
+    """The evaluator averages the scorer's per-image values ("SilhouetteIoU"); NaN without a scorer."""
+    batch = make_batch(["interacting"] * 4, size=32)
+    calls = []
+
+    def scorer(images, labels):
+        calls.append((images.shape[0], len(labels)))
+        return torch.tensor([1.0, 0.5, 0.0, 0.5])[: images.shape[0]]
+
+    ev = GenerationEvaluator(feature_extractor=TinyCNN().eval(), kid_subsets=2, kid_subset_size=2,
+                             silhouette_scorer=scorer)
+    ev.add_generated(batch.image, batch)
+    ev.add_generated(batch.image[:2], batch.select(slice(0, 2)))
+    res = ev.compute()
+    assert calls[0] == (4, 4)
+    assert res["SilhouetteIoU"] == pytest.approx((2.0 + 1.5) / 6)
+    plain = GenerationEvaluator(feature_extractor=TinyCNN().eval())
+    plain.add_generated(batch.image, batch)
+    assert math.isnan(plain.compute()["SilhouetteIoU"])

@@ -79,5 +79,37 @@ def test_prompt_without_hand_word_gives_empty_list():
     assert hand_token_indices("") == []
 
 
-def test_tagger_is_offline_and_known():
-    assert tagging.tagger_backend() in ("nltk", "textblob")
+def test_tagger_is_textblob_and_tags_the_same_without_nltk(monkeypatch):
+    """One tagger everywhere: the tags do not depend on whether NLTK (or its data) is importable."""
+    import sys
+
+    assert tagging.tagger_backend() == "textblob"
+    prompts = ["A man unscrewing a bottle with both hands.", "a person clasping hands in a cosy living room",
+               "two hands making a heart gesture under dim light"]
+    before = [tagging.hand_words(p) for p in prompts]
+    tagging._pattern_tagger.cache_clear()
+    monkeypatch.setitem(sys.modules, "nltk.tag", None)  # importing NLTK's tagger now fails
+    monkeypatch.setitem(sys.modules, "nltk.tag.perceptron", None)
+    try:
+        assert [tagging.hand_words(p) for p in prompts] == before
+    finally:
+        tagging._pattern_tagger.cache_clear()
+
+
+def test_living_room_is_not_a_hand_action_and_every_bank_word_is():
+    """The VBG rule's false positive in our prompts ('living' of 'living room') is excluded; every other VBG word
+    of the prompt banks and of synthlab's captions is a hand action."""
+    from generator import prompts as bank
+    from hands.datasets import synthlab
+
+    tagged = {w.lower() for w, _, _, hand in tagging.hand_words("a person clasping hands in a cosy living room") if hand}
+    assert tagged == {"clasping", "hands"}
+    texts = list(bank.PEOPLE + bank.ACTIONS + bank.SCENES + bank.LIGHTS)
+    texts += [a for v in synthlab.ACTIONS.values() for a in v]
+    texts += [g.format(side="left") for g in synthlab.GESTURE_PHRASES.values()]
+    texts += [f"in {s[1]} under {l[1]}" for s in synthlab.SCENES.values() for l in synthlab.LIGHTS.values()]
+    hand = {w.lower() for t in texts for w, _, _, h in tagging.hand_words(t) if h}
+    actions = {"clapping", "clasping", "counting", "crossing", "folding", "gesturing", "grasping", "holding",
+               "interlocking", "making", "moving", "pinching", "pointing", "pressing", "raising", "rubbing",
+               "showing", "touching", "waving"}
+    assert hand == actions | {"hand", "hands", "finger", "fingers", "gesture"}

@@ -1,0 +1,266 @@
+"""What TAS does to a generator: attention, L_TAS, images and silhouette alignment, with vs without TAS.
+
+    python -m generator.tas_effect --samples 16 --out docs/results          # the shipped generator
+    python -m generator.tas_effect --generator-config sd15 --sd-path /models/sd15 \\
+        --guidance-path runs/gen-sd15/guidance.safetensors --samples 16 --out runs/tas-effect
+
+For N meshes of a dataset split (synthlab test-wild by default, spread over the split; framed as the generator
+was trained, `generator.framing`) and their captions, the generator samples each image twice with the same seed:
+without TAS and with TAS on the first k denoising steps (`--tas-steps`, default the config's sampling.tas_steps,
+else 10; Attend-and-Excite's sampling: one latent update X <- X - alpha_i grad L_TAS before the guided step of
+each of the first k steps). The global branch only, as the reference's inference. Written to
+`DIR/tas-effect.json`:
+
+- `l_tas_with_tas`, `l_tas_without_tas`: L_TAS (Eq. 3) of the conditional cross-attention maps averaged over
+  heads, layers and denoising steps (the maps of Fig. 9), mean over samples;
+- `tas_update_loss_first`, `tas_update_loss_last`: with TAS, L_TAS before the first and the last update;
+- `attention_in_mask_with_tas`, `attention_in_mask_without_tas`: the share of each hand token's attention map
+  (normalised to sum 1 over the attention grid) that falls inside the global mesh silhouette downsampled to the
+  grid (each cell weighted by the fraction of its pixels on the silhouette), mean over hand tokens and samples;
+  `silhouette_area` is the share flat attention would give; `attention_in_mask_ratio` = with / without;
+- `image_change_in_mask`, `image_change_out_mask`: mean |image with TAS - image without| (RGB in [0, 1]) over the
+  pixels on / off the silhouette;
+- `silhouette_iou_with_tas`, `silhouette_iou_without_tas`, `silhouette_iou_real`: the alignment score of
+  `generator.segmenter` (IoU of the segmenter's hand mask with the mesh silhouette) on the generated images and,
+  as its ceiling, on the split's real images;
+- the settings (generator, steps, seeds, indices, prompts) and per-sample values.
+
+and `DIR/tas-effect.png`, a figure like the paper's Fig. 9: per sample, the mesh, the image and each hand token's
+attention map over it, a row without TAS and a row with TAS, the token's text above its column.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .segmenter import silhouettes
+from .text_attention import tas_loss_batch, token_mask
+
+
+def attention_in_mask(maps: Tensor, token_indices: Sequence[Sequence[int]], mesh_images: Tensor) -> Tensor:
+    """(B,) mean over each sample's hand tokens of the share of the token's attention inside the silhouette.
+
+    maps: (B, h, w, 77) attention maps; mesh_images: (B, 3, H, W) with H, W multiples of h, w. A token's map is
+    normalised to sum 1 over the (h, w) grid; each cell counts with the fraction of its pixels on the silhouette.
+    Samples without hand tokens get NaN."""
+    b, h, w, _ = maps.shape
+    coverage = F.adaptive_avg_pool2d(silhouettes(mesh_images).float(), (h, w))[:, 0].to(maps.device)  # (B, h, w)
+    shares = []
+    for i, tokens in enumerate(token_indices):
+        if not tokens:
+            shares.append(maps.new_tensor(float("nan")))
+            continue
+        m = maps[i][..., list(tokens)].float()  # (h, w, K)
+        m = m / m.sum(dim=(0, 1), keepdim=True).clamp_min(1e-12)
+        shares.append((m * coverage[i][..., None]).sum(dim=(0, 1)).mean())
+    return torch.stack(shares)
+
+
+def image_change(with_tas: Tensor, without: Tensor, mesh_images: Tensor) -> tuple[float, float]:
+    """Mean |with - without| (averaged over RGB) on the silhouettes' pixels and off them."""
+    diff = (with_tas.float() - without.float()).abs().mean(1, keepdim=True)
+    mask = silhouettes(mesh_images).to(diff.device)
+    inside = float(diff[mask].mean()) if mask.any() else float("nan")
+    outside = float(diff[~mask].mean()) if (~mask).any() else float("nan")
+    return inside, outside
+
+
+def _mean(values: Tensor) -> float:
+    values = values[~torch.isnan(values)]
+    return float(values.mean()) if values.numel() else float("nan")
+
+
+@torch.no_grad()
+def measure(pipe, mesh_images: Tensor, prompts: Sequence[str], *, tas_steps: int, num_inference_steps: int,
+            seed: int = 0, segmenter=None, real_images: Tensor | None = None, chunk: int = 8) -> dict:
+    """The with / without TAS comparison on (B, 3, S, S) mesh images and B prompts; sample i is seeded seed + i in
+    both runs. Returns the summary dict (see the module docstring) plus "per_sample" lists and "outputs"
+    (images and attention maps, with / without, for the figure)."""
+    device = mesh_images.device
+    runs = {}
+    for key, k in (("without", 0), ("with", tas_steps)):
+        images, maps, losses, tokens = [], [], [], []
+        for lo in range(0, len(prompts), chunk):
+            hi = min(lo + chunk, len(prompts))
+            gens = [torch.Generator(device=device).manual_seed(seed + i) for i in range(lo, hi)]
+            out = pipe(mesh_images[lo:hi], None, list(prompts[lo:hi]), generator=gens,
+                       num_inference_steps=num_inference_steps, tas_steps=k, return_attention=True)
+            images.append(out.images)
+            maps.append(out.attention_maps)
+            tokens += out.token_indices
+            if out.tas_losses is not None:
+                losses.append(out.tas_losses)  # (k, rows)
+        runs[key] = {"images": torch.cat(images), "maps": torch.cat(maps), "tokens": tokens,
+                     "tas_losses": torch.cat(losses, 1) if losses else None}
+    tokens = runs["without"]["tokens"]
+    mask = token_mask(tokens, device)
+    has = torch.tensor([bool(t) for t in tokens], device=device)
+    summary, per_sample = {}, {}
+    for key in ("with", "without"):
+        r = runs[key]
+        l_tas = tas_loss_batch(r["maps"], mask)
+        share = attention_in_mask(r["maps"], tokens, mesh_images)
+        summary[f"l_tas_{key}_tas"] = _mean(torch.where(has, l_tas, torch.full_like(l_tas, float("nan"))))
+        summary[f"attention_in_mask_{key}_tas"] = _mean(share)
+        per_sample[f"attention_in_mask_{key}_tas"] = [round(float(v), 5) for v in share]
+        per_sample[f"l_tas_{key}_tas"] = [round(float(v), 5) for v in l_tas]
+    summary["attention_in_mask_ratio"] = summary["attention_in_mask_with_tas"] / max(
+        summary["attention_in_mask_without_tas"], 1e-12)
+    summary["silhouette_area"] = float(silhouettes(mesh_images).float().mean())
+    with_losses = runs["with"]["tas_losses"]
+    if with_losses is not None:
+        summary["tas_update_loss_first"] = float(with_losses[0][has].mean())
+        summary["tas_update_loss_last"] = float(with_losses[-1][has].mean())
+    inside, outside = image_change(runs["with"]["images"], runs["without"]["images"], mesh_images)
+    summary["image_change_in_mask"], summary["image_change_out_mask"] = inside, outside
+    if segmenter is not None:
+        from .segmenter import silhouette_iou
+
+        for key in ("with", "without"):
+            scores = silhouette_iou(segmenter, runs[key]["images"], mesh_images)
+            summary[f"silhouette_iou_{key}_tas"] = float(scores.mean())
+            per_sample[f"silhouette_iou_{key}_tas"] = [round(float(v), 4) for v in scores]
+        if real_images is not None:
+            summary["silhouette_iou_real"] = float(silhouette_iou(segmenter, real_images, mesh_images).mean())
+    summary["per_sample"] = per_sample
+    summary["outputs"] = runs
+    return summary
+
+
+def figure(pipe, mesh_images: Tensor, prompts: Sequence[str], runs: dict, *, rows: Sequence[int], tas_steps: int,
+           tile: int = 160):
+    """Fig. 9-like PIL image: for each sample in `rows`, two rows (without TAS, with TAS); columns: mesh image,
+    generated image, then each hand token's attention map over the image (min-max normalised per map, jet).
+    Tiles are upsampled to `tile` px; the token's text is written above its column, the row's setting at left."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .figures import heat_overlay, to_pil, token_texts
+
+    try:
+        font = ImageFont.load_default(size=15)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    label_w, title_h, pad = 120, 22, 4
+    blocks = []
+    for i in rows:
+        tokens = runs["without"]["tokens"][i]
+        words = token_texts(pipe.tokenizer, prompts[i], tokens)
+        blocks.append((i, tokens, words))
+    cols = 2 + max(len(t) for _, t, _ in blocks)
+    width = label_w + cols * (tile + pad) + pad
+    caption_h = 20
+    height = sum(caption_h + title_h + 2 * (tile + pad) for _ in blocks) + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+
+    def up(image: Tensor) -> Tensor:
+        return F.interpolate(image[None].float(), size=(tile, tile), mode="bilinear", align_corners=False)[0]
+
+    y = pad
+    for i, tokens, words in blocks:
+        text = prompts[i] if len(prompts[i]) < 110 else prompts[i][:107] + "..."
+        draw.text((pad, y), f"sample {i}: {text}", fill=(0, 0, 0), font=font)
+        y += caption_h
+        for j, title in enumerate(["mesh", "image"] + words):
+            draw.text((label_w + j * (tile + pad) + 4, y), title, fill=(0, 0, 0), font=font)
+        y += title_h
+        for key, label in (("without", "w/o TAS"), ("with", f"w/ TAS ({tas_steps})")):
+            image, maps = runs[key]["images"][i], runs[key]["maps"][i]
+            tiles = [mesh_images[i], image] + [heat_overlay(image, maps[..., p]) for p in tokens]
+            draw.text((pad, y + tile // 2 - 8), label, fill=(0, 0, 0), font=font)
+            for j, t in enumerate(tiles):
+                canvas.paste(to_pil(up(t)), (label_w + j * (tile + pad), y))
+            y += tile + pad
+    return canvas
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .figures import mesh_from_dataset  # noqa: F401  (same framing helpers)
+    from .model import load_config
+    from .pipeline import AttentionHandPipeline
+    from .segmenter import load_segmenter
+    from .train import FramedDataset, make_train_batch, resolve_device
+
+    p = argparse.ArgumentParser(prog="python -m generator.tas_effect", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for tas-effect.json and tas-effect.png")
+    p.add_argument("--samples", type=int, default=16, help="meshes, spread over the split (16)")
+    p.add_argument("--generator-config", default="tiny-synthlab", help="tiny-synthlab (shipped) | tiny | sd15 | YAML")
+    p.add_argument("--sd-path", help="local Stable Diffusion 1.5 folder (diffusers layout)")
+    p.add_argument("--guidance-path", help="trained guidance weights")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dataset", default="synthlab")
+    p.add_argument("--data-root", help="dataset folder (default: the cached synthlab)")
+    p.add_argument("--split", default="test-wild")
+    p.add_argument("--size", type=int, help="resolution (default: the generator's)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the config's)")
+    p.add_argument("--tas-steps", type=int, help="TAS updates, first k steps (default: the config's, else 10)")
+    p.add_argument("--figure-samples", type=int, default=2, help="samples shown in the figure (2)")
+    p.add_argument("--segmenter", help="hand segmenter weights (default: the shipped one); 'none' skips the score")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    if args.samples < 1:
+        raise SystemExit("--samples must be >= 1")
+
+    overrides = list(args.overrides)
+    if args.sd_path:
+        overrides.append(f"sd_path={args.sd_path}")
+    if args.guidance_path:
+        overrides.append(f"guidance_path={args.guidance_path}")
+    gen_cfg = load_config(args.generator_config, overrides)
+    device = resolve_device(args.device)
+    pipe = AttentionHandPipeline.from_config(gen_cfg).to(device)
+    size = args.size or pipe.default_size
+    steps = args.steps or gen_cfg.sampling.num_inference_steps
+    tas_steps = args.tas_steps if args.tas_steps is not None else (gen_cfg.sampling.tas_steps or 10)
+    tas_steps = min(tas_steps, steps)
+
+    from hands.datasets import build_dataset
+    from hands.mano import HandModel
+
+    hand_model = HandModel()
+    data = FramedDataset(build_dataset(args.dataset, args.data_root, args.split, hand_model=hand_model), size,
+                         gen_cfg.extend, gen_cfg.framing)
+    n = min(args.samples, len(data))
+    indices = sorted({round(i * len(data) / n) for i in range(n)})
+    batch = make_train_batch([data[i] for i in indices], hand_model.faces_for("right"), hand_model.faces_for("left"),
+                             device=device)
+    segmenter = None if args.segmenter == "none" else load_segmenter(args.segmenter, device)
+    result = measure(pipe, batch.mesh, batch.prompts, tas_steps=tas_steps, num_inference_steps=steps,
+                     seed=args.seed, segmenter=segmenter, real_images=batch.rgb)
+    runs = result.pop("outputs")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shown = [i for i, t in enumerate(runs["without"]["tokens"]) if t][:max(args.figure_samples, 0)]
+    if shown:
+        figure(pipe, batch.mesh, batch.prompts, runs, rows=shown, tas_steps=tas_steps).save(out / "tas-effect.png")
+    result.update({
+        "generator_config": args.generator_config, "sd_path": gen_cfg.sd_path, "framing": gen_cfg.framing,
+        "dataset": args.dataset, "split": args.split, "indices": indices, "prompts": batch.prompts,
+        "size": size, "num_inference_steps": steps, "tas_steps": tas_steps,
+        "tas_schedule": {"kind": gen_cfg.sampling.tas_schedule, "scale": gen_cfg.sampling.tas_scale,
+                         "start": gen_cfg.sampling.tas_start, "end": gen_cfg.sampling.tas_end},
+        "guidance_scale": gen_cfg.sampling.guidance_scale, "seed": args.seed,
+        "segmenter": None if segmenter is None else dict(segmenter.meta),
+        "command": "python -m generator.tas_effect " + " ".join(argv if argv is not None else sys.argv[1:]),
+    })
+    from hands.paths import write_atomic
+
+    write_atomic(out / "tas-effect.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    keys = ("attention_in_mask_without_tas", "attention_in_mask_with_tas", "attention_in_mask_ratio",
+            "silhouette_area", "l_tas_without_tas", "l_tas_with_tas", "image_change_in_mask",
+            "image_change_out_mask", "silhouette_iou_without_tas", "silhouette_iou_with_tas", "silhouette_iou_real")
+    print(json.dumps({k: round(result[k], 4) for k in keys if k in result}))
+    print(f"wrote {out / 'tas-effect.json'}" + (f" and {out / 'tas-effect.png'}" if shown else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

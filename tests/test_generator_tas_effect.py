@@ -1,0 +1,79 @@
+"""generator.tas_effect and generator.segmenter: the measures on hand-made cases, and the command end to end on a
+random tiny generator (what it writes)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from generator.segmenter import HandSegmenter, iou, silhouette_iou, silhouettes
+from generator.tas_effect import attention_in_mask, image_change
+
+
+def test_attention_in_mask_weights_cells_by_silhouette_coverage():
+    mesh = torch.zeros(2, 3, 8, 8)
+    mesh[:, :, :4, :4] = 0.5  # the top-left quarter of the image = the top-left cell of a 2 x 2 grid
+    maps = torch.full((2, 2, 2, 77), 0.01)
+    maps[0, 0, 0, 5] = 0.07  # token 5 of sample 0: 7 / (7 + 1 + 1 + 1) of its map on the silhouette
+    maps[1, :, :, 3] = 0.02  # flat map: the silhouette's area, 1/4
+    maps[1, :, :, 4] = 0.02
+    share = attention_in_mask(maps, [[5], [3, 4]], mesh)
+    torch.testing.assert_close(share, torch.tensor([0.7, 0.25]))
+    assert torch.isnan(attention_in_mask(maps, [[], [3]], mesh)[0])
+
+
+def test_image_change_splits_on_the_silhouette():
+    mesh = torch.zeros(1, 3, 4, 4)
+    mesh[..., :2, :] = 1.0
+    a, b = torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
+    b[..., :2, :] = 0.3
+    b[..., 2:, :] = 0.1
+    inside, outside = image_change(a, b, mesh)
+    assert inside == pytest.approx(0.3) and outside == pytest.approx(0.1)
+
+
+def test_iou_and_the_segmenter_score():
+    a = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    b = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    a[0, :, :2] = True
+    b[0, :, :1] = True
+    torch.testing.assert_close(iou(a, b), torch.tensor([0.5, 1.0]))  # both empty: 1
+    seg = HandSegmenter(width=4)
+    with torch.no_grad():
+        for p in seg.parameters():
+            p.zero_()
+        seg.head[-1].bias.fill_(5.0)  # predicts "hand" everywhere
+    mesh = torch.zeros(1, 3, 8, 8)
+    mesh[..., :4, :] = 0.6
+    score = silhouette_iou(seg, torch.rand(1, 3, 8, 8), mesh)
+    torch.testing.assert_close(score, torch.tensor([0.5]))
+    assert silhouettes(mesh).sum() == 32
+
+
+def test_tas_effect_command_writes_the_measures_and_the_figure(tmp_path):
+    """On a random tiny generator with a tiny synthlab: every documented key, finite, and a PNG."""
+    from PIL import Image
+
+    from generator.segmenter import save_segmenter
+    from generator.tas_effect import main
+    from hands.datasets.synthlab import write_synthlab
+    from hands.mano import HandModel
+
+    root = write_synthlab(tmp_path / "synthlab", seed=1, sizes={"train-lab": 0, "test-lab": 0, "train-wild": 0,
+                                                                  "test-wild": 3},
+                          resolution=64, hand_model=HandModel(), show_progress=False)
+    save_segmenter(HandSegmenter(width=24), tmp_path / "seg.safetensors", {"width": 24})
+    rc = main(["--out", str(tmp_path / "out"), "--samples", "2", "--generator-config", "tiny", "--size", "64",
+               "--data-root", str(root), "--steps", "3", "--tas-steps", "2", "--segmenter",
+               str(tmp_path / "seg.safetensors"), "--device", "cpu"])
+    assert rc == 0
+    result = json.loads((tmp_path / "out" / "tas-effect.json").read_text())
+    for key in ("l_tas_with_tas", "l_tas_without_tas", "attention_in_mask_with_tas", "attention_in_mask_without_tas",
+                "image_change_in_mask", "image_change_out_mask", "silhouette_iou_with_tas",
+                "silhouette_iou_without_tas", "silhouette_iou_real", "silhouette_area", "tas_update_loss_first"):
+        assert isinstance(result[key], float) and result[key] == result[key], key
+    assert 0 <= result["attention_in_mask_without_tas"] <= 1 and result["tas_steps"] == 2
+    assert len(result["per_sample"]["attention_in_mask_with_tas"]) == 2
+    figure = Image.open(tmp_path / "out" / "tas-effect.png")
+    assert figure.width >= 4 * 160 and figure.height >= 2 * 2 * 160
