@@ -26,7 +26,8 @@ each of the first k steps). The global branch only, as the reference's inference
 - the settings (generator, steps, seeds, indices, prompts) and per-sample values.
 
 and `DIR/tas-effect.png`, a figure like the paper's Fig. 9: per sample, the mesh, the image and each hand token's
-attention map over it, a row without TAS and a row with TAS, the token's text above its column.
+attention map over it, a row without TAS and a row with TAS, the token's text above its column and each map's
+max / min ratio at its foot (the maps are min-max normalised for display).
 """
 from __future__ import annotations
 
@@ -137,8 +138,9 @@ def measure(pipe, mesh_images: Tensor, prompts: Sequence[str], *, tas_steps: int
 def figure(pipe, mesh_images: Tensor, prompts: Sequence[str], runs: dict, *, rows: Sequence[int], tas_steps: int,
            tile: int = 160):
     """Fig. 9-like PIL image: for each sample in `rows`, two rows (without TAS, with TAS); columns: mesh image,
-    generated image, then each hand token's attention map over the image (min-max normalised per map, jet).
-    Tiles are upsampled to `tile` px; the token's text is written above its column, the row's setting at left."""
+    generated image, then each hand token's attention map over the image (min-max normalised per map, jet; the
+    map's max / min ratio written at its foot, so a flat map does not look structured). Tiles are upsampled to
+    `tile` px; the token's text is written above its column, the row's setting at left."""
     from PIL import Image, ImageDraw, ImageFont
 
     from .figures import heat_overlay, to_pil, token_texts
@@ -177,6 +179,12 @@ def figure(pipe, mesh_images: Tensor, prompts: Sequence[str], runs: dict, *, row
             draw.text((pad, y + tile // 2 - 8), label, fill=(0, 0, 0), font=font)
             for j, t in enumerate(tiles):
                 canvas.paste(to_pil(up(t)), (label_w + j * (tile + pad), y))
+            for j, p in enumerate(tokens):  # the maps are min-max normalised: say how much they really vary
+                m = maps[..., p].float()
+                note = f"max/min {float(m.max() / m.min().clamp_min(1e-12)):.2f}"
+                x0 = label_w + (j + 2) * (tile + pad)
+                draw.rectangle((x0, y + tile - 19, x0 + tile - 1, y + tile - 1), fill=(255, 255, 255))
+                draw.text((x0 + 3, y + tile - 18), note, fill=(0, 0, 0), font=font)
             y += tile + pad
     return canvas
 
