@@ -11,9 +11,9 @@ checked on test-wild real images (docs/generator.md gives its IoU there: the sco
 images ignore the meshes scores about what the segmenter finds at random places; one that draws hands on the
 silhouettes approaches the real-image IoU.
 
-    python -m generator.segmenter --out generator/weights/hand-segmenter.safetensors     # ~2 min of one CPU thread
+    python -m generator.segmenter --out generator/weights/hand-segmenter.safetensors     # about 25 min on the shared 2-core machine under load, 600 steps
 
-The weights ship with the project (generator/weights/hand-segmenter.safetensors, 0.1 MB); metadata in the file:
+The weights ship with the project (generator/weights/hand-segmenter.safetensors, 0.4 MB); metadata in the file:
 the framing, size, steps, seed and the test-wild IoU.
 """
 from __future__ import annotations

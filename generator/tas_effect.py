@@ -23,11 +23,15 @@ each of the first k steps). The global branch only, as the reference's inference
 - `silhouette_iou_with_tas`, `silhouette_iou_without_tas`, `silhouette_iou_real`: the alignment score of
   `generator.segmenter` (IoU of the segmenter's hand mask with the mesh silhouette) on the generated images and,
   as its ceiling, on the split's real images;
+- `mesh_swap_change_in_mask`, `mesh_swap_change_out_mask`, `mesh_swap_ratio`: without TAS, the same seeds and
+  captions with the next sample's mesh images: mean |change| on the union of the two silhouettes and off it (do
+  the images follow the meshes?);
 - the settings (generator, steps, seeds, indices, prompts) and per-sample values.
 
 and `DIR/tas-effect.png`, a figure like the paper's Fig. 9: per sample, the mesh, the image and each hand token's
 attention map over it, a row without TAS and a row with TAS, the token's text above its column and each map's
-max / min ratio at its foot (the maps are min-max normalised for display).
+max / min ratio at its foot (the maps are min-max normalised for display); and `DIR/tas-effect-samples.png`:
+every measured sample as real image | mesh image | without TAS | with TAS.
 """
 from __future__ import annotations
 
@@ -80,7 +84,8 @@ def _mean(values: Tensor) -> float:
 
 @torch.no_grad()
 def measure(pipe, mesh_images: Tensor, prompts: Sequence[str], *, tas_steps: int, num_inference_steps: int,
-            seed: int = 0, segmenter=None, real_images: Tensor | None = None, chunk: int = 8) -> dict:
+            seed: int = 0, segmenter=None, real_images: Tensor | None = None, chunk: int = 8,
+            mesh_swap: bool = True) -> dict:
     """The with / without TAS comparison on (B, 3, S, S) mesh images and B prompts; sample i is seeded seed + i in
     both runs. Returns the summary dict (see the module docstring) plus "per_sample" lists and "outputs"
     (images and attention maps, with / without, for the figure)."""
@@ -130,6 +135,22 @@ def measure(pipe, mesh_images: Tensor, prompts: Sequence[str], *, tas_steps: int
             per_sample[f"silhouette_iou_{key}_tas"] = [round(float(v), 4) for v in scores]
         if real_images is not None:
             summary["silhouette_iou_real"] = float(silhouette_iou(segmenter, real_images, mesh_images).mean())
+    if mesh_swap and len(prompts) > 1:
+        # the same seeds and captions with the next sample's mesh images (rolled by one), without TAS: what
+        # changes should lie on the two samples' silhouettes
+        swapped_mesh = mesh_images.roll(1, 0)
+        images = []
+        for lo in range(0, len(prompts), chunk):
+            hi = min(lo + chunk, len(prompts))
+            gens = [torch.Generator(device=device).manual_seed(seed + i) for i in range(lo, hi)]
+            images.append(pipe(swapped_mesh[lo:hi], None, list(prompts[lo:hi]), generator=gens,
+                               num_inference_steps=num_inference_steps, tas_steps=0).images)
+        diff = (torch.cat(images).float() - runs["without"]["images"].float()).abs().mean(1, keepdim=True)
+        either = silhouettes(mesh_images) | silhouettes(swapped_mesh)
+        summary["mesh_swap_change_in_mask"] = float(diff[either].mean())
+        summary["mesh_swap_change_out_mask"] = float(diff[~either].mean())
+        summary["mesh_swap_ratio"] = summary["mesh_swap_change_in_mask"] / max(summary["mesh_swap_change_out_mask"],
+                                                                                1e-12)
     summary["per_sample"] = per_sample
     summary["outputs"] = runs
     return summary
@@ -186,6 +207,28 @@ def figure(pipe, mesh_images: Tensor, prompts: Sequence[str], runs: dict, *, row
                 draw.rectangle((x0, y + tile - 19, x0 + tile - 1, y + tile - 1), fill=(255, 255, 255))
                 draw.text((x0 + 3, y + tile - 18), note, fill=(0, 0, 0), font=font)
             y += tile + pad
+    return canvas
+
+
+def samples_grid(mesh_images: Tensor, real_images: Tensor, runs: dict, tile: int = 128, per_row: int = 2):
+    """PIL image of every measured sample: real image | mesh | without TAS | with TAS (tiles upsampled to
+    `tile` px, `per_row` samples side by side)."""
+    from PIL import Image
+
+    from .figures import to_pil
+
+    def up(image: Tensor) -> Tensor:
+        return F.interpolate(image[None].float(), size=(tile, tile), mode="bilinear", align_corners=False)[0]
+
+    n, pad = len(mesh_images), 4
+    rows = (n + per_row - 1) // per_row
+    block = 4 * (tile + pad) + 3 * pad
+    canvas = Image.new("RGB", (per_row * block + pad, rows * (tile + pad) + pad), (255, 255, 255))
+    for i in range(n):
+        r, c = divmod(i, per_row)
+        tiles = [real_images[i], mesh_images[i], runs["without"]["images"][i], runs["with"]["images"][i]]
+        for j, t in enumerate(tiles):
+            canvas.paste(to_pil(up(t)), (pad + c * block + j * (tile + pad), pad + r * (tile + pad)))
     return canvas
 
 
@@ -249,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = [i for i, t in enumerate(runs["without"]["tokens"]) if t][:max(args.figure_samples, 0)]
     if shown:
         figure(pipe, batch.mesh, batch.prompts, runs, rows=shown, tas_steps=tas_steps).save(out / "tas-effect.png")
+    samples_grid(batch.mesh, batch.rgb, runs).save(out / "tas-effect-samples.png")
     result.update({
         "generator_config": args.generator_config, "sd_path": gen_cfg.sd_path, "framing": gen_cfg.framing,
         "dataset": args.dataset, "split": args.split, "indices": indices, "prompts": batch.prompts,
@@ -264,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_atomic(out / "tas-effect.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     keys = ("attention_in_mask_without_tas", "attention_in_mask_with_tas", "attention_in_mask_ratio",
             "silhouette_area", "l_tas_without_tas", "l_tas_with_tas", "image_change_in_mask",
-            "image_change_out_mask", "silhouette_iou_without_tas", "silhouette_iou_with_tas", "silhouette_iou_real")
+            "image_change_out_mask", "silhouette_iou_without_tas", "silhouette_iou_with_tas", "silhouette_iou_real",
+            "mesh_swap_ratio")
     print(json.dumps({k: round(result[k], 4) for k in keys if k in result}))
     print(f"wrote {out / 'tas-effect.json'}" + (f" and {out / 'tas-effect.png'}" if shown else ""))
     return 0

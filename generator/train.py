@@ -4,10 +4,11 @@
     python -m generator.train --generator-config sd15 --sd-path /models/sd15 --size 512 --out runs/gen-sd15
 
 One step (paper §3, Eqs. 1-9; the reference code's recipe, shared/reference/FACTS.md §5):
-1. Frame every sample on a square window around both hands (the union of the valid hand boxes, squared, grown
-   by `extend`; the framing `mixing` uses for generation) resized to the generator size S: RGB and intrinsics
-   move together (`hands.datasets.transforms.crop`). The global mesh image is rendered from the sample's own
-   MANO meshes at the window's camera (`hands.render.render_hands`); the local RGB and local mesh image are
+1. Frame every sample on a square window (`generator.framing`): the whole image squared about its centre
+   (`--framing frame`, the default: the paper's global image) or the union of the valid hand boxes squared and
+   grown by `extend` (`--framing hands`), resized to the generator size S: RGB and intrinsics move together
+   (`hands.datasets.transforms.crop`). The global mesh image is rendered from the sample's own MANO meshes at
+   the window's camera (`hands.render.render_hands`); the local RGB and local mesh image are
    `hands.render.crop_local` of both around the union hand box in the window.
 2. x0 = VAE(RGB in [-1, 1]) * scaling_factor for the global AND the local image (the local latent from the local
    image, not the reference's global-latent defect), branch-stacked (global rows, then local rows).
@@ -15,9 +16,11 @@ One step (paper §3, Eqs. 1-9; the reference code's recipe, shared/reference/FAC
 4. TAS (Eq. 4): `tas_updates` latent updates x_t <- x_t - alpha_k grad L_TAS on the rows whose caption has hand
    tokens (the reference applies 50 at the training timestep, step 20 sqrt(linspace(1, 0.5, 50)[k]); the
    default here is 1 for CPU runs).
-5. The noise the network has to explain is the residual eps_hat = (x_hat - sqrt(abar_t) x0) / sqrt(1 - abar_t)
-   (equal to eps without TAS); pred = UNet(x_hat, t, K) + phi_g(x_hat, t, K, mesh) (Eq. 6).
-6. L = lambda_G MSE(pred_G, eps_hat_G) + lambda_L MSE(pred_L, eps_hat_L) (Eq. 9, 0.5 / 0.5 as the reference);
+5. The target at the TAS-shifted latent x_hat (`--tas-target`, `tas_training_target`): "epsilon" (default, the
+   reference code) the drawn eps; "residual" (the paper's prose) eps_hat = (x_hat - sqrt(abar_t) x0) /
+   sqrt(1 - abar_t), guarded against its heavy tail at small t (counted). pred = UNet(x_hat, t, K) +
+   phi_g(x_hat, t, K, mesh) (Eq. 6); `--mesh-dropout` trains some samples on black mesh images.
+6. L = lambda_G MSE(pred_G, target_G) + lambda_L MSE(pred_L, target_L) (Eq. 9, 0.5 / 0.5 as the reference);
    AdamW on phi_g's parameters only (UNet, VAE and text encoder are frozen), unless the tiny generator is
    trained from scratch (below).
 

@@ -71,9 +71,11 @@ def test_tas_effect_command_writes_the_measures_and_the_figure(tmp_path):
     result = json.loads((tmp_path / "out" / "tas-effect.json").read_text())
     for key in ("l_tas_with_tas", "l_tas_without_tas", "attention_in_mask_with_tas", "attention_in_mask_without_tas",
                 "image_change_in_mask", "image_change_out_mask", "silhouette_iou_with_tas",
-                "silhouette_iou_without_tas", "silhouette_iou_real", "silhouette_area", "tas_update_loss_first"):
+                "silhouette_iou_without_tas", "silhouette_iou_real", "silhouette_area", "tas_update_loss_first",
+                "mesh_swap_ratio"):
         assert isinstance(result[key], float) and result[key] == result[key], key
     assert 0 <= result["attention_in_mask_without_tas"] <= 1 and result["tas_steps"] == 2
     assert len(result["per_sample"]["attention_in_mask_with_tas"]) == 2
+    assert Image.open(tmp_path / "out" / "tas-effect-samples.png").width == 2 * (4 * 132 + 12) + 4
     figure = Image.open(tmp_path / "out" / "tas-effect.png")
     assert figure.width >= 4 * 160 and figure.height >= 2 * 2 * 160
