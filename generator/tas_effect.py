@@ -232,6 +232,17 @@ def samples_grid(mesh_images: Tensor, real_images: Tensor, runs: dict, tile: int
     return canvas
 
 
+def _shown_path(path: str | None) -> str | None:
+    """A path inside the repository as relative to its root (the JSON is committed), others as given."""
+    if path is None:
+        return None
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .figures import mesh_from_dataset  # noqa: F401  (same framing helpers)
     from .model import load_config
@@ -294,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         figure(pipe, batch.mesh, batch.prompts, runs, rows=shown, tas_steps=tas_steps).save(out / "tas-effect.png")
     samples_grid(batch.mesh, batch.rgb, runs).save(out / "tas-effect-samples.png")
     result.update({
-        "generator_config": args.generator_config, "sd_path": gen_cfg.sd_path, "framing": gen_cfg.framing,
+        "generator_config": args.generator_config, "sd_path": _shown_path(gen_cfg.sd_path), "framing": gen_cfg.framing,
         "dataset": args.dataset, "split": args.split, "indices": indices, "prompts": batch.prompts,
         "size": size, "num_inference_steps": steps, "tas_steps": tas_steps,
         "tas_schedule": {"kind": gen_cfg.sampling.tas_schedule, "scale": gen_cfg.sampling.tas_scale,
