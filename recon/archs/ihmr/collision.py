@@ -311,11 +311,12 @@ def collision_loss(
         low = {side: v.amin(dim=1) for side, v in verts.items()}  # (B, 3) boxes
         high = {side: v.amax(dim=1) for side, v in verts.items()}
     losses, depths = [], []
+    measure = [True] * batch if samples is None or torch.jit.is_tracing() else samples.tolist()  # one host sync
     for b in range(batch):
         # 0 with a gradient path (to nothing): a batch without contact still backpropagates
         loss_b = (right_verts[b, :1, :1].sum() + left_verts[b, :1, :1].sum()) * 0.0
         depth_b = right_verts.new_zeros(())
-        if samples is not None and not torch.jit.is_tracing() and not bool(samples[b]):  # tracing: all
+        if not measure[b]:
             losses.append(loss_b)
             depths.append(depth_b)
             continue

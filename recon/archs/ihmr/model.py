@@ -477,8 +477,8 @@ class IHMR(HandModelMixin, nn.Module):
         """The TwoHandOutput of decoded parameters (wrist-relative meshes; ``rel_root`` = the translation;
         2D joints in input pixels); ``extras`` are carried over, with ``params`` and ``decoded`` set."""
         height, width = extras["image_size"]
-        scale = torch.tensor([width / 2.0, height / 2.0], dtype=decoded.joints_2d.dtype, device=decoded.joints_2d.device)
-        joints_img = (decoded.joints_2d + 1.0) * scale  # (B, 42, 2) input pixels
+        unit = decoded.joints_2d + 1.0  # (B, 42, 2) in [0, 2]
+        joints_img = torch.stack([unit[..., 0] * (width / 2.0), unit[..., 1] * (height / 2.0)], -1)  # input pixels
         s = PARAM_SLICES
         params = decoded.params
         return TwoHandOutput(
@@ -524,9 +524,9 @@ class IHMR(HandModelMixin, nn.Module):
             gt = batch.hand(side)
             joints_3d.append(gt.joints_cam)
             weight_3d.append(gt.valid[:, None] & gt.joints_valid)
-            size = torch.tensor([width, height], dtype=gt.joints_img.dtype, device=gt.joints_img.device)
-            inside = ((gt.joints_img >= 0) & (gt.joints_img <= size)).all(-1)
-            joints_2d.append(2.0 * gt.joints_img / size - 1.0)
+            u, v = gt.joints_img[..., 0], gt.joints_img[..., 1]  # (B, 21) pixels
+            inside = (u >= 0) & (u <= width) & (v >= 0) & (v <= height)
+            joints_2d.append(torch.stack([2.0 * u / width - 1.0, 2.0 * v / height - 1.0], -1))
             weight_2d.append(gt.valid[:, None] & gt.joints_valid & inside)
             pose[side], shape[side] = gt.mano_pose, gt.mano_shape
             mano_valid[side] = gt.valid & gt.mano_valid
