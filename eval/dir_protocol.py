@@ -34,9 +34,18 @@ from hands.joints import MIDDLE_KNUCKLE, WRIST
 from hands.sample import HandBatch
 from hands.units import to_mm
 
-__all__ = ["DIR_TIP_VERTS", "dir_errors", "DIRProtocol"]
+__all__ = ["DIR_TIP_VERTS", "DIR_METRICS", "DIR_PUBLISHED", "dir_errors", "DIRProtocol"]
 
 DIR_TIP_VERTS = (745, 317, 444, 556, 673)  # apps/eval.py's Jr on official MANO (both hands)
+DIR_METRICS = ("DIR_MPVPE", "DIR_MPJPE", "DIR_root")
+# DIR's README (PengfeiRen96/DIR), millimetres, this protocol on IntagHand's preparation of the IH2.6M test set:
+# the numbers of the first release (commit 7b7bf48, 2023-09/10) and of the model updated on 2024-06-05 (e309457,
+# "We fixed some minor bugs"). The AttentionHand paper's Table 2 row "DIR" has IH2.6M MRRPE 28.98 = the first
+# root error.
+DIR_PUBLISHED = {
+    "DIR README (2023 release)": {"ih26m": {"DIR_MPVPE": 9.95, "DIR_MPJPE": 10.18, "DIR_root": 28.98}},
+    "DIR README (2024 model)": {"ih26m": {"DIR_MPVPE": 10.00, "DIR_MPJPE": 10.23, "DIR_root": 29.26}},
+}
 SIDES = ("right", "left")
 
 

@@ -45,6 +45,7 @@ The JSON (millimetres)::
      "steps_note": null | "why the runs of a seed trained different numbers of steps",
      "delta_wild_mpvpe_mean", "delta_wild_mpvpe_std", "delta_wild_ratio", "wild_test_set",   # with a test-wild set
      "paper": {"InterWild (paper)": {...}, ...} | null, "figure": {...} | null,
+     "own_protocol": {"name", "metrics", "mean", "std", "published"} | null,    # DIR: its own protocol
      "command", "git_commit", "git_dirty", "created", "wall_s"}
 
 Ratio keys are written as ``f"{r:g}"``; NaN (a metric with nothing to count) is written as null. The
@@ -714,6 +715,30 @@ def paper_method(arch: str) -> Optional[str]:
     return None
 
 
+def own_protocol(arch: str, results: dict, *, ratios, seeds, test_sets) -> Optional[dict]:
+    """A regressor's own published protocol beside the table (DIR's, :mod:`eval.dir_protocol`): our means and
+    spreads over seeds of its metrics ({"name", "metrics", "mean", "std"}) and its published numbers on the test
+    sets we share ("published": {row: {test set: {metric: mm}}}). None for a regressor without one."""
+    if arch != "dir":
+        return None
+    from eval.dir_protocol import DIR_METRICS, DIR_PUBLISHED
+
+    summary = summarize(results, ratios=ratios, seeds=seeds, test_sets=test_sets, metrics=DIR_METRICS)
+    published = {
+        row: {t: values[t] for t in test_sets if t in values}
+        for row, values in DIR_PUBLISHED.items()
+        if any(t in values for t in test_sets)
+    }
+    return {
+        "name": "DIR's own protocol (eval/dir_protocol.py: wrist root, GT bone-length rescale per hand; interacting "
+                "frames with both meshes)",
+        "metrics": list(DIR_METRICS),
+        "mean": summary["mean"],
+        "std": summary["std"],
+        "published": published,
+    }
+
+
 def wild_test_set(test_sets: Sequence[str]) -> Optional[str]:
     """The in-the-wild test split (``synthlab-test-wild``), None without one."""
     return next((key for key in test_sets if key.endswith("test-wild")), None)
@@ -811,6 +836,20 @@ def format_markdown(report: dict) -> str:
     if report.get("paper"):
         title += ", beside the paper's rows"
     lines += ["", to_markdown(table, title=title).rstrip()]
+
+    own = report.get("own_protocol")
+    if own:
+        own_columns = [(t, m) for t in tests for m in own["metrics"]]
+        lines += ["", f"{own['name']}, mean ± std over seeds:", "",
+                  "| Method | " + " | ".join(f"{DATASET_TITLES.get(t, t)} {m} ↓" for t, m in own_columns) + " |",
+                  "|" + "|".join(["---"] + ["---:"] * len(own_columns)) + "|"]
+        for ratio in ratios:
+            tag = ratio_tag(ratio)
+            cells = [_cell(num(own["mean"][tag][t][m]), num(own["std"][tag][t][m])) for t, m in own_columns]
+            lines.append(f"| {names[tag]}, ours | " + " | ".join(cells) + " |")
+        for row, values in own.get("published", {}).items():
+            cells = [_cell(num(values.get(t, {}).get(m)), math.nan) for t, m in own_columns]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
 
     lines += ["", "## Runs", "",
               "| run | r | seed | status | steps | train time | "
@@ -978,6 +1017,7 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         )
     report.update(
         paper=paper,
+        own_protocol=own_protocol(args.arch, results, ratios=args.ratio_list, seeds=args.seed_values, test_sets=tests),
         figure=figure,
         command="python -m recon.table2 " + shlex.join(argv),
         git_commit=version["git_commit"],

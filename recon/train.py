@@ -318,7 +318,7 @@ def lr_at(cfg: DictConfig, epoch: int, step: int = 0) -> float:
     if epoch < warmup:
         start = cfg.optim.get("warmup_start", 1e-3)
         factor = start + (1.0 - start) * epoch / warmup
-    if cfg.optim.schedule == "cosine":
+    if cfg.optim.get("schedule", "step") == "cosine":  # .get: hand-made configs without the key mean step decay
         if cfg.train.max_steps:
             progress = min(step, cfg.train.max_steps) / cfg.train.max_steps
             return factor * cfg.optim.lr * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -497,3 +497,28 @@ def test_torchrun_two_processes(mixed_run, tmp_path):
     assert "2 process(es)" in result.stdout
     meta = json.loads((out / "checkpoints" / "step_000002.json").read_text())
     assert meta["world_size"] == 2 and meta["arch"] == "dir"
+
+
+def test_table2_puts_the_papers_and_dirs_own_numbers_beside_ours(tmp_path, capsys, monkeypatch):
+    from recon import table2
+    from tests.test_table2 import _fake_finished_runs, _no_training
+
+    data = tmp_path / "data"
+    for name in ("ih26m", "hic", "reih"):
+        (data / name).mkdir(parents=True)
+    argv = ["--arch", "dir", "--seeds", "2", "--data-root", str(data), "--datasets", "ih26m",
+            "--test-datasets", "hic,reih,ih26m", "--out", str(tmp_path / "runs"), "--figure-samples", "0",
+            "--schedule", "epochs"]
+    values = {name: {"MPVPE": 20.0, "RRVE": 25.0, "MRRPE": 40.0} for name in ("hic", "reih")}
+    values["ih26m"] = {"MPVPE": 11.0, "RRVE": 17.0, "MRRPE": 29.0, "DIR_MPVPE": 10.5, "DIR_MPJPE": 10.7, "DIR_root": 29.5}
+    _fake_finished_runs(argv, {(r, s): values for r in (0.0, 0.3) for s in (0, 1)})
+    _no_training(monkeypatch)
+    assert table2.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| DIR (paper) | 21.89 | 26.11 | 43.11 |" in out  # the AttentionHand paper's Table 2 row
+    assert "| DIR (r=0), ours |" in out and "10.50 ± 0.00 | 10.70 ± 0.00 | 29.50 ± 0.00 |" in out
+    assert "| DIR README (2023 release) |" in out and "9.95 | 10.18 | 28.98 |" in out
+    report = json.loads((tmp_path / "runs" / "mini-table2.json").read_text())
+    own = report["own_protocol"]
+    assert own["metrics"] == ["DIR_MPVPE", "DIR_MPJPE", "DIR_root"] and own["mean"]["0.3"]["ih26m"]["DIR_root"] == 29.5
+    assert own["published"]["DIR README (2024 model)"] == {"ih26m": {"DIR_MPVPE": 10.0, "DIR_MPJPE": 10.23, "DIR_root": 29.26}}
