@@ -175,7 +175,7 @@ def save_checkpoint(
     _replace_atomically(json_tmp, json_path)
 
     if keep_last > 0:
-        for old in _complete_checkpoints(folder, run_id=run_id)[:-keep_last]:
+        for old in _complete_checkpoints(folder, run_id=run_id, by_run=True)[:-keep_last]:
             for path in (old, old.with_suffix(".safetensors"), old.with_name(old.stem + ".state.pt")):
                 path.unlink(missing_ok=True)  # the JSON first: a half-deleted checkpoint is never "complete"
     return json_path
@@ -189,10 +189,11 @@ def _run_id_of(sidecar: Path) -> Optional[str]:
     return meta.get("run_id") if isinstance(meta, dict) else None
 
 
-def _complete_checkpoints(folder: Path, run_id: Optional[str] = None) -> list[Path]:
-    """Sidecars in ``folder`` ordered by step (oldest first); with ``run_id``, only that run's."""
+def _complete_checkpoints(folder: Path, run_id: Optional[str] = None, by_run: bool = False) -> list[Path]:
+    """Sidecars in ``folder`` ordered by step (oldest first); with ``by_run``, only those of ``run_id`` (None:
+    the checkpoints that record no run)."""
     found = [(int(m.group(1)), p) for p in folder.glob("step_*.json") if (m := _NAME.match(p.name))]
-    if run_id is not None:
+    if by_run:
         found = [(step, p) for step, p in found if _run_id_of(p) == run_id]
     return [path for _, path in sorted(found)]
 
@@ -213,15 +214,15 @@ def _newest_in(folder: Path, run_folder: Path) -> Optional[Path]:
     if not found:
         return None
     run_id = _folder_run_id(run_folder)
-    if run_id is not None:
-        own = [path for path in found if _run_id_of(path) == run_id]
+    if run_id is not None:  # a checkpoint without a run id predates run ids: it counts as the folder's run's
+        own = [path for path in found if _run_id_of(path) in (run_id, None)]
         if not own:
             raise CheckpointError(
                 f"{folder}: no checkpoint of run {run_id} (recorded in {run_folder / 'run.json'}); "
                 "name a checkpoint file instead of the folder"
             )
         return own[-1]
-    runs = {_run_id_of(path) for path in found}
+    runs = {_run_id_of(path) for path in found} - {None}
     if len(runs) > 1:
         raise CheckpointError(
             f"{folder}: checkpoints of {len(runs)} different runs and no run.json naming one; name a checkpoint file"

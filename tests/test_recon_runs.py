@@ -188,3 +188,16 @@ def test_table2_restarts_an_attempt_killed_before_its_first_checkpoint_with_over
     assert _state_flags(run, "new") == [] and _state_flags(run, "resume") == ["--resume", "auto"]
     (run.folder / "config.yaml").write_text("seed: 0\n")  # killed after writing its config, before a checkpoint
     assert _state_flags(run, "new") == ["--overwrite"]
+
+
+def test_checkpoints_from_before_run_ids_stay_resumable(tmp_path):
+    folder = tmp_path / "checkpoints"
+    legacy = _save(folder, 4, None)
+    meta = json.loads(legacy.read_text())
+    assert meta["run_id"] is None
+    assert ckpt.find_checkpoint(tmp_path) == legacy  # no run.json: the one run there
+    # a resume of it records a new run id before writing its first checkpoint (then crashes): still found
+    (tmp_path / "run.json").write_text(json.dumps({"run_id": "fresh"}))
+    assert ckpt.find_checkpoint(tmp_path) == legacy
+    _save(folder, 6, "fresh")
+    assert ckpt.find_checkpoint(tmp_path).name == "step_000006.json"
