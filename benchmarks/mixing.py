@@ -19,6 +19,7 @@ from pathlib import Path
 from .common import RssSampler, mib
 
 _TRAINED = re.compile(r"trained (\d+) steps in ([0-9.]+) s")
+_GPU_PEAK = re.compile(r"peak GPU memory ([0-9.]+) MiB")
 _MIXING_KEYS = ("trainer_stall_s", "generator_busy_s", "images_per_s", "produced", "taken", "mean_reuse",
                 "stall_fraction_of_training")
 
@@ -32,9 +33,9 @@ class MixingSettings:
     overrides: list[str] = field(default_factory=list)  # extra KEY=VALUE for recon.train (e.g. mixing.max_reuse=8)
 
 
-def train_command(settings: MixingSettings, ratio: float, out: Path) -> list[str]:
-    return [sys.executable, "-m", "recon.train", "--synthetic-ratio", str(ratio), "--max-steps", str(settings.steps),
-            "--batch-size", str(settings.batch), "--seed", "0", "--device", "cpu", "--out", str(out),
+def train_command(settings: MixingSettings, ratio: float, out: Path, device: str = "cpu") -> list[str]:
+    return [sys.executable, "-m", "recon.train", "--synthetic-ratio", str(ratio), "--max-steps", str(settings.steps), "--epochs", "1000",
+            "--batch-size", str(settings.batch), "--seed", "0", "--device", str(device), "--out", str(out),
             "eval.at_end=false", "train.ckpt_every=1000000", "train.image_every=0", "train.log_every=1000000",
             *settings.overrides]
 
@@ -46,6 +47,9 @@ def _parse(text: str) -> dict:
         raise RuntimeError(f"recon.train printed no 'trained N steps in X s' line; its output ended with:\n{tail}")
     steps, loop_s = int(match.group(1)), float(match.group(2))
     result = {"steps": steps, "loop_s": loop_s}
+    peak = _GPU_PEAK.search(text)
+    if peak is not None:
+        result["gpu_peak_mib"] = float(peak.group(1))
     mixing = next((line for line in text.splitlines() if line.startswith("mixing: produced")), None)
     if mixing is not None:
         for key in _MIXING_KEYS:
@@ -55,12 +59,12 @@ def _parse(text: str) -> dict:
     return result
 
 
-def run_once(settings: MixingSettings, ratio: float, workdir: Path, tag: str) -> tuple[dict, int]:
+def run_once(settings: MixingSettings, ratio: float, workdir: Path, tag: str, device: str = "cpu") -> tuple[dict, int]:
     """One recon.train subprocess; (parsed figures, peak RSS bytes of the child)."""
     out = workdir / tag
     log = workdir / f"{tag}.log"
     with open(log, "w") as handle:
-        child = subprocess.Popen(train_command(settings, ratio, out), stdout=handle, stderr=subprocess.STDOUT,
+        child = subprocess.Popen(train_command(settings, ratio, out, device), stdout=handle, stderr=subprocess.STDOUT,
                                  cwd=Path(__file__).resolve().parent.parent)
         sampler = RssSampler(child.pid, interval=0.02).start()
         code = child.wait()
@@ -72,8 +76,9 @@ def run_once(settings: MixingSettings, ratio: float, workdir: Path, tag: str) ->
     return _parse(text), peak
 
 
-def run_p2(settings: MixingSettings) -> dict:
-    """Step time at `settings.ratio` over ratio 0, repetitions interleaved (0, r, r, 0, ...)."""
+def run_p2(settings: MixingSettings, device="cpu") -> dict:
+    """Step time at `settings.ratio` over ratio 0 on `device`, repetitions interleaved (0, r, r, 0, ...)."""
+    device = str(device)
     runs: dict[str, list[dict]] = {"mixed": [], "real_only": []}
     peaks = {"mixed": 0, "real_only": 0}
     ratios = {"mixed": settings.ratio, "real_only": 0.0}
@@ -82,7 +87,7 @@ def run_p2(settings: MixingSettings) -> dict:
         for rep in range(settings.repeats):
             order = ["real_only", "mixed"] if rep % 2 == 0 else ["mixed", "real_only"]
             for name in order:
-                result, peak = run_once(settings, ratios[name], Path(tmp), f"{name}_{rep}")
+                result, peak = run_once(settings, ratios[name], Path(tmp), f"{name}_{rep}", device)
                 runs[name].append(result)
                 peaks[name] = max(peaks[name], peak)
     step_s = {n: sorted(r["loop_s"] / r["steps"] for r in v) for n, v in runs.items()}
@@ -99,10 +104,13 @@ def run_p2(settings: MixingSettings) -> dict:
         "step_s": {n: [round(x, 4) for x in v] for n, v in step_s.items()},
         "stall_fraction": round(stall_median, 4), "stall_target": 0.01,
         "generator_busy_fraction": round(busy[len(busy) // 2], 4),
+        "steps_per_s": {n: round(1.0 / v, 3) for n, v in median.items()},
+        "gpu_peak_mib": {n: max(r.get("gpu_peak_mib", 0.0) for r in v) for n, v in runs.items()
+                         if any("gpu_peak_mib" in r for r in v)},
         "runs": runs,
         "peak_mib": {n: mib(b) for n, b in peaks.items()},
         "settings": {"synthetic_ratio": settings.ratio, "steps": settings.steps, "batch": settings.batch,
                      "repeats": settings.repeats, "profile": "demo", "arch": "baseline", "mix_mode": "online",
-                     "command": " ".join(train_command(settings, settings.ratio, Path("OUT"))[1:])},
+                     "device": device, "command": " ".join(train_command(settings, settings.ratio, Path("OUT"), device)[1:])},
         "wall_s": round(time.perf_counter() - started, 1),
     }

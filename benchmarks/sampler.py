@@ -4,10 +4,14 @@ Both pipelines share one set of modules (same weights): the CLIP text model, VAE
 our `GuidanceModule` wraps; DDIM, the same steps, batch, resolution, guidance 9.0 and starting noise, images
 returned as tensors. diffusers' pipeline has no local branch, so P1 gives both the global mesh image only.
 
-P1 times three variants, interleaved: diffusers' pipeline, ours as built (eager), and ours with its UNet and
-ControlNet wrapped in `torch.compile` (the compiled wrappers are private to our pipeline object: diffusers'
-pipeline keeps the eager modules). The ratio is the compiled variant's (compilation time reported separately,
-not timed: it is paid once per process and shape, and the mixing producer samples thousands of times).
+P1 times three variants, interleaved: diffusers' pipeline, ours as built (eager), and ours with the pipeline's
+own `optimize(compile=True)` (a second pipeline object over the same modules: the compiled wrappers are private
+to it, diffusers' pipeline keeps the eager modules). The ratio is the compiled variant's (compilation time
+reported separately, not timed: it is paid once per process and shape, and the mixing producer samples thousands
+of times).
+
+P5 (CUDA): an SD1.5-sized random-initialised generator (`SD15_SIZED`), our pipeline in fp32 and in the default
+mixing setting (`mixing.dtype=auto`: bf16 where supported, else fp16; channels-last), diffusers' pipeline in fp32.
 """
 from __future__ import annotations
 
@@ -21,6 +25,15 @@ from generator.pipeline import AttentionHandPipeline
 
 from .common import Timings, interleaved, mib
 
+# TinyArchitecture overrides of the same sizes as Stable Diffusion 1.5 (UNet 320/640/1280/1280 with 2 layers per
+# block, 8 heads, CLIP-L-sized 12-layer text model of width 768, VAE 128/256/512/512) with ControlNet's hint
+# encoder; random init: nothing is downloaded.
+SD15_SIZED = (
+    "tiny.unet_channels=[320,640,1280,1280]", "tiny.layers_per_block=2", "tiny.attention_heads=8",
+    "tiny.cross_attention_dim=768", "tiny.latent_size=64", "tiny.vae_channels=[128,256,512,512]",
+    "tiny.text_layers=12", "tiny.text_heads=12", "tiny.text_intermediate_size=3072",
+    "guidance_embedding_channels=[16,32,96,256]", "attention_downsample=4",
+)
 PROMPT = "a photo of two hands, the right hand and the left hand, realistic skin"
 
 
@@ -36,13 +49,14 @@ class SamplerSettings:
     tas_steps: int = 10
     repeats: int = 5
     compile: bool = True  # P1: time ours with torch.compile'd UNet + ControlNet as well
+    overrides: tuple[str, ...] = ()  # generator config overrides (SD15_SIZED)
 
 
 def build(settings: SamplerSettings, device: torch.device):
     """(our AttentionHandPipeline, diffusers' StableDiffusionControlNetPipeline) on `device`, same modules."""
     from diffusers import StableDiffusionControlNetPipeline
 
-    config = load_config(settings.config)
+    config = load_config(settings.config, list(settings.overrides))
     components = build_components(config).to(device)
     ours = AttentionHandPipeline.from_components(components, attention_downsample=config.attention_downsample,
                                                  sampling=config.sampling)
@@ -85,11 +99,8 @@ def run_p1(settings: SamplerSettings, device: torch.device) -> dict:
         reference = run_theirs()
         extra["max_abs_diff_eager"] = float((run_ours() - reference).abs().max())  # sanity: same images
         if settings.compile:
-            fast = AttentionHandPipeline(
-                tokenizer=components.tokenizer, text_encoder=components.text_encoder, vae=components.vae,
-                unet=torch.compile(components.unet), scheduler=components.scheduler,
-                guidance=torch.compile(components.guidance), attention_downsample=ours.attention_downsample,
-                sampling=ours.sampling)
+            fast = AttentionHandPipeline.from_components(components, attention_downsample=ours.attention_downsample,
+                                                         sampling=ours.sampling).optimize(compile=True)
 
             def run_fast():
                 return fast(mesh, None, prompts, num_inference_steps=settings.steps, guidance_scale=9.0,
@@ -124,6 +135,45 @@ def run_p3(settings: SamplerSettings, device: torch.device) -> dict:
     timings = interleaved({"tas": run(settings.tas_steps), "no_tas": run(0)}, settings.repeats, device)
     return _entry(timings, ratio=timings.median("tas") / timings.median("no_tas"), target=1.3,
                   higher_is_better=False, settings=settings, extra={"tas_steps": settings.tas_steps})
+
+
+def run_p5(settings: SamplerSettings, device: torch.device) -> dict:
+    """images/s of the SD1.5-sized generator in the default mixing setting (bf16 / fp16, channels-last) over fp32,
+    global + local branches as mixing samples; diffusers' pipeline (fp32, global only) timed beside it."""
+    import copy
+
+    from mixing.build import generator_dtype
+    from mixing.config import MixingConfig
+
+    ours, theirs, components = build(settings, device)
+    dtype = generator_dtype(MixingConfig(), device) or torch.float32
+    fast_components = copy.deepcopy(components)  # its own modules: the cast must not touch the fp32 ones
+    fast = AttentionHandPipeline.from_components(fast_components, attention_downsample=ours.attention_downsample,
+                                                 sampling=ours.sampling).optimize(dtype=dtype, channels_last=True,
+                                                                                  compile=settings.compile)
+    mesh, local = _mesh_images(settings, device)
+    prompts = [PROMPT] * settings.batch
+
+    def run(pipe):
+        def call():
+            g = [torch.Generator(device=device).manual_seed(i) for i in range(settings.batch)]
+            return pipe(mesh, local, prompts, num_inference_steps=settings.steps, guidance_scale=9.0, tas_steps=0,
+                        generator=g).images
+        return call
+
+    def run_theirs():
+        return theirs(prompt=prompts, image=mesh, num_inference_steps=settings.steps, guidance_scale=9.0,
+                      height=settings.size, width=settings.size, output_type="pt").images
+
+    with torch.inference_mode():
+        a, b = run(ours)(), run(fast)()
+        agreement = {"mean_abs_diff": float((a - b).abs().mean()), "max_abs_diff": float((a - b).abs().max())}
+        timings = interleaved({"fp32": run(ours), "default_mixing": run(fast), "diffusers_fp32_global": run_theirs},
+                              settings.repeats, device)
+    ips = {name: round(settings.batch / timings.median(name), 3) for name in timings.seconds}
+    return _entry(timings, ratio=ips["default_mixing"] / ips["fp32"], target=2.0, higher_is_better=True,
+                  settings=settings, extra={"images_per_s": ips, "dtype": str(dtype).replace("torch.", ""),
+                                            "agreement_vs_fp32": agreement, "overrides": list(settings.overrides)})
 
 
 def _entry(timings: Timings, *, ratio: float, target: float, higher_is_better: bool, settings: SamplerSettings,

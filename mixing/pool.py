@@ -74,6 +74,8 @@ class PoolStats:
     stall_s: float = 0.0
     prime_s: float = 0.0
     busy_s: float = 0.0
+    resident_bytes: int = 0  # the pool's samples in memory now (every chunk holding a live sample)
+    peak_resident_bytes: int = 0
     reuse_histogram: Counter = field(default_factory=Counter)  # reuse count at the time of drawing -> n
 
     def as_dict(self, wall_s: float | None = None) -> dict:
@@ -91,6 +93,8 @@ class PoolStats:
             "prime_s": self.prime_s,
             "generator_busy_s": self.busy_s,
             "images_per_s": self.produced / self.busy_s if self.busy_s > 0 else 0.0,
+            "pool_mib": self.resident_bytes / 2**20,
+            "pool_peak_mib": self.peak_resident_bytes / 2**20,
         }
         if wall_s:
             out["stall_fraction"] = self.stall_s / wall_s
@@ -106,6 +110,7 @@ class _Chunk:
         self.alive = [True] * len(batch)
         self.event = event  # a torch.cuda.Event on CUDA, else None
         self.streams: set = set()  # consumer streams its tensors are recorded on
+        self.nbytes = sum(t.nbytes for t in batch.tensors())
 
     def n_alive(self) -> int:
         return sum(self.alive)
@@ -212,6 +217,7 @@ class SamplePool:
                     if batch is not None and len(batch):
                         self._chunks.append(_Chunk(batch, event))
                         self._stats.produced += len(batch)
+                        self._count_memory()
                     self._lock.notify_all()
         except BaseException as exc:  # surfaced in the trainer by take()
             with self._lock:
@@ -227,6 +233,10 @@ class SamplePool:
         with self._lock:
             self._stats.dropped_nonfinite += n_bad
         return batch.select(finite) if n_bad < len(batch) else None
+
+    def _count_memory(self) -> None:  # under the lock
+        self._stats.resident_bytes = sum(c.nbytes for c in self._chunks)
+        self._stats.peak_resident_bytes = max(self._stats.peak_resident_bytes, self._stats.resident_bytes)
 
     # ------------------------------------------------------------------ consumer side
     def prime(self, n: int, timeout: float | None = None) -> float:
@@ -280,6 +290,7 @@ class SamplePool:
                         chunk.alive[p] = False
                         self._stats.evicted += 1
             self._chunks = [c for c in self._chunks if c.n_alive() > 0]
+            self._count_memory()
             self._stats.taken += n
             self._stats.stall_s += waited
             self._lock.notify_all()

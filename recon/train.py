@@ -672,7 +672,8 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
         final = save(epoch, start_batch)
     elif is_main:  # nothing trained since the last checkpoint this run wrote (or resumed from)
         final = ckpt.find_checkpoint(out / "checkpoints") if saved_step != resumed_step else resume_info.json_path
-    say(f"trained {step} steps in {train_time:.1f} s; checkpoint {final}")
+    peak = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""
+    say(f"trained {step} steps in {train_time:.1f} s; checkpoint {final}{peak}")
 
     if substituted:  # this process's count (each rank reads its own share)
         skip_report["train_samples_substituted"] = substituted

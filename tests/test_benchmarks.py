@@ -72,3 +72,36 @@ def test_parse_recon_train_output():
     assert _parse("trained 3 steps in 1.0 s; checkpoint c") == {"steps": 3, "loop_s": 1.0}
     with pytest.raises(RuntimeError, match="no 'trained N steps in X s' line"):
         _parse("Traceback ...\nValueError: boom\n")
+
+
+def test_a_failing_target_is_recorded_and_the_others_are_kept(tmp_path, restore_threads, monkeypatch):
+    import benchmarks.render
+    import benchmarks.sampler
+
+    def no_egl(settings, device):
+        raise RuntimeError("EGL: cannot open display\nmore detail")
+
+    fake_p3 = {"ratio": 1.2, "target": 1.3, "met": True, "better": "lower", "median_s": {"tas": 1.2, "no_tas": 1.0},
+               "peak_mib": {"tas": 1.0, "no_tas": 1.0}}
+    monkeypatch.setattr(benchmarks.render, "run_p4", no_egl)
+    monkeypatch.setattr(benchmarks.sampler, "run_p3", lambda settings, device: dict(fake_p3))
+    out = tmp_path / "cpu.json"
+    assert run.main(["--quick", "--only", "p4,p3", "--out", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert report["p3_tas"]["ratio"] == 1.2  # P3 ran first and is kept
+    assert report["p4_render"]["error"] == "RuntimeError: EGL: cannot open display" and report["p4_render"]["met"] is False
+    table = out.with_suffix(".md").read_text()
+    assert "| P4 mesh images: hands.render / moderngl (time) | - | <= 3.0 | failed | RuntimeError: EGL" in table
+
+
+def test_p2_runs_on_the_requested_device_and_reads_the_gpu_peak():
+    from pathlib import Path
+
+    from benchmarks.mixing import MixingSettings, train_command
+
+    command = train_command(MixingSettings(), 0.3, Path("out"), "cuda:0")
+    assert command[command.index("--device") + 1] == "cuda:0"
+    parsed = _parse("trained 200 steps in 20.0 s; checkpoint c; peak GPU memory 1234 MiB\n")
+    assert parsed == {"steps": 200, "loop_s": 20.0, "gpu_peak_mib": 1234.0}
+    assert run.parse_args(["--device", "cuda"]).only == ["p1", "p2", "p3", "p5", "p4"]
+    assert "p5" not in run.parse_args([]).only

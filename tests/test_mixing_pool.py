@@ -128,3 +128,24 @@ def test_a_generator_that_only_makes_nonfinite_images_fails_take_instead_of_hang
             pool.take(1, timeout=30)
         assert isinstance(info.value.__cause__, RuntimeError)
         assert pool.stats()["dropped_nonfinite"] == 10
+
+
+def test_the_pool_reports_the_memory_its_samples_hold():
+    one = fake_batch(0, 4)
+    chunk_mib = sum(t.nbytes for t in one.tensors()) / 2**20
+    calls = []
+
+    def two_chunks():  # then empty chunks: the pool cannot refill behind take()
+        calls.append(1)
+        if len(calls) > 2:
+            time.sleep(0.05)
+            return fake_batch(100, 1).select([])
+        return fake_batch(4 * len(calls), 4)
+
+    with SamplePool(two_chunks, capacity=8, max_reuse=1, seed=0) as pool:
+        pool.prime(8, timeout=10)
+        stats = pool.stats()
+        assert stats["pool_mib"] == pytest.approx(2 * chunk_mib)  # capacity 8 = two chunks of 4
+        pool.take(8, timeout=10)  # max_reuse 1: both chunks leave
+        stats = pool.stats()
+        assert stats["pool_peak_mib"] == pytest.approx(2 * chunk_mib) and stats["pool_mib"] == 0
