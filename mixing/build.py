@@ -77,7 +77,11 @@ def generator_dtype(cfg: MixingConfig, device: torch.device | str) -> torch.dtyp
         return getattr(torch, cfg.dtype)
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        bf16 = torch.cuda.is_bf16_supported()
+    except Exception:  # the device cannot be asked (a simulator, a broken driver): keep the config's dtype
+        return None
+    return torch.bfloat16 if bf16 else torch.float16
 
 
 def build_label_source(cfg: MixingConfig, *, hand_model, train_readers=()):

@@ -165,6 +165,7 @@ class SamplePool:
         self._thread: threading.Thread | None = None
         self._rng = torch.Generator().manual_seed(seed)
         self._stats = PoolStats()
+        self._slowest_chunk_s = 0.0
         self._started_at = time.perf_counter()
         if start:
             self.start()
@@ -206,6 +207,7 @@ class SamplePool:
                     batch = self._drop_nonfinite(self.produce())
                     event = None
                 busy = time.perf_counter() - started
+                self._slowest_chunk_s = max(self._slowest_chunk_s, busy)
                 dropped_in_a_row = 0 if batch is not None else dropped_in_a_row + 1
                 if dropped_in_a_row >= self.max_dropped_chunks:
                     raise RuntimeError(
@@ -331,10 +333,13 @@ class SamplePool:
             return self._stats.as_dict(wall_s=time.perf_counter() - self._started_at)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop the producer and join it (it finishes the chunk it is generating)."""
+        """Stop the producer and join it (it finishes the chunk it is generating). The wait is ``timeout`` or
+        three times the slowest chunk so far, whichever is longer (a slow generator, e.g. SD 1.5 on a CPU, is
+        not a hang); a producer still running after that is an error."""
         self._stop.set()
         with self._lock:
             self._lock.notify_all()
+            timeout = max(timeout, 3 * self._slowest_chunk_s)
         if self._thread is not None:
             self._thread.join(timeout=timeout)
             if self._thread.is_alive():

@@ -303,7 +303,11 @@ def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
     if mode == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        try:
+            bf16 = torch.cuda.is_bf16_supported()
+        except Exception:  # the device cannot be asked (a simulator, a broken driver): full precision
+            return None
+        return torch.bfloat16 if bf16 else torch.float16
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 

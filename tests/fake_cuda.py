@@ -446,11 +446,17 @@ def fake_cuda():
         (threading.Thread, "run"): run,
         (torch.optim.Optimizer, "_accelerator_graph_capture_health_check"): lambda self: None,
     }
-    with contextlib.ExitStack() as stack:
-        for (owner, attr), value in patches.items():
-            stack.enter_context(mock.patch.object(owner, attr, value, create=True))
-        stack.enter_context(_Mode())
-        yield fake
+    # Module.to() would otherwise assign ``param.data``, which replaces a wrapper's metadata but not its ``elem``
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        with contextlib.ExitStack() as stack:
+            for (owner, attr), value in patches.items():
+                stack.enter_context(mock.patch.object(owner, attr, value, create=True))
+            stack.enter_context(_Mode())
+            yield fake
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
 
 
 def report(fake: FakeCuda, kinds=("mismatch", "cpu0d", "generator", "race", "xstream")) -> str:

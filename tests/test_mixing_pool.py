@@ -149,3 +149,14 @@ def test_the_pool_reports_the_memory_its_samples_hold():
         pool.take(8, timeout=10)  # max_reuse 1: both chunks leave
         stats = pool.stats()
         assert stats["pool_peak_mib"] == pytest.approx(2 * chunk_mib) and stats["pool_mib"] == 0
+
+
+def test_close_waits_for_a_slow_generator_to_finish_its_chunk():
+    def slow():
+        time.sleep(0.3)
+        return fake_batch(0, 2)
+
+    pool = SamplePool(slow, capacity=64, max_reuse=1)
+    pool.prime(2, timeout=10)  # one chunk took 0.3 s: close waits up to 0.9 s for the one in flight
+    pool.close(timeout=0.05)
+    assert pool._thread is None
