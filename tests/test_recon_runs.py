@@ -201,3 +201,35 @@ def test_checkpoints_from_before_run_ids_stay_resumable(tmp_path):
     assert ckpt.find_checkpoint(tmp_path) == legacy
     _save(folder, 6, "fresh")
     assert ckpt.find_checkpoint(tmp_path).name == "step_000006.json"
+
+
+def _claim_at_once(out: str, barrier, results) -> None:
+    barrier.wait()
+    try:
+        folder = claim_run_folder(out, say=lambda *_: None)
+    except RunFolderError as error:
+        results.put(("refused", str(error)))
+        barrier.wait()
+        return
+    folder.record()
+    results.put(("claimed", folder.run_id))
+    barrier.wait()  # the winner holds the lock until every process has tried
+    folder.release()
+
+
+def test_processes_claiming_one_out_at_once_one_wins_the_others_are_refused(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # no re-import of torch per process: the claim itself races
+    barrier, results = context.Barrier(6), context.Queue()
+    procs = [context.Process(target=_claim_at_once, args=(str(tmp_path / "race"), barrier, results)) for _ in range(6)]
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=60) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+    winners = [detail for kind, detail in outcomes if kind == "claimed"]
+    assert len(winners) == 1, outcomes
+    assert all("in use by process" in detail for kind, detail in outcomes if kind == "refused")
+    assert json.loads((tmp_path / "race" / "run.json").read_text())["run_id"] == winners[0]
