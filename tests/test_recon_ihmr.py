@@ -542,3 +542,13 @@ def test_backbone_weights_load_and_a_wrong_file_is_refused(tmp_path):
     torch.save({"not_a_layer.weight": torch.zeros(1)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="does not fit the backbone"):
         target.load_backbone_weights(str(tmp_path / "bad.pt"))
+
+
+def test_optimize_is_refused_for_a_regressor_without_one(tiny_run, tmp_path, capsys):
+    from tests.recon_helpers import run_args
+
+    root, _ = tiny_run
+    out = tmp_path / "baseline"
+    assert recon_train.main(run_args(root, out, "--max-steps", "1", "eval.at_end=false")) == 0
+    assert recon_test.main(["--ckpt", str(out), "--optimize", "--max-samples", "1"]) == 2
+    assert "--optimize: regressor 'baseline' has no test-time optimisation" in capsys.readouterr().err
