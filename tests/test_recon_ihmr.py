@@ -552,3 +552,13 @@ def test_optimize_is_refused_for_a_regressor_without_one(tiny_run, tmp_path, cap
     assert recon_train.main(run_args(root, out, "--max-steps", "1", "eval.at_end=false")) == 0
     assert recon_test.main(["--ckpt", str(out), "--optimize", "--max-samples", "1"]) == 2
     assert "--optimize: regressor 'baseline' has no test-time optimisation" in capsys.readouterr().err
+
+
+def test_trains_under_bf16_mixed_precision(tiny_run, tmp_path):
+    root, _ = tiny_run
+    out = tmp_path / "bf16"
+    argv = _tiny_argv(root, out, "--epochs", "2", "train.amp=bf16", "model.baseline_epochs=1",
+                      "model.stage_epochs=[1,0,0,0,0,0]")
+    assert recon_train.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["synthlab-test-lab"]
+    assert math.isfinite(metrics["MPVPE"]) and math.isfinite(metrics["IHMR_collision_ave"])

@@ -424,9 +424,11 @@ class IHMR(HandModelMixin, nn.Module):
         ``hand_prob``, ``feature``)."""
         hand_model = self._hand_model_on(batch.image.device)
         feature = self.features(batch.image)
-        hand_prob = torch.sigmoid(self.hand_classifier(feature))  # (B, 2)
-        keypoints_3d, keypoints_2d = self.keypoints(feature)
-        params = self.regress(feature)
+        # heads in float32 (under mixed precision the linear layers return bf16/fp16; MANO, the collision term
+        # and the losses work in full precision)
+        hand_prob = torch.sigmoid(self.hand_classifier(feature)).float()  # (B, 2)
+        keypoints_3d, keypoints_2d = (k.float() for k in self.keypoints(feature))
+        params = self.regress(feature).float()
         decoded = decode_params(hand_model, params)
         baseline = decoded
         stages: List[Dict[str, Any]] = []
@@ -443,7 +445,7 @@ class IHMR(HandModelMixin, nn.Module):
                 previous = self.selection_losses(_detached(decoded), kp3, kp2, collision, both)
             current = params.detach()
             for index, (stage, refiner) in enumerate(zip(STAGES, self.refiners)):
-                residual = refiner(torch.cat([feature.detach(), current], 1))
+                residual = refiner(torch.cat([feature.detach().to(current.dtype), current], 1)).float()
                 if index > last:  # not run yet: kept in the graph at weight 0 (DDP wants every parameter used)
                     stages.append({"stage": stage, "residual": residual})
                     continue
