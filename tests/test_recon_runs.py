@@ -233,3 +233,33 @@ def test_processes_claiming_one_out_at_once_one_wins_the_others_are_refused(tmp_
     assert len(winners) == 1, outcomes
     assert all("in use by process" in detail for kind, detail in outcomes if kind == "refused")
     assert json.loads((tmp_path / "race" / "run.json").read_text())["run_id"] == winners[0]
+
+
+def test_numpy_and_python_random_are_seeded_from_the_run_seed(synthlab_root, tmp_path):
+    from safetensors.torch import load_file
+
+    plugin = tmp_path / "draws_regressor.py"
+    plugin.write_text(
+        "import random\n"
+        "import numpy as np\n"
+        "import torch\n"
+        "from recon.archs.baseline import BaselineRegressor\n"
+        "from recon.registry import REGRESSORS\n"
+        "@REGRESSORS.register('_test_draws')\n"
+        "class Draws(BaselineRegressor):\n"
+        "    def __init__(self, **kwargs):\n"
+        "        super().__init__(**kwargs)\n"
+        "        self.register_buffer('draws', torch.tensor([np.random.rand(), random.random()], dtype=torch.float64))\n"
+        "import inspect\n"
+        "Draws.__init__.__signature__ = inspect.signature(BaselineRegressor.__init__)  # the baseline's arguments\n"
+    )
+
+    def draws(name: str, seed: str) -> list[float]:
+        out = tmp_path / name
+        argv = run_args(synthlab_root, out, "--plugin", str(plugin), "--arch", "_test_draws", "--seed", seed,
+                        "--max-steps", "1", "eval.at_end=false")
+        assert recon_train.main(argv) == 0
+        return load_file(str(out / "checkpoints" / "step_000001.safetensors"))["draws"].tolist()
+
+    first, again, other = draws("a", "5"), draws("b", "5"), draws("c", "6")
+    assert first == again and first != other
