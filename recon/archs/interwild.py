@@ -75,6 +75,17 @@ NUM_MANO_ROTATIONS = 16  # root + 15 joints
 SIDES = ("right", "left")
 # Reflection through the x = 0 plane; S R S mirrors a rotation matrix (the matrix form of (x, -y, -z)).
 _MIRROR = (-1.0, 1.0, 1.0)
+_CONSTANTS: dict = {}
+
+
+def _constant(values: tuple, like: Tensor) -> Tensor:
+    """A small constant on ``like``'s device and dtype, copied from the host once per (values, device, dtype): a
+    blocking host-to-device copy every step is a stream synchronisation on a GPU. Read-only: never modify it."""
+    key = (values, like.device, like.dtype)
+    out = _CONSTANTS.get(key)
+    if out is None:
+        out = _CONSTANTS[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -96,13 +107,13 @@ def mirror_hand_params(pose: Tensor, translation: Optional[Tensor] = None) -> Tu
     """
     mirrored_translation = None
     if translation is not None:
-        mirrored_translation = translation * translation.new_tensor(_MIRROR)
+        mirrored_translation = translation * _constant(_MIRROR, translation)
     return mirror_axis_angle(pose), mirrored_translation
 
 
 def _mirror_matrix(matrix: Tensor) -> Tensor:
     """(..., 3, 3) rotations -> S R S with S = diag(-1, 1, 1) (equals (x, -y, -z) on axis-angle)."""
-    signs = matrix.new_tensor(_MIRROR)
+    signs = _constant(_MIRROR, matrix)
     return matrix * signs[:, None] * signs[None, :]
 
 
@@ -501,7 +512,7 @@ class InterWild(nn.Module):
         body_image = F.interpolate(image, size=self.body_input_size, mode="bilinear", align_corners=False)
         box = self.box_net(self.body_backbone.forward_features(body_image))
         grid_h, grid_w = box["grid_size"]
-        stride = image.new_tensor([width / grid_w, height / grid_h])  # image px per box-grid cell
+        stride = _constant((width / grid_w, height / grid_h), image)  # image px per box-grid cell
         hand_boxes = _box_from_centre_size(_cells_to_pixels(box["centre"], stride), box["size"] * stride)  # (B, 2, 4)
 
         min_box = float(torch.tensor(max(width / grid_w, height / grid_h), dtype=stride.dtype))  # no host sync
@@ -544,7 +555,7 @@ class InterWild(nn.Module):
         grid_cells = hand_features.shape[-1]
         joints_grid = torch.stack((joints_grid[right], _mirror_grid_x(joints_grid[left], grid_cells)), 1)  # (B,2,21,3)
         pose_matrix = torch.stack((rotations[right], _mirror_matrix(rotations[left])), 1)  # (B, 2, 16, 3, 3)
-        translation = torch.stack((translation[right], translation[left] * translation.new_tensor(_MIRROR)), 1)
+        translation = torch.stack((translation[right], translation[left] * _constant(_MIRROR, translation)), 1)
         shape = torch.stack((shape[right], shape[left]), 1)  # (B, 2, 10)
         pose = matrix_to_axis_angle(pose_matrix).flatten(2)  # (B, 2, 48)
 
@@ -798,7 +809,7 @@ def _mirror_grid_x(joints: Tensor, cells: int) -> Tensor:
 def _virtual_intrinsics(focal: float, crop_size: int, like: Tensor) -> Tensor:
     """(3, 3) intrinsics of a crop's virtual camera: focal ``focal``, principal point at the crop centre."""
     centre = (crop_size - 1) / 2
-    return like.new_tensor([[focal, 0.0, centre], [0.0, focal, centre], [0.0, 0.0, 1.0]])
+    return _constant(((focal, 0.0, centre), (0.0, focal, centre), (0.0, 0.0, 1.0)), like)
 
 
 def _inside_image(points: Tensor, image_size: Tuple[int, int]) -> Tensor:
