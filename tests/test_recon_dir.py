@@ -522,3 +522,51 @@ def test_table2_puts_the_papers_and_dirs_own_numbers_beside_ours(tmp_path, capsy
     own = report["own_protocol"]
     assert own["metrics"] == ["DIR_MPVPE", "DIR_MPJPE", "DIR_root"] and own["mean"]["0.3"]["ih26m"]["DIR_root"] == 29.5
     assert own["published"]["DIR README (2024 model)"] == {"ih26m": {"DIR_MPVPE": 10.0, "DIR_MPJPE": 10.23, "DIR_root": 29.26}}
+
+
+def test_a_reference_checkpoint_converts_onto_our_names_and_shapes(tmp_path):
+    """tests/data/dir_reference_state_dict.json.gz lists the reference DIR's state-dict names and shapes (its
+    source says how). Every one maps onto the paper-size model with its shape, or is one of the documented drops;
+    and a reference-format checkpoint ({"net": ...}) loads through --backbone-weights (here at tiny size: the names
+    do not depend on the size). With the reference's modules at hand, /work/notes/dir/ref/compare.py found the
+    converted model's stages equal to the reference's to float precision."""
+    import gzip
+    from pathlib import Path
+
+    from recon.archs.dir.convert import convert_reference_state_dict
+
+    data = Path(__file__).parent / "data" / "dir_reference_state_dict.json.gz"
+    shapes = json.loads(gzip.open(data, "rt").read())["shapes"]
+    reference = {key: torch.zeros(shape) for key, shape in shapes.items()}
+    converted = convert_reference_state_dict(reference)
+    paper = build_regressor("dir").state_dict()
+    assert set(converted) == set(paper)
+    assert all(converted[k].numel() == paper[k].numel() for k in paper)
+    dropped = set(shapes) - {k for k in shapes if not k.startswith("backbone.fc.") and ".STEblocks.0." not in k
+                             and not k.endswith("img_gird") and not k.startswith("seg_loss.")}
+    assert len(shapes) - len(converted) == len(dropped) == 2 + 2 * 12 + 2 + 1  # fc, 2 x STE block 0, grids, CE weight
+
+    torch.manual_seed(0)
+    tiny = build_regressor("dir", **TINY)
+    ours = tiny.state_dict()
+    names = {f"backbone.{key[len('encoder.'):]}": key for key in ours if key.startswith("encoder.")}  # a ResNet-18
+    for key in shapes:  # reference name -> our name, through the converter one key at a time
+        mapped = convert_reference_state_dict({key: torch.zeros(1)})
+        if mapped and not key.startswith("backbone.") and next(iter(mapped)) in ours:  # tiny: 1 graph layer, 1 block
+            names[key] = next(iter(mapped))
+    assert set(names.values()) == set(ours)
+    state = {key: torch.randn(ours[name].shape) if ours[name].is_floating_point() else ours[name].clone()
+             for key, name in names.items()}
+    state = {key: value[None] if names[key].endswith((".edge_self", ".edge_neighbours")) else value for key, value in state.items()}
+    torch.save({"net": state, "last_epoch": 49}, tmp_path / "DIR.pth")
+    target = build_regressor("dir", **TINY)
+    target.load_backbone_weights(str(tmp_path / "DIR.pth"))
+    loaded = target.state_dict()
+    assert torch.equal(loaded["stages.1.params.left.weight"], state["decoder.projecter_3.regressor.mano_left.weight"])
+    assert torch.equal(loaded["stages.0.interaction.blocks.0.attn.qkv.weight"],
+                       state["decoder.projecter_4.interaction.STEblocks.1.attn.qkv.weight"])
+    assert torch.equal(loaded["stages.0.gcn.right.convs.0.edge_neighbours"],
+                       state["decoder.projecter_4.gcn_right.gconv_layers.0.gconv.e_1"][0])
+    torch.save({"net": {**state, "decoder.projecter_4.extra.weight": torch.zeros(1)}}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="decoder.projecter_4.extra.weight"):
+        target.load_backbone_weights(str(tmp_path / "bad.pth"))

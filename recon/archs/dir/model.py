@@ -47,6 +47,7 @@ from recon.archs.common import HandModelMixin
 from recon.output import TwoHandOutput
 from recon.registry import REGRESSORS
 
+from .convert import convert_reference_state_dict, is_reference_state_dict
 from .heads import HAND_PARAMS, OFFSET_UNIT, PARAM_SPLIT, InitRegressor, RefineStage, robust_rot6d_to_matrix
 from .losses import edge_length_loss, lovasz_softmax, normal_vector_loss, segmentation_loss, smooth_l1
 from .modules import Residual, index_on, init_conv_bn
@@ -195,14 +196,32 @@ class DIR(HandModelMixin, nn.Module):
 
     def load_backbone_weights(self, path: str) -> None:
         """Load pretrained ResNet weights into the encoder (a .safetensors file or a torch state dict; the
-        classifier's keys are ignored). Raises ValueError when the file does not fit the encoder."""
+        classifier's keys are ignored), or, when the file is a checkpoint of the reference DIR (its ``net`` state
+        dict, ``models/dir.py`` names), the whole model (:mod:`recon.archs.dir.convert`; paper size only).
+        Raises ValueError when the file does not fit."""
         if str(path).endswith(".safetensors"):
             from safetensors.torch import load_file
 
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            if isinstance(state, dict):
+                state = state.get("net", state.get("state_dict", state))
+        if isinstance(state, dict) and is_reference_state_dict(state):
+            try:
+                converted = convert_reference_state_dict(state)
+            except KeyError as error:
+                raise ValueError(f"--backbone-weights {path}: {error.args[0]}") from None
+            ours = self.state_dict()
+            wrong = [k for k, v in converted.items() if k in ours and tuple(v.shape) != tuple(ours[k].shape)]
+            missing = sorted(set(ours) - set(converted))
+            if wrong or missing:
+                raise ValueError(
+                    f"--backbone-weights {path}: a reference DIR checkpoint that does not fit this model (build it at "
+                    f"paper size): {len(wrong)} shapes differ {wrong[:3]}, {len(missing)} missing {missing[:3]}"
+                )
+            self.load_state_dict(converted)
+            return
         missing, unexpected = self.encoder.load_state_dict(state, strict=False)
         unexpected = [key for key in unexpected if not key.startswith(("fc.", "head.", "classifier."))]
         if missing or unexpected:
