@@ -5,15 +5,18 @@
     python -m recon.train --profile paper --data-root /data --datasets ih26m --mano-dir /mano
     torchrun --nproc-per-node 2 -m recon.train ...           # DDP: gloo on CPU, NCCL on GPUs
     python -m recon.train --resume --out runs/recon          # continue the newest checkpoint in --out
+    python -m recon.train --overwrite --out runs/recon       # replace the run in --out by a new one
 
 A plain PyTorch loop, read top to bottom:
 1. arguments -> config (:mod:`recon.config`: profile, arch and --config files, flags, key=value), checked;
-2. processes (torchrun's environment), device, seeds;
-3. data: the training sets, a resumable sampler, and the one ``batches`` iterator per epoch (the mixer of
+2. processes (torchrun's environment), device, seeds; the run folder claimed (:mod:`recon.runs`: one run
+   per --out, locked while it runs);
+3. data: the training and test sets (skipped records reported; an empty split is an error), a resumable sampler, and the one ``batches`` iterator per epoch (the mixer of
    :mod:`mixing` puts ``round(r * B)`` generated samples into each batch when --synthetic-ratio > 0);
 4. model (through the registry), optimizer; --resume restores weights, optimizer, RNG and data order;
 5. the loop: lr, forward, loss dict, finite check, backward, clip, step, log, checkpoint;
-6. a final checkpoint, evaluation on the test sets (MPVPE / RRVE / MRRPE in mm), ``<out>/metrics.json``.
+6. a final checkpoint, evaluation on the test sets (MPVPE / RRVE / MRRPE in mm), ``<out>/metrics.json``
+   (with ``"skips"``: the records skipped per dataset and reason).
 
 Rank 0 alone prints, writes TensorBoard logs (``<out>/tb``), checkpoints (``<out>/checkpoints``) and
 metrics. Bad arguments exit with status 2 and one line; a non-finite loss exits with status 1 and the loss
