@@ -335,7 +335,8 @@ class MSCOCO(HandDataset):
                 pose, trans = (x[0] for x in fit_to_camera(model, side, pose[None], shape[None], trans[None], R, t))
             with torch.no_grad():
                 out = model(side, pose[None], shape[None], trans[None])
-            verts, joints = out.verts[0], out.joints[0]
+            verts = out.verts[0]
+            joints = model.regress_joints(side, verts)  # InterWild's get_mano_data: joint regressor on the mesh
             cam_hand = make_intrinsics(fit["focal"], fit["princpt"])
             if not torch.allclose(cam_hand, K):
                 shift = neuralannot_camera_shift(joints[0], cam_hand, K)
