@@ -570,3 +570,10 @@ def test_a_reference_checkpoint_converts_onto_our_names_and_shapes(tmp_path):
     torch.save({"net": {**state, "decoder.projecter_4.extra.weight": torch.zeros(1)}}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="decoder.projecter_4.extra.weight"):
         target.load_backbone_weights(str(tmp_path / "bad.pth"))
+
+
+def test_check_reference_refuses_a_folder_without_the_reference(tmp_path, capsys):
+    from recon.archs.dir import check_reference
+
+    assert check_reference.main(["--reference", str(tmp_path)]) == 2
+    assert "no models/dir.py" in capsys.readouterr().err
