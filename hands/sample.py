@@ -256,7 +256,7 @@ class HandBatch:
     @property
     def is_synthetic(self) -> Tensor:
         """(B,) bool on the batch's device."""
-        return torch.tensor([bool(m.get("is_synthetic", False)) for m in self.meta], device=self.device)
+        return _flags([bool(m.get("is_synthetic", False)) for m in self.meta], self.device)
 
     @property
     def joints_3d(self) -> Tensor:
@@ -264,12 +264,12 @@ class HandBatch:
         InterWild ``is_3D = 0``), whose ``joints_cam`` are not labels and whose ``joints_img`` /
         ``joints_valid`` are; True when the key is absent. Losses on joints_cam (or on depths taken from
         it) multiply their mask by this."""
-        return torch.tensor([bool(m.get("joints_3d", True)) for m in self.meta], device=self.device)
+        return _flags([bool(m.get("joints_3d", True)) for m in self.meta], self.device)
 
     @property
     def interacting(self) -> Tensor:
         """(B,) bool, hand_type == "interacting"."""
-        return torch.tensor([t == "interacting" for t in self.hand_type], device=self.device)
+        return _flags([t == "interacting" for t in self.hand_type], self.device)
 
     def select(self, index: Tensor | Sequence[int] | slice) -> "HandBatch":
         """The sub-batch at ``index`` (a slice, a list of ints, or a 1-D long/bool tensor)."""
@@ -308,6 +308,11 @@ class HandBatch:
                 )
             )
         return out
+
+
+def _flags(values: list[bool], device: torch.device) -> Tensor:
+    """(B,) bool from host values, copied without blocking (a blocking copy waits for the device's stream)."""
+    return torch.tensor(values, dtype=torch.bool).to(device, non_blocking=True)
 
 
 def _stack(values: list) -> Any:

@@ -147,3 +147,25 @@ def test_a_training_step_with_online_mixing_is_device_clean_and_syncs_a_handful_
     assert report(fake, HAZARDS) == ""
     per_step = (steps[3] - steps[1]) / 2  # steps 2 and 3: warm, no checkpoint, no image grid
     assert per_step <= 2, sorted(fake.events["sync"].items(), key=lambda kv: -kv[1])[:12]
+
+
+def test_an_interwild_step_on_the_device_needs_no_host_sync(synthlab_root, batch):
+    """InterWild's forward, losses and backward on the fake device: no CPU tensor, no sync (its MANO calls, the
+    virtual camera's inverse, the box stride and its constants were the syncs and blocking copies)."""
+    from recon.registry import build_regressor, load_builtin_regressors
+    from tests.test_recon_interwild import TINY
+
+    load_builtin_regressors()
+    torch.manual_seed(0)
+    model = build_regressor("interwild", **{**TINY, "body_input_size": (32, 32), "hand_input_size": 32})
+    with fake_cuda() as fake:
+        model.to("cuda:0").train()
+        device_batch = batch.to("cuda:0")
+        for _ in range(2):  # the second step: constants and the MANO layer already on the device
+            before = fake.syncs["MainThread"]
+            h2d = sum(fake.events["h2d"].values())
+            losses = model.losses(model(device_batch), device_batch)
+            sum(losses.values()).backward()
+    assert report(fake, HAZARDS) == ""
+    assert fake.syncs["MainThread"] == before, fake.events["sync"]
+    assert sum(fake.events["h2d"].values()) == h2d, fake.events["h2d"]
