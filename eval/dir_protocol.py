@@ -26,11 +26,11 @@ import math
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from eval.intaghand_protocol import joint_regressor, regress_joints
-from hands.joints import MIDDLE_KNUCKLE, WRIST
+from eval.intaghand_protocol import bone_rescaled_errors, joint_regressor
+from eval.metrics import sum_over_ranks
+from hands.joints import WRIST
 from hands.sample import HandBatch
 from hands.units import to_mm
 
@@ -56,16 +56,7 @@ def dir_errors(pred_verts: Tensor, gt_verts: Tensor, j_regressor: Tensor, tip_ve
     ground truth in metres gives errors in metres). Returns (verts_error (B, V), joints_error (B, 21)).
     """
     regressor = joint_regressor(j_regressor.to(pred_verts), tip_verts)  # (21, V)
-    pred_joints = regress_joints(pred_verts, regressor)
-    gt_joints = regress_joints(gt_verts.to(pred_verts), regressor)
-    pred_root = pred_joints[:, WRIST : WRIST + 1]  # (B, 1, 3)
-    gt_root = gt_joints[:, WRIST : WRIST + 1]
-    pred_bone = (pred_joints[:, MIDDLE_KNUCKLE] - pred_joints[:, WRIST]).norm(dim=-1)  # (B,)
-    gt_bone = (gt_joints[:, MIDDLE_KNUCKLE] - gt_joints[:, WRIST]).norm(dim=-1)
-    scale = (gt_bone / pred_bone)[:, None, None]
-    verts_error = ((pred_verts - pred_root) * scale - (gt_verts - gt_root)).norm(dim=-1)
-    joints_error = ((pred_joints - pred_root) * scale - (gt_joints - gt_root)).norm(dim=-1)
-    return verts_error, joints_error
+    return bone_rescaled_errors(pred_verts, gt_verts.to(pred_verts), regressor, root=WRIST)
 
 
 class DIRProtocol:
@@ -126,12 +117,7 @@ class DIRProtocol:
     def evaluate(self) -> dict[str, float]:
         """``DIR_MPVPE``, ``DIR_MPJPE`` (mm; the mean of the right and left means), ``DIR_root`` (mm) (NaN when
         nothing counted) and ``count_DIR`` (samples). A collective under torch.distributed: call it on every rank."""
-        stats = self._stats.clone()
-        if self.distributed and dist.is_available() and dist.is_initialized():
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            stats = stats.to(device)
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-            stats = stats.cpu()
+        stats = sum_over_ranks(self._stats, self.distributed)
         counted = bool((stats[:, 1] > 0).all())
         means = stats[:, 0] / stats[:, 1].clamp(min=1.0)
         nan = math.nan

@@ -21,14 +21,14 @@ import math
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from eval.metrics import sum_over_ranks
 from hands.joints import MANO21_TO_OURS, MIDDLE_KNUCKLE, WRIST
 from hands.sample import HandBatch
 from hands.units import to_mm
 
-__all__ = ["joint_regressor", "regress_joints", "intaghand_errors", "IntagHandProtocol"]
+__all__ = ["joint_regressor", "regress_joints", "intaghand_errors", "bone_rescaled_errors", "IntagHandProtocol"]
 
 SIDES = ("right", "left")
 
@@ -53,10 +53,17 @@ def intaghand_errors(pred_verts: Tensor, gt_verts: Tensor, regressor: Tensor) ->
     ground truth in metres gives errors in metres); regressor: (21, V) (:func:`joint_regressor`).
     Returns (verts_error (B, V), joints_error (B, 21)).
     """
+    return bone_rescaled_errors(pred_verts, gt_verts, regressor, root=MIDDLE_KNUCKLE)
+
+
+def bone_rescaled_errors(pred_verts: Tensor, gt_verts: Tensor, regressor: Tensor, *, root: int) -> tuple[Tensor, Tensor]:
+    """Steps 2-3 with the root joint ``root`` (IntagHand: the middle knuckle; DIR: the wrist): each mesh and
+    joint set shifted to its own root, the prediction rescaled by (GT bone / predicted bone), bone = wrist to
+    middle knuckle per hand. Returns (verts_error (B, V), joints_error (B, 21)) in the inputs' unit."""
     pred_joints = regress_joints(pred_verts, regressor)
     gt_joints = regress_joints(gt_verts, regressor)
-    pred_root = pred_joints[:, MIDDLE_KNUCKLE : MIDDLE_KNUCKLE + 1]  # (B, 1, 3)
-    gt_root = gt_joints[:, MIDDLE_KNUCKLE : MIDDLE_KNUCKLE + 1]
+    pred_root = pred_joints[:, root : root + 1]  # (B, 1, 3)
+    gt_root = gt_joints[:, root : root + 1]
     pred_bone = (pred_joints[:, MIDDLE_KNUCKLE] - pred_joints[:, WRIST]).norm(dim=-1)  # (B,)
     gt_bone = (gt_joints[:, MIDDLE_KNUCKLE] - gt_joints[:, WRIST]).norm(dim=-1)
     scale = (gt_bone / pred_bone)[:, None, None]
@@ -119,12 +126,8 @@ class IntagHandProtocol:
     def evaluate(self) -> dict[str, float]:
         """``IntagHand_MPVPE``, ``IntagHand_MPJPE`` (mm; the mean of the right and left means; NaN when nothing
         counted) and ``count_IntagHand`` (samples). A collective under torch.distributed: call it on every rank."""
-        stats = self._stats.clone() if self._stats is not None else torch.zeros(2, 2, 2, dtype=torch.float64)
-        if self.distributed and dist.is_available() and dist.is_initialized():
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            stats = stats.to(device)
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-        stats = stats.cpu()
+        stats = self._stats if self._stats is not None else torch.zeros(2, 2, 2, dtype=torch.float64)
+        stats = sum_over_ranks(stats, self.distributed)
         results: dict[str, float] = {}
         for index, name in enumerate(("MPVPE", "MPJPE")):
             sums, counts = stats[:, index, 0], stats[:, index, 1]

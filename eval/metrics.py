@@ -35,6 +35,7 @@ __all__ = [
     "mrrpe",
     "per_joint_error",
     "mpjpe",
+    "sum_over_ranks",
 ]
 
 NUM_VERTS = 778
@@ -216,3 +217,16 @@ def mpjpe(
         raise ValueError(f"joints_valid: expected shape {tuple(errors.shape)}, got {tuple(joints_valid.shape)}")
     weight = joints_valid.to(errors.dtype)
     return (errors * weight).sum(-1) / weight.sum(-1)  # 0/0 -> NaN where no joint is valid
+
+
+def sum_over_ranks(stats: Tensor, distributed: bool = True) -> Tensor:
+    """A copy of ``stats`` summed over ranks when ``distributed`` and torch.distributed is initialised (on the
+    current CUDA device under NCCL), on the CPU. A collective then: call it on every rank."""
+    import torch.distributed as dist
+
+    stats = stats.clone()
+    if distributed and dist.is_available() and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        stats = stats.to(device)
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+    return stats.cpu()

@@ -171,3 +171,36 @@ def test_millimetre_inputs_error_for_gt_and_warn_for_predictions():
     with pytest.warns(UserWarning, match="pred_rel_root.*millimetres"):
         value = metrics.mrrpe(torch.full((2, 3), 150.0), torch.zeros(2, 3))
     assert torch.allclose(value, torch.full((2,), 150.0 * 3**0.5 * 1000))
+
+
+def _sum_worker(rank: int, init: str, queue) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        stats = torch.tensor([[1.0 + rank, 2.0], [3.0, 4.0 * rank]], dtype=torch.float64)
+        summed = metrics.sum_over_ranks(stats)
+        alone = metrics.sum_over_ranks(stats, distributed=False)
+        queue.put((rank, summed.tolist(), alone.tolist(), stats.tolist()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sum_over_ranks_sums_a_copy_and_leaves_the_input(tmp_path):
+    stats = torch.ones(2, 2, dtype=torch.float64)
+    copy = metrics.sum_over_ranks(stats)  # torch.distributed not initialised: a copy
+    copy += 1
+    assert stats.tolist() == [[1.0, 1.0], [1.0, 1.0]] and copy.device.type == "cpu"
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    init = str(tmp_path / "init")
+    procs = [ctx.Process(target=_sum_worker, args=(r, init, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {rank: rest for rank, *rest in (queue.get(timeout=60) for _ in procs)}
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    for rank, (summed, alone, left) in results.items():
+        assert summed == [[3.0, 4.0], [6.0, 4.0]]  # summed over both ranks
+        assert alone == left == [[1.0 + rank, 2.0], [3.0, 4.0 * rank]]  # distributed=False and the input untouched

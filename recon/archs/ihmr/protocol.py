@@ -18,9 +18,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from eval.metrics import sum_over_ranks
 from hands.sample import HandBatch
 from hands.units import to_mm
 from recon.archs.ihmr.collision import close_boundary, penetration_depth
@@ -91,12 +91,7 @@ class IHMRProtocol:
     def evaluate(self) -> dict[str, float]:
         """``IHMR_MPJPE``, ``IHMR_inter_MPJPE``, ``IHMR_collision_ave``, ``IHMR_collision_max`` (mm; NaN when
         nothing counted), ``count_IHMR_collision`` (interacting samples). A collective under torch.distributed."""
-        stats = self._stats.clone()
-        if self.distributed and dist.is_available() and dist.is_initialized():
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            stats = stats.to(device)
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-            stats = stats.cpu()
+        stats = sum_over_ranks(self._stats, self.distributed)
         names = ("IHMR_MPJPE", "IHMR_inter_MPJPE", "IHMR_collision_ave", "IHMR_collision_max")
         result = {
             name: float(to_mm(stats[i, 0] / stats[i, 1])) if stats[i, 1] > 0 else math.nan
