@@ -66,6 +66,7 @@ from hands.datasets.common import (
     BadRecord,
     DatasetError,
     HandDataset,
+    image_entry,
     as_bounded,
     as_int,
     as_rotation,
@@ -220,14 +221,7 @@ class MSCOCO(HandDataset):
         image = images.get(image_id)
         if image is None:
             raise BadRecord("annotation: image_id not among the images")
-        for key in ("file_name", "width", "height"):
-            if key not in image:
-                raise BadRecord(f"image: missing key {key!r}")
-        if not isinstance(image["file_name"], str) or not image["file_name"]:
-            raise BadRecord("image: file_name not a string")
-        width, height = as_int(image["width"], "width"), as_int(image["height"], "height")
-        if not (0 < width <= 100_000 and 0 < height <= 100_000):
-            raise BadRecord("image: width/height not in 1..100000")
+        _, width, height = image_entry(image)
         num_keypoints = as_int(ann["num_keypoints"], "num_keypoints")
         if ann["iscrowd"] or num_keypoints == 0:
             raise BadRecord("crowd or no body keypoints (InterWild's filter)")

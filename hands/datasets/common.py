@@ -174,6 +174,20 @@ def as_int(value: Any, field: str) -> int:
     return int(number)
 
 
+def image_entry(image: dict, keys: Sequence[str] = ("file_name", "width", "height")) -> tuple[str, int, int]:
+    """A COCO-style ``images`` entry checked (``keys`` present, a non-empty ``file_name``, width and height in
+    1..100000): (file_name, width, height); a :class:`BadRecord` naming the fault otherwise."""
+    for key in keys:
+        if key not in image:
+            raise BadRecord(f"image: missing key {key!r}")
+    if not isinstance(image["file_name"], str) or not image["file_name"]:
+        raise BadRecord("image: file_name not a string")
+    width, height = as_int(image["width"], "width"), as_int(image["height"], "height")
+    if not (0 < width <= 100_000 and 0 < height <= 100_000):
+        raise BadRecord("image: width/height not in 1..100000")
+    return image["file_name"], width, height
+
+
 def project_points(points_cam: Tensor, K: Tensor, dist: Tensor | None = None) -> Tensor:
     """points_cam: (N, 3) metres, camera frame; K: (3, 3); dist: (4,) fisheye k1..k4 or None -> (N, 2) px.
 

@@ -25,6 +25,7 @@ from hands.datasets.common import (
     BadRecord,
     DatasetError,
     HandDataset,
+    image_entry,
     as_int,
     assemble_sample,
     load_image,
@@ -117,14 +118,7 @@ class HIC(HandDataset):
         image = images.get(as_int(ann["image_id"], "image_id"))
         if image is None:
             raise BadRecord("annotation: image_id not among the images")
-        for key in ("file_name", "width", "height"):
-            if key not in image:
-                raise BadRecord(f"image: missing key {key!r}")
-        if not isinstance(image["file_name"], str) or not image["file_name"]:
-            raise BadRecord("image: file_name not a string")
-        width, height = as_int(image["width"], "width"), as_int(image["height"], "height")
-        if not (0 < width <= 100_000 and 0 < height <= 100_000):
-            raise BadRecord("image: width/height not in 1..100000")
+        _, width, height = image_entry(image)
         if ann["hand_type"] not in HAND_TYPES:
             raise BadRecord("annotation: hand_type not right/left/interacting")
         paths = {}

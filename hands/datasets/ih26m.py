@@ -39,6 +39,7 @@ from hands.datasets.common import (
     BadRecord,
     DatasetError,
     HandDataset,
+    image_entry,
     as_array,
     as_bounded,
     as_int,
@@ -239,14 +240,7 @@ class InterHand26M(HandDataset):
         image = images.get(as_int(ann["image_id"], "image_id"))
         if image is None:
             raise BadRecord("annotation: image_id not among the images")
-        for key in _IMAGE_KEYS:
-            if key not in image:
-                raise BadRecord(f"image: missing key {key!r}")
-        width, height = as_int(image["width"], "width"), as_int(image["height"], "height")
-        if not (0 < width <= 100_000 and 0 < height <= 100_000):
-            raise BadRecord("image: width/height not in 1..100000")
-        if not isinstance(image["file_name"], str) or not image["file_name"]:
-            raise BadRecord("image: file_name not a string")
+        _, width, height = image_entry(image, _IMAGE_KEYS)
         hand_type = ann["hand_type"]
         if hand_type not in HAND_TYPES:
             raise BadRecord("annotation: hand_type not right/left/interacting")
