@@ -209,3 +209,26 @@ def test_backbone_weights_load_into_the_baseline_and_mismatches_are_refused(tmp_
     wider = build_regressor("baseline", backbone="resnet18", backbone_kwargs={"channels": (8, 16, 32, 128), "stem_width": 8})
     with pytest.raises(ValueError, match="backbone.safetensors: does not fit the backbone: .*size mismatch"):
         wider.load_backbone_weights(str(path))
+
+
+def test_backbone_weight_files_that_cannot_be_read_or_do_not_fit_give_one_line_errors(tmp_path):
+    """The helpers every regressor's load_backbone_weights uses (baseline, IntagHand, IHMR, DIR)."""
+    from recon.archs.common import load_backbone_state, read_weights
+
+    (tmp_path / "text.pt").write_text("not weights")
+    with pytest.raises(ValueError, match=r"^--backbone-weights .*text.pt: cannot read it"):
+        read_weights(tmp_path / "text.pt")
+    with pytest.raises(ValueError, match=r"missing.pt: cannot read it \(FileNotFoundError"):
+        read_weights(tmp_path / "missing.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match=r"list.pt: not a state dict"):
+        read_weights(tmp_path / "list.pt")
+    layer = torch.nn.Linear(2, 3)
+    torch.save({"net": {"weight": torch.ones(3, 2), "bias": torch.ones(3)}, "state_dict": {}}, tmp_path / "ref.pt")
+    state = read_weights(tmp_path / "ref.pt", keys=("net", "state_dict"))  # the first key present wins
+    load_backbone_state(layer, {**state, "fc.weight": torch.zeros(1)}, "ref.pt", "encoder")  # classifier ignored
+    assert torch.equal(layer.weight, torch.ones(3, 2))
+    with pytest.raises(ValueError, match=r"ref.pt: does not fit the encoder: .*size mismatch"):
+        load_backbone_state(torch.nn.Linear(2, 4), state, "ref.pt", "encoder")
+    with pytest.raises(ValueError, match=r"ref.pt: does not fit the encoder: 0 missing keys \[\], 1 unexpected"):
+        load_backbone_state(layer, {**state, "extra": torch.ones(1)}, "ref.pt", "encoder")

@@ -62,7 +62,7 @@ from hands.mano import HandModel
 from hands.render import render_mesh
 from hands.sample import HandBatch
 from recon.archs.graph import LAPLACIAN_RESCALES, CoarseGraphs, coarsen_mesh, fit_upsampling
-from recon.archs.common import HandModelMixin
+from recon.archs.common import HandModelMixin, load_backbone_state, read_weights
 from recon.output import TwoHandOutput
 from recon.registry import REGRESSORS
 
@@ -733,20 +733,7 @@ class IntagHand(HandModelMixin, nn.Module):
     def load_backbone_weights(self, path: str) -> None:
         """Load pretrained ResNet weights into the encoder (a .safetensors file or a torch state dict; the
         classifier's keys are ignored). Raises ValueError when the file does not fit the encoder."""
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-        missing, unexpected = self.encoder.load_state_dict(state, strict=False)
-        unexpected = [key for key in unexpected if not key.startswith(("fc.", "head.", "classifier."))]
-        if missing or unexpected:
-            raise ValueError(
-                f"--backbone-weights {path}: does not fit the encoder: {len(missing)} missing keys "
-                f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
-            )
+        load_backbone_state(self.encoder, read_weights(path), path, "encoder")
 
     def to_graph(self, side: str, x: Tensor) -> Tensor:
         """x: (B, 778, C) mesh order -> (B, N0, C) graph order (fake nodes copy a sibling)."""

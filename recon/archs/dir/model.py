@@ -43,7 +43,7 @@ from hands.mano import HandModel, load_mano_file
 from hands.render import render_mesh
 from hands.rotation import matrix_to_axis_angle
 from hands.sample import HandBatch
-from recon.archs.common import HandModelMixin
+from recon.archs.common import HandModelMixin, load_backbone_state, read_weights
 from recon.output import TwoHandOutput
 from recon.registry import REGRESSORS
 
@@ -199,14 +199,7 @@ class DIR(HandModelMixin, nn.Module):
         classifier's keys are ignored), or, when the file is a checkpoint of the reference DIR (its ``net`` state
         dict, ``models/dir.py`` names), the whole model (:mod:`recon.archs.dir.convert`; paper size only).
         Raises ValueError when the file does not fit."""
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict):
-                state = state.get("net", state.get("state_dict", state))
+        state = read_weights(path, keys=("net", "state_dict"))
         if isinstance(state, dict) and is_reference_state_dict(state):
             try:
                 converted = convert_reference_state_dict(state)
@@ -222,13 +215,7 @@ class DIR(HandModelMixin, nn.Module):
                 )
             self.load_state_dict(converted)
             return
-        missing, unexpected = self.encoder.load_state_dict(state, strict=False)
-        unexpected = [key for key in unexpected if not key.startswith(("fc.", "head.", "classifier."))]
-        if missing or unexpected:
-            raise ValueError(
-                f"--backbone-weights {path}: does not fit the encoder: {len(missing)} missing keys "
-                f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
-            )
+        load_backbone_state(self.encoder, state, path, "encoder")
 
     # -- MANO ------------------------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from hands.rotation import axis_angle_to_matrix
 from hands.sample import HandBatch
-from recon.archs.common import HandModelMixin
+from recon.archs.common import HandModelMixin, load_backbone_state, read_weights
 from recon.archs.ihmr.collision import close_boundary, collision_loss
 from recon.output import TwoHandOutput
 from recon.registry import REGRESSORS
@@ -346,24 +346,7 @@ class IHMR(HandModelMixin, nn.Module):
     def load_backbone_weights(self, path: str) -> None:
         """Load pretrained backbone weights (a .safetensors file or a torch state dict; the classifier's keys
         are ignored). Raises ValueError when the file does not fit the backbone."""
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-        try:
-            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
-        except RuntimeError as error:
-            first = " ".join(str(error).split())[:300]
-            raise ValueError(f"--backbone-weights {path}: does not fit the backbone: {first}") from None
-        unexpected = [key for key in unexpected if not key.startswith(("fc.", "head.", "classifier."))]
-        if missing or unexpected:
-            raise ValueError(
-                f"--backbone-weights {path}: does not fit the backbone: {len(missing)} missing keys "
-                f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
-            )
+        load_backbone_state(self.backbone, read_weights(path), path, "backbone")
 
     def caps(self, side: str, faces: Tensor) -> Tensor:
         """The wrist cap of ``side``'s mesh (:func:`collision.close_boundary`), cached per device."""
