@@ -441,7 +441,8 @@ def _posed_procedural_hands(model, batch: int):
 
 def test_render_procedural_hands_and_write_png(tmp_path, monkeypatch):
     """The two procedural MANO-format hands (hands.mano): each side where its hand projects, the local crop
-    of a hand shows that hand; also writes docs/images/render-hands.png (global | local right | local left)."""
+    of a hand shows that hand; the 256 px picture of docs/images/render-hands.png (global | local right | local
+    left) is written to a temporary folder (a test changes no tracked file)."""
     mano = pytest.importorskip("hands.mano")
     from hands.camera import bbox_from_points
 
@@ -473,8 +474,7 @@ def test_render_procedural_hands_and_write_png(tmp_path, monkeypatch):
     grid = torch.cat([torch.cat([out_big.image[i], local_right[i], local_left[i]], -1) for i in range(batch)], -2)
     from PIL import Image
 
-    path = REPO / "docs" / "images" / "render-hands.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "render-hands.png"
     Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
     assert Image.open(path).size == (3 * big, batch * big)
 
