@@ -3,7 +3,6 @@ and the local crop. Images are 32-64 px; meshes are random triangle soups and pr
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +24,6 @@ from hands.render import (
     vertex_normals,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------------------------
