@@ -10,7 +10,10 @@ latents, ...). All of them run AttentionHandPipeline's own denoising loop (DDIM 
   batch size, resolution and device (Table A row "Stable Diffusion").
 - "controlnet": a ControlNet on the global mesh image only: the loop with the guidance ControlNet, no local
   branch and no TAS (row "ControlNet"). Its weights come from `guidance_path` (e.g. a ControlNet trained by
-  `python -m generator.train --lambda-local 0 --tas-updates 0`); without one it is the fresh copy of the UNet.
+  `python -m generator.train --lambda-local 0 --tas-updates 0`). With an `sd_path` and no `guidance_path` it is
+  refused: `<sd_path>/guidance/` holds AttentionHand's own guidance module (the shipped generator's does), and a
+  fresh copy of the UNet is no trained baseline. Only the random-init tiny test model (no `sd_path`) builds it
+  from the fresh copy of its UNet.
 - "t2i-adapter": a T2I-Adapter (diffusers `T2IAdapter`, full adapter) on the global mesh image (row
   "T2I-Adapter"). Its features are computed once per call (they do not depend on the timestep) and added inside
   the UNet's down blocks (`down_intrablock_additional_residuals`), as diffusers' StableDiffusionAdapterPipeline
@@ -168,6 +171,10 @@ def build_baseline(name: str, gen_cfg: GeneratorConfig):
     if name == "attentionhand":
         return AttentionHandPipeline.from_config(gen_cfg)
     own_guidance = name == "controlnet"
+    if own_guidance and gen_cfg.sd_path and not gen_cfg.guidance_path:
+        raise ValueError(f"generator 'controlnet' needs weights trained for it: pass guidance_path=DIR (a ControlNet "
+                         f"trained with `python -m generator.train --lambda-local 0 --tas-updates 0`); "
+                         f"{gen_cfg.sd_path}/guidance holds AttentionHand's own guidance module, not the baseline's")
     components = build_components(gen_cfg if own_guidance else dataclasses.replace(gen_cfg, guidance_path=None))
     unet, guidance = components.unet, components.guidance if own_guidance else None
     if name == "t2i-adapter":

@@ -87,6 +87,15 @@ def test_controlnet_baseline_is_the_global_branch_of_attentionhand(pipes):
     assert torch.equal(_run(pipes["controlnet"], mesh), _run(ours, mesh, None))
 
 
+def test_controlnet_baseline_without_its_own_weights_refuses_in_one_line(tmp_path):
+    """An SD folder's guidance/ is AttentionHand's own module: the ControlNet baseline must not borrow it."""
+    sd_folder = tmp_path / "sd"
+    save_components(build_components(CFG), sd_folder)
+    with pytest.raises(ValueError, match="needs weights trained for it: pass guidance_path") as err:
+        build_baseline("controlnet", dataclasses.replace(CFG, sd_path=str(sd_folder)))
+    assert "\n" not in str(err.value)
+
+
 def test_t2i_adapter_features_enter_the_unet_down_blocks():
     components = build_components(CFG)
     adapter = tiny_t2i_adapter(components.unet, seed=0)
