@@ -9,7 +9,7 @@ overriding the previous one:
    regressor's constructor arguments under ``model:``);
 4. ``--config FILE``;
 5. the command-line flags (``--epochs``, ``--batch-size``, ...);
-6. ``key=value`` overrides (``train.lr=3e-4 model.backbone=resnet34``).
+6. ``key=value`` overrides (``optim.lr=3e-4 model.backbone=resnet34``).
 
 An unknown key or a value of the wrong type fails with one line naming the key and where it came from.
 The ``model`` section is checked against the regressor's constructor signature (its annotated keyword
@@ -166,9 +166,17 @@ def _one_line(error: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"config ({source}): bad value for '{key}': {message}")
 
 
+# String keys that take the word "off": YAML (a config file, a key=value override) reads a bare off as false.
+OFF_KEYS = ("train.amp", "mixing.compile")
+
+
 def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
     try:
         layer_cfg = layer if isinstance(layer, DictConfig) else OmegaConf.create(layer)
+        for key in OFF_KEYS:
+            if OmegaConf.select(layer_cfg, key, default=None) is False:
+                layer_cfg = OmegaConf.create(OmegaConf.to_container(layer_cfg))  # a copy: the layer may be read-only
+                OmegaConf.update(layer_cfg, key, "off")
         return OmegaConf.merge(base, layer_cfg)
     except OmegaConfBaseException as error:
         raise _one_line(error, source) from None
@@ -190,7 +198,7 @@ def _read_yaml(path: Path, source: str) -> DictConfig:
 def _parse_overrides(overrides: List[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.lr=3e-4)")
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=3e-4)")
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as error:

@@ -1,7 +1,7 @@
 """``python -m recon.train``: train a two-hand regressor, checkpoint it, evaluate it.
 
     python -m recon.train                                   # the embedded default (synthlab, demo profile)
-    python -m recon.train --arch baseline --epochs 2 train.lr=3e-4
+    python -m recon.train --arch baseline --epochs 2 optim.lr=3e-4
     python -m recon.train --profile paper --data-root /data --datasets ih26m --mano-dir /mano
     torchrun --nproc-per-node 2 -m recon.train ...           # DDP: gloo on CPU, NCCL on GPUs
     python -m recon.train --resume --out runs/recon          # continue the newest checkpoint in --out
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m recon.train",
         description="Train a two-hand mesh regressor; evaluate it at the end (MPVPE / RRVE / MRRPE, mm).",
     )
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-4")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-4")
     parser.add_argument("--arch", help="registered regressor name (default: baseline)")
     parser.add_argument("--synthetic-ratio", type=_ratio, help="share r of each batch from the generator, 0 <= r < 1")
     parser.add_argument("--profile", choices=("demo", "paper"), help="configs/recon/<profile>.yaml (default: demo)")

@@ -63,3 +63,16 @@ def test_from_config_checks_the_model_section_against_the_constructor():
         from_config(load_config(arch="_model", overrides=["model.depth=3"]), _Model)
     with pytest.raises(ConfigError, match=r"bad value for 'model.width'"):
         from_config(load_config(arch="_model", overrides=["model.width=wide"]), _Model)
+
+
+def test_the_word_off_is_a_mode_not_a_boolean(tmp_path):
+    """YAML reads a bare ``off`` as false; ``train.amp`` and ``mixing.compile`` take "off" as a value, as the docs
+    write it: an override, a config file and a resumed run's config all give "off"."""
+    cfg = load_config(overrides=["train.amp=off", "mixing.compile=off"])
+    assert cfg.train.amp == "off" and cfg.mixing.compile == "off"
+    (tmp_path / "run.yaml").write_text("train:\n  amp: off\nmixing:\n  compile: off\n")
+    cfg = load_config(config_file=str(tmp_path / "run.yaml"), overrides=["train.amp=bf16"])
+    assert cfg.train.amp == "bf16" and cfg.mixing.compile == "off"
+    resumed = load_config(base=cfg, overrides=["train.amp=off"])
+    assert resumed.train.amp == "off" and resumed.mixing.compile == "off"
+    assert load_config(overrides=["train.channels_last=off"]).train.channels_last is False  # a real boolean stays one
