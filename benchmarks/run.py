@@ -24,6 +24,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from hands.paths import write_atomic
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ("p1", "p2", "p3", "p5", "p4")
 NAMES = {"p1": "p1_sampler", "p2": "p2_mixing", "p3": "p3_tas", "p4": "p4_render", "p5": "p5_sd15"}
@@ -180,9 +182,7 @@ def run_target(target: str, device, *, sampler, mixing, render, sd15) -> dict:
 def write_report(report: dict, out: Path) -> None:
     """The JSON and its Markdown table, each written whole (temporary file, then renamed)."""
     for path, text in ((out, json.dumps(report, indent=2) + "\n"), (out.with_suffix(".md"), markdown(report))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp, text=text: Path(tmp).write_text(text))
 
 
 if __name__ == "__main__":
