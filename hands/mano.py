@@ -420,7 +420,7 @@ class HandModel(nn.Module):
         LBS joints, whose wrist is the root rotation's centre) by about 0.4-0.6 mm on average and several mm at
         some poses; predictions and synthesised labels use this one.
         """
-        regressor = self.j_regressor_for(side).to(verts.dtype)  # (16, 778)
+        regressor = self.j_regressor_for(side).to(verts)  # (16, 778), the verts' dtype and device
         regressed = torch.einsum("jv,...vc->...jc", regressor, verts)  # (..., 16, 3)
         tips = verts[..., self.tip_verts, :]  # (..., 5, 3)
         return torch.cat([regressed, tips], -2)[..., self._order, :]

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from hands.camera import project
 from eval.dir_protocol import DIR_TIP_VERTS, DIRProtocol
-from hands.joints import MANO21_TO_OURS, MANO_TIP_VERTS, WRIST
+from hands.joints import MANO_TIP_VERTS, WRIST
 from hands.mano import HandModel, load_mano_file
 from hands.render import render_mesh
 from hands.rotation import matrix_to_axis_angle
@@ -50,7 +50,7 @@ from recon.registry import REGRESSORS
 from .convert import convert_reference_state_dict, is_reference_state_dict
 from .heads import HAND_PARAMS, OFFSET_UNIT, PARAM_SPLIT, InitRegressor, RefineStage, robust_rot6d_to_matrix
 from .losses import edge_length_loss, lovasz_softmax, normal_vector_loss, segmentation_loss, smooth_l1
-from .modules import Residual, index_on, init_conv_bn
+from .modules import Residual, init_conv_bn
 
 __all__ = [
     "DIR",
@@ -71,8 +71,7 @@ SEG_LEFT, SEG_RIGHT = 1, 2  # DIR's segmentation classes (0: background)
 
 def joints_from_verts(hand_model: HandModel, side: str, verts: Tensor) -> Tensor:
     """verts: (B, 778, 3) of ``side`` -> (B, 21, 3) joints in our order (MANO's 16 regressed + 5 tip vertices)."""
-    regressed = torch.einsum("jv,bvc->bjc", hand_model.j_regressor_for(side).to(verts), verts)  # (B, 16, 3)
-    return torch.cat((regressed, verts[:, hand_model.tip_verts]), 1)[:, index_on(MANO21_TO_OURS, verts.device)]
+    return hand_model.regress_joints(side, verts)
 
 
 def protocol_tip_vertices(hand_model: HandModel) -> Tuple[int, ...]:
