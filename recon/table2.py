@@ -137,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         "a Table-2-style table with the deltas and their spread.",
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides passed to every run")
-    parser.add_argument("--arch", required=True, help="registered regressor name (interwild, intaghand, baseline, ...)")
+    from recon.registry import REGRESSORS, load_builtin_regressors
+
+    load_builtin_regressors()
+    parser.add_argument("--arch", required=True,
+                        help=f"registered regressor: {', '.join(REGRESSORS.names())} or a --plugin's")
     parser.add_argument("--ratios", default="0,0.3",
                         help="synthetic ratios, comma-separated; the first is the reference (default 0,0.3)")
     parser.add_argument("--seeds", help="seeds 0..N-1 (default 3)")

@@ -117,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a two-hand mesh regressor; evaluate it at the end (MPVPE / RRVE / MRRPE, mm).",
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-4")
-    parser.add_argument("--arch", help="registered regressor name (default: baseline)")
+    load_builtin_regressors()
+    parser.add_argument(
+        "--arch", help=f"registered regressor: {', '.join(REGRESSORS.names())} or a --plugin's (default: baseline)"
+    )
     parser.add_argument("--synthetic-ratio", type=_ratio, help="share r of each batch from the generator, 0 <= r < 1")
     parser.add_argument("--profile", choices=("demo", "paper"), help="configs/recon/<profile>.yaml (default: demo)")
     parser.add_argument("--config", help="a YAML file layered over the profile and arch files")

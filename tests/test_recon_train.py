@@ -232,3 +232,12 @@ def test_backbone_weight_files_that_cannot_be_read_or_do_not_fit_give_one_line_e
         load_backbone_state(torch.nn.Linear(2, 4), state, "ref.pt", "encoder")
     with pytest.raises(ValueError, match=r"ref.pt: does not fit the encoder: 0 missing keys \[\], 1 unexpected"):
         load_backbone_state(layer, {**state, "extra": torch.ones(1)}, "ref.pt", "encoder")
+
+
+def test_help_lists_the_registered_regressors():
+    from recon import table2, train
+
+    for parser in (train.build_parser(), table2.build_parser()):
+        text = " ".join(parser.format_help().split())
+        for name in ("baseline", "dir", "ihmr", "intaghand", "interwild"):
+            assert name in text.rsplit("--arch ARCH", 1)[1].split(" --", 1)[0], (parser.prog, name)
