@@ -23,6 +23,7 @@ __all__ = [
     "apply_affine",
     "affine_to_3x3",
     "invert_affine",
+    "inverse_3x3",
     "crop_image",
     "transform_intrinsics",
 ]
@@ -132,10 +133,23 @@ def affine_to_3x3(affine: Tensor) -> Tensor:
     return torch.cat([affine, last], -2)
 
 
+def inverse_3x3(matrix: Tensor) -> Tensor:
+    """(..., 3, 3) -> its inverse, in closed form (adjugate / determinant): no error check (torch.linalg.inv's
+    is a host sync on an accelerator) and exportable to ONNX (which has no matrix inverse). The matrices of this
+    module (intrinsics, affines) are invertible."""
+    (a, b, c), (d, e, f), (g, h, i) = (matrix[..., r, :].unbind(-1) for r in range(3))
+    cofactors = torch.stack([
+        torch.stack([e * i - f * h, c * h - b * i, b * f - c * e], -1),
+        torch.stack([f * g - d * i, a * i - c * g, c * d - a * f], -1),
+        torch.stack([d * h - e * g, b * g - a * h, a * e - b * d], -1),
+    ], -2)  # the adjugate
+    det = a * cofactors[..., 0, 0] + b * cofactors[..., 1, 0] + c * cofactors[..., 2, 0]
+    return cofactors / det[..., None, None]
+
+
 def invert_affine(affine: Tensor) -> Tensor:
-    """(..., 2, 3) -> its inverse (..., 2, 3)."""
-    # inv_ex: no error check (a host sync on an accelerator); an affine from this module is invertible
-    return torch.linalg.inv_ex(affine_to_3x3(affine)).inverse[..., :2, :]
+    """(..., 2, 3) -> its inverse (..., 2, 3) (:func:`inverse_3x3`: no host sync, exportable)."""
+    return inverse_3x3(affine_to_3x3(affine))[..., :2, :]
 
 
 def crop_image(image: Tensor, affine: Tensor, out_size: tuple[int, int], mode: str = "bilinear") -> Tensor:

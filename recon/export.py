@@ -14,9 +14,9 @@ regressor fills (``right_mano_pose`` (B, 48), ``right_mano_shape`` (B, 10), ``ri
 gives a graph whose only input is ``image`` (the exporter drops unused inputs); InterWild's uses both.
 The batch size is fixed at export (``--batch``).
 
-Exported with ``torch.onnx.export`` (the TorchScript-based exporter, ``dynamo=False``, opset 17).
+Exported with ``torch.onnx.export`` (the TorchScript-based exporter, ``dynamo=False``, opset 20: InterWild's crops need its AffineGrid).
 ``--check`` runs the file in ONNX Runtime on a random input and prints the largest difference from
-PyTorch's outputs (what tests/test_tools_export.py asserts).
+PyTorch's outputs (what tests/test_tools_recon.py asserts).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from recon.registry import PluginError, import_plugin
 
 __all__ = ["ExportWrapper", "export_onnx", "compare_with_onnxruntime", "main"]
 
-OPSET = 17
+OPSET = 20
 
 
 class ExportWrapper(nn.Module):
@@ -152,7 +152,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ckpt.CheckpointError, PluginError, MANOError, ValueError) as error:  # ValueError: output_file
         print(f"recon.export: error: {error}", file=sys.stderr)
         return 2
-    names = export_onnx(model, info, args.onnx, batch=args.batch)
+    try:
+        names = export_onnx(model, info, args.onnx, batch=args.batch)
+    except torch.onnx.errors.OnnxExporterError as error:  # an operator the exporter has no ONNX form for
+        first = " ".join(str(error).split())[:300]
+        print(f"recon.export: error: {info.arch} cannot be exported to ONNX (opset {OPSET}): {first}", file=sys.stderr)
+        return 1
     print(f"recon.export: wrote {args.onnx} ({info.arch}, inputs image {list(example_inputs(info, args.batch)[0].shape)}, K; outputs {', '.join(names)})")
     if args.check:
         try:

@@ -59,3 +59,14 @@ def test_transform_intrinsics_commutes_with_projection():
     direct = camera.apply_affine(camera.project(pts, K), A)
     via_K = camera.project(pts, camera.transform_intrinsics(K, A))
     torch.testing.assert_close(via_K, direct, atol=1e-4, rtol=0)
+
+
+def test_inverse_3x3_is_the_inverse_of_intrinsics_and_affines():
+    gen = torch.Generator().manual_seed(0)
+    K = camera.make_intrinsics((500.0, 480.0), (320.0, 240.0)).double()
+    K[0, 1] = 2.0  # a skew: still upper triangular
+    A = camera.affine_to_3x3(camera.bbox_crop_affine(torch.tensor([10.0, 20.0, 110.0, 140.0]), (64, 48))).double()
+    rotated = torch.tensor([[0.6, -0.8, 5.0], [0.8, 0.6, -3.0], [0.0, 0.0, 1.0]], dtype=torch.float64) @ K
+    batch = torch.randn(4, 3, 3, generator=gen, dtype=torch.float64) + 3 * torch.eye(3, dtype=torch.float64)
+    for matrix in (K, A, rotated, batch):
+        torch.testing.assert_close(camera.inverse_3x3(matrix), torch.linalg.inv(matrix))

@@ -279,3 +279,21 @@ def test_overfitting_four_samples_lowers_the_losses_and_finds_the_boxes(hand_mod
         gt_centre = (gt_box[:, :2] + gt_box[:, 2:]) / 2
         error = (centre - gt_centre).norm(dim=-1)
         assert (error < 2.5).all(), (side, error.tolist())  # hands are about 18 x 8 px; a box cell is 3 x 4 px
+
+
+def test_onnx_export_with_the_whole_image_crops_matches_pytorch(tmp_path):
+    """InterWild crops the hands inside the graph (an affine grid) and back-projects its roots with K^-1: the
+    export needs opset 20's AffineGrid and a closed-form inverse (ONNX has no matrix inverse)."""
+    pytest.importorskip("onnx", reason="ONNX export needs the 'export' extra (onnx)")
+    pytest.importorskip("onnxruntime", reason="the comparison needs the 'export' extra (onnxruntime)")
+    from types import SimpleNamespace
+
+    from recon import export as recon_export
+
+    torch.manual_seed(0)
+    model = InterWild(**TINY).eval()
+    info = SimpleNamespace(meta={"config": {"data": {"image_size": [HEIGHT, WIDTH]}}})
+    names = recon_export.export_onnx(model, info, tmp_path / "interwild.onnx", batch=1)
+    assert names[:5] == ["right_verts", "left_verts", "right_joints", "left_joints", "rel_root"]
+    diffs = recon_export.compare_with_onnxruntime(model, info, tmp_path / "interwild.onnx", batch=1)
+    assert set(diffs) == set(names) and max(diffs.values()) < 1e-3, diffs

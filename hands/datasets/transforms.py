@@ -34,6 +34,7 @@ from hands.camera import (
     apply_affine,
     bbox_crop_affine,
     crop_image,
+    inverse_3x3,
     project,
     square_bbox,
     scale_bbox,
@@ -96,8 +97,8 @@ def _rotation_z(angle_deg: float, dtype=torch.float32, device=None) -> Tensor:
 
 def _inverse_intrinsics(K: Tensor) -> Tensor:
     """K^-1 of (3, 3) intrinsics (upper triangular, K[2, 2] = 1), without torch.linalg.inv's error check
-    (a host sync on an accelerator)."""
-    return torch.linalg.inv_ex(K).inverse
+    (a host sync on an accelerator): :func:`hands.camera.inverse_3x3`."""
+    return inverse_3x3(K)
 
 
 # -- hflip ---------------------------------------------------------------------------------------------------

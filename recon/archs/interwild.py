@@ -54,6 +54,7 @@ from hands.camera import (
     bbox_crop_affine,
     bbox_from_points,
     crop_image,
+    inverse_3x3,
     invert_affine,
     project,
     scale_bbox,
@@ -622,7 +623,7 @@ class InterWild(nn.Module):
         real_focal = torch.sqrt(K[:, 0, 0] * K[:, 1, 1])[:, None] * zoom  # (B, 2)
         depth = translation[..., 2] * real_focal / self.virtual_focal  # (B, 2)
         homogeneous = torch.cat((root_img, torch.ones_like(root_img[..., :1])), -1)  # (B, 2, 3)
-        rays = homogeneous @ torch.linalg.inv_ex(K).inverse.transpose(-1, -2)  # (B, 2, 3), z = 1; no error-check sync
+        rays = homogeneous @ inverse_3x3(K).transpose(-1, -2)  # (B, 2, 3), z = 1; no sync, exportable
         return rays * depth[..., None]
 
     # -- losses -----------------------------------------------------------------------------------------
