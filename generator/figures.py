@@ -140,11 +140,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def pipeline_from_args(args: argparse.Namespace):
+    """(generator config, device, pipeline on it) from ``--generator-config``, ``--sd-path``, ``--guidance-path``,
+    ``--set KEY=VALUE`` (``overrides``) and ``--device`` (the flags of generator.figures and generator.tas_effect)."""
     from .model import load_config
     from .pipeline import AttentionHandPipeline
     from .train import resolve_device
 
+    overrides = list(args.overrides)
+    if args.sd_path:
+        overrides.append(f"sd_path={args.sd_path}")
+    if args.guidance_path:
+        overrides.append(f"guidance_path={args.guidance_path}")
+    gen_cfg = load_config(args.generator_config, overrides)
+    device = resolve_device(args.device)
+    return gen_cfg, device, AttentionHandPipeline.from_config(gen_cfg).to(device)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m generator.figures", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for the PNGs")
     p.add_argument("--generator-config", default="tiny-synthlab", help="tiny-synthlab (trained) | tiny | sd15 | a YAML path")
@@ -164,14 +177,7 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
 
-    overrides = list(args.overrides)
-    if args.sd_path:
-        overrides.append(f"sd_path={args.sd_path}")
-    if args.guidance_path:
-        overrides.append(f"guidance_path={args.guidance_path}")
-    gen_cfg = load_config(args.generator_config, overrides)
-    device = resolve_device(args.device)
-    pipe = AttentionHandPipeline.from_config(gen_cfg).to(device)
+    gen_cfg, device, pipe = pipeline_from_args(args)
     size = args.size or pipe.default_size
     mesh, local, caption = mesh_from_dataset(args.dataset, args.data_root, args.split, args.index, size,
                                              extend=gen_cfg.extend, framing=gen_cfg.framing)

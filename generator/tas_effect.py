@@ -244,11 +244,9 @@ def _shown_path(path: str | None) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .figures import mesh_from_dataset  # noqa: F401  (same framing helpers)
-    from .model import load_config
-    from .pipeline import AttentionHandPipeline
+    from .figures import pipeline_from_args
     from .segmenter import load_segmenter
-    from .train import FramedDataset, make_train_batch, resolve_device
+    from .train import FramedDataset, make_train_batch
 
     p = argparse.ArgumentParser(prog="python -m generator.tas_effect", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for tas-effect.json and tas-effect.png")
@@ -271,14 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.samples < 1:
         raise SystemExit("--samples must be >= 1")
 
-    overrides = list(args.overrides)
-    if args.sd_path:
-        overrides.append(f"sd_path={args.sd_path}")
-    if args.guidance_path:
-        overrides.append(f"guidance_path={args.guidance_path}")
-    gen_cfg = load_config(args.generator_config, overrides)
-    device = resolve_device(args.device)
-    pipe = AttentionHandPipeline.from_config(gen_cfg).to(device)
+    gen_cfg, device, pipe = pipeline_from_args(args)
     size = args.size or pipe.default_size
     steps = args.steps or gen_cfg.sampling.num_inference_steps
     tas_steps = args.tas_steps if args.tas_steps is not None else (gen_cfg.sampling.tas_steps or 10)
