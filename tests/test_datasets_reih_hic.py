@@ -137,3 +137,18 @@ def test_truncation_ratios_that_are_not_finite_numbers_are_skipped_not_crashes()
 
     assert _finite_number(0.5) and _finite_number(-9_223_372_036_854_775_809)
     assert not any(_finite_number(v) for v in (10**400, float("nan"), float("inf"), True, "0.5", None))
+
+
+def test_hic_image_entries_without_an_integer_id_are_counted(tmp_path, model):
+    write_hic_fixture(tmp_path, model, count=3)
+    data = json.loads((tmp_path / "HIC.json").read_text())
+    data["images"][0]["id"] = "zero"
+    data["images"].append("not an object")
+    (tmp_path / "HIC.json").write_text(json.dumps(data))
+    dataset = build_dataset("hic", tmp_path, "test", hand_model=model)
+    assert len(dataset) == 2
+    assert dataset.skipped == {
+        "image entry: id not an integer": 1,
+        "image entry: not an object": 1,
+        "annotation: image_id not among the images": 1,
+    }

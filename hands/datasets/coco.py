@@ -67,6 +67,7 @@ from hands.datasets.common import (
     DatasetError,
     HandDataset,
     image_entry,
+    index_images,
     as_bounded,
     as_int,
     as_rotation,
@@ -187,13 +188,7 @@ class MSCOCO(HandDataset):
         for key in ("images", "annotations"):
             if not isinstance(data.get(key), list):
                 raise DatasetError(f"{annotations / ANNOTATION_FILES[split]}: expected a list under {key!r}")
-        images = {}
-        for image in data["images"]:
-            if isinstance(image, dict):
-                try:
-                    images[as_int(image.get("id"), "image id")] = image
-                except BadRecord:
-                    self.skip("image entry: id not an integer")
+        images = index_images(data["images"], self.skip)
         persons: Counter = Counter()
         for ann in data["annotations"]:
             if isinstance(ann, dict):

@@ -174,6 +174,21 @@ def as_int(value: Any, field: str) -> int:
     return int(number)
 
 
+def index_images(entries: list, skip: Callable[[str], None]) -> dict[int, dict]:
+    """COCO-style ``images`` entries by their integer ``id``; an entry that is not an object or has no integer id
+    is left out and counted through ``skip(reason)`` (its annotations are then skipped as not among the images)."""
+    images: dict[int, dict] = {}
+    for image in entries:
+        if not isinstance(image, dict):
+            skip("image entry: not an object")
+            continue
+        try:
+            images[as_int(image.get("id"), "image id")] = image
+        except BadRecord:
+            skip("image entry: id not an integer")
+    return images
+
+
 def image_entry(image: dict, keys: Sequence[str] = ("file_name", "width", "height")) -> tuple[str, int, int]:
     """A COCO-style ``images`` entry checked (``keys`` present, a non-empty ``file_name``, width and height in
     1..100000): (file_name, width, height); a :class:`BadRecord` naming the fault otherwise."""

@@ -26,6 +26,7 @@ from hands.datasets.common import (
     DatasetError,
     HandDataset,
     image_entry,
+    index_images,
     as_int,
     assemble_sample,
     load_image,
@@ -96,13 +97,7 @@ class HIC(HandDataset):
         for key in ("images", "annotations"):
             if not isinstance(data.get(key), list):
                 raise DatasetError(f"{root / 'HIC.json'}: expected a list under {key!r}")
-        images = {}
-        for image in data["images"]:
-            if isinstance(image, dict):
-                try:
-                    images[as_int(image.get("id"), "image id")] = image
-                except BadRecord:
-                    continue
+        images = index_images(data["images"], self.skip)
         for ann in data["annotations"]:
             try:
                 self.records.append(self._record(ann, images))

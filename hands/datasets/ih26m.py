@@ -40,6 +40,7 @@ from hands.datasets.common import (
     DatasetError,
     HandDataset,
     image_entry,
+    index_images,
     as_array,
     as_bounded,
     as_int,
@@ -202,13 +203,7 @@ class InterHand26M(HandDataset):
         return ids
 
     def _build_index(self, data: dict, cameras: dict, joints: dict, manos: dict, id_list: list[int] | None) -> None:
-        images: dict[int, dict] = {}
-        for image in data["images"]:
-            if isinstance(image, dict) and "id" in image:
-                try:
-                    images[as_int(image["id"], "image id")] = image
-                except BadRecord:
-                    continue
+        images = index_images(data["images"], self.skip)
         annotations = [a for a in data["annotations"] if isinstance(a, dict)]
         self.skipped.update({"annotation: not an object": len(data["annotations"]) - len(annotations)})
         if id_list is not None:
