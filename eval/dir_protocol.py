@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from eval.intaghand_protocol import bone_rescaled_errors, joint_regressor
+from eval.intaghand_protocol import RescaledMeshProtocol, bone_rescaled_errors, joint_regressor
 from eval.metrics import sum_over_ranks
 from hands.joints import WRIST
 from hands.sample import HandBatch
@@ -59,7 +59,7 @@ def dir_errors(pred_verts: Tensor, gt_verts: Tensor, j_regressor: Tensor, tip_ve
     return bone_rescaled_errors(pred_verts, gt_verts.to(pred_verts), regressor, root=WRIST)
 
 
-class DIRProtocol:
+class DIRProtocol(RescaledMeshProtocol):
     """Streaming DIR-protocol MPVPE / MPJPE / root error (``reset`` / ``process`` / ``evaluate``).
 
     Args (keyword-only):
@@ -67,16 +67,6 @@ class DIRProtocol:
         tip_verts: the 5 fingertip vertices (:data:`DIR_TIP_VERTS` on official MANO).
         distributed: sum the statistics over ranks in :meth:`evaluate` when torch.distributed is initialised.
     """
-
-    def __init__(
-        self, *, j_regressor_right: Tensor, j_regressor_left: Tensor, tip_verts: Sequence[int], distributed: bool = True
-    ) -> None:
-        if len(tip_verts) != 5:
-            raise ValueError(f"tip_verts: expected 5 fingertip vertices, got {len(tip_verts)}")
-        self.j_regressor = {"right": j_regressor_right, "left": j_regressor_left}
-        self.tip_verts = tuple(int(v) for v in tip_verts)
-        self.distributed = distributed
-        self.reset()
 
     def reset(self) -> None:
         """Forget everything processed so far."""

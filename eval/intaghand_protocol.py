@@ -17,6 +17,7 @@ labels (the bone lengths): these numbers are comparable with IntagHand's paper, 
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import Sequence
 
@@ -28,7 +29,7 @@ from hands.joints import MANO21_TO_OURS, MIDDLE_KNUCKLE, WRIST
 from hands.sample import HandBatch
 from hands.units import to_mm
 
-__all__ = ["joint_regressor", "regress_joints", "intaghand_errors", "bone_rescaled_errors", "IntagHandProtocol"]
+__all__ = ["joint_regressor", "regress_joints", "intaghand_errors", "bone_rescaled_errors", "RescaledMeshProtocol", "IntagHandProtocol"]
 
 SIDES = ("right", "left")
 
@@ -72,14 +73,9 @@ def bone_rescaled_errors(pred_verts: Tensor, gt_verts: Tensor, regressor: Tensor
     return verts_error, joints_error
 
 
-class IntagHandProtocol:
-    """Streaming IntagHand-protocol MPVPE / MPJPE (``reset`` / ``process`` / ``evaluate``).
-
-    Args (keyword-only):
-        j_regressor_right, j_regressor_left: (16, V) the hand model's joint regressors (row 0 the wrist).
-        tip_verts: the 5 fingertip vertices (IntagHand's ``(745, 317, 444, 556, 673)`` on official MANO).
-        distributed: sum the statistics over ranks in :meth:`evaluate` when torch.distributed is initialised.
-    """
+class RescaledMeshProtocol(abc.ABC):
+    """What the bone-rescaled mesh protocols (IntagHand's, DIR's) take: the hand model's (16, V) joint regressors
+    (row 0 the wrist), the 5 fingertip vertices and whether to sum over ranks; ``reset`` is theirs."""
 
     def __init__(
         self, *, j_regressor_right: Tensor, j_regressor_left: Tensor, tip_verts: Sequence[int], distributed: bool = True
@@ -90,6 +86,20 @@ class IntagHandProtocol:
         self.tip_verts = tuple(int(v) for v in tip_verts)
         self.distributed = distributed
         self.reset()
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Forget everything processed so far."""
+
+
+class IntagHandProtocol(RescaledMeshProtocol):
+    """Streaming IntagHand-protocol MPVPE / MPJPE (``reset`` / ``process`` / ``evaluate``).
+
+    Args (keyword-only):
+        j_regressor_right, j_regressor_left: (16, V) the hand model's joint regressors (row 0 the wrist).
+        tip_verts: the 5 fingertip vertices (IntagHand's ``(745, 317, 444, 556, 673)`` on official MANO).
+        distributed: sum the statistics over ranks in :meth:`evaluate` when torch.distributed is initialised.
+    """
 
     def reset(self) -> None:
         """Forget everything processed so far."""
