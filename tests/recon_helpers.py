@@ -29,3 +29,50 @@ def run_args(synthlab_root: Path, out: Path, *extra: str) -> list[str]:
         "--test-datasets", "synthlab:test-lab,synthlab:test-wild",
         "--out", str(out), "--batch-size", "4", "--seed", "3", *TINY, *extra,
     ]
+
+
+def rendered_two_hand_samples(hand_model, n: int, seed: int = 0, *, size: int = 64, offset: float = 0.04) -> list:
+    """n rendered two-hand samples (size x size) with consistent 3D, 2D and MANO labels: random poses about a
+    palm-down root, the right wrist at (-offset, -0.02, 0.6) m and the left at (offset, 0.02, 0.6) m (+- 2 cm),
+    labels exactly those of the rendered meshes. Collate them with `hands.sample.collate` for a batch."""
+    import math
+
+    import torch
+
+    from hands.camera import bbox_from_points, make_intrinsics, project, scale_bbox
+    from hands.render import render_hands
+    from hands.sample import Camera, HandLabels, HandSample
+
+    gen = torch.Generator().manual_seed(seed)
+    K = make_intrinsics((80.0 * size / 64, 80.0 * size / 64), ((size - 1) / 2, (size - 1) / 2))
+    labels, verts = {}, {}
+    for side, xy in (("right", (-offset, -0.02)), ("left", (offset, 0.02))):
+        pose = torch.randn(n, 48, generator=gen) * 0.25
+        pose[:, :3] = torch.tensor([math.pi, 0.0, 0.0]) + torch.randn(n, 3, generator=gen) * 0.3
+        shape = torch.randn(n, 10, generator=gen) * 0.5
+        out = hand_model(side, pose, shape)
+        root = torch.tensor([*xy, 0.6]) + torch.randn(n, 3, generator=gen) * 0.02
+        shift = root - out.joints[:, 0]
+        joints_cam, verts_cam = out.joints + shift[:, None], out.verts + shift[:, None]
+        joints_img = project(joints_cam, K)
+        labels[side] = [
+            HandLabels(
+                mano_pose=pose[i], mano_shape=shape[i], root_cam=root[i], verts_cam=verts_cam[i],
+                joints_cam=joints_cam[i], joints_img=joints_img[i],
+                bbox=scale_bbox(bbox_from_points(joints_img[i]), 1.2), valid=torch.tensor(True),
+                joints_valid=torch.ones(21, dtype=torch.bool), mano_valid=torch.tensor(True),
+            )
+            for i in range(n)
+        ]
+        verts[side] = verts_cam
+    images = render_hands(
+        verts["right"], verts["left"], hand_model.faces_for("right"), hand_model.faces_for("left"), K, (size, size)
+    ).image
+    return [
+        HandSample(
+            image=images[i], right=labels["right"][i], left=labels["left"][i],
+            rel_root=labels["left"][i].root_cam - labels["right"][i].root_cam, rel_root_valid=torch.tensor(True),
+            camera=Camera(K=K), hand_type="interacting", meta={"dataset": "test", "id": str(i), "is_synthetic": False},
+        )
+        for i in range(n)
+    ]

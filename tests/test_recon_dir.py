@@ -11,14 +11,13 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-from hands.camera import bbox_from_points, make_intrinsics, project, scale_bbox
+from hands.camera import project
 from hands.mano import HandModel
 from hands.render import render_hands
-from hands.sample import Camera, HandLabels, HandSample, collate
+from hands.sample import collate
 from recon.archs.dir import DIR
 from recon.archs.dir.heads import OFFSET_UNIT, robust_rot6d_to_matrix
 from recon.archs.dir.losses import (
@@ -32,6 +31,7 @@ from recon.archs.dir.model import SEG_LEFT, SEG_RIGHT, joints_from_verts
 from recon.archs.dir.modules import BONE_PARENTS, JointGraphConv, bone_feature_map
 from recon.config import from_config, load_config
 from recon.registry import build_regressor
+from tests.recon_helpers import rendered_two_hand_samples
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -73,40 +73,7 @@ def _make_batch(hand_model: HandModel, n: int, seed: int = 0):
 
 def _make_samples(hand_model: HandModel, n: int, seed: int = 0) -> list:
     """n rendered two-hand samples (64 x 64) with consistent 3D and 2D labels."""
-    gen = torch.Generator().manual_seed(seed)
-    K = make_intrinsics((80.0, 80.0), ((SIZE - 1) / 2, (SIZE - 1) / 2))
-    labels, verts = {}, {}
-    for side, offset in (("right", (-0.04, -0.02)), ("left", (0.04, 0.02))):
-        pose = torch.randn(n, 48, generator=gen) * 0.25
-        pose[:, :3] = torch.tensor([math.pi, 0.0, 0.0]) + torch.randn(n, 3, generator=gen) * 0.3
-        shape = torch.randn(n, 10, generator=gen) * 0.5
-        out = hand_model(side, pose, shape)
-        root = torch.tensor([*offset, 0.6]) + torch.randn(n, 3, generator=gen) * 0.02
-        shift = root - out.joints[:, 0]
-        joints_cam, verts_cam = out.joints + shift[:, None], out.verts + shift[:, None]
-        joints_img = project(joints_cam, K)
-        labels[side] = [
-            HandLabels(
-                mano_pose=pose[i], mano_shape=shape[i], root_cam=root[i], verts_cam=verts_cam[i],
-                joints_cam=joints_cam[i], joints_img=joints_img[i],
-                bbox=scale_bbox(bbox_from_points(joints_img[i]), 1.2), valid=torch.tensor(True),
-                joints_valid=torch.ones(21, dtype=torch.bool), mano_valid=torch.tensor(True),
-            )
-            for i in range(n)
-        ]
-        verts[side] = verts_cam
-    images = render_hands(
-        verts["right"], verts["left"], hand_model.faces_for("right"), hand_model.faces_for("left"), K, (SIZE, SIZE)
-    ).image
-    samples = [
-        HandSample(
-            image=images[i], right=labels["right"][i], left=labels["left"][i],
-            rel_root=labels["left"][i].root_cam - labels["right"][i].root_cam, rel_root_valid=torch.tensor(True),
-            camera=Camera(K=K), hand_type="interacting", meta={"dataset": "test", "id": str(i), "is_synthetic": False},
-        )
-        for i in range(n)
-    ]
-    return samples
+    return rendered_two_hand_samples(hand_model, n, seed, size=SIZE)
 
 
 # -- size ---------------------------------------------------------------------------------------------------------
@@ -468,8 +435,8 @@ def test_onnx_export_matches_pytorch(mixed_run, tmp_path):
 
 
 def test_demo_with_boxes(mixed_run, tmp_path):
-    from recon import demo as recon_demo
     from hands.datasets import build_dataset
+    from recon import demo as recon_demo
 
     root, out, _ = mixed_run
     dataset = build_dataset("synthlab", root, "test-lab")

@@ -15,10 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from hands.camera import bbox_from_points, make_intrinsics, project, scale_bbox
 from hands.mano import HandModel
-from hands.render import render_hands
-from hands.sample import Camera, HandLabels, HandSample, collate
+from hands.sample import collate
 from recon import test as recon_test
 from recon import train as recon_train
 from recon.archs.ihmr.collision import (
@@ -34,7 +32,7 @@ from recon.archs.ihmr.model import IHMR, PARAM_SLICES, STAGES, _accepted, decode
 from recon.archs.ihmr.optimize import finger_regulariser
 from recon.config import from_config, load_config
 from recon.registry import build_regressor
-from tests.recon_helpers import write_tiny_synthlab
+from tests.recon_helpers import rendered_two_hand_samples, write_tiny_synthlab
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -222,41 +220,8 @@ def test_collision_is_positive_for_interpenetrating_hands_and_zero_for_separated
 
 
 def _rendered_batch(hand_model: HandModel, n: int, seed: int = 0):
-    """n rendered two-hand samples (64 x 64) with consistent 3D, 2D and MANO labels."""
-    gen = torch.Generator().manual_seed(seed)
-    K = make_intrinsics((80.0, 80.0), ((SIZE - 1) / 2, (SIZE - 1) / 2))
-    labels, verts = {}, {}
-    for side, offset in (("right", (-0.05, -0.02)), ("left", (0.05, 0.02))):
-        pose = torch.randn(n, 48, generator=gen) * 0.25
-        pose[:, :3] = torch.tensor([math.pi, 0.0, 0.0]) + torch.randn(n, 3, generator=gen) * 0.3
-        shape = torch.randn(n, 10, generator=gen) * 0.5
-        out = hand_model(side, pose, shape)
-        root = torch.tensor([*offset, 0.6]) + torch.randn(n, 3, generator=gen) * 0.02
-        shift = root - out.joints[:, 0]
-        joints_cam, verts_cam = out.joints + shift[:, None], out.verts + shift[:, None]
-        joints_img = project(joints_cam, K)
-        labels[side] = [
-            HandLabels(
-                mano_pose=pose[i], mano_shape=shape[i], root_cam=root[i], verts_cam=verts_cam[i],
-                joints_cam=joints_cam[i], joints_img=joints_img[i],
-                bbox=scale_bbox(bbox_from_points(joints_img[i]), 1.2), valid=torch.tensor(True),
-                joints_valid=torch.ones(21, dtype=torch.bool), mano_valid=torch.tensor(True),
-            )
-            for i in range(n)
-        ]
-        verts[side] = verts_cam
-    images = render_hands(
-        verts["right"], verts["left"], hand_model.faces_for("right"), hand_model.faces_for("left"), K, (SIZE, SIZE)
-    ).image
-    samples = [
-        HandSample(
-            image=images[i], right=labels["right"][i], left=labels["left"][i],
-            rel_root=labels["left"][i].root_cam - labels["right"][i].root_cam, rel_root_valid=torch.tensor(True),
-            camera=Camera(K=K), hand_type="interacting", meta={"dataset": "test", "id": str(i), "is_synthetic": False},
-        )
-        for i in range(n)
-    ]
-    return collate(samples)
+    """n rendered two-hand samples (64 x 64) with consistent 3D, 2D and MANO labels, collated."""
+    return collate(rendered_two_hand_samples(hand_model, n, seed, size=SIZE, offset=0.05))
 
 
 def test_outputs_follow_the_contract(hand_model):

@@ -15,11 +15,13 @@ import pytest
 import scipy.sparse
 import torch
 
-from hands.camera import bbox_from_points, make_intrinsics, project, scale_bbox
+from eval.intaghand_protocol import IntagHandProtocol, intaghand_errors, joint_regressor
+from hands.camera import project
 from hands.datasets.transforms import IntagHandAugment, crop_to_vertices, vertex_box
+from hands.joints import MANO21_TO_OURS
 from hands.mano import HandModel
 from hands.render import render_hands
-from hands.sample import Camera, HandLabels, HandSample, collate
+from hands.sample import collate
 from recon.archs.graph import (
     cluster_mean_matrix,
     coarsen_graph,
@@ -29,8 +31,6 @@ from recon.archs.graph import (
     normalized_laplacian,
     rescale_laplacian,
 )
-from eval.intaghand_protocol import IntagHandProtocol, intaghand_errors, joint_regressor
-from hands.joints import MANO21_TO_OURS
 from recon.archs.intaghand import (
     BONE_LENGTH,
     DualGraphLevel,
@@ -43,6 +43,7 @@ from recon.archs.intaghand import (
 )
 from recon.config import from_config, load_config
 from recon.registry import build_regressor
+from tests.recon_helpers import rendered_two_hand_samples
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the tiny models train
 
@@ -85,40 +86,7 @@ def _make_batch(hand_model: HandModel, n: int, seed: int = 0):
 
 def _make_samples(hand_model: HandModel, n: int, seed: int = 0) -> list:
     """n rendered two-hand samples (64 x 64) with consistent 3D and 2D labels."""
-    gen = torch.Generator().manual_seed(seed)
-    K = make_intrinsics((80.0, 80.0), ((SIZE - 1) / 2, (SIZE - 1) / 2))
-    labels, verts = {}, {}
-    for side, offset in (("right", (-0.04, -0.02)), ("left", (0.04, 0.02))):
-        pose = torch.randn(n, 48, generator=gen) * 0.25
-        pose[:, :3] = torch.tensor([math.pi, 0.0, 0.0]) + torch.randn(n, 3, generator=gen) * 0.3
-        shape = torch.randn(n, 10, generator=gen) * 0.5
-        out = hand_model(side, pose, shape)
-        root = torch.tensor([*offset, 0.6]) + torch.randn(n, 3, generator=gen) * 0.02
-        shift = root - out.joints[:, 0]
-        joints_cam, verts_cam = out.joints + shift[:, None], out.verts + shift[:, None]
-        joints_img = project(joints_cam, K)
-        labels[side] = [
-            HandLabels(
-                mano_pose=pose[i], mano_shape=shape[i], root_cam=root[i], verts_cam=verts_cam[i],
-                joints_cam=joints_cam[i], joints_img=joints_img[i],
-                bbox=scale_bbox(bbox_from_points(joints_img[i]), 1.2), valid=torch.tensor(True),
-                joints_valid=torch.ones(21, dtype=torch.bool), mano_valid=torch.tensor(True),
-            )
-            for i in range(n)
-        ]
-        verts[side] = verts_cam
-    images = render_hands(
-        verts["right"], verts["left"], hand_model.faces_for("right"), hand_model.faces_for("left"), K, (SIZE, SIZE)
-    ).image
-    samples = [
-        HandSample(
-            image=images[i], right=labels["right"][i], left=labels["left"][i],
-            rel_root=labels["left"][i].root_cam - labels["right"][i].root_cam, rel_root_valid=torch.tensor(True),
-            camera=Camera(K=K), hand_type="interacting", meta={"dataset": "test", "id": str(i), "is_synthetic": False},
-        )
-        for i in range(n)
-    ]
-    return samples
+    return rendered_two_hand_samples(hand_model, n, seed, size=SIZE)
 
 
 # -- graphs ------------------------------------------------------------------------------------------------
