@@ -76,3 +76,21 @@ def rendered_two_hand_samples(hand_model, n: int, seed: int = 0, *, size: int = 
         )
         for i in range(n)
     ]
+
+
+def overfit_history(model, batch, steps: int, lr: float) -> list[dict]:
+    """Train `model` on the one `batch` for `steps` Adam steps (its own `losses`, summed); every total must be
+    finite. Returns the per-step losses as floats, for the overfit tests of each regressor."""
+    import torch
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    history = []
+    for _ in range(steps):
+        losses = model.losses(model(batch), batch)
+        total = sum(losses.values())
+        assert torch.isfinite(total)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        history.append({name: value.item() for name, value in losses.items()})
+    return history

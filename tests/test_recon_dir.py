@@ -31,7 +31,7 @@ from recon.archs.dir.model import SEG_LEFT, SEG_RIGHT, joints_from_verts
 from recon.archs.dir.modules import BONE_PARENTS, JointGraphConv, bone_feature_map
 from recon.config import from_config, load_config
 from recon.registry import build_regressor
-from tests.recon_helpers import rendered_two_hand_samples
+from tests.recon_helpers import overfit_history, rendered_two_hand_samples
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -328,16 +328,7 @@ def test_losses_fall_when_overfitting_four_samples(hand_model):
     first = model.losses(model(batch), batch)
     names = {f"{n}_{i}" for n in ("joint_uv", "mesh_uv", "joint_xyz", "mesh_xyz", "edge", "normal", "offset") for i in range(3)}
     assert set(first) == names | {"seg", "lovasz", "dense"}
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    history = []
-    for _ in range(12):
-        losses = model.losses(model(batch), batch)
-        total = sum(losses.values())
-        assert torch.isfinite(total)
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        history.append({name: value.item() for name, value in losses.items()})
+    history = overfit_history(model, batch, 12, 2e-3)
     assert sum(history[-1].values()) < 0.5 * sum(history[0].values())
     for name in ("mesh_xyz_0", "mesh_xyz_2", "joint_uv_2", "offset_2", "seg", "dense"):
         assert history[-1][name] < history[0][name], name

@@ -32,7 +32,11 @@ from recon.archs.ihmr.model import IHMR, PARAM_SLICES, STAGES, _accepted, decode
 from recon.archs.ihmr.optimize import finger_regulariser
 from recon.config import from_config, load_config
 from recon.registry import build_regressor
-from tests.recon_helpers import rendered_two_hand_samples, write_tiny_synthlab
+from tests.recon_helpers import (
+    overfit_history,
+    rendered_two_hand_samples,
+    write_tiny_synthlab,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -299,16 +303,7 @@ def test_losses_fall_when_overfitting_four_rendered_samples(hand_model):
     torch.manual_seed(0)
     model = build_regressor("ihmr", **TINY).train()
     batch = _rendered_batch(hand_model, 4, seed=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    history = []
-    for _ in range(10):
-        losses = model.losses(model(batch), batch)
-        total = sum(losses.values())
-        assert torch.isfinite(total)
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        history.append({name: value.item() for name, value in losses.items()})
+    history = overfit_history(model, batch, 10, 1e-3)
     assert sum(history[-1].values()) < 0.5 * sum(history[0].values())
     for name in ("joints_2d", "pose", "shape", "hand_type", "keypoints"):
         assert history[-1][name] < history[0][name], name

@@ -43,7 +43,7 @@ from recon.archs.intaghand import (
 )
 from recon.config import from_config, load_config
 from recon.registry import build_regressor
-from tests.recon_helpers import rendered_two_hand_samples
+from tests.recon_helpers import overfit_history, rendered_two_hand_samples
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the tiny models train
 
@@ -271,16 +271,7 @@ def test_losses_fall_when_overfitting_four_samples(hand_model):
     model.set_epoch(50)
     assert model.losses(model(batch), batch)["edge"].item() > 0.0
     model.set_epoch(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    history = []
-    for _ in range(8):
-        losses = model.losses(model(batch), batch)
-        total = sum(losses.values())
-        assert torch.isfinite(total)
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        history.append({name: value.item() for name, value in losses.items()})
+    history = overfit_history(model, batch, 8, 2e-3)
     assert sum(history[-1].values()) < 0.5 * sum(history[0].values())
     for name in ("verts", "joints", "verts_2d", "coarse_verts", "mask", "heatmap"):
         assert history[-1][name] < history[0][name], name
