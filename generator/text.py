@@ -18,12 +18,10 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from hands.paths import cache_dir
+from hands.paths import cache_dir, write_atomic
 
 CLIP_MAX_LENGTH = 77
 START_TOKEN = "<|startoftext|>"
@@ -73,10 +71,7 @@ def clip_vocab_and_merges(bpe_path: str | Path | None = None) -> tuple[dict[str,
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_clip_tokenizer_files(folder: str | Path, bpe_path: str | Path | None = None) -> Path:

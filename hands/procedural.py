@@ -58,7 +58,6 @@ import argparse
 import io
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +66,7 @@ import scipy.optimize
 import scipy.sparse
 
 from hands.joints import MANO_PARENTS
+from hands.paths import write_atomic
 
 __all__ = [
     "PROCEDURAL_VERSION",
@@ -917,15 +917,7 @@ def model_bytes(model: dict) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def write_procedural_mano(out_dir: str | os.PathLike) -> tuple[Path, Path]:

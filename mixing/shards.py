@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from hands.paths import write_atomic
 from hands.sample import Camera, HandBatch, HandLabels, concat_batches
 
 __all__ = ["save_shard", "load_shard", "shard_paths", "ShardReader", "ShardError", "batch_to_tensors", "batch_from_tensors"]
@@ -63,13 +64,11 @@ def save_shard(batch: HandBatch, path: str | os.PathLike) -> Path:
     if path.suffix != ".safetensors":
         raise ValueError(f"shard path must end in .safetensors, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(batch_to_tensors(batch), str(tmp))
-    os.replace(tmp, path)
+    tensors = batch_to_tensors(batch)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp))
     sidecar = path.with_suffix(".json")
-    tmp_json = sidecar.with_name(sidecar.name + ".tmp")
-    tmp_json.write_text(json.dumps({"format": FORMAT, "n": len(batch), "hand_type": batch.hand_type, "meta": batch.meta}))
-    os.replace(tmp_json, sidecar)
+    sidecar_text = json.dumps({"format": FORMAT, "n": len(batch), "hand_type": batch.hand_type, "meta": batch.meta})
+    write_atomic(sidecar, lambda tmp: Path(tmp).write_text(sidecar_text))
     return sidecar
 
 
