@@ -169,3 +169,23 @@ def test_an_interwild_step_on_the_device_needs_no_host_sync(synthlab_root, batch
     assert report(fake, HAZARDS) == ""
     assert fake.syncs["MainThread"] == before, fake.events["sync"]
     assert sum(fake.events["h2d"].values()) == h2d, fake.events["h2d"]
+
+
+def test_intaghands_vertex_crop_on_the_device_mixes_no_cpu_tensor(batch):
+    """vertex_box (IntagHand's and DIR's input box) keeps its box on the sample's device, the no-hand fallback
+    included; what it reads from the host is only the per-hand validity flags."""
+    import dataclasses as dc
+
+    from hands.datasets.transforms import crop_to_vertices, vertex_box
+
+    sample = batch.unbind()[0]
+    no_hand = dc.replace(sample, right=dc.replace(sample.right, valid=torch.tensor(False)),
+                         left=dc.replace(sample.left, valid=torch.tensor(False)))
+    expected = crop_to_vertices(sample, (32, 32))
+    with fake_cuda() as fake:
+        out = crop_to_vertices(sample.to("cuda:0"), (32, 32))
+        got = out.image.elem.clone()
+        fallback = vertex_box(no_hand.to("cuda:0"))
+        assert fallback.device.type == "meta"
+    assert report(fake, HAZARDS) == ""
+    torch.testing.assert_close(got, expected.image)

@@ -358,10 +358,10 @@ def vertex_box(sample: HandSample, ratio: float = INTAGHAND_BOX_RATIO) -> Tensor
         ]
     if not points:
         height, width = sample.image_size
-        return torch.tensor([0.0, 0.0, width - 1.0, height - 1.0])
+        return torch.tensor([0.0, 0.0, width - 1.0, height - 1.0], device=sample.camera.K.device)
     stacked = torch.cat(points).float()
     low, high = stacked.amin(0), stacked.amax(0)
-    centre, half = (low + high) / 2, float((high - low).max()) / 2 / ratio
+    centre, half = (low + high) / 2, (high - low).amax() / 2 / ratio  # a tensor: no host sync
     return torch.cat([centre - half, centre + half])
 
 
