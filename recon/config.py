@@ -91,7 +91,11 @@ class OptimConfig:
     that must not depend on how many real samples a batch holds, as recon.table2's equal-steps runs); or
     ``schedule: cosine``: ``lr * (1 + cos(pi * epoch / train.epochs)) / 2``, set per epoch (PyTorch's
     CosineAnnealingLR stepped once per epoch with T_max = the epochs and eta_min = 0, DIR's schedule), or per
-    step over ``train.max_steps`` when that is set.
+    step over ``train.max_steps`` when that is set. ``cosine_phases`` (epochs per phase) restarts the cosine at
+    the start of each phase and anneals it over that phase's ``cosine_periods`` entry (default: its length):
+    IHMR's baseline (20 epochs over 20) then its refinement stages (each a fresh optimizer whose cosine runs over
+    the reference's ``total_epoch`` default of 100, so its rate barely moves). Past the last phase the rate stays
+    where the last phase's cosine reaches.
     With ``warmup_epochs`` > 0 the rate of epoch ``e < warmup_epochs`` is also multiplied by
     ``f + (1 - f) * e / warmup_epochs``, ``f = warmup_start`` (IntagHand's StepLR_withWarmUp: 3 epochs from
     1e-3 x lr)."""
@@ -103,6 +107,8 @@ class OptimConfig:
     lr_decay_epochs: List[int] = field(default_factory=list)
     lr_decay_steps: List[int] = field(default_factory=list)
     lr_decay_gamma: float = 0.1
+    cosine_phases: List[int] = field(default_factory=list)  # schedule=cosine restarted per phase (epochs each)
+    cosine_periods: List[int] = field(default_factory=list)  # each phase's cosine period in epochs (default: its length)
     warmup_epochs: int = 0
     warmup_start: float = 1e-3
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping

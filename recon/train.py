@@ -221,6 +221,11 @@ def check_config(cfg: DictConfig) -> None:
         raise UsageError(f"optim.optimizer={cfg.optim.optimizer!r}: expected 'adam' or 'adamw'")
     if cfg.optim.schedule not in ("step", "cosine"):
         raise UsageError(f"optim.schedule={cfg.optim.schedule!r}: expected 'step' or 'cosine'")
+    phases, periods = list(cfg.optim.cosine_phases), list(cfg.optim.cosine_periods)
+    if any(p < 1 for p in phases) or any(p < 1 for p in periods):
+        raise UsageError(f"optim.cosine_phases={phases}, optim.cosine_periods={periods}: expected positive epoch counts")
+    if periods and len(periods) != len(phases):
+        raise UsageError(f"optim.cosine_periods={periods}: expected one period per cosine phase ({len(phases)}) or none")
     if cfg.train.amp not in AMP_MODES:
         raise UsageError(f"train.amp={cfg.train.amp!r}: expected one of {', '.join(AMP_MODES)}")
     try:
@@ -329,6 +334,15 @@ def lr_at(cfg: DictConfig, epoch: int, step: int = 0) -> float:
         start = cfg.optim.get("warmup_start", 1e-3)
         factor = start + (1.0 - start) * epoch / warmup
     if cfg.optim.get("schedule", "step") == "cosine":  # .get: hand-made configs without the key mean step decay
+        phases = list(cfg.optim.get("cosine_phases", []) or [])
+        if phases:
+            periods = list(cfg.optim.get("cosine_periods", []) or []) or phases
+            start = 0
+            for index, (length, period) in enumerate(zip(phases, periods)):
+                if epoch < start + length or index == len(phases) - 1:
+                    local = min(epoch - start, length)
+                    return factor * cfg.optim.lr * 0.5 * (1.0 + math.cos(math.pi * local / period))
+                start += length
         if cfg.train.max_steps:
             progress = min(step, cfg.train.max_steps) / cfg.train.max_steps
             return factor * cfg.optim.lr * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -522,3 +522,27 @@ def test_trains_under_bf16_mixed_precision(tiny_run, tmp_path):
     assert recon_train.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())["synthlab-test-lab"]
     assert math.isfinite(metrics["MPVPE"]) and math.isfinite(metrics["IHMR_collision_ave"])
+
+
+def test_the_paper_profile_anneals_like_the_reference_per_phase():
+    """IHMR's update_learning_rate: 0.5 (1 + cos(pi e / T)) x 1e-4 after epoch e, T = 20 for the baseline
+    (train_baseline.sh) and the --total_epoch default 100 within each refinement stage (train_mlp.py)."""
+    import math
+
+    from recon.train import lr_at
+
+    paper = load_config(profile="paper", arch="ihmr")
+    cos = lambda e, t: 1e-4 * 0.5 * (1 + math.cos(math.pi * e / t))  # noqa: E731
+    assert lr_at(paper, 0) == pytest.approx(1e-4) and lr_at(paper, 10) == pytest.approx(cos(10, 20))
+    assert lr_at(paper, 19) == pytest.approx(cos(19, 20))
+    assert lr_at(paper, 20) == pytest.approx(1e-4)  # stage 1 restarts
+    assert lr_at(paper, 21) == pytest.approx(cos(1, 100))
+    assert lr_at(paper, 30) == pytest.approx(1e-4) and lr_at(paper, 34) == pytest.approx(cos(4, 100))  # stage 6: 5 epochs
+    assert lr_at(paper, 40) == pytest.approx(cos(5, 100))  # past the last phase: where its cosine ends
+
+
+def test_cosine_phases_are_checked():
+    from recon.train import UsageError, check_config
+
+    with pytest.raises(UsageError, match="optim.cosine_periods"):
+        check_config(load_config(profile="demo", arch="ihmr", flags={"optim.cosine_phases": [2, 3], "optim.cosine_periods": [2]}))
