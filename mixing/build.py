@@ -140,6 +140,8 @@ def build_provider(
         device=device,
         seed=seed + rank,
         resident=(source.generator, source.faces_right, source.faces_left),  # read on the producer's stream
+        max_resident_mib=cfg.max_pool_mib,
+        max_share=cfg.max_producer_share,
     )
 
 

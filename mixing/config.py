@@ -30,6 +30,9 @@ class MixingConfig:
         serves labels), a training dataset's name (that reader's fits, e.g. ``coco`` for MSCOCO's NeuralAnnot
         fits) or ``prior`` (the pose prior of hands.datasets.poses with random cameras).
     capacity / max_reuse / chunk: the pool's bound, how often a sample may be drawn, samples per generator call.
+    max_pool_mib / max_producer_share: one device, two jobs (online mode; :class:`mixing.pool.SamplePool`): the
+        most MiB the pool's samples hold (null: capacity only) and the most of the wall time the producer may
+        spend generating (1: no cap); neither holds it back while the trainer would wait for samples.
     num_inference_steps / guidance_scale / tas_steps: sampling overrides (None: the generator config's).
     framing / extend: the generation window, ``frame`` (the whole source frame) or ``hands`` (the union of the
         hand boxes squared, x extend); None: the generator config's (the framing it was trained in).
@@ -52,6 +55,8 @@ class MixingConfig:
     capacity: int = 64
     max_reuse: int = 4
     chunk: int = 8
+    max_pool_mib: Optional[float] = None
+    max_producer_share: float = 1.0
     num_inference_steps: Optional[int] = None
     guidance_scale: Optional[float] = None
     tas_steps: Optional[int] = None
@@ -78,6 +83,10 @@ class MixingConfig:
         for key in ("size", "capacity", "max_reuse", "chunk"):
             if getattr(self, key) < 1:
                 raise ValueError(f"mixing.{key}={getattr(self, key)}: expected a positive integer")
+        if self.max_pool_mib is not None and not self.max_pool_mib > 0:
+            raise ValueError(f"mixing.max_pool_mib={self.max_pool_mib}: expected a positive number of MiB (or null)")
+        if not 0 < self.max_producer_share <= 1:
+            raise ValueError(f"mixing.max_producer_share={self.max_producer_share}: expected a fraction in (0, 1]")
         if self.framing is not None and self.framing not in ("frame", "hands"):
             raise ValueError(f"mixing.framing={self.framing!r}: expected frame or hands (or null: the generator's)")
         if self.size % 8:

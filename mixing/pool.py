@@ -8,8 +8,10 @@ trainer never waits while the pool holds enough usable samples; it waits (and th
 stall time) only when fewer than the requested number are usable.
 
 On a CUDA device the producer selects the pool's device (``torch.cuda.set_device``: each DDP rank's producer
-works on its own GPU) and runs on its own stream, which first waits for the stream that built the pool (the
-generator's weights). Every chunk it adds carries an event. ``take`` makes the consumer's current stream wait
+works on its own GPU) and runs on its own stream, created at the lowest priority (``PRODUCER_PRIORITY``; the
+trainer runs on a higher-priority stream, :func:`trainer_stream`, so that the GPU's scheduler serves the
+trainer's kernels first when both have work queued), which first waits for the stream that built the pool
+(the generator's weights: the constructing thread's current stream, not the producer thread's). Every chunk it adds carries an event. ``take`` makes the consumer's current stream wait
 on the events of the chunks it reads *before* reading them, and marks their tensors with ``record_stream`` for
 the consumer's stream (they were allocated on the producer's stream: without it the caching allocator could
 hand their memory back to the producer while the trainer still reads it). Tensors the producer reads but did
@@ -21,21 +23,73 @@ exception in ``produce`` stops the producer and is re-raised in the trainer by t
 :class:`ProducerError` whose ``__cause__`` is the original), never a hang; so is a producer whose last
 ``max_dropped_chunks`` chunks were all non-finite (a broken generator would otherwise loop forever).
 ``close()`` stops and joins the producer; the pool is also a context manager.
+
+One device, two jobs: besides ``capacity`` (samples), ``max_resident_mib`` bounds the bytes the pool's samples
+hold, and ``max_share`` caps the producer's share of wall time (after a chunk that took ``t`` seconds it pauses
+``t * (1 / max_share - 1)``). Neither holds the producer back while the trainer would stall: when the pool
+holds fewer samples than the last ``take`` asked for (or a ``take`` waits), the producer generates at once.
+On CUDA, :meth:`SamplePool.stats` also reports the memory the caching allocator holds for the producer's stream
+(its generator activations and the pool's samples: blocks are cached per stream, so this is the producer's
+high-water mark) and the two streams' priorities.
 """
 from __future__ import annotations
 
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from hands.sample import HandBatch, concat_batches
 
-__all__ = ["SamplePool", "PoolStats", "ProducerError", "resident_tensors"]
+__all__ = ["SamplePool", "PoolStats", "ProducerError", "resident_tensors", "trainer_stream", "share_pause",
+           "stream_memory", "PRODUCER_PRIORITY", "TRAINER_PRIORITY"]
+
+# CUDA stream priorities: a lower number is a higher priority; 0 is the lowest (and the default streams'),
+# a value beyond the device's range is clamped to it (torch.cuda.Stream).
+PRODUCER_PRIORITY = 0
+TRAINER_PRIORITY = -1
+
+
+@contextmanager
+def trainer_stream(device: torch.device | str, priority: int = TRAINER_PRIORITY) -> Iterator:
+    """Run the block on a new CUDA stream of ``priority`` (higher than the pool's producer's), ordered after the
+    current stream's work on entry and before it on exit. Yields the stream (None, and does nothing, off CUDA)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield None
+        return
+    previous = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device, priority=priority)
+    stream.wait_stream(previous)
+    try:
+        with torch.cuda.stream(stream):
+            yield stream
+    finally:
+        previous.wait_stream(stream)
+
+
+def share_pause(busy_s: float, max_share: float) -> float:
+    """The pause after ``busy_s`` seconds of generation that keeps the producer's share of wall time at
+    ``max_share``: busy / (busy + pause) = max_share."""
+    if not 0 < max_share <= 1:
+        raise ValueError(f"max_share must be in (0, 1], got {max_share}")
+    return busy_s * (1.0 / max_share - 1.0)
+
+
+def stream_memory(segments: Iterable[dict], stream_handle: int, device_index: int) -> tuple[int, int]:
+    """(reserved, allocated) bytes of the caching allocator's segments that belong to one stream on one device
+    (``segments``: :func:`torch.cuda.memory_snapshot`; its blocks are cached per stream)."""
+    reserved = allocated = 0
+    for segment in segments:
+        if segment.get("stream") == stream_handle and segment.get("device", device_index) == device_index:
+            reserved += int(segment.get("total_size", 0))
+            allocated += int(segment.get("allocated_size", 0))
+    return reserved, allocated
 
 
 def resident_tensors(*objects) -> list[torch.Tensor]:
@@ -74,6 +128,8 @@ class PoolStats:
     stall_s: float = 0.0
     prime_s: float = 0.0
     busy_s: float = 0.0
+    throttle_s: float = 0.0  # pauses of the producer for max_share
+    capped_s: float = 0.0  # waits of the producer for max_resident_mib
     resident_bytes: int = 0  # the pool's samples in memory now (every chunk holding a live sample)
     peak_resident_bytes: int = 0
     reuse_histogram: Counter = field(default_factory=Counter)  # reuse count at the time of drawing -> n
@@ -93,11 +149,14 @@ class PoolStats:
             "prime_s": self.prime_s,
             "generator_busy_s": self.busy_s,
             "images_per_s": self.produced / self.busy_s if self.busy_s > 0 else 0.0,
+            "producer_throttle_s": self.throttle_s,
+            "producer_capped_s": self.capped_s,
             "pool_mib": self.resident_bytes / 2**20,
             "pool_peak_mib": self.peak_resident_bytes / 2**20,
         }
         if wall_s:
             out["stall_fraction"] = self.stall_s / wall_s
+            out["producer_share"] = self.busy_s / wall_s
         return out
 
 
@@ -130,6 +189,10 @@ class SamplePool:
             outside the producer that it reads on CUDA (the generator's weights); recorded on its stream.
         max_dropped_chunks: the producer fails (ProducerError in ``take``) after this many chunks in a row
             with no finite image.
+        max_resident_mib: the most MiB the pool's samples may hold (None: no bound but ``capacity``); the
+            producer waits while one more chunk (the size of the last) would pass it.
+        max_share: the most the producer may be busy, as a fraction of wall time (1: no cap).
+        Both yield to a trainer that would stall (the pool holds fewer samples than the last ``take`` asked for).
     """
 
     def __init__(
@@ -143,6 +206,8 @@ class SamplePool:
         start: bool = True,
         resident: Iterable = (),
         max_dropped_chunks: int = 100,
+        max_resident_mib: float | None = None,
+        max_share: float = 1.0,
     ):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -158,6 +223,18 @@ class SamplePool:
         if max_dropped_chunks < 1:
             raise ValueError(f"max_dropped_chunks must be >= 1, got {max_dropped_chunks}")
         self.max_dropped_chunks = max_dropped_chunks
+        if max_resident_mib is not None and not max_resident_mib > 0:
+            raise ValueError(f"max_resident_mib must be > 0 (or None), got {max_resident_mib}")
+        self.max_resident_bytes = None if max_resident_mib is None else int(max_resident_mib * 2**20)
+        share_pause(0.0, max_share)  # checks the range
+        self.max_share = max_share
+        self._demand = 0  # samples a waiting take / prime needs (0: none waits)
+        self._last_n = 0  # what the last take asked for: fewer usable samples means the next one waits
+        self._chunk_bytes = 0  # the last chunk's size, for max_resident_mib
+        self._stream = None  # the producer's CUDA stream
+        # the stream the pool is built on (the generator's weights were written there): the producer waits on it
+        self._origin = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        self.generator_bytes = sum(t.nbytes for t in resident_tensors(*resident))
         self._chunks: list[_Chunk] = []
         self._lock = threading.Condition()
         self._stop = threading.Event()
@@ -180,20 +257,37 @@ class SamplePool:
     def _size(self) -> int:
         return sum(c.n_alive() for c in self._chunks)
 
+    def _starved(self) -> bool:  # under the lock: the trainer waits, or its next take would
+        return self._size() < max(self._demand, self._last_n)
+
+    def _may_produce(self) -> bool:  # under the lock
+        if self._starved():
+            return True
+        if self._size() >= self.capacity:
+            return False
+        limit = self.max_resident_bytes
+        return limit is None or self._stats.resident_bytes + self._chunk_bytes <= limit or not self._chunks
+
     def _run(self) -> None:
         stream = None
         dropped_in_a_row = 0
         try:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)  # this thread's current device: a context on the right GPU
-                stream = torch.cuda.Stream(self.device)
-                stream.wait_stream(torch.cuda.current_stream(self.device))  # weights written before the pool
+                stream = torch.cuda.Stream(self.device, priority=PRODUCER_PRIORITY)
+                stream.wait_stream(self._origin)  # weights written before the pool, on the building thread's stream
                 for tensor in self.resident:
                     tensor.record_stream(stream)
+                with self._lock:
+                    self._stream = stream
             while not self._stop.is_set():
                 with self._lock:
-                    while self._size() >= self.capacity and not self._stop.is_set():
+                    held = time.perf_counter()
+                    full = self._size() >= self.capacity
+                    while not self._stop.is_set() and not self._may_produce():
                         self._lock.wait(timeout=0.1)
+                    if not full:  # held back by max_resident_mib, not by capacity
+                        self._stats.capped_s += time.perf_counter() - held
                 if self._stop.is_set():
                     return
                 started = time.perf_counter()
@@ -217,10 +311,17 @@ class SamplePool:
                 with self._lock:
                     self._stats.busy_s += busy
                     if batch is not None and len(batch):
-                        self._chunks.append(_Chunk(batch, event))
+                        chunk = _Chunk(batch, event)
+                        self._chunks.append(chunk)
+                        self._chunk_bytes = chunk.nbytes
                         self._stats.produced += len(batch)
                         self._count_memory()
                     self._lock.notify_all()
+                    pause = share_pause(busy, self.max_share)
+                    if pause > 0 and not self._stop.is_set():  # cut short when the trainer would stall
+                        paused = time.perf_counter()
+                        self._lock.wait_for(lambda: self._stop.is_set() or self._starved(), timeout=pause)
+                        self._stats.throttle_s += time.perf_counter() - paused
         except BaseException as exc:  # surfaced in the trainer by take()
             with self._lock:
                 self._error = exc
@@ -247,6 +348,9 @@ class SamplePool:
         not as trainer stall. Raises like :meth:`take`."""
         start = time.perf_counter()
         with self._lock:
+            if self._size() < n:
+                self._demand = n
+                self._lock.notify_all()
             while self._size() < n:
                 if self._error is not None:
                     raise ProducerError(f"the sample pool's producer failed: {self._error!r}") from self._error
@@ -256,6 +360,7 @@ class SamplePool:
                 if timeout is not None and time.perf_counter() - start > timeout:
                     raise TimeoutError(f"prime({n}): the pool did not fill within {timeout} s")
             waited = time.perf_counter() - start
+            self._demand = 0
             self._stats.prime_s += waited
         return waited
 
@@ -271,6 +376,10 @@ class SamplePool:
         waited = 0.0
         with self._lock:
             start = time.perf_counter()
+            self._last_n = n
+            if self._size() < n:
+                self._demand = n
+                self._lock.notify_all()  # a pausing producer resumes
             while self._size() < n:
                 if self._error is not None:
                     raise ProducerError(f"the sample pool's producer failed: {self._error!r}") from self._error
@@ -281,6 +390,7 @@ class SamplePool:
                 if timeout is not None and time.perf_counter() - start > timeout:
                     raise TimeoutError(f"take({n}): the pool did not fill within {timeout} s")
             waited = time.perf_counter() - start
+            self._demand = 0
             picks = self._pick(n)
             for chunk, positions in picks:
                 for p in positions:
@@ -328,9 +438,21 @@ class SamplePool:
             return self._size()
 
     def stats(self) -> dict:
-        """Fresh fraction, mean reuse, reuse histogram, trainer stall and generator busy time, images/s."""
+        """Fresh fraction, mean reuse, reuse histogram, trainer stall and generator busy time, images/s, the
+        producer's share of wall time and its pauses, the pool's memory and the generator's weights (MiB); on
+        CUDA also the streams' priorities and the caching allocator's memory of the producer's stream (read
+        from :func:`torch.cuda.memory_snapshot`, no device sync)."""
         with self._lock:
-            return self._stats.as_dict(wall_s=time.perf_counter() - self._started_at)
+            out = self._stats.as_dict(wall_s=time.perf_counter() - self._started_at)
+            out["generator_mib"] = self.generator_bytes / 2**20
+            stream = self._stream
+        if stream is not None:
+            out["producer_stream_priority"] = stream.priority
+            out["trainer_stream_priority"] = self._origin.priority
+            reserved, allocated = stream_memory(torch.cuda.memory_snapshot(), stream.cuda_stream, self.device.index)
+            out["producer_reserved_mib"] = reserved / 2**20
+            out["producer_allocated_mib"] = allocated / 2**20
+        return out
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the producer and join it (it finishes the chunk it is generating). The wait is ``timeout`` or

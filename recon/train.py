@@ -51,6 +51,7 @@ from hands.datasets import DatasetError
 from hands.mano import HandModel, MANOError
 from hands.sample import collate
 from mixing.build import build_label_source, build_provider, build_source, per_sample_preprocess
+from mixing.pool import trainer_stream
 from mixing.config import MIX_MODES, MixingConfig
 from mixing.mixer import Mixer, split_batch_size
 from recon import checkpoint as ckpt
@@ -451,6 +452,8 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
     device = resolve_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        if n_synthetic > 0 and cfg.mixing.mode == "online":  # above the generator's stream (mixing.pool)
+            cleanup.enter_context(trainer_stream(device))
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)

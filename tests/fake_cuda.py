@@ -158,6 +158,7 @@ class FakeCuda:
                     self.sid = next(fake.clock.ids)
                     fake.clock.streams.append(self)
                 self.name, self.priority = name or f"stream{self.sid}", priority
+                self.cuda_stream = 0x1000 + self.sid  # a handle, as memory_snapshot's segments name it
                 self.vc = collections.Counter()
                 self.device, self.device_index = torch.device("cuda", 0), 0
 
@@ -437,6 +438,7 @@ def fake_cuda():
         (cuda, "max_memory_allocated"): lambda *a: 0,
         (cuda, "reset_peak_memory_stats"): lambda *a: None,
         (cuda, "empty_cache"): lambda: None,
+        (cuda, "memory_snapshot"): lambda *a, **k: [],
         (torch, "Generator"): Generator,
         (torch, "tensor"): factory(real_tensor),
         (torch, "as_tensor"): factory(real_as_tensor),

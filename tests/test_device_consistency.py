@@ -84,6 +84,32 @@ def test_the_pool_orders_its_streams_and_records_its_chunks(batch):
     assert fake.syncs["MainThread"] == 0, fake.events["sync"]
 
 
+def test_under_the_trainers_stream_the_producer_waits_for_the_weights_and_has_the_lower_priority(batch):
+    """recon.train builds the generator and the pool on its high-priority stream (mixing.pool.trainer_stream):
+    the producer orders itself after that stream (not its own thread's default one) and runs below it."""
+    from mixing.pool import SamplePool, trainer_stream
+
+    with fake_cuda() as fake:
+        source = batch.to("cuda:0")
+        with trainer_stream("cuda:0") as trainer:
+            weights = torch.ones(3, 1, 1, device="cuda:0") * 2  # written on the trainer's stream
+
+            def produce():
+                return dataclasses.replace(source, image=source.image * weights)
+
+            with SamplePool(produce, capacity=8, max_reuse=2, device="cuda:0", resident=[weights, source.image]) as pool:
+                pool.prime(4)
+                _ = pool.take(4).image.sum() + 1
+                stats = pool.stats()
+        after = torch.zeros(1, device="cuda:0") + 1  # back on the default stream, after the trainer's work
+    assert report(fake, HAZARDS) == ""
+    assert trainer.priority < fake.default.priority == 0
+    assert stats["producer_stream_priority"] == 0 and stats["trainer_stream_priority"] == trainer.priority
+    assert stats["generator_mib"] == pytest.approx((weights.nbytes + source.image.nbytes) / 2**20)
+    assert {"producer_reserved_mib", "producer_allocated_mib"} <= set(stats)
+    del after
+
+
 def test_a_pool_chunk_read_without_its_event_is_caught(batch):
     """The harness sees a chunk read on the trainer's stream with no wait and no record_stream (the old take())."""
     from mixing.pool import SamplePool
@@ -144,6 +170,7 @@ def test_a_training_step_with_online_mixing_is_device_clean_and_syncs_a_handful_
     with fake_cuda() as fake:
         result = recon_train.train(recon_train.parse_args(args))
     assert result["step"] == 4 and result["mixing"]["taken"] == 4 * 2
+    assert result["mixing"]["producer_stream_priority"] > result["mixing"]["trainer_stream_priority"]
     assert report(fake, HAZARDS) == ""
     per_step = (steps[3] - steps[1]) / 2  # steps 2 and 3: warm, no checkpoint, no image grid
     assert per_step <= 2, sorted(fake.events["sync"].items(), key=lambda kv: -kv[1])[:12]

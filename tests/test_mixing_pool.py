@@ -160,3 +160,70 @@ def test_close_waits_for_a_slow_generator_to_finish_its_chunk():
     pool.prime(2, timeout=10)  # one chunk took 0.3 s: close waits up to 0.9 s for the one in flight
     pool.close(timeout=0.05)
     assert pool._thread is None
+
+
+def test_share_pause_keeps_the_producers_share_of_wall_time():
+    from mixing.pool import share_pause
+
+    assert share_pause(1.0, 1.0) == 0.0
+    assert share_pause(1.0, 0.25) == pytest.approx(3.0)  # busy 1 s of 4
+    assert share_pause(0.2, 0.5) == pytest.approx(0.2)
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="max_share"):
+            share_pause(1.0, bad)
+
+
+def test_the_byte_cap_bounds_the_pool_below_its_capacity():
+    chunk_bytes = sum(t.nbytes for t in fake_batch(0, 4).tensors())
+    producer = Counter(chunk=4)
+    # room for 2.5 chunks in bytes, 64 samples in count: the byte cap holds the producer at two chunks
+    with SamplePool(producer, capacity=64, max_reuse=4, seed=0, max_resident_mib=2.5 * chunk_bytes / 2**20) as pool:
+        pool.prime(8, timeout=10)
+        deadline = time.perf_counter() + 0.5
+        while time.perf_counter() < deadline:  # whenever it is looked at, the bound holds
+            stats = pool.stats()
+            assert stats["pool_mib"] * 2**20 <= 2.5 * chunk_bytes and stats["produced"] == 8
+            time.sleep(0.02)
+        assert stats["producer_capped_s"] > 0
+        # a take that wants more than the cap allows is served, not left waiting
+        assert len(pool.take(8, timeout=10)) == 8
+
+
+def test_the_share_cap_pauses_the_producer_but_never_while_the_trainer_waits():
+    def slow():
+        time.sleep(0.05)
+        return fake_batch(0, 2)
+
+    # share 0.001: after each 0.05 s chunk the producer would pause ~50 s; a take that finds too few samples
+    # wakes it at once, so three chunks in a row arrive well within the timeout
+    with SamplePool(slow, capacity=64, max_reuse=1, seed=0, max_share=0.001) as pool:
+        pool.prime(2, timeout=10)
+        assert len(pool.take(6, timeout=10)) == 6
+        # max_reuse 1 empties the pool: the next take of 6 would wait, so the producer refills 6 at once ...
+        deadline = time.perf_counter() + 10
+        while pool.stats()["produced"] < 12 and time.perf_counter() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        stats = pool.stats()  # ... and then pauses, far from its capacity of 64
+        assert stats["produced"] == 12 and len(pool) == 6
+        assert stats["producer_throttle_s"] > 0 and stats["producer_share"] < 1.0
+
+
+def test_pool_caps_are_checked():
+    with pytest.raises(ValueError, match="max_resident_mib"):
+        SamplePool(Counter(), start=False, max_resident_mib=0)
+    with pytest.raises(ValueError, match="max_share"):
+        SamplePool(Counter(), start=False, max_share=0)
+
+
+def test_stream_memory_sums_the_producer_streams_segments_on_its_device():
+    from mixing.pool import stream_memory
+
+    segments = [
+        {"device": 0, "stream": 7, "total_size": 4 << 20, "allocated_size": 3 << 20},
+        {"device": 0, "stream": 7, "total_size": 2 << 20, "allocated_size": 0},
+        {"device": 0, "stream": 0, "total_size": 64 << 20, "allocated_size": 64 << 20},  # the trainer's
+        {"device": 1, "stream": 7, "total_size": 8 << 20, "allocated_size": 8 << 20},  # another GPU
+    ]
+    assert stream_memory(segments, 7, 0) == (6 << 20, 3 << 20)
+    assert stream_memory(segments, 9, 0) == (0, 0)
