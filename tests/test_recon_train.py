@@ -239,5 +239,5 @@ def test_help_lists_the_registered_regressors():
 
     for parser in (train.build_parser(), table2.build_parser()):
         text = " ".join(parser.format_help().split())
-        for name in ("baseline", "dir", "ihmr", "intaghand", "interwild"):
+        for name in ("baseline", "dir", "ihmr", "intaghand", "intershape", "interwild"):
             assert name in text.rsplit("--arch ARCH", 1)[1].split(" --", 1)[0], (parser.prog, name)
