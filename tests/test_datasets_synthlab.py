@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hands.datasets import DatasetError, build_dataset
-from hands.datasets.synthlab import SCENES, SPLITS, ensure_synthlab, main, write_synthlab
+from hands.datasets import synthlab as synthlab_module
+from hands.datasets.synthlab import FORMAT_VERSION, SCENES, SPLITS, ensure_synthlab, main, write_synthlab
 from hands.render import render_hands
 
 TINY = {"train-lab": 4, "test-lab": 2, "train-wild": 4, "test-wild": 2}
@@ -91,17 +92,41 @@ def test_ensure_synthlab_writes_once_into_the_cache(tmp_path, monkeypatch, model
     monkeypatch.setenv("ATTENTIONHAND_CACHE", str(tmp_path / "cache"))
     sizes = {"train-lab": 1, "test-lab": 1, "train-wild": 0, "test-wild": 0}
     root = ensure_synthlab(sizes=sizes, resolution=48, hand_model=model, show_progress=False)
-    assert root == tmp_path / "cache" / "synthlab" / f"{model.fingerprint()[:16]}-v2" and (root / "synthlab.json").is_file()
+    assert root == tmp_path / "cache" / "synthlab" / f"{model.fingerprint()[:16]}-v{FORMAT_VERSION}"
+    assert (root / "synthlab.json").is_file()
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".synthlab-")]  # no temp folder left
     stamp = (root / "synthlab.json").stat().st_mtime_ns
     assert ensure_synthlab(sizes=sizes, resolution=48, hand_model=model) == root
     assert (root / "synthlab.json").stat().st_mtime_ns == stamp
+    # the reader with root None asks for the default sizes (here made tiny): the same cache
+    monkeypatch.setattr(synthlab_module, "DEFAULT_SIZES", sizes)
+    monkeypatch.setattr(synthlab_module, "DEFAULT_RESOLUTION", 48)
     dataset = build_dataset("synthlab", None, "test-lab", hand_model=model)  # root None: the cached one
     assert dataset.root == root and len(dataset) == 1
+    assert (root / "synthlab.json").stat().st_mtime_ns == stamp
     broken = tmp_path / "broken"
     (broken / "annotations").mkdir(parents=True)
     with pytest.raises(DatasetError, match="no synthlab.json"):
         ensure_synthlab(broken)
+
+
+def test_a_cache_written_with_other_sizes_or_an_older_format_is_rebuilt(tmp_path, monkeypatch, model):
+    monkeypatch.setenv("ATTENTIONHAND_CACHE", str(tmp_path / "cache"))
+    small = {"train-lab": 1, "test-lab": 1, "train-wild": 0, "test-wild": 0}
+    root = ensure_synthlab(sizes=small, resolution=48, hand_model=model, show_progress=False)
+    larger = {**small, "test-lab": 2}
+    assert ensure_synthlab(sizes=larger, resolution=48, hand_model=model, show_progress=False) == root
+    info = json.loads((root / "synthlab.json").read_text())
+    assert info["sizes"] == larger and info["format_version"] == FORMAT_VERSION
+    assert len(build_dataset("synthlab", root, "test-lab", hand_model=model)) == 2
+    # an older format version in the stamp: written again, with the current one
+    (root / "synthlab.json").write_text(json.dumps({**info, "format_version": FORMAT_VERSION - 1}))
+    ensure_synthlab(sizes=larger, resolution=48, hand_model=model, show_progress=False)
+    assert json.loads((root / "synthlab.json").read_text())["format_version"] == FORMAT_VERSION
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(".synthlab-")]  # nothing left aside
+    # a folder the caller names is the caller's: returned as it is, whatever its sizes
+    assert ensure_synthlab(root, sizes=small, resolution=48, hand_model=model) == root
+    assert json.loads((root / "synthlab.json").read_text())["sizes"] == larger
 
 
 def test_cli_and_model_mismatch(tmp_path, model):
