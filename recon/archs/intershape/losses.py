@@ -6,6 +6,7 @@ sum over the counted elements divided by the batch size (the reference's ``.sum(
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, Tuple
 
 import torch
@@ -62,10 +63,16 @@ def joint_loss(pred: Tensor, gt: Tensor, valid: Tensor) -> Tensor:
     return _per_batch(torch.where(valid[..., None], (pred - gt).abs(), torch.zeros_like(pred)), pred.shape[0])
 
 
+@functools.lru_cache(maxsize=8)
+def _bone_index(device: torch.device) -> Tuple[Tensor, Tensor]:
+    """(parents, children) of :data:`BONES` as index tensors on ``device`` (made once per device)."""
+    return tuple(torch.tensor(index, device=device) for index in zip(*BONES))
+
+
 def bone_loss(pred: Tensor, gt: Tensor, valid: Tensor) -> Tensor:
     """Squared error of the 15 normalised bone lengths (:data:`BONES`). pred/gt (B, 21, 3) normalised joints; valid
     (B, 21) bool (a bone counts when both its joints do)."""
-    parent, child = (torch.tensor(index, device=pred.device) for index in zip(*BONES))
+    parent, child = _bone_index(pred.device)
     lengths = lambda j: (j[:, child] - j[:, parent]).norm(dim=-1)  # noqa: E731
     counted = valid[:, child] & valid[:, parent]
     error = (lengths(pred) - lengths(gt)) ** 2

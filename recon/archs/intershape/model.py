@@ -213,12 +213,14 @@ class InterShape(HandModelMixin, nn.Module):
                 current[side] = self.decode(side, pose, shape, hand_model)
             stages.append(current)
         last = stages[-1]
-        to_pixels = keypoints.new_tensor([width / heatmap_size[1], height / heatmap_size[0]])
         out = {}
         for side in SIDES:
             out[f"{side}_verts"] = last[side]["verts"]
             out[f"{side}_joints"] = last[side]["joints"]
-            out[f"{side}_joints_img"] = keypoints[:, JOINT_SLICE[side], :2] * to_pixels
+            cells = keypoints[:, JOINT_SLICE[side]]
+            out[f"{side}_joints_img"] = torch.stack(
+                [cells[..., 0] * (width / heatmap_size[1]), cells[..., 1] * (height / heatmap_size[0])], -1
+            )
             out[f"{side}_mano_pose"] = last[side]["pose"]
             out[f"{side}_mano_shape"] = last[side]["shape"]
         rel_root = relative_root(last["right"]["joints"], last["left"]["joints"], relative)

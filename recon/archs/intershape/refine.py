@@ -133,8 +133,8 @@ class RefineStage(nn.Module):
         with torch.no_grad():
             camera = fit_weak_perspective(joints.detach(), keypoints)
         height, width = level.shape[-2:]
-        ratio = torch.tensor([width / heatmap_size[1], height / heatmap_size[0]], dtype=joints.dtype, device=joints.device)
-        points = (camera[:, None, :1] * joints[..., :2] + camera[:, None, 1:]) * ratio
+        points = camera[:, None, :1] * joints[..., :2] + camera[:, None, 1:]  # heatmap cells
+        points = torch.stack([points[..., 0] * (width / heatmap_size[1]), points[..., 1] * (height / heatmap_size[0])], -1)
         mask = joint_heatmap(points.detach(), (height, width))
         return self.extract[side](level * mask[:, None]).mean((2, 3))
 
