@@ -67,6 +67,7 @@ class AttentionHandPipeline:
         self.attention_downsample = attention_downsample
         self.sampling = sampling or SamplingConfig()
         self._compiled = None  # (unet, guidance) wrapped by torch.compile, see `optimize`
+        self._cudagraphs = False  # compiled with mode="reduce-overhead": CUDA graphs of the static-shape steps
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @classmethod
@@ -106,6 +107,7 @@ class AttentionHandPipeline:
             mode = compile if isinstance(compile, str) else None
             self._compiled = (torch.compile(self.unet, mode=mode),
                               torch.compile(self.guidance, mode=mode) if self.guidance is not None else None)
+            self._cudagraphs = mode == "reduce-overhead"
         return self
 
     @property
@@ -278,6 +280,8 @@ class AttentionHandPipeline:
                     store.reset()
                     store.active = True
                 unet, guidance = self._compiled if self._compiled and store is None else (self.unet, self.guidance)
+                if self._cudagraphs and unet is not self.unet:  # last step's graph outputs are consumed: replay
+                    torch.compiler.cudagraph_mark_step_begin()
                 noise = predict_noise(unet, guidance, model_input, t_device, text, mesh_rows,
                                       conditioning_scale)
                 if return_attention:

@@ -37,6 +37,13 @@ def generator_config(cfg: MixingConfig):
                 f"mixing.sd_path={cfg.sd_path} with mixing.generator_config=tiny-synthlab (the default): that config's "
                 "TAS resolution, prompts and sampling are the tiny generator's; for Stable Diffusion 1.5 also pass "
                 "mixing.generator_config=sd15 (an export of python -m generator.train --train-modules all is fine)")
+    if cfg.scheduler is not None:
+        import diffusers
+
+        if not cfg.scheduler.endswith("Scheduler") or not hasattr(getattr(diffusers, cfg.scheduler, None), "from_config"):
+            raise ValueError(f"mixing.scheduler={cfg.scheduler!r}: not a diffusers scheduler class (e.g. DDIMScheduler, "
+                             "DPMSolverMultistepScheduler, UniPCMultistepScheduler)")
+        overrides.append(f"scheduler={cfg.scheduler}")
     gen_cfg = load_config(cfg.generator_config, overrides)
     if cfg.num_inference_steps is not None:
         gen_cfg.sampling.num_inference_steps = cfg.num_inference_steps

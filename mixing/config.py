@@ -34,6 +34,9 @@ class MixingConfig:
         most MiB the pool's samples hold (null: capacity only) and the most of the wall time the producer may
         spend generating (1: no cap); neither holds it back while the trainer would wait for samples.
     num_inference_steps / guidance_scale / tas_steps: sampling overrides (None: the generator config's).
+    scheduler: a diffusers scheduler class name (None: the generator config's, DDIM as the reference samples),
+        e.g. ``DPMSolverMultistepScheduler`` or ``UniPCMultistepScheduler`` with num_inference_steps 8-10: their
+        agreement with 20-step DDIM and speed are in benchmarks/results/schedulers-cpu.md.
     framing / extend: the generation window, ``frame`` (the whole source frame) or ``hands`` (the union of the
         hand boxes squared, x extend); None: the generator config's (the framing it was trained in).
     use_local: also run VAS's local branch at sampling (its images are not used: the global images are the
@@ -60,6 +63,7 @@ class MixingConfig:
     num_inference_steps: Optional[int] = None
     guidance_scale: Optional[float] = None
     tas_steps: Optional[int] = None
+    scheduler: Optional[str] = None
     framing: Optional[str] = None
     extend: Optional[float] = None
     use_local: bool = False

@@ -42,3 +42,62 @@ def test_the_mixing_generator_dtype_follows_the_device():
     for key, value in (("dtype", "fp8"), ("compile", "fast")):
         with pytest.raises(ValueError, match=f"mixing.{key}='{value}': expected one of"):
             MixingConfig(**{key: value}).check()
+
+
+def test_mixing_scheduler_picks_a_few_step_sampler_with_the_generators_schedule():
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from mixing.build import build_generator, generator_config
+    from mixing.config import MixingConfig
+
+    assert generator_config(MixingConfig()).scheduler == "DDIMScheduler"  # the reference's, by default
+    pipe = build_generator(MixingConfig(scheduler="DPMSolverMultistepScheduler", num_inference_steps=8))
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler) and pipe.sampling.num_inference_steps == 8
+    ddim = build_generator(MixingConfig()).scheduler
+    assert isinstance(ddim, DDIMScheduler)
+    for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
+        assert pipe.scheduler.config[key] == ddim.config[key]  # the same noise schedule the generator was trained on
+    mesh = torch.rand(2, 3, pipe.default_size, pipe.default_size, generator=torch.Generator().manual_seed(0))
+    images = pipe(mesh, None, "a photo of two hands", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 3, pipe.default_size, pipe.default_size) and torch.isfinite(images).all()
+    for bad in ("DPMSolver", "NotAScheduler"):
+        with pytest.raises(ValueError, match=f"mixing.scheduler='{bad}'"):
+            generator_config(MixingConfig(scheduler=bad))
+
+
+@pytest.mark.parametrize("mode, marks", [("reduce-overhead", 3), (True, 0)])
+def test_reduce_overhead_starts_a_cuda_graph_step_per_compiled_denoising_step(monkeypatch, mode, marks):
+    """With CUDA graphs (compile mode reduce-overhead) each compiled step tells torch that the last step's graph
+    outputs are consumed, so their memory is replayed into; torch.compile itself is stood in for (no compilation
+    on the CPU: what is checked is the pipeline's use of the compiled modules, the graphs need a GPU)."""
+    from generator.model import load_config
+    from generator.pipeline import AttentionHandPipeline
+
+    class Compiled:  # stands in for torch.compile's wrapper: a different object that runs the module
+        def __init__(self, module, mode=None):
+            self.module, self.mode = module, mode
+
+        def __call__(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", Compiled)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    pipe = AttentionHandPipeline.from_config(load_config("tiny-synthlab"))
+    size, latent = pipe.default_size, pipe.default_size // pipe.vae_scale_factor
+    mesh = torch.full((1, 3, size, size), 0.5)
+
+    def sample(**kwargs):
+        noise = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0))
+        return pipe(mesh, None, "two hands", num_inference_steps=3, latents=noise, **kwargs).images
+
+    eager = sample()
+    pipe.optimize(compile=mode)
+    assert pipe._compiled[0].mode == (mode if isinstance(mode, str) else None)
+    torch.testing.assert_close(sample(), eager)
+    assert len(calls) == marks
+    sample(tas_steps=1)
+    assert len(calls) == marks  # steps recording attention (TAS) run the eager modules: no graph step
