@@ -3,6 +3,7 @@
 Timing values are not asserted (they depend on the machine and its load); only their presence and form.
 """
 import json
+import math
 
 import pytest
 import torch
@@ -105,3 +106,25 @@ def test_p2_runs_on_the_requested_device_and_reads_the_gpu_peak():
     assert parsed == {"steps": 200, "loop_s": 20.0, "gpu_peak_mib": 1234.0}
     assert run.parse_args(["--device", "cuda"]).only == ["p1", "p2", "p3", "p5", "p4"]
     assert "p5" not in run.parse_args([]).only
+
+
+def test_scheduler_agreement_is_psnr_and_absolute_differences():
+    from benchmarks.schedulers import agreement
+
+    reference = torch.zeros(2, 3, 4, 4)
+    images = reference.clone()
+    images[0] = 0.1  # half of the pixels off by 0.1: MSE 0.005
+    a = agreement(images, reference)
+    assert a["psnr_db"] == pytest.approx(10 * math.log10(1 / 0.005), abs=0.01)
+    assert a["mean_abs_diff"] == pytest.approx(0.05) and a["max_abs_diff"] == pytest.approx(0.1)
+    assert agreement(reference, reference)["psnr_db"] == float("inf")
+
+
+def test_scheduler_benchmark_arguments_are_checked(capsys):
+    from benchmarks.schedulers import parse_args
+
+    assert parse_args(["--steps", "10,8,8"]).steps == [8, 10]
+    for bad in (["--steps", "eight"], ["--steps", "0"], ["--n", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+    assert "--steps" in capsys.readouterr().err
