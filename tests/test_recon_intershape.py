@@ -303,6 +303,7 @@ def test_profiles():
     assert model.encoder.layer3[0].conv1.in_channels == 512 + 42 * 16
     demo = load_config(profile="demo", arch="intershape")
     assert demo.model.backbone == "resnet18" and demo.data.image_size[0] % 32 == 0 and demo.data.crop == "hands"
+    assert demo.train.max_steps == 160 and list(demo.optim.lr_decay_steps) == [128] and demo.optim.grad_clip == 0.0
 
 
 def test_backbone_weights_fill_both_encoders(tmp_path):
