@@ -14,6 +14,7 @@ from kornia.geometry.transform import warp_affine
 from torch import Tensor
 
 __all__ = [
+    "inside_image",
     "make_intrinsics",
     "project",
     "bbox_from_points",
@@ -43,6 +44,14 @@ def project(points_cam: Tensor, K: Tensor, eps: float = 1e-6) -> Tensor:
     """
     uvw = points_cam @ K.transpose(-1, -2)  # (..., N, 3)
     return uvw[..., :2] / uvw[..., 2:3].clamp(min=eps)
+
+
+def inside_image(points: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """points (..., 2) px -> (...) bool: inside the H x W image. Pixel centres are at integers, so the image
+    spans [-0.5, W - 0.5) x [-0.5, H - 0.5) (InterWild's ``0 <= x < W`` in its pixel-corner convention)."""
+    height, width = image_size
+    x, y = points[..., 0], points[..., 1]
+    return (x >= -0.5) & (x < width - 0.5) & (y >= -0.5) & (y < height - 0.5)
 
 
 def bbox_from_points(points: Tensor, valid: Tensor | None = None) -> Tensor:

@@ -88,7 +88,11 @@ class HandLabels:
     joints_img: (21, 2) joints in image pixels (x, y) of this sample's image.
     bbox: (4,) x0, y0, x1, y1 in image pixels.
     valid: () bool, the hand is present/annotated in this sample.
-    joints_valid: (21,) bool, per-joint validity of joints_cam / joints_img.
+    joints_valid: (21,) bool, per-joint validity in 3D (InterWild's ``joint_valid``): joints_cam is a label
+        (and joints_img its projection, also outside the image).
+    joints_trunc: (21,) bool, per-joint validity in 2D (InterWild's ``joint_trunc``): joints_img is a label
+        and lies inside this sample's image (pixel centres at integers: [-0.5, W - 0.5) x [-0.5, H - 0.5));
+        a hand can be valid in 3D and truncated in 2D. 2D losses use this mask, 3D losses ``joints_valid``.
     mano_valid: () bool, mano_pose / mano_shape / verts_cam come from a MANO fit.
     """
 
@@ -101,6 +105,7 @@ class HandLabels:
     bbox: Tensor
     valid: Tensor
     joints_valid: Tensor
+    joints_trunc: Tensor
     mano_valid: Tensor
 
     @classmethod
@@ -116,6 +121,7 @@ class HandLabels:
             bbox=torch.zeros(4, dtype=dtype),
             valid=torch.tensor(False),
             joints_valid=torch.zeros(NUM_JOINTS, dtype=torch.bool),
+            joints_trunc=torch.zeros(NUM_JOINTS, dtype=torch.bool),
             mano_valid=torch.tensor(False),
         )
 
@@ -134,6 +140,7 @@ class HandLabels:
             "bbox": (4,),
             "valid": (),
             "joints_valid": (NUM_JOINTS,),
+            "joints_trunc": (NUM_JOINTS,),
             "mano_valid": (),
         }
         for name, shape in expected.items():
@@ -142,7 +149,7 @@ class HandLabels:
                 raise ValueError(f"{where}.{name}: expected a tensor, got {type(value).__name__}")
             if tuple(value.shape) != shape:
                 raise ValueError(f"{where}.{name}: expected shape {shape}, got {tuple(value.shape)}")
-        for name in ("valid", "joints_valid", "mano_valid"):
+        for name in ("valid", "joints_valid", "joints_trunc", "mano_valid"):
             if getattr(self, name).dtype != torch.bool:
                 raise ValueError(f"{where}.{name}: expected a bool tensor, got {getattr(self, name).dtype}")
 

@@ -22,6 +22,7 @@ import torch
 
 from hands.camera import make_intrinsics, project
 from hands.datasets.common import assemble_sample, make_hand_labels
+from hands.camera import inside_image
 from hands.datasets.mano_fit import fit_to_camera_mesh
 from hands.datasets.poses import PoseSampler
 from hands.datasets.synthlab import random_rig
@@ -41,11 +42,13 @@ def mesh_consistent(sample: HandSample, hand_model) -> HandSample:
             hands[side] = hand
             continue
         joints_cam = hand_model.regress_joints(side, hand.verts_cam)
+        joints_img = project(joints_cam[None], sample.camera.K[None])[0]
         hands[side] = dataclasses.replace(
             hand,
             joints_cam=joints_cam,
-            joints_img=project(joints_cam[None], sample.camera.K[None])[0],
+            joints_img=joints_img,
             joints_valid=torch.ones_like(hand.joints_valid),
+            joints_trunc=inside_image(joints_img, sample.image_size),
             root_cam=joints_cam[0].clone(),
         )
     both = bool(hands["right"].valid and hands["left"].valid)

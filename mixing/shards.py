@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from hands.camera import inside_image
 from hands.paths import write_atomic
 from hands.sample import Camera, HandBatch, HandLabels, concat_batches
 
@@ -43,6 +44,9 @@ def batch_to_tensors(batch: HandBatch) -> dict[str, torch.Tensor]:
 def batch_from_tensors(tensors: dict, hand_type: list[str], meta: list[dict]) -> HandBatch:
     """Inverse of :func:`batch_to_tensors` (tensors may be numpy arrays); KeyError names a missing field."""
     t = {k: torch.as_tensor(v) for k, v in tensors.items()}
+    for side in ("right", "left"):  # shards written before the 2D mask existed: valid joints inside the image
+        if f"{side}.joints_trunc" not in t and f"{side}.joints_img" in t and f"{side}.joints_valid" in t and "image" in t:
+            t[f"{side}.joints_trunc"] = t[f"{side}.joints_valid"].bool() & inside_image(t[f"{side}.joints_img"], tuple(t["image"].shape[-2:]))
     labels = {
         side: HandLabels(**{f.name: t[f"{side}.{f.name}"] for f in dataclasses.fields(HandLabels)}) for side in ("right", "left")
     }

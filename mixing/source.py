@@ -19,7 +19,7 @@ from torch import Tensor
 
 from generator.prompts import PromptBank
 from generator.framing import window_boxes
-from hands.camera import apply_affine, bbox_crop_affine, transform_intrinsics
+from hands.camera import apply_affine, bbox_crop_affine, inside_image, transform_intrinsics
 from hands.render import crop_local, render_hands
 from hands.sample import Camera, HandBatch, HandLabels
 
@@ -52,7 +52,7 @@ def hands_union_box(batch: HandBatch) -> Tensor:
     return torch.where(valid.any(1), torch.cat([lo, hi], -1), whole)
 
 
-def _warp_hand(hand: HandLabels, affine: Tensor) -> HandLabels:
+def _warp_hand(hand: HandLabels, affine: Tensor, size: int) -> HandLabels:
     joints_img = apply_affine(hand.joints_img, affine)
     corners = hand.bbox.reshape(-1, 2, 2)  # (B, 2, 2): (x0, y0), (x1, y1); the warp has no rotation
     corners = apply_affine(corners, affine)
@@ -61,6 +61,8 @@ def _warp_hand(hand: HandLabels, affine: Tensor) -> HandLabels:
     return dataclasses.replace(
         hand,
         joints_img=torch.where(hand.joints_valid[..., None], joints_img, torch.zeros_like(joints_img)),
+        # a generated image shows the whole rendered hand: a joint is in 2D wherever it lies in the window
+        joints_trunc=hand.joints_valid & inside_image(joints_img, (size, size)),
         bbox=torch.where(keep, bbox, torch.zeros_like(bbox)),
     )
 
@@ -78,8 +80,8 @@ def frame_labels(labels: HandBatch, size: int, extend: float = 1.5, framing: str
     return dataclasses.replace(
         labels,
         image=labels.image.new_zeros(len(labels), 3, size, size),
-        right=_warp_hand(labels.right, affine),
-        left=_warp_hand(labels.left, affine),
+        right=_warp_hand(labels.right, affine, size),
+        left=_warp_hand(labels.left, affine, size),
         camera=Camera(K=transform_intrinsics(labels.camera.K, affine), dist=labels.camera.dist),
     )
 
@@ -91,7 +93,9 @@ def keep_rendered_hands(labels: HandBatch) -> HandBatch:
     for side in ("right", "left"):
         hand = getattr(labels, side)
         keep = hand.valid & hand.mano_valid
-        hands[side] = dataclasses.replace(hand, valid=keep, joints_valid=hand.joints_valid & keep[:, None])
+        hands[side] = dataclasses.replace(
+            hand, valid=keep, joints_valid=hand.joints_valid & keep[:, None], joints_trunc=hand.joints_trunc & keep[:, None]
+        )
     both = hands["right"].valid & hands["left"].valid
     hand_type = [
         "interacting" if b else ("right" if r else "left")

@@ -39,7 +39,7 @@ def rendered_two_hand_samples(hand_model, n: int, seed: int = 0, *, size: int = 
 
     import torch
 
-    from hands.camera import bbox_from_points, make_intrinsics, project, scale_bbox
+    from hands.camera import bbox_from_points, inside_image, make_intrinsics, project, scale_bbox
     from hands.render import render_hands
     from hands.sample import Camera, HandLabels, HandSample
 
@@ -60,7 +60,8 @@ def rendered_two_hand_samples(hand_model, n: int, seed: int = 0, *, size: int = 
                 mano_pose=pose[i], mano_shape=shape[i], root_cam=root[i], verts_cam=verts_cam[i],
                 joints_cam=joints_cam[i], joints_img=joints_img[i],
                 bbox=scale_bbox(bbox_from_points(joints_img[i]), 1.2), valid=torch.tensor(True),
-                joints_valid=torch.ones(21, dtype=torch.bool), mano_valid=torch.tensor(True),
+                joints_valid=torch.ones(21, dtype=torch.bool), joints_trunc=inside_image(joints_img[i], (size, size)),
+                mano_valid=torch.tensor(True),
             )
             for i in range(n)
         ]

@@ -33,6 +33,7 @@ def make_labels(batch: int, seed: int, valid, mano_valid, wrist_valid) -> HandLa
         bbox=torch.tensor([[4.0, 4.0, 20.0, 20.0]]).repeat(batch, 1),
         valid=torch.as_tensor(valid, dtype=torch.bool),
         joints_valid=joints_valid,
+        joints_trunc=joints_valid.clone(),
         mano_valid=torch.as_tensor(mano_valid, dtype=torch.bool),
     )
 

@@ -67,6 +67,7 @@ def _make_batch(hand_model: HandModel, n: int, seed: int = 0):
                 bbox=scale_bbox(bbox_from_points(joints_img[i]), 1.2),
                 valid=torch.tensor(True),
                 joints_valid=torch.ones(21, dtype=torch.bool),
+                joints_trunc=torch.ones(21, dtype=torch.bool),
                 mano_valid=torch.tensor(True),
             )
             for i in range(n)

@@ -200,7 +200,8 @@ def _fisheye_batch(hand_model, dist):
         hands[side] = HandLabels(
             mano_pose=pose[0], mano_shape=torch.zeros(10), root_cam=joints[0], verts_cam=verts, joints_cam=joints,
             joints_img=joints_img, bbox=scale_bbox(bbox_from_points(joints_img), 1.2), valid=torch.tensor(True),
-            joints_valid=torch.ones(21, dtype=torch.bool), mano_valid=torch.tensor(True),
+            joints_valid=torch.ones(21, dtype=torch.bool), joints_trunc=torch.ones(21, dtype=torch.bool),
+            mano_valid=torch.tensor(True),
         )
     sample = HandSample(
         image=torch.rand(3, 64, 48, generator=gen), right=hands["right"], left=hands["left"],

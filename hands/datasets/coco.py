@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hands.camera import make_intrinsics, project
+from hands.camera import inside_image, make_intrinsics, project
 from hands.datasets.common import (
     BadRecord,
     DatasetError,
@@ -311,6 +311,7 @@ class MSCOCO(HandDataset):
         labels.valid = torch.tensor(True)
         labels.joints_valid = joints_valid
         labels.joints_img = torch.where(joints_valid[:, None], torch.from_numpy(points), torch.zeros(21, 2))
+        labels.joints_trunc = joints_valid & inside_image(labels.joints_img, record["size"])  # 2D labels in the image
         if fit is not None:
             model = self._model()
             pose = torch.as_tensor(fit["pose"], dtype=torch.float32)

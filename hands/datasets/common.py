@@ -30,7 +30,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from hands.camera import bbox_from_points, project, scale_bbox
+from hands.camera import bbox_from_points, inside_image, project, scale_bbox
 from hands.sample import Camera, HandLabels, HandSample
 
 __all__ = [
@@ -226,7 +226,9 @@ def hand_bbox_from_joints(
     joints_img: (21, 2) px; joints_valid: (21,) bool; image_size: (H, W); box_joints: which joints span the
     box: "inside" (the valid joints inside the image: InterWild's ReIH loader, joint_trunc) or "valid" (every
     valid joint, also outside the image: its IH2.6M loader, which then clips the box, sanitize_bbox).
-    Returns (4,) x0, y0, x1, y1 clipped to the image, or None when no valid joint lies in the image.
+    Returns (4,) x0, y0, x1, y1 clipped to the image, or None: with "inside" when no valid joint lies in the
+    image, with "valid" when the x1.2 box of the valid joints does not overlap the image by a pixel (so a hand
+    whose joints all lie just outside the image keeps the part of its box that reaches in, as InterWild's).
     """
     if box_joints not in ("inside", "valid"):
         raise ValueError(f"box_joints must be 'inside' or 'valid', got {box_joints!r}")
@@ -238,9 +240,10 @@ def hand_bbox_from_joints(
         & (joints_img[:, 1] >= 0)
         & (joints_img[:, 1] <= height - 1)
     )
-    if not bool(inside.any()):
+    span = inside if box_joints == "inside" else joints_valid
+    if not bool(span.any()):
         return None
-    box = scale_bbox(bbox_from_points(joints_img, inside if box_joints == "inside" else joints_valid), extend)
+    box = scale_bbox(bbox_from_points(joints_img, span), extend)
     box = torch.stack(
         [box[0].clamp(0, width - 1), box[1].clamp(0, height - 1), box[2].clamp(0, width - 1), box[3].clamp(0, height - 1)]
     )
@@ -255,6 +258,7 @@ def make_hand_labels(
     joints_valid: Tensor,
     K: Tensor,
     image_size: tuple[int, int],
+    joints_2d_valid: Tensor | None = None,
     dist: Tensor | None = None,
     mano_pose: Tensor | None = None,
     mano_shape: Tensor | None = None,
@@ -265,16 +269,21 @@ def make_hand_labels(
 ) -> HandLabels:
     """Assemble one hand's HandLabels in camera space (metres).
 
-    joints_cam: (21, 3) our joint order; joints_valid: (21,) bool; K: (3, 3); image_size: (H, W);
-    mano_pose (48,) / mano_shape (10,) / verts_cam (778, 3): a MANO fit already in camera space;
-    ``mano_valid`` is set when pose and verts are given (a mesh without parameters, as HIC's, sets
+    joints_cam: (21, 3) our joint order; joints_valid: (21,) bool, the 3D validity (InterWild's
+    ``joint_valid``); joints_2d_valid: (21,) bool, the dataset's own 2D flags where it has them (IH2.6M's
+    annotation ``joint_valid``, which InterWild reads as ``joint_trunc``), None = the 3D flags; K: (3, 3);
+    image_size: (H, W); mano_pose (48,) / mano_shape (10,) / verts_cam (778, 3): a MANO fit already in camera
+    space; ``mano_valid`` is set when pose and verts are given (a mesh without parameters, as HIC's, sets
     ``verts_cam`` only); mesh_wrist_cam (3,): the mesh's wrist (regressor row 0), used as root when the
     wrist joint is not valid.
 
-    The hand is ``valid`` when a valid joint projects into the image; ``bbox`` is then the joint box of
-    :func:`hand_bbox_from_joints` (``box_joints`` says which joints span it). With ``keep_out_of_frame`` a hand
-    none of whose joints projects into the image stays valid (in 3D; its 2D joints are truncated), with the
-    unclipped x1.2 box of its projected joints: InterWild evaluates every HIC hand that has a mesh.
+    ``joints_img`` is the projection of every 3D-valid joint (also outside the image). The 2D-labelled joints
+    are the 3D-valid ones with the 2D flag (a joint without a 3D position has no projection here). The hand
+    is ``valid`` when :func:`hand_bbox_from_joints` gives a box from the 2D-labelled joints (``box_joints``
+    says which span it); ``joints_trunc`` = 2D-labelled and inside the image, ``joints_valid`` = the 3D flags,
+    so a hand can be valid in 3D and truncated in 2D. With ``keep_out_of_frame`` a hand none of whose joints
+    projects into the image stays valid (in 3D; its 2D joints are truncated), with the unclipped x1.2 box of
+    its projected joints: InterWild evaluates every HIC hand that has a mesh.
     ``root_cam`` is the annotated wrist when valid, else the mesh wrist.
     """
     dtype = torch.float32
@@ -285,15 +294,17 @@ def make_hand_labels(
     joints_img = project_points(joints_cam, K.to(dtype), dist)
     joints_valid = joints_valid & torch.isfinite(joints_img).all(-1)  # a wild fisheye model can give NaN
     joints_img = torch.where(joints_valid[:, None], joints_img, torch.zeros_like(joints_img))
-    bbox = hand_bbox_from_joints(joints_img, joints_valid, image_size, box_joints=box_joints)
+    labelled_2d = joints_valid if joints_2d_valid is None else joints_valid & joints_2d_valid.bool()
+    bbox = hand_bbox_from_joints(joints_img, labelled_2d, image_size, box_joints=box_joints)
     has_mano = mano_pose is not None and verts_cam is not None
-    if bbox is None and keep_out_of_frame and bool(joints_valid.any()):
-        bbox = scale_bbox(bbox_from_points(joints_img, joints_valid), 1.2)  # outside the image, not clipped
+    if bbox is None and keep_out_of_frame and bool(labelled_2d.any()):
+        bbox = scale_bbox(bbox_from_points(joints_img, labelled_2d), 1.2)  # outside the image, not clipped
     if bbox is None:
-        return labels  # no valid joint in the image: the hand is absent from this sample
+        return labels  # no 2D-labelled joint in or near the image: the hand is absent from this sample
     labels.joints_cam = joints_cam
     labels.joints_img = joints_img
     labels.joints_valid = joints_valid
+    labels.joints_trunc = labelled_2d & inside_image(joints_img, image_size)
     labels.bbox = bbox.to(dtype)
     labels.valid = torch.tensor(True)
     if bool(joints_valid[0]):

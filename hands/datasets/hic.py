@@ -34,21 +34,13 @@ from hands.datasets.common import (
     make_hand_labels,
     require_dir,
 )
-from hands.joints import MANO21_TO_OURS
 from hands.sample import HAND_TYPES, SIDES
 
-__all__ = ["HIC", "HIC_FOCAL", "HIC_PRINCPT", "joints_from_verts"]
+__all__ = ["HIC", "HIC_FOCAL", "HIC_PRINCPT"]
 
 HIC_FOCAL = (525.0, 525.0)
 HIC_PRINCPT = (319.5, 239.5)
 logger = logging.getLogger("hands.datasets")
-
-
-def joints_from_verts(verts: torch.Tensor, j_regressor: torch.Tensor, tip_verts: torch.Tensor) -> torch.Tensor:
-    """verts: (..., 778, 3) -> (..., 21, 3) joints in our order (16 regressed + 5 tips, same frame/units)."""
-    regressed = torch.einsum("jv,...vc->...jc", j_regressor.to(verts.dtype), verts)  # (..., 16, 3)
-    tips = verts[..., tip_verts.long(), :]  # (..., 5, 3)
-    return torch.cat([regressed, tips], -2)[..., list(MANO21_TO_OURS), :]
 
 
 def load_ply_verts(path: Path) -> np.ndarray:
@@ -166,7 +158,7 @@ class HIC(HandDataset):
                 continue
             verts = torch.as_tensor(load_ply_verts(self.root / record["meshes"][side]), dtype=torch.float32)
             model = self._model()
-            joints = joints_from_verts(verts, model.j_regressor_for(side), model.tip_verts)
+            joints = model.regress_joints(side, verts)  # InterWild's get_coord: regressor + tips
             hands[side] = make_hand_labels(
                 joints_cam=joints,
                 joints_valid=(joints[:, 2] > 1e-3) & (joints[0, 2] > 1e-3),  # no valid wrist: hand absent

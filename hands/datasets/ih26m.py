@@ -15,10 +15,12 @@ itself when it holds ``annotations/``, else the single variant folder found unde
 
 Cameras: ``X_cam = R X_world + t`` with ``t = -R campos`` (campos in mm). Joints: the 42-joint order
 (per hand thumb tip..base, index, middle, ring, pinky, wrist last) mapped to ours with
-:data:`hands.joints.IH26M_TO_OURS`; a joint is valid when both the frame's ``joint_3d`` validity and the
-annotation's ``joint_valid`` say so and its hand's wrist is valid (InterWild's loader: a hand whose root is
-invalid is dropped, with its box and MANO fit); a hand is present when one of its valid joints projects into
-the image.
+:data:`hands.joints.IH26M_TO_OURS`. Two masks, as InterWild's loader keeps them: ``joints_valid`` is the
+frame's ``joint_3d`` validity (3D, for ``joints_cam``), ``joints_trunc`` the annotation's ``joint_valid`` (2D)
+of a 3D-valid joint that projects into the image; each flag's wrist gates its hand's joints (a hand whose
+root is invalid is dropped, with its box and MANO fit). A hand is present when the x1.2 box of its 2D-flagged
+joints reaches into the image (``get_bbox`` + ``sanitize_bbox``), so a hand whose joints all lie just outside
+the image is valid in 3D and truncated in 2D.
 MANO fits (world, metres, flat_hand_mean=False) are moved into camera space with
 :func:`hands.datasets.mano_fit.fit_to_camera` and meshed with the hand model in ``__getitem__``; a null fit
 gives ``mano_valid`` False. ``joints_cam`` always comes from ``joint_3d``, never from MANO.
@@ -249,18 +251,22 @@ class InterHand26M(HandDataset):
             raise BadRecord("bbox empty or outside the image")
 
         joints_world, valid_3d, fits = self._cached(("frame", capture, frame), lambda: self._frame(joints, manos, capture, frame))
-        valid = valid_3d & as_array(ann["joint_valid"], (42,), "annotation joint_valid").astype(bool)
-        # InterWild's loader: without a valid root (wrist) a hand's root-relative pose is not valid, so all its
-        # joints become invalid; the hand is then absent (no box, no MANO mesh, not counted by the evaluator)
+        valid_2d = as_array(ann["joint_valid"], (42,), "annotation joint_valid").astype(bool)
+        valid_3d = valid_3d.copy()
+        # InterWild's loader keeps the two flags apart: joint_3d's joint_valid (3D, for joint_cam) and the
+        # annotation's joint_valid (its joint_trunc, 2D: boxes, 2D targets). Without a valid root (wrist) a
+        # hand's root-relative pose is not valid, so each flag's wrist gates that flag's joints; a hand with
+        # no 2D-flagged joint is then absent (no box, no MANO mesh, not counted by the evaluator)
         for rows in _IH_SIDE_ROWS.values():
-            valid[rows] &= valid[rows[0]]
-        if not np.isfinite(joints_world[valid]).all():
+            valid_3d[rows] &= valid_3d[rows[0]]
+            valid_2d[rows] &= valid_2d[rows[0]]
+        if not np.isfinite(joints_world[valid_3d]).all():
             raise BadRecord("world_coord: NaN or inf at a valid joint")
-        if (np.abs(joints_world[valid]) > 1e3).any():
+        if (np.abs(joints_world[valid_3d]) > 1e3).any():
             raise BadRecord("world_coord: implausible value")
-        joints_world = np.where(valid[:, None], joints_world, 0.0)
+        joints_world = np.where(valid_3d[:, None], joints_world, 0.0)
         joints_cam = joints_world @ R.T + t  # (42, 3)
-        if (joints_cam[valid, 2] <= 1e-3).any():
+        if (joints_cam[valid_3d, 2] <= 1e-3).any():
             raise BadRecord("world_coord: a valid joint behind the camera")
 
         type_valid = ann.get("hand_type_valid", 1)
@@ -279,7 +285,8 @@ class InterHand26M(HandDataset):
             "t": t,
             "K": K,
             "joints_cam": joints_cam.astype(np.float32),
-            "valid": valid,
+            "valid_3d": valid_3d,
+            "valid_2d": valid_2d,
             "hand_type": hand_type,
             "hand_type_valid": type_valid,
             "bbox_ann": np.array([x, y, x + w, y + h], dtype=np.float32),
@@ -328,14 +335,24 @@ class InterHand26M(HandDataset):
         return joints_world, valid, fits
 
     @staticmethod
-    def _any_hand_in_image(record: dict) -> bool:
-        height, width = record["size"]
-        joints, valid, K = record["joints_cam"], record["valid"], record["K"]
-        uvw = joints @ K.T
-        z = np.where(valid, uvw[:, 2], 1.0)
-        u, v = uvw[:, 0] / z, uvw[:, 1] / z
-        inside = valid & (u >= 0) & (u <= width - 1) & (v >= 0) & (v <= height - 1)
-        return bool(inside.any())
+    def _hand_args(record: dict, side: str) -> dict:
+        """make_hand_labels' arguments for one side: the 3D and 2D flags apart; the box spans every 2D-flagged
+        joint (also outside the image) and is clipped (InterWild's get_bbox + sanitize_bbox)."""
+        rows = _IH_SIDE_ROWS[side]
+        return dict(
+            joints_cam=torch.from_numpy(record["joints_cam"][rows]),
+            joints_valid=torch.from_numpy(record["valid_3d"][rows]),
+            joints_2d_valid=torch.from_numpy(record["valid_2d"][rows]),
+            K=torch.from_numpy(record["K"]),
+            image_size=record["size"],
+            box_joints="valid",
+        )
+
+    @classmethod
+    def _any_hand_in_image(cls, record: dict) -> bool:
+        """A hand is present when the x1.2 box of its 2D-flagged joints reaches into the image (InterWild:
+        ``sanitize_bbox`` not None), also when every joint lies just outside it (valid in 3D, truncated in 2D)."""
+        return any(bool(make_hand_labels(**cls._hand_args(record, side)).valid) for side in SIDES)
 
     # -- samples ----------------------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -376,15 +393,11 @@ class InterHand26M(HandDataset):
         else:
             image = torch.zeros(3, height, width)
         K = torch.from_numpy(record["K"])
-        joints_cam = torch.from_numpy(record["joints_cam"])
-        valid = torch.from_numpy(record["valid"])
         hands = {}
         for side in SIDES:
-            rows = _IH_SIDE_ROWS[side]
-            # the box spans every valid joint, clipped to the image (InterWild's get_bbox + sanitize_bbox)
-            args = dict(joints_cam=joints_cam[rows], joints_valid=valid[rows], K=K, image_size=(height, width), box_joints="valid")
+            args = self._hand_args(record, side)
             hands[side] = make_hand_labels(**args)
-            if bool(hands[side].valid) and record["fits"][side] is not None:  # mesh only hands in the image
+            if bool(hands[side].valid) and record["fits"][side] is not None:  # mesh only for present hands
                 hands[side] = make_hand_labels(**args, **self._mano_labels(record, side))
         meta = {
             "dataset": self.name,

@@ -34,6 +34,7 @@ from hands.camera import (
     apply_affine,
     bbox_crop_affine,
     crop_image,
+    inside_image,
     inverse_3x3,
     project,
     square_bbox,
@@ -162,11 +163,14 @@ def _rotate_hand(hand: HandLabels, Rz: Tensor) -> HandLabels:
     )
 
 
-def _warp_hand(hand: HandLabels, affine: Tensor) -> HandLabels:
+def _warp_hand(hand: HandLabels, affine: Tensor, out_size: tuple[int, int]) -> HandLabels:
     joints_img = apply_affine(hand.joints_img[None], affine[None].to(hand.joints_img.dtype))[0]
     joints_img = torch.where(hand.joints_valid[:, None], joints_img, torch.zeros_like(joints_img))
     bbox = torch.where(hand.valid, _transform_box(hand.bbox, affine), hand.bbox)
-    return _replace_hand(hand, joints_img=joints_img, bbox=bbox)
+    # 2D validity (InterWild's joint_trunc): still labelled and inside the output image. A joint truncated
+    # once stays truncated: where the warp brings it back into the output, that is padding, not its pixels
+    joints_trunc = hand.joints_trunc & inside_image(joints_img, out_size)
+    return _replace_hand(hand, joints_img=joints_img, bbox=bbox, joints_trunc=joints_trunc)
 
 
 def warp(sample: HandSample, affine: Tensor, out_size: tuple[int, int], rotation_deg: float = 0.0) -> HandSample:
@@ -194,8 +198,8 @@ def warp(sample: HandSample, affine: Tensor, out_size: tuple[int, int], rotation
             meta[key] = _transform_box(meta[key].to(total.device), total)  # meta stays put in .to(device)
     return HandSample(
         image=image,
-        right=_warp_hand(right, total),
-        left=_warp_hand(left, total),
+        right=_warp_hand(right, total, out_size),
+        left=_warp_hand(left, total, out_size),
         rel_root=rel_root,
         rel_root_valid=sample.rel_root_valid.clone(),
         # pixels' = affine K Rz K^-1 (K X) = affine K (Rz X): with the labels rotated, K changes by the affine only

@@ -934,8 +934,8 @@ class IntagHand(HandModelMixin, nn.Module):
         )
         joints_valid = torch.cat(
             [
-                batch.right.joints_valid & batch.right.valid[:, None],
-                batch.left.joints_valid & batch.left.valid[:, None],
+                batch.right.joints_trunc & batch.right.valid[:, None],  # 2D labels: joints_trunc
+                batch.left.joints_trunc & batch.left.valid[:, None],
             ],
             1,
         )  # (B, 42)

@@ -634,12 +634,12 @@ class InterWild(nn.Module):
         box_centre_<side>, box_size_<side>: box-grid cells, masked by the hand's ``valid``;
         rel_root: metres, masked by ``rel_root_valid``;
         mano_pose: rotation matrices, mano_shape: betas, masked by ``mano_valid``;
-        joint_cam (x10): wrist-relative joints, masked by ``joints_valid`` (and the wrist's) and
+        joint_cam (x10): wrist-relative joints, masked by ``joints_valid`` (3D; and the wrist's) and
           ``batch.joints_3d`` (2D-only samples such as MSCOCO's have none; their joint_img loses its depth);
         mano_mesh_cam (x10): wrist-relative vertices, masked by ``mano_valid``;
         joint_img, mano_joint_img: position-head joints vs. annotated / MANO joints in the hand grid of the
           crop that was actually used (x, y cells, z depth bins), masked as InterWild's joint_trunc /
-          mano_joint_trunc: outside the input image or the crop's volume the target is truncated; the MANO
+          mano_joint_trunc: ``joints_trunc`` (2D) and inside the input image and the crop's volume; the MANO
           joints are projected through the camera's fisheye distortion where it has one;
         joint_proj: virtual-camera projections vs. annotated joints, hand grid, same mask as joint_img.
         """
@@ -682,8 +682,9 @@ class InterWild(nn.Module):
             affine = extras["crop_affine"][:, i]
             target, inside = self._hand_grid_targets(hand.joints_img, hand.joints_cam, affine, cells_per_px, grid_cells)
             gt["grid"].append(target)
-            # 2D-only samples (MSCOCO: no depth target) need no labelled wrist for their x, y (InterWild's joint_trunc)
-            xy_valid = torch.where(joints_3d[:, None], joints_valid, hand.joints_valid & hand.valid[:, None])
+            # the 2D mask starts from the labels' joints_trunc (2D-labelled, inside the image); 2D-only samples
+            # (MSCOCO: no depth target) need no labelled wrist for their x, y (InterWild's joint_trunc)
+            xy_valid = hand.joints_trunc & torch.where(joints_3d[:, None], joints_valid, hand.valid[:, None])
             gt["grid_valid"].append(inside & xy_valid & _inside_image(hand.joints_img, image_size))
             mano_img = _project_distorted(gt_mano_joints, K, dist)  # fisheye views: the distorted projection
             target, inside = self._hand_grid_targets(mano_img, gt_mano_joints, affine, cells_per_px, grid_cells)

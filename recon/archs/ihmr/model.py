@@ -512,7 +512,7 @@ class IHMR(HandModelMixin, nn.Module):
             u, v = gt.joints_img[..., 0], gt.joints_img[..., 1]  # (B, 21) pixels
             inside = (u >= 0) & (u <= width) & (v >= 0) & (v <= height)
             joints_2d.append(torch.stack([2.0 * u / width - 1.0, 2.0 * v / height - 1.0], -1))
-            weight_2d.append(gt.valid[:, None] & gt.joints_valid & inside)
+            weight_2d.append(gt.valid[:, None] & gt.joints_trunc & inside)  # 2D labels: joints_trunc
             pose[side], shape[side] = gt.mano_pose, gt.mano_shape
             mano_valid[side] = gt.valid & gt.mano_valid
         hand_type = torch.stack([batch.right.valid, batch.left.valid], 1).float()
