@@ -77,7 +77,7 @@ class DataConfig:
     image_size: Tuple[int, int] = (128, 128)
     crop: str = "hands"  # "hands": the union of the ground-truth hand boxes x1.3; "image": the whole image
     augment: bool = True
-    augmentation: str = "interwild"  # which training augmentation: interwild | intaghand | dir (recon.data.train_transform)
+    augmentation: str = "interwild"  # which training augmentation: interwild | intaghand | dir | internet (recon.data.train_transform)
     train_frames: str = "all"  # "interacting_both_fits": IntagHand's training frames (recon.data._select_frames)
     num_workers: int = 0
     max_train_samples: Optional[int] = None

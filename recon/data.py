@@ -318,6 +318,10 @@ def train_transform(cfg) -> Callable[[HandSample, torch.Generator], HandSample]:
         from recon.archs.dir.augment import DIRAugment
 
         return DIRAugment(image_size, box=cfg.data.crop)
+    if cfg.data.augment and cfg.data.get("augmentation", "interwild") == "internet":  # InterShape's (InterNet's)
+        from recon.archs.intershape.augment import InterNetAugment
+
+        return InterNetAugment(image_size, box=cfg.data.crop)
     if cfg.data.augment:
         return transforms.InterWildAugment(image_size, box=cfg.data.crop)
     fixed = eval_transform(cfg.data.crop, image_size)

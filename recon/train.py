@@ -194,12 +194,16 @@ def check_config(cfg: DictConfig) -> None:
         raise UsageError(f"data.crop={cfg.data.crop!r}: expected 'hands', 'image' or 'verts'")
     if cfg.data.train_frames not in ("all", "interacting_both_fits"):
         raise UsageError(f"data.train_frames={cfg.data.train_frames!r}: expected 'all' or 'interacting_both_fits'")
-    if cfg.data.augmentation not in ("interwild", "intaghand", "dir"):
-        raise UsageError(f"data.augmentation={cfg.data.augmentation!r}: expected 'interwild', 'intaghand' or 'dir'")
-    if cfg.data.augment and (cfg.data.augmentation, cfg.data.crop) in (("interwild", "verts"), ("intaghand", "image")):
+    if cfg.data.augmentation not in ("interwild", "intaghand", "dir", "internet"):
+        raise UsageError(
+            f"data.augmentation={cfg.data.augmentation!r}: expected 'interwild', 'intaghand', 'dir' or 'internet'"
+        )
+    if cfg.data.augment and (cfg.data.augmentation, cfg.data.crop) in (
+        ("interwild", "verts"), ("internet", "verts"), ("intaghand", "image")
+    ):
         raise UsageError(
             f"data.augmentation={cfg.data.augmentation!r} does not crop data.crop={cfg.data.crop!r} "
-            "(InterWild's crops 'image' or 'hands', IntagHand's 'verts' or 'hands')"
+            "(InterWild's and InterNet's crop 'image' or 'hands', IntagHand's 'verts' or 'hands')"
         )
     if cfg.optim.warmup_epochs < 0 or not 0.0 <= cfg.optim.warmup_start <= 1.0:
         raise UsageError(

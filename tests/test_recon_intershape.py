@@ -275,6 +275,39 @@ def test_intershape_protocol_on_hand_made_predictions(hand_model):
     assert protocol.evaluate()["count_InterShape"] == 2
 
 
+def test_internet_augmentation_keeps_labels_consistent_and_draws_the_references_ranges(hand_model):
+    from hands.camera import project
+    from recon.archs.intershape.augment import InterNetAugment
+    from recon.data import train_transform
+
+    augment = InterNetAugment((SIZE, SIZE))
+    generator = torch.Generator().manual_seed(0)
+    draws = [augment.draw(generator) for _ in range(400)]
+    assert all(0.75 <= d["scale"] <= 1.25 and abs(d["rotation_deg"]) <= 90 for d in draws)
+    assert all(float(d["shift"].abs().max()) <= 0.15 for d in draws) and max(float(d["shift"].abs().max()) for d in draws) > 0.14
+    assert max(abs(d["rotation_deg"]) for d in draws) > 60  # 45 clip(N, +-2): wider than InterWild's 30
+    assert abs(sum(d["rotation_deg"] == 0 for d in draws) / len(draws) - 0.4) < 0.08
+    assert all(0.8 <= c <= 1.2 for d in draws for c in d["color"]) and abs(sum(d["flip"] for d in draws) / 400 - 0.5) < 0.08
+    sample = rendered_two_hand_samples(hand_model, 1, 0, size=SIZE)[0]
+    plain = augment.apply(sample, dict(augment.draw(torch.Generator().manual_seed(1)), shift=torch.zeros(2), flip=False))
+    for seed in range(4):
+        params = augment.draw(torch.Generator().manual_seed(seed))
+        params.update(flip=seed % 2 == 1)
+        out = augment.apply(sample, params)
+        assert out.image.shape == (3, SIZE, SIZE)
+        for side in ("right", "left"):
+            hand = out.hand(side)  # 2D labels stay the projection of the (rotated, mirrored) 3D labels
+            assert torch.allclose(hand.joints_img, project(hand.joints_cam, out.camera.K), atol=1e-3)
+    # the translation moves the content by the shift x the box, opposite to the box
+    params = dict(augment.draw(torch.Generator().manual_seed(1)), shift=torch.tensor([0.1, 0.0]), flip=False)
+    moved = augment.apply(sample, params)
+    dx = (moved.right.joints_img - plain.right.joints_img)[:, 0]
+    assert torch.allclose(dx, torch.full_like(dx, float(dx.mean())), atol=1e-3) and float(dx.mean()) < -1.0
+    for profile in ("demo", "paper"):  # InterShape's profiles use it (and mixing reuses train_transform)
+        cfg = load_config(profile=profile, arch="intershape")
+        assert cfg.data.augmentation == "internet" and isinstance(train_transform(cfg), InterNetAugment)
+
+
 # -- training -----------------------------------------------------------------------------------------------------
 
 
