@@ -283,7 +283,8 @@ class InterShape(HandModelMixin, nn.Module):
         image_size = tuple(batch.image.shape[-2:])
         joints_img = torch.cat([batch.right.joints_img, batch.left.joints_img], 1).to(heatmap.dtype)
         target = heatmap_target(joints_img, both.to(heatmap.dtype), tuple(heatmap.shape[2:]), image_size)
-        joint_valid = torch.cat([valid["right"], valid["left"]], 1).to(heatmap.dtype)  # wrist-relative depth needs the wrist
+        # a target needs the 2D label inside the image (joints_trunc) and the 3D depth relative to the wrist
+        joint_valid = torch.cat([valid[side] & batch.hand(side).joints_trunc.bool() for side in SIDES], 1).to(heatmap.dtype)
         terms["heatmap"] = ((heatmap - target) ** 2 * joint_valid[..., None, None, None]).mean()
         return {name: w[name] * value for name, value in terms.items()}
 
