@@ -124,6 +124,7 @@ def build_source(cfg: MixingConfig, *, hand_model, labels, device, seed: int, ra
         seed=seed,
         rank=rank,
         device=device,
+        blank_mesh=cfg.mesh_condition == "blank",
     )
 
 

@@ -6,12 +6,13 @@ translates it into a source and a provider in one place.
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["MixingConfig", "MIX_MODES", "LABEL_SOURCES"]
+__all__ = ["MixingConfig", "MIX_MODES", "LABEL_SOURCES", "MESH_CONDITIONS"]
 
 MIX_MODES = ("online", "sync", "offline")
 LABEL_SOURCES = ("train", "prior")
 GENERATOR_DTYPES = ("auto", "float32", "float16", "bfloat16")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+MESH_CONDITIONS = ("mesh", "blank")
 
 
 @dataclass
@@ -41,6 +42,9 @@ class MixingConfig:
         hand boxes squared, x extend); None: the generator config's (the framing it was trained in).
     use_local: also run VAS's local branch at sampling (its images are not used: the global images are the
         same without it, so it is off, as in the reference's inference).
+    mesh_condition: ``mesh`` (the labels' meshes rendered as the generator's conditioning) or ``blank`` (the
+        conditioning rendered without hands: images that do not follow their labels, recon.table2's control
+        for a gain from regularisation alone; the labels are the drawn ones either way).
     dtype / channels_last / compile: the generator's speed options (:meth:`generator.pipeline.
         AttentionHandPipeline.optimize`, docs/performance.md). dtype ``auto``: bfloat16 on a CUDA device that
         supports it, else float16 there, the generator config's dtype on the CPU; or float32 / float16 / bfloat16.
@@ -67,6 +71,7 @@ class MixingConfig:
     framing: Optional[str] = None
     extend: Optional[float] = None
     use_local: bool = False
+    mesh_condition: str = "mesh"
     dtype: str = "auto"
     channels_last: bool = False
     compile: str = "off"
@@ -93,6 +98,8 @@ class MixingConfig:
             raise ValueError(f"mixing.max_producer_share={self.max_producer_share}: expected a fraction in (0, 1]")
         if self.framing is not None and self.framing not in ("frame", "hands"):
             raise ValueError(f"mixing.framing={self.framing!r}: expected frame or hands (or null: the generator's)")
+        if self.mesh_condition not in MESH_CONDITIONS:
+            raise ValueError(f"mixing.mesh_condition={self.mesh_condition!r}: expected one of {', '.join(MESH_CONDITIONS)}")
         if self.size % 8:
             raise ValueError(f"mixing.size={self.size}: expected a multiple of 8 (the VAE's factor)")
         if self.dtype not in GENERATOR_DTYPES:

@@ -126,6 +126,8 @@ class SyntheticSource:
         sampling the conditions it learned from.
         prompts: the prompt bank; seed, rank: random streams; device: where everything runs.
         sampling: extra keyword arguments for the generator call (num_inference_steps, guidance_scale, ...).
+        blank_mesh: render the conditioning without hands (``mixing.mesh_condition=blank``): the generator gets
+            empty mesh images, so its images do not follow the labels they are returned with (a control).
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class SyntheticSource:
         rank: int = 0,
         device: torch.device | str = "cpu",
         sampling: dict | None = None,
+        blank_mesh: bool = False,
     ):
         self.labels = labels
         self.generator = generator
@@ -160,6 +163,7 @@ class SyntheticSource:
         self.seed = seed
         self.rank = rank
         self.sampling = dict(sampling or {})
+        self.blank_mesh = bool(blank_mesh)
         self._calls = 0
 
     def _stream_seed(self, call: int) -> int:
@@ -167,7 +171,10 @@ class SyntheticSource:
 
     def render_conditions(self, framed: HandBatch, local: bool = True) -> tuple[Tensor, Tensor | None]:
         """Global and local mesh images, (B, 3, S, S) each, of a framed label batch (local None when not
-        ``local``)."""
+        ``local``; with ``blank_mesh`` both are rendered without hands)."""
+        right_valid, left_valid = framed.right.valid, framed.left.valid
+        if self.blank_mesh:
+            right_valid, left_valid = torch.zeros_like(right_valid), torch.zeros_like(left_valid)
         rendered = render_hands(
             framed.right.verts_cam,
             framed.left.verts_cam,
@@ -175,8 +182,8 @@ class SyntheticSource:
             self.faces_left,
             framed.camera.K,
             (self.size, self.size),
-            right_valid=framed.right.valid,
-            left_valid=framed.left.valid,
+            right_valid=right_valid,
+            left_valid=left_valid,
         )
         if not local:
             return rendered.image, None

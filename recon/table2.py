@@ -1,7 +1,9 @@
 """``python -m recon.table2``: Table 2 of the paper for one regressor — trained without and with generated
-images, several seeds, evaluated, tabulated with the deltas and their spread over seeds.
+images, several seeds, evaluated, tabulated with the paired deltas, their spread and t-intervals over seeds,
+control rows, the mean-pose predictor's error, a validation split and a figure of predictions.
 
-    python -m recon.table2 --arch interwild --seeds 3 --jobs 2          # the mini Table 2 on synthlab
+    python -m recon.table2 --arch interwild --jobs 2                    # the mini Table 2 on synthlab (5 seeds)
+    python -m recon.table2 --arch intaghand --stem mini-table2-intaghand --val-root data/synthlab-val
     python -m recon.table2 --arch interwild --seeds 3 --profile paper --data-root DATA --mano-dir MANO \\
         --sd-path SD15 --backbone-weights resnet50.pth mixing.generator_config=sd15 mixing.guidance_path=CKPT
     python -m recon.table2 --arch baseline --ratios 0,0.1,0.3 --seed-list 0,1 --max-steps 200 --dry-run
@@ -9,12 +11,12 @@ images, several seeds, evaluated, tabulated with the deltas and their spread ove
 What it does, top to bottom:
 
 1. plan: one ``python -m recon.train`` run per (ratio, seed) — ``--ratios`` (default ``0,0.3``; the first is
-   the reference) times ``--seeds N`` (seeds ``0..N-1``) or ``--seed-list`` — each with ``--arch A
+   the reference) times ``--seeds N`` (default 5: seeds ``0..N-1``) or ``--seed-list`` — each with ``--arch A
    --synthetic-ratio r --seed s --out OUT/<arch>_r<r>_s<seed>`` plus the flags and ``KEY=VALUE`` overrides
    given here (the same steps, data and config for every run; only the ratio and the seed differ). Every
    run's config is resolved and checked here first (:mod:`recon.config`), so a bad flag fails in one line
    before anything trains. ``--dry-run`` prints the commands and stops.
-2. a figure, ``<results-dir>/mini-table2-samples.png``: rows of mesh image | generated image | overlay for
+2. a figure, ``<results-dir>/<stem>-samples.png``: rows of mesh image | generated image | overlay for
    ``--figure-samples`` generated samples, made by the code and with the seed that the first run with r > 0
    generates with (:mod:`mixing.build` from that run's resolved ``mixing`` config, labels from its
    training readers, prompts from the bank its generator uses). It is made before the runs, so a generator
@@ -26,24 +28,52 @@ What it does, top to bottom:
    from the run's config is refused (another experiment's run). A failed run stops the table (the other
    runs get SIGINT, which makes recon.train leave a resumable checkpoint) with one line naming its folder
    and its log.
+   Control rows (``--controls``; default for InterWild: ``tas_off,mesh_blank``): per seed one more run at
+   ``--control-ratio`` (default the first ratio after the reference) with the control's overrides after the
+   table's: ``tas_off`` = ``mixing.tas_steps=0`` (and ``mixing.sd_path`` = ``--tas-off-generator``, a generator
+   trained without TAS), ``mesh_blank`` = ``mixing.mesh_condition=blank`` (the generator's mesh images drawn
+   without hands: images that do not follow their labels, so a gain from regularisation alone shows). A control
+   whose runs would generate exactly as the main runs (tas_off when the generator samples without TAS and no
+   ``--tas-off-generator`` is given) is not trained; the table says why. Control folders:
+   ``OUT/<arch>_r<r>_<control>_s<seed>``; they resume like the others.
 4. the table: per test set and metric, the mean ± sample standard deviation (n - 1) over seeds of every
-   ratio, and the delta ``metric(r) - metric(r0)`` paired by seed, mean ± std; the means again in the
-   paper's style (eval.report), beside the paper's rows of this regressor when the test sets are the paper's
-   (HIC, ReIH, IH2.6M). Printed, and written atomically as ``<results-dir>/mini-table2.md`` and ``.json``
-   (results dir: ``docs/results`` when every dataset is synthlab, else OUT; ``--results-dir``).
+   ratio and control, and the delta ``metric(r) - metric(r0)`` paired by seed, mean ± std and its two-sided
+   ``--confidence`` (0.95) t-interval ``mean ± t(1 - a/2, n - 1) std / sqrt(n)`` (scipy.stats.t), for every
+   ratio and every control against the reference; the test-set counts (hands / pairs per metric); the
+   mean-pose predictor's errors (:mod:`recon.meanpose`: the training labels' mean pose and shape, no image;
+   ``--mean-pose-samples``); the means again in the paper's style (eval.report), beside the paper's rows of
+   this regressor when the test sets are the paper's (HIC, ReIH, IH2.6M).
+5. validation (``--val-root DIR``): every run's newest checkpoint scored on ``--val-split`` (default
+   ``train-wild``) of a synthlab written with another seed (``python -m hands.datasets.synthlab --out DIR --seed
+   1 --sizes 0 0 500 0``): the numbers to make choices on (never the test splits); kept in
+   ``<run>/val_metrics.json``, so a resumed table does not score them again.
+6. a figure of predictions, ``<stem>-predictions.png``: ``--prediction-figure`` test-wild images (evenly spaced),
+   rows of input | ground truth | r = reference | r = next ratio, the first seed's runs.
+   Printed, and written atomically as ``<results-dir>/<stem>.md`` and ``.json`` (``--stem``, default
+   ``mini-table2``; results dir: ``docs/results`` when every dataset is synthlab, else OUT; ``--results-dir``).
 
 The JSON (millimetres)::
 
     {"arch", "method", "profile", "unit": "mm", "seeds": [0, 1, 2], "ratios": [0.0, 0.3],
      "reference_ratio": 0.0, "test_sets": ["synthlab-test-lab", ...], "metrics": ["MPVPE", "RRVE", "MRRPE"],
      "setup": {datasets, steps, batch size, image size, generator ...},
-     "runs": [{"name", "ratio", "seed", "folder", "status": "trained" | "resumed" | "skipped",
-               "steps", "train_time_s", "wall_s", "metrics": {test set: {metric: mm, ...}}}, ...],
+     "runs": [{"name", "ratio", "seed", "control": null | name, "folder", "status": "trained" | "resumed" |
+               "skipped", "steps", "train_time_s", "wall_s", "metrics": {test set: {metric: mm, count_*: n, ...}}},
+              ...],
      "mean": {"0": {test set: {metric: mm}}, "0.3": ...}, "std": {...same; null with one seed...},
      "deltas": {"0.3": {"0": {test set: {metric: mm}}, ...}},          # per seed, r minus the reference
      "delta_mean": {"0.3": {test set: {metric: mm}}}, "delta_std": {...},
+     "delta_ci": {"0.3": {test set: {metric: [low, high]}}}, "confidence": 0.95,
+     "controls": {name: {"title", "description", "ratio", "overrides", "status": "trained" | "same_as_main",
+                         "reason" | "mean", "std", "deltas", "delta_mean", "delta_std", "delta_ci"}},
+     "test_counts": {test set: {count_*: n}}, "counts_note": null | "...",
+     "mean_pose": {"errors": {test set: {metric: mm}}, "kind", "train_samples_per_reader", "how"} | null,
+     "validation": {"root", "split", "key", "synthlab": {seed, sizes}, "runs": {run: metrics}, "mean", "std",
+                    "deltas", "delta_mean", "delta_std", "delta_ci", "controls"} | null,
+     "prediction_figure": {"path", "test_set", "samples", "indices", "runs", "steps", "columns"} | null,
      "steps_note": null | "why the runs of a seed trained different numbers of steps",
-     "delta_wild_mpvpe_mean", "delta_wild_mpvpe_std", "delta_wild_ratio", "wild_test_set",   # with a test-wild set
+     "delta_wild_mpvpe_mean", "delta_wild_mpvpe_std", "delta_wild_mpvpe_ci", "delta_wild_ratio",
+     "wild_test_set",                                                           # with a test-wild set
      "paper": {"InterWild (paper)": {...}, ...} | null, "figure": {...} | null,
      "own_protocol": {"name", "metrics", "mean", "std", "published"} | null,    # DIR: its own protocol
      "command", "git_commit", "git_dirty", "created", "wall_s"}
@@ -112,6 +142,33 @@ STOP_TIMEOUT_S = 120.0  # how long a stopped run may take to write its checkpoin
 RESERVED_KEYS = {"arch", "seed", "out", "train.synthetic_ratio"}  # set per run by this command
 PAPER_TEST_SETS = ("hic", "reih", "ih26m")
 _TRAINED_RE = re.compile(r"trained (\d+) steps in ([0-9.]+) s")
+VAL_METRICS = "val_metrics.json"  # a run's scores on the validation split, in its folder
+
+
+@dataclass(frozen=True)
+class Control:
+    """A control row: runs at the control ratio with ``overrides`` added, paired by seed with the reference."""
+
+    overrides: tuple[str, ...]
+    title: str
+    description: str
+
+
+CONTROLS = {
+    "tas_off": Control(
+        ("mixing.tas_steps=0",),
+        "TAS off",
+        "the generator's TAS off: no TAS update at sampling (mixing.tas_steps=0) and, with --tas-off-generator, a "
+        "generator trained without TAS",
+    ),
+    "mesh_blank": Control(
+        ("mixing.mesh_condition=blank",),
+        "mesh blanked",
+        "the same generator with its mesh conditioning blanked (mixing.mesh_condition=blank: mesh images without "
+        "hands), so the images do not follow their labels: what regularisation alone gives",
+    ),
+}
+DEFAULT_CONTROLS = {"interwild": ("tas_off", "mesh_blank")}
 
 
 class UsageError(ValueError):
@@ -144,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"registered regressor: {', '.join(REGRESSORS.names())} or a --plugin's")
     parser.add_argument("--ratios", default="0,0.3",
                         help="synthetic ratios, comma-separated; the first is the reference (default 0,0.3)")
-    parser.add_argument("--seeds", help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--seeds", help="seeds 0..N-1 (default 5)")
     parser.add_argument("--seed-list", help="explicit seeds, comma-separated (instead of --seeds)")
     parser.add_argument("--jobs", default="1", help="runs trained side by side (default 1)")
     parser.add_argument("--schedule", choices=("steps", "epochs"), default="steps",
@@ -155,6 +212,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results-dir", help="where mini-table2.md/.json/-samples.png go (default: docs/results on "
                         "synthlab, else --out)")
     parser.add_argument("--figure-samples", default="8", help="generated samples in the figure; 0: no figure")
+    parser.add_argument("--controls", default="auto",
+                        help="control rows, comma-separated: tas_off (the generator's TAS off), mesh_blank (the mesh "
+                        "conditioning blanked: images that do not follow their labels); none; auto (default): both for "
+                        "interwild, none otherwise")
+    parser.add_argument("--control-ratio", help="the ratio of the control runs (default: the first after the reference)")
+    parser.add_argument("--tas-off-generator",
+                        help="tas_off control: a generator folder trained without TAS (generator.train --tas-updates 0), "
+                        "given to the control runs as mixing.sd_path (sampling TAS is off there too)")
+    parser.add_argument("--confidence", default="0.95", help="two-sided level of the paired t-intervals (default 0.95)")
+    parser.add_argument("--val-root", help="a synthlab folder written with another --seed whose --val-split holds the "
+                        "validation images (train-wild-style, never the test splits): every run is also scored on it, "
+                        "for choices (see docs/reproduce-table2.md)")
+    parser.add_argument("--val-split", default="train-wild", help="the split of --val-root to validate on (default train-wild)")
+    parser.add_argument("--prediction-figure", default="4",
+                        help="test-wild images in the figure of predictions, r = reference vs the next ratio (first "
+                        "seed); 0: none (default 4)")
+    parser.add_argument("--mean-pose-samples", default="all",
+                        help="training samples per reader the mean-pose predictor averages (the first N; default all); "
+                        "0: no mean-pose row")
+    parser.add_argument("--stem", default=STEM, help=f"name of the result files <stem>.md/.json/-samples.png/-predictions.png "
+                        f"(default {STEM}; e.g. {STEM}-intaghand)")
     parser.add_argument("--dry-run", action="store_true", help="print the training commands and stop")
     # passed through to every recon.train run
     parser.add_argument("--profile", choices=("demo", "paper"))
@@ -247,14 +325,62 @@ def _int_at_least(flag: str, text: str, least: int) -> int:
     return value
 
 
+def _parse_controls(args: argparse.Namespace) -> list[str]:
+    text = args.controls.strip()
+    if text == "auto":
+        return list(DEFAULT_CONTROLS.get(args.arch, ()))
+    if text == "none":
+        return []
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    for name in names:
+        if name not in CONTROLS:
+            raise UsageError(f"--controls {text}: unknown control {name!r}; known: {', '.join(CONTROLS)}, none, auto")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--controls {text}: a control is given twice")
+    return names
+
+
+def _parse_confidence(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value < 1.0:
+        raise UsageError(f"--confidence {text}: expected a level 0 < c < 1, e.g. 0.95")
+    return value
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse and check the command line; adds ``ratio_list``, ``seed_values``, ``jobs_n``,
-    ``figure_n``. Raises UsageError with one line naming the flag."""
+    """Parse and check the command line; adds ``ratio_list``, ``seed_values``, ``jobs_n``, ``figure_n``,
+    ``control_list``, ``control_ratio_value``, ``confidence_level``, ``prediction_n``, ``mean_pose_n``. Raises
+    UsageError with one line naming the flag."""
     args = build_parser().parse_intermixed_args(argv)  # KEY=VALUE may come before or after the flags
     args.ratio_list = _parse_ratios(args.ratios)
     args.seed_values = _parse_seeds(args)
     args.jobs_n = _int_at_least("--jobs", args.jobs, 1)
     args.figure_n = _int_at_least("--figure-samples", args.figure_samples, 0)
+    args.prediction_n = _int_at_least("--prediction-figure", args.prediction_figure, 0)
+    args.mean_pose_n = None if args.mean_pose_samples == "all" else _int_at_least("--mean-pose-samples", args.mean_pose_samples, 0)
+    args.confidence_level = _parse_confidence(args.confidence)
+    args.control_list = _parse_controls(args)
+    if args.control_ratio is None:
+        args.control_ratio_value = args.ratio_list[1]
+    else:
+        try:
+            args.control_ratio_value = float(args.control_ratio)
+        except ValueError:
+            raise UsageError(f"--control-ratio {args.control_ratio}: expected a number 0 < r < 1") from None
+        if not 0.0 < args.control_ratio_value < 1.0:
+            raise UsageError(f"--control-ratio {args.control_ratio}: expected a number 0 < r < 1")
+    if args.tas_off_generator is not None and "tas_off" not in args.control_list:
+        raise UsageError("--tas-off-generator: only with the tas_off control (--controls tas_off,...)")
+    if args.tas_off_generator is not None and not Path(args.tas_off_generator).is_dir():
+        raise UsageError(f"--tas-off-generator {args.tas_off_generator}: expected a generator folder (diffusers layout)")
+    if args.val_split.startswith("test"):
+        raise UsageError(f"--val-split {args.val_split}: a test split; validate on train-wild-style images of another "
+                         "synthlab seed (issue 25: no choice is tuned on the test splits)")
+    if args.val_root is not None and not Path(args.val_root).is_dir():
+        raise UsageError(f"--val-root {args.val_root}: expected a synthlab folder (python -m hands.datasets.synthlab --out DIR --seed 1 ...)")
     for item in args.overrides:
         key = item.partition("=")[0].strip()
         if key in RESERVED_KEYS:
@@ -275,6 +401,7 @@ class RunSpec:
     seed: int
     folder: Path
     command: tuple[str, ...]
+    control: Optional[str] = None  # a name of CONTROLS, None for a row of the table proper
 
     @property
     def name(self) -> str:
@@ -285,9 +412,17 @@ class RunSpec:
         return self.folder / "train.log"
 
 
-def train_command(args: argparse.Namespace, ratio: float, seed: int, folder: Path) -> list[str]:
+def control_overrides(args: argparse.Namespace, control: str) -> list[str]:
+    """The overrides a control run adds to the table's (after them, so they win)."""
+    overrides = list(CONTROLS[control].overrides)
+    if control == "tas_off" and args.tas_off_generator is not None:
+        overrides.append(f"mixing.sd_path={Path(args.tas_off_generator).resolve()}")
+    return overrides
+
+
+def train_command(args: argparse.Namespace, ratio: float, seed: int, folder: Path, control: Optional[str] = None) -> list[str]:
     """The ``recon.train`` command of one run: the same passed-through flags and overrides for every run,
-    only ``--synthetic-ratio``, ``--seed`` and ``--out`` differ."""
+    only ``--synthetic-ratio``, ``--seed`` and ``--out`` differ (and a control run's own overrides)."""
     command = [sys.executable, "-m", TRAIN_MODULE, "--arch", args.arch, "--synthetic-ratio", ratio_tag(ratio),
                "--seed", str(seed), "--out", str(folder)]
     for attribute, flag in _PASSED:
@@ -296,7 +431,7 @@ def train_command(args: argparse.Namespace, ratio: float, seed: int, folder: Pat
             command += [flag, str(value)]
     for plugin in args.plugin:
         command += ["--plugin", plugin]
-    return command + list(args.overrides)
+    return command + list(args.overrides) + (control_overrides(args, control) if control else [])
 
 
 def equal_steps(reference_cfg) -> dict:
@@ -322,14 +457,61 @@ def equal_steps(reference_cfg) -> dict:
 
 
 def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
-    """Every (ratio, seed) run, ordered seed by seed (so that a stopped table has whole pairs first)."""
+    """Every (ratio, seed) run and every control run (``<arch>_r<r>_<control>_s<seed>``), ordered seed by seed
+    (so that a stopped table has whole pairs first)."""
     out = Path(args.out)
     runs = []
     for seed in args.seed_values:
         for ratio in args.ratio_list:
             folder = out / f"{args.arch}_r{ratio_tag(ratio)}_s{seed}"
             runs.append(RunSpec(args.arch, ratio, seed, folder, tuple(train_command(args, ratio, seed, folder))))
+        for control in getattr(args, "control_list", ()):
+            ratio = args.control_ratio_value
+            folder = out / f"{args.arch}_r{ratio_tag(ratio)}_{control}_s{seed}"
+            command = tuple(train_command(args, ratio, seed, folder, control))
+            runs.append(RunSpec(args.arch, ratio, seed, folder, command, control))
     return runs
+
+
+def effective_generator(cfg) -> dict:
+    """What a run's generator is (the sampling settings its generator config resolves to, with the mixing
+    overrides applied; its weights; its conditioning): equal for two runs exactly when they generate alike.
+    Generating runs only (r > 0)."""
+    from dataclasses import asdict
+
+    from mixing.build import generator_config
+
+    gen_cfg = generator_config(cfg.mixing)
+    return {"generator": cfg.mixing.generator, "config": asdict(gen_cfg), "mesh_condition": cfg.mixing.mesh_condition}
+
+
+def same_as_main(runs: Sequence[RunSpec], configs: dict) -> dict[str, str]:
+    """{control: why} for the controls whose runs would generate exactly as the main runs at the control ratio
+    (e.g. tas_off with a generator that samples without TAS anyway): they are not trained, the table says so."""
+    out = {}
+    for run in runs:
+        if run.control is None or run.control in out:
+            continue
+        main = next((r for r in runs if r.control is None and r.seed == run.seed and r.ratio == run.ratio), None)
+        if main is None:
+            continue
+        if effective_generator(configs[run.name]) == effective_generator(configs[main.name]):
+            tas = configs[main.name].mixing.tas_steps
+            out[run.control] = (
+                f"its runs would generate exactly as the r={ratio_tag(run.ratio)} runs (the generator config samples "
+                f"with tas_steps={generator_tas_steps(configs[main.name])}"
+                + (f", mixing.tas_steps={tas}" if tas is not None else "")
+                + "), so they were not trained; pass --tas-off-generator DIR (a generator trained without TAS) or "
+                "mixing.tas_steps=K > 0 for the table's runs to make it a control"
+            )
+    return out
+
+
+def generator_tas_steps(cfg) -> int:
+    """The TAS updates per sampling of a run's generator (its config's, after mixing.tas_steps)."""
+    from mixing.build import generator_config
+
+    return int(generator_config(cfg.mixing).sampling.tas_steps)
 
 
 def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, dict]:
@@ -639,6 +821,45 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, statistics.stdev(values) if len(values) > 1 else math.nan
 
 
+def t_quantile(probability: float, df: int) -> float:
+    """The ``probability`` quantile of Student's t with ``df`` degrees of freedom (scipy.stats.t)."""
+    from scipy.stats import t as student_t
+
+    return float(student_t.ppf(probability, df))
+
+
+def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> dict:
+    """The paired-difference summary of one metric over seeds: {"n", "mean", "std" (n - 1), "half_width",
+    "low", "high", "t"}: the two-sided ``confidence`` t-interval ``mean ± t(1 - a/2, n - 1) std / sqrt(n)``.
+    NaN (written null) where it cannot be computed: a NaN difference, or fewer than two seeds for the spread."""
+    values = [float(v) for v in differences]
+    n = len(values)
+    nan = {"n": n, "mean": math.nan, "std": math.nan, "half_width": math.nan, "low": math.nan, "high": math.nan,
+           "t": math.nan}
+    if n == 0 or any(math.isnan(v) for v in values):
+        return nan
+    mean = statistics.fmean(values)
+    if n < 2:
+        return {**nan, "mean": mean}
+    std = statistics.stdev(values)
+    t = t_quantile(0.5 + confidence / 2, n - 1)
+    half = t * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "half_width": half, "low": mean - half, "high": mean + half, "t": t}
+
+
+def _paired(value: Callable, row, reference, seeds, test_sets, metrics, confidence: float) -> dict:
+    """Deltas of ``row`` minus ``reference`` paired by seed, with their means, stds and t-intervals."""
+    deltas = {str(s): {t: {m: value(row, s, t, m) - value(reference, s, t, m) for m in metrics} for t in test_sets}
+              for s in seeds}
+    out = {"deltas": deltas, "delta_mean": {}, "delta_std": {}, "delta_ci": {}}
+    for test in test_sets:
+        intervals = {m: paired_interval([deltas[str(s)][test][m] for s in seeds], confidence) for m in metrics}
+        out["delta_mean"][test] = {m: intervals[m]["mean"] for m in metrics}
+        out["delta_std"][test] = {m: intervals[m]["std"] for m in metrics}
+        out["delta_ci"][test] = {m: [intervals[m]["low"], intervals[m]["high"]] for m in metrics}
+    return out
+
+
 def summarize(
     results: dict[tuple[float, int], dict[str, dict[str, float]]],
     *,
@@ -646,39 +867,49 @@ def summarize(
     seeds: Sequence[int],
     test_sets: Sequence[str],
     metrics: Sequence[str] = ("MPVPE", "RRVE", "MRRPE"),
+    controls: Sequence[str] = (),
+    control_ratio: Optional[float] = None,
+    confidence: float = 0.95,
 ) -> dict:
     """Means, spreads and paired deltas over seeds.
 
-    results: {(ratio, seed): {test set: {metric: mm}}} for every ratio and seed; ratios[0] is the reference.
+    results: {(ratio, seed): {test set: {metric: mm}}} for every ratio and seed, and {(control name, seed): ...}
+    for every control; ratios[0] is the reference.
     Returns {"mean", "std": {ratio tag: {test set: {metric}}}, "deltas": {ratio tag: {seed (str): {test set:
     {metric}}}} (r minus the reference at the same seed), "delta_mean", "delta_std": {ratio tag (r > ref):
-    {test set: {metric}}}}; std is the sample standard deviation (n - 1), NaN with one seed.
+    {test set: {metric}}}, "delta_ci": the same with [low, high], the two-sided ``confidence`` t-interval of the
+    mean paired delta (:func:`paired_interval`), "confidence", "controls": {name: {"ratio", "mean", "std",
+    "deltas", "delta_mean", "delta_std", "delta_ci"}} (each control paired with the reference)}; std is the
+    sample standard deviation (n - 1), NaN with one seed.
     """
 
     def value(ratio, seed, test, metric) -> float:
         v = results[(ratio, seed)].get(test, {}).get(metric)
         return math.nan if v is None else float(v)
 
-    out = {"mean": {}, "std": {}, "deltas": {}, "delta_mean": {}, "delta_std": {}}
+    def means(row) -> tuple[dict, dict]:
+        mean, std = {}, {}
+        for test in test_sets:
+            pairs = {m: _mean_std([value(row, s, test, m) for s in seeds]) for m in metrics}
+            mean[test] = {m: pairs[m][0] for m in metrics}
+            std[test] = {m: pairs[m][1] for m in metrics}
+        return mean, std
+
+    out = {"mean": {}, "std": {}, "deltas": {}, "delta_mean": {}, "delta_std": {}, "delta_ci": {},
+           "confidence": confidence, "controls": {}}
     reference = ratios[0]
     for ratio in ratios:
         tag = ratio_tag(ratio)
-        out["mean"][tag], out["std"][tag] = {}, {}
-        for test in test_sets:
-            pairs = {m: _mean_std([value(ratio, s, test, m) for s in seeds]) for m in metrics}
-            out["mean"][tag][test] = {m: pairs[m][0] for m in metrics}
-            out["std"][tag][test] = {m: pairs[m][1] for m in metrics}
+        out["mean"][tag], out["std"][tag] = means(ratio)
         if ratio == reference:
             continue
-        out["deltas"][tag] = {
-            str(s): {t: {m: value(ratio, s, t, m) - value(reference, s, t, m) for m in metrics} for t in test_sets}
-            for s in seeds
-        }
-        out["delta_mean"][tag], out["delta_std"][tag] = {}, {}
-        for test in test_sets:
-            pairs = {m: _mean_std([out["deltas"][tag][str(s)][test][m] for s in seeds]) for m in metrics}
-            out["delta_mean"][tag][test] = {m: pairs[m][0] for m in metrics}
-            out["delta_std"][tag][test] = {m: pairs[m][1] for m in metrics}
+        paired = _paired(value, ratio, reference, seeds, test_sets, metrics, confidence)
+        for key in ("deltas", "delta_mean", "delta_std", "delta_ci"):
+            out[key][tag] = paired[key]
+    for control in controls:
+        mean, std = means(control)
+        out["controls"][control] = {"ratio": control_ratio, "mean": mean, "std": std,
+                                    **_paired(value, control, reference, seeds, test_sets, metrics, confidence)}
     return out
 
 
@@ -776,6 +1007,66 @@ def _schedule_lines(schedule: Optional[dict]) -> list[str]:
             "real data).", ""]
 
 
+def control_row_name(method: str, control: dict) -> str:
+    return f"{method}+AttentionHand (r={ratio_tag(control['ratio'])}), {control['title']}"
+
+
+def _ci_cell(mean, interval) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    low, high = interval or (None, None)
+    if low is None or high is None or (isinstance(low, float) and math.isnan(low)):
+        return f"{mean:+.2f}"
+    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def _interval_lines(report: dict, tests, metrics, names: dict, controls: dict) -> list[str]:
+    """The paired Δ of every ratio and control against the reference with its t-interval."""
+    from eval.report import DATASET_TITLES
+
+    reference = ratio_tag(report["ratios"][0])
+    level = round(100 * report.get("confidence", 0.95))
+    columns = [(t, m) for t in tests for m in metrics]
+    lines = ["", f"Paired Δ against r={reference} (same seed), mean and two-sided {level} % t-interval over "
+             f"{len(report['seeds'])} seeds (t with n − 1 degrees of freedom); below zero is better:", "",
+             "| Δ against r=" + reference + " | " + " | ".join(f"{DATASET_TITLES.get(t, t)} {m}" for t, m in columns) + " |",
+             "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
+    for ratio in report["ratios"][1:]:
+        tag = ratio_tag(ratio)
+        cells = [_ci_cell(report["delta_mean"][tag][t][m], report["delta_ci"][tag][t][m]) for t, m in columns]
+        lines.append(f"| {names[tag]} | " + " | ".join(cells) + " |")
+    for control in controls.values():
+        cells = [_ci_cell(control["delta_mean"][t][m], control["delta_ci"][t][m]) for t, m in columns]
+        lines.append(f"| {control_row_name(report['method'], control)} | " + " | ".join(cells) + " |")
+    for control in controls.values():
+        lines += ["", f"Control {control['title']}: {control['description']}."]
+    return lines
+
+
+def _validation_lines(validation: dict, metrics, names: dict, reference: str) -> list[str]:
+    stamp = validation.get("synthlab") or {}
+    where = f"{validation['split']} of {validation['root']}" + (f" (synthlab seed {stamp['seed']})" if "seed" in stamp else "")
+    lines = ["", f"## Validation ({validation['key']})", "",
+             f"For choices (never the test splits): every run's final checkpoint scored on {where}; mean ± std over "
+             "seeds, paired Δ with its t-interval.", "",
+             "| Row | " + " | ".join(metrics) + " |", "|" + "|".join(["---"] + ["---:"] * len(metrics)) + "|"]
+    key = validation["key"]
+    for tag, name in names.items():
+        cells = [_cell(_num(validation["mean"][tag][key][m]), _num(validation["std"][tag][key][m])) for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if tag != reference:
+            cells = [_ci_cell(validation["delta_mean"][tag][key][m], validation["delta_ci"][tag][key][m]) for m in metrics]
+            lines.append(f"| Δ (r={tag} − r={reference}) | " + " | ".join(cells) + " |")
+    for name, control in (validation.get("controls") or {}).items():
+        cells = [_ci_cell(control["delta_mean"][key][m], control["delta_ci"][key][m]) for m in metrics]
+        lines.append(f"| Δ {name} (r={ratio_tag(control['ratio'])}) − r={reference} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _num(x) -> float:
+    return math.nan if x is None else float(x)
+
+
 def format_markdown(report: dict) -> str:
     """The Markdown of a report (the JSON payload of :func:`main`): the spread table, the means in the
     paper's style (with the paper's rows when they apply), the runs, the figure."""
@@ -814,15 +1105,42 @@ def format_markdown(report: dict) -> str:
         tag = ratio_tag(ratio)
         cells = [_cell(num(report["mean"][tag][t][m]), num(report["std"][tag][t][m])) for t, m in columns]
         lines.append(f"| {names[tag]} | " + " | ".join(cells) + " |")
+    controls = {name: c for name, c in (report.get("controls") or {}).items() if c.get("status") == "trained"}
+    for name, control in controls.items():
+        cells = [_cell(num(control["mean"][t][m]), num(control["std"][t][m])) for t, m in columns]
+        lines.append(f"| {control_row_name(report['method'], control)} | " + " | ".join(cells) + " |")
+    mean_pose = report.get("mean_pose")
+    if mean_pose:
+        cells = [_cell(num(mean_pose["errors"].get(t, {}).get(m)), math.nan) for t, m in columns]
+        lines.append("| mean-pose predictor (no image) | " + " | ".join(cells) + " |")
     for ratio in ratios[1:]:
         tag = ratio_tag(ratio)
         cells = [_cell(num(report["delta_mean"][tag][t][m]), num(report["delta_std"][tag][t][m]), signed=True)
                  for t, m in columns]
         lines.append(f"| Δ (r={tag} − r={reference}) | " + " | ".join(cells) + " |")
+    if mean_pose:
+        lines += ["", "The mean-pose predictor (" + mean_pose["how"] + ") reads no image: a regressor at its level has "
+                  "learned nothing from the images."]
+    lines += _interval_lines(report, tests, metrics, names, controls)
     if report.get("delta_wild_mpvpe_mean") is not None:
         delta = _cell(num(report["delta_wild_mpvpe_mean"]), num(report.get("delta_wild_mpvpe_std")), signed=True)
         pair = f"r={report['delta_wild_ratio']} − r={reference}"
-        lines += ["", f"Δ MPVPE on {report['wild_test_set']} ({pair}): {delta} mm."]
+        ci = report.get("delta_wild_mpvpe_ci") or [None, None]
+        interval = "" if ci[0] is None else f", {round(100 * report['confidence'])} % t-interval [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+        lines += ["", f"Δ MPVPE on {report['wild_test_set']} ({pair}): {delta} mm{interval}."]
+    counts = report.get("test_counts")
+    if counts:
+        shown = "; ".join(f"{DATASET_TITLES.get(t, t)}: " + ", ".join(f"{k[len('count_'):]} {v}" for k, v in c.items()
+                                                                   if k in ("count_MPVPE", "count_RRVE", "count_MRRPE"))
+                          for t, c in counts.items())
+        lines += ["", f"Test-set counts (hands for MPVPE, pairs for RRVE and MRRPE): {shown}."
+                  + (f" Note: {report['counts_note']}." if report.get("counts_note") else "")]
+    for name, control in (report.get("controls") or {}).items():
+        if control.get("status") == "same_as_main":
+            lines += ["", f"Control {name} ({control['title']}): {control['reason']}."]
+    validation = report.get("validation")
+    if validation:
+        lines += _validation_lines(validation, metrics, names, reference)
 
     if report.get("steps_note"):
         lines += ["", f"Note: {report['steps_note']}"]
@@ -866,6 +1184,13 @@ def format_markdown(report: dict) -> str:
         lines.append(f"| {run['name']} | {ratio_tag(run['ratio'])} | {run['seed']} | {run['status']} | {steps} | "
                      f"{train_time} | " + " | ".join(mpvpe) + " |")
 
+    predictions = report.get("prediction_figure")
+    if predictions:
+        lines += ["", "## Predictions on " + DATASET_TITLES.get(predictions["test_set"], predictions["test_set"]), "",
+                  " | ".join(predictions["columns"]) + f" ({predictions['samples']} images, evenly spaced over the test "
+                  "set; each predicted mesh placed at the ground-truth right wrist).", "",
+                  f"![predictions]({predictions['path']})"]
+
     figure = report.get("figure")
     if figure:
         lines += ["", "## Generated samples", "",
@@ -875,6 +1200,154 @@ def format_markdown(report: dict) -> str:
                   f"![generated samples]({figure['path']})", ""]
         lines += [f"{i + 1}. {prompt}" for i, prompt in enumerate(figure["prompts"])]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. beside the table: test-set counts, the mean-pose predictor, the validation split, predictions
+# ----------------------------------------------------------------------------------------------------
+def test_counts(run_entries: Sequence[dict], test_sets: Sequence[str]) -> tuple[dict, Optional[str]]:
+    """({test set: {count_*: n}} of the first run, a note when another run counted differently (None when all
+    agree)): how many hands / pairs each metric of each test set averages over."""
+    def counts(run: dict) -> dict:
+        return {t: {k: v for k, v in run["metrics"].get(t, {}).items() if k.startswith("count_")} for t in test_sets}
+
+    if not run_entries:
+        return {}, None
+    first = counts(run_entries[0])
+    differing = [run["name"] for run in run_entries[1:] if counts(run) != first]
+    note = None
+    if differing:
+        note = f"runs {', '.join(differing)} counted other test samples than {run_entries[0]['name']} (skipped records?)"
+    return first, note
+
+
+def mean_pose_row(cfg, max_samples: Optional[int], test_sets: Sequence[str]) -> dict:
+    """The mean-pose predictor's errors on the table's test sets (:func:`recon.meanpose.mean_pose_errors`: the
+    training labels' mean MANO pose and shape per side and mean relative root, the same for every image, scored
+    as a trained regressor is): what a regressor that learned nothing from the image scores."""
+    from recon.meanpose import mean_pose_errors
+
+    errors = mean_pose_errors(cfg, max_train_samples=max_samples)
+    return {
+        "errors": {t: {k: v for k, v in errors[t].items() if v is None or isinstance(v, (int, float))} for t in test_sets},
+        "kind": "params",
+        "train_samples_per_reader": max_samples,
+        "how": "recon.meanpose: per side the chordal mean of the training labels' MANO joint rotations and their mean "
+               "betas, the mean relative root; one prediction for every image",
+    }
+
+
+def score_checkpoint(folder: Path, datasets: Sequence[str], *, data_root: Optional[str], device) -> tuple[dict, int]:
+    """(the evaluator's results {key: metrics} of a run's newest checkpoint on ``datasets`` read from
+    ``data_root`` with the run's own input protocol, the checkpoint's step)."""
+    import torch
+
+    from hands.mano import HandModel
+    from recon.config import from_dict, load_config
+    from recon.data import build_test_sets
+    from recon.evaluate import evaluate_regressor
+    from recon.test import load_regressor
+
+    device = torch.device(device or "cpu")
+    model, info = load_regressor(folder, device=device)
+    cfg = load_config(base=from_dict(info.meta["config"]), flags={"data.root": data_root})
+    hand_model = HandModel(mano_dir=cfg.mano_dir)
+    test_sets = build_test_sets(cfg, hand_model=hand_model, datasets=list(datasets))
+    results = evaluate_regressor(model, test_sets, hand_model=hand_model, device=device,
+                                 batch_size=cfg.eval.batch_size, progress=False)
+    return results, int(info.step)
+
+
+def validate_runs(args: argparse.Namespace, runs: Sequence[RunSpec], metrics: Sequence[str], *, say) -> dict:
+    """Every run's newest checkpoint scored on the validation split (``--val-root``, ``--val-split``): images of
+    the training data's style that neither training nor the test splits contain, for choices made on the table
+    (issue 25, point 4: never tune on the test splits). Each run's scores are kept in ``<run>/val_metrics.json``
+    (reused while its checkpoint step, root and split are the same), so a resumed table does not score again."""
+    from recon.checkpoint import read_checkpoint_info
+    from recon.data import parse_specs
+
+    spec = parse_specs([f"synthlab:{args.val_split}"], "test")[0]
+    root = str(Path(args.val_root).resolve())
+    results = {}
+    per_run = {}
+    for run in runs:
+        path = run.folder / VAL_METRICS
+        cached = None
+        try:
+            cached = json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+        step = read_checkpoint_info(run.folder).step  # the newest checkpoint's
+        if not (isinstance(cached, dict) and cached.get("root") == root and cached.get("split") == args.val_split
+                and cached.get("step") == step and isinstance(cached.get("metrics"), dict)):
+            scores, step = score_checkpoint(run.folder, [f"{spec.name}:{spec.split}"], data_root=root, device=args.device)
+            cached = {"root": root, "split": args.val_split, "step": step, "metrics": scores[spec.key]}
+            _write_text(path, json.dumps(_clean(cached), indent=2, allow_nan=False) + "\n")
+            say(f"validated {run.name} on {spec.key} of {root}")
+        per_run[run.name] = {k: v for k, v in cached["metrics"].items() if v is None or isinstance(v, (int, float))}
+        results[(run.control or run.ratio, run.seed)] = {spec.key: cached["metrics"]}
+    controls = sorted({run.control for run in runs if run.control}, key=list(CONTROLS).index)
+    summary = summarize(results, ratios=args.ratio_list, seeds=args.seed_values, test_sets=[spec.key], metrics=metrics,
+                        controls=controls, control_ratio=args.control_ratio_value, confidence=args.confidence_level)
+    stamp = None
+    try:
+        stamp = json.loads((Path(root) / "synthlab.json").read_text())
+        stamp = {k: stamp[k] for k in ("seed", "sizes", "resolution") if k in stamp}
+    except (OSError, ValueError):
+        pass
+    return {"root": root, "split": args.val_split, "key": spec.key, "synthlab": stamp, "runs": per_run, **summary}
+
+
+def prediction_figure(pair: Sequence[RunSpec], test_key: str, n: int, path: Path, *, device=None) -> dict:
+    """Write ``path``: ``n`` images of the test set ``test_key`` (evenly spaced), one row each: input | ground
+    truth | the first run's prediction | the second's (meshes over the image, each placed at the ground-truth
+    right wrist as :func:`eval.report.mesh_overlay_grid` places them); returns the figure's facts."""
+    import torch
+
+    from eval.report import mesh_overlay_grid, save_png
+    from hands.mano import HandModel
+    from hands.sample import HandSample, collate
+    from recon.config import from_dict, load_config
+    from recon.data import build_test_sets, parse_specs
+    from recon.test import load_regressor
+
+    device = torch.device(device or "cpu")
+    models, steps = [], []
+    for run in pair:
+        model, info = load_regressor(run.folder, device=device)
+        models.append(model)
+        steps.append(int(info.step))
+    cfg = load_config(base=from_dict(info.meta["config"]))
+    hand_model = HandModel(mano_dir=cfg.mano_dir)
+    spec = next(s for s in parse_specs(cfg.data.test, "test") if s.key == test_key)
+    dataset = next(iter(build_test_sets(cfg, hand_model=hand_model, datasets=[f"{spec.name}:{spec.split}"]).values()))
+    count = min(n, len(dataset))
+    indices = sorted({round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)})
+    samples = [sample for sample in (dataset[i] for i in indices) if isinstance(sample, HandSample)]
+    if not samples:
+        raise RunFailed(f"prediction figure: no sample of {test_key} could be read")
+    batch = collate(samples).to(device)
+    faces = {side: hand_model.faces_for(side).to(device) for side in ("right", "left")}
+    regressors = {side: hand_model.j_regressor_for(side).to(device) for side in ("right", "left")}
+    pad = 2
+    grids = []
+    with torch.no_grad():
+        for model in models:
+            grids.append(mesh_overlay_grid(batch, model(batch), faces_right=faces["right"], faces_left=faces["left"],
+                                           j_regressor_right=regressors["right"], j_regressor_left=regressors["left"],
+                                           max_samples=len(samples), padding=pad))
+    column = batch.image.shape[-1] + pad
+    image = torch.cat([grids[0]] + [grid[:, :, pad + 2 * column:] for grid in grids[1:]], -1)  # input | GT | preds
+    save_png(image.cpu(), path)
+    return {
+        "path": path.name,
+        "test_set": test_key,
+        "samples": len(samples),
+        "indices": indices,
+        "runs": [run.name for run in pair],
+        "steps": steps,
+        "columns": ["input", "ground truth"] + [f"r={ratio_tag(run.ratio)}, seed {run.seed}" for run in pair],
+    }
 
 
 def _clean(data):
@@ -932,8 +1405,12 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     runs, configs, schedule = plan(args)
     reference_cfg = configs[runs[0].name]
     tests = eval_set_keys(reference_cfg)
+    identical = same_as_main(runs, configs)  # controls that would generate exactly as the main runs
+    runs = [run for run in runs if run.control not in identical]
     states = {run.name: run_state(run, configs[run.name], tests) for run in runs}
     if args.dry_run:
+        for control, why in identical.items():
+            print(f"# control {control}: not trained: {why}")
         for run in runs:
             state = states[run.name]
             note = {"finished": "# finished, would be skipped: ", "resume": "# would resume: "}.get(state, "")
@@ -942,17 +1419,22 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
 
     on_synthlab = all_dataset_names(reference_cfg) == {"synthlab"}
     results_dir = Path(args.results_dir or ("docs/results" if on_synthlab else args.out))
-    first_mixed = next(run for run in runs if run.ratio > 0)
+    stem = args.stem
+    first_mixed = next(run for run in runs if run.ratio > 0 and run.control is None)
     say = tqdm.write
-    say(f"recon.table2: {len(args.ratio_list)} ratios x {len(args.seed_values)} seeds = {len(runs)} runs of "
-        f"{args.arch} in {args.out} ({args.jobs_n} at a time); results in {results_dir}")
+    say(f"recon.table2: {len(args.ratio_list)} ratios x {len(args.seed_values)} seeds"
+        + (f" + {len(args.control_list) - len(identical)} control(s)" if args.control_list else "")
+        + f" = {len(runs)} runs of {args.arch} in {args.out} ({args.jobs_n} at a time); results in {results_dir}")
+    for control, why in identical.items():
+        say(f"recon.table2: control {control}: {why}")
 
     # 2. the figure --------------------------------------------------------------------------------------
     figure = None
     if args.figure_n > 0:
         start = time.perf_counter()
-        figure = make_figure(configs[first_mixed.name], args.figure_n, results_dir / FIGURE_NAME)
-        say(f"wrote {results_dir / FIGURE_NAME} ({figure['samples']} samples, {time.perf_counter() - start:.1f} s)")
+        figure_path = results_dir / f"{stem}-samples.png"
+        figure = make_figure(configs[first_mixed.name], args.figure_n, figure_path)
+        say(f"wrote {figure_path} ({figure['samples']} samples, {time.perf_counter() - start:.1f} s)")
 
     # 3. the runs ----------------------------------------------------------------------------------------
     todo = []
@@ -972,12 +1454,12 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         metrics = read_metrics(run.folder, tests)
         if metrics is None:
             raise RunFailed(f"run {run.folder} ended without a finished metrics.json; log {run.log}")
-        results[(run.ratio, run.seed)] = metrics
+        results[(run.control or run.ratio, run.seed)] = metrics
         steps, train_time = _log_facts(run.log)
         status = {"finished": "skipped", "resume": "resumed", "new": "trained"}[states[run.name]]
         run_entries.append({
-            "name": run.name, "ratio": run.ratio, "seed": run.seed, "folder": str(run.folder), "status": status,
-            "steps": steps, "train_time_s": train_time, "wall_s": walls.get(run.name),
+            "name": run.name, "ratio": run.ratio, "seed": run.seed, "control": run.control, "folder": str(run.folder),
+            "status": status, "steps": steps, "train_time_s": train_time, "wall_s": walls.get(run.name),
             "metrics": {t: {k: v for k, v in metrics[t].items() if v is None or isinstance(v, (int, float))}
                         for t in tests},
             "command": shlex.join(run.command),
@@ -986,7 +1468,17 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     from recon.cards import code_version
 
     metric_names = list(TABLE2_METRICS)
-    summary = summarize(results, ratios=args.ratio_list, seeds=args.seed_values, test_sets=tests, metrics=metric_names)
+    trained_controls = [c for c in args.control_list if c not in identical]
+    summary = summarize(results, ratios=args.ratio_list, seeds=args.seed_values, test_sets=tests, metrics=metric_names,
+                        controls=trained_controls, control_ratio=args.control_ratio_value,
+                        confidence=args.confidence_level)
+    for control in args.control_list:
+        entry = {"name": control, "title": CONTROLS[control].title, "description": CONTROLS[control].description,
+                 "ratio": args.control_ratio_value, "overrides": control_overrides(args, control)}
+        if control in identical:
+            summary["controls"][control] = {**entry, "status": "same_as_main", "reason": identical[control]}
+        else:
+            summary["controls"][control] = {**entry, "status": "trained", **summary["controls"][control]}
     paper_name = paper_method(args.arch)
     method = paper_name or args.arch
     paper = paper_results([paper_name]) if paper_name and set(tests) <= set(PAPER_TEST_SETS) else None
@@ -1007,6 +1499,7 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         "runs": run_entries,
         **summary,
     }
+    report["test_counts"], report["counts_note"] = test_counts(run_entries, tests)
     report["steps_note"] = steps_note(run_entries)
     if report["steps_note"]:
         say(f"recon.table2: note: {report['steps_note']}")
@@ -1018,7 +1511,25 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             delta_wild_ratio=tag,
             delta_wild_mpvpe_mean=summary["delta_mean"][tag][wild]["MPVPE"],
             delta_wild_mpvpe_std=summary["delta_std"][tag][wild]["MPVPE"],
+            delta_wild_mpvpe_ci=summary["delta_ci"][tag][wild]["MPVPE"],
         )
+
+    # 5. what "learned" means, validation, predictions ----------------------------------------------------
+    report["mean_pose"] = None
+    if args.mean_pose_n != 0:
+        start = time.perf_counter()
+        report["mean_pose"] = mean_pose_row(reference_cfg, args.mean_pose_n, tests)
+        say(f"recon.table2: mean-pose predictor scored ({time.perf_counter() - start:.1f} s)")
+    report["validation"] = None
+    if args.val_root is not None:
+        report["validation"] = validate_runs(args, runs, metric_names, say=say)
+    report["prediction_figure"] = None
+    if args.prediction_n > 0 and wild is not None:
+        pair = [next(r for r in runs if r.control is None and r.seed == args.seed_values[0] and r.ratio == ratio)
+                for ratio in args.ratio_list[:2]]
+        path = results_dir / f"{stem}-predictions.png"
+        report["prediction_figure"] = prediction_figure(pair, wild, args.prediction_n, path, device=args.device)
+        say(f"wrote {path}")
     report.update(
         paper=paper,
         own_protocol=own_protocol(args.arch, results, ratios=args.ratio_list, seeds=args.seed_values, test_sets=tests),
@@ -1032,8 +1543,8 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     report = _clean(report)
     markdown = format_markdown(report)
     print("\n" + markdown, end="")
-    md_path = _write_text(results_dir / f"{STEM}.md", markdown)
-    json_path = _write_text(results_dir / f"{STEM}.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    md_path = _write_text(results_dir / f"{stem}.md", markdown)
+    json_path = _write_text(results_dir / f"{stem}.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     print(f"wrote {md_path} and {json_path}")
     return report
 

@@ -466,7 +466,7 @@ def test_table2_puts_the_papers_and_dirs_own_numbers_beside_ours(tmp_path, capsy
         (data / name).mkdir(parents=True)
     argv = ["--arch", "dir", "--seeds", "2", "--data-root", str(data), "--datasets", "ih26m",
             "--test-datasets", "hic,reih,ih26m", "--out", str(tmp_path / "runs"), "--figure-samples", "0",
-            "--schedule", "epochs"]
+            "--schedule", "epochs", "--mean-pose-samples", "0"]
     values = {name: {"MPVPE": 20.0, "RRVE": 25.0, "MRRPE": 40.0} for name in ("hic", "reih")}
     values["ih26m"] = {"MPVPE": 11.0, "RRVE": 17.0, "MRRPE": 29.0, "DIR_MPVPE": 10.5, "DIR_MPJPE": 10.7, "DIR_root": 29.5}
     _fake_finished_runs(argv, {(r, s): values for r in (0.0, 0.3) for s in (0, 1)})

@@ -31,7 +31,8 @@ def _argv(synthlab_root: Path, tmp_path: Path, *extra: str) -> list[str]:
     return [
         "--arch", "baseline", "--data-root", str(synthlab_root), "--datasets", "synthlab",
         "--test-datasets", "synthlab:test-lab,synthlab:test-wild", "--batch-size", "4", "--device", "cpu",
-        "--out", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"), *TINY, *GEN, *extra,
+        "--out", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"), "--mean-pose-samples", "0",
+        "--prediction-figure", "0", *TINY, *GEN, *extra,
     ]
 
 
@@ -49,7 +50,8 @@ def _fake_finished_runs(argv: list[str], metrics: dict) -> list[table2.RunSpec]:
     for run in runs:
         run.folder.mkdir(parents=True)
         (run.folder / "config.yaml").write_text(OmegaConf.to_yaml(table2.resolve_run_config(run)))
-        (run.folder / "metrics.json").write_text(json.dumps(metrics[(run.ratio, run.seed)]))
+        key = (run.control, run.seed) if (run.control, run.seed) in metrics else (run.ratio, run.seed)
+        (run.folder / "metrics.json").write_text(json.dumps(metrics[key]))
     return runs
 
 
@@ -224,7 +226,7 @@ def test_the_paper_rows_stand_beside_ours_on_the_paper_test_sets(tmp_path, capsy
         (data / name).mkdir(parents=True)
     argv = ["--arch", "interwild", "--seeds", "2", "--data-root", str(data), "--datasets", "ih26m",
             "--test-datasets", "hic,reih,ih26m", "--out", str(tmp_path / "runs"), "--figure-samples", "0",
-            "--schedule", "epochs"]  # the folders are empty: nothing to count an epoch's steps from
+            "--schedule", "epochs", "--mean-pose-samples", "0"]  # the folders are empty: no epoch's steps to count
     values = {name: {"MPVPE": 15.0, "RRVE": 21.0, "MRRPE": 30.0} for name in ("hic", "reih", "ih26m")}
     _fake_finished_runs(argv, {(r, s): values for r in (0.0, 0.3) for s in (0, 1)})
     _no_training(monkeypatch)
@@ -257,10 +259,35 @@ def test_a_failing_run_stops_the_table_naming_its_folder_and_log(synthlab_root, 
 
 
 def test_a_tiny_table_end_to_end_and_again_with_every_run_skipped(synthlab_root, tmp_path, capsys):
-    argv = _argv(synthlab_root, tmp_path, "--seeds", "1", "--max-steps", "2", "--jobs", "2", "--figure-samples", "2")
+    from hands.datasets.synthlab import write_synthlab
+
+    # the validation images: train-wild of a synthlab written with another seed
+    val_root = write_synthlab(tmp_path / "val", sizes={"train-lab": 0, "test-lab": 0, "train-wild": 3, "test-wild": 0},
+                              seed=1, resolution=64, show_progress=False)
+    argv = _argv(synthlab_root, tmp_path, "--seeds", "1", "--max-steps", "2", "--jobs", "2", "--val-root", str(val_root),
+                 "--prediction-figure", "2", "--figure-samples", "2")
     assert table2.main(argv) == 0
+    assert capsys.readouterr().out.count("validated ") == 2
     results = tmp_path / "results"
     report = json.loads((results / "mini-table2.json").read_text())
+    validation = report["validation"]
+    assert validation["key"] == "synthlab-train-wild" and validation["synthlab"]["seed"] == 1
+    assert set(validation["runs"]) == {"baseline_r0_s0", "baseline_r0.3_s0"}
+    for name, metrics in validation["runs"].items():
+        assert metrics["count_MPVPE"] > 0 and math.isfinite(metrics["MPVPE"])
+        kept = json.loads((tmp_path / "runs" / name / table2.VAL_METRICS).read_text())
+        assert kept["step"] == 2 and kept["metrics"]["MPVPE"] == metrics["MPVPE"]
+    delta = validation["runs"]["baseline_r0.3_s0"]["MPVPE"] - validation["runs"]["baseline_r0_s0"]["MPVPE"]
+    assert validation["delta_mean"]["0.3"]["synthlab-train-wild"]["MPVPE"] == pytest.approx(delta)
+    predictions = report["prediction_figure"]
+    assert predictions["runs"] == ["baseline_r0_s0", "baseline_r0.3_s0"] and predictions["samples"] == 2
+    assert predictions["test_set"] == "synthlab-test-wild" and predictions["steps"] == [2, 2]
+    from PIL import Image
+
+    with Image.open(results / predictions["path"]) as image:  # 2 rows of input | GT | r=0 | r=0.3, 64 px tiles
+        assert image.size == (4 * 64 + 5 * 2, 2 * 64 + 3 * 2)
+    markdown = (results / "mini-table2.md").read_text()
+    assert "## Validation (synthlab-train-wild)" in markdown and "![predictions](mini-table2-predictions.png)" in markdown
     assert (results / "mini-table2.md").read_text().startswith("# Table 2 (baseline)")
     for run in report["runs"]:
         assert run["status"] == "trained" and run["steps"] == 2
@@ -277,9 +304,153 @@ def test_a_tiny_table_end_to_end_and_again_with_every_run_skipped(synthlab_root,
         assert image.size == (3 * table2.FIGURE_TILE + 4 * 2, 2 * table2.FIGURE_TILE + 3 * 2)
     capsys.readouterr()
 
-    # the same command again: both runs are finished (their real config.yaml and metrics.json), none retrains
+    # the same command again: both runs are finished (their real config.yaml and metrics.json), none retrains,
+    # and their validation scores are read back, not computed again
     assert table2.main(argv[:-1] + ["0"]) == 0
-    assert capsys.readouterr().out.count(": finished (") == 2
+    out = capsys.readouterr().out
+    assert out.count(": finished (") == 2 and "validated " not in out
     again = json.loads((results / "mini-table2.json").read_text())
     assert [r["status"] for r in again["runs"]] == ["skipped", "skipped"]
-    assert again["mean"] == report["mean"]
+    assert again["mean"] == report["mean"] and again["validation"]["runs"] == validation["runs"]
+
+
+# ---- paired t-intervals, control rows, validation, predictions (issue 25, point 3) ----------------------------
+def test_paired_interval_is_the_t_interval_of_the_hand_computed_numbers():
+    # t(0.975, 4) = 2.776 and t(0.975, 9) = 2.262 in every t table
+    assert table2.t_quantile(0.975, 4) == pytest.approx(2.7764, abs=1e-4)
+    assert table2.t_quantile(0.975, 9) == pytest.approx(2.2622, abs=1e-4)
+    interval = table2.paired_interval([-4.0, -2.0, -1.0, -3.0, -5.0])
+    # mean -3, sample std sqrt(2.5), half width 2.7764 * sqrt(2.5) / sqrt(5) = 1.9632
+    assert interval["n"] == 5 and interval["mean"] == -3.0 and interval["std"] == pytest.approx(math.sqrt(2.5))
+    assert interval["half_width"] == pytest.approx(1.9632, abs=1e-4)
+    assert (interval["low"], interval["high"]) == (pytest.approx(-4.9632, abs=1e-4), pytest.approx(-1.0368, abs=1e-4))
+    assert table2.paired_interval([-4.0, -2.0, -1.0, -3.0, -5.0], 0.9)["half_width"] == pytest.approx(
+        2.1318 * math.sqrt(2.5) / math.sqrt(5), abs=1e-4)  # t(0.95, 4) = 2.132
+    one = table2.paired_interval([2.0])
+    assert one["mean"] == 2.0 and math.isnan(one["low"]) and math.isnan(one["std"])
+    assert math.isnan(table2.paired_interval([1.0, math.nan])["mean"])
+
+
+def _control_argv(synthlab_root, tmp_path, *extra):
+    return _argv(synthlab_root, tmp_path, "--seed-list", "0,1", "--max-steps", "2", "--figure-samples", "0",
+                 "--controls", "tas_off,mesh_blank", *extra)
+
+
+def test_control_rows_are_paired_with_the_reference_and_written_with_intervals(synthlab_root, tmp_path, capsys,
+                                                                              monkeypatch):
+    argv = _control_argv(synthlab_root, tmp_path, "mixing.tas_steps=2")  # the main runs sample with TAS
+    runs = table2.plan(table2.parse_args(argv))[0]
+    assert [(r.ratio, r.control, r.seed) for r in runs] == [
+        (0.0, None, 0), (0.3, None, 0), (0.3, "tas_off", 0), (0.3, "mesh_blank", 0),
+        (0.0, None, 1), (0.3, None, 1), (0.3, "tas_off", 1), (0.3, "mesh_blank", 1)]
+    assert runs[2].folder.name == "baseline_r0.3_tas_off_s0"
+    metrics = {(0.0, 0): _metrics(100.0, 120.0), (0.3, 0): _metrics(99.0, 116.0), ("tas_off", 0): _metrics(101.0, 118.0),
+               ("mesh_blank", 0): _metrics(100.0, 121.0), (0.0, 1): _metrics(102.0, 122.0),
+               (0.3, 1): _metrics(100.0, 120.0), ("tas_off", 1): _metrics(102.0, 121.0),
+               ("mesh_blank", 1): _metrics(103.0, 124.0)}
+    _fake_finished_runs(argv, metrics)
+    _no_training(monkeypatch)
+    assert table2.main(argv) == 0
+    report = json.loads((tmp_path / "results" / "mini-table2.json").read_text())
+    wild = "synthlab-test-wild"
+    # r = 0.3: wild deltas -4, -2 -> mean -3, std sqrt(2), t(0.975, 1) = 12.706: -3 -+ 12.706
+    assert report["confidence"] == 0.95
+    low, high = report["delta_ci"]["0.3"][wild]["MPVPE"]
+    assert (low, high) == (pytest.approx(-3.0 - 12.7062, abs=1e-3), pytest.approx(-3.0 + 12.7062, abs=1e-3))
+    assert report["delta_wild_mpvpe_ci"] == [low, high]
+    tas_off, blank = report["controls"]["tas_off"], report["controls"]["mesh_blank"]
+    assert tas_off["status"] == blank["status"] == "trained" and tas_off["ratio"] == 0.3
+    assert tas_off["overrides"] == ["mixing.tas_steps=0"] and blank["overrides"] == ["mixing.mesh_condition=blank"]
+    assert {s: d[wild]["MPVPE"] for s, d in tas_off["deltas"].items()} == {"0": -2.0, "1": -1.0}
+    assert blank["delta_mean"][wild]["MPVPE"] == 1.5 and blank["mean"][wild]["MPVPE"] == 122.5
+    assert blank["delta_ci"][wild]["MPVPE"] == [pytest.approx(1.5 - 12.7062 * 0.5 * math.sqrt(2) / math.sqrt(2), abs=1e-3),
+                                                pytest.approx(1.5 + 12.7062 * 0.5, abs=1e-3)]
+    assert [r["control"] for r in report["runs"]] == [None, None, "tas_off", "mesh_blank"] * 2
+    assert report["test_counts"] == {"synthlab-test-lab": {"count_MPVPE": 6}, wild: {"count_MPVPE": 6}}
+    assert report["counts_note"] is None and report["mean_pose"] is None and report["validation"] is None
+    markdown = (tmp_path / "results" / "mini-table2.md").read_text()
+    assert "| baseline+AttentionHand (r=0.3), mesh blanked | 101.50 ± 2.12 |" in markdown
+    assert "two-sided 95 % t-interval over 2 seeds" in markdown and "-3.00 [-15.71, +9.71]" in markdown
+    assert "| baseline+AttentionHand (r=0.3), TAS off | +0.50 [-5.85, +6.85] |" in markdown
+    assert "(hands for MPVPE, pairs for RRVE and MRRPE): synthlab-test-lab: MPVPE 6; synthlab-test-wild: MPVPE 6." in markdown
+
+
+def test_a_tas_off_control_equal_to_the_main_runs_is_not_trained_and_says_so(synthlab_root, tmp_path, capsys):
+    # the tiny generator samples without TAS (sampling.tas_steps 0): tas_off would generate as the r = 0.3 runs
+    argv = _control_argv(synthlab_root, tmp_path, "--dry-run")
+    assert table2.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "# control tas_off: not trained: its runs would generate exactly as the r=0.3 runs" in out
+    assert "tas_off_s0" not in out and "baseline_r0.3_mesh_blank_s0" in out
+    # a generator trained without TAS makes it a control: its runs get that generator (any generator folder here)
+    generator = Path(table2.__file__).resolve().parents[1] / "generator" / "weights" / "tiny-synthlab"
+    assert table2.main(_control_argv(synthlab_root, tmp_path, "--dry-run", "--tas-off-generator", str(generator))) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "baseline_r0.3_tas_off_s0" in line)
+    assert "mixing.tas_steps=0" in line and f"mixing.sd_path={generator.resolve()}" in line
+
+
+def test_the_controls_reach_the_generator(synthlab_root, tmp_path):
+    """The control runs' resolved configs, built as recon.train builds its source: tas_off gives the generator
+    no TAS step, mesh_blank gives it mesh images without hands (and the labels stay the drawn ones)."""
+    from hands.mano import HandModel
+    from mixing.build import build_source, generator_config
+    from mixing.labels import PriorLabelSource
+
+    runs, configs, _ = table2.plan(table2.parse_args(_control_argv(synthlab_root, tmp_path, "mixing.tas_steps=2")))
+    by = {(r.control, r.seed): configs[r.name] for r in runs if r.ratio > 0}
+    assert generator_config(by[(None, 0)].mixing).sampling.tas_steps == 2
+    assert generator_config(by[("tas_off", 0)].mixing).sampling.tas_steps == 0
+    assert table2.generator_tas_steps(by[("mesh_blank", 0)]) == 2  # the blank control keeps everything else
+
+    hand_model = HandModel()
+    seen = {}
+
+    class Recorder:
+        def __call__(self, mesh_images, local_mesh_images, prompts, *, generator, **kwargs):
+            seen.setdefault("mesh", []).append(mesh_images.clone())
+            from types import SimpleNamespace
+
+            return SimpleNamespace(images=torch.zeros_like(mesh_images))
+
+    for control in (None, "mesh_blank"):
+        cfg = by[(control, 0)]
+        source = build_source(cfg.mixing, hand_model=hand_model, labels=PriorLabelSource(hand_model, image_size=64),
+                              device="cpu", seed=0)
+        source.generator = Recorder()
+        batch = source.generate(2, call=0)
+        assert bool((batch.right.valid | batch.left.valid).all())  # the labels are the drawn hands either way
+    plain, blank = seen["mesh"]
+    background = blank[:, :, :1, :1]
+    assert torch.equal(blank, background.expand_as(blank))  # nothing drawn: one colour everywhere
+    assert not torch.equal(plain, blank)
+
+
+def test_an_unfinished_control_run_resumes_and_a_finished_one_is_skipped(synthlab_root, tmp_path, capsys):
+    argv = _control_argv(synthlab_root, tmp_path, "--seed-list", "0")
+    runs, configs, _ = table2.plan(table2.parse_args(argv))
+    blank = next(r for r in runs if r.control == "mesh_blank")
+    reference = runs[0]
+    for run in (blank, reference):
+        run.folder.mkdir(parents=True)
+        (run.folder / "config.yaml").write_text(OmegaConf.to_yaml(configs[run.name]))
+    (blank.folder / "checkpoints").mkdir()
+    (blank.folder / "checkpoints" / "step_000001.json").write_text("{}")
+    (reference.folder / "metrics.json").write_text(json.dumps(_metrics(1.0, 2.0)))
+    assert table2.main(argv + ["--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("# would resume: ") and "baseline_r0.3_mesh_blank_s0" in line
+               and line.endswith("--resume auto") for line in lines)
+    assert any(line.startswith("# finished, would be skipped: ") and "baseline_r0_s0 " in line for line in lines)
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--controls", "nope"], "--controls"), (["--confidence", "1.5"], "--confidence"),
+    (["--control-ratio", "0"], "--control-ratio"), (["--val-split", "test-wild"], "--val-split"),
+    (["--tas-off-generator", "x", "--controls", "mesh_blank"], "--tas-off-generator"),
+    (["--prediction-figure", "-1"], "--prediction-figure"), (["--val-root", "/no/such/dir"], "--val-root"),
+])
+def test_bad_table_flags_fail_in_one_line(synthlab_root, tmp_path, capsys, extra, flag):
+    assert table2.main(_argv(synthlab_root, tmp_path, "--dry-run", *extra)) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and flag in error, error
