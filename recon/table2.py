@@ -40,8 +40,8 @@ What it does, top to bottom:
    ratio and control, and the delta ``metric(r) - metric(r0)`` paired by seed, mean ± std and its two-sided
    ``--confidence`` (0.95) t-interval ``mean ± t(1 - a/2, n - 1) std / sqrt(n)`` (scipy.stats.t), for every
    ratio and every control against the reference; the test-set counts (hands / pairs per metric); the
-   mean-pose predictor's errors (:mod:`recon.meanpose`: the training labels' mean pose and shape, no image;
-   ``--mean-pose-samples``); the means again in the paper's style (eval.report), beside the paper's rows of
+   mean-pose predictor's errors (:mod:`recon.meanpose`, kind mesh: the training labels' mean wrist-relative
+   meshes and relative root, no image; ``--mean-pose-samples``); the means again in the paper's style (eval.report), beside the paper's rows of
    this regressor when the test sets are the paper's (HIC, ReIH, IH2.6M).
 5. validation (``--val-root DIR``): every run's newest checkpoint scored on ``--val-split`` (default
    ``train-wild``) of a synthlab written with another seed (``python -m hands.datasets.synthlab --out DIR --seed
@@ -1222,18 +1222,18 @@ def test_counts(run_entries: Sequence[dict], test_sets: Sequence[str]) -> tuple[
 
 
 def mean_pose_row(cfg, max_samples: Optional[int], test_sets: Sequence[str]) -> dict:
-    """The mean-pose predictor's errors on the table's test sets (:func:`recon.meanpose.mean_pose_errors`: the
-    training labels' mean MANO pose and shape per side and mean relative root, the same for every image, scored
-    as a trained regressor is): what a regressor that learned nothing from the image scores."""
+    """The mean-pose predictor's errors on the table's test sets (:func:`recon.meanpose.mean_pose_errors`, kind
+    ``mesh``: per side the training labels' mean wrist-relative mesh, and their mean relative root, the same for
+    every image, scored as a trained regressor is): what a regressor that learned nothing from the image scores."""
     from recon.meanpose import mean_pose_errors
 
-    errors = mean_pose_errors(cfg, max_train_samples=max_samples)
+    errors = mean_pose_errors(cfg, kind="mesh", max_train_samples=max_samples)
     return {
         "errors": {t: {k: v for k, v in errors[t].items() if v is None or isinstance(v, (int, float))} for t in test_sets},
-        "kind": "params",
+        "kind": "mesh",
         "train_samples_per_reader": max_samples,
-        "how": "recon.meanpose: per side the chordal mean of the training labels' MANO joint rotations and their mean "
-               "betas, the mean relative root; one prediction for every image",
+        "how": "recon.meanpose, kind mesh: per side the training labels' mean wrist-relative mesh and their mean "
+               "relative root, one prediction for every image",
     }
 
 

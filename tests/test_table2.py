@@ -265,11 +265,18 @@ def test_a_tiny_table_end_to_end_and_again_with_every_run_skipped(synthlab_root,
     val_root = write_synthlab(tmp_path / "val", sizes={"train-lab": 0, "test-lab": 0, "train-wild": 3, "test-wild": 0},
                               seed=1, resolution=64, show_progress=False)
     argv = _argv(synthlab_root, tmp_path, "--seeds", "1", "--max-steps", "2", "--jobs", "2", "--val-root", str(val_root),
-                 "--prediction-figure", "2", "--figure-samples", "2")
+                 "--prediction-figure", "2", "--mean-pose-samples", "all", "--figure-samples", "2")
     assert table2.main(argv) == 0
     assert capsys.readouterr().out.count("validated ") == 2
     results = tmp_path / "results"
     report = json.loads((results / "mini-table2.json").read_text())
+    # the mean-pose predictor's row: recon.meanpose on the reference run's config, beside the table
+    from recon.meanpose import mean_pose_errors
+
+    direct = mean_pose_errors(table2.resolve_run_config(table2.plan_runs(table2.parse_args(argv))[0]), kind="mesh")
+    for test in TESTS:
+        assert report["mean_pose"]["errors"][test]["MPVPE"] == pytest.approx(direct[test]["MPVPE"])
+        assert report["mean_pose"]["errors"][test]["count_MPVPE"] == report["test_counts"][test]["count_MPVPE"]
     validation = report["validation"]
     assert validation["key"] == "synthlab-train-wild" and validation["synthlab"]["seed"] == 1
     assert set(validation["runs"]) == {"baseline_r0_s0", "baseline_r0.3_s0"}
@@ -288,6 +295,7 @@ def test_a_tiny_table_end_to_end_and_again_with_every_run_skipped(synthlab_root,
         assert image.size == (4 * 64 + 5 * 2, 2 * 64 + 3 * 2)
     markdown = (results / "mini-table2.md").read_text()
     assert "## Validation (synthlab-train-wild)" in markdown and "![predictions](mini-table2-predictions.png)" in markdown
+    assert "| mean-pose predictor (no image) | " in markdown
     assert (results / "mini-table2.md").read_text().startswith("# Table 2 (baseline)")
     for run in report["runs"]:
         assert run["status"] == "trained" and run["steps"] == 2
