@@ -76,3 +76,13 @@ def test_the_word_off_is_a_mode_not_a_boolean(tmp_path):
     resumed = load_config(base=cfg, overrides=["train.amp=off"])
     assert resumed.train.amp == "off" and resumed.mixing.compile == "off"
     assert load_config(overrides=["train.channels_last=off"]).train.channels_last is False  # a real boolean stays one
+
+
+@pytest.mark.parametrize("arch", ["interwild", "baseline"])
+def test_demo_runs_are_sized_in_steps_with_the_drop_inside_the_run(arch):
+    # synthlab has 5,000 train-lab images: an epoch-sized demo would run thousands of steps (issue 25)
+    demo = load_config(profile="demo", arch=arch)
+    assert demo.train.max_steps is not None and demo.train.max_steps <= 1200
+    assert list(demo.optim.lr_decay_epochs) == []
+    assert [0 < s < demo.train.max_steps for s in demo.optim.lr_decay_steps] == [True]
+    assert load_config(profile="paper", arch=arch).train.max_steps is None  # the paper profile stays epoch-sized
