@@ -317,10 +317,13 @@ def test_config_profiles_and_backbone_weights(tmp_path):
     assert paper.data.augmentation == "intaghand" and paper.optim.warmup_epochs == 3
     assert paper.model.backbone == "resnet50" and list(paper.model.gcn_in) == [512, 256, 128]
     assert paper.train.batch_size == 64 and paper.train.epochs == 200 and list(paper.optim.lr_decay_epochs) == [153]
+    assert paper.train.max_steps is None and list(paper.optim.lr_decay_steps) == [] and paper.model.dropout == 0.05
     kwargs = from_config(paper, IntagHand)
     assert kwargs["edge_loss_epoch"] == 50 and kwargs["weight_mask"] == 500.0
     demo = load_config(profile="demo", arch="intaghand")
     assert demo.model.backbone == "resnet18" and demo.data.image_size[0] % 32 == 0
+    # sized by steps (about 15 minutes on 2 cores), the LR drop at 78 % of them, whatever the data's size
+    assert demo.train.max_steps == 800 and list(demo.optim.lr_decay_steps) == [624] and list(demo.optim.lr_decay_epochs) == []
     torch.manual_seed(0)
     source = build_regressor("intaghand", **TINY)
     path = tmp_path / "encoder.pt"
