@@ -4,7 +4,7 @@ Runs the performance targets of issue 10 and writes `benchmarks/results/<device>
 table next to it (same name, .md), also printed. Every figure is a ratio of medians over interleaved repetitions
 in this one run (see benchmarks.common); the JSON records the machine, versions, load average, command and date.
 
-- p1_sampler: our AttentionHandPipeline over diffusers' StableDiffusionControlNetPipeline, images/s (>= 1.3 CPU).
+- p1_sampler: our AttentionHandPipeline over diffusers' StableDiffusionControlNetPipeline, images/s (>= 1.5 CPU, issue 26; 1.3 before).
 - p2_mixing: recon.train step time at --synthetic-ratio 0.3 (online) over 0 (<= 1.10, stall <= 1% of wall).
 - p3_tas: sampling with TAS on the first k = steps/2 steps over without (<= 1.3).
 - p4_render: hands.render over moderngl (EGL) for global + local mesh images, 16 samples at 256 px (<= 3.0 CPU).
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-TARGET_BOUNDS = {"p1": ">= 1.3 (CPU), >= 2.0 (CUDA)", "p2": "<= 1.1, stall <= 1%", "p3": "<= 1.3", "p4": "<= 3.0",
+TARGET_BOUNDS = {"p1": ">= 1.5 (CPU), >= 2.0 (CUDA)", "p2": "<= 1.1, stall <= 1%", "p3": "<= 1.3", "p4": "<= 3.0",
                  "p5": ">= 2.0"}
 
 
