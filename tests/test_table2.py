@@ -128,7 +128,7 @@ def test_equal_steps_give_every_run_the_reference_steps_and_learning_rate_drops(
 
     n = len(build_dataset("synthlab", synthlab_root, "train-lab"))
     argv = _argv(synthlab_root, tmp_path, "--seeds", "1", "--ratios", "0,0.5", "--epochs", "3", "--dry-run",
-                 "optim.lr_decay_epochs=[2]")
+                 "optim.lr_decay_epochs=[2]", "optim.lr_decay_steps=[]")  # baseline.demo.yaml's own step drop off
     assert table2.main(argv) == 0
     per_epoch = n // 4
     for line in capsys.readouterr().out.strip().splitlines():
@@ -139,7 +139,7 @@ def test_equal_steps_give_every_run_the_reference_steps_and_learning_rate_drops(
     assert table2.main([*argv, "--schedule", "epochs"]) == 0
     for line in capsys.readouterr().out.strip().splitlines():
         command = shlex.split(line)
-        assert "--max-steps" not in command and command[-1] == "optim.lr_decay_epochs=[2]"
+        assert "--max-steps" not in command and command[-2:] == ["optim.lr_decay_epochs=[2]", "optim.lr_decay_steps=[]"]
 
 
 def test_lr_drops_at_step_milestones():
