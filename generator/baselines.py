@@ -54,6 +54,10 @@ class GlobalOnlyPipeline:
     def device(self) -> torch.device:
         return self.pipe.device
 
+    @property
+    def default_size(self) -> int:
+        return self.pipe.default_size
+
     def _check(self, sampling: dict) -> None:
         if sampling.get("tas_steps"):
             raise ValueError(f"generator {self.name!r} has no text attention stage: tas_steps must be 0 "

@@ -268,6 +268,19 @@ def check_sd_folder(sd_path: str | Path) -> Path:
     return root
 
 
+def _hint_channels(state: dict) -> tuple[int, ...] | None:
+    """The mesh-image encoder's channels of a ControlNet state dict (conv_in, then every stride-2 block: diffusers'
+    ControlNetConditioningEmbedding), so a .safetensors loads whatever channels it was trained with."""
+    prefix = "controlnet_cond_embedding."
+    if f"{prefix}conv_in.weight" not in state:
+        return None
+    channels, k = [int(state[f"{prefix}conv_in.weight"].shape[0])], 1
+    while f"{prefix}blocks.{k}.weight" in state:
+        channels.append(int(state[f"{prefix}blocks.{k}.weight"].shape[0]))
+        k += 2
+    return tuple(channels)
+
+
 def load_guidance(unet, guidance_path: str | Path, *,
                   conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256)) -> GuidanceModule:
     """phi_g from a diffusers ControlNet folder or a .safetensors state dict of `ControlNetModel.from_unet(unet)`."""
@@ -282,11 +295,12 @@ def load_guidance(unet, guidance_path: str | Path, *,
         raise ValueError(f"guidance checkpoint {path} must be a .safetensors file or a diffusers ControlNet folder")
     from safetensors.torch import load_file
 
-    guidance = GuidanceModule.from_unet(unet, conditioning_embedding_out_channels=tuple(
-        conditioning_embedding_out_channels))
     state = load_file(str(path))
     if state and all(k.startswith("controlnet.") for k in state):
         state = {k[len("controlnet."):]: v for k, v in state.items()}
+    conditioning_embedding_out_channels = _hint_channels(state) or conditioning_embedding_out_channels
+    guidance = GuidanceModule.from_unet(unet, conditioning_embedding_out_channels=tuple(
+        conditioning_embedding_out_channels))
     result = guidance.controlnet.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"guidance checkpoint {path} does not fit this UNet's ControlNet: "

@@ -228,28 +228,74 @@ def token_mask(token_indices: Sequence[Sequence[int]], device=None) -> torch.Ten
     return mask.to(device)
 
 
-def tas_loss_batch(attention: torch.Tensor, token_indices: Sequence[Sequence[int]] | torch.Tensor) -> torch.Tensor:
+def _selection(attention: torch.Tensor, token_indices) -> torch.Tensor:
+    b = attention.shape[0]
+    selected = token_indices if isinstance(token_indices, torch.Tensor) else token_mask(token_indices)
+    if selected.shape != (b, TOKENS_LAST):
+        raise ValueError(f"token selection has shape {tuple(selected.shape)} for {b} attention maps; "
+                         f"expected ({b}, {TOKENS_LAST})")
+    return selected.to(attention.device)  # no-op when built on the attention's device
+
+
+def tas_loss_batch(attention: torch.Tensor, token_indices: Sequence[Sequence[int]] | torch.Tensor, *,
+                   smoothing: bool = True) -> torch.Tensor:
     """L_TAS (Eq. 3) per sample.
 
     attention: (B, H, W, T) averaged cross-attention maps (T = 77). token_indices: per sample, positions in the
     CLIP sequence (1..75) of the hand-related tokens, or their (B, 75) `token_mask`. Steps (as the reference):
     take positions 1..75, x100, softmax over those tokens, smooth each map with a 3x3 Gaussian (std 0.5*sqrt(2),
     reflect padding 1), peak over patches s_n; loss = max over selected tokens of max(0, 1 - s_n).
+    smoothing False: no Gaussian filter (the paper's Fig. 10 ablation "w/o Gaussian filter").
     Samples with no token get 0. Returns (B,).
     """
-    b = attention.shape[0]
-    selected = token_indices if isinstance(token_indices, torch.Tensor) else token_mask(token_indices)
-    if selected.shape != (b, TOKENS_LAST):
-        raise ValueError(f"token selection has shape {tuple(selected.shape)} for {b} attention maps; "
-                         f"expected ({b}, {TOKENS_LAST})")
+    selected = _selection(attention, token_indices)
     probs = torch.softmax(attention[..., TOKENS_FIRST:TOKENS_LAST + 1] * SOFTMAX_SCALE, dim=-1)  # (B, H, W, 75)
     maps = probs.permute(0, 3, 1, 2)  # (B, 75, H, W)
-    smoothed = kornia.filters.gaussian_blur2d(maps, (SMOOTHING_KERNEL, SMOOTHING_KERNEL),
-                                              (SMOOTHING_SIGMA, SMOOTHING_SIGMA), border_type="reflect")
+    smoothed = maps if not smoothing else kornia.filters.gaussian_blur2d(
+        maps, (SMOOTHING_KERNEL, SMOOTHING_KERNEL), (SMOOTHING_SIGMA, SMOOTHING_SIGMA), border_type="reflect")
     peaks = smoothed.amax(dim=(-2, -1))  # (B, 75)
     per_token = torch.clamp(1.0 - peaks, min=0.0)
-    selected = selected.to(attention.device)  # no-op when built on the attention's device
     return torch.where(selected, per_token, torch.zeros_like(per_token)).amax(dim=-1)  # (B,)
+
+
+def load_balancing_loss_batch(attention: torch.Tensor,
+                              token_indices: Sequence[Sequence[int]] | torch.Tensor) -> torch.Tensor:
+    """L_LB per sample: the Switch Transformer load-balancing loss (Fedus et al. 2022, Eq. 4; the paper's [42],
+    Fig. 10 "L_LB") with the attention map's positions as the routed tokens and the hand tokens as the experts.
+
+    The router probabilities at each of the H*W positions (the 2D map flattened to 1D, as the paper describes
+    L_LB) are TAS's x100 softmax over text positions 1..75; the experts are the N_k selected hand tokens plus one
+    "rest" expert holding the other tokens' summed probability (so that a prompt with a single hand token still
+    has two experts to balance). f_i = fraction of positions whose most probable expert is i (no gradient, as in
+    Switch), P_i = mean probability of expert i; L_LB = N_e * sum_i f_i P_i with N_e = N_k + 1 experts; its
+    minimum 1 is a perfectly balanced load. Samples with no token get 0. Returns (B,).
+    """
+    selected = _selection(attention, token_indices)
+    probs = torch.softmax(attention[..., TOKENS_FIRST:TOKENS_LAST + 1] * SOFTMAX_SCALE, dim=-1)  # (B, H, W, 75)
+    probs = probs.flatten(1, 2)  # (B, HW, 75)
+    hand = torch.where(selected[:, None, :], probs, torch.zeros_like(probs))  # (B, HW, 75): experts 1..N_k
+    rest = (probs - hand).sum(-1, keepdim=True)  # (B, HW, 1): the "rest" expert
+    experts = torch.cat([hand, rest], -1)  # (B, HW, 76); unselected columns are 0 and never win
+    winner = experts.detach().argmax(-1)  # (B, HW)
+    f = torch.nn.functional.one_hot(winner, experts.shape[-1]).to(probs.dtype).mean(1)  # (B, 76)
+    p = experts.mean(1)  # (B, 76)
+    n_experts = selected.sum(-1).to(probs.dtype) + 1
+    loss = n_experts * (f * p).sum(-1)
+    return torch.where(selected.any(-1), loss, torch.zeros_like(loss))
+
+
+TAS_LOSSES = {"tas": tas_loss_batch, "lb": load_balancing_loss_batch}
+
+
+def tas_loss_function(kind: str = "tas", *, smoothing: bool = True) -> Callable:
+    """The per-sample loss of the TAS latent update: "tas" (L_TAS, Eq. 3; smoothing False drops the Gaussian
+    filter) or "lb" (L_LB, `load_balancing_loss_batch`, the Fig. 10 ablation)."""
+    if kind not in TAS_LOSSES:
+        raise ValueError(f"TAS loss {kind!r}: expected one of {', '.join(TAS_LOSSES)}")
+    if kind == "tas":
+        return tas_loss_batch if smoothing else (lambda attention, tokens: tas_loss_batch(attention, tokens,
+                                                                                           smoothing=False))
+    return load_balancing_loss_batch
 
 
 def tas_loss(attention: torch.Tensor, token_indices: Sequence[int]) -> torch.Tensor:
@@ -262,10 +308,11 @@ class TasSchedule:
     """Step sizes alpha of the latent update X <- X - alpha * grad L_TAS (Eq. 4).
 
     kind "reference": scale * sqrt(linspace(start, end, n)) (the reference code and Attend-and-Excite:
-    20 -> 14.1 with the defaults); kind "paper": scale * linspace(start, end, n) (the paper's text: 20 -> 10).
+    20 -> 14.1 with the defaults); kind "paper": scale * linspace(start, end, n) (the paper's text: 20 -> 10);
+    kind "constant": scale at every update (the step-size regularisation ablation, issue 18).
     """
 
-    kind: Literal["reference", "paper"] = "reference"
+    kind: Literal["reference", "paper", "constant"] = "reference"
     scale: float = 20.0
     start: float = 1.0
     end: float = 0.5
@@ -279,12 +326,15 @@ class TasSchedule:
             return [self.scale * math.sqrt(f) for f in fractions]
         if self.kind == "paper":
             return [self.scale * f for f in fractions]
-        raise ValueError(f"TasSchedule.kind must be 'reference' or 'paper', got {self.kind!r}")
+        if self.kind == "constant":
+            return [self.scale] * n
+        raise ValueError(f"TasSchedule.kind must be 'reference', 'paper' or 'constant', got {self.kind!r}")
 
 
 def apply_tas(unet, store: AttentionStore, latents: torch.Tensor, timestep, cond_embeds: torch.Tensor,
               token_indices: Sequence[Sequence[int]] | torch.Tensor, step_sizes: Sequence[float],
               model_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              loss_fn: Callable[..., torch.Tensor] = tas_loss_batch,
               **unet_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Update latents with TAS: one early-exit forward + gradient per step size (Eq. 4).
 
@@ -293,6 +343,7 @@ def apply_tas(unet, store: AttentionStore, latents: torch.Tensor, timestep, cond
     w.r.t. X_t. cond_embeds: (B, 77, D) conditional text embedding. token_indices: per sample, hand-token
     positions, or their (B, 75) `token_mask`; a sample without tokens has zero loss, so zero gradient, and is
     returned unchanged (pass only the rows with tokens to save their compute). step_sizes: alpha per update.
+    loss_fn: (maps, mask) -> (B,) losses, L_TAS by default (`tas_loss_function` for the ablations).
     Returns (updated latents (B, C, h, w) detached, L_TAS before the last update (B,) detached).
     Needs recorders installed (`recording(unet, store)`). Samples are independent (GroupNorm UNet), so the
     gradient of the summed loss is each sample's own gradient.
@@ -306,7 +357,7 @@ def apply_tas(unet, store: AttentionStore, latents: torch.Tensor, timestep, cond
             x.requires_grad_(True)
             unet_input = model_input(x) if model_input is not None else x
             maps = tas_attention_maps(unet, store, unet_input, timestep, cond_embeds, **unet_kwargs)
-            losses = tas_loss_batch(maps, mask)  # (B,)
+            losses = loss_fn(maps, mask)  # (B,)
             grad = torch.autograd.grad(losses.sum(), x)[0]
         x = (x.to(exact) - alpha * grad.to(exact)).to(latents.dtype).detach()
     return x, losses.detach()

@@ -73,7 +73,7 @@ from .model import (GeneratorComponents, GeneratorConfig, build_components, load
                     save_components)
 from .tagging import hand_token_indices
 from .text_attention import (AttentionStore, TasSchedule, apply_tas, attention_hw_for, cross_attention_layers,
-                             recording, token_mask)
+                             recording, tas_loss_function, token_mask)
 from .visual_attention import predict_noise, split_branches, stack_branches
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,9 @@ BASE_FILE = "base.safetensors"
 TRAINED_BY = "attentionhand-aug generator.train --train-modules all"  # model_index.json marker of our own exports
 MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.pt"
+LOCAL_GUIDANCE_FILE = "guidance_local.safetensors"  # separate_weights: the local branch's ControlNet
+ADAPTER_DIR = "t2i-adapter"  # guidance "t2i-adapter": the trained adapter as a diffusers T2IAdapter folder
+GUIDANCE_KINDS = ("controlnet", "t2i-adapter")
 
 
 @dataclass(kw_only=True)
@@ -102,6 +105,17 @@ class TrainConfig:
     tas_target: what the TAS-shifted latent is trained against, "epsilon" (the reference code: the drawn noise)
     or "residual" (the paper's prose: the noise the shifted latent holds), see `tas_training_target`;
     tas_residual_max: the residual target's heavy-tail guard (RMS of the shift term, in noise units).
+    Baselines and ablations (paper Tables 1 and 4, Fig. 10; docs/generator.md "Table 1 in miniature"):
+    tas_schedule "constant" (no step-size regularisation); tas_loss "tas" (L_TAS, Eq. 3) or "lb" (the
+    load-balancing loss L_LB, `generator.text_attention.load_balancing_loss_batch`); tas_smoothing False: no
+    Gaussian filter in L_TAS. guidance: "controlnet" (phi_g, the paper's) or "t2i-adapter" (a diffusers
+    T2IAdapter on the mesh image, the T2I-Adapter baseline; written to <out>/t2i-adapter/ as a diffusers folder).
+    local_branch False: the global branch only (Table 4's "no locality"; with tas_updates 0 the ControlNet
+    baseline). separate_weights: the local branch gets its own ControlNet (Table 4 "Separated"; written to
+    <out>/guidance_local.safetensors; the global one stays <out>/guidance.safetensors). fresh_guidance: phi_g
+    starts as a fresh copy of the UNet's encoder (zero convolutions, `ControlNetModel.from_unet`) even where the
+    generator config has guidance weights (<sd_path>/guidance/, guidance_path): every baseline and ablation then
+    starts alike (the T2I-Adapter starts fresh anyway).
     train_modules: "guidance" (phi_g only, the paper's setting on a pretrained SD) or "all" (UNet, text encoder
     and phi_g: the tiny generator from scratch). mesh_dropout: probability that a sample's mesh images are black
     (its caption alone has to draw the hands; the tiny generator's stand-in for SD's text-to-image pretraining,
@@ -134,6 +148,12 @@ class TrainConfig:
     tas_schedule: str = "reference"
     tas_target: str = "epsilon"
     tas_residual_max: float = 1.0
+    tas_loss: str = "tas"
+    tas_smoothing: bool = True
+    guidance: str = "controlnet"
+    local_branch: bool = True
+    separate_weights: bool = False
+    fresh_guidance: bool = False
     train_modules: str = "guidance"
     vae_steps: int = 0
     vae_lr: float = 1e-3
@@ -343,7 +363,8 @@ class GuidanceTrainer(_Trainer):
                  lambda_global: float = 0.5, lambda_local: float = 0.5, tas_updates: int = 1,
                  tas_schedule: TasSchedule | None = None, attention_downsample: int = 4,
                  train_modules: str = "guidance", caption_dropout: float = 0.0, tas_target: str = "epsilon",
-                 tas_residual_max: float = 1.0, mesh_dropout: float = 0.0):
+                 tas_residual_max: float = 1.0, mesh_dropout: float = 0.0, tas_loss: str = "tas",
+                 tas_smoothing: bool = True, local_branch: bool = True, local_guidance=None):
         if tas_target not in TAS_TARGETS:
             raise ValueError(f"--tas-target {tas_target!r}: expected one of {', '.join(TAS_TARGETS)}")
         if train_modules not in TRAIN_MODULES:
@@ -360,7 +381,14 @@ class GuidanceTrainer(_Trainer):
             module = getattr(components, name)
             trained = name in self.trained
             module.requires_grad_(trained).train(trained)
+        if local_guidance is not None and not local_branch:
+            raise ValueError("--separate-weights needs the local branch (drop --no-local-branch)")
+        self.local_branch, self.local_guidance = bool(local_branch), local_guidance
+        self.tas_loss_fn = tas_loss_function(tas_loss, smoothing=tas_smoothing)
         self.params = [p for name in self.trained for p in getattr(components, name).parameters()]
+        if local_guidance is not None:
+            local_guidance.requires_grad_(True).train(True)
+            self.params += list(local_guidance.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.lambda_global, self.lambda_local = lambda_global, lambda_local
         self.tas_updates = int(tas_updates)
@@ -401,19 +429,21 @@ class GuidanceTrainer(_Trainer):
             mesh_keep = (torch.rand(b, generator=generator, device=device) >= self.mesh_dropout).to(batch.mesh.dtype)
         with torch.set_grad_enabled("text_encoder" in self.trained):
             text = c.encode_prompts(prompts, device)  # (B, 77, D)
+        branches = 2 if self.local_branch else 1  # rows: global, then local (without the local branch: global)
         with torch.no_grad():
-            x0 = self.encode_images(stack_branches(batch.rgb, batch.rgb_local), generator)  # (2B, 4, h, w)
-        text2 = text.repeat(2, 1, 1)
-        mesh2 = stack_branches(batch.mesh, batch.mesh_local).to(x0.dtype)
+            rgb = stack_branches(batch.rgb, batch.rgb_local) if branches == 2 else batch.rgb
+            x0 = self.encode_images(rgb, generator)  # (2B or B, 4, h, w)
+        text2 = text.repeat(branches, 1, 1)
+        mesh2 = (stack_branches(batch.mesh, batch.mesh_local) if branches == 2 else batch.mesh).to(x0.dtype)
         if mesh_keep is not None:  # a dropped sample trains on black mesh images in both branches
-            mesh2 = mesh2 * mesh_keep.repeat(2).view(-1, 1, 1, 1)
+            mesh2 = mesh2 * mesh_keep.repeat(branches).view(-1, 1, 1, 1)
         num_train = c.scheduler.config.num_train_timesteps
-        t = torch.randint(0, num_train, (b,), generator=generator, device=device).repeat(2)  # (2B,)
+        t = torch.randint(0, num_train, (b,), generator=generator, device=device).repeat(branches)  # (2B or B,)
         eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         x_t = c.scheduler.add_noise(x0, eps, t)
         x_t_plain = x_t
         tas = x0.new_zeros(())
-        tokens = [hand_token_indices(p, c.tokenizer) if p else [] for p in prompts] * 2
+        tokens = [hand_token_indices(p, c.tokenizer) if p else [] for p in prompts] * branches
         rows = [i for i, idx in enumerate(tokens) if idx]
         if self.tas_updates > 0 and rows:
             store = self._store(tuple(x0.shape[-2:]))
@@ -421,19 +451,28 @@ class GuidanceTrainer(_Trainer):
             with recording(c.unet, store):
                 updated, tas_losses = apply_tas(c.unet, store, x_t.index_select(0, index), t.index_select(0, index),
                                                 text2.detach().index_select(0, index),
-                                                token_mask([tokens[i] for i in rows],
-                                                                                        device), self.step_sizes)
+                                                token_mask([tokens[i] for i in rows], device), self.step_sizes,
+                                                loss_fn=self.tas_loss_fn)
             x_t = x_t.index_copy(0, index, updated)
             tas = tas_losses.mean()
         alphas = c.scheduler.alphas_cumprod.to(device=device, dtype=x0.dtype)[t].view(-1, 1, 1, 1)
         x_t, target, guarded = tas_training_target(self.tas_target, x_t, x_t_plain, x0, eps, alphas,
                                                    residual_max=self.tas_residual_max)
-        pred = predict_noise(c.unet, c.guidance, x_t, t, text2, mesh2)
-        pred_g, pred_l = split_branches(pred)
-        target_g, target_l = split_branches(target)
-        loss_g = F.mse_loss(pred_g.float(), target_g.float())
-        loss_l = F.mse_loss(pred_l.float(), target_l.float())
-        total = self.lambda_global * loss_g + self.lambda_local * loss_l
+        if self.local_guidance is not None:  # separate weights: each branch through its own ControlNet
+            halves = [(c.guidance, slice(0, b)), (self.local_guidance, slice(b, 2 * b))]
+            pred = torch.cat([predict_noise(c.unet, g, x_t[k], t[k], text2[k], mesh2[k]) for g, k in halves])
+        else:
+            pred = predict_noise(c.unet, c.guidance, x_t, t, text2, mesh2)
+        if branches == 2:
+            pred_g, pred_l = split_branches(pred)
+            target_g, target_l = split_branches(target)
+            loss_g = F.mse_loss(pred_g.float(), target_g.float())
+            loss_l = F.mse_loss(pred_l.float(), target_l.float())
+            total = self.lambda_global * loss_g + self.lambda_local * loss_l
+        else:
+            loss_g = F.mse_loss(pred.float(), target.float())
+            loss_l = loss_g.new_zeros(())
+            total = self.lambda_global * loss_g
         return total, StepLosses(total.detach(), loss_g.detach(), loss_l.detach(), tas.detach(), guarded.detach())
 
 
@@ -493,13 +532,32 @@ def latent_scaling_factor(vae, batches: Sequence[Tensor]) -> float:
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
 def save_guidance(guidance, path: str | Path) -> Path:
-    """phi_g's ControlNet state dict as .safetensors (loadable by `generator.model.load_guidance`), atomically."""
+    """phi_g's ControlNet state dict as .safetensors (loadable by `generator.model.load_guidance`), atomically;
+    an `AdapterGuidance`'s whole state dict (checkpoints; its loadable form is `save_adapter`'s folder)."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().cpu() for k, v in guidance.controlnet.state_dict().items()}
+    module = guidance.controlnet if hasattr(guidance, "controlnet") else guidance  # AdapterGuidance: all of it
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     path = Path(path)
     write_atomic(path, lambda tmp: save_file(state, tmp))
     return path
+
+
+def save_adapter(adapter, folder: str | Path) -> Path:
+    """A T2IAdapter as a diffusers folder (config.json + weights; loadable as the "t2i-adapter" generator's
+    guidance_path), written into a temporary folder and renamed into place."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        adapter.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 BASE_MODULES = ("unet", "text_encoder", "vae")
@@ -546,6 +604,8 @@ def save_checkpoint(folder: str | Path, trainer, *, step: int, config: dict, bas
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
     try:
         save_guidance(trainer.components.guidance, tmp / GUIDANCE_FILE)
+        if getattr(trainer, "local_guidance", None) is not None:
+            save_guidance(trainer.local_guidance, tmp / LOCAL_GUIDANCE_FILE)
         if base:
             save_base(trainer.components, tmp / BASE_FILE)
         torch.save(trainer.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
@@ -579,14 +639,19 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
-def load_weights(folder: str | Path, components: GeneratorComponents) -> dict:
-    """Restore phi_g (and base.safetensors when the checkpoint has it) from a checkpoint folder; returns its
-    state.json."""
+def load_weights(folder: str | Path, components: GeneratorComponents, local_guidance=None) -> dict:
+    """Restore phi_g (and base.safetensors when the checkpoint has it, and the local branch's ControlNet into
+    `local_guidance` when given) from a checkpoint folder; returns its state.json."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    state = load_file(str(folder / GUIDANCE_FILE), device=str(next(components.guidance.parameters()).device))
-    components.guidance.controlnet.load_state_dict(state, strict=True)
+    guidance = components.guidance
+    state = load_file(str(folder / GUIDANCE_FILE), device=str(next(guidance.parameters()).device))
+    (guidance.controlnet if hasattr(guidance, "controlnet") else guidance).load_state_dict(state, strict=True)
+    local = local_guidance
+    if local is not None:
+        state = load_file(str(folder / LOCAL_GUIDANCE_FILE), device=str(next(local.parameters()).device))
+        local.controlnet.load_state_dict(state, strict=True)
     if (folder / BASE_FILE).is_file():
         load_base(components, folder / BASE_FILE)
     return json.loads((folder / CHECKPOINT_STATE).read_text())
@@ -600,7 +665,7 @@ def load_optimizer(folder: str | Path, trainer) -> None:
 def load_checkpoint(path: str | Path, trainer: GuidanceTrainer) -> int:
     """Restore the weights and the optimizer from a checkpoint (folder or run folder); returns its step."""
     folder = find_checkpoint(path)
-    state = load_weights(folder, trainer.components)
+    state = load_weights(folder, trainer.components, getattr(trainer, "local_guidance", None))
     load_optimizer(folder, trainer)
     return int(state["step"])
 
@@ -689,9 +754,35 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
         raise ValueError(f"--caption-dropout must be in [0, 1); got {cfg.caption_dropout}")
     if cfg.vae_steps and cfg.train_modules != "all":
         raise ValueError("--vae-steps trains the VAE of a generator trained from scratch: it needs --train-modules all")
+    if cfg.guidance not in GUIDANCE_KINDS:
+        raise ValueError(f"--guidance {cfg.guidance!r}: expected one of {', '.join(GUIDANCE_KINDS)}")
+    if cfg.guidance == "t2i-adapter" and cfg.separate_weights:
+        raise ValueError("--separate-weights gives the local branch its own ControlNet: it needs --guidance controlnet")
     device = resolve_device(cfg.device)
     gen_cfg = generator_config(cfg)
-    components = build_components(gen_cfg).to(device)
+    components = build_components(gen_cfg if cfg.guidance == "controlnet" else
+                                  dataclasses.replace(gen_cfg, guidance_path=None)).to(device)
+    local_guidance = None
+    if cfg.guidance == "t2i-adapter":  # a fresh adapter (seeded) in phi_g's place
+        from .baselines import tiny_t2i_adapter
+        from .visual_attention import AdapterGuidance
+
+        adapter = tiny_t2i_adapter(components.unet, seed=cfg.seed, num_res_blocks=2 if gen_cfg.sd_path else 1,
+                                   downscale_factor=components.vae_scale_factor)
+        components.guidance = AdapterGuidance(adapter).to(device)
+    else:
+        if cfg.fresh_guidance:
+            from .visual_attention import GuidanceModule
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                channels = tuple(components.guidance.controlnet.config.conditioning_embedding_out_channels)
+                components.guidance = GuidanceModule.from_unet(
+                    components.unet, conditioning_embedding_out_channels=channels).to(device)
+        if cfg.separate_weights:  # the local branch's own ControlNet, starting as the global one does
+            import copy
+
+            local_guidance = copy.deepcopy(components.guidance)
     size = cfg.size or components.default_size
     if size % components.vae_scale_factor:
         raise ValueError(f"--size {size} must be a multiple of the VAE's factor {components.vae_scale_factor}")
@@ -710,13 +801,15 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
     resume_folder, resume_state, start = None, None, 0
     if cfg.resume:
         resume_folder = find_checkpoint(cfg.resume)
-        resume_state = load_weights(resume_folder, components)
-        start = int(resume_state["step"])
-        for key, flag in (("train_modules", "--train-modules"), ("vae_steps", "--vae-steps")):
-            saved = resume_state.get(key)
+        saved_state = json.loads((resume_folder / CHECKPOINT_STATE).read_text())
+        for key, flag in (("train_modules", "--train-modules"), ("vae_steps", "--vae-steps"),
+                          ("guidance", "--guidance"), ("separate_weights", "--separate-weights")):
+            saved = saved_state.get(key)
             if saved is not None and saved != getattr(cfg, key):
                 raise ValueError(f"--resume {resume_folder}: trained with {flag} {saved}, resumed with "
                                  f"{flag} {getattr(cfg, key)}; resume with the same value")
+        resume_state = load_weights(resume_folder, components, local_guidance)
+        start = int(resume_state["step"])
     total = cfg.vae_steps + cfg.steps
     if start >= total:
         logger.info("checkpoint is at step %d >= %d steps: nothing to train", start, total)
@@ -742,7 +835,9 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
                         tas_schedule=TasSchedule(kind=cfg.tas_schedule),
                         attention_downsample=gen_cfg.attention_downsample, train_modules=cfg.train_modules,
                         caption_dropout=cfg.caption_dropout, tas_target=cfg.tas_target,
-                        tas_residual_max=cfg.tas_residual_max, mesh_dropout=cfg.mesh_dropout)
+                        tas_residual_max=cfg.tas_residual_max, mesh_dropout=cfg.mesh_dropout,
+                        tas_loss=cfg.tas_loss, tas_smoothing=cfg.tas_smoothing, local_branch=cfg.local_branch,
+                        local_guidance=local_guidance)
                 if resume_state is not None and resume_state.get("phase", "diffusion") == phase and step > lo:
                     load_optimizer(resume_folder, trainer)
                 loader = torch.utils.data.DataLoader(
@@ -794,8 +889,14 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
                     if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or end:
                         save_checkpoint(out, trainer, step=step, config=config_dict, base=base,
                                         state={"phase": phase, "train_modules": cfg.train_modules,
-                                               "vae_steps": cfg.vae_steps, "tas_guarded": guarded})
-                        save_guidance(components.guidance, out / GUIDANCE_FILE)
+                                               "vae_steps": cfg.vae_steps, "tas_guarded": guarded,
+                                               "guidance": cfg.guidance, "separate_weights": cfg.separate_weights})
+                        if cfg.guidance == "t2i-adapter":
+                            save_adapter(components.guidance.adapter, out / ADAPTER_DIR)
+                        else:
+                            save_guidance(components.guidance, out / GUIDANCE_FILE)
+                        if local_guidance is not None:
+                            save_guidance(local_guidance, out / LOCAL_GUIDANCE_FILE)
                         if base and phase == "diffusion":
                             save_components(components, out / MODEL_DIR, trained_by=TRAINED_BY)
                         for old in checkpoints(out)[:-max(cfg.keep_checkpoints, 1)]:
@@ -806,7 +907,7 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
         logger.warning("residual TAS target: %d rows had a shift term above --tas-residual-max %g and trained "
                        "without their TAS shift", guarded, cfg.tas_residual_max)
     return {"step": step, "loss": None if losses is None else float(losses.total), "tas_guarded": guarded,
-            "guidance_path": str(out / GUIDANCE_FILE),
+            "guidance_path": str(out / (ADAPTER_DIR if cfg.guidance == "t2i-adapter" else GUIDANCE_FILE)),
             "model_path": str(out / MODEL_DIR) if base and (out / MODEL_DIR).is_dir() else None,
             "seconds": round(time.perf_counter() - began, 1)}
 
@@ -858,7 +959,20 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--lambda-global", type=float, help=f"({d.lambda_global})")
     p.add_argument("--lambda-local", type=float, help=f"({d.lambda_local})")
     p.add_argument("--tas-updates", type=int, help=f"TAS latent updates per step; the reference: 50 ({d.tas_updates})")
-    p.add_argument("--tas-schedule", choices=("reference", "paper"), help=f"({d.tas_schedule})")
+    p.add_argument("--tas-schedule", choices=("reference", "paper", "constant"),
+                   help=f"TAS step sizes; constant: no step-size regularisation (ablation) ({d.tas_schedule})")
+    p.add_argument("--tas-loss", choices=("tas", "lb"),
+                   help=f"loss of the TAS update: L_TAS or the load-balancing L_LB (ablation) ({d.tas_loss})")
+    p.add_argument("--no-tas-smoothing", dest="tas_smoothing", action="store_false",
+                   help="L_TAS without its Gaussian filter (ablation)")
+    p.add_argument("--guidance", choices=GUIDANCE_KINDS,
+                   help=f"the trained mesh guidance: phi_g (ControlNet) or a T2I-Adapter (baseline) ({d.guidance})")
+    p.add_argument("--no-local-branch", dest="local_branch", action="store_false",
+                   help="train the global branch only (ablation; with --tas-updates 0: the ControlNet baseline)")
+    p.add_argument("--fresh-guidance", action="store_true",
+                   help="phi_g starts fresh (a copy of the UNet's encoder) even where the generator has guidance weights")
+    p.add_argument("--separate-weights", action="store_true",
+                   help="the local branch gets its own ControlNet (ablation; Table 4 'Separated')")
     p.add_argument("--tas-target", choices=TAS_TARGETS,
                    help=f"target of the TAS-shifted latent: epsilon (reference code) or residual (paper text) "
                         f"({d.tas_target})")

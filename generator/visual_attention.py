@@ -72,17 +72,40 @@ class GuidanceModule(nn.Module):
         return tuple(down), mid
 
 
+class AdapterGuidance(nn.Module):
+    """A T2I-Adapter (diffusers `T2IAdapter`) in the guidance module's place (the "t2i-adapter" baseline):
+    features of the mesh image, one per UNet down block, added inside the UNet's down blocks
+    (`down_intrablock_additional_residuals`, as diffusers' StableDiffusionAdapterPipeline). They do not depend
+    on the latents, the timestep or the text."""
+
+    injects = "adapter"
+
+    def __init__(self, adapter: nn.Module):
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, latents: torch.Tensor, timestep, text_embeds: torch.Tensor, mesh_images: torch.Tensor,
+                conditioning_scale: float = 1.0) -> list[torch.Tensor]:
+        """mesh_images (N, 3, H, W) in [0, 1] -> one (N, C_k, h_k, w_k) feature per UNet level, x scale."""
+        return [f * conditioning_scale for f in self.adapter(mesh_images.to(latents.dtype))]
+
+
 def predict_noise(unet: UNet2DConditionModel, guidance: GuidanceModule | None, latents: torch.Tensor, timestep,
                   text_embeds: torch.Tensor, mesh_images: torch.Tensor | None,
                   conditioning_scale: float = 1.0) -> torch.Tensor:
     """Y_d = phi_d(X, K, t) + Y_g (Eq. 6): the frozen UNet's noise prediction with the guidance residuals.
 
     latents: (N, 4, h, w); text_embeds: (N, 77, D); mesh_images: (N, 3, 8h, 8w) in [0, 1], row-aligned with the
-    latents (branch-stacked rows get their own branch's mesh image). guidance None: the plain UNet (text only).
+    latents (branch-stacked rows get their own branch's mesh image). guidance None: the plain UNet (text only);
+    an `AdapterGuidance`: its features inside the UNet's down blocks.
     Returns the predicted noise (N, 4, h, w). One ControlNet call and one UNet call for all N rows.
     """
     if guidance is None:
         return unet(latents, timestep, encoder_hidden_states=text_embeds, return_dict=False)[0]
+    if getattr(guidance, "injects", None) == "adapter":
+        features = guidance(latents, timestep, text_embeds, mesh_images, conditioning_scale)
+        return unet(latents, timestep, encoder_hidden_states=text_embeds,
+                    down_intrablock_additional_residuals=features, return_dict=False)[0]
     down, mid = guidance(latents, timestep, text_embeds, mesh_images, conditioning_scale)
     return unet(latents, timestep, encoder_hidden_states=text_embeds, down_block_additional_residuals=down,
                 mid_block_additional_residual=mid, return_dict=False)[0]
