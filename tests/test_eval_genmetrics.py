@@ -141,7 +141,8 @@ def test_hand_confidence_and_mse_with_stand_in_detector_and_regressor():
     evaluator.add_generated(images, batch)
     res = evaluator.compute()
     # present hands: sample 0 right + left, sample 1 right (its left is absent: 0.7 ignored)
-    assert res["HandConf"] == pytest.approx((0.9 + 0.0 + 0.8) / 3)
+    assert res["HandConf-labelled"] == pytest.approx((0.9 + 0.0 + 0.8) / 3)
+    assert res["HandConf"] == pytest.approx((0.9 + 0.8 + 0.7) / 3)  # Hand1000: every detection, labelled or not
     assert res["MSE-2D"] == pytest.approx(25.0, rel=1e-6)
     # present hands' valid joints count; the wrist's error is 0 after the alignment (as in MPJPE)
     valid = torch.stack([batch.right.joints_valid, batch.left.joints_valid], 1)  # (B, 2, 21)
@@ -211,9 +212,10 @@ def test_detections_are_matched_to_the_labelled_hands_by_position():
         res[match] = evaluator.compute()
     # matched: sample 0's two detections swap back; sample 1's single (left-labelled) detection is its right hand
     assert res[True]["MSE-2D"] == pytest.approx(25.0, rel=1e-6)
-    assert res[True]["HandConf"] == pytest.approx((0.9 + 0.6 + 0.7) / 3)
+    assert res[True]["HandConf-labelled"] == pytest.approx((0.9 + 0.6 + 0.7) / 3)
     assert res[False]["MSE-2D"] > 100.0
-    assert res[False]["HandConf"] == pytest.approx((0.6 + 0.9 + 0.0) / 3)
+    assert res[False]["HandConf-labelled"] == pytest.approx((0.6 + 0.9 + 0.0) / 3)
+    assert res[True]["HandConf"] == res[False]["HandConf"] == pytest.approx((0.6 + 0.9 + 0.7) / 3)
 
 
 def test_silhouette_score_is_averaged_over_generated_images():
@@ -235,3 +237,80 @@ def test_silhouette_score_is_averaged_over_generated_images():
     plain = GenerationEvaluator(feature_extractor=TinyCNN().eval())
     plain.add_generated(batch.image, batch)
     assert math.isnan(plain.compute()["SilhouetteIoU"])
+
+
+def _fake_mediapipe(monkeypatch, per_image):
+    """A stand-in `mediapipe` module whose Hands.process returns, for the k-th image, MediaPipe's result objects
+    (multi_hand_landmarks[i].landmark[j].x/.y normalised, multi_handedness[i].classification[0].label/.score)
+    built from per_image[k] = [(label, score, (x0, y0, x1, y1) normalised box of the 21 landmarks), ...]."""
+    import sys
+    import types
+
+    calls = {"n": 0, "init": []}
+
+    def landmarks(box):
+        x0, y0, x1, y1 = box
+        pts = [types.SimpleNamespace(x=x0 + (x1 - x0) * (j % 5) / 4, y=y0 + (y1 - y0) * (j // 5) / 4) for j in range(21)]
+        pts[-1] = types.SimpleNamespace(x=x1, y=y1)
+        return types.SimpleNamespace(landmark=pts)
+
+    class Hands:
+        def __init__(self, **kwargs):
+            calls["init"].append(kwargs)
+
+        def process(self, array):
+            hands = per_image[calls["n"] % len(per_image)]
+            calls["n"] += 1
+            if not hands:
+                return types.SimpleNamespace(multi_hand_landmarks=None, multi_handedness=None)
+            return types.SimpleNamespace(
+                multi_hand_landmarks=[landmarks(box) for _, _, box in hands],
+                multi_handedness=[types.SimpleNamespace(classification=[types.SimpleNamespace(label=label, score=score)])
+                                  for label, score, _ in hands])
+
+    module = types.ModuleType("mediapipe")
+    module.solutions = types.SimpleNamespace(hands=types.SimpleNamespace(Hands=Hands))
+    monkeypatch.setitem(sys.modules, "mediapipe", module)
+    return calls
+
+
+def test_hand_conf_is_hand1000s_handedness_mean_and_differs_from_the_labelled_one(monkeypatch):
+    """Fixture: 3 images, each with two labelled hands. Image 0: MediaPipe finds two hands both called "Left"
+    (0.8, 0.6); image 1: one hand (0.9); image 2: none. Hand1000 averages every detection's handedness score:
+    (0.8 + 0.6 + 0.9) / 3; the labelled definition keeps one detection per side and counts misses as 0."""
+    calls = _fake_mediapipe(monkeypatch, [
+        [("Left", 0.8, (0.1, 0.1, 0.4, 0.5)), ("Left", 0.6, (0.5, 0.5, 0.9, 0.8))],
+        [("Right", 0.9, (0.25, 0.25, 0.5, 0.75))],
+        [],
+    ])
+    detector = genmetrics.MediaPipeHands()
+    assert calls["init"][0]["min_detection_confidence"] == 0.0  # Hand1000's hand_confidence.py
+    batch = make_batch(["interacting"] * 3, size=32)
+    evaluator = GenerationEvaluator(feature_extractor=TinyCNN().eval(), keypoint_detector=detector)
+    evaluator.add_generated(batch.image, batch)
+    res = evaluator.compute()
+    assert res["HandConf"] == pytest.approx((0.8 + 0.6 + 0.9) / 3)
+    assert res["num_detected_hands"] == 3
+    # one detection per side kept (image 0: the 0.8 "Left" = the right hand for unmirrored images), misses 0
+    assert res["HandConf-labelled"] == pytest.approx((0.8 + 0.0 + 0.9 + 0.0 + 0.0 + 0.0) / 6)
+    assert res["HandConf"] > 0.5 > res["HandConf-labelled"]
+
+
+def test_landmark_crops_are_hand1000s_union_box_resized_and_centre_cropped(monkeypatch):
+    _fake_mediapipe(monkeypatch, [
+        [("Left", 0.8, (0.25, 0.25, 0.5, 0.5)), ("Right", 0.7, (0.5, 0.25, 0.75, 0.75))],  # union 16..48 x 16..48
+        [],
+    ])
+    detector = genmetrics.MediaPipeHands(min_detection_confidence=0.5)
+    images = torch.zeros(2, 3, 64, 64)
+    images[0, :, 16:48, 16:48] = 1.0  # white inside the union box, black outside
+    crops = genmetrics.landmark_crops(images, detector(images), size=8)
+    assert crops.shape == (1, 3, 8, 8)  # image 1 has no detection: no crop
+    assert torch.allclose(crops, torch.ones_like(crops))  # exactly the union box
+    evaluator = GenerationEvaluator(feature_extractor=TinyCNN().eval(), landmark_detector=detector,
+                                    kid_subsets=2, kid_subset_size=2)
+    evaluator.add_real(images)
+    evaluator.add_generated(images, make_batch(["interacting"] * 2, size=64))
+    res = evaluator.compute()
+    assert res["num_real_lm_crops"] == 1 and res["num_generated_lm_crops"] == 1
+    assert math.isnan(res["FID-H(lm)"])  # fewer than 2 crops per set
