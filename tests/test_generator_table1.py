@@ -1,5 +1,6 @@
 """generator.table1: Table 1's protocol (MSCOCO train meshes, MSCOCO val prompts) on the COCO fixture with the
-tiny random generator and a fixed random feature map."""
+tiny random generator and a fixed random feature map; the synthlab miniature end to end (train, sample, measure,
+write the table and the figure) on the tiny random generator."""
 from __future__ import annotations
 
 import json
@@ -47,7 +48,8 @@ def test_needs_the_val_captions(setup, tmp_path, capsys):
     root, _, _, config = setup
     with pytest.raises(ValueError, match="attentionhand_captions_val.jsonl"):
         val_prompts(root)
-    code = main(["--root", str(root), "--out", str(tmp_path / "out"), "--inception-weights", str(tmp_path / "none.pth"),
+    code = main(["--dataset", "coco", "--root", str(root), "--out", str(tmp_path / "out"),
+                 "--inception-weights", str(tmp_path / "none.pth"),
                  "--generator-config", str(config)])
     assert code == 1 and "generator.caption" in capsys.readouterr().err
 
@@ -78,3 +80,42 @@ def test_train_meshes_val_prompts_and_metrics(setup):
     assert math.isfinite(first["metrics"]["FID"]) and first["metrics"]["FID"] > 0
     assert first["metrics"] == again["metrics"]  # seeded: the same samples, prompts and noise
     assert tuple(first["samples_grid"].shape) == (6, 3, size, size)
+
+
+def test_synthlab_miniature_end_to_end(tmp_path, monkeypatch, capsys):
+    """python -m generator.table1 as a new user runs it, on a 4+2-image synthlab and the tiny random generator:
+    the trained rows train (1 step), every row samples the same labels, the files are written, a rerun skips
+    the finished training and gives the same table."""
+    from PIL import Image
+
+    from hands.datasets.synthlab import write_synthlab
+    from hands.mano import HandModel
+
+    monkeypatch.setenv("ATTENTIONHAND_CACHE", str(tmp_path / "cache"))
+    root = write_synthlab(tmp_path / "synthlab", seed=3, sizes={"train-lab": 0, "test-lab": 0, "train-wild": 4,
+                                                                "test-wild": 2},
+                          resolution=64, hand_model=HandModel(), show_progress=False)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_YAML)
+    args = ["--root", str(root), "--generator-config", str(config), "--runs", str(tmp_path / "runs"),
+            "--steps", "1", "--train-batch-size", "2", "--n", "2", "--batch-size", "2",
+            "--generators", "sd,controlnet,t2i-adapter,attentionhand", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    first = capsys.readouterr().out
+    table = json.loads((tmp_path / "out" / "mini-table1.json").read_text())
+    assert list(table["metrics"]) == ["sd", "controlnet", "t2i-adapter", "attentionhand"]
+    for row in table["metrics"].values():
+        assert row["num_generated"] == 2 and math.isfinite(row["KID"]) and 0 <= row["SilhouetteIoU"] <= 1
+    assert table["settings"]["n"] == 2 and table["paper_rows"]["attentionhand"]["FID"] == 20.71
+    md = (tmp_path / "out" / "mini-table1.md").read_text()
+    assert "| attentionhand | Table 1: AttentionHand (w/ TAS) |" in md and "paper" in md
+    width, height = Image.open(tmp_path / "out" / "mini-table1.png").size
+    assert height == 6 * (64 + 2)  # rows: mesh, real, 4 generators (32 px shown at 2x)
+    assert "training" in first and (tmp_path / "runs" / "t2i-adapter" / "t2i-adapter" / "config.json").is_file()
+    assert main([*args, "--out", str(tmp_path / "again")]) == 0
+    rerun = capsys.readouterr().out
+    assert "skipped" in rerun and "training from" not in rerun
+    again = json.loads((tmp_path / "again" / "mini-table1.json").read_text())
+    assert again["metrics"] == table["metrics"]  # seeded: same labels, prompts, noise and weights
+    assert main([*args, "--out", str(tmp_path / "bad"), "--generators", "uni-controlnet"]) == 1
+    assert "unknown uni-controlnet" in capsys.readouterr().err
