@@ -167,9 +167,12 @@ def protocol_items(settings: Table1Settings, size: int, hand_model) -> tuple[lis
 
 @torch.no_grad()
 def run_generators(settings: Table1Settings, pipes: dict, *, feature_extractor: Callable, keypoint_detector=None,
-                   silhouette_scorer=None, hand_model=None, progress: bool = True, keep: int = 6) -> dict:
+                   silhouette_scorer=None, landmark_detector=None, hand_model=None, progress: bool = True,
+                   keep: int = 6) -> dict:
     """Generate `settings.n` images with every generator of `pipes` ({name: pipe}, AttentionHandPipeline's
     call) on the same labels, prompts and noise seeds, and measure each against the same real images.
+    keypoint_detector: Hand Conf and MSE-2D; landmark_detector: Hand1000's landmark-box crops (FID-H(lm));
+    silhouette_scorer: SilhouetteIoU (see `eval.genmetrics.GenerationEvaluator`).
 
     Returns {"metrics": {name: {...}}, "n", "prompts_available", "mesh" / "real" (keep, 3, S, S) of the first
     labels, "images": {name: (keep, 3, S, S)}}."""
@@ -190,7 +193,8 @@ def run_generators(settings: Table1Settings, pipes: dict, *, feature_extractor: 
     samples, prompts, noise_seeds, available = protocol_items(settings, size, hand_model)
     n = len(samples)
     make = lambda: GenerationEvaluator(feature_extractor=feature_extractor, keypoint_detector=keypoint_detector,  # noqa: E731
-                                       silhouette_scorer=silhouette_scorer, kid_subset_size=max(2, min(1000, n)))
+                                       silhouette_scorer=silhouette_scorer, landmark_detector=landmark_detector,
+                                       kid_subset_size=max(2, min(1000, n)))
     real = make()
     evaluators = {name: make() for name in pipes}
     faces_right, faces_left = hand_model.faces_for("right").to(device), hand_model.faces_for("left").to(device)
@@ -423,7 +427,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             features = SegmenterFeatures(load_segmenter())
         features = features.to(args.device).eval()
-        detector = MediaPipeHands() if args.mediapipe else None
+        detector = MediaPipeHands(min_detection_confidence=0.0) if args.mediapipe else None  # Hand1000's Hand Conf
+        landmarks = MediaPipeHands(min_detection_confidence=0.5) if args.mediapipe else None  # Hand1000's FID-H
         hand_model = HandModel(mano_dir=args.mano_dir)
         scorer = None
         if not args.no_silhouette:
@@ -446,7 +451,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             weights = dict(train_variants(names, base, runs, hand_model=hand_model, log=lambda m: print(m, flush=True)))
         pipes = {name: build_generator(name, gen_cfg, weights.get(name)).to(args.device) for name in names}
         result = run_generators(settings, pipes, feature_extractor=features, keypoint_detector=detector,
-                                silhouette_scorer=scorer, hand_model=hand_model, progress=not args.no_progress)
+                                silhouette_scorer=scorer, landmark_detector=landmarks, hand_model=hand_model,
+                                progress=not args.no_progress)
     except (DatasetError, ValueError, OSError, ImportError) + user_errors() as error:
         print(f"generator.table1: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
