@@ -26,8 +26,9 @@ exception in ``produce`` stops the producer and is re-raised in the trainer by t
 
 One device, two jobs: besides ``capacity`` (samples), ``max_resident_mib`` bounds the bytes the pool's samples
 hold, and ``max_share`` caps the producer's share of wall time (after a chunk that took ``t`` seconds it pauses
-``t * (1 / max_share - 1)``). Neither holds the producer back while the trainer would stall: when the pool
-holds fewer samples than the last ``take`` asked for (or a ``take`` waits), the producer generates at once.
+``t * (1 / max_share - 1)``). Neither holds the producer back while the trainer would stall: when a ``take``
+waits, or when the draws the pool has left would run out before one more chunk is made (:func:`running_low`:
+at the trainer's measured rate of takes and the last chunk's generation time), the producer generates at once.
 On CUDA, :meth:`SamplePool.stats` also reports the memory the caching allocator holds for the producer's stream
 (its generator activations and the pool's samples: blocks are cached per stream, so this is the producer's
 high-water mark) and the two streams' priorities.
@@ -47,7 +48,7 @@ from torch import nn
 from hands.sample import HandBatch, concat_batches
 
 __all__ = ["SamplePool", "PoolStats", "ProducerError", "resident_tensors", "trainer_stream", "share_pause",
-           "stream_memory", "PRODUCER_PRIORITY", "TRAINER_PRIORITY"]
+           "running_low", "stream_memory", "PRODUCER_PRIORITY", "TRAINER_PRIORITY"]
 
 # CUDA stream priorities: a lower number is a higher priority; 0 is the lowest (and the default streams'),
 # a value beyond the device's range is clamped to it (torch.cuda.Stream).
@@ -79,6 +80,16 @@ def share_pause(busy_s: float, max_share: float) -> float:
     if not 0 < max_share <= 1:
         raise ValueError(f"max_share must be in (0, 1], got {max_share}")
     return busy_s * (1.0 / max_share - 1.0)
+
+
+def running_low(draws_left: int, n: int, chunk_s: float, take_interval_s: float) -> bool:
+    """Whether a pool with ``draws_left`` draws (its samples' remaining uses) runs out before one more chunk is
+    ready, for a trainer taking ``n`` samples every ``take_interval_s`` seconds and a chunk that takes
+    ``chunk_s`` seconds to make (n x (1 + chunk_s / interval) draws are needed meanwhile). Unknown rates
+    (0: no take or no chunk yet): running low only below one take."""
+    if take_interval_s <= 0 or chunk_s <= 0:
+        return draws_left < n
+    return draws_left < n * (1.0 + chunk_s / take_interval_s)
 
 
 def stream_memory(segments: Iterable[dict], stream_handle: int, device_index: int) -> tuple[int, int]:
@@ -192,7 +203,8 @@ class SamplePool:
         max_resident_mib: the most MiB the pool's samples may hold (None: no bound but ``capacity``); the
             producer waits while one more chunk (the size of the last) would pass it.
         max_share: the most the producer may be busy, as a fraction of wall time (1: no cap).
-        Both yield to a trainer that would stall (the pool holds fewer samples than the last ``take`` asked for).
+        Both yield to a trainer that would stall (a ``take`` waits, or the pool's remaining draws would run out
+        before one more chunk is made: :func:`running_low`).
     """
 
     def __init__(
@@ -231,6 +243,9 @@ class SamplePool:
         self._demand = 0  # samples a waiting take / prime needs (0: none waits)
         self._last_n = 0  # what the last take asked for: fewer usable samples means the next one waits
         self._chunk_bytes = 0  # the last chunk's size, for max_resident_mib
+        self._chunk_s = 0.0  # the last chunk's generation time, and the trainer's time between takes (mean of
+        self._take_interval = 0.0  # the last few): how early the producer must resume (running_low)
+        self._last_take_at = None
         self._stream = None  # the producer's CUDA stream
         # the stream the pool is built on (the generator's weights were written there): the producer waits on it
         self._origin = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
@@ -257,16 +272,24 @@ class SamplePool:
     def _size(self) -> int:
         return sum(c.n_alive() for c in self._chunks)
 
-    def _starved(self) -> bool:  # under the lock: the trainer waits, or its next take would
+    def _waiting(self) -> bool:  # under the lock: a take waits, or the next one would
         return self._size() < max(self._demand, self._last_n)
 
+    def _running_low(self) -> bool:  # under the lock: the trainer would wait before one more chunk is made
+        if self._waiting():
+            return True
+        draws_left = sum(self.max_reuse - c.reuse[p] for c in self._chunks for p in range(len(c.reuse)) if c.alive[p])
+        return self._last_n > 0 and running_low(draws_left, self._last_n, self._chunk_s, self._take_interval)
+
     def _may_produce(self) -> bool:  # under the lock
-        if self._starved():
+        if self._waiting():
             return True
         if self._size() >= self.capacity:
             return False
         limit = self.max_resident_bytes
-        return limit is None or self._stats.resident_bytes + self._chunk_bytes <= limit or not self._chunks
+        if limit is None or self._stats.resident_bytes + self._chunk_bytes <= limit or not self._chunks:
+            return True
+        return self._running_low()
 
     def _run(self) -> None:
         stream = None
@@ -302,6 +325,7 @@ class SamplePool:
                     event = None
                 busy = time.perf_counter() - started
                 self._slowest_chunk_s = max(self._slowest_chunk_s, busy)
+                self._chunk_s = busy
                 dropped_in_a_row = 0 if batch is not None else dropped_in_a_row + 1
                 if dropped_in_a_row >= self.max_dropped_chunks:
                     raise RuntimeError(
@@ -318,9 +342,9 @@ class SamplePool:
                         self._count_memory()
                     self._lock.notify_all()
                     pause = share_pause(busy, self.max_share)
-                    if pause > 0 and not self._stop.is_set():  # cut short when the trainer would stall
-                        paused = time.perf_counter()
-                        self._lock.wait_for(lambda: self._stop.is_set() or self._starved(), timeout=pause)
+                    if pause > 0 and not self._stop.is_set() and not self._running_low():
+                        paused = time.perf_counter()  # cut short when the trainer would stall
+                        self._lock.wait_for(lambda: self._stop.is_set() or self._running_low(), timeout=pause)
                         self._stats.throttle_s += time.perf_counter() - paused
         except BaseException as exc:  # surfaced in the trainer by take()
             with self._lock:
@@ -389,8 +413,13 @@ class SamplePool:
                 self._lock.wait(timeout=0.05)
                 if timeout is not None and time.perf_counter() - start > timeout:
                     raise TimeoutError(f"take({n}): the pool did not fill within {timeout} s")
-            waited = time.perf_counter() - start
+            now = time.perf_counter()
+            waited = now - start
             self._demand = 0
+            if self._last_take_at is not None:  # the trainer's pace (a running mean over the last few takes)
+                interval = now - self._last_take_at
+                self._take_interval = interval if self._take_interval == 0 else 0.7 * self._take_interval + 0.3 * interval
+            self._last_take_at = now
             picks = self._pick(n)
             for chunk, positions in picks:
                 for p in positions:

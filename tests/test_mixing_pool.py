@@ -227,3 +227,14 @@ def test_stream_memory_sums_the_producer_streams_segments_on_its_device():
     ]
     assert stream_memory(segments, 7, 0) == (6 << 20, 3 << 20)
     assert stream_memory(segments, 9, 0) == (0, 0)
+
+
+def test_running_low_resumes_the_producer_one_chunk_ahead_of_the_trainer():
+    from mixing.pool import running_low
+
+    # a trainer taking 5 samples every 2 s, a chunk made in 6 s: 5 x (1 + 3) = 20 draws are needed meanwhile
+    assert running_low(19, 5, chunk_s=6.0, take_interval_s=2.0)
+    assert not running_low(20, 5, chunk_s=6.0, take_interval_s=2.0)
+    assert running_low(30, 5, chunk_s=12.0, take_interval_s=2.0)  # a slower generator resumes earlier
+    # before the rates are known: only when the next take would wait
+    assert running_low(4, 5, chunk_s=0.0, take_interval_s=0.0) and not running_low(5, 5, chunk_s=6.0, take_interval_s=0.0)
