@@ -119,3 +119,12 @@ def test_synthlab_miniature_end_to_end(tmp_path, monkeypatch, capsys):
     assert again["metrics"] == table["metrics"]  # seeded: same labels, prompts, noise and weights
     assert main([*args, "--out", str(tmp_path / "bad"), "--generators", "uni-controlnet"]) == 1
     assert "unknown uni-controlnet" in capsys.readouterr().err
+
+    # --mediapipe (mocked MediaPipe results): Hand1000's Hand Conf and landmark-box FID-H columns appear
+    from tests.test_eval_genmetrics import _fake_mediapipe
+
+    calls = _fake_mediapipe(monkeypatch, [[("Left", 0.75, (0.2, 0.2, 0.6, 0.7))]])
+    assert main([*args, "--out", str(tmp_path / "mp"), "--mediapipe", "--generators", "sd"]) == 0
+    row = json.loads((tmp_path / "mp" / "mini-table1.json").read_text())["metrics"]["sd"]
+    assert row["HandConf"] == pytest.approx(0.75) and row["num_generated_lm_crops"] == 2
+    assert sorted(c["min_detection_confidence"] for c in calls["init"]) == [0.0, 0.5]  # Hand1000's two settings
