@@ -475,12 +475,19 @@ class SamplePool:
             out = self._stats.as_dict(wall_s=time.perf_counter() - self._started_at)
             out["generator_mib"] = self.generator_bytes / 2**20
             stream = self._stream
-        if stream is not None:
-            out["producer_stream_priority"] = stream.priority
-            out["trainer_stream_priority"] = self._origin.priority
-            reserved, allocated = stream_memory(torch.cuda.memory_snapshot(), stream.cuda_stream, self.device.index)
-            out["producer_reserved_mib"] = reserved / 2**20
-            out["producer_allocated_mib"] = allocated / 2**20
+        if stream is not None:  # a simulated device may not know priorities, handles or the allocator: absent then
+            priorities = getattr(stream, "priority", None), getattr(self._origin, "priority", None)
+            if None not in priorities:
+                out["producer_stream_priority"], out["trainer_stream_priority"] = priorities
+            handle = getattr(stream, "cuda_stream", None)
+            try:
+                segments = torch.cuda.memory_snapshot() if handle is not None else None
+            except Exception:  # the device cannot be asked (a simulator, a broken driver)
+                segments = None
+            if segments is not None:
+                reserved, allocated = stream_memory(segments, handle, self.device.index)
+                out["producer_reserved_mib"] = reserved / 2**20
+                out["producer_allocated_mib"] = allocated / 2**20
         return out
 
     def close(self, timeout: float = 30.0) -> None:
