@@ -23,6 +23,8 @@ One step (paper §3, Eqs. 1-9; the reference code's recipe, shared/reference/FAC
 6. L = lambda_G MSE(pred_G, target_G) + lambda_L MSE(pred_L, target_L) (Eq. 9, 0.5 / 0.5 as the reference);
    AdamW on phi_g's parameters only (UNet, VAE and text encoder are frozen), unless the tiny generator is
    trained from scratch (below).
+   With `--attention-loss w` > 0 (not in the paper, off by default) L gains w * `attention_grounding_loss`: the
+   hand tokens' cross-attention maps of this forward, at the TAS resolution, are pulled onto the mesh silhouette.
 
 Training the tiny generator from scratch (`--train-modules all`, configs/generator/train-tiny.yaml): SD 1.5 comes
 pretrained, the tiny generator does not, so its base is learnt here on the same data, in two phases of one run:
@@ -55,6 +57,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -69,6 +72,7 @@ from hands.render import crop_local, render_hands
 from hands.sample import HandBatch, HandSample, collate
 
 from .framing import FRAMINGS, window_boxes
+from .segmenter import silhouettes
 from .model import (GeneratorComponents, GeneratorConfig, build_components, load_config, resolve_config_path,
                     save_components)
 from .tagging import hand_token_indices
@@ -119,7 +123,8 @@ class TrainConfig:
     train_modules: "guidance" (phi_g only, the paper's setting on a pretrained SD) or "all" (UNet, text encoder
     and phi_g: the tiny generator from scratch). mesh_dropout: probability that a sample's mesh images are black
     (its caption alone has to draw the hands; the tiny generator's stand-in for SD's text-to-image pretraining,
-    where hand words learnt to attend to hands). vae_steps: steps of VAE training before the diffusion steps
+    where hand words learnt to attend to hands). attention_loss: weight of `attention_grounding_loss` on the hand
+    tokens' cross-attention at the TAS resolution (0: off, the paper's recipe). vae_steps: steps of VAE training before the diffusion steps
     (vae_lr, kl_weight); caption_dropout: probability of an empty caption (classifier-free guidance).
     sample_every / checkpoint_every: steps between sample grids / checkpoints (0 = only at the end).
     sample_steps: DDIM steps of the sample grids. keep_checkpoints: step folders kept (older ones removed).
@@ -160,6 +165,7 @@ class TrainConfig:
     kl_weight: float = 1e-6
     caption_dropout: float = 0.0
     mesh_dropout: float = 0.0
+    attention_loss: float = 0.0
     default_prompt: str = DEFAULT_PROMPT
     sample_every: int = 50
     sample_steps: int = 10
@@ -298,6 +304,7 @@ class StepLosses:
     local: Tensor
     tas: Tensor
     guarded: Tensor | None = None  # rows whose residual target the heavy-tail guard replaced (0-d count)
+    attention: Tensor | None = None  # the auxiliary grounding loss (--attention-loss), None when off
 
 
 TRAIN_MODULES = {"guidance": ("guidance",), "all": ("unet", "text_encoder", "guidance")}
@@ -332,6 +339,22 @@ def tas_training_target(kind: str, x_hat: Tensor, x_t: Tensor, x0: Tensor, eps: 
     return model_input, target, guard.sum()
 
 
+def attention_grounding_loss(maps: Tensor, selected: Tensor, coverage: Tensor) -> Tensor:
+    """The optional auxiliary loss of `--attention-loss` (not in the paper; TokenCompose's token-level grounding
+    loss, Wang et al. 2024): mean over the selected hand tokens of (1 - share)^2, share = the part of the token's
+    cross-attention map (normalised over the grid) that falls on the mesh silhouette.
+
+    maps: (N, h, w, 77) cross-attention probabilities (heads and layers averaged); selected: (N, 75) bool hand
+    tokens at positions 1..75 (`token_mask`); coverage: (N, h, w) fraction of each cell on the silhouette.
+    Returns a scalar (0 when nothing is selected)."""
+    a = maps[..., 1:76].float()  # (N, h, w, 75)
+    share = (a * coverage[..., None].float()).sum(dim=(1, 2)) / a.sum(dim=(1, 2)).clamp_min(1e-12)  # (N, 75)
+    per_token = (1.0 - share) ** 2
+    if not bool(selected.any()):
+        return per_token.new_zeros(())
+    return per_token[selected.to(per_token.device)].mean()
+
+
 class _Trainer(abc.ABC):
     """What the phases share: `loss(batch, generator) -> (differentiable total, StepLosses)` and an optimizer."""
 
@@ -364,7 +387,11 @@ class GuidanceTrainer(_Trainer):
                  tas_schedule: TasSchedule | None = None, attention_downsample: int = 4,
                  train_modules: str = "guidance", caption_dropout: float = 0.0, tas_target: str = "epsilon",
                  tas_residual_max: float = 1.0, mesh_dropout: float = 0.0, tas_loss: str = "tas",
-                 tas_smoothing: bool = True, local_branch: bool = True, local_guidance=None):
+                 tas_smoothing: bool = True, local_branch: bool = True, local_guidance=None,
+                 attention_loss: float = 0.0):
+        if attention_loss < 0:
+            raise ValueError(f"--attention-loss must be >= 0; got {attention_loss}")
+        self.attention_loss = float(attention_loss)
         if tas_target not in TAS_TARGETS:
             raise ValueError(f"--tas-target {tas_target!r}: expected one of {', '.join(TAS_TARGETS)}")
         if train_modules not in TRAIN_MODULES:
@@ -458,11 +485,29 @@ class GuidanceTrainer(_Trainer):
         alphas = c.scheduler.alphas_cumprod.to(device=device, dtype=x0.dtype)[t].view(-1, 1, 1, 1)
         x_t, target, guarded = tas_training_target(self.tas_target, x_t, x_t_plain, x0, eps, alphas,
                                                    residual_max=self.tas_residual_max)
-        if self.local_guidance is not None:  # separate weights: each branch through its own ControlNet
-            halves = [(c.guidance, slice(0, b)), (self.local_guidance, slice(b, 2 * b))]
-            pred = torch.cat([predict_noise(c.unet, g, x_t[k], t[k], text2[k], mesh2[k]) for g, k in halves])
-        else:
-            pred = predict_noise(c.unet, c.guidance, x_t, t, text2, mesh2)
+        ground = self.attention_loss > 0 and bool(rows)
+        store = self._store(tuple(x0.shape[-2:])) if ground else None
+        recorded = []  # with --attention-loss: the cross-attention maps of this forward, per ControlNet call
+
+        def run(guidance, k):
+            if ground:
+                store.reset()
+                store.active = True
+            try:
+                out = predict_noise(c.unet, guidance, x_t[k], t[k], text2[k], mesh2[k])
+            finally:
+                if ground:
+                    store.active = False
+            if ground:
+                recorded.append(store.maps())
+            return out
+
+        with recording(c.unet, store) if ground else nullcontext():
+            if self.local_guidance is not None:  # separate weights: each branch through its own ControlNet
+                halves = [(c.guidance, slice(0, b)), (self.local_guidance, slice(b, 2 * b))]
+                pred = torch.cat([run(g, k) for g, k in halves])
+            else:
+                pred = run(c.guidance, slice(None))
         if branches == 2:
             pred_g, pred_l = split_branches(pred)
             target_g, target_l = split_branches(target)
@@ -473,7 +518,17 @@ class GuidanceTrainer(_Trainer):
             loss_g = F.mse_loss(pred.float(), target.float())
             loss_l = loss_g.new_zeros(())
             total = self.lambda_global * loss_g
-        return total, StepLosses(total.detach(), loss_g.detach(), loss_l.detach(), tas.detach(), guarded.detach())
+        grounding = None
+        if ground:  # on the rows with hand tokens, against the true silhouette (also where the mesh was dropped)
+            index = torch.tensor(rows, device=device)
+            maps = torch.cat(recorded).index_select(0, index)
+            mesh_rows = (stack_branches(batch.mesh, batch.mesh_local) if branches == 2 else batch.mesh)
+            coverage = F.adaptive_avg_pool2d(silhouettes(mesh_rows.index_select(0, index)).float(),
+                                             tuple(maps.shape[1:3]))[:, 0]
+            grounding = attention_grounding_loss(maps, token_mask([tokens[i] for i in rows], device), coverage)
+            total = total + self.attention_loss * grounding
+        return total, StepLosses(total.detach(), loss_g.detach(), loss_l.detach(), tas.detach(), guarded.detach(),
+                                 None if grounding is None else grounding.detach())
 
 
 
@@ -837,7 +892,7 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
                         caption_dropout=cfg.caption_dropout, tas_target=cfg.tas_target,
                         tas_residual_max=cfg.tas_residual_max, mesh_dropout=cfg.mesh_dropout,
                         tas_loss=cfg.tas_loss, tas_smoothing=cfg.tas_smoothing, local_branch=cfg.local_branch,
-                        local_guidance=local_guidance)
+                        local_guidance=local_guidance, attention_loss=cfg.attention_loss)
                 if resume_state is not None and resume_state.get("phase", "diffusion") == phase and step > lo:
                     load_optimizer(resume_folder, trainer)
                 loader = torch.utils.data.DataLoader(
@@ -856,6 +911,8 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
                              ("total", "global", "local", "tas"))
                     values = dict(zip(names, (float(v) for v in (losses.total, losses.global_, losses.local,
                                                                    losses.tas))))
+                    if getattr(losses, "attention", None) is not None:
+                        values["attention"] = float(losses.attention)
                     if losses.guarded is not None:
                         guarded += int(losses.guarded)
                         writer.add_scalar("tas/guarded_rows", guarded, step)
@@ -988,6 +1045,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--mesh-dropout", type=float,
                    help=f"probability that a sample trains on black mesh images, so that its text has to draw the "
                         f"hands ({d.mesh_dropout})")
+    p.add_argument("--attention-loss", type=float,
+                   help=f"weight of an auxiliary loss pulling the hand tokens' cross-attention onto the mesh silhouette "
+                        f"(not in the paper; TokenCompose's grounding loss; docs/fidelity.md) ({d.attention_loss})")
     p.add_argument("--default-prompt", help=f"caption of samples without meta['prompt'] ({d.default_prompt!r})")
     p.add_argument("--sample-every", type=int, help=f"steps between sample grids; 0: at the end ({d.sample_every})")
     p.add_argument("--sample-steps", type=int, help=f"DDIM steps of the sample grids ({d.sample_steps})")

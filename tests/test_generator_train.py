@@ -280,3 +280,37 @@ def test_trainer_takes_the_target_and_the_mesh_dropout(env, batch):
         GuidanceTrainer(components, tas_target="x0")
     with pytest.raises(ValueError, match="--mesh-dropout"):
         GuidanceTrainer(components, mesh_dropout=1.0)
+
+
+def test_attention_grounding_loss_on_a_hand_made_case():
+    from generator.train import attention_grounding_loss
+
+    maps = torch.full((1, 2, 2, 77), 1 / 77)
+    maps[0, 0, 0, 3] = 0.3  # token 3 puts 0.3 / (0.3 + 3 / 77) of its map on cell (0, 0)
+    coverage = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])  # the silhouette covers cell (0, 0) only
+    selected = torch.zeros(1, 75, dtype=torch.bool)
+    selected[0, 3 - 1] = True  # position 3 (positions 1..75 map to 0..74)
+    share = 0.3 / (0.3 + 3 / 77)
+    assert attention_grounding_loss(maps, selected, coverage).item() == pytest.approx((1 - share) ** 2, rel=1e-5)
+    selected[0, 5 - 1] = True  # a flat token: share 1/4
+    expected = ((1 - share) ** 2 + 0.75 ** 2) / 2
+    assert attention_grounding_loss(maps, selected, coverage).item() == pytest.approx(expected, rel=1e-5)
+    assert attention_grounding_loss(maps, torch.zeros(1, 75, dtype=torch.bool), coverage).item() == 0.0
+
+
+def test_attention_loss_is_off_by_default_and_trains_the_cross_attention(env, batch):
+    _, _, config = env
+    components = build_components(load_config(config))
+    plain = GuidanceTrainer(components, tas_updates=0, attention_downsample=2, train_modules="all")
+    losses = plain.loss(batch, step_generator(0, 3, "cpu"))[1]
+    assert losses.attention is None
+    grounded = GuidanceTrainer(components, tas_updates=0, attention_downsample=2, train_modules="all",
+                               attention_loss=0.5)
+    total, parts = grounded.loss(batch, step_generator(0, 3, "cpu"))
+    assert 0 < float(parts.attention) <= 1
+    assert float(parts.total) == pytest.approx(float(losses.total) + 0.5 * float(parts.attention), rel=1e-5)
+    total.backward()  # the auxiliary term reaches the UNet's cross-attention keys and the text encoder
+    key = next(p for n, p in components.unet.named_parameters() if "attn2.to_k" in n)
+    assert key.grad is not None and key.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="--attention-loss"):
+        GuidanceTrainer(components, attention_loss=-1.0)
