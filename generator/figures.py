@@ -75,7 +75,7 @@ def labelled_grid(rows: Sequence[Sequence[Tensor]], captions: Sequence[Sequence[
 @torch.no_grad()
 def attention_figure(pipe, mesh_image: Tensor, prompt: str, *, tas_steps: int, seed: int = 0,
                      num_inference_steps: int | None = None, local_mesh_image: Tensor | None = None):
-    """Figs. 2 / 9: rows "w/o TAS" and "w/ TAS" (tas_steps updates), columns: the image, then each hand token's
+    """Figs. 2 / 9: rows "w/o TAS" and "w/ TAS k" (k = tas_steps updates), columns: the image, then each hand token's
     attention map over it. mesh_image (1, 3, S, S) in [0, 1]. Returns (PIL image, {"tokens": [...],
     "maps": {"without": (h, w, 77), "with": (h, w, 77)}})."""
     outputs = {}
@@ -89,7 +89,7 @@ def attention_figure(pipe, mesh_image: Tensor, prompt: str, *, tas_steps: int, s
                          "verb): there is no hand token to show")
     words = token_texts(pipe.tokenizer, prompt, positions)
     rows, captions = [], []
-    for key, label in (("without", "w/o TAS"), ("with", f"w/ TAS ({tas_steps})")):
+    for key, label in (("without", "w/o TAS"), ("with", f"w/ TAS {tas_steps}")):  # fits under a 64 px tile
         out = outputs[key]
         image, maps = out.images[0], out.attention_maps[0]
         rows.append([image] + [heat_overlay(image, maps[..., p]) for p in positions])

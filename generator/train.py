@@ -124,8 +124,9 @@ class TrainConfig:
     and phi_g: the tiny generator from scratch). mesh_dropout: probability that a sample's mesh images are black
     (its caption alone has to draw the hands; the tiny generator's stand-in for SD's text-to-image pretraining,
     where hand words learnt to attend to hands). attention_loss: weight of `attention_grounding_loss` on the hand
-    tokens' cross-attention at the TAS resolution (0: off, the paper's recipe). vae_steps: steps of VAE training before the diffusion steps
-    (vae_lr, kl_weight); caption_dropout: probability of an empty caption (classifier-free guidance).
+    tokens' cross-attention at the TAS resolution (0: off, the paper's recipe). vae_steps: steps of VAE training
+    before the diffusion steps (vae_lr, kl_weight); caption_dropout: probability of an empty caption
+    (classifier-free guidance).
     sample_every / checkpoint_every: steps between sample grids / checkpoints (0 = only at the end).
     sample_steps: DDIM steps of the sample grids. keep_checkpoints: step folders kept (older ones removed).
     """
@@ -1046,8 +1047,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
                    help=f"probability that a sample trains on black mesh images, so that its text has to draw the "
                         f"hands ({d.mesh_dropout})")
     p.add_argument("--attention-loss", type=float,
-                   help=f"weight of an auxiliary loss pulling the hand tokens' cross-attention onto the mesh silhouette "
-                        f"(not in the paper; TokenCompose's grounding loss; docs/fidelity.md) ({d.attention_loss})")
+                   help=f"weight of an auxiliary loss pulling the hand tokens' cross-attention onto the mesh "
+                        f"silhouette (not in the paper; TokenCompose's grounding loss; docs/fidelity.md) "
+                        f"({d.attention_loss})")
     p.add_argument("--default-prompt", help=f"caption of samples without meta['prompt'] ({d.default_prompt!r})")
     p.add_argument("--sample-every", type=int, help=f"steps between sample grids; 0: at the end ({d.sample_every})")
     p.add_argument("--sample-steps", type=int, help=f"DDIM steps of the sample grids ({d.sample_steps})")
