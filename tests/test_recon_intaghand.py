@@ -323,7 +323,7 @@ def test_config_profiles_and_backbone_weights(tmp_path):
     demo = load_config(profile="demo", arch="intaghand")
     assert demo.model.backbone == "resnet18" and demo.data.image_size[0] % 32 == 0
     # sized by steps (about 15 minutes on 2 cores), the LR drop at 78 % of them, whatever the data's size
-    assert demo.train.max_steps == 800 and list(demo.optim.lr_decay_steps) == [624] and list(demo.optim.lr_decay_epochs) == []
+    assert demo.train.max_steps == 500 and list(demo.optim.lr_decay_steps) == [390] and list(demo.optim.lr_decay_epochs) == []
     torch.manual_seed(0)
     source = build_regressor("intaghand", **TINY)
     path = tmp_path / "encoder.pt"
