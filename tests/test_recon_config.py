@@ -79,10 +79,9 @@ def test_the_word_off_is_a_mode_not_a_boolean(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["interwild", "baseline"])
-def test_demo_runs_are_sized_in_steps_with_the_drop_inside_the_run(arch):
+def test_demo_runs_are_sized_in_steps(arch):
     # synthlab has 5,000 train-lab images: an epoch-sized demo would run thousands of steps (issue 25)
     demo = load_config(profile="demo", arch=arch)
     assert demo.train.max_steps is not None and demo.train.max_steps <= 1200
-    assert list(demo.optim.lr_decay_epochs) == []
-    assert [0 < s < demo.train.max_steps for s in demo.optim.lr_decay_steps] == [True]
+    assert list(demo.optim.lr_decay_epochs) == [] and list(demo.optim.lr_decay_steps) == []  # measured at constant lr
     assert load_config(profile="paper", arch=arch).train.max_steps is None  # the paper profile stays epoch-sized
