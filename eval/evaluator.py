@@ -25,16 +25,19 @@ reih       both hands of every sample         every sample; GT rel_root =  every
                                               reader fills it from the
                                               keypoint wrists)
 ih26m,     the frame type's hand(s) with a    interacting frames with both both wrists valid
-synthlab   MANO fit (``mano_valid``)          fits and both wrists valid;  (``joints_valid[:, 0]``), any
-                                              GT rel_root from the GT 3D   hand type; GT rel_root from
-                                              joints' wrists               the GT 3D joints' wrists
+synthlab   MANO fit (``mano_valid``)          fits and both wrists valid;  (``joints_valid`` and
+                                              GT rel_root from the GT 3D   ``joints_trunc``), any hand
+                                              joints' wrists               type; GT rel_root from the GT
+                                                                           3D joints' wrists
 ========== ================================== ============================ ==============================
 
 "single-hand frame of type right" counts only the right hand's MPVPE (and vice versa). Every value is
 also split by the frame's ``hand_type`` into ``_single`` (right/left) and ``_interacting``.
 
-MPJPE follows InterWild's aggregation: wrist-aligned per-joint errors on joints with ``joints_valid``
-(and a valid GT wrist, needed for the alignment), averaged per joint over samples, then over joints;
+MPJPE follows InterWild's aggregation: wrist-aligned per-joint errors on the counted joints (and a counted GT
+wrist, needed for the alignment), averaged per joint over samples, then over joints; a joint counts when it has
+``joints_valid`` (3D) and, under the ih26m/synthlab rules, also ``joints_trunc`` (InterWild's ``joint_trunc``:
+2D-flagged and inside the image), which also decides the wrists of MRRPE and RRVE there;
 "all" averages the single and interacting per-joint means together (42 + 42 values). GT joints are
 ``batch.<side>.joints_cam`` for every rule set (InterWild regresses ReIH's from the GT mesh instead).
 
@@ -43,9 +46,9 @@ whose wrist is invalid, MANO fit included, so nothing here is derived from an in
 also requires both wrists so that a reader which keeps such a hand cannot score RRVE against a zeroed wrist.
 
 Deviations from the reference code, chosen on purpose:
-- IH2.6M validity: a joint is valid when both the 3D (``joint_3d``) and the 2D (annotation) flags say so; the
-  reference takes MRRPE's wrists from the 2D flags (``joint_trunc``) and reads ``joint_cam``, whose 3D-invalid
-  joints it has set to a 1 mm filler.
+- IH2.6M validity: MPJPE's joints and MRRPE's / RRVE's wrists count with ``joints_trunc`` as the reference's
+  ``joint_trunc`` does, and also need the 3D flag (``joints_valid``): the reference reads ``joint_cam``, whose
+  3D-invalid joints it has set to a 1 mm filler, and would score a prediction against that filler.
 - HIC MRRPE also requires both GT meshes (the reference regresses a wrist from an all-zero mesh when an
   "interacting" frame misses one, which is a bug, not a rule).
 - ReIH samples missing a hand's mesh (``valid``/``mano_valid`` False) or the GT rel_root
@@ -277,6 +280,10 @@ class HandEvaluator:
             count_left = left_fit & (is_left_frame | interacting)
             # nothing derived from an invalid wrist counts: RRVE needs the GT relative root too (InterWild's
             # loader drops a hand whose wrist is invalid, fit included; this also guards other readers)
+            # InterWild's evaluate reads its wrists and MPJPE's joints through joint_trunc (the 2D flags inside
+            # the image); a joint also needs its 3D position here (joints_valid), see the module docstring
+            right_joints_valid = right_joints_valid & right.joints_trunc.bool()
+            left_joints_valid = left_joints_valid & left.joints_trunc.bool()
             count_mrrpe = right_joints_valid[:, 0] & left_joints_valid[:, 0]
             count_rrve = interacting & right_fit & left_fit & count_mrrpe
             gt_rel_root = left.joints_cam[:, 0].to(dtype) - right.joints_cam[:, 0].to(dtype)

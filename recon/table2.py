@@ -444,6 +444,12 @@ def equal_steps(reference_cfg) -> dict:
     from mixing.mixer import split_batch_size
     from recon.data import build_train_set
 
+    if list(reference_cfg.optim.get("cosine_phases", []) or []):
+        raise UsageError(
+            f"optim.cosine_phases={list(reference_cfg.optim.cosine_phases)}: a schedule restarted per epoch phase "
+            "(IHMR's, whose stages also switch by epoch) cannot be put on equal steps across ratios; pass "
+            "--schedule epochs"
+        )
     n_real, _ = split_batch_size(reference_cfg.train.batch_size, reference_cfg.train.synthetic_ratio)
     size = len(build_train_set(reference_cfg, hand_model=HandModel(mano_dir=reference_cfg.mano_dir)))
     per_epoch = size // n_real
@@ -481,6 +487,8 @@ def effective_generator(cfg) -> dict:
 
     from mixing.build import generator_config
 
+    if cfg.mixing.mode == "offline":  # reads pre-generated shards: no generator setting reaches its images
+        return {"offline_shards": str(cfg.mixing.shards)}
     gen_cfg = generator_config(cfg.mixing)
     return {"generator": cfg.mixing.generator, "config": asdict(gen_cfg), "mesh_condition": cfg.mixing.mesh_condition}
 
@@ -496,6 +504,13 @@ def same_as_main(runs: Sequence[RunSpec], configs: dict) -> dict[str, str]:
         if main is None:
             continue
         if effective_generator(configs[run.name]) == effective_generator(configs[main.name]):
+            if configs[main.name].mixing.mode == "offline":
+                out[run.control] = (
+                    "mixing.mode=offline reads the same pre-generated shards (mixing.shards) in every run, so a "
+                    "control's generator settings never reach its images: it was not trained; run the table with "
+                    "online mixing for its controls"
+                )
+                continue
             tas = configs[main.name].mixing.tas_steps
             out[run.control] = (
                 f"its runs would generate exactly as the r={ratio_tag(run.ratio)} runs (the generator config samples "

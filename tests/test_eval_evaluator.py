@@ -327,3 +327,25 @@ def test_no_rrve_from_an_invalid_wrist(rules):
     evaluator.process(noisy_prediction(batch), batch)
     results = evaluator.evaluate()
     assert results["count_MPVPE"] == 4 and results["count_RRVE"] == 1 and results["count_MRRPE"] == 1
+
+
+@pytest.mark.parametrize("rules, counts_truncated", [("ih26m", False), ("synthlab", False), ("reih", True)])
+def test_mpjpe_and_the_wrists_follow_the_2d_mask_as_interwilds_evaluate(rules, counts_truncated):
+    """InterWild's IH2.6M evaluate scores MPJPE's joints and MRRPE's wrists through joint_trunc: a joint with a 3D
+    position but truncated in 2D (joints_trunc False) is not scored there; a truncated wrist drops MRRPE/RRVE."""
+    batch = make_batch(["interacting", "interacting"], dataset=rules)
+    for side in (batch.right, batch.left):
+        side.joints_valid[:] = True
+        side.joints_trunc[:] = True
+    batch.right.joints_trunc[0, 5] = False  # sample 0: one truncated finger joint of the right hand
+    batch.left.joints_trunc[1, 0] = False  # sample 1: the left wrist truncated
+    evaluator = HandEvaluator(j_regressor_right=one_hot_wrist_regressor())
+    evaluator.process(noisy_prediction(batch), batch)
+    results = evaluator.evaluate()
+    full = 2 * 2 * J  # every joint of both hands in both samples
+    if counts_truncated:  # ReIH's evaluate scores every joint
+        assert results["count_MPJPE"] == full
+    else:
+        # the right joint 5 of sample 0, and all of sample 1's left joints (no wrist to align them on)
+        assert results["count_MPJPE"] == full - 1 - J
+        assert results["count_MRRPE"] == 1 and results["count_RRVE"] == 1

@@ -398,6 +398,27 @@ def test_a_tas_off_control_equal_to_the_main_runs_is_not_trained_and_says_so(syn
     assert "mixing.tas_steps=0" in line and f"mixing.sd_path={generator.resolve()}" in line
 
 
+def test_controls_of_an_offline_table_are_not_trained_and_say_why(synthlab_root, tmp_path, capsys):
+    """Offline mixing reads the same shards in every run: a control's generator settings cannot reach its images,
+    so its rows would copy the r = 0.3 rows; the table trains none of them and says why."""
+    argv = _control_argv(synthlab_root, tmp_path, "--dry-run", "mixing.tas_steps=2", "mixing.mode=offline",
+                         f"mixing.shards={tmp_path / 'shards'}")
+    assert table2.main(argv) == 0
+    out = capsys.readouterr().out
+    for control in ("tas_off", "mesh_blank"):
+        assert f"# control {control}: not trained: mixing.mode=offline reads the same pre-generated shards" in out
+        assert f"_{control}_s0" not in out
+
+
+def test_a_schedule_restarted_per_epoch_phase_is_refused_on_equal_steps(synthlab_root, tmp_path, capsys):
+    argv = _argv(synthlab_root, tmp_path, "--seeds", "1", "--dry-run", "optim.schedule=cosine",
+                 "optim.cosine_phases=[1,1]")
+    assert table2.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "optim.cosine_phases=[1, 1]" in err and "--schedule epochs" in err and len(err.strip().splitlines()) == 1
+    assert table2.main([*argv, "--schedule", "epochs"]) == 0
+
+
 def test_the_controls_reach_the_generator(synthlab_root, tmp_path):
     """The control runs' resolved configs, built as recon.train builds its source: tas_off gives the generator
     no TAS step, mesh_blank gives it mesh images without hands (and the labels stay the drawn ones)."""
