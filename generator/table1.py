@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -467,8 +468,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "mediapipe": args.mediapipe, "prompts_available": result["prompts_available"],
                     "figure_prompts": result["prompts"]}
     from hands.paths import write_atomic
+    from hands.provenance import code_version
 
-    payload = {"metrics": result["metrics"], "settings": run_settings,
+    provenance = {"command": " ".join(["python -m generator.table1", *map(str, argv if argv is not None else sys.argv[1:])]),
+                  "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), **code_version()}
+    payload = {"metrics": result["metrics"], "settings": run_settings, "provenance": provenance,
                "paper_rows": {k: dict(zip(PAPER_METRICS, v)) for k, v in PAPER_ROWS.items()}}
     text = markdown_table(result["metrics"], run_settings)
     write_atomic(out / f"{prefix}.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))

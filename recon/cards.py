@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import subprocess
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
+
+from hands.provenance import code_version
 
 __all__ = ["build_card", "hand_model_card", "hand_model_warning", "code_version", "LICENCES", "file_sha256"]
 
@@ -112,31 +113,6 @@ def _weights_hashes(path: Optional[str]) -> dict[str, str]:
         for file in sorted(root.rglob("*"))
         if file.is_file() and file.suffix in _WEIGHT_SUFFIXES
     }
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> dict:
-    """{"package", "version", "git_commit", "git_dirty"} of this code (git fields None outside a checkout)."""
-    from importlib import metadata
-
-    try:
-        version = metadata.version("attentionhand-aug")
-    except metadata.PackageNotFoundError:
-        version = None
-    where = Path(__file__).resolve().parent.parent
-    commit, dirty = None, None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip() or None
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, capture_output=True, text=True,
-            timeout=10, check=True,
-        ).stdout
-        dirty = bool(status.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"package": "attentionhand-aug", "version": version, "git_commit": commit, "git_dirty": dirty}
 
 
 def hand_model_card(hand_model) -> dict:

@@ -107,6 +107,8 @@ def test_synthlab_miniature_end_to_end(tmp_path, monkeypatch, capsys):
     for row in table["metrics"].values():
         assert row["num_generated"] == 2 and math.isfinite(row["KID"]) and 0 <= row["SilhouetteIoU"] <= 1
     assert table["settings"]["n"] == 2 and table["paper_rows"]["attentionhand"]["FID"] == 20.71
+    assert table["provenance"]["command"].startswith("python -m generator.table1 ") and table["provenance"]["created"]
+    assert set(table["provenance"]) >= {"git_commit", "git_dirty", "version"}
     md = (tmp_path / "out" / "mini-table1.md").read_text()
     assert "| attentionhand | Table 1: AttentionHand (w/ TAS) |" in md and "paper" in md
     width, height = Image.open(tmp_path / "out" / "mini-table1.png").size
