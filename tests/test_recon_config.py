@@ -85,3 +85,21 @@ def test_demo_runs_are_sized_in_steps(arch):
     assert demo.train.max_steps is not None and demo.train.max_steps <= 1200
     assert list(demo.optim.lr_decay_epochs) == [] and list(demo.optim.lr_decay_steps) == []  # measured at constant lr
     assert load_config(profile="paper", arch=arch).train.max_steps is None  # the paper profile stays epoch-sized
+
+
+@pytest.mark.parametrize("arch", ["baseline", "interwild", "intaghand", "dir", "ihmr", "intershape"])
+def test_every_demo_profile_is_sized_for_the_default_synthlab(arch):
+    """`python -m recon.train --arch A` on the embedded default: a demo sized in epochs of the 256-image synthlab
+    it was measured on must not grow 20-fold with synthlab's 5,000 train-lab images (issue 25)."""
+    from hands.datasets.synthlab import DEFAULT_SIZES
+    from recon.registry import load_builtin_regressors
+
+    load_builtin_regressors()
+    cfg = load_config(profile="demo", arch=arch)
+    assert list(cfg.data.train) == ["synthlab"]
+    train_lab = DEFAULT_SIZES["train-lab"]
+    samples = min(cfg.data.max_train_samples or train_lab, train_lab)
+    steps = cfg.train.epochs * (samples // cfg.train.batch_size)
+    if cfg.train.max_steps is not None:
+        steps = min(steps, cfg.train.max_steps)
+    assert steps <= 1200, f"{arch}: {steps} demo steps"
