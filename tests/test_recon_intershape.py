@@ -250,6 +250,21 @@ def test_losses_are_masked_by_the_labels(hand_model):
     assert all(float(empty[name].detach()) == 0.0 for name in empty if name != "regulariser")
 
 
+def test_a_joint_truncated_in_2d_leaves_the_heatmap_target_and_keeps_its_3d_terms(hand_model):
+    """joints_trunc False (2D label outside the image, 3D kept): that joint's heatmap error no longer counts; the
+    3D terms, which read joints_valid, do not change."""
+    torch.manual_seed(0)
+    model = build_regressor("intershape", **TINY)
+    batch = _batch(hand_model, 2, seed=2)
+    out = model(batch)
+    before = {k: float(v.detach()) for k, v in model.losses(out, batch).items()}
+    for side in ("right", "left"):
+        batch.hand(side).joints_trunc[:] = False
+    after = {k: float(v.detach()) for k, v in model.losses(out, batch).items()}
+    assert before["heatmap"] > 0 and after["heatmap"] == 0.0
+    assert all(after[k] == pytest.approx(before[k]) for k in before if k != "heatmap")
+
+
 # -- protocol -----------------------------------------------------------------------------------------------------
 
 
