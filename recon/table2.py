@@ -1273,6 +1273,28 @@ def score_checkpoint(folder: Path, datasets: Sequence[str], *, data_root: Option
     return results, int(info.step)
 
 
+def check_validation_seed(val_root, cfg) -> None:
+    """UsageError when ``--val-root`` is a synthlab written with the training synthlab's seed: its images would
+    be the training images (same seed, same split), not held-out ones."""
+    from hands.datasets.synthlab import ensure_synthlab
+    from recon.data import dataset_root
+
+    names = all_dataset_names(cfg)
+    if "synthlab" not in names:
+        return
+    train_root = dataset_root("synthlab", cfg.data.root, len(names)) or ensure_synthlab(None, mano_dir=cfg.mano_dir)
+    seeds = []
+    for root in (Path(val_root), Path(train_root)):
+        try:
+            seeds.append(json.loads((root / "synthlab.json").read_text()).get("seed"))
+        except (OSError, ValueError):
+            return  # not a synthlab folder written by its writer: nothing to compare
+    if seeds[0] is not None and seeds[0] == seeds[1]:
+        raise UsageError(f"--val-root {val_root}: written with seed {seeds[0]}, the training synthlab's seed; "
+                         "validate on a synthlab written with another --seed (python -m hands.datasets.synthlab "
+                         "--out DIR --seed 1)")
+
+
 def validate_runs(args: argparse.Namespace, runs: Sequence[RunSpec], metrics: Sequence[str], *, say) -> dict:
     """Every run's newest checkpoint scored on the validation split (``--val-root``, ``--val-split``): images of
     the training data's style that neither training nor the test splits contain, for choices made on the table
@@ -1537,6 +1559,7 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         say(f"recon.table2: mean-pose predictor scored ({time.perf_counter() - start:.1f} s)")
     report["validation"] = None
     if args.val_root is not None:
+        check_validation_seed(args.val_root, reference_cfg)
         report["validation"] = validate_runs(args, runs, metric_names, say=say)
     report["prediction_figure"] = None
     if args.prediction_n > 0 and wild is not None:

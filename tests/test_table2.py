@@ -483,3 +483,17 @@ def test_bad_table_flags_fail_in_one_line(synthlab_root, tmp_path, capsys, extra
     assert table2.main(_argv(synthlab_root, tmp_path, "--dry-run", *extra)) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and flag in error, error
+
+
+def test_a_validation_synthlab_with_the_training_seed_is_refused(synthlab_root, tmp_path):
+    """--val-root written with the training synthlab's seed holds the training images: refused in one line."""
+    from recon.config import load_config
+
+    cfg = load_config(profile="demo", arch="baseline", flags={"data.root": str(synthlab_root)})
+    train_seed = json.loads((Path(synthlab_root) / "synthlab.json").read_text())["seed"]
+    for seed in (train_seed, train_seed + 1):
+        (tmp_path / f"val{seed}").mkdir()
+        (tmp_path / f"val{seed}" / "synthlab.json").write_text(json.dumps({"seed": seed}))
+    with pytest.raises(table2.UsageError, match=f"written with seed {train_seed}, the training synthlab's seed"):
+        table2.check_validation_seed(tmp_path / f"val{train_seed}", cfg)
+    table2.check_validation_seed(tmp_path / f"val{train_seed + 1}", cfg)  # another seed: accepted
