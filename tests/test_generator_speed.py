@@ -28,9 +28,11 @@ def test_bf16_channels_last_sampling_agrees_with_fp32_and_keeps_tas_in_fp32():
     a = reference(mesh, mesh, PROMPTS, generator=[torch.Generator().manual_seed(i) for i in range(2)], **kwargs)
     b = fast(mesh, mesh, PROMPTS, generator=[torch.Generator().manual_seed(i) for i in range(2)], **kwargs)
     assert b.images.dtype == b.attention_maps.dtype == b.tas_losses.dtype == torch.float32
-    # measured: mean |difference| 0.004, max 0.11 on [0, 1] images; TAS losses within 3e-4
+    # measured on the shipped weights of issue 17 (localised hand-token attention): mean |difference| 0.003-0.004
+    # on [0, 1] images; TAS losses 0.75-0.99 within 0.002-0.0075 (1 % relative) over three mesh seeds (the
+    # previous, flat-attention weights: within 3e-4)
     assert (a.images - b.images).abs().mean() < 0.02
-    torch.testing.assert_close(b.tas_losses, a.tas_losses, atol=3e-3, rtol=0)
+    torch.testing.assert_close(b.tas_losses, a.tas_losses, atol=0, rtol=0.02)
 
 
 def test_the_mixing_generator_dtype_follows_the_device():
