@@ -89,6 +89,12 @@ BASE_FILE = "base.safetensors"
 TRAINED_BY = "attentionhand-aug generator.train --train-modules all"  # model_index.json marker of our own exports
 MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.pt"
+# what a run was trained as (a row of generator.table1): a resume with another value would train a different row
+RESUME_MUST_MATCH = (("train_modules", "--train-modules"), ("vae_steps", "--vae-steps"), ("guidance", "--guidance"),
+                     ("separate_weights", "--separate-weights"), ("local_branch", "--no-local-branch"),
+                     ("tas_updates", "--tas-updates"), ("tas_schedule", "--tas-schedule"), ("tas_loss", "--tas-loss"),
+                     ("tas_smoothing", "--no-tas-smoothing"), ("tas_target", "--tas-target"),
+                     ("attention_loss", "--attention-loss"))
 LOCAL_GUIDANCE_FILE = "guidance_local.safetensors"  # separate_weights: the local branch's ControlNet
 ADAPTER_DIR = "t2i-adapter"  # guidance "t2i-adapter": the trained adapter as a diffusers T2IAdapter folder
 GUIDANCE_KINDS = ("controlnet", "t2i-adapter")
@@ -858,8 +864,7 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
     if cfg.resume:
         resume_folder = find_checkpoint(cfg.resume)
         saved_state = json.loads((resume_folder / CHECKPOINT_STATE).read_text())
-        for key, flag in (("train_modules", "--train-modules"), ("vae_steps", "--vae-steps"),
-                          ("guidance", "--guidance"), ("separate_weights", "--separate-weights")):
+        for key, flag in RESUME_MUST_MATCH:
             saved = saved_state.get(key)
             if saved is not None and saved != getattr(cfg, key):
                 raise ValueError(f"--resume {resume_folder}: trained with {flag} {saved}, resumed with "
@@ -948,7 +953,7 @@ def train(cfg: TrainConfig, *, hand_model=None) -> dict:
                         save_checkpoint(out, trainer, step=step, config=config_dict, base=base,
                                         state={"phase": phase, "train_modules": cfg.train_modules,
                                                "vae_steps": cfg.vae_steps, "tas_guarded": guarded,
-                                               "guidance": cfg.guidance, "separate_weights": cfg.separate_weights})
+                                               **{key: getattr(cfg, key) for key, _ in RESUME_MUST_MATCH}})
                         if cfg.guidance == "t2i-adapter":
                             save_adapter(components.guidance.adapter, out / ADAPTER_DIR)
                         else:

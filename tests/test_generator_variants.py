@@ -96,6 +96,8 @@ def test_variants_resume_and_refuse_a_changed_kind(trained, tmp_path):
     wrong = dataclasses.replace(cfg, out=str(runs / "t2i-adapter"), resume=str(runs / "t2i-adapter"), steps=3)
     with pytest.raises(ValueError, match="--guidance"):
         train(wrong, hand_model=model)
+    with pytest.raises(ValueError, match="trained with --tas-loss tas, resumed with --tas-loss lb"):
+        train(dataclasses.replace(longer, tas_loss="lb", steps=3), hand_model=model)
     with pytest.raises(ValueError, match="--separate-weights"):
         train(dataclasses.replace(cfg, separate_weights=True, local_branch=False, out=str(tmp_path / "x")),
               hand_model=model)
