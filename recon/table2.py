@@ -894,7 +894,8 @@ def summarize(
     {metric}}}} (r minus the reference at the same seed), "delta_mean", "delta_std": {ratio tag (r > ref):
     {test set: {metric}}}, "delta_ci": the same with [low, high], the two-sided ``confidence`` t-interval of the
     mean paired delta (:func:`paired_interval`), "confidence", "controls": {name: {"ratio", "mean", "std",
-    "deltas", "delta_mean", "delta_std", "delta_ci"}} (each control paired with the reference)}; std is the
+    "deltas", "delta_mean", "delta_std", "delta_ci"} (each control paired with the reference), and "vs_main": the
+    same paired against the main run at the control's ratio}; std is the
     sample standard deviation (n - 1), NaN with one seed.
     """
 
@@ -925,6 +926,9 @@ def summarize(
         mean, std = means(control)
         out["controls"][control] = {"ratio": control_ratio, "mean": mean, "std": std,
                                     **_paired(value, control, reference, seeds, test_sets, metrics, confidence)}
+        if control_ratio in ratios:  # the contrast a control exists for: control minus the main run at its ratio
+            out["controls"][control]["vs_main"] = _paired(value, control, control_ratio, seeds, test_sets, metrics,
+                                                          confidence)
     return out
 
 
@@ -1053,6 +1057,17 @@ def _interval_lines(report: dict, tests, metrics, names: dict, controls: dict) -
     for control in controls.values():
         cells = [_ci_cell(control["delta_mean"][t][m], control["delta_ci"][t][m]) for t, m in columns]
         lines.append(f"| {control_row_name(report['method'], control)} | " + " | ".join(cells) + " |")
+    versus = [c for c in controls.values() if c.get("vs_main")]
+    if versus:
+        main = ratio_tag(versus[0]["ratio"])
+        lines += ["", f"Each control against the main run at its ratio (r={main}, same seed): a Δ above zero means the "
+                  "control lost what the main run gained.", "",
+                  f"| Δ against r={main} | " + " | ".join(f"{DATASET_TITLES.get(t, t)} {m}" for t, m in columns) + " |",
+                  "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
+        for control in versus:
+            cells = [_ci_cell(control["vs_main"]["delta_mean"][t][m], control["vs_main"]["delta_ci"][t][m])
+                     for t, m in columns]
+            lines.append(f"| {control_row_name(report['method'], control)} | " + " | ".join(cells) + " |")
     for control in controls.values():
         lines += ["", f"Control {control['title']}: {control['description']}."]
     return lines

@@ -373,6 +373,9 @@ def test_control_rows_are_paired_with_the_reference_and_written_with_intervals(s
     assert blank["delta_mean"][wild]["MPVPE"] == 1.5 and blank["mean"][wild]["MPVPE"] == 122.5
     assert blank["delta_ci"][wild]["MPVPE"] == [pytest.approx(1.5 - 12.7062 * 0.5 * math.sqrt(2) / math.sqrt(2), abs=1e-3),
                                                 pytest.approx(1.5 + 12.7062 * 0.5, abs=1e-3)]
+    # against the main run at the control's ratio (r = 0.3), the contrast a control is for: wild +2, +1 and +5, +4
+    assert {s: d[wild]["MPVPE"] for s, d in tas_off["vs_main"]["deltas"].items()} == {"0": 2.0, "1": 1.0}
+    assert blank["vs_main"]["delta_mean"][wild]["MPVPE"] == 4.5
     assert [r["control"] for r in report["runs"]] == [None, None, "tas_off", "mesh_blank"] * 2
     assert report["test_counts"] == {"synthlab-test-lab": {"count_MPVPE": 6}, wild: {"count_MPVPE": 6}}
     assert report["counts_note"] is None and report["mean_pose"] is None and report["validation"] is None
@@ -380,6 +383,8 @@ def test_control_rows_are_paired_with_the_reference_and_written_with_intervals(s
     assert "| baseline+AttentionHand (r=0.3), mesh blanked | 101.50 ± 2.12 |" in markdown
     assert "two-sided 95 % t-interval over 2 seeds" in markdown and "-3.00 [-15.71, +9.71]" in markdown
     assert "| baseline+AttentionHand (r=0.3), TAS off | +0.50 [-5.85, +6.85] |" in markdown
+    assert "Each control against the main run at its ratio (r=0.3, same seed)" in markdown
+    assert "| baseline+AttentionHand (r=0.3), mesh blanked | +" in markdown.split("Each control against")[1]
     assert "(hands for MPVPE, pairs for RRVE and MRRPE): synthlab-test-lab: MPVPE 6; synthlab-test-wild: MPVPE 6." in markdown
 
 
