@@ -12,6 +12,8 @@ TINY = [
     "data.image_size=[64,64]",
     "train.image_every=0",
 ]
+# The tiny generator side of a mixed run: 32 px samples, 2 sampling steps, small chunks and pool.
+GEN = ["mixing.size=32", "mixing.num_inference_steps=2", "mixing.chunk=4", "mixing.capacity=8", "mixing.max_reuse=2"]
 
 
 def write_tiny_synthlab(root: Path) -> Path:
@@ -29,6 +31,45 @@ def run_args(synthlab_root: Path, out: Path, *extra: str) -> list[str]:
         "--test-datasets", "synthlab:test-lab,synthlab:test-wild",
         "--out", str(out), "--batch-size", "4", "--seed", "3", *TINY, *extra,
     ]
+
+
+def arch_run_args(synthlab_root: Path, out: Path, arch: str, model_args, *extra: str) -> list[str]:
+    """:func:`run_args` for ``--arch arch`` with that arch's own tiny ``model.*`` overrides instead of TINY's."""
+    args = run_args(synthlab_root, out, "--arch", arch, *extra)
+    return [arg for arg in args if not arg.startswith("model.")] + list(model_args)
+
+
+def tiny_mixed_run(tmp_path_factory, arch: str, model_args) -> tuple:
+    """(synthlab root, run folder, result) of 2 steps of a tiny ``arch`` with half of each batch generated
+    (sync mixing, the tiny generator side :data:`GEN`), on one torch thread."""
+    import torch
+
+    from recon import train as recon_train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = write_tiny_synthlab(tmp_path_factory.mktemp(f"synthlab_{arch}"))
+        out = tmp_path_factory.mktemp(f"{arch}_run")
+        args = arch_run_args(root, out, arch, model_args, "--synthetic-ratio", "0.5", "--mix-mode", "sync",
+                             "--max-steps", "2", *GEN)
+        result = recon_train.train(recon_train.parse_args(args))
+    finally:
+        torch.set_num_threads(threads)
+    return root, out, result
+
+
+def torchrun_two_processes(argv, timeout: int = 400):
+    """``torch.distributed.run --standalone --nproc-per-node 2 -m recon.train argv`` on one thread per process
+    (this checkout first on the path); the CompletedProcess, output captured."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "recon.train", *argv]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def rendered_two_hand_samples(hand_model, n: int, seed: int = 0, *, size: int = 64, offset: float = 0.04) -> list:

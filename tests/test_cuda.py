@@ -11,10 +11,9 @@ import warnings
 import pytest
 import torch
 
-from tests.recon_helpers import run_args, write_tiny_synthlab
+from tests.recon_helpers import GEN, run_args, write_tiny_synthlab
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("one_thread")]
-GEN = ["mixing.size=32", "mixing.num_inference_steps=2", "mixing.chunk=4", "mixing.capacity=8", "mixing.max_reuse=2"]
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,10 @@ import torch
 
 from hands.datasets.transforms import InterWildAugment
 from tests.fake_cuda import fake_cuda, report
-from tests.recon_helpers import run_args, write_tiny_synthlab
+from tests.recon_helpers import GEN, run_args, write_tiny_synthlab
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 HAZARDS = ("mismatch", "cpu0d", "generator", "race", "xstream")
-GEN = ["mixing.size=32", "mixing.num_inference_steps=2", "mixing.chunk=4", "mixing.capacity=8", "mixing.max_reuse=2"]
 
 
 @pytest.fixture(scope="module")

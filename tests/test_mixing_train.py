@@ -8,9 +8,7 @@ import pytest
 
 from mixing import pregenerate
 from recon import train as recon_train
-from tests.recon_helpers import run_args, write_tiny_synthlab
-
-GEN = ["mixing.size=32", "mixing.num_inference_steps=2", "mixing.chunk=4", "mixing.capacity=8", "mixing.max_reuse=2"]
+from tests.recon_helpers import GEN, run_args, torchrun_two_processes, write_tiny_synthlab
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -63,16 +61,10 @@ def test_a_failing_generator_stops_training_with_its_cause(synthlab_root, tmp_pa
 
 
 def test_torchrun_each_rank_generates_and_mixes_its_own_share(synthlab_root, tmp_path):
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path / "ddp_mix"
     argv = run_args(synthlab_root, out, "--max-steps", "2", "--batch-size", "4", "--synthetic-ratio", "0.5",
                     "--mix-mode", "sync", *GEN)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "recon.train", *argv]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    result = torchrun_two_processes(argv, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     mixing = json.loads((out / "metrics.json").read_text())["mixing"]
     assert [rank["taken"] for rank in mixing["ranks"]] == [4, 4]  # 2 steps x 2 generated samples, on each rank

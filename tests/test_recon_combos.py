@@ -9,11 +9,10 @@ import pytest
 
 from recon import test as recon_test
 from recon import train as recon_train
-from tests.recon_helpers import run_args, write_tiny_synthlab
+from tests.recon_helpers import GEN, run_args, write_tiny_synthlab
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-GEN = ["mixing.size=32", "mixing.num_inference_steps=2", "mixing.chunk=4", "mixing.capacity=8", "mixing.max_reuse=2"]
 
 
 @pytest.fixture(scope="module")

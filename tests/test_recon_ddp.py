@@ -3,9 +3,6 @@ evaluation sums over ranks (equal to a single-process recon.test of the same che
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -43,9 +40,9 @@ def test_torchrun_two_processes(tmp_path):
     root = write_tiny_synthlab(tmp_path / "synthlab")
     out = tmp_path / "ddp"
     argv = run_args(root, out, "--epochs", "2", "--batch-size", "2", "train.image_every=3")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "recon.train", *argv]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    from tests.recon_helpers import torchrun_two_processes
+
+    result = torchrun_two_processes(argv, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and result.stdout.count("wall time") == 1  # rank 0 alone prints
     # 12 images / 2 ranks / batch 2 = 3 steps per epoch (a single process would take 6)

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -425,9 +422,9 @@ def test_torchrun_two_processes(tiny_run, tmp_path):
     out = tmp_path / "ddp"
     argv = _tiny_argv(root, out, "--epochs", "2", "--batch-size", "2", "model.baseline_epochs=1",
                       "model.stage_epochs=[0,0,0,1,0,0]")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "recon.train", *argv]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    from tests.recon_helpers import torchrun_two_processes
+
+    result = torchrun_two_processes(argv, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     meta = json.loads((out / "checkpoints" / "step_000006.json").read_text())  # 12 images / 2 ranks / 2 = 3 a epoch

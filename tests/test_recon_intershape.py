@@ -8,9 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -374,30 +371,18 @@ def test_backbone_weights_fill_both_encoders(tmp_path):
 
 # -- recon.train with generated samples, ONNX, demo, DDP, Table 2 ---------------------------------------------------
 
-GEN = ["mixing.size=32", "mixing.num_inference_steps=2", "mixing.chunk=4", "mixing.capacity=8", "mixing.max_reuse=2"]
-
-
 def _run_args(root, out, *extra: str) -> list:
-    from tests.recon_helpers import run_args
+    from tests.recon_helpers import arch_run_args
 
-    args = run_args(root, out, "--arch", "intershape", *extra)
-    return [arg for arg in args if not arg.startswith("model.")] + TINY_ARGS
+    return arch_run_args(root, out, "intershape", TINY_ARGS, *extra)
 
 
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory):
     """(synthlab root, run folder, result) of 2 steps of tiny InterShape with half of each batch generated."""
-    from recon import train as recon_train
-    from tests.recon_helpers import write_tiny_synthlab
+    from tests.recon_helpers import tiny_mixed_run
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = write_tiny_synthlab(tmp_path_factory.mktemp("synthlab_intershape"))
-    out = tmp_path_factory.mktemp("intershape_run")
-    args = _run_args(root, out, "--synthetic-ratio", "0.5", "--mix-mode", "sync", "--max-steps", "2", *GEN)
-    result = recon_train.train(recon_train.parse_args(args))
-    torch.set_num_threads(threads)
-    return root, out, result
+    return tiny_mixed_run(tmp_path_factory, "intershape", TINY_ARGS)
 
 
 def test_trains_with_generated_samples_mixed_in(mixed_run):
@@ -448,12 +433,12 @@ def test_recon_demo_runs_an_intershape_checkpoint(mixed_run, tmp_path):
 
 
 def test_torchrun_two_processes(mixed_run, tmp_path):
+    from tests.recon_helpers import torchrun_two_processes
+
     root, _, _ = mixed_run
     out = tmp_path / "ddp"
     argv = _run_args(root, out, "--max-steps", "2", "--batch-size", "2", "eval.at_end=false")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "recon.train", *argv]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    result = torchrun_two_processes(argv)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     meta = json.loads((out / "checkpoints" / "step_000002.json").read_text())
