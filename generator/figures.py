@@ -140,6 +140,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags :func:`pipeline_from_args` reads, and the mesh source's (``--dataset``, ``--data-root``,
+    ``--split``, ``--device``): one definition for generator.figures and generator.tas_effect."""
+    p.add_argument("--generator-config", default="tiny-synthlab", help="tiny-synthlab (shipped) | tiny | sd15 | a YAML path")
+    p.add_argument("--sd-path", help="local Stable Diffusion 1.5 folder (diffusers layout)")
+    p.add_argument("--guidance-path", help="trained guidance weights (generator.train's guidance.safetensors)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dataset", default="synthlab")
+    p.add_argument("--data-root", help="dataset folder (default: the cached synthlab)")
+    p.add_argument("--split", default="test-wild")
+    p.add_argument("--device", default="auto")
+
+
 def pipeline_from_args(args: argparse.Namespace):
     """(generator config, device, pipeline on it) from ``--generator-config``, ``--sd-path``, ``--guidance-path``,
     ``--set KEY=VALUE`` (``overrides``) and ``--device`` (the flags of generator.figures and generator.tas_effect)."""
@@ -160,13 +173,7 @@ def pipeline_from_args(args: argparse.Namespace):
 def _main(argv: Sequence[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m generator.figures", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for the PNGs")
-    p.add_argument("--generator-config", default="tiny-synthlab", help="tiny-synthlab (trained) | tiny | sd15 | a YAML path")
-    p.add_argument("--sd-path", help="local Stable Diffusion 1.5 folder (diffusers layout)")
-    p.add_argument("--guidance-path", help="trained guidance weights (generator.train's guidance.safetensors)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--dataset", default="synthlab")
-    p.add_argument("--data-root", help="dataset folder (default: the cached synthlab)")
-    p.add_argument("--split", default="test-wild")
+    add_pipeline_arguments(p)
     p.add_argument("--index", type=int, default=0, help="which sample's mesh to use")
     p.add_argument("--prompt", help="text prompt (default: the sample's caption)")
     p.add_argument("--size", type=int, help="resolution (default: 64 tiny, 512 SD)")
@@ -174,7 +181,6 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--tas-steps", type=int, default=5, help="TAS updates (first k steps) of the w/ TAS row")
     p.add_argument("--samples", type=int, default=4, help="images generated from one mesh (Fig. 11a)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
 
     gen_cfg, device, pipe = pipeline_from_args(args)

@@ -244,27 +244,20 @@ def _shown_path(path: str | None) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .figures import pipeline_from_args
+    from .figures import add_pipeline_arguments, pipeline_from_args
     from .segmenter import load_segmenter
     from .train import FramedDataset, make_train_batch
 
     p = argparse.ArgumentParser(prog="python -m generator.tas_effect", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for tas-effect.json and tas-effect.png")
     p.add_argument("--samples", type=int, default=16, help="meshes, spread over the split (16)")
-    p.add_argument("--generator-config", default="tiny-synthlab", help="tiny-synthlab (shipped) | tiny | sd15 | YAML")
-    p.add_argument("--sd-path", help="local Stable Diffusion 1.5 folder (diffusers layout)")
-    p.add_argument("--guidance-path", help="trained guidance weights")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--dataset", default="synthlab")
-    p.add_argument("--data-root", help="dataset folder (default: the cached synthlab)")
-    p.add_argument("--split", default="test-wild")
+    add_pipeline_arguments(p)
     p.add_argument("--size", type=int, help="resolution (default: the generator's)")
     p.add_argument("--steps", type=int, help="DDIM steps (default: the config's)")
     p.add_argument("--tas-steps", type=int, help="TAS updates, first k steps (default: the config's, else 10)")
     p.add_argument("--figure-samples", type=int, default=2, help="samples shown in the figure (2)")
     p.add_argument("--segmenter", help="hand segmenter weights (default: the shipped one); 'none' skips the score")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if args.samples < 1:
         raise SystemExit("--samples must be >= 1")
