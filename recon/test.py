@@ -62,7 +62,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--opt-iterations", type=positive_int, help="--optimize: iterations per stage (default: the method's)"
     )
+    parser.add_argument(
+        "--figure", type=positive_int, metavar="N",
+        help="also write predictions-<test set>.png beside the metrics JSON: the first N samples of each test set, "
+             "columns input | ground truth | prediction (placed at the GT right wrist, as InterWild visualises)",
+    )
     return parser
+
+
+def write_prediction_figures(model, test_sets: dict, n: int, folder: Path, *, hand_model, device, refine=None) -> list[Path]:
+    """``folder/predictions-<test set>.png`` for each test set: its first ``n`` samples, columns input | ground
+    truth | prediction (:func:`eval.report.mesh_overlay_grid`); returns the paths."""
+    from eval.report import mesh_overlay_grid, save_png
+    from hands.sample import collate
+
+    faces = dict(faces_right=hand_model.faces_for("right").to(device), faces_left=hand_model.faces_for("left").to(device),
+                 j_regressor_right=hand_model.j_regressor_for("right").to(device),
+                 j_regressor_left=hand_model.j_regressor_for("left").to(device))
+    paths = []
+    for spec, dataset in test_sets.items():
+        count = min(n, len(dataset))
+        if count == 0:
+            continue
+        batch = collate([dataset[i] for i in range(count)]).to(device)
+        with torch.no_grad():
+            output = model(batch)
+        if refine is not None:
+            output = refine(batch, output)
+        path = folder / f"predictions-{spec.key}.png"
+        save_png(mesh_overlay_grid(batch, output, max_samples=count, **faces).cpu(), path)
+        paths.append(path)
+    return paths
 
 
 def load_regressor(path: str | Path, *, device: torch.device | str = "cpu", mano_dir: Optional[str] = None):
@@ -173,6 +203,10 @@ def run(args: argparse.Namespace) -> dict:
         report = dict(results, skips={"test": {key: dict(found) for key, found in skips.items() if found}})
         out.write_text(json.dumps(report, indent=2, sort_keys=True))
         print(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
+        if args.figure:
+            for path in write_prediction_figures(model, test_sets, args.figure, out.parent, hand_model=hand_model,
+                                                 device=device, refine=refine):
+                print(f"wrote {path}")
     return results
 
 

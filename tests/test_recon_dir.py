@@ -520,3 +520,20 @@ def test_check_reference_refuses_a_folder_without_the_reference(tmp_path, capsys
 
     assert check_reference.main(["--reference", str(tmp_path)]) == 2
     assert "no models/dir.py" in capsys.readouterr().err
+
+
+def test_recon_test_writes_a_predictions_figure(mixed_run, tmp_path):
+    """recon.test --figure N: predictions-<test set>.png beside the metrics, N rows of input | GT | prediction."""
+    import numpy as np
+    from PIL import Image
+
+    from recon import test as recon_test
+
+    _, out, _ = mixed_run
+    metrics = tmp_path / "metrics.json"
+    argv = ["--ckpt", str(out), "--out", str(metrics), "--figure", "2", "--datasets", "synthlab:test-lab"]
+    assert recon_test.main(argv) == 0
+    assert "synthlab-test-lab" in json.loads(metrics.read_text())
+    figure = np.asarray(Image.open(tmp_path / "predictions-synthlab-test-lab.png"))
+    height, width, _ = figure.shape
+    assert abs(width / height - 3 / 2) < 0.1 and figure.std() > 0  # 2 rows of 3 square tiles, not blank
