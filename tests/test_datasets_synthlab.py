@@ -92,7 +92,8 @@ def test_ensure_synthlab_writes_once_into_the_cache(tmp_path, monkeypatch, model
     monkeypatch.setenv("ATTENTIONHAND_CACHE", str(tmp_path / "cache"))
     sizes = {"train-lab": 1, "test-lab": 1, "train-wild": 0, "test-wild": 0}
     root = ensure_synthlab(sizes=sizes, resolution=48, hand_model=model, show_progress=False)
-    assert root == tmp_path / "cache" / "synthlab" / f"{model.fingerprint()[:16]}-v{FORMAT_VERSION}"
+    assert root.parent == tmp_path / "cache" / "synthlab"
+    assert root.name.startswith(f"{model.fingerprint()[:16]}-v{FORMAT_VERSION}-")
     assert (root / "synthlab.json").is_file()
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".synthlab-")]  # no temp folder left
     stamp = (root / "synthlab.json").stat().st_mtime_ns
@@ -110,23 +111,30 @@ def test_ensure_synthlab_writes_once_into_the_cache(tmp_path, monkeypatch, model
         ensure_synthlab(broken)
 
 
-def test_a_cache_written_with_other_sizes_or_an_older_format_is_rebuilt(tmp_path, monkeypatch, model):
+def test_other_sizes_get_their_own_cache_folder_and_a_mismatched_stamp_is_rebuilt(tmp_path, monkeypatch, model):
     monkeypatch.setenv("ATTENTIONHAND_CACHE", str(tmp_path / "cache"))
     small = {"train-lab": 1, "test-lab": 1, "train-wild": 0, "test-wild": 0}
     root = ensure_synthlab(sizes=small, resolution=48, hand_model=model, show_progress=False)
+    files = sorted(p.relative_to(root) for p in root.rglob("*"))
+    stamp = (root / "synthlab.json").stat().st_mtime_ns
     larger = {**small, "test-lab": 2}
-    assert ensure_synthlab(sizes=larger, resolution=48, hand_model=model, show_progress=False) == root
-    info = json.loads((root / "synthlab.json").read_text())
+    other = ensure_synthlab(sizes=larger, resolution=48, hand_model=model, show_progress=False)
+    # another folder: a process still reading the small one keeps every file of it
+    assert other != root and other.parent == root.parent
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == files
+    assert (root / "synthlab.json").stat().st_mtime_ns == stamp
+    info = json.loads((other / "synthlab.json").read_text())
     assert info["sizes"] == larger and info["format_version"] == FORMAT_VERSION
-    assert len(build_dataset("synthlab", root, "test-lab", hand_model=model)) == 2
-    # an older format version in the stamp: written again, with the current one
-    (root / "synthlab.json").write_text(json.dumps({**info, "format_version": FORMAT_VERSION - 1}))
-    ensure_synthlab(sizes=larger, resolution=48, hand_model=model, show_progress=False)
-    assert json.loads((root / "synthlab.json").read_text())["format_version"] == FORMAT_VERSION
+    assert len(build_dataset("synthlab", other, "test-lab", hand_model=model)) == 2
+    assert ensure_synthlab(sizes=small, resolution=48, hand_model=model) == root  # read again, not rewritten
+    # a stamp that does not match its folder (an older format version written into it): written again
+    (other / "synthlab.json").write_text(json.dumps({**info, "format_version": FORMAT_VERSION - 1}))
+    assert ensure_synthlab(sizes=larger, resolution=48, hand_model=model, show_progress=False) == other
+    assert json.loads((other / "synthlab.json").read_text())["format_version"] == FORMAT_VERSION
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".synthlab-")]  # nothing left aside
     # a folder the caller names is the caller's: returned as it is, whatever its sizes
-    assert ensure_synthlab(root, sizes=small, resolution=48, hand_model=model) == root
-    assert json.loads((root / "synthlab.json").read_text())["sizes"] == larger
+    assert ensure_synthlab(other, sizes=small, resolution=48, hand_model=model) == other
+    assert json.loads((other / "synthlab.json").read_text())["sizes"] == larger
 
 
 def test_cli_and_model_mismatch(tmp_path, model):

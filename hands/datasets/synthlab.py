@@ -33,6 +33,7 @@ machine; about 75 images/s). Tests write a few images only (``sizes=``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -53,7 +54,8 @@ from hands.datasets.layouts import IH26MWriter
 from hands.datasets.poses import PoseSampler
 from hands.joints import IH26M_TO_OURS
 
-__all__ = ["SPLITS", "DEFAULT_SIZES", "SynthLab", "write_synthlab", "ensure_synthlab", "cache_stamp", "main"]
+__all__ = ["SPLITS", "DEFAULT_SIZES", "SynthLab", "write_synthlab", "ensure_synthlab", "cache_stamp", "cache_folder_name",
+           "main"]
 
 SPLITS = ("train-lab", "test-lab", "train-wild", "test-wild")
 DEFAULT_SIZES = {"train-lab": 5000, "test-lab": 500, "train-wild": 5000, "test-wild": 500}
@@ -478,6 +480,13 @@ def cache_stamp(options: dict) -> dict:
     }
 
 
+def cache_folder_name(fingerprint: str, options: dict) -> str:
+    """``<hand model fingerprint[:16]>-v<FORMAT_VERSION>-<first 8 hex of the stamp's sha1>``: the default
+    cache folder of a synthlab written with ``options`` (see :func:`ensure_synthlab`)."""
+    stamp = json.dumps(cache_stamp(options), sort_keys=True)
+    return f"{fingerprint[:16]}-v{FORMAT_VERSION}-{hashlib.sha1(stamp.encode()).hexdigest()[:8]}"
+
+
 def _stamp_of(root: Path) -> dict | None:
     try:
         info = json.loads((root / "synthlab.json").read_text())
@@ -490,14 +499,16 @@ def _stamp_of(root: Path) -> dict | None:
 
 def ensure_synthlab(root: str | Path | None = None, **options) -> Path:
     """The synthlab folder, written on first use: ``root`` or
-    ``hands.paths.cache_dir() / "synthlab" / <hand model fingerprint>-v<FORMAT_VERSION>``.
+    ``hands.paths.cache_dir() / "synthlab" / <hand model fingerprint>-v<FORMAT_VERSION>-<stamp hash>``.
 
-    The default folder is keyed by the hand model's fingerprint and the format version, so a changed hand
-    model (another ``mano_dir``, a new version of the procedural hand) or a changed label definition gets its
-    own benchmark instead of a stale one. Its synthlab.json is the cache's stamp (:func:`cache_stamp`): a
-    cached folder written with another format version, seed, sizes or resolution than ``options`` ask for
-    is written again (an old cache is rebuilt, not read). A ``root`` given by the caller is the caller's: a
-    complete one is returned as it is (its synthlab.json says how it was written).
+    The default folder is keyed by the hand model's fingerprint, the format version and a hash of the
+    cache's stamp (:func:`cache_stamp`: format version, seed, sizes, resolution), so a changed hand model
+    (another ``mano_dir``, a new version of the procedural hand), a changed label definition or other sizes
+    get their own benchmark instead of a stale one, and writing one never touches a folder another process
+    may be reading (a synthlab of other sizes is another folder; old ones stay until the user deletes them).
+    A cached folder whose synthlab.json does not match its stamp (edited by hand) is written again. A
+    ``root`` given by the caller is the caller's: a complete one is returned as it is (its synthlab.json
+    says how it was written).
     Written into a temporary sibling folder (``.synthlab-<host>-<pid>-*``) and renamed into place, so an
     interrupted run leaves no half-written benchmark; such a folder left by a killed writer on this host is
     deleted by the next first use. ``options`` go to :func:`write_synthlab` (seed, sizes, resolution, mano_dir,
@@ -512,7 +523,7 @@ def ensure_synthlab(root: str | Path | None = None, **options) -> Path:
             from hands.mano import HandModel
 
             model = options["hand_model"] = HandModel(mano_dir=options.get("mano_dir"))
-        root = cache_dir() / "synthlab" / f"{model.fingerprint()[:16]}-v{FORMAT_VERSION}"
+        root = cache_dir() / "synthlab" / cache_folder_name(model.fingerprint(), options)
     root = Path(root)
     stale = None
     if (root / "synthlab.json").is_file():
