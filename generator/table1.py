@@ -21,8 +21,11 @@ sampled on the same labels, prompts and seeds, and measured.
    only (the reference inference), the sampling settings of the generator config.
 4. Metrics (``eval.genmetrics.GenerationEvaluator``): FID / KID, FID-H / KID-H on hand crops (the label's mesh
    box, ours; with ``--mediapipe`` also Hand1000's union box of MediaPipe landmarks: "FID-H(lm)"), Hand Conf
-   (Hand1000's definition, with ``--mediapipe``), MSE-2D (MediaPipe), and SilhouetteIoU (the hand segmenter's
-   mask vs the mesh silhouette: the embedded stand-in for MSE-2D / MSE-3D). Features: pytorch-fid's Inception
+   (Hand1000's definition, with ``--mediapipe``), MSE-2D (MediaPipe's 21 landmarks vs the labels' projected
+   joints, with ``--mediapipe``; squared pixels of the generated image), MSE-3D (``--mse3d-ckpt``: a ``recon``
+   checkpoint run on the generated images; wrist-aligned joints vs the labels', squared mm) and SilhouetteIoU
+   (the hand segmenter's mask vs the mesh silhouette, needs no extra). Definitions in docs/generator.md
+   ("Table 1 metrics"). Features: pytorch-fid's Inception
    weights (``--inception-weights``; the paper's protocol) or, without them, the shipped hand segmenter's
    features (``SegmenterFeatures``; numbers comparable only within one table).
 5. Output in ``--out``: ``mini-table1.{json,md,png}`` (synthlab) or ``table1.{json,md,png}`` (coco): the table
@@ -168,12 +171,12 @@ def protocol_items(settings: Table1Settings, size: int, hand_model) -> tuple[lis
 
 @torch.no_grad()
 def run_generators(settings: Table1Settings, pipes: dict, *, feature_extractor: Callable, keypoint_detector=None,
-                   silhouette_scorer=None, landmark_detector=None, hand_model=None, progress: bool = True,
-                   keep: int = 6) -> dict:
+                   silhouette_scorer=None, landmark_detector=None, joint_regressor=None, hand_model=None,
+                   progress: bool = True, keep: int = 6) -> dict:
     """Generate `settings.n` images with every generator of `pipes` ({name: pipe}, AttentionHandPipeline's
     call) on the same labels, prompts and noise seeds, and measure each against the same real images.
     keypoint_detector: Hand Conf and MSE-2D; landmark_detector: Hand1000's landmark-box crops (FID-H(lm));
-    silhouette_scorer: SilhouetteIoU (see `eval.genmetrics.GenerationEvaluator`).
+    silhouette_scorer: SilhouetteIoU; joint_regressor: MSE-3D (see `eval.genmetrics.GenerationEvaluator`).
 
     Returns {"metrics": {name: {...}}, "n", "prompts_available", "mesh" / "real" (keep, 3, S, S) of the first
     labels, "images": {name: (keep, 3, S, S)}}."""
@@ -195,7 +198,7 @@ def run_generators(settings: Table1Settings, pipes: dict, *, feature_extractor: 
     n = len(samples)
     make = lambda: GenerationEvaluator(feature_extractor=feature_extractor, keypoint_detector=keypoint_detector,  # noqa: E731
                                        silhouette_scorer=silhouette_scorer, landmark_detector=landmark_detector,
-                                       kid_subset_size=max(2, min(1000, n)))
+                                       joint_regressor=joint_regressor, kid_subset_size=max(2, min(1000, n)))
     real = make()
     evaluators = {name: make() for name in pipes}
     faces_right, faces_left = hand_model.faces_for("right").to(device), hand_model.faces_for("left").to(device)
@@ -226,7 +229,7 @@ def run_generators(settings: Table1Settings, pipes: dict, *, feature_extractor: 
         evaluator.share_real(real)
         metrics[name] = evaluator.compute()
     cut = lambda parts: torch.cat(parts)[:keep]  # noqa: E731
-    return {"metrics": metrics, "n": n, "prompts_available": available, "prompts": prompts[:keep],
+    return {"metrics": metrics, "n": n, "size": size, "prompts_available": available, "prompts": prompts[:keep],
             "mesh": cut(kept_mesh), "real": cut(kept_real), "images": {k: cut(v) for k, v in kept.items()}}
 
 
@@ -394,6 +397,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--use-local", action="store_true", help="also feed the local mesh images at sampling")
     parser.add_argument("--mediapipe", action="store_true",
                         help="Hand Conf, MSE-2D and the landmark-box FID-H with MediaPipe Hands (optional extra)")
+    parser.add_argument("--mse3d-ckpt", metavar="RUN",
+                        help="MSE-3D: a recon checkpoint (run folder or sidecar JSON) run on the generated images "
+                             "(the paper: InterWild; e.g. python -m recon.train --arch interwild ...)")
+    parser.add_argument("--plugin", action="append", default=[],
+                        help="with --mse3d-ckpt: a module or .py file registering its regressor (as recon.test)")
     parser.add_argument("--no-silhouette", action="store_true", help="skip the hand-segmenter alignment score")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -437,6 +445,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             scorer = SilhouetteScore(load_segmenter(device=args.device), hand_model.faces_for("right"),
                                      hand_model.faces_for("left"))
+        regressor = None
+        if args.mse3d_ckpt:
+            # the one place generator reaches into recon: a regressor checkpoint is loaded by the code that wrote it
+            from recon.registry import import_plugin
+            from recon.test import CheckpointJoints
+
+            for plugin in args.plugin:
+                import_plugin(plugin)
+            regressor = CheckpointJoints(args.mse3d_ckpt, device=args.device, mano_dir=args.mano_dir,
+                                         hand_model=hand_model)
+            if regressor.warning:
+                print(f"generator.table1: warning: --mse3d-ckpt: {regressor.warning}", file=sys.stderr)
+        elif args.plugin:
+            raise ValueError("--plugin: only with --mse3d-ckpt")
         runs = Path(args.runs or f"runs/table1-{args.dataset}")
         if args.generator:
             weights = {args.generator: Path(args.guidance_path) if args.guidance_path else None}
@@ -452,9 +474,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             weights = dict(train_variants(names, base, runs, hand_model=hand_model, log=lambda m: print(m, flush=True)))
         pipes = {name: build_generator(name, gen_cfg, weights.get(name)).to(args.device) for name in names}
         result = run_generators(settings, pipes, feature_extractor=features, keypoint_detector=detector,
-                                silhouette_scorer=scorer, landmark_detector=landmarks, hand_model=hand_model,
-                                progress=not args.no_progress)
-    except (DatasetError, ValueError, OSError, ImportError) + user_errors() as error:
+                                silhouette_scorer=scorer, landmark_detector=landmarks, joint_regressor=regressor,
+                                hand_model=hand_model, progress=not args.no_progress)
+    except (DatasetError, ValueError, OSError, ImportError) + user_errors() as error:  # recon's CheckpointError, PluginError: ValueErrors
         print(f"generator.table1: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     out = Path(args.out)
@@ -465,7 +487,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "tas_updates": TAS_UPDATES, "use_local": args.use_local,
                     "features": "inception (pytorch-fid weights)" if args.inception_weights else
                                 "hand segmenter features (SegmenterFeatures)",
-                    "mediapipe": args.mediapipe, "prompts_available": result["prompts_available"],
+                    "mediapipe": args.mediapipe,
+                    "mse2d": "squared px of the %d px generated image, per detected labelled joint (MediaPipe)"
+                             % result["size"] if args.mediapipe else None,
+                    "mse3d": dict(regressor.describe(), unit="squared mm, wrist-aligned, per labelled joint")
+                             if regressor is not None else None,
+                    "prompts_available": result["prompts_available"],
                     "figure_prompts": result["prompts"]}
     from hands.paths import write_atomic
     from hands.provenance import code_version

@@ -40,7 +40,7 @@ from recon.evaluate import HEADLINE, evaluate_regressor, format_results
 from recon.registry import REGRESSORS, PluginError, build_regressor, import_plugin, load_builtin_regressors
 from recon.train import UsageError, _distributed, one_line, positive_int, resolve_device
 
-__all__ = ["main", "load_regressor"]
+__all__ = ["main", "load_regressor", "CheckpointJoints"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +117,42 @@ def load_regressor(path: str | Path, *, device: torch.device | str = "cpu", mano
         raise ckpt.CheckpointError(f"{info.json_path}: cannot rebuild regressor {info.arch!r}: {error}") from None
     ckpt.load_weights(model, info, device=device)
     return model.to(device).eval(), info
+
+
+class CheckpointJoints:
+    """A recon checkpoint as the 3D joint regressor of generated-image metrics (MSE-3D, e.g. ``generator.table1
+    --mse3d-ckpt``): ``eval.genmetrics.GenerationEvaluator(joint_regressor=...)`` calls it with the labels'
+    batch holding the generated images; each image goes through the checkpoint's own test-time input protocol
+    (its config's ``data.crop`` and ``data.image_size``, as ``recon.test`` feeds test images: a crop of the
+    labelled hands' union box x1.3 for the baseline, the whole image for InterWild) and the regressor returns a
+    TwoHandOutput (wrist-relative joints, metres).
+
+    path: a run folder (its newest checkpoint) or a checkpoint's JSON sidecar; mano_dir: the MANO folder the
+    labels use (a regressor taking ``mano_dir`` is rebuilt with it; a checkpoint trained with another MANO model
+    gets a one-line warning in ``warning``)."""
+
+    def __init__(self, path: str | Path, *, device: torch.device | str = "cpu", mano_dir: Optional[str] = None,
+                 hand_model=None) -> None:
+        from recon.data import eval_transform
+
+        self.model, self.info = load_regressor(path, device=device, mano_dir=mano_dir)
+        cfg = from_dict(self.info.meta["config"])
+        self.crop, self.image_size = str(cfg.data.crop), (int(cfg.data.image_size[0]), int(cfg.data.image_size[1]))
+        self._transform = eval_transform(self.crop, self.image_size)
+        self.device = torch.device(device)
+        self.warning = hand_model_warning(self.info.meta, hand_model) if hand_model is not None else None
+
+    def describe(self) -> dict:
+        """What the table's settings record about the regressor."""
+        return {"checkpoint": str(self.info.json_path), "arch": self.info.arch, "step": self.info.step,
+                "input": {"crop": self.crop, "image_size": list(self.image_size)}}
+
+    @torch.no_grad()
+    def __call__(self, batch):
+        from hands.sample import collate
+
+        samples = [self._transform(sample) for sample in batch.to("cpu").unbind()]
+        return self.model(collate(samples).to(self.device))
 
 
 def _read_metrics(path: str) -> dict:

@@ -314,3 +314,27 @@ def test_landmark_crops_are_hand1000s_union_box_resized_and_centre_cropped(monke
     res = evaluator.compute()
     assert res["num_real_lm_crops"] == 1 and res["num_generated_lm_crops"] == 1
     assert math.isnan(res["FID-H(lm)"])  # fewer than 2 crops per set
+
+
+def test_mse2d_from_mocked_mediapipe_landmarks_by_hand(monkeypatch):
+    """MSE-2D through MediaPipeHands on mocked MediaPipe results. Image 0 (32 x 32 px) has one labelled hand, the
+    right one; MediaPipe finds one hand labelled "Left" (= right in an unmirrored image) whose 21 landmarks lie
+    on the grid x = 8 + 4 (j % 5), y = 8 + 4 (j // 5) px, except landmark 20 at (24, 24) (the fixture's box
+    corner). The label's joints lie exactly on the grid, so only joint 20 is off: (16, 0) px -> 256 px^2; joint 3
+    is not valid in the label. Image 1: nothing detected, adds nothing. MSE-2D = 256 / 20 valid joints = 12.8."""
+    _fake_mediapipe(monkeypatch, [[("Left", 0.9, (0.25, 0.25, 0.75, 0.75))], []])
+    batch = make_batch(["right", "right"], size=32)
+    j = torch.arange(21)
+    grid = torch.stack([8 + 4 * (j % 5), 8 + 4 * (j // 5)], -1).float()
+    batch.right.joints_img = grid.expand(2, 21, 2).clone()
+    batch.right.joints_valid = torch.ones(2, 21, dtype=torch.bool)
+    batch.right.joints_valid[:, 3] = False
+    res = {}
+    for unit in ("px", "normalized"):
+        evaluator = GenerationEvaluator(feature_extractor=TinyCNN().eval(), keypoint_detector=genmetrics.MediaPipeHands(),
+                                        mse2d_unit=unit)
+        evaluator.add_generated(batch.image, batch)
+        res[unit] = evaluator.compute()
+    assert res["px"]["MSE-2D"] == pytest.approx(256.0 / 20)
+    assert res["normalized"]["MSE-2D"] == pytest.approx((16.0 / 32) ** 2 / 20)  # coordinates / image width
+    assert res["px"]["num_detected_hands"] == 1

@@ -130,3 +130,78 @@ def test_synthlab_miniature_end_to_end(tmp_path, monkeypatch, capsys):
     row = json.loads((tmp_path / "mp" / "mini-table1.json").read_text())["metrics"]["sd"]
     assert row["HandConf"] == pytest.approx(0.75) and row["num_generated_lm_crops"] == 2
     assert sorted(c["min_detection_confidence"] for c in calls["init"]) == [0.0, 0.5]  # Hand1000's two settings
+    assert math.isfinite(row["MSE-2D"]) and row["MSE-2D"] > 0  # the fixture's landmarks vs the labels' joints
+    settings = json.loads((tmp_path / "mp" / "mini-table1.json").read_text())["settings"]
+    assert settings["mse2d"].startswith("squared px of the 32 px generated image") and settings["mse3d"] is None
+
+    # --mse3d-ckpt: a recon checkpoint on the generated images fills MSE-3D (squared mm) and is recorded
+    ckpt = _tiny_regressor_checkpoint(tmp_path / "regressor")
+    assert main([*args, "--out", str(tmp_path / "m3"), "--generators", "sd,controlnet", "--mse3d-ckpt",
+                 str(tmp_path / "regressor")]) == 0
+    table3 = json.loads((tmp_path / "m3" / "mini-table1.json").read_text())
+    assert all(math.isfinite(r["MSE-3D"]) and r["MSE-3D"] > 0 for r in table3["metrics"].values())
+    assert table3["metrics"]["sd"]["FID"] == table["metrics"]["sd"]["FID"]  # the same samples as without it
+    assert table3["settings"]["mse3d"]["checkpoint"] == str(ckpt) and table3["settings"]["mse3d"]["arch"] == "baseline"
+    line = next(x for x in (tmp_path / "m3" / "mini-table1.md").read_text().splitlines() if x.startswith("| sd |"))
+    assert line.split(" | ")[-2] != "-"  # MSE-3D, left of SilhouetteIoU
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "bad3"), "--mse3d-ckpt", str(tmp_path / "nothing")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("generator.table1: error: ") and "nothing" in error and error.count("\n") == 1
+
+
+def _tiny_regressor_checkpoint(folder):
+    """A real (untrained) baseline checkpoint: narrow ResNet-18, 48 px input, the "hands" crop."""
+    from recon import checkpoint as ckpt
+    from recon.config import load_config, to_dict
+    from recon.registry import build_regressor, load_builtin_regressors
+    from tests.recon_helpers import TINY
+
+    load_builtin_regressors()
+    kwargs = dict(backbone="resnet18", backbone_kwargs={"channels": [8, 16, 32, 64], "stem_width": 8}, hidden_dim=32)
+    torch.manual_seed(0)
+    model = build_regressor("baseline", **kwargs)
+    cfg = to_dict(load_config(overrides=[*TINY, "data.image_size=[48,48]"]))
+    progress = {"step": 3, "epoch": 0, "step_in_epoch": 3, "sampler_seed": 0, "world_size": 1}
+    return ckpt.save_checkpoint(folder, model=model, arch="baseline", model_kwargs=kwargs, config=cfg,
+                                optimizer=None, progress=progress)
+
+
+def test_mse3d_runs_a_recon_checkpoint_on_the_generated_images(tmp_path):
+    """CheckpointJoints feeds each generated image through the checkpoint's own test-time crop (the labelled
+    hands' box x1.3, resized to its 48 px input); MSE-3D is 0 when the prediction is the labels' joints, 0 for
+    a constant shift (wrist-aligned), and 10^2 mm^2 on the non-wrist joints for a 10 mm offset of those joints."""
+    from eval.genmetrics import GenerationEvaluator
+    from recon.output import TwoHandOutput
+    from recon.test import CheckpointJoints
+    from tests.test_eval_evaluator import make_batch
+
+    joints = CheckpointJoints(_tiny_regressor_checkpoint(tmp_path / "ckpt"))
+    assert joints.describe()["arch"] == "baseline" and joints.describe()["step"] == 3
+    assert joints.describe()["input"] == {"crop": "hands", "image_size": [48, 48]}
+    batch = make_batch(["interacting", "right"], size=32)
+    output = joints(batch)  # the real network
+    assert isinstance(output, TwoHandOutput) and output.right_joints.shape == (2, 21, 3)
+
+    seen = []
+
+    def predict(offset, wrist_too):
+        def forward(inputs):
+            seen.append(tuple(inputs.image.shape))
+            shift = torch.tensor(offset)
+            right, left = inputs.right.joints_cam.clone(), inputs.left.joints_cam.clone()
+            (right if wrist_too else right[:, 1:]).add_(shift)
+            (left if wrist_too else left[:, 1:]).add_(shift)
+            return {"right_joints": right, "left_joints": left}
+        return forward
+
+    valid = torch.stack([batch.right.joints_valid, batch.left.joints_valid], 1)
+    valid = valid & valid[..., :1] & torch.tensor([[True, True], [True, False]])[..., None]
+    share = valid[..., 1:].sum().item() / valid.sum().item()
+    for offset, wrist_too, expected in (((0.0, 0.0, 0.0), False, 0.0), ((0.05, -0.02, 0.1), True, 0.0),
+                                        ((0.0, 0.006, 0.008), False, 100.0 * share)):
+        joints.model = predict(offset, wrist_too)
+        evaluator = GenerationEvaluator(feature_extractor=features, joint_regressor=joints)
+        evaluator.add_generated(batch.image, batch)
+        assert evaluator.compute()["MSE-3D"] == pytest.approx(expected, rel=1e-5, abs=1e-6)  # float32 joints
+    assert seen == [(2, 3, 48, 48)] * 3  # the checkpoint's input size, not the generated image's 32 px
