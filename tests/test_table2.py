@@ -121,6 +121,11 @@ def test_dry_run_prints_one_command_per_ratio_and_seed_with_the_same_flags(synth
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()  # nothing written
 
 
+def test_five_seeds_by_default_as_the_help_says():
+    args = table2.parse_args(["--arch", "interwild"])
+    assert table2._parse_seeds(args) == [0, 1, 2, 3, 4]
+
+
 def test_equal_steps_give_every_run_the_reference_steps_and_learning_rate_drops(synthlab_root, tmp_path, capsys):
     """--schedule steps (default): the reference run's epochs x its steps per epoch, and its epoch milestones
     as step milestones, for every ratio; --schedule epochs passes the flags as they are."""
