@@ -220,7 +220,14 @@ class AttentionHandPipeline:
         # 3. Prepare the mesh conditions (branch-stacked, duplicated for guidance) and the hand tokens.
         mesh = stack_branches(mesh_images, local_mesh_images) if with_local else mesh_images  # (N, 3, H, W)
         mesh = mesh.to(dtype)
-        mesh_rows = torch.cat([mesh, mesh]) if cfg else mesh
+        condition = None
+        if isinstance(self.guidance, GuidanceModule) and self.guidance.reuses_condition:
+            # ControlNet's mesh-image encoder gives the same (N, C, h, w) at every step: once per call, not per step
+            condition = self.guidance.embed_condition(mesh)
+            condition = torch.cat([condition, condition]) if cfg else condition
+            mesh_rows = None
+        else:
+            mesh_rows = torch.cat([mesh, mesh]) if cfg else mesh
         token_indices = [hand_token_indices(p, self.tokenizer) for p in prompts]
         if tas_steps > 0:
             skipped = [p for p, idx in zip(prompts, token_indices) if not idx]
@@ -282,8 +289,8 @@ class AttentionHandPipeline:
                 unet, guidance = self._compiled if self._compiled and store is None else (self.unet, self.guidance)
                 if self._cudagraphs and unet is not self.unet:  # last step's graph outputs are consumed: replay
                     torch.compiler.cudagraph_mark_step_begin()
-                noise = predict_noise(unet, guidance, model_input, t_device, text, mesh_rows,
-                                      conditioning_scale)
+                noise = predict_noise(unet, guidance, model_input, t_device, text, mesh_rows, conditioning_scale,
+                                      condition=condition)
                 if return_attention:
                     store.active = False
                     step_maps = store.maps()[-n:]  # conditional rows (N, h, w, 77)

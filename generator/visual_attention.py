@@ -60,16 +60,66 @@ class GuidanceModule(nn.Module):
             conditioning_embedding_out_channels), conditioning_channels=3)
         return cls(controlnet=controlnet)
 
-    def forward(self, latents: torch.Tensor, timestep, text_embeds: torch.Tensor, mesh_images: torch.Tensor,
-                conditioning_scale: float = 1.0) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    def forward(self, latents: torch.Tensor, timestep, text_embeds: torch.Tensor, mesh_images: torch.Tensor | None,
+                conditioning_scale: float = 1.0, *, condition: torch.Tensor | None = None,
+                ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Y_g (Eq. 5) for a batch of N rows (e.g. 2B branch-stacked, 4B with classifier-free guidance).
 
         latents: (N, 4, h, w) scaled model input; timestep: int or (N,) tensor; text_embeds: (N, 77, D);
-        mesh_images: (N, 3, 8h, 8w) in [0, 1]. Returns (down-block residuals, mid-block residual), each (N, C_k, ...).
+        mesh_images: (N, 3, 8h, 8w) in [0, 1]; or instead `condition`, their `embed_condition` (N, C, h, w), which
+        does not change over the denoising steps: a sampler computes it once per call (the same values as
+        ControlNet's own forward, without its mesh-image encoder at every step).
+        Returns (down-block residuals, mid-block residual), each (N, C_k, ...).
         """
-        down, mid = self.controlnet(latents, timestep, encoder_hidden_states=text_embeds, controlnet_cond=mesh_images,
-                                    conditioning_scale=conditioning_scale, return_dict=False)
-        return tuple(down), mid
+        if condition is None:
+            down, mid = self.controlnet(latents, timestep, encoder_hidden_states=text_embeds,
+                                        controlnet_cond=mesh_images, conditioning_scale=conditioning_scale,
+                                        return_dict=False)
+            return tuple(down), mid
+        return self._forward_embedded(latents, timestep, text_embeds, condition, conditioning_scale)
+
+    @property
+    def reuses_condition(self) -> bool:
+        """Whether `condition=` is supported: ControlNet without class or added embeddings and without global
+        pooling (SD 1.5's and every config built here); others take the mesh images at each step."""
+        config = self.controlnet.config
+        return (self.controlnet.class_embedding is None and config.addition_embed_type is None
+                and not config.global_pool_conditions)
+
+    def embed_condition(self, mesh_images: torch.Tensor) -> torch.Tensor:
+        """ControlNet's conditioning embedding of (N, 3, 8h, 8w) mesh images in [0, 1]: (N, C, h, w), the term its
+        forward adds to `conv_in(latents)`."""
+        if self.controlnet.config.controlnet_conditioning_channel_order == "bgr":
+            mesh_images = torch.flip(mesh_images, dims=[1])
+        return self.controlnet.controlnet_cond_embedding(mesh_images)
+
+    def _forward_embedded(self, latents, timestep, text_embeds, condition, conditioning_scale):
+        # diffusers' ControlNetModel.forward (0.42) for the configs `reuses_condition` accepts, with the
+        # conditioning embedding given; step for step the same operations, so the same values
+        cn = self.controlnet
+        timesteps = timestep
+        if not torch.is_tensor(timesteps):
+            timesteps = torch.tensor([timesteps], dtype=torch.float64 if isinstance(timestep, float) else torch.int64,
+                                     device=latents.device)
+        elif timesteps.ndim == 0:
+            timesteps = timesteps[None].to(latents.device)
+        t_emb = cn.time_proj(timesteps.expand(latents.shape[0])).to(dtype=latents.dtype)
+        emb = cn.time_embedding(t_emb, None)
+        sample = cn.conv_in(latents) + condition
+        residuals = (sample,)
+        for block in cn.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=text_embeds)
+            else:
+                sample, res = block(hidden_states=sample, temb=emb)
+            residuals += res
+        if cn.mid_block is not None:
+            if getattr(cn.mid_block, "has_cross_attention", False):
+                sample = cn.mid_block(sample, emb, encoder_hidden_states=text_embeds)
+            else:
+                sample = cn.mid_block(sample, emb)
+        down = tuple(block(res) * conditioning_scale for res, block in zip(residuals, cn.controlnet_down_blocks))
+        return down, cn.controlnet_mid_block(sample) * conditioning_scale
 
 
 class AdapterGuidance(nn.Module):
@@ -92,12 +142,13 @@ class AdapterGuidance(nn.Module):
 
 def predict_noise(unet: UNet2DConditionModel, guidance: GuidanceModule | None, latents: torch.Tensor, timestep,
                   text_embeds: torch.Tensor, mesh_images: torch.Tensor | None,
-                  conditioning_scale: float = 1.0) -> torch.Tensor:
+                  conditioning_scale: float = 1.0, *, condition: torch.Tensor | None = None) -> torch.Tensor:
     """Y_d = phi_d(X, K, t) + Y_g (Eq. 6): the frozen UNet's noise prediction with the guidance residuals.
 
     latents: (N, 4, h, w); text_embeds: (N, 77, D); mesh_images: (N, 3, 8h, 8w) in [0, 1], row-aligned with the
     latents (branch-stacked rows get their own branch's mesh image). guidance None: the plain UNet (text only);
-    an `AdapterGuidance`: its features inside the UNet's down blocks.
+    an `AdapterGuidance`: its features inside the UNet's down blocks. condition: a `GuidanceModule`'s
+    `embed_condition(mesh_images)`, given instead of the mesh images (computed once per sampling call).
     Returns the predicted noise (N, 4, h, w). One ControlNet call and one UNet call for all N rows.
     """
     if guidance is None:
@@ -106,6 +157,6 @@ def predict_noise(unet: UNet2DConditionModel, guidance: GuidanceModule | None, l
         features = guidance(latents, timestep, text_embeds, mesh_images, conditioning_scale)
         return unet(latents, timestep, encoder_hidden_states=text_embeds,
                     down_intrablock_additional_residuals=features, return_dict=False)[0]
-    down, mid = guidance(latents, timestep, text_embeds, mesh_images, conditioning_scale)
+    down, mid = guidance(latents, timestep, text_embeds, mesh_images, conditioning_scale, condition=condition)
     return unet(latents, timestep, encoder_hidden_states=text_embeds, down_block_additional_residuals=down,
                 mid_block_additional_residual=mid, return_dict=False)[0]

@@ -82,6 +82,38 @@ def test_each_branch_is_guided_by_its_own_mesh_only(components):
     assert not torch.allclose(before, plain, atol=1e-4)  # the guidance residuals are added (Y_d = phi_d + Y_g)
 
 
+def test_a_precomputed_condition_gives_controlnets_own_residuals_and_the_sampler_embeds_once(components):
+    """The sampler encodes the mesh images once per call (`embed_condition`) and passes the embedding at every
+    step: the residuals are those of diffusers' ControlNet forward, bit for bit, in both channel orders."""
+    from generator.pipeline import AttentionHandPipeline
+
+    guidance = components.guidance
+    latents, text, mesh = _inputs(b=2)
+    t = torch.tensor(500)
+    assert guidance.reuses_condition
+    config = guidance.controlnet.config
+    try:
+        for order in ("rgb", "bgr"):
+            config.controlnet_conditioning_channel_order = order
+            with torch.no_grad():
+                down, mid = guidance(latents, t, text, mesh, 0.7)
+                down2, mid2 = guidance(latents, t, text, None, 0.7, condition=guidance.embed_condition(mesh))
+            assert len(down) == len(down2) and torch.equal(mid, mid2)
+            assert all(torch.equal(a, b) for a, b in zip(down, down2))
+    finally:
+        config.controlnet_conditioning_channel_order = "rgb"
+    pipe = AttentionHandPipeline.from_components(components, attention_downsample=2)
+    calls = []
+    hook = guidance.controlnet.controlnet_cond_embedding.register_forward_hook(
+        lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        pipe(mesh[:2], mesh[2:], ["a hand", "two hands"], num_inference_steps=3, guidance_scale=9.0,
+             generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert calls == [4]  # once per call, on the 2B branch rows (not 4B guidance rows at each of the 3 steps)
+
+
 def test_stack_and_split_branches():
     g, l = torch.zeros(2, 3), torch.ones(2, 3)
     stacked = stack_branches(g, l)
