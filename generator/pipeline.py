@@ -12,6 +12,7 @@ latent first, then the local one). The same generator(s) feed the scheduler when
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from contextlib import nullcontext
@@ -66,7 +67,7 @@ class AttentionHandPipeline:
         self.guidance = guidance
         self.attention_downsample = attention_downsample
         self.sampling = sampling or SamplingConfig()
-        self._compiled = None  # (unet, guidance) wrapped by torch.compile, see `optimize`
+        self._compiled = None  # the guided noise prediction (`_guided_noise`) under torch.compile, see `optimize`
         self._cudagraphs = False  # compiled with mode="reduce-overhead": CUDA graphs of the static-shape steps
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
@@ -92,7 +93,8 @@ class AttentionHandPipeline:
         """Speed options (docs/performance.md). dtype: the text encoder, VAE, UNet and guidance in this dtype
         (e.g. torch.bfloat16; TAS's attention maps, its loss and latent update stay in fp32; images are returned
         as fp32). channels_last: the UNet, guidance and VAE in channels-last memory format. compile: torch.compile
-        the UNet and the guidance (True, or a mode such as "max-autotune" / "reduce-overhead" for static shapes),
+        one denoising step's model work as one region, the guidance call, the UNet call and the classifier-free
+        guidance combination (True, or a mode such as "max-autotune" / "reduce-overhead" for static shapes),
         used on the steps that record no attention (no TAS, no return_attention); the first call per shape pays
         the compilation. Returns self."""
         if isinstance(dtype, str):
@@ -105,8 +107,7 @@ class AttentionHandPipeline:
                     module.to(memory_format=torch.channels_last)
         if compile:
             mode = compile if isinstance(compile, str) else None
-            self._compiled = (torch.compile(self.unet, mode=mode),
-                              torch.compile(self.guidance, mode=mode) if self.guidance is not None else None)
+            self._compiled = torch.compile(functools.partial(_guided_noise, self.unet, self.guidance), mode=mode)
             self._cudagraphs = mode == "reduce-overhead"
         return self
 
@@ -286,18 +287,19 @@ class AttentionHandPipeline:
                 if return_attention:
                     store.reset()
                     store.active = True
-                unet, guidance = self._compiled if self._compiled and store is None else (self.unet, self.guidance)
-                if self._cudagraphs and unet is not self.unet:  # last step's graph outputs are consumed: replay
-                    torch.compiler.cudagraph_mark_step_begin()
-                noise = predict_noise(unet, guidance, model_input, t_device, text, mesh_rows, conditioning_scale,
-                                      condition=condition)
-                if return_attention:
-                    store.active = False
-                    step_maps = store.maps()[-n:]  # conditional rows (N, h, w, 77)
-                    maps_sum = step_maps if maps_sum is None else maps_sum + step_maps
-                if cfg:
-                    noise_uncond, noise_cond = noise.chunk(2)
-                    noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+                if self._compiled is not None and store is None:
+                    if self._cudagraphs:  # the last step's graph outputs are consumed: replay into their memory
+                        torch.compiler.cudagraph_mark_step_begin()
+                    noise = self._compiled(model_input, t_device, text, mesh_rows, conditioning_scale, condition,
+                                           guidance_scale if cfg else None)
+                else:
+                    noise = predict_noise(self.unet, self.guidance, model_input, t_device, text, mesh_rows,
+                                          conditioning_scale, condition=condition)
+                    if return_attention:
+                        store.active = False
+                        step_maps = store.maps()[-n:]  # conditional rows (N, h, w, 77)
+                        maps_sum = step_maps if maps_sum is None else maps_sum + step_maps
+                    noise = _combine_guidance(noise, guidance_scale) if cfg else noise
                 latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
 
         # 7. Decode the latents to images in [0, 1].
@@ -313,3 +315,18 @@ class AttentionHandPipeline:
         else:
             output.attention_maps = maps
         return output
+
+
+def _combine_guidance(noise: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: (2N, ...) predictions, unconditional rows first -> (N, ...)."""
+    noise_uncond, noise_cond = noise.chunk(2)
+    return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+
+
+def _guided_noise(unet, guidance, model_input, timestep, text, mesh_rows, conditioning_scale, condition,
+                  guidance_scale):
+    """One step's noise prediction, guided (guidance_scale None: no classifier-free guidance): the region
+    `optimize(compile=...)` compiles."""
+    noise = predict_noise(unet, guidance, model_input, timestep, text, mesh_rows, conditioning_scale,
+                          condition=condition)
+    return noise if guidance_scale is None else _combine_guidance(noise, guidance_scale)

@@ -98,7 +98,7 @@ def test_reduce_overhead_starts_a_cuda_graph_step_per_compiled_denoising_step(mo
 
     eager = sample()
     pipe.optimize(compile=mode)
-    assert pipe._compiled[0].mode == (mode if isinstance(mode, str) else None)
+    assert pipe._compiled.mode == (mode if isinstance(mode, str) else None)
     torch.testing.assert_close(sample(), eager)
     assert len(calls) == marks
     sample(tas_steps=1)
