@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench gpu-check clean-cache
+.PHONY: install demo test bench gpu-check gpu-wheels clean-cache
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +27,42 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run --quick
 
 # On a machine with one CUDA GPU (sized for 8 minutes; not yet run on a GPU; nothing downloaded): the tests marked
-# cuda, then the benchmarks on the GPU (P1-P4 with the tiny generator, P2 as two 200-step recon.train runs at
-# r = 0.3 online and r = 0, P5 an SD1.5-sized random-init generator at 512 px), which write
+# cuda, then the benchmarks on the GPU (P1-P4 and P6 with the tiny generator, P2 as two 200-step recon.train runs
+# at r = 0.3 online and r = 0, P5 an SD1.5-sized random-init generator at 512 px), which write
 # benchmarks/results/cuda.{json,md} even when a test failed; the exit status reports both.
-gpu-check: $(STAMP)
-	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch sees no CUDA device')"
+# Its Python: .venv's if that torch sees a CUDA device; else a venv over $(PYTHON)'s own CUDA torch
+# ($(GPU_VENV), --system-site-packages: torch and whatever else that Python has are used as they are, nothing
+# is reinstalled), with the project's other packages from pip's index or, on a machine with no network, from
+# the wheels in WHEELS=DIR (`make gpu-wheels WHEELS=DIR` fetches them where there is network; docs/performance.md).
+GPU_VENV := .venv-gpu
+WHEELS ?=
+SEES_CUDA := import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
+# the project's packages (and their needs) that a CUDA image with torch, transformers, accelerate, timm, scipy,
+# tensorboard, pytest and psutil lacks; versions from constraints.txt
+GPU_WHEEL_PACKAGES := diffusers importlib_metadata smplx open_clip_torch ftfy wcwidth nltk defusedxml textblob \
+	kornia kornia_rs omegaconf trimesh moderngl glcontext
+
+gpu-check:
+	@if [ -x $(PY) ] && $(PY) -c "$(SEES_CUDA)" 2>/dev/null; then py=$(PY); \
+	elif $(PYTHON) -c "$(SEES_CUDA)" 2>/dev/null; then \
+	  py=$(GPU_VENV)/bin/python; \
+	  if [ ! -f $(GPU_VENV)/.installed ]; then \
+	    $(PYTHON) -m venv --system-site-packages $(GPU_VENV) && \
+	    $$py -m pip install --quiet --no-build-isolation $(if $(WHEELS),--no-index --find-links $(WHEELS)) -e '.[bench]' && \
+	    touch $(GPU_VENV)/.installed || { echo "gpu-check: installing the project over $(PYTHON)'s torch failed; with no network, pass WHEELS=DIR (make gpu-wheels)"; exit 2; }; \
+	  fi; \
+	else echo "gpu-check: neither $(PY) nor $(PYTHON) has a torch that sees a CUDA device (PYTHON=... names a Python that has)"; exit 2; fi; \
+	echo "gpu-check: $$py ($$($$py -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))'))"; \
 	status=0; \
-	$(PY) -m pytest -q -p no:cacheprovider -m cuda tests || status=1; \
-	$(PY) -m benchmarks.run --device cuda --threads 4 || status=1; \
+	$$py -m pytest -q -p no:cacheprovider -m cuda tests || status=1; \
+	$$py -m benchmarks.run --device cuda --threads 4 || status=1; \
 	exit $$status
+
+# Wheels of GPU_WHEEL_PACKAGES for `make gpu-check WHEELS=DIR` on a machine with no network (CPython 3.12,
+# x86-64 Linux by default: GPU_PYTHON_VERSION=3.11 etc. for another)
+GPU_PYTHON_VERSION ?= 3.12
+gpu-wheels:
+	@test -n "$(WHEELS)" || { echo "gpu-wheels: pass WHEELS=DIR"; exit 2; }
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform any -c constraints.txt -d $(WHEELS) $(GPU_WHEEL_PACKAGES)
