@@ -69,6 +69,7 @@ class AttentionHandPipeline:
         self.sampling = sampling or SamplingConfig()
         self._compiled = None  # the guided noise prediction (`_guided_noise`) under torch.compile, see `optimize`
         self._cudagraphs = False  # compiled with mode="reduce-overhead": CUDA graphs of the static-shape steps
+        self._text_kv = False  # cross-attention keys/values of the prompts computed once per call (`optimize`)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @classmethod
@@ -89,14 +90,17 @@ class AttentionHandPipeline:
         return self
 
     def optimize(self, *, dtype: torch.dtype | str | None = None, channels_last: bool = False,
-                 compile: bool | str = False) -> "AttentionHandPipeline":
+                 compile: bool | str = False, reuse_text_kv: bool = False) -> "AttentionHandPipeline":
         """Speed options (docs/performance.md). dtype: the text encoder, VAE, UNet and guidance in this dtype
         (e.g. torch.bfloat16; TAS's attention maps, its loss and latent update stay in fp32; images are returned
         as fp32). channels_last: the UNet, guidance and VAE in channels-last memory format. compile: torch.compile
         one denoising step's model work as one region, the guidance call, the UNet call and the classifier-free
         guidance combination (True, or a mode such as "max-autotune" / "reduce-overhead" for static shapes),
         used on the steps that record no attention (no TAS, no return_attention); the first call per shape pays
-        the compilation. Returns self."""
+        the compilation. reuse_text_kv: every cross-attention layer's keys and values of the prompt embeddings
+        (the same at every step) computed once per call instead of at every step (`generator.text_kv`: diffusers'
+        default attention processor with them precomputed; the same operations, so the same images), on the
+        steps that record no attention. Returns self."""
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         if dtype is not None:
@@ -105,6 +109,16 @@ class AttentionHandPipeline:
             for module in (self.unet, self.guidance, self.vae):
                 if module is not None:
                     module.to(memory_format=torch.channels_last)
+        if reuse_text_kv:
+            from .text_kv import install
+
+            models = [("unet.", self.unet)]
+            if isinstance(self.guidance, GuidanceModule):
+                models.append(("controlnet.", self.guidance.controlnet))
+            self._text_kv = all([install(model, prefix) for prefix, model in models])
+            if not self._text_kv:
+                logger.warning("reuse_text_kv: the UNet or ControlNet has custom attention processors; their keys "
+                               "and values are computed at every step")
         if compile:
             mode = compile if isinstance(compile, str) else None
             self._compiled = torch.compile(functools.partial(_guided_noise, self.unet, self.guidance), mode=mode)
@@ -271,6 +285,14 @@ class AttentionHandPipeline:
             attention_hw = attention_hw_for(latent_hw, self.attention_downsample)
             store = AttentionStore(cross_attention_layers(self.unet, latent_hw, attention_hw), attention_hw)
         n = latents.shape[0]
+        attention_kwargs = None
+        if self._text_kv and store is None:
+            from .text_kv import text_kv
+
+            kv = text_kv(self.unet, text)
+            if isinstance(self.guidance, GuidanceModule):
+                kv.update(text_kv(self.guidance.controlnet, text))
+            attention_kwargs = {"text_kv": kv}
         maps_sum = None
         tas_losses = []
         with recording(self.unet, store) if store is not None else nullcontext():
@@ -291,10 +313,10 @@ class AttentionHandPipeline:
                     if self._cudagraphs:  # the last step's graph outputs are consumed: replay into their memory
                         torch.compiler.cudagraph_mark_step_begin()
                     noise = self._compiled(model_input, t_device, text, mesh_rows, conditioning_scale, condition,
-                                           guidance_scale if cfg else None)
+                                           guidance_scale if cfg else None, attention_kwargs)
                 else:
                     noise = predict_noise(self.unet, self.guidance, model_input, t_device, text, mesh_rows,
-                                          conditioning_scale, condition=condition)
+                                          conditioning_scale, condition=condition, attention_kwargs=attention_kwargs)
                     if return_attention:
                         store.active = False
                         step_maps = store.maps()[-n:]  # conditional rows (N, h, w, 77)
@@ -324,9 +346,9 @@ def _combine_guidance(noise: torch.Tensor, guidance_scale: float) -> torch.Tenso
 
 
 def _guided_noise(unet, guidance, model_input, timestep, text, mesh_rows, conditioning_scale, condition,
-                  guidance_scale):
+                  guidance_scale, attention_kwargs=None):
     """One step's noise prediction, guided (guidance_scale None: no classifier-free guidance): the region
     `optimize(compile=...)` compiles."""
     noise = predict_noise(unet, guidance, model_input, timestep, text, mesh_rows, conditioning_scale,
-                          condition=condition)
+                          condition=condition, attention_kwargs=attention_kwargs)
     return noise if guidance_scale is None else _combine_guidance(noise, guidance_scale)

@@ -62,21 +62,23 @@ class GuidanceModule(nn.Module):
 
     def forward(self, latents: torch.Tensor, timestep, text_embeds: torch.Tensor, mesh_images: torch.Tensor | None,
                 conditioning_scale: float = 1.0, *, condition: torch.Tensor | None = None,
-                ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+                attention_kwargs: dict | None = None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Y_g (Eq. 5) for a batch of N rows (e.g. 2B branch-stacked, 4B with classifier-free guidance).
 
         latents: (N, 4, h, w) scaled model input; timestep: int or (N,) tensor; text_embeds: (N, 77, D);
         mesh_images: (N, 3, 8h, 8w) in [0, 1]; or instead `condition`, their `embed_condition` (N, C, h, w), which
         does not change over the denoising steps: a sampler computes it once per call (the same values as
-        ControlNet's own forward, without its mesh-image encoder at every step).
+        ControlNet's own forward, without its mesh-image encoder at every step). attention_kwargs: diffusers'
+        cross_attention_kwargs (e.g. `generator.text_kv`'s precomputed keys and values).
         Returns (down-block residuals, mid-block residual), each (N, C_k, ...).
         """
         if condition is None:
             down, mid = self.controlnet(latents, timestep, encoder_hidden_states=text_embeds,
                                         controlnet_cond=mesh_images, conditioning_scale=conditioning_scale,
-                                        return_dict=False)
+                                        cross_attention_kwargs=attention_kwargs, return_dict=False)
             return tuple(down), mid
-        return self._forward_embedded(latents, timestep, text_embeds, condition, conditioning_scale)
+        return self._forward_embedded(latents, timestep, text_embeds, condition, conditioning_scale,
+                                      attention_kwargs)
 
     @property
     def reuses_condition(self) -> bool:
@@ -93,7 +95,7 @@ class GuidanceModule(nn.Module):
             mesh_images = torch.flip(mesh_images, dims=[1])
         return self.controlnet.controlnet_cond_embedding(mesh_images)
 
-    def _forward_embedded(self, latents, timestep, text_embeds, condition, conditioning_scale):
+    def _forward_embedded(self, latents, timestep, text_embeds, condition, conditioning_scale, attention_kwargs):
         # diffusers' ControlNetModel.forward (0.42) for the configs `reuses_condition` accepts, with the
         # conditioning embedding given; step for step the same operations, so the same values
         cn = self.controlnet
@@ -109,13 +111,15 @@ class GuidanceModule(nn.Module):
         residuals = (sample,)
         for block in cn.down_blocks:
             if getattr(block, "has_cross_attention", False):
-                sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=text_embeds)
+                sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=text_embeds,
+                                    cross_attention_kwargs=attention_kwargs)
             else:
                 sample, res = block(hidden_states=sample, temb=emb)
             residuals += res
         if cn.mid_block is not None:
             if getattr(cn.mid_block, "has_cross_attention", False):
-                sample = cn.mid_block(sample, emb, encoder_hidden_states=text_embeds)
+                sample = cn.mid_block(sample, emb, encoder_hidden_states=text_embeds,
+                                      cross_attention_kwargs=attention_kwargs)
             else:
                 sample = cn.mid_block(sample, emb)
         down = tuple(block(res) * conditioning_scale for res, block in zip(residuals, cn.controlnet_down_blocks))
@@ -142,21 +146,25 @@ class AdapterGuidance(nn.Module):
 
 def predict_noise(unet: UNet2DConditionModel, guidance: GuidanceModule | None, latents: torch.Tensor, timestep,
                   text_embeds: torch.Tensor, mesh_images: torch.Tensor | None,
-                  conditioning_scale: float = 1.0, *, condition: torch.Tensor | None = None) -> torch.Tensor:
+                  conditioning_scale: float = 1.0, *, condition: torch.Tensor | None = None,
+                  attention_kwargs: dict | None = None) -> torch.Tensor:
     """Y_d = phi_d(X, K, t) + Y_g (Eq. 6): the frozen UNet's noise prediction with the guidance residuals.
 
     latents: (N, 4, h, w); text_embeds: (N, 77, D); mesh_images: (N, 3, 8h, 8w) in [0, 1], row-aligned with the
     latents (branch-stacked rows get their own branch's mesh image). guidance None: the plain UNet (text only);
     an `AdapterGuidance`: its features inside the UNet's down blocks. condition: a `GuidanceModule`'s
     `embed_condition(mesh_images)`, given instead of the mesh images (computed once per sampling call).
+    attention_kwargs: diffusers' cross_attention_kwargs for the UNet and the guidance (`generator.text_kv`).
     Returns the predicted noise (N, 4, h, w). One ControlNet call and one UNet call for all N rows.
     """
     if guidance is None:
-        return unet(latents, timestep, encoder_hidden_states=text_embeds, return_dict=False)[0]
+        return unet(latents, timestep, encoder_hidden_states=text_embeds, cross_attention_kwargs=attention_kwargs,
+                    return_dict=False)[0]
     if getattr(guidance, "injects", None) == "adapter":
         features = guidance(latents, timestep, text_embeds, mesh_images, conditioning_scale)
-        return unet(latents, timestep, encoder_hidden_states=text_embeds,
+        return unet(latents, timestep, encoder_hidden_states=text_embeds, cross_attention_kwargs=attention_kwargs,
                     down_intrablock_additional_residuals=features, return_dict=False)[0]
-    down, mid = guidance(latents, timestep, text_embeds, mesh_images, conditioning_scale, condition=condition)
+    down, mid = guidance(latents, timestep, text_embeds, mesh_images, conditioning_scale, condition=condition,
+                         attention_kwargs=attention_kwargs)
     return unet(latents, timestep, encoder_hidden_states=text_embeds, down_block_additional_residuals=down,
-                mid_block_additional_residual=mid, return_dict=False)[0]
+                mid_block_additional_residual=mid, cross_attention_kwargs=attention_kwargs, return_dict=False)[0]

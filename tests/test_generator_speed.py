@@ -103,3 +103,29 @@ def test_reduce_overhead_starts_a_cuda_graph_step_per_compiled_denoising_step(mo
     assert len(calls) == marks
     sample(tas_steps=1)
     assert len(calls) == marks  # steps recording attention (TAS) run the eager modules: no graph step
+
+
+def test_reused_text_keys_and_values_give_the_same_images_computed_once_per_call():
+    """optimize(reuse_text_kv=True): every cross-attention layer's to_k / to_v of the prompts run once per call,
+    not at every step; the images are eager's bit for bit (also with TAS, whose steps compute their own)."""
+    from diffusers.models.attention_processor import Attention
+
+    reference, fast = _pipe(), _pipe().optimize(reuse_text_kv=True)
+    assert fast._text_kv and not reference._text_kv
+    mesh = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    layer = next(m for m in fast.unet.modules() if isinstance(m, Attention) and m.is_cross_attention)
+    calls = []
+    hook = layer.to_k.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        for local, tas in ((None, 0), (mesh.flip(0), 0), (None, 1)):
+            def gens():
+                return [torch.Generator().manual_seed(i) for i in range(2)]
+
+            calls.clear()
+            b = fast(mesh, local, PROMPTS, num_inference_steps=3, tas_steps=tas, generator=gens()).images
+            a = reference(mesh, local, PROMPTS, num_inference_steps=3, tas_steps=tas, generator=gens()).images
+            assert torch.equal(a, b)
+            if not tas:
+                assert calls == [2 * 2 * (1 if local is None else 2)]  # once, on the 2N guided rows
+    finally:
+        hook.remove()
