@@ -8,6 +8,9 @@ in this one run (see benchmarks.common); the JSON records the machine, versions,
 - p2_mixing: recon.train step time at --synthetic-ratio 0.3 (online) over 0 (<= 1.10, stall <= 1% of wall).
 - p3_tas: sampling with TAS on the first k = steps/2 steps over without (<= 1.3).
 - p4_render: hands.render over moderngl (EGL) for global + local mesh images, 16 samples at 256 px (<= 3.0 CPU).
+- p6_generation: the mixing producer's images/s (SyntheticSource.generate, shipped generator) in the default
+  mixing config over the issue-26-time behaviour (local branch rows sampled too, mesh images encoded every
+  step), same size, steps and samples (>= 2.0).
 - p5_sd15 (CUDA only, in the default set there): an SD1.5-sized random-initialised generator (UNet 320/640/1280/1280,
   ControlNet, VAE) at 512 px, 20 DDIM steps with guidance: images/s in the default mixing setting (mixing.dtype
   auto: bf16 / fp16) over fp32, ours over diffusers' pipeline in fp32 beside it.
@@ -27,14 +30,15 @@ from pathlib import Path
 from hands.paths import write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TARGETS = ("p1", "p2", "p3", "p5", "p4")
-NAMES = {"p1": "p1_sampler", "p2": "p2_mixing", "p3": "p3_tas", "p4": "p4_render", "p5": "p5_sd15"}
+TARGETS = ("p1", "p2", "p3", "p5", "p6", "p4")
+NAMES = {"p1": "p1_sampler", "p2": "p2_mixing", "p3": "p3_tas", "p4": "p4_render", "p5": "p5_sd15", "p6": "p6_generation"}
 TITLES = {
     "p1_sampler": "P1 sampler: ours / diffusers ControlNet pipeline (images/s)",
     "p2_mixing": "P2 training step: synthetic 0.3 online / 0",
     "p3_tas": "P3 sampling: TAS on first k steps / no TAS",
     "p4_render": "P4 mesh images: hands.render / moderngl (time)",
     "p5_sd15": "P5 SD1.5-sized sampler, 512 px: default mixing dtype / fp32 (images/s)",
+    "p6_generation": "P6 mixing generator: default config / issue-time (local rows, per-step mesh encoding) (images/s)",
 }
 
 
@@ -42,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[1])
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a few minutes)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--only", help="comma-separated subset of p1,p2,p3,p4,p5 (default: p1-p4, and p5 on CUDA)")
+    parser.add_argument("--only", help="comma-separated subset of p1,p2,p3,p4,p5,p6 (default: all but p5, and p5 on CUDA)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads, and llvmpipe's (LP_NUM_THREADS) for moderngl (default 1: the shared "
                              "2-core machine; P2's recon.train children use their profile's threads setting)")
@@ -65,18 +69,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 def settings_for(quick: bool, p2_set=(), device: str = "cpu"):
     from .mixing import MixingSettings
     from .render import RenderSettings
+    from .generation import GenerationSettings
     from .sampler import SD15_SIZED, SamplerSettings
 
     if quick:
         sampler = SamplerSettings(size=64, batch=2, steps=10, tas_steps=5, repeats=3)
         sd15 = SamplerSettings(config="tiny", overrides=SD15_SIZED, size=256, batch=1, steps=4, repeats=1, compile=False)
-        return sampler, MixingSettings(steps=8, batch=8, repeats=1, overrides=p2_set), RenderSettings(repeats=3), sd15
+        return (sampler, MixingSettings(steps=8, batch=8, repeats=1, overrides=p2_set), RenderSettings(repeats=3), sd15,
+                GenerationSettings(repeats=1))
     # the tiny generator at its native 64 px (8 x 8 latents) and the mixing chunk of 8, as mixing runs it
     sampler = SamplerSettings(size=64, batch=8, steps=20, tas_steps=10, repeats=5)
     sd15 = SamplerSettings(config="tiny", overrides=SD15_SIZED, size=512, batch=4, steps=20, repeats=3, compile=False)
     if device == "cuda":  # make gpu-check: the 200-step online run of the issue, once per side
-        return sampler, MixingSettings(steps=200, batch=16, repeats=1, overrides=p2_set), RenderSettings(repeats=9), sd15
-    return sampler, MixingSettings(steps=32, batch=16, repeats=3, overrides=p2_set), RenderSettings(repeats=9), sd15
+        return (sampler, MixingSettings(steps=200, batch=16, repeats=1, overrides=p2_set), RenderSettings(repeats=9),
+                sd15, GenerationSettings(repeats=5))
+    return (sampler, MixingSettings(steps=32, batch=16, repeats=3, overrides=p2_set), RenderSettings(repeats=9), sd15,
+            GenerationSettings(repeats=5))
 
 
 def markdown(report: dict) -> str:
@@ -123,7 +131,7 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    sampler, mixing, render, sd15 = settings_for(args.quick, list(args.p2_set), args.device)
+    sampler, mixing, render, sd15, generation = settings_for(args.quick, list(args.p2_set), args.device)
     report = {
         "command": " ".join(["python -m benchmarks.run", shlex.join(sys.argv[1:] if argv is None else list(argv))]).strip(),
         "date": now_utc(), "quick": args.quick, "machine": machine_info(device),
@@ -135,7 +143,8 @@ def main(argv=None) -> int:
     for target in args.only:
         print(f"benchmarks: {NAMES[target]} ...", flush=True)
         try:
-            entry = run_target(target, device, sampler=sampler, mixing=mixing, render=render, sd15=sd15)
+            entry = run_target(target, device, sampler=sampler, mixing=mixing, render=render, sd15=sd15,
+                               generation=generation)
             print(f"benchmarks: {NAMES[target]} ratio {entry['ratio']} (target {entry['target']}, "
                   f"met {entry['met']})", flush=True)
         except Exception as error:  # one target failing (no EGL for P4, out of memory) keeps the others
@@ -154,10 +163,10 @@ def main(argv=None) -> int:
 
 
 TARGET_BOUNDS = {"p1": ">= 1.5 (CPU), >= 2.0 (CUDA)", "p2": "<= 1.1, stall <= 1%", "p3": "<= 1.3", "p4": "<= 3.0",
-                 "p5": ">= 2.0"}
+                 "p5": ">= 2.0", "p6": ">= 2.0"}
 
 
-def run_target(target: str, device, *, sampler, mixing, render, sd15) -> dict:
+def run_target(target: str, device, *, sampler, mixing, render, sd15, generation) -> dict:
     if target == "p1":
         from .sampler import run_p1
 
@@ -174,6 +183,10 @@ def run_target(target: str, device, *, sampler, mixing, render, sd15) -> dict:
         from .sampler import run_p5
 
         return run_p5(sd15, device)
+    if target == "p6":
+        from .generation import run_p6
+
+        return run_p6(generation, device)
     from .render import run_p4
 
     return run_p4(render, device)

@@ -104,8 +104,8 @@ def test_p2_runs_on_the_requested_device_and_reads_the_gpu_peak():
     assert command[command.index("--device") + 1] == "cuda:0"
     parsed = _parse("trained 200 steps in 20.0 s; checkpoint c; peak GPU memory 1234 MiB\n")
     assert parsed == {"steps": 200, "loop_s": 20.0, "gpu_peak_mib": 1234.0}
-    assert run.parse_args(["--device", "cuda"]).only == ["p1", "p2", "p3", "p5", "p4"]
-    assert "p5" not in run.parse_args([]).only
+    assert run.parse_args(["--device", "cuda"]).only == ["p1", "p2", "p3", "p5", "p6", "p4"]
+    assert run.parse_args([]).only == ["p1", "p2", "p3", "p6", "p4"]  # P5 (SD1.5-sized) on CUDA only
 
 
 def test_scheduler_agreement_is_psnr_and_absolute_differences():
