@@ -129,3 +129,17 @@ def test_reused_text_keys_and_values_give_the_same_images_computed_once_per_call
                 assert calls == [2 * 2 * (1 if local is None else 2)]  # once, on the 2N guided rows
     finally:
         hook.remove()
+
+
+def test_reuse_text_kv_leaves_custom_attention_processors_alone(caplog):
+    import logging
+
+    from diffusers.models.attention_processor import AttnProcessor
+
+    pipe = _pipe()
+    pipe.unet.set_attn_processor(AttnProcessor())  # e.g. someone's own processors
+    with caplog.at_level(logging.WARNING, logger="generator.pipeline"):
+        pipe.optimize(reuse_text_kv=True)
+    assert not pipe._text_kv
+    assert all(type(p) is AttnProcessor for p in pipe.unet.attn_processors.values())
+    assert "custom attention processors" in caplog.text
