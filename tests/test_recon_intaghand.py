@@ -504,6 +504,24 @@ def test_protocol_evaluator_counts_interacting_pairs_and_rescales_each_hand(hand
     assert model.protocol_evaluator().tip_verts == tips
 
 
+
+def test_protocol_magnifies_near_point_predictions(hand_model):
+    # Why a model that predicts a near-point (the demo at the mean-pose level: bones of 0.55 / 0.075 mm against
+    # 89 mm) scores ~1000 mm IntagHand_MPVPE: each hand is rescaled by GT bone / predicted bone, as the
+    # reference's protocol does, so whatever error the shrunken prediction has is magnified by that ratio.
+    gt = _posed(hand_model, "right", 2, seed=3).double()  # (2, 778, 3) metres
+    regressor = joint_regressor(hand_model.j_regressor_for("right").double(), tip_vertices(hand_model))
+    shrunk = gt * 0.01  # a hand 100x too small (bone ~1 mm)
+    verts_error, _ = intaghand_errors(shrunk, gt, regressor)
+    assert verts_error.max().item() < 1e-9  # the rescale undoes the size exactly
+    unused = (hand_model.j_regressor_for("right").abs().sum(0) == 0).nonzero()[:, 0].tolist()
+    far = next(v for v in unused if v not in tip_vertices(hand_model))  # moves no joint, root or bone
+    noisy = shrunk.clone()
+    noisy[:, far, 1] += 1e-4  # 0.1 mm off on the prediction's scale
+    verts_error, _ = intaghand_errors(noisy, gt, regressor)
+    assert verts_error[:, far] == pytest.approx(torch.full((2,), 1e-2, dtype=torch.float64), rel=1e-6)  # 10 mm
+    assert verts_error.sum().item() == pytest.approx(verts_error[:, far].sum().item(), abs=1e-9)
+
 # -- IntagHand's recipe: input crop, augmentation, warm-up ---------------------------------------------------
 
 
