@@ -90,7 +90,8 @@ class AttentionHandPipeline:
         return self
 
     def optimize(self, *, dtype: torch.dtype | str | None = None, channels_last: bool = False,
-                 compile: bool | str = False, reuse_text_kv: bool = False) -> "AttentionHandPipeline":
+                 compile: bool | str = False, reuse_text_kv: bool = False,
+                 math_attention: bool = False) -> "AttentionHandPipeline":
         """Speed options (docs/performance.md). dtype: the text encoder, VAE, UNet and guidance in this dtype
         (e.g. torch.bfloat16; TAS's attention maps, its loss and latent update stay in fp32; images are returned
         as fp32). channels_last: the UNet, guidance and VAE in channels-last memory format. compile: torch.compile
@@ -100,7 +101,9 @@ class AttentionHandPipeline:
         the compilation. reuse_text_kv: every cross-attention layer's keys and values of the prompt embeddings
         (the same at every step) computed once per call instead of at every step (`generator.text_kv`: diffusers'
         default attention processor with them precomputed; the same operations, so the same images), on the
-        steps that record no attention. Returns self."""
+        steps that record no attention. math_attention: attention as softmax(q k^T / sqrt(d)) v with plain matrix
+        products instead of the fused SDPA kernel (the same values to float rounding; with compile on the CPU
+        about 10% faster for the tiny generator, docs/performance.md; on a GPU keep SDPA). Returns self."""
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         if dtype is not None:
@@ -109,16 +112,17 @@ class AttentionHandPipeline:
             for module in (self.unet, self.guidance, self.vae):
                 if module is not None:
                     module.to(memory_format=torch.channels_last)
-        if reuse_text_kv:
+        if reuse_text_kv or math_attention:
             from .text_kv import install
 
             models = [("unet.", self.unet)]
             if isinstance(self.guidance, GuidanceModule):
                 models.append(("controlnet.", self.guidance.controlnet))
-            self._text_kv = all([install(model, prefix) for prefix, model in models])
-            if not self._text_kv:
-                logger.warning("reuse_text_kv: the UNet or ControlNet has custom attention processors; their keys "
-                               "and values are computed at every step")
+            installed = all([install(model, prefix, math=math_attention) for prefix, model in models])
+            self._text_kv = installed and reuse_text_kv
+            if not installed:
+                logger.warning("reuse_text_kv / math_attention: the UNet or ControlNet has custom attention "
+                               "processors, left as they are (keys and values computed at every step)")
         if compile:
             mode = compile if isinstance(compile, str) else None
             self._compiled = torch.compile(functools.partial(_guided_noise, self.unet, self.guidance), mode=mode)

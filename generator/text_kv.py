@@ -8,6 +8,11 @@ TAS's updates, diffusers' own pipeline sharing the modules), or in self-attentio
 
 `install(model, prefix)` puts one on every attention layer of a UNet or ControlNet whose processors are all
 diffusers' default; `text_kv(model, text)` computes the dict for one call.
+
+`math=True` computes the attention as softmax(q k^T / sqrt(d)) v with plain matrix products instead of
+`F.scaled_dot_product_attention`: the same values to float rounding (about 2e-6 on the P1 images), and under
+`torch.compile` on the CPU faster at the small head sizes of the tiny generator, where the fused SDPA kernel is
+slow (docs/performance.md, P1). Masks are not supported there (the pipeline passes none).
 """
 from __future__ import annotations
 
@@ -19,8 +24,9 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 class TextKVProcessor:
     """AttnProcessor2_0 with optional precomputed cross-attention keys and values (`text_kv[self.key]`)."""
 
-    def __init__(self, key: str):
+    def __init__(self, key: str, math: bool = False):
         self.key = key
+        self.math = math
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -55,8 +61,12 @@ class TextKVProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                                       is_causal=False)
+        if self.math and attention_mask is None:
+            scores = torch.matmul(query * (query.shape[-1] ** -0.5), key.transpose(-1, -2))
+            hidden_states = torch.matmul(scores.softmax(-1), value)
+        else:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                           is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -73,16 +83,18 @@ def _key_value(attn: Attention, context: torch.Tensor, *, cross: bool) -> tuple[
     return attn.to_k(context), attn.to_v(context)
 
 
-def install(model, prefix: str) -> bool:
+def install(model, prefix: str, math: bool = False) -> bool:
     """Put a `TextKVProcessor` (keyed `prefix` + layer name) on every attention layer of `model` (a diffusers
     UNet or ControlNet). Only when all its processors are diffusers' default `AttnProcessor2_0` (others, e.g. a
-    recorder or xformers, are left alone); returns whether it did. Idempotent."""
+    recorder or xformers, are left alone); returns whether it did. Idempotent (sets `math` on installed ones)."""
     processors = model.attn_processors
-    if all(isinstance(p, TextKVProcessor) for p in processors.values()):
+    if processors and all(isinstance(p, TextKVProcessor) for p in processors.values()):
+        for processor in processors.values():
+            processor.math = math
         return True
     if not processors or not all(type(p) is AttnProcessor2_0 for p in processors.values()):
         return False
-    model.set_attn_processor({name: TextKVProcessor(prefix + name) for name in processors})
+    model.set_attn_processor({name: TextKVProcessor(prefix + name, math) for name in processors})
     return True
 
 

@@ -143,3 +143,16 @@ def test_reuse_text_kv_leaves_custom_attention_processors_alone(caplog):
     assert not pipe._text_kv
     assert all(type(p) is AttnProcessor for p in pipe.unet.attn_processors.values())
     assert "custom attention processors" in caplog.text
+    pipe.optimize(math_attention=True)
+    assert all(type(p) is AttnProcessor for p in pipe.unet.attn_processors.values())
+
+
+def test_math_attention_gives_the_sdpa_images_to_float_rounding():
+    reference = _pipe()
+    fast = _pipe().optimize(reuse_text_kv=True, math_attention=True)
+    assert all(p.math for p in fast.unet.attn_processors.values())
+    mesh = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    a = reference(mesh, None, PROMPTS, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images
+    b = fast(mesh, None, PROMPTS, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images
+    assert not torch.equal(a, b)  # another kernel: rounding differs
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
