@@ -30,27 +30,29 @@ bench: $(STAMP)
 # cuda, then the benchmarks on the GPU (P1-P4 and P6 with the tiny generator, P2 as two 200-step recon.train runs
 # at r = 0.3 online and r = 0, P5 an SD1.5-sized random-init generator at 512 px), which write
 # benchmarks/results/cuda.{json,md} even when a test failed; the exit status reports both.
-# Its Python: .venv's if that torch sees a CUDA device; else a venv over $(PYTHON)'s own CUDA torch
-# ($(GPU_VENV), --system-site-packages: torch and whatever else that Python has are used as they are, nothing
-# is reinstalled), with the project's other packages from pip's index or, on a machine with no network, from
-# the wheels in WHEELS=DIR (`make gpu-wheels WHEELS=DIR` fetches them where there is network; docs/performance.md).
-GPU_VENV := .venv-gpu
+# Its Python: .venv's if that torch sees a CUDA device; else $(PYTHON) itself, with its own CUDA torch and whatever
+# else it has used as they are (nothing is reinstalled), and the project's other packages (GPU_WHEEL_PACKAGES, no
+# dependencies resolved) put into $(GPU_SITE) with pip --target, from pip's index or, on a machine with no network,
+# from the wheels in WHEELS=DIR (`make gpu-wheels WHEELS=DIR` fetches them where there is network); the project
+# runs from this folder (PYTHONPATH), not installed. docs/performance.md, "The GPU path".
+GPU_SITE := .gpu-site
 WHEELS ?=
 SEES_CUDA := import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
-# the project's packages (and their needs) that a CUDA image with torch, transformers, accelerate, timm, scipy,
-# tensorboard, pytest and psutil lacks; versions from constraints.txt
+# the project's packages (and their needs) that a CUDA image with torch, torchvision, transformers, accelerate,
+# timm, scipy, tensorboard, pytest, psutil, requests and huggingface-hub lacks; versions from constraints.txt
 GPU_WHEEL_PACKAGES := diffusers importlib_metadata smplx open_clip_torch ftfy wcwidth nltk defusedxml textblob \
 	kornia kornia_rs omegaconf trimesh moderngl glcontext
+GPU_IMPORTS := import diffusers, smplx, open_clip, nltk, textblob, kornia, omegaconf, trimesh, moderngl
 
 gpu-check:
 	@if [ -x $(PY) ] && $(PY) -c "$(SEES_CUDA)" 2>/dev/null; then py=$(PY); \
 	elif $(PYTHON) -c "$(SEES_CUDA)" 2>/dev/null; then \
-	  py=$(GPU_VENV)/bin/python; \
-	  if [ ! -f $(GPU_VENV)/.installed ]; then \
-	    $(PYTHON) -m venv --system-site-packages $(GPU_VENV) && \
-	    $$py -m pip install --quiet --no-build-isolation $(if $(WHEELS),--no-index --find-links $(WHEELS)) -e '.[bench]' && \
-	    touch $(GPU_VENV)/.installed || { echo "gpu-check: installing the project over $(PYTHON)'s torch failed; with no network, pass WHEELS=DIR (make gpu-wheels)"; exit 2; }; \
-	  fi; \
+	  py=$(PYTHON); export PYTHONPATH=$(CURDIR)/$(GPU_SITE):$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}; \
+	  $$py -c "$(GPU_IMPORTS)" 2>/dev/null || \
+	  $$py -m pip install --quiet --no-deps --target $(GPU_SITE) $(if $(WHEELS),--no-index --find-links $(WHEELS)) \
+	    -c constraints.txt $(GPU_WHEEL_PACKAGES) || \
+	    { echo "gpu-check: installing $(GPU_WHEEL_PACKAGES) for $(PYTHON) failed; with no network, pass WHEELS=DIR (make gpu-wheels)"; exit 2; }; \
+	  $$py -c "$(GPU_IMPORTS)" || { echo "gpu-check: $(PYTHON) still lacks a package the project imports (above)"; exit 2; }; \
 	else echo "gpu-check: neither $(PY) nor $(PYTHON) has a torch that sees a CUDA device (PYTHON=... names a Python that has)"; exit 2; fi; \
 	echo "gpu-check: $$py ($$($$py -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))'))"; \
 	status=0; \
