@@ -2,9 +2,9 @@
 sampled on the same labels, prompts and seeds, and measured.
 
     python -m generator.table1 --out docs/results                  # the miniature on synthlab (2 CPU cores)
-    python -m generator.table1 --dataset coco --root DATA/coco --mano-dir MANO --generator-config sd15 \
-        --sd-path SD15 --inception-weights pt_inception-2015-12-05-6726825d.pth --mediapipe --n 5000 \
-        --steps 50000 --batch-size 8 --lr 1e-5 --size 512 --out runs/table1     # the paper's setup
+    python -m generator.table1 --dataset coco --root DATA/coco --mano-dir MANO --sd-path SD15 \
+        --inception-weights pt_inception-2015-12-05-6726825d.pth --mediapipe --mse3d-ckpt runs/interwild \
+        --n 5000 --steps 50000 --train-batch-size 1 --lr 1e-5 --out runs/table1     # the paper's setup
 
 1. Training (``--runs``, default runs/table1-<dataset>): each generator of ``--generators`` that is trained
    (``VARIANTS``: every baseline and ablation) runs ``generator.train`` from the same base (the generator config:

@@ -205,3 +205,40 @@ def test_mse3d_runs_a_recon_checkpoint_on_the_generated_images(tmp_path):
         evaluator.add_generated(batch.image, batch)
         assert evaluator.compute()["MSE-3D"] == pytest.approx(expected, rel=1e-5, abs=1e-6)  # float32 joints
     assert seen == [(2, 3, 48, 48)] * 3  # the checkpoint's input size, not the generated image's 32 px
+
+
+def test_paper_setup_sd_folder_and_coco_captions(setup, tmp_path, capsys):
+    """The paper's setup as a user with the assets runs it: --dataset coco (MSCOCO train meshes with a fit, MSCOCO
+    val captions), the sd15 generator config on --sd-path (here a tiny random model saved in Stable Diffusion's
+    diffusers layout, three UNet levels so that sd15's TAS maps at latent / 4 exist): the trained rows train
+    from that base, every row samples, table1.{json,md,png} are written and the paper's rows print beside ours."""
+    from generator.model import GeneratorConfig, TinyArchitecture, build_components, save_components
+
+    root = setup[0]
+    cfg = GeneratorConfig(tiny=TinyArchitecture(unet_channels=(4, 8, 8), attention_heads=2, cross_attention_dim=8,
+                                                latent_size=8, vae_channels=(4, 8, 8, 8), text_layers=1, text_heads=2,
+                                                text_intermediate_size=8), guidance_embedding_channels=(4, 4, 4, 4))
+    sd = save_components(build_components(cfg), tmp_path / "sd15")
+    assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json"} <= {p.name for p in sd.iterdir()}
+    captions = default_captions_path(root, "val")
+    captions.write_text(json.dumps({"image_id": 91, "file_name": "000000000091.jpg", "raw": "r",
+                                    "caption": "A person claps both hands."}) + "\n")
+    try:
+        code = main(["--dataset", "coco", "--root", str(root), "--sd-path", str(sd), "--steps", "1",
+                     "--train-batch-size", "1", "--lr", "1e-5", "--n", "2", "--batch-size", "2", "--generators",
+                     "sd,attentionhand", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+                     "--no-progress", "--no-silhouette"])
+    finally:
+        captions.unlink()
+    assert code == 0
+    printed = capsys.readouterr().out
+    table = json.loads((tmp_path / "out" / "table1.json").read_text())
+    assert table["settings"]["generator_config"] == "sd15" and table["settings"]["sd_path"] == str(sd)
+    assert table["settings"]["dataset"] == "coco" and table["settings"]["n"] == 2
+    assert list(table["metrics"]) == ["sd", "attentionhand"]
+    assert all(math.isfinite(r["FID"]) and r["num_generated"] == 2 for r in table["metrics"].values())
+    trained = json.loads((tmp_path / "runs" / "attentionhand" / "train_config.json").read_text())["train"]
+    assert (trained["generator_config"], trained["sd_path"], trained["dataset"]) == ("sd15", str(sd), "coco")
+    assert (trained["steps"], trained["batch_size"], trained["lr"], trained["tas_updates"]) == (1, 1, 1e-5, 2)
+    assert "| sd | 40.52 | 0.00684 | 50.78 |" in printed and "| attentionhand | 20.71 |" in printed  # the paper's rows
+    assert "| attentionhand | Table 1: AttentionHand (w/ TAS) |" in printed and (tmp_path / "out" / "table1.png").is_file()
