@@ -178,7 +178,8 @@ def run_generators(settings: Table1Settings, pipes: dict, *, feature_extractor: 
     keypoint_detector: Hand Conf and MSE-2D; landmark_detector: Hand1000's landmark-box crops (FID-H(lm));
     silhouette_scorer: SilhouetteIoU; joint_regressor: MSE-3D (see `eval.genmetrics.GenerationEvaluator`).
 
-    Returns {"metrics": {name: {...}}, "n", "prompts_available", "mesh" / "real" (keep, 3, S, S) of the first
+    Returns {"metrics": {name: {...}}, "real_alignment": the alignment metrics (``ALIGNMENT``) of the real images
+    the labels come from (what a generator that reproduced them would score), "n", "prompts_available", "mesh" / "real" (keep, 3, S, S) of the first
     labels, "images": {name: (keep, 3, S, S)}}."""
     from tqdm.auto import tqdm
 
@@ -199,7 +200,7 @@ def run_generators(settings: Table1Settings, pipes: dict, *, feature_extractor: 
     make = lambda: GenerationEvaluator(feature_extractor=feature_extractor, keypoint_detector=keypoint_detector,  # noqa: E731
                                        silhouette_scorer=silhouette_scorer, landmark_detector=landmark_detector,
                                        joint_regressor=joint_regressor, kid_subset_size=max(2, min(1000, n)))
-    real = make()
+    real, reference = make(), make()
     evaluators = {name: make() for name in pipes}
     faces_right, faces_left = hand_model.faces_for("right").to(device), hand_model.faces_for("left").to(device)
     kept: dict[str, list] = {name: [] for name in pipes}
@@ -211,6 +212,7 @@ def run_generators(settings: Table1Settings, pipes: dict, *, feature_extractor: 
         train_batch = make_train_batch(chunk, faces_right, faces_left, device=device)
         labels = collate(chunk).to(device)
         real.add_real(train_batch.rgb, labels)
+        reference.add_generated(train_batch.rgb, labels)  # the real images through the alignment metrics
         if sum(m.shape[0] for m in kept_mesh) < keep:
             kept_mesh.append(train_batch.mesh.cpu())
             kept_real.append(train_batch.rgb.cpu())
@@ -228,8 +230,10 @@ def run_generators(settings: Table1Settings, pipes: dict, *, feature_extractor: 
     for name, evaluator in evaluators.items():
         evaluator.share_real(real)
         metrics[name] = evaluator.compute()
+    measured = reference.compute()
+    real_alignment = {k: measured[k] for k in ALIGNMENT}
     cut = lambda parts: torch.cat(parts)[:keep]  # noqa: E731
-    return {"metrics": metrics, "n": n, "size": size, "prompts_available": available, "prompts": prompts[:keep],
+    return {"metrics": metrics, "real_alignment": real_alignment, "n": n, "size": size, "prompts_available": available, "prompts": prompts[:keep],
             "mesh": cut(kept_mesh), "real": cut(kept_real), "images": {k: cut(v) for k, v in kept.items()}}
 
 
@@ -315,6 +319,8 @@ def build_generator(name: str, gen_cfg, weights: Path | None):
 
 # -- output ----------------------------------------------------------------------------------------------------------
 COLUMNS = ("FID", "KID", "FID-H", "KID-H", "FID-H(lm)", "KID-H(lm)", "HandConf", "MSE-2D", "MSE-3D", "SilhouetteIoU")
+# the columns that also mean something for the real images (detector / regressor / segmenter against the labels)
+ALIGNMENT = ("HandConf", "HandConf-labelled", "num_detected_hands", "MSE-2D", "MSE-3D", "SilhouetteIoU")
 
 
 def _value(v) -> str:
@@ -323,13 +329,17 @@ def _value(v) -> str:
     return f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
 
 
-def markdown_table(metrics: dict, settings: dict, *, paper: bool = True) -> str:
-    """Our rows (one per generator) and, below, the paper's printed rows for the same generators."""
+def markdown_table(metrics: dict, settings: dict, *, paper: bool = True, real_alignment: dict | None = None) -> str:
+    """Our rows (one per generator), the real images' alignment row (when given) and, below, the paper's printed
+    rows for the same generators."""
     names = [k for k in COLUMNS if any(k in m for m in metrics.values())]
     lines = ["| generator | paper row | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
     for gen, m in metrics.items():
         row = VARIANTS[gen].paper if gen in VARIANTS else ""
         lines.append(f"| {gen} | {row} | " + " | ".join(_value(m.get(k, math.nan)) for k in names) + " |")
+    if real_alignment is not None:
+        lines.append("| (real test images) | the alignment columns' reference | "
+                     + " | ".join(_value(real_alignment.get(k, math.nan)) for k in names) + " |")
     text = "\n".join(lines) + "\n"
     if paper:
         shown = [g for g in list(metrics) + ["uni-controlnet"] if g in PAPER_ROWS]
@@ -499,9 +509,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     provenance = {"command": " ".join(["python -m generator.table1", *map(str, argv if argv is not None else sys.argv[1:])]),
                   "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), **code_version()}
-    payload = {"metrics": result["metrics"], "settings": run_settings, "provenance": provenance,
+    payload = {"metrics": result["metrics"], "real_alignment": result["real_alignment"], "settings": run_settings, "provenance": provenance,
                "paper_rows": {k: dict(zip(PAPER_METRICS, v)) for k, v in PAPER_ROWS.items()}}
-    text = markdown_table(result["metrics"], run_settings)
+    text = markdown_table(result["metrics"], run_settings, real_alignment=result["real_alignment"])
     write_atomic(out / f"{prefix}.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
     write_atomic(out / f"{prefix}.md", lambda tmp: Path(tmp).write_text(text))
     figure(result, out / f"{prefix}.png")

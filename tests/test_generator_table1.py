@@ -142,8 +142,13 @@ def test_synthlab_miniature_end_to_end(tmp_path, monkeypatch, capsys):
     assert all(math.isfinite(r["MSE-3D"]) and r["MSE-3D"] > 0 for r in table3["metrics"].values())
     assert table3["metrics"]["sd"]["FID"] == table["metrics"]["sd"]["FID"]  # the same samples as without it
     assert table3["settings"]["mse3d"]["checkpoint"] == str(ckpt) and table3["settings"]["mse3d"]["arch"] == "baseline"
-    line = next(x for x in (tmp_path / "m3" / "mini-table1.md").read_text().splitlines() if x.startswith("| sd |"))
+    md3 = (tmp_path / "m3" / "mini-table1.md").read_text().splitlines()
+    line = next(x for x in md3 if x.startswith("| sd |"))
     assert line.split(" | ")[-2] != "-"  # MSE-3D, left of SilhouetteIoU
+    # the real test images through the same regressor and segmenter: the alignment columns' reference row
+    real = table3["real_alignment"]
+    assert math.isfinite(real["MSE-3D"]) and 0 <= real["SilhouetteIoU"] <= 1 and math.isnan(real["MSE-2D"])
+    assert any(x.startswith("| (real test images) |") and x.split(" | ")[-2] == f"{real['MSE-3D']:.4g}" for x in md3)
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "bad3"), "--mse3d-ckpt", str(tmp_path / "nothing")]) == 1
     error = capsys.readouterr().err
