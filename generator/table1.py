@@ -179,8 +179,8 @@ def run_generators(settings: Table1Settings, pipes: dict, *, feature_extractor: 
     silhouette_scorer: SilhouetteIoU; joint_regressor: MSE-3D (see `eval.genmetrics.GenerationEvaluator`).
 
     Returns {"metrics": {name: {...}}, "real_alignment": the alignment metrics (``ALIGNMENT``) of the real images
-    the labels come from (what a generator that reproduced them would score), "n", "prompts_available", "mesh" / "real" (keep, 3, S, S) of the first
-    labels, "images": {name: (keep, 3, S, S)}}."""
+    the labels come from (what a generator that reproduced them would score), "n", "size", "prompts_available",
+    "mesh" / "real" (keep, 3, S, S) of the first labels, "images": {name: (keep, 3, S, S)}}."""
     from tqdm.auto import tqdm
 
     from eval.genmetrics import GenerationEvaluator
@@ -233,8 +233,9 @@ def run_generators(settings: Table1Settings, pipes: dict, *, feature_extractor: 
     measured = reference.compute()
     real_alignment = {k: measured[k] for k in ALIGNMENT}
     cut = lambda parts: torch.cat(parts)[:keep]  # noqa: E731
-    return {"metrics": metrics, "real_alignment": real_alignment, "n": n, "size": size, "prompts_available": available, "prompts": prompts[:keep],
-            "mesh": cut(kept_mesh), "real": cut(kept_real), "images": {k: cut(v) for k, v in kept.items()}}
+    return {"metrics": metrics, "real_alignment": real_alignment, "n": n, "size": size, "prompts_available": available,
+            "prompts": prompts[:keep], "mesh": cut(kept_mesh), "real": cut(kept_real),
+            "images": {k: cut(v) for k, v in kept.items()}}
 
 
 @torch.no_grad()
@@ -486,7 +487,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = run_generators(settings, pipes, feature_extractor=features, keypoint_detector=detector,
                                 silhouette_scorer=scorer, landmark_detector=landmarks, joint_regressor=regressor,
                                 hand_model=hand_model, progress=not args.no_progress)
-    except (DatasetError, ValueError, OSError, ImportError) + user_errors() as error:  # recon's CheckpointError, PluginError: ValueErrors
+    # recon's CheckpointError and PluginError (a bad --mse3d-ckpt or --plugin) are ValueErrors
+    except (DatasetError, ValueError, OSError, ImportError) + user_errors() as error:
         print(f"generator.table1: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     out = Path(args.out)
@@ -498,8 +500,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "features": "inception (pytorch-fid weights)" if args.inception_weights else
                                 "hand segmenter features (SegmenterFeatures)",
                     "mediapipe": args.mediapipe,
-                    "mse2d": "squared px of the %d px generated image, per detected labelled joint (MediaPipe)"
-                             % result["size"] if args.mediapipe else None,
+                    "mse2d": f"squared px of the {result['size']} px generated image, per detected labelled joint "
+                             "(MediaPipe)" if args.mediapipe else None,
                     "mse3d": dict(regressor.describe(), unit="squared mm, wrist-aligned, per labelled joint")
                              if regressor is not None else None,
                     "prompts_available": result["prompts_available"],
@@ -509,7 +511,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     provenance = {"command": " ".join(["python -m generator.table1", *map(str, argv if argv is not None else sys.argv[1:])]),
                   "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), **code_version()}
-    payload = {"metrics": result["metrics"], "real_alignment": result["real_alignment"], "settings": run_settings, "provenance": provenance,
+    payload = {"metrics": result["metrics"], "real_alignment": result["real_alignment"], "settings": run_settings,
+               "provenance": provenance,
                "paper_rows": {k: dict(zip(PAPER_METRICS, v)) for k, v in PAPER_ROWS.items()}}
     text = markdown_table(result["metrics"], run_settings, real_alignment=result["real_alignment"])
     write_atomic(out / f"{prefix}.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
