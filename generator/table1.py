@@ -172,11 +172,12 @@ def protocol_items(settings: Table1Settings, size: int, hand_model) -> tuple[lis
 @torch.no_grad()
 def run_generators(settings: Table1Settings, pipes: dict, *, feature_extractor: Callable, keypoint_detector=None,
                    silhouette_scorer=None, landmark_detector=None, joint_regressor=None, hand_model=None,
-                   progress: bool = True, keep: int = 6) -> dict:
+                   progress: bool = True, keep: int = 6, mse3d_unit: str = "mm") -> dict:
     """Generate `settings.n` images with every generator of `pipes` ({name: pipe}, AttentionHandPipeline's
     call) on the same labels, prompts and noise seeds, and measure each against the same real images.
     keypoint_detector: Hand Conf and MSE-2D; landmark_detector: Hand1000's landmark-box crops (FID-H(lm));
-    silhouette_scorer: SilhouetteIoU; joint_regressor: MSE-3D (see `eval.genmetrics.GenerationEvaluator`).
+    silhouette_scorer: SilhouetteIoU; joint_regressor: MSE-3D in squared `mse3d_unit` (mm or cm; see
+    `eval.genmetrics.GenerationEvaluator`).
 
     Returns {"metrics": {name: {...}}, "real_alignment": the alignment metrics (``ALIGNMENT``) of the real images
     the labels come from (what a generator that reproduced them would score), "n", "size", "prompts_available",
@@ -199,7 +200,8 @@ def run_generators(settings: Table1Settings, pipes: dict, *, feature_extractor: 
     n = len(samples)
     make = lambda: GenerationEvaluator(feature_extractor=feature_extractor, keypoint_detector=keypoint_detector,  # noqa: E731
                                        silhouette_scorer=silhouette_scorer, landmark_detector=landmark_detector,
-                                       joint_regressor=joint_regressor, kid_subset_size=max(2, min(1000, n)))
+                                       joint_regressor=joint_regressor, mse3d_unit=mse3d_unit,
+                                       kid_subset_size=max(2, min(1000, n)))
     real, reference = make(), make()
     evaluators = {name: make() for name in pipes}
     faces_right, faces_left = hand_model.faces_for("right").to(device), hand_model.faces_for("left").to(device)
@@ -411,6 +413,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--mse3d-ckpt", metavar="RUN",
                         help="MSE-3D: a recon checkpoint (run folder or sidecar JSON) run on the generated images "
                              "(the paper: InterWild; e.g. python -m recon.train --arch interwild ...)")
+    parser.add_argument("--mse3d-unit", choices=("mm", "cm"), default="mm",
+                        help="MSE-3D in squared mm (default) or squared cm (the paper prints no unit)")
     parser.add_argument("--plugin", action="append", default=[],
                         help="with --mse3d-ckpt: a module or .py file registering its regressor (as recon.test)")
     parser.add_argument("--no-silhouette", action="store_true", help="skip the hand-segmenter alignment score")
@@ -486,7 +490,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pipes = {name: build_generator(name, gen_cfg, weights.get(name)).to(args.device) for name in names}
         result = run_generators(settings, pipes, feature_extractor=features, keypoint_detector=detector,
                                 silhouette_scorer=scorer, landmark_detector=landmarks, joint_regressor=regressor,
-                                hand_model=hand_model, progress=not args.no_progress)
+                                hand_model=hand_model, progress=not args.no_progress, mse3d_unit=args.mse3d_unit)
     # recon's CheckpointError and PluginError (a bad --mse3d-ckpt or --plugin) are ValueErrors
     except (DatasetError, ValueError, OSError, ImportError) + user_errors() as error:
         print(f"generator.table1: error: {' '.join(str(error).split())}", file=sys.stderr)
@@ -502,7 +506,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "mediapipe": args.mediapipe,
                     "mse2d": f"squared px of the {result['size']} px generated image, per detected labelled joint "
                              "(MediaPipe)" if args.mediapipe else None,
-                    "mse3d": dict(regressor.describe(), unit="squared mm, wrist-aligned, per labelled joint")
+                    "mse3d": dict(regressor.describe(),
+                                  unit=f"squared {args.mse3d_unit}, wrist-aligned, per labelled joint")
                              if regressor is not None else None,
                     "prompts_available": result["prompts_available"],
                     "figure_prompts": result["prompts"]}

@@ -149,6 +149,11 @@ def test_synthlab_miniature_end_to_end(tmp_path, monkeypatch, capsys):
     real = table3["real_alignment"]
     assert math.isfinite(real["MSE-3D"]) and 0 <= real["SilhouetteIoU"] <= 1 and math.isnan(real["MSE-2D"])
     assert any(x.startswith("| (real test images) |") and x.split(" | ")[-2] == f"{real['MSE-3D']:.4g}" for x in md3)
+    assert main([*args, "--out", str(tmp_path / "cm"), "--generators", "sd", "--mse3d-ckpt", str(ckpt), "--mse3d-unit",
+                 "cm", "--no-silhouette"]) == 0
+    in_cm = json.loads((tmp_path / "cm" / "mini-table1.json").read_text())
+    assert in_cm["metrics"]["sd"]["MSE-3D"] == pytest.approx(table3["metrics"]["sd"]["MSE-3D"] / 100)  # cm^2 = mm^2 / 100
+    assert in_cm["settings"]["mse3d"]["unit"].startswith("squared cm")
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "bad3"), "--mse3d-ckpt", str(tmp_path / "nothing")]) == 1
     error = capsys.readouterr().err
