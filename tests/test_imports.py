@@ -40,3 +40,29 @@ def test_importing_every_module_writes_nothing_and_leaves_the_environment_alone(
     assert report["env_changed"] == []
     assert not cache.exists() and not home.exists()
     assert not any(tmp_path.iterdir())  # nothing written in the working folder either
+
+
+# ARCHITECTURE.md's one direction: hands <- eval, hands <- generator <- mixing <- recon, recon -> eval
+DOWNSTREAM = {"hands": {"eval", "generator", "mixing", "recon"}, "eval": {"generator", "mixing", "recon"},
+              "generator": {"mixing", "recon"}, "mixing": {"recon"}}
+
+DIRECTION = r"""
+import importlib, json, pkgutil, sys
+package = sys.argv[1]
+module = importlib.import_module(package)
+for info in pkgutil.walk_packages(module.__path__, prefix=package + "."):
+    importlib.import_module(info.name)
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def test_importing_a_package_loads_none_of_the_packages_downstream_of_it(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    env = {"HOME": str(tmp_path), "ATTENTIONHAND_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": str(repo)}
+    for package, downstream in DOWNSTREAM.items():
+        result = subprocess.run([sys.executable, "-c", DIRECTION, package], env=env, capture_output=True, text=True,
+                                cwd=str(tmp_path), timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
+        assert not loaded & downstream, f"importing {package} loads {sorted(loaded & downstream)}"
