@@ -41,8 +41,9 @@ SEES_CUDA := import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
 # the project's packages (and their needs) that a CUDA image with torch, torchvision, transformers, accelerate,
 # timm, scipy, tensorboard, pytest, psutil, requests and huggingface-hub lacks; versions from constraints.txt
 GPU_WHEEL_PACKAGES := diffusers importlib_metadata smplx open_clip_torch ftfy wcwidth nltk defusedxml textblob \
-	kornia kornia_rs omegaconf trimesh moderngl glcontext
-GPU_IMPORTS := import diffusers, smplx, open_clip, nltk, textblob, kornia, omegaconf, trimesh, moderngl
+	kornia kornia_rs omegaconf trimesh moderngl glcontext hypothesis sortedcontainers attrs
+# hypothesis: pytest collects every test module before selecting `-m cuda`, and the fuzz tests import it
+GPU_IMPORTS := import diffusers, smplx, open_clip, nltk, textblob, kornia, omegaconf, trimesh, moderngl, hypothesis
 
 gpu-check:
 	@if [ -x $(PY) ] && $(PY) -c "$(SEES_CUDA)" 2>/dev/null; then py=$(PY); \

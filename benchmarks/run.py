@@ -137,6 +137,9 @@ def main(argv=None) -> int:
         "date": now_utc(), "quick": args.quick, "machine": machine_info(device),
         "lp_num_threads": args.threads, "load_average": {"start": load_average()},
     }
+    from hands.provenance import code_version
+
+    report.update(code_version())  # the commit measured (and whether the tree had changes)
     out = Path(args.out) if args.out else RESULTS / f"{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     failed = []

@@ -5,7 +5,7 @@ our `GuidanceModule` wraps; DDIM, the same steps, batch, resolution, guidance 9.
 returned as tensors. diffusers' pipeline has no local branch, so P1 gives both the global mesh image only.
 
 P1 times three variants, interleaved: diffusers' pipeline, ours as built (eager), and ours with the pipeline's
-own `optimize(compile=True, reuse_text_kv=True, math_attention=True)` (a second pipeline object over a copy of the modules, same
+own `optimize(compile=True, reuse_text_kv=True, math_attention=True)` (math attention on the CPU only) (a second pipeline object over a copy of the modules, same
 weights: its attention processors and compiled region are private to it, diffusers' pipeline keeps the eager
 modules with diffusers' processors). The ratio is the compiled variant's (compilation time reported separately,
 not timed: it is paid once per process and shape, and the mixing producer samples thousands of times). Both of
@@ -105,7 +105,7 @@ def run_p1(settings: SamplerSettings, device: torch.device) -> dict:
             fast = AttentionHandPipeline.from_components(copy.deepcopy(components),
                                                          attention_downsample=ours.attention_downsample,
                                                          sampling=ours.sampling).optimize(
-                compile=True, reuse_text_kv=True, math_attention=True)
+                compile=True, reuse_text_kv=True, math_attention=device.type == "cpu")  # on a GPU: SDPA
 
             def run_fast():
                 return fast(mesh, None, prompts, num_inference_steps=settings.steps, guidance_scale=9.0,

@@ -32,6 +32,7 @@ def test_quick_p4_writes_json_and_table(tmp_path, restore_threads):
     for key in ("platform", "cpu_count", "python", "torch", "diffusers", "moderngl", "device"):
         assert report["machine"][key]
     assert len(report["load_average"]["start"]) == 3 and len(report["load_average"]["end"]) == 3
+    assert "git_commit" in report and "git_dirty" in report  # the code measured
     entry = report["p4_render"]
     assert isinstance(entry["ratio"], float) and entry["ratio"] > 0
     assert entry["target"] == 3.0
