@@ -74,7 +74,8 @@ def build_generator(cfg: MixingConfig, device: torch.device | str = "cpu"):
     if callable(getattr(pipe, "optimize", None)):
         pipe.optimize(dtype=generator_dtype(cfg, device), channels_last=cfg.channels_last,
                       compile={"off": False, "default": True}.get(cfg.compile, cfg.compile),
-                      reuse_text_kv=True)  # exact: the prompts' attention keys/values once per chunk
+                      reuse_text_kv=True,  # exact: the prompts' attention keys/values once per chunk
+                      math_attention=cfg.math_attention)
     return pipe
 
 

@@ -49,6 +49,9 @@ class MixingConfig:
         AttentionHandPipeline.optimize`, docs/performance.md). dtype ``auto``: bfloat16 on a CUDA device that
         supports it, else float16 there, the generator config's dtype on the CPU; or float32 / float16 / bfloat16.
         compile: ``off``, ``default``, ``reduce-overhead`` or ``max-autotune`` (torch.compile modes).
+    math_attention: attention as plain matrix products instead of the fused SDPA kernel (float rounding apart,
+        the same images; with ``compile`` on the CPU the faster choice for the tiny generator, benchmark P1;
+        on a GPU keep it off).
     """
 
     mode: str = "online"
@@ -75,6 +78,7 @@ class MixingConfig:
     dtype: str = "auto"
     channels_last: bool = False
     compile: str = "off"
+    math_attention: bool = False
 
     def check(self) -> None:
         """Raise ValueError naming the key whose value is out of range."""

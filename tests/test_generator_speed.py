@@ -46,6 +46,21 @@ def test_the_mixing_generator_dtype_follows_the_device():
             MixingConfig(**{key: value}).check()
 
 
+def test_mixing_math_attention_reaches_the_generator_and_keeps_its_images():
+    from mixing.build import build_generator
+    from mixing.config import MixingConfig
+
+    plain, math = build_generator(MixingConfig()), build_generator(MixingConfig(math_attention=True))
+    assert all(p.math for p in math.unet.attn_processors.values())
+    assert not any(p.math for p in plain.unet.attn_processors.values())
+    mesh = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))  # 64 px, VAE factor 4
+    kwargs = dict(num_inference_steps=2, guidance_scale=3.0, tas_steps=0, latents=noise)
+    a = plain(mesh, None, ["a hand", "two hands"], **kwargs).images
+    b = math(mesh, None, ["a hand", "two hands"], **kwargs).images
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
 def test_mixing_scheduler_picks_a_few_step_sampler_with_the_generators_schedule():
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
