@@ -70,6 +70,7 @@ class AttentionHandPipeline:
         self._compiled = None  # the guided noise prediction (`_guided_noise`) under torch.compile, see `optimize`
         self._cudagraphs = False  # compiled with mode="reduce-overhead": CUDA graphs of the static-shape steps
         self._text_kv = False  # cross-attention keys/values of the prompts computed once per call (`optimize`)
+        self._math_attention = False  # attention as plain matrix products (`optimize`)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @classmethod
@@ -90,8 +91,8 @@ class AttentionHandPipeline:
         return self
 
     def optimize(self, *, dtype: torch.dtype | str | None = None, channels_last: bool = False,
-                 compile: bool | str = False, reuse_text_kv: bool = False,
-                 math_attention: bool = False) -> "AttentionHandPipeline":
+                 compile: bool | str = False, reuse_text_kv: bool | None = None,
+                 math_attention: bool | None = None) -> "AttentionHandPipeline":
         """Speed options (docs/performance.md). dtype: the text encoder, VAE, UNet and guidance in this dtype
         (e.g. torch.bfloat16; TAS's attention maps, its loss and latent update stay in fp32; images are returned
         as fp32). channels_last: the UNet, guidance and VAE in channels-last memory format. compile: torch.compile
@@ -103,7 +104,8 @@ class AttentionHandPipeline:
         default attention processor with them precomputed; the same operations, so the same images), on the
         steps that record no attention. math_attention: attention as softmax(q k^T / sqrt(d)) v with plain matrix
         products instead of the fused SDPA kernel (the same values to float rounding; with compile on the CPU
-        about 10% faster for the tiny generator, docs/performance.md; on a GPU keep SDPA). Returns self."""
+        about 10% faster for the tiny generator, docs/performance.md; on a GPU keep SDPA). reuse_text_kv and
+        math_attention left None keep what an earlier call set (both off at first). Returns self."""
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         if dtype is not None:
@@ -112,7 +114,12 @@ class AttentionHandPipeline:
             for module in (self.unet, self.guidance, self.vae):
                 if module is not None:
                     module.to(memory_format=torch.channels_last)
-        if reuse_text_kv or math_attention:
+        changed = reuse_text_kv is not None or math_attention is not None
+        reuse_text_kv = self._text_kv if reuse_text_kv is None else reuse_text_kv
+        math_attention = self._math_attention if math_attention is None else math_attention
+        if changed and not (reuse_text_kv or math_attention or self._math_attention):
+            self._text_kv = False  # keys/values at every step again (diffusers' computation, no math to undo)
+        elif changed:
             from .text_kv import install
 
             models = [("unet.", self.unet)]
@@ -120,6 +127,7 @@ class AttentionHandPipeline:
                 models.append(("controlnet.", self.guidance.controlnet))
             installed = all([install(model, prefix, math=math_attention) for prefix, model in models])
             self._text_kv = installed and reuse_text_kv
+            self._math_attention = installed and math_attention
             if not installed:
                 logger.warning("reuse_text_kv / math_attention: the UNet or ControlNet has custom attention "
                                "processors, left as they are (keys and values computed at every step)")

@@ -46,6 +46,26 @@ def test_the_mixing_generator_dtype_follows_the_device():
             MixingConfig(**{key: value}).check()
 
 
+def test_optimize_keeps_the_attention_options_it_is_not_given():
+    from mixing.build import build_generator
+    from mixing.config import MixingConfig
+
+    pipe = build_generator(MixingConfig())  # mixing turns reuse_text_kv on
+    assert pipe._text_kv and not pipe._math_attention
+    pipe.optimize(math_attention=True)  # reuse_text_kv not given: kept
+    assert pipe._text_kv and pipe._math_attention
+    assert all(p.math for p in pipe.unet.attn_processors.values())
+    pipe.optimize(reuse_text_kv=False)  # math_attention not given: kept
+    assert not pipe._text_kv and pipe._math_attention
+    pipe.optimize(math_attention=False)
+    assert not pipe._text_kv and not pipe._math_attention
+    assert not any(p.math for p in pipe.unet.attn_processors.values())
+    pipe.optimize(reuse_text_kv=True)
+    assert pipe._text_kv
+    pipe.optimize(reuse_text_kv=False)
+    assert not pipe._text_kv
+
+
 def test_mixing_math_attention_reaches_the_generator_and_keeps_its_images():
     from mixing.build import build_generator
     from mixing.config import MixingConfig
