@@ -13,14 +13,7 @@ import torch.nn.functional as F
 from generator.table1 import Table1Settings, main, run_table1, val_prompts
 from hands.datasets.captions import default_captions_path
 
-TINY_YAML = """
-seed: 0
-tiny: {unet_channels: [4, 8], attention_heads: 2, cross_attention_dim: 8, latent_size: 4,
-       vae_channels: [4, 8, 8, 8], text_layers: 1, text_heads: 2, text_intermediate_size: 8}
-guidance_embedding_channels: [4, 4, 4, 4]
-attention_downsample: 2
-sampling: {num_inference_steps: 2}
-"""
+from tests.generator_helpers import TINY_YAML_2_STEPS as TINY_YAML, tiny_generator_env
 
 
 def features(images: torch.Tensor) -> torch.Tensor:
@@ -88,15 +81,8 @@ def test_synthlab_miniature_end_to_end(tmp_path, monkeypatch, capsys):
     the finished training and gives the same table."""
     from PIL import Image
 
-    from hands.datasets.synthlab import write_synthlab
-    from hands.mano import HandModel
-
     monkeypatch.setenv("ATTENTIONHAND_CACHE", str(tmp_path / "cache"))
-    root = write_synthlab(tmp_path / "synthlab", seed=3, sizes={"train-lab": 0, "test-lab": 0, "train-wild": 4,
-                                                                "test-wild": 2},
-                          resolution=64, hand_model=HandModel(), show_progress=False)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_YAML)
+    _, root, config = tiny_generator_env(tmp_path, yaml=TINY_YAML, seed=3, test_wild=2)
     args = ["--root", str(root), "--generator-config", str(config), "--runs", str(tmp_path / "runs"),
             "--steps", "1", "--train-batch-size", "2", "--n", "2", "--batch-size", "2",
             "--generators", "sd,controlnet,t2i-adapter,attentionhand", "--no-progress"]

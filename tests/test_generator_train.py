@@ -11,13 +11,7 @@ from generator.model import build_components, load_config
 from generator.train import (FramedDataset, GuidanceTrainer, TrainConfig, load_checkpoint, main, make_train_batch,
                              parse_args, save_checkpoint, step_generator, train)
 
-TINY_YAML = """
-seed: 0
-tiny: {unet_channels: [4, 8], attention_heads: 2, cross_attention_dim: 8, latent_size: 4,
-       vae_channels: [4, 8, 8, 8], text_layers: 1, text_heads: 2, text_intermediate_size: 8}
-guidance_embedding_channels: [4, 4, 4, 4]
-attention_downsample: 2
-"""
+from tests.generator_helpers import tiny_generator_env
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +20,7 @@ def env(tmp_path_factory):
     base = tmp_path_factory.mktemp("gen_train")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ATTENTIONHAND_CACHE", str(base / "cache"))
-        from hands.datasets.synthlab import write_synthlab
-        from hands.mano import HandModel
-
-        model = HandModel()
-        root = write_synthlab(base / "synthlab", seed=2, sizes={"train-lab": 0, "test-lab": 0, "train-wild": 4,
-                                                                  "test-wild": 0},
-                              resolution=64, hand_model=model, show_progress=False)
-        config = base / "tiny-test.yaml"
-        config.write_text(TINY_YAML)
-        yield model, root, config
+        yield tiny_generator_env(base)
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,7 @@ import torch
 from generator.text_attention import (TasSchedule, load_balancing_loss_batch, tas_loss_batch, tas_loss_function,
                                       token_mask)
 
-TINY_YAML = """
-seed: 0
-tiny: {unet_channels: [4, 8], attention_heads: 2, cross_attention_dim: 8, latent_size: 4,
-       vae_channels: [4, 8, 8, 8], text_layers: 1, text_heads: 2, text_intermediate_size: 8}
-guidance_embedding_channels: [4, 4, 4, 4]
-attention_downsample: 2
-sampling: {num_inference_steps: 2}
-"""
+from tests.generator_helpers import TINY_YAML_2_STEPS, tiny_generator_env
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +22,7 @@ def trained(tmp_path_factory):
         mp.setenv("ATTENTIONHAND_CACHE", str(base / "cache"))
         from generator.table1 import DEFAULT_GENERATORS, train_variants
         from generator.train import TrainConfig
-        from hands.datasets.synthlab import write_synthlab
-        from hands.mano import HandModel
-
-        model = HandModel()
-        root = write_synthlab(base / "synthlab", seed=2, sizes={"train-lab": 0, "test-lab": 0, "train-wild": 4,
-                                                                  "test-wild": 0},
-                              resolution=64, hand_model=model, show_progress=False)
-        config = base / "tiny.yaml"
-        config.write_text(TINY_YAML)
+        model, root, config = tiny_generator_env(base, yaml=TINY_YAML_2_STEPS)
         cfg = TrainConfig(data_root=str(root), generator_config=str(config), steps=1, batch_size=2, size=32,
                           sample_every=0, checkpoint_every=1, progress=False, lr=1e-2,
                           default_prompt="a photo of two hands")
