@@ -32,11 +32,18 @@ and `DIR/tas-effect.png`, a figure like the paper's Fig. 9: per sample, the mesh
 attention map over it, a row without TAS and a row with TAS, the token's text above its column and each map's
 max / min ratio at its foot (the maps are min-max normalised for display); and `DIR/tas-effect-samples.png`:
 every measured sample as real image | mesh image | without TAS | with TAS.
+
+`--versus OTHER.json` compares two generators on the same meshes, captions and seeds (e.g. one trained with TAS
+and one trained without, the reference's training-only TAS): OTHER.json is another run's tas-effect.json with the
+same split, indices, prompts, seed, steps and size; the JSON gains `versus`: for every per-sample value, this
+run's mean, the other's and the paired difference (this - other) with its 95 % t-interval over the samples.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -232,6 +239,40 @@ def samples_grid(mesh_images: Tensor, real_images: Tensor, runs: dict, tile: int
     return canvas
 
 
+VERSUS_KEYS = ("dataset", "split", "indices", "prompts", "seed", "size", "num_inference_steps", "tas_steps")
+
+
+def check_same_samples(settings: dict, other: dict) -> None:
+    """Raises ValueError naming the first of :data:`VERSUS_KEYS` in which ``other`` differs from ``settings``."""
+    for key in VERSUS_KEYS:
+        if settings.get(key) != other.get(key):
+            raise ValueError(f"{key} differs ({other.get(key)!r} there, {settings.get(key)!r} here): "
+                             "not the same samples")
+
+
+def versus(result: dict, other: dict, *, confidence: float = 0.95) -> dict:
+    """Paired per-sample differences of ``result`` (this run) minus ``other`` (a tas-effect.json measured on the
+    same samples). Each per-sample key present in both gives {"this", "other" (means over the pairs), and
+    :func:`hands.stats.paired_interval`'s "n", "mean", "std", "half_width", "low", "high", "t"}; pairs where
+    either value is NaN (a sample without hand tokens) are left out and counted by "n". Raises ValueError naming
+    the first setting that differs (the samples would not be the same)."""
+    from hands.stats import paired_interval
+
+    check_same_samples(result, other)
+    differences = {}
+    for key, mine in result["per_sample"].items():
+        theirs = other.get("per_sample", {}).get(key)
+        if theirs is None or len(theirs) != len(mine):
+            continue
+        pairs = [(float(a), float(b)) for a, b in zip(mine, theirs) if not (math.isnan(float(a)) or math.isnan(float(b)))]
+        if not pairs:
+            continue
+        differences[key] = {"this": statistics.fmean(a for a, _ in pairs), "other": statistics.fmean(b for _, b in pairs),
+                            **paired_interval([a - b for a, b in pairs], confidence)}
+    return {"other_sd_path": other.get("sd_path"), "other_command": other.get("command"), "confidence": confidence,
+            "differences": differences}
+
+
 def _shown_path(path: str | None) -> str | None:
     """A path inside the repository as relative to its root (the JSON is committed), others as given."""
     if path is None:
@@ -258,9 +299,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--figure-samples", type=int, default=2, help="samples shown in the figure (2)")
     p.add_argument("--segmenter", help="hand segmenter weights (default: the shipped one); 'none' skips the score")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--versus", metavar="OTHER_JSON",
+                   help="another generator's tas-effect.json on the same samples: paired differences (this - other)")
     args = p.parse_args(argv)
     if args.samples < 1:
         raise SystemExit("--samples must be >= 1")
+    other = None
+    if args.versus is not None:
+        try:
+            other = json.loads(Path(args.versus).read_text())
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--versus {args.versus}: cannot read a tas-effect.json ({error})")
+        if not isinstance(other, dict) or not isinstance(other.get("per_sample"), dict):
+            raise SystemExit(f"--versus {args.versus}: not a tas-effect.json (no per_sample values)")
 
     gen_cfg, device, pipe = pipeline_from_args(args)
     size = args.size or pipe.default_size
@@ -278,6 +329,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     indices = sorted({round(i * len(data) / n) for i in range(n)})
     batch = make_train_batch([data[i] for i in indices], hand_model.faces_for("right"), hand_model.faces_for("left"),
                              device=device)
+    settings = {"dataset": args.dataset, "split": args.split, "indices": indices, "prompts": list(batch.prompts),
+                "size": size, "num_inference_steps": steps, "tas_steps": tas_steps, "seed": args.seed}
+    if other is not None:
+        try:
+            check_same_samples(settings, other)
+        except ValueError as error:
+            raise SystemExit(f"--versus {args.versus}: {error}")
     segmenter = None if args.segmenter == "none" else load_segmenter(args.segmenter, device)
     result = measure(pipe, batch.mesh, batch.prompts, tas_steps=tas_steps, num_inference_steps=steps,
                      seed=args.seed, segmenter=segmenter, real_images=batch.rgb)
@@ -290,14 +348,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples_grid(batch.mesh, batch.rgb, runs).save(out / "tas-effect-samples.png")
     result.update({
         "generator_config": args.generator_config, "sd_path": _shown_path(gen_cfg.sd_path), "framing": gen_cfg.framing,
-        "dataset": args.dataset, "split": args.split, "indices": indices, "prompts": batch.prompts,
-        "size": size, "num_inference_steps": steps, "tas_steps": tas_steps,
+        **settings,
         "tas_schedule": {"kind": gen_cfg.sampling.tas_schedule, "scale": gen_cfg.sampling.tas_scale,
                          "start": gen_cfg.sampling.tas_start, "end": gen_cfg.sampling.tas_end},
-        "guidance_scale": gen_cfg.sampling.guidance_scale, "seed": args.seed,
+        "guidance_scale": gen_cfg.sampling.guidance_scale,
         "segmenter": None if segmenter is None else dict(segmenter.meta),
         "command": "python -m generator.tas_effect " + " ".join(argv if argv is not None else sys.argv[1:]),
     })
+    if other is not None:
+        result["versus"] = versus(result, other)
     from hands.paths import write_atomic
 
     write_atomic(out / "tas-effect.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
@@ -306,6 +365,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "image_change_out_mask", "silhouette_iou_without_tas", "silhouette_iou_with_tas", "silhouette_iou_real",
             "mesh_swap_ratio")
     print(json.dumps({k: round(result[k], 4) for k in keys if k in result}))
+    if other is not None:
+        for key, d in result["versus"]["differences"].items():
+            print(f"{key}: {d['this']:.4f} here, {d['other']:.4f} there, difference {d['mean']:+.4f} "
+                  f"[{d['low']:+.4f}, {d['high']:+.4f}] (n = {d['n']})")
     print(f"wrote {out / 'tas-effect.json'}" + (f" and {out / 'tas-effect.png'}" if shown else ""))
     return 0
 

@@ -112,6 +112,7 @@ from typing import Callable, Optional, Sequence
 from tqdm import tqdm
 
 from hands.paths import write_atomic
+from hands.stats import paired_interval, t_quantile  # noqa: F401  (t_quantile: part of this module's interface)
 from recon.runs import RUN_FILES
 from recon.train import positive_int
 from mixing.config import MIX_MODES
@@ -834,32 +835,6 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
         return math.nan, math.nan
     mean = statistics.fmean(values)
     return mean, statistics.stdev(values) if len(values) > 1 else math.nan
-
-
-def t_quantile(probability: float, df: int) -> float:
-    """The ``probability`` quantile of Student's t with ``df`` degrees of freedom (scipy.stats.t)."""
-    from scipy.stats import t as student_t
-
-    return float(student_t.ppf(probability, df))
-
-
-def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> dict:
-    """The paired-difference summary of one metric over seeds: {"n", "mean", "std" (n - 1), "half_width",
-    "low", "high", "t"}: the two-sided ``confidence`` t-interval ``mean ± t(1 - a/2, n - 1) std / sqrt(n)``.
-    NaN (written null) where it cannot be computed: a NaN difference, or fewer than two seeds for the spread."""
-    values = [float(v) for v in differences]
-    n = len(values)
-    nan = {"n": n, "mean": math.nan, "std": math.nan, "half_width": math.nan, "low": math.nan, "high": math.nan,
-           "t": math.nan}
-    if n == 0 or any(math.isnan(v) for v in values):
-        return nan
-    mean = statistics.fmean(values)
-    if n < 2:
-        return {**nan, "mean": mean}
-    std = statistics.stdev(values)
-    t = t_quantile(0.5 + confidence / 2, n - 1)
-    half = t * std / math.sqrt(n)
-    return {"n": n, "mean": mean, "std": std, "half_width": half, "low": mean - half, "high": mean + half, "t": t}
 
 
 def _paired(value: Callable, row, reference, seeds, test_sets, metrics, confidence: float) -> dict:

@@ -79,3 +79,47 @@ def test_tas_effect_command_writes_the_measures_and_the_figure(tmp_path):
     assert Image.open(tmp_path / "out" / "tas-effect-samples.png").width == 2 * (4 * 132 + 12) + 4
     figure = Image.open(tmp_path / "out" / "tas-effect.png")
     assert figure.width >= 4 * 160 and figure.height >= 2 * 2 * 160
+
+
+def _effect(values, **settings):
+    base = {"dataset": "synthlab", "split": "test-wild", "indices": [0, 5, 9, 14], "prompts": ["a", "b", "c", "d"],
+            "seed": 0, "size": 64, "num_inference_steps": 20, "tas_steps": 10, "sd_path": "gen"}
+    return {**base, **settings, "per_sample": {"attention_in_mask_without_tas": values}}
+
+
+def test_versus_gives_the_paired_difference_and_its_t_interval():
+    """Two generators on the same samples: per-sample differences (this - other), their mean and the 95 %
+    t-interval computed by hand; a NaN pair (a sample without hand tokens) is left out and counted."""
+    import math
+
+    from generator.tas_effect import versus
+
+    mine = _effect([0.9, 0.8, 0.7, float("nan")])
+    theirs = _effect([0.8, 0.8, 0.5, 0.6], sd_path="other")
+    d = versus(mine, theirs)["differences"]["attention_in_mask_without_tas"]
+    # differences 0.1, 0.0, 0.2: mean 0.1, sample std 0.1, t(0.975, 2) = 4.3027
+    assert d["n"] == 3 and d["mean"] == pytest.approx(0.1)
+    assert d["this"] == pytest.approx(0.8) and d["other"] == pytest.approx(0.7)
+    assert d["half_width"] == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
+    assert d["low"] == pytest.approx(0.1 - d["half_width"]) and d["high"] == pytest.approx(0.1 + d["half_width"])
+
+
+def test_versus_refuses_other_samples_naming_the_setting():
+    from generator.tas_effect import versus
+
+    mine = _effect([0.9, 0.8, 0.7, 0.6])
+    with pytest.raises(ValueError, match="indices differs"):
+        versus(mine, _effect([0.9, 0.8, 0.7, 0.6], indices=[0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="tas_steps differs"):
+        versus(mine, _effect([0.9, 0.8, 0.7, 0.6], tas_steps=5))
+
+
+def test_versus_flag_refuses_an_unreadable_file_in_one_line(tmp_path, capsys):
+    from generator.tas_effect import main
+
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit, match=r"--versus .*bad\.json: cannot read a tas-effect\.json"):
+        main(["--out", str(tmp_path / "out"), "--versus", str(tmp_path / "bad.json"), "--generator-config", "tiny"])
+    (tmp_path / "other.json").write_text(json.dumps({"l_tas_with_tas": 0.9}))
+    with pytest.raises(SystemExit, match="not a tas-effect.json"):
+        main(["--out", str(tmp_path / "out"), "--versus", str(tmp_path / "other.json"), "--generator-config", "tiny"])
