@@ -337,6 +337,35 @@ def test_config_profiles_and_backbone_weights(tmp_path):
         target.load_backbone_weights(str(tmp_path / "bad.pt"))
 
 
+def test_a_baseline_checkpoint_is_a_pretrained_encoder(tmp_path):
+    """The demo's stand-in for ImageNet weights: a recon.train checkpoint of the baseline regressor (same timm
+    ResNet) loads into IntagHand's encoder, weight for weight and BatchNorm statistics included."""
+    from recon.checkpoint import save_checkpoint
+
+    torch.manual_seed(1)
+    baseline = build_regressor("baseline", backbone="resnet18", backbone_kwargs=TINY["backbone_kwargs"], hidden_dim=8)
+    with torch.no_grad():
+        for buffer in baseline.backbone.buffers():
+            buffer.add_(3)  # running statistics that differ from a fresh model's
+    progress = dict(step=7, epoch=0, step_in_epoch=7, sampler_seed=0, world_size=1)
+    sidecar = save_checkpoint(tmp_path / "checkpoints", model=baseline, arch="baseline", model_kwargs={}, config={},
+                              optimizer=None, progress=progress)
+    target = build_regressor("intaghand", **TINY)
+    target.load_backbone_weights(str(sidecar.with_suffix(".safetensors")))
+    source = baseline.backbone.state_dict()
+    loaded = target.encoder.state_dict()
+    assert set(loaded) == set(source)
+    for key, value in source.items():
+        assert torch.equal(loaded[key], value), key
+    # a baseline with another trunk does not fit: refused, naming the file
+    wide = build_regressor("baseline", backbone="resnet18", backbone_kwargs=dict(channels=[16, 16, 32, 64], stem_width=8),
+                           hidden_dim=8)
+    sidecar = save_checkpoint(tmp_path / "wide", model=wide, arch="baseline", model_kwargs={}, config={},
+                              optimizer=None, progress=progress)
+    with pytest.raises(ValueError, match="wide.*does not fit the encoder"):
+        target.load_backbone_weights(str(sidecar.with_suffix(".safetensors")))
+
+
 # -- the graph decoder's structure (the reference's DualGraph) ----------------------------------------------
 
 

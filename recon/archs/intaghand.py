@@ -742,9 +742,14 @@ class IntagHand(HandModelMixin, nn.Module):
         )
 
     def load_backbone_weights(self, path: str) -> None:
-        """Load pretrained ResNet weights into the encoder (a .safetensors file or a torch state dict; the
-        classifier's keys are ignored). Raises ValueError when the file does not fit the encoder."""
-        load_backbone_state(self.encoder, read_weights(path), path, "encoder")
+        """Load pretrained ResNet weights into the encoder: a .safetensors file or a torch state dict of the
+        ResNet (the classifier's keys are ignored), or the weights of a ``recon.train`` checkpoint of the baseline
+        regressor (``RUN/checkpoints/step_*.safetensors``: its ``backbone.*`` entries, the same timm ResNet; the
+        demo's stand-in for ImageNet weights, docs/intaghand.md). Raises ValueError when it does not fit."""
+        state = read_weights(path)
+        if "conv1.weight" not in state and "backbone.conv1.weight" in state:
+            state = {key[len("backbone.") :]: value for key, value in state.items() if key.startswith("backbone.")}
+        load_backbone_state(self.encoder, state, path, "encoder")
 
     def to_graph(self, side: str, x: Tensor) -> Tensor:
         """x: (B, 778, C) mesh order -> (B, N0, C) graph order (fake nodes copy a sibling)."""
