@@ -35,7 +35,8 @@ every measured sample as real image | mesh image | without TAS | with TAS.
 
 `--versus OTHER.json` compares two generators on the same meshes, captions and seeds (e.g. one trained with TAS
 and one trained without, the reference's training-only TAS): OTHER.json is another run's tas-effect.json with the
-same split, indices, prompts, seed, steps and size; the JSON gains `versus`: for every per-sample value, this
+same split, indices, prompts, seed, steps, size, framing, guidance scale, TAS schedule and segmenter
+(checked before any sampling; a file with other per-sample values is refused in one line); the JSON gains `versus`: for every per-sample value, this
 run's mean, the other's and the paired difference (this - other) with its 95 % t-interval over the samples.
 """
 from __future__ import annotations
@@ -239,15 +240,34 @@ def samples_grid(mesh_images: Tensor, real_images: Tensor, runs: dict, tile: int
     return canvas
 
 
-VERSUS_KEYS = ("dataset", "split", "indices", "prompts", "seed", "size", "num_inference_steps", "tas_steps")
+VERSUS_KEYS = ("dataset", "split", "indices", "prompts", "seed", "size", "num_inference_steps", "tas_steps",
+               "framing", "guidance_scale", "tas_schedule", "segmenter")
+
+
+def _plain(value):
+    """``value`` as it reads back from JSON (tuples -> lists), so settings compare equal to a written file's."""
+    return json.loads(json.dumps(value))
 
 
 def check_same_samples(settings: dict, other: dict) -> None:
-    """Raises ValueError naming the first of :data:`VERSUS_KEYS` in which ``other`` differs from ``settings``."""
+    """Raises ValueError naming the first of :data:`VERSUS_KEYS` in which ``other`` differs from ``settings``
+    (the samples, or what is measured on them, would not be the same)."""
     for key in VERSUS_KEYS:
-        if settings.get(key) != other.get(key):
+        if _plain(settings.get(key)) != _plain(other.get(key)):
             raise ValueError(f"{key} differs ({other.get(key)!r} there, {settings.get(key)!r} here): "
                              "not the same samples")
+
+
+def check_per_sample(other: dict) -> None:
+    """Raises ValueError unless ``other["per_sample"]`` maps names to lists of numbers (NaN allowed) with one value
+    per entry of ``other["indices"]``: what :func:`versus` pairs."""
+    per_sample, indices = other.get("per_sample"), other.get("indices")
+    if not isinstance(per_sample, dict) or not isinstance(indices, list):
+        raise ValueError("not a tas-effect.json (no per_sample values or indices)")
+    for key, values in per_sample.items():
+        if not isinstance(values, list) or len(values) != len(indices) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"per_sample.{key}: expected {len(indices)} numbers, one per sample")
 
 
 def versus(result: dict, other: dict, *, confidence: float = 0.95) -> dict:
@@ -259,6 +279,7 @@ def versus(result: dict, other: dict, *, confidence: float = 0.95) -> dict:
     from hands.stats import paired_interval
 
     check_same_samples(result, other)
+    check_per_sample(other)
     differences = {}
     for key, mine in result["per_sample"].items():
         theirs = other.get("per_sample", {}).get(key)
@@ -310,8 +331,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             other = json.loads(Path(args.versus).read_text())
         except (OSError, ValueError) as error:
             raise SystemExit(f"--versus {args.versus}: cannot read a tas-effect.json ({error})")
-        if not isinstance(other, dict) or not isinstance(other.get("per_sample"), dict):
-            raise SystemExit(f"--versus {args.versus}: not a tas-effect.json (no per_sample values)")
+        if not isinstance(other, dict):
+            raise SystemExit(f"--versus {args.versus}: not a tas-effect.json (no per_sample values or indices)")
+        try:
+            check_per_sample(other)
+        except ValueError as error:
+            raise SystemExit(f"--versus {args.versus}: {error}")
 
     gen_cfg, device, pipe = pipeline_from_args(args)
     size = args.size or pipe.default_size
@@ -329,14 +354,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     indices = sorted({round(i * len(data) / n) for i in range(n)})
     batch = make_train_batch([data[i] for i in indices], hand_model.faces_for("right"), hand_model.faces_for("left"),
                              device=device)
+    segmenter = None if args.segmenter == "none" else load_segmenter(args.segmenter, device)
     settings = {"dataset": args.dataset, "split": args.split, "indices": indices, "prompts": list(batch.prompts),
-                "size": size, "num_inference_steps": steps, "tas_steps": tas_steps, "seed": args.seed}
+                "size": size, "num_inference_steps": steps, "tas_steps": tas_steps, "seed": args.seed,
+                "framing": gen_cfg.framing, "guidance_scale": gen_cfg.sampling.guidance_scale,
+                "tas_schedule": {"kind": gen_cfg.sampling.tas_schedule, "scale": gen_cfg.sampling.tas_scale,
+                                 "start": gen_cfg.sampling.tas_start, "end": gen_cfg.sampling.tas_end},
+                "segmenter": None if segmenter is None else dict(segmenter.meta)}
     if other is not None:
         try:
             check_same_samples(settings, other)
         except ValueError as error:
             raise SystemExit(f"--versus {args.versus}: {error}")
-    segmenter = None if args.segmenter == "none" else load_segmenter(args.segmenter, device)
     result = measure(pipe, batch.mesh, batch.prompts, tas_steps=tas_steps, num_inference_steps=steps,
                      seed=args.seed, segmenter=segmenter, real_images=batch.rgb)
     runs = result.pop("outputs")
@@ -347,12 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         figure(pipe, batch.mesh, batch.prompts, runs, rows=shown, tas_steps=tas_steps).save(out / "tas-effect.png")
     samples_grid(batch.mesh, batch.rgb, runs).save(out / "tas-effect-samples.png")
     result.update({
-        "generator_config": args.generator_config, "sd_path": _shown_path(gen_cfg.sd_path), "framing": gen_cfg.framing,
-        **settings,
-        "tas_schedule": {"kind": gen_cfg.sampling.tas_schedule, "scale": gen_cfg.sampling.tas_scale,
-                         "start": gen_cfg.sampling.tas_start, "end": gen_cfg.sampling.tas_end},
-        "guidance_scale": gen_cfg.sampling.guidance_scale,
-        "segmenter": None if segmenter is None else dict(segmenter.meta),
+        "generator_config": args.generator_config, "sd_path": _shown_path(gen_cfg.sd_path), **settings,
         "command": "python -m generator.tas_effect " + " ".join(argv if argv is not None else sys.argv[1:]),
     })
     if other is not None:
@@ -365,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "image_change_out_mask", "silhouette_iou_without_tas", "silhouette_iou_with_tas", "silhouette_iou_real",
             "mesh_swap_ratio")
     print(json.dumps({k: round(result[k], 4) for k in keys if k in result}))
+    if other is not None and not result["versus"]["differences"]:
+        print(f"--versus {args.versus}: no per-sample value to pair (every pair has a NaN, or no name in common)")
     if other is not None:
         for key, d in result["versus"]["differences"].items():
             print(f"{key}: {d['this']:.4f} here, {d['other']:.4f} there, difference {d['mean']:+.4f} "

@@ -80,6 +80,32 @@ def test_tas_effect_command_writes_the_measures_and_the_figure(tmp_path):
     figure = Image.open(tmp_path / "out" / "tas-effect.png")
     assert figure.width >= 4 * 160 and figure.height >= 2 * 2 * 160
 
+    # --versus the first run, on the same samples: paired differences written with each side's mean
+    common = ["--samples", "2", "--generator-config", "tiny", "--size", "64", "--data-root", str(root), "--steps", "3",
+              "--tas-steps", "2", "--segmenter", str(tmp_path / "seg.safetensors"), "--device", "cpu"]
+    first = tmp_path / "out" / "tas-effect.json"
+    assert main(["--out", str(tmp_path / "out2"), "--versus", str(first)] + common) == 0
+    second = json.loads((tmp_path / "out2" / "tas-effect.json").read_text())
+    pairs = second["versus"]["differences"]
+    assert set(pairs) == set(second["per_sample"])
+    for key, d in pairs.items():
+        assert d["n"] == 2 and d["this"] == pytest.approx(sum(second["per_sample"][key]) / 2)
+        assert d["other"] == pytest.approx(sum(result["per_sample"][key]) / 2)
+        assert d["mean"] == pytest.approx(d["this"] - d["other"], abs=1e-9)
+
+    # other samples (another seed) are refused in one line before any sampling
+    import generator.tas_effect as tas_effect
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before refusing --versus")
+
+    original, tas_effect.measure = tas_effect.measure, no_sampling
+    try:
+        with pytest.raises(SystemExit, match=r"--versus .*: seed differs \(0 there, 1 here\)"):
+            main(["--out", str(tmp_path / "out3"), "--versus", str(first), "--seed", "1"] + common)
+    finally:
+        tas_effect.measure = original
+
 
 def _effect(values, **settings):
     base = {"dataset": "synthlab", "split": "test-wild", "indices": [0, 5, 9, 14], "prompts": ["a", "b", "c", "d"],
@@ -123,3 +149,9 @@ def test_versus_flag_refuses_an_unreadable_file_in_one_line(tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps({"l_tas_with_tas": 0.9}))
     with pytest.raises(SystemExit, match="not a tas-effect.json"):
         main(["--out", str(tmp_path / "out"), "--versus", str(tmp_path / "other.json"), "--generator-config", "tiny"])
+    (tmp_path / "nulls.json").write_text(json.dumps(_effect([0.9, None, 0.7, 0.6])))
+    with pytest.raises(SystemExit, match=r"per_sample\.attention_in_mask_without_tas: expected 4 numbers"):
+        main(["--out", str(tmp_path / "out"), "--versus", str(tmp_path / "nulls.json"), "--generator-config", "tiny"])
+    (tmp_path / "short.json").write_text(json.dumps(_effect([0.9, 0.7])))
+    with pytest.raises(SystemExit, match="expected 4 numbers"):
+        main(["--out", str(tmp_path / "out"), "--versus", str(tmp_path / "short.json"), "--generator-config", "tiny"])
