@@ -91,3 +91,20 @@ def test_ctrl_c_leaves_a_checkpoint_that_resume_continues(synthlab_root, tmp_pat
     monkeypatch.setattr(mixing_mixer.Mixer, "__iter__", real_iter)
     result = recon_train.train(recon_train.parse_args([*args, "--resume"]))
     assert result["step"] == 3
+
+
+def test_sync_mixing_repeats_bit_for_bit_under_the_same_seed(synthlab_root, tmp_path):
+    """`mixing.mode=sync` (table2's `--mix-mode sync`) is what a bit-reproducible table needs: two runs with the
+    same seed end with identical weights (online mixing draws from a pool a background producer fills, so which
+    generated samples a batch gets depends on timing; docs/reproduce-table2.md)."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for name in ("first", "second"):
+        out = tmp_path / name
+        args = run_args(synthlab_root, out, "--synthetic-ratio", "0.5", "--max-steps", "3", "--mix-mode", "sync", *GEN)
+        recon_train.train(recon_train.parse_args(args))
+        weights.append(load_file(sorted((out / "checkpoints").glob("step_*.safetensors"))[-1]))
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert weights[0][key].equal(weights[1][key]), key
