@@ -11,6 +11,7 @@ import torch
 from generator.caption import QUESTION, Captioner, clean_caption, main
 from hands.datasets import build_dataset
 from hands.datasets.captions import default_captions_path, load_captions, read_captions
+from tests.generator_helpers import TINY_YAML
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 # Qwen2-VL's chat layout: the image placeholder the processor expands to the image's tokens, then the question
@@ -148,15 +149,6 @@ def test_caption_cli_errors_in_one_line(coco, tmp_path, capsys):
     assert "coco_wholebody_train_v1.0.json" in capsys.readouterr().err
 
 
-TINY_GENERATOR_YAML = """
-seed: 0
-tiny: {unet_channels: [4, 8], attention_heads: 2, cross_attention_dim: 8, latent_size: 4,
-       vae_channels: [4, 8, 8, 8], text_layers: 1, text_heads: 2, text_intermediate_size: 8}
-guidance_embedding_channels: [4, 4, 4, 4]
-attention_downsample: 2
-"""
-
-
 def test_generator_trains_on_coco_one_person_with_its_captions(coco, tmp_path):
     from generator.train import FramedDataset, make_train_batch, parse_args, train
     from hands.mano import HandModel
@@ -177,7 +169,7 @@ def test_generator_trains_on_coco_one_person_with_its_captions(coco, tmp_path):
     assert batch.prompts == ["A person holds a cup with both hands.", "a photo of two hands"]  # empty: the default
     assert float(batch.mesh[0].sum()) > 0 and float(batch.mesh[1].sum()) > 0  # the fits are drawn
     config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_GENERATOR_YAML)
+    config.write_text(TINY_YAML)
     result = train(parse_args(["--dataset", "coco", "--data-root", str(coco), "--split", "train", *options,
                                "--generator-config", str(config), "--size", "32", "--batch-size", "2", "--steps", "1",
                                "--sample-every", "0", "--sample-steps", "1", "--no-progress", "--device", "cpu",
