@@ -24,7 +24,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -319,6 +319,38 @@ def load_weights(model: nn.Module, info: CheckpointInfo, device: str | torch.dev
             f"{info.weights_path}: weights do not fit regressor {info.arch!r}: "
             f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
         )
+
+
+def run_checkpoints(folder: str | Path, run_id: Optional[str]) -> list[Path]:
+    """The complete checkpoints (sidecars) of run ``run_id`` in ``folder``, oldest first."""
+    folder = Path(folder)
+    return _complete_checkpoints(folder, run_id=run_id, by_run=True) if folder.is_dir() else []
+
+
+def average_checkpoints(model: nn.Module, sidecars: Sequence[str | Path], device: str | torch.device = "cpu") -> list[int]:
+    """Load into ``model`` the uniform mean of the checkpoints' weights (stochastic weight averaging over saved
+    checkpoints, Izmailov et al. 2018, without its BatchNorm update): every floating-point parameter and buffer
+    (BatchNorm's running statistics included) is averaged in float64; integer buffers (``num_batches_tracked``)
+    are the newest checkpoint's. Each file is checked and loaded strictly (:func:`load_weights`). Returns the
+    checkpoints' steps, in the order given."""
+    if not sidecars:
+        raise CheckpointError("average_checkpoints: no checkpoints to average")
+    total: dict = {}
+    steps = []
+    for sidecar in sidecars:
+        info = read_checkpoint_info(sidecar)
+        load_weights(model, info, device=device)
+        steps.append(int(info.meta.get("step", -1)))
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                total[key] = total[key] + value.double() if key in total else value.detach().double().clone()
+            else:
+                total[key] = value.detach().clone()
+    current = model.state_dict()
+    with torch.no_grad():
+        for key, value in total.items():
+            current[key].copy_(value / len(sidecars) if value.is_floating_point() else value)
+    return steps
 
 
 def load_training_state(info: CheckpointInfo) -> dict:

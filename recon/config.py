@@ -121,6 +121,9 @@ class TrainConfig:
     batch_size: int = 16  # per process
     synthetic_ratio: float = 0.0  # share of each batch from the generator (mixing package), 0 <= r < 1
     ckpt_every: int = 200  # steps between checkpoints (a final one is always written)
+    # evaluate and export (OUT/averaged/) the mean of the weights of the run's last N checkpoints (SWA over saved
+    # checkpoints, BatchNorm statistics averaged too; recon.checkpoint.average_checkpoints); 1: the final weights
+    average_last: int = 1
     log_every: int = 10  # steps between TensorBoard scalars
     image_every: int = 100  # steps between TensorBoard image grids; 0 disables them
     backbone_weights: Optional[str] = None  # a file the regressor's load_backbone_weights() reads

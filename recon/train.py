@@ -188,6 +188,8 @@ def check_config(cfg: DictConfig) -> None:
             raise UsageError(f"{key}={OmegaConf.select(cfg, key)}: expected a positive integer")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
         raise UsageError(f"train.max_steps={cfg.train.max_steps}: expected a positive integer")
+    if cfg.train.average_last < 1:
+        raise UsageError(f"train.average_last={cfg.train.average_last}: expected a positive integer (1: the final weights)")
     if min(cfg.data.image_size) < 16:
         raise UsageError(f"data.image_size={list(cfg.data.image_size)}: expected at least 16 px per side")
     if cfg.data.crop not in ("hands", "image", "verts"):
@@ -575,24 +577,29 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
         run_folder.record()  # run.json: from here on the folder holds this run
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
-    def save(epoch_now: int, batch_in_epoch: int) -> Path:
+    def save(epoch_now: int, batch_in_epoch: int, *, averaged_steps: Optional[list] = None) -> Path:
+        """A resumable checkpoint in OUT/checkpoints; with ``averaged_steps``, the averaged weights (no optimizer
+        state: not resumable) in OUT/averaged, which resuming and pruning never look into."""
         if batch_in_epoch >= batches_per_epoch:  # a finished epoch resumes at the start of the next one
             epoch_now, batch_in_epoch = epoch_now + 1, 0
         progress = dict(
             step=step, epoch=epoch_now, step_in_epoch=batch_in_epoch, sampler_seed=cfg.seed, world_size=world_size
         )
+        extra = {"hand_model": hand_model.fingerprint(), "procedural_hand": bool(hand_model.is_procedural), **build_card(cfg, hand_model)}
+        if averaged_steps is not None:
+            extra["averaged_steps"] = list(averaged_steps)
         return ckpt.save_checkpoint(
-            out / "checkpoints",
+            out / ("averaged" if averaged_steps is not None else "checkpoints"),
             model=model,
             arch=cfg.arch,
             model_kwargs=model_kwargs,
             config=to_dict(cfg),
-            optimizer=optimizer,
-            scaler=scaler,
+            optimizer=optimizer if averaged_steps is None else None,
+            scaler=scaler if averaged_steps is None else None,
             progress=progress,
-            keep_last=3,
+            keep_last=max(3, cfg.train.average_last) if averaged_steps is None else 1,
             run_id=run_folder.run_id,
-            extra={"hand_model": hand_model.fingerprint(), "procedural_hand": bool(hand_model.is_procedural), **build_card(cfg, hand_model)},
+            extra=extra,
         )
 
     # 5. the loop -----------------------------------------------------------------------------------------
@@ -706,6 +713,19 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
     peak = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""
     say(f"trained {step} steps in {train_time:.1f} s; checkpoint {final}{peak}")
 
+    averaged_steps = None
+    if cfg.train.average_last > 1:  # evaluate the mean of the last checkpoints' weights (every rank loads them)
+        box = [ckpt.run_checkpoints(out / "checkpoints", run_folder.run_id)[-cfg.train.average_last:] if is_main else None]
+        if world_size > 1:
+            dist.broadcast_object_list(box, src=0)
+        sidecars = box[0]
+        averaged_steps = ckpt.average_checkpoints(model, sidecars, device=device)
+        if len(sidecars) < cfg.train.average_last:
+            say(f"train.average_last={cfg.train.average_last}: only {len(sidecars)} checkpoint(s) of this run exist")
+        if is_main:
+            final = save(epoch, start_batch, averaged_steps=averaged_steps)
+        say(f"evaluating the mean of the weights of steps {', '.join(map(str, averaged_steps))}; saved as {final}")
+
     if substituted:  # this process's count (each rank reads its own share)
         skip_report["train_samples_substituted"] = substituted
         say(f"train: {substituted} sample(s) replaced by the next one because their image did not decode")
@@ -729,6 +749,8 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
             for key, found in skip_report["test"].items():
                 say(f"test {key}: {describe_skips(Counter(found))} record(s) skipped, not scored")
             report = dict(metrics, skips=skip_report)
+            if averaged_steps is not None:
+                report["weights"] = {"averaged_steps": averaged_steps, "checkpoint": str(Path(final).relative_to(out))}
             if mixing_stats is not None:
                 report["mixing"] = mixing_stats
             tmp = out / ".metrics.json.tmp"  # written whole, then renamed: a reader never sees half of it

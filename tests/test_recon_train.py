@@ -116,6 +116,47 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(synthlab_root, tmp_pat
         assert torch.equal(expected[name], resumed[name]), name
 
 
+def test_average_last_evaluates_the_mean_of_the_last_checkpoints(synthlab_root, tmp_path, capsys):
+    # 5 steps, a checkpoint every 2: steps 2, 4 and the final 5; average_last=3 averages all three
+    out = tmp_path / "avg"
+    assert recon_train.main(_run(synthlab_root, out, "--max-steps", "5", "train.ckpt_every=2", "train.average_last=3")) == 0
+    assert "evaluating the mean of the weights of steps 2, 4, 5" in capsys.readouterr().out
+    singles = [load_file(str(out / "checkpoints" / f"step_00000{k}.safetensors")) for k in (2, 4, 5)]
+    averaged = load_file(str(out / "averaged" / "step_000005.safetensors"))
+    assert averaged.keys() == singles[-1].keys()
+    moved = 0
+    for name, value in averaged.items():
+        if value.is_floating_point():  # weights and BatchNorm statistics: the mean of the three
+            mean = sum(s[name].double() for s in singles) / 3
+            assert torch.allclose(value.double(), mean, atol=1e-6), name
+            moved += not torch.equal(value, singles[-1][name])
+        else:  # num_batches_tracked: the newest checkpoint's
+            assert torch.equal(value, singles[-1][name]), name
+    assert moved > 0  # the weights changed between the checkpoints, so the mean is not the last one
+    # the averaged checkpoint is not resumable state and resuming never picks it: --resume continues step 5
+    meta = json.loads((out / "averaged" / "step_000005.json").read_text())
+    assert meta["averaged_steps"] == [2, 4, 5] and meta["step"] == 5
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["weights"] == {"averaged_steps": [2, 4, 5], "checkpoint": "averaged/step_000005.json"}
+    # metrics.json scored the averaged weights: recon.test on them gives the same numbers, the last single differs
+    again_json = tmp_path / "again.json"
+    assert recon_test.main(["--ckpt", str(out / "averaged"), "--out", str(again_json)]) == 0
+    again = json.loads(again_json.read_text())
+    for key in ("synthlab-test-lab", "synthlab-test-wild"):
+        assert again[key]["MPVPE"] == pytest.approx(metrics[key]["MPVPE"], rel=1e-5)
+    from recon.table2 import evaluated_weights
+    assert evaluated_weights(out) == out / "averaged" / "step_000005.json"
+    assert evaluated_weights(tmp_path) == tmp_path  # a folder without metrics.json: its newest checkpoint
+    capsys.readouterr()
+    assert recon_train.main(["--resume", "--out", str(out), "--max-steps", "6", "eval.at_end=false"]) == 0
+    assert "resuming" in capsys.readouterr().out and (out / "checkpoints" / "step_000006.json").is_file()
+
+
+def test_average_last_must_be_positive(synthlab_root, tmp_path, capsys):
+    assert recon_train.main(_run(synthlab_root, tmp_path / "bad", "--max-steps", "1", "train.average_last=0")) == 2
+    assert "train.average_last=0: expected a positive integer" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
