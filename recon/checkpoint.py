@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 __all__ = [
@@ -327,26 +327,41 @@ def run_checkpoints(folder: str | Path, run_id: Optional[str]) -> list[Path]:
     return _complete_checkpoints(folder, run_id=run_id, by_run=True) if folder.is_dir() else []
 
 
-def average_checkpoints(model: nn.Module, sidecars: Sequence[str | Path], device: str | torch.device = "cpu") -> list[int]:
+def average_checkpoints(model: nn.Module, sidecars: Sequence[str | Path]) -> list[int]:
     """Load into ``model`` the uniform mean of the checkpoints' weights (stochastic weight averaging over saved
     checkpoints, Izmailov et al. 2018, without its BatchNorm update): every floating-point parameter and buffer
     (BatchNorm's running statistics included) is averaged in float64; integer buffers (``num_batches_tracked``)
-    are the newest checkpoint's. Each file is checked and loaded strictly (:func:`load_weights`). Returns the
-    checkpoints' steps, in the order given."""
+    are the newest checkpoint's. Each file is checked (checksum, and strictly against the model's keys and shapes:
+    CheckpointError in one line), read into host memory and copied into the model wherever it lives; the sum is
+    kept on the model's device. Returns the checkpoints' steps, in the order given."""
     if not sidecars:
         raise CheckpointError("average_checkpoints: no checkpoints to average")
+    current = model.state_dict()
     total: dict = {}
     steps = []
     for sidecar in sidecars:
         info = read_checkpoint_info(sidecar)
-        load_weights(model, info, device=device)
+        try:  # read on the host, then each tensor moved to its model tensor's device and copied in
+            saved = load_file(str(info.weights_path), device="cpu")
+        except SafetensorError as error:
+            raise CheckpointError(f"{info.weights_path}: unreadable safetensors file ({error})") from None
+        loaded = {current[key].data_ptr() for key in saved if key in current}  # safetensors stores a shared tensor once
+        unexpected = sorted(key for key in saved if key not in current or saved[key].shape != current[key].shape)
+        missing = sorted(key for key in current if key not in saved and current[key].data_ptr() not in loaded)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{info.weights_path}: weights do not fit regressor {info.arch!r}: {len(missing)} missing keys "
+                f"{missing[:3]}, {len(unexpected)} unexpected or reshaped keys {unexpected[:3]}"
+            )
+        with torch.no_grad():
+            for key, value in saved.items():
+                current[key].copy_(value.to(current[key].device))
         steps.append(int(info.meta.get("step", -1)))
         for key, value in model.state_dict().items():
             if value.is_floating_point():
                 total[key] = total[key] + value.double() if key in total else value.detach().double().clone()
             else:
                 total[key] = value.detach().clone()
-    current = model.state_dict()
     with torch.no_grad():
         for key, value in total.items():
             current[key].copy_(value / len(sidecars) if value.is_floating_point() else value)

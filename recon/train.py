@@ -719,7 +719,7 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
         if world_size > 1:
             dist.broadcast_object_list(box, src=0)
         sidecars = box[0]
-        averaged_steps = ckpt.average_checkpoints(model, sidecars, device=device)
+        averaged_steps = ckpt.average_checkpoints(model, sidecars)
         if len(sidecars) < cfg.train.average_last:
             say(f"train.average_last={cfg.train.average_last}: only {len(sidecars)} checkpoint(s) of this run exist")
         if is_main:

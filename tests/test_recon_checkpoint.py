@@ -110,3 +110,40 @@ def test_damaged_training_state_is_refused_for_resuming(tmp_path):
     ckpt.read_checkpoint_info(path)  # evaluating needs the weights only
     with pytest.raises(ckpt.CheckpointError, match="state.pt: checksum differs"):
         ckpt.read_checkpoint_info(path, need_state=True)
+
+
+class _Tied(nn.Module):
+    """Two names for one weight (safetensors stores it once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = self.a
+
+
+def test_average_checkpoints_is_the_mean_and_refuses_weights_that_do_not_fit(tmp_path):
+    torch.manual_seed(0)
+    models = [_model() for _ in range(3)]
+    for model in models:
+        model.train()
+        model(torch.randn(8, 3))  # BatchNorm statistics differ between the three
+    paths = [_save(tmp_path, model, step=step)[0] for model, step in zip(models, (2, 4, 6))]
+    target = _model()
+    assert ckpt.average_checkpoints(target, paths) == [2, 4, 6]
+    saved = [m.state_dict() for m in models]
+    for key, value in target.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, sum(s[key] for s in saved) / 3, atol=1e-6), key
+        else:
+            assert torch.equal(value, saved[-1][key]), key  # num_batches_tracked: the newest
+    with pytest.raises(ckpt.CheckpointError, match=r"step_000002.safetensors: weights do not fit regressor 'tiny'.*missing keys"):
+        ckpt.average_checkpoints(_model(width=5), paths)  # other shapes
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoints to average"):
+        ckpt.average_checkpoints(target, [])
+    tied = [_Tied() for _ in range(2)]
+    tied_paths = [ckpt.save_checkpoint(tmp_path / "tied", model=m, arch="tied", model_kwargs={}, config={}, optimizer=None,
+                                       progress={"step": k, "epoch": 0, "step_in_epoch": k, "sampler_seed": 0, "world_size": 1})
+                  for k, m in enumerate(tied, 1)]
+    into = _Tied()
+    assert ckpt.average_checkpoints(into, tied_paths) == [1, 2]
+    assert torch.allclose(into.a.weight, (tied[0].a.weight + tied[1].a.weight) / 2) and into.b is into.a

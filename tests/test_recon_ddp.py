@@ -39,7 +39,9 @@ def test_samplers_split_the_data_between_ranks_and_resume_inside_an_epoch():
 def test_torchrun_two_processes(tmp_path):
     root = write_tiny_synthlab(tmp_path / "synthlab")
     out = tmp_path / "ddp"
-    argv = run_args(root, out, "--epochs", "2", "--batch-size", "2", "train.image_every=3")
+    # both ranks evaluate the mean of the last two checkpoints (steps 3 and 6) that rank 0 wrote
+    argv = run_args(root, out, "--epochs", "2", "--batch-size", "2", "train.image_every=3", "train.ckpt_every=3",
+                    "train.average_last=2")
     from tests.recon_helpers import torchrun_two_processes
 
     result = torchrun_two_processes(argv, timeout=240)
@@ -51,9 +53,10 @@ def test_torchrun_two_processes(tmp_path):
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1  # one writer: rank 0's
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics.pop("skips") == {"train": {}, "test": {}}
+    assert metrics.pop("weights") == {"averaged_steps": [3, 6], "checkpoint": "averaged/step_000006.json"}
     single = tmp_path / "single.json"
     torch.set_num_threads(1)
-    assert recon_test.main(["--ckpt", str(out), "--out", str(single)]) == 0
+    assert recon_test.main(["--ckpt", str(out / "averaged"), "--out", str(single)]) == 0
     again = json.loads(single.read_text())
     for key in metrics:
         assert again[key]["records_skipped"] == metrics[key]["records_skipped"] == 0
