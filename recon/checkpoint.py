@@ -128,6 +128,7 @@ def save_checkpoint(
     extra: Optional[dict] = None,
     run_id: Optional[str] = None,
     scaler: Optional[torch.amp.GradScaler] = None,
+    resumable: bool = True,
 ) -> Path:
     """Write ``folder/step_<progress['step']>.{safetensors,state.pt,json}`` atomically; returns the JSON path.
 
@@ -138,6 +139,8 @@ def save_checkpoint(
     run_id: the run the checkpoint belongs to (:mod:`recon.runs`), recorded in the sidecar; pruning and
         :func:`find_checkpoint` on a run folder go by it.
     scaler: fp16 training's GradScaler; its state goes into the training state (``"scaler"``).
+    resumable: False writes the weights and the sidecar only (``"resumable": false``, no state file), e.g. averaged
+        weights: ``read_checkpoint_info(..., need_state=True)`` refuses them in one line.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -149,12 +152,13 @@ def save_checkpoint(
     save_model(model, str(weights_tmp), metadata={"format": FORMAT, "arch": arch})
     _replace_atomically(weights_tmp, weights_path)
 
-    state = {"optimizer": optimizer.state_dict() if optimizer is not None else None, "rng": capture_rng_state()}
-    if scaler is not None and scaler.is_enabled():  # fp16 training: the loss scale resumes where it was
-        state["scaler"] = scaler.state_dict()
-    state_tmp = state_path.with_name(state_path.name + tmp)
-    torch.save(state, state_tmp)
-    _replace_atomically(state_tmp, state_path)
+    if resumable:
+        state = {"optimizer": optimizer.state_dict() if optimizer is not None else None, "rng": capture_rng_state()}
+        if scaler is not None and scaler.is_enabled():  # fp16 training: the loss scale resumes where it was
+            state["scaler"] = scaler.state_dict()
+        state_tmp = state_path.with_name(state_path.name + tmp)
+        torch.save(state, state_tmp)
+        _replace_atomically(state_tmp, state_path)
 
     meta = {
         "format": FORMAT,
@@ -166,8 +170,7 @@ def save_checkpoint(
         **{key: value for key, value in progress.items()},
         "weights": weights_path.name,
         "weights_sha256": _sha256(weights_path),
-        "state": state_path.name,
-        "state_sha256": _sha256(state_path),
+        **({"state": state_path.name, "state_sha256": _sha256(state_path)} if resumable else {"resumable": False}),
         **(extra or {}),
     }
     json_tmp = json_path.with_name(json_path.name + tmp)
@@ -236,7 +239,7 @@ def find_checkpoint(path: str | Path) -> Path:
     of the run its ``run.json`` names)."""
     path = Path(path)
     if path.is_dir():
-        for folder, run_folder in ((path, path.parent if path.name == "checkpoints" else path),
+        for folder, run_folder in ((path, path.parent if path.name in ("checkpoints", "averaged") else path),
                                    (path / "checkpoints", path)):
             found = _newest_in(folder, run_folder) if folder.is_dir() else None
             if found is not None:
@@ -272,6 +275,11 @@ def read_checkpoint_info(path: str | Path, *, need_state: bool = False) -> Check
     for key in ("arch", "model_kwargs", "config", "step", "weights", "weights_sha256"):
         if key not in meta:
             raise CheckpointError(f"{json_path}: sidecar lacks the key {key!r}")
+    if need_state and meta.get("resumable") is False:
+        raise CheckpointError(
+            f"{json_path}: not resumable (weights only{', the mean of steps ' + str(meta['averaged_steps']) if 'averaged_steps' in meta else ''}); "
+            "resume from a checkpoint in the run's checkpoints/ folder"
+        )
     if need_state:  # what resuming reads besides the weights: the data order and the state file
         for key in ("epoch", "step_in_epoch", "state", "state_sha256"):
             if key not in meta:
@@ -284,7 +292,7 @@ def read_checkpoint_info(path: str | Path, *, need_state: bool = False) -> Check
         value = meta.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise CheckpointError(f"{json_path}: sidecar key {key!r} is {value!r}; expected a non-negative integer")
-    for key in ("weights", "state"):
+    for key in ("weights", "state") if meta.get("resumable") is not False else ("weights",):
         name = meta.get(key, "x")
         if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
             raise CheckpointError(f"{json_path}: sidecar key {key!r} is {name!r}; expected a file name beside the sidecar")
@@ -321,17 +329,30 @@ def load_weights(model: nn.Module, info: CheckpointInfo, device: str | torch.dev
         )
 
 
-def run_checkpoints(folder: str | Path, run_id: Optional[str]) -> list[Path]:
-    """The complete checkpoints (sidecars) of run ``run_id`` in ``folder``, oldest first."""
+def run_checkpoints(folder: str | Path, run_id: Optional[str], *, scheduled_only: bool = False) -> list[Path]:
+    """The complete checkpoints (sidecars) of run ``run_id`` in ``folder``, oldest first; with ``scheduled_only``,
+    without those written when a run was interrupted (``"interrupted": true``: an average over them would depend
+    on where a run was stopped)."""
     folder = Path(folder)
-    return _complete_checkpoints(folder, run_id=run_id, by_run=True) if folder.is_dir() else []
+    found = _complete_checkpoints(folder, run_id=run_id, by_run=True) if folder.is_dir() else []
+    if scheduled_only:
+        found = [path for path in found if not _sidecar_flag(path, "interrupted")]
+    return found
+
+
+def _sidecar_flag(sidecar: Path, key: str) -> bool:
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get(key) is True
 
 
 def average_checkpoints(model: nn.Module, sidecars: Sequence[str | Path]) -> list[int]:
     """Load into ``model`` the uniform mean of the checkpoints' weights (stochastic weight averaging over saved
     checkpoints, Izmailov et al. 2018, without its BatchNorm update): every floating-point parameter and buffer
     (BatchNorm's running statistics included) is averaged in float64; integer buffers (``num_batches_tracked``)
-    are the newest checkpoint's. Each file is checked (checksum, and strictly against the model's keys and shapes:
+    are the last given checkpoint's. Each file is checked (checksum, and strictly against the model's keys and shapes:
     CheckpointError in one line), read into host memory and copied into the model wherever it lives; the sum is
     kept on the model's device. Returns the checkpoints' steps, in the order given."""
     if not sidecars:

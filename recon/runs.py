@@ -37,7 +37,7 @@ __all__ = ["RunFolderError", "RunFolder", "claim_run_folder", "new_run_id", "RUN
 LOCK_NAME = "run.lock"
 RUN_JSON = "run.json"
 # What a run writes into its folder; a new run refuses a folder holding any of them (unless --overwrite).
-RUN_FILES = ("run.json", "config.yaml", "metrics.json", "test_metrics.json", "checkpoints", "tb")
+RUN_FILES = ("run.json", "config.yaml", "metrics.json", "test_metrics.json", "checkpoints", "averaged", "tb")
 
 
 class RunFolderError(ValueError):
@@ -185,7 +185,7 @@ def _take_lock(out: Path, run_id: str, notes: list[str]) -> Path:
 
 
 def _clean_leftovers(out: Path, notes: list[str]) -> None:
-    stale = [p for p in (out / "checkpoints").glob("*.tmp-*") if p.is_file()] if (out / "checkpoints").is_dir() else []
+    stale = [p for sub in ("checkpoints", "averaged") if (out / sub).is_dir() for p in (out / sub).glob("*.tmp-*") if p.is_file()]
     stale += [p for p in out.glob(".metrics.json.tmp*") if p.is_file()]
     stale += [p for p in out.glob(f".{LOCK_NAME}.tmp-*") if p.is_file() and not p.name.endswith(f"-{os.getpid()}")]
     for path in stale:

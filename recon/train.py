@@ -577,7 +577,7 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
         run_folder.record()  # run.json: from here on the folder holds this run
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
-    def save(epoch_now: int, batch_in_epoch: int, *, averaged_steps: Optional[list] = None) -> Path:
+    def save(epoch_now: int, batch_in_epoch: int, *, averaged_steps: Optional[list] = None, interrupted: bool = False) -> Path:
         """A resumable checkpoint in OUT/checkpoints; with ``averaged_steps``, the averaged weights (no optimizer
         state: not resumable) in OUT/averaged, which resuming and pruning never look into."""
         if batch_in_epoch >= batches_per_epoch:  # a finished epoch resumes at the start of the next one
@@ -588,18 +588,23 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
         extra = {"hand_model": hand_model.fingerprint(), "procedural_hand": bool(hand_model.is_procedural), **build_card(cfg, hand_model)}
         if averaged_steps is not None:
             extra["averaged_steps"] = list(averaged_steps)
+        if interrupted:  # resumable, but never averaged (train.average_last): a Ctrl-C step is not a scheduled one
+            extra["interrupted"] = True
         return ckpt.save_checkpoint(
             out / ("averaged" if averaged_steps is not None else "checkpoints"),
             model=model,
             arch=cfg.arch,
             model_kwargs=model_kwargs,
             config=to_dict(cfg),
-            optimizer=optimizer if averaged_steps is None else None,
-            scaler=scaler if averaged_steps is None else None,
+            optimizer=optimizer,
+            scaler=scaler,
             progress=progress,
-            keep_last=max(3, cfg.train.average_last) if averaged_steps is None else 1,
+            # averaged weights are kept (metrics.json names them); of the resumable ones, enough to average
+            # N scheduled checkpoints after an interrupted one
+            keep_last=max(3, cfg.train.average_last + 1) if averaged_steps is None else 0,
             run_id=run_folder.run_id,
             extra=extra,
+            resumable=averaged_steps is None,
         )
 
     # 5. the loop -----------------------------------------------------------------------------------------
@@ -684,7 +689,7 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
                 start_batch = batch_in_epoch
     except KeyboardInterrupt:  # Ctrl-C: leave a checkpoint that --resume continues from
         if is_main and step > 0 and saved_step != step:
-            path = save(epoch, batch_in_epoch)
+            path = save(epoch, batch_in_epoch, interrupted=True)
             say(f"\ninterrupted at step {step}; resumable checkpoint {path}")
         raise
     finally:  # joins the generator's producer thread, whatever ended the loop
@@ -715,7 +720,8 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
 
     averaged_steps = None
     if cfg.train.average_last > 1:  # evaluate the mean of the last checkpoints' weights (every rank loads them)
-        box = [ckpt.run_checkpoints(out / "checkpoints", run_folder.run_id)[-cfg.train.average_last:] if is_main else None]
+        box = [ckpt.run_checkpoints(out / "checkpoints", run_folder.run_id, scheduled_only=True)[-cfg.train.average_last:]
+               if is_main else None]
         if world_size > 1:
             dist.broadcast_object_list(box, src=0)
         sidecars = box[0]
@@ -724,12 +730,17 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
             say(f"train.average_last={cfg.train.average_last}: only {len(sidecars)} checkpoint(s) of this run exist")
         if is_main:
             final = save(epoch, start_batch, averaged_steps=averaged_steps)
-        say(f"evaluating the mean of the weights of steps {', '.join(map(str, averaged_steps))}; saved as {final}")
+        say(f"averaged the weights of steps {', '.join(map(str, averaged_steps))} (train.average_last); saved as {final}"
+            + ("; evaluating them" if cfg.eval.at_end else ""))
 
     if substituted:  # this process's count (each rank reads its own share)
         skip_report["train_samples_substituted"] = substituted
         say(f"train: {substituted} sample(s) replaced by the next one because their image did not decode")
     metrics: dict = {}
+    stale = out / "metrics.json"
+    if is_main and not cfg.eval.at_end and stale.is_file() and (saved_step != resumed_step or averaged_steps is not None):
+        stale.unlink()  # it scored other weights than this run now ends with
+        say(f"removed {stale}: it scored the weights of an earlier end of this run (eval.at_end=false)")
     if cfg.eval.at_end:
         test_skips: dict = {}
         metrics = evaluate_regressor(

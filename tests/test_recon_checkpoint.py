@@ -147,3 +147,13 @@ def test_average_checkpoints_is_the_mean_and_refuses_weights_that_do_not_fit(tmp
     into = _Tied()
     assert ckpt.average_checkpoints(into, tied_paths) == [1, 2]
     assert torch.allclose(into.a.weight, (tied[0].a.weight + tied[1].a.weight) / 2) and into.b is into.a
+
+
+def test_interrupted_checkpoints_are_resumable_but_not_averaged(tmp_path):
+    model = _model()
+    paths = [_save(tmp_path, model, step=step, run_id="r", extra={"interrupted": True} if step == 3 else None)[0]
+             for step in (2, 3, 4)]
+    assert ckpt.run_checkpoints(tmp_path, "r") == paths
+    assert ckpt.run_checkpoints(tmp_path, "r", scheduled_only=True) == [paths[0], paths[2]]
+    assert ckpt.read_checkpoint_info(paths[1], need_state=True).step == 3
+    assert ckpt.run_checkpoints(tmp_path / "nothing", "r") == []

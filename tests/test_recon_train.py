@@ -120,7 +120,7 @@ def test_average_last_evaluates_the_mean_of_the_last_checkpoints(synthlab_root, 
     # 5 steps, a checkpoint every 2: steps 2, 4 and the final 5; average_last=3 averages all three
     out = tmp_path / "avg"
     assert recon_train.main(_run(synthlab_root, out, "--max-steps", "5", "train.ckpt_every=2", "train.average_last=3")) == 0
-    assert "evaluating the mean of the weights of steps 2, 4, 5" in capsys.readouterr().out
+    assert "averaged the weights of steps 2, 4, 5 (train.average_last)" in capsys.readouterr().out
     singles = [load_file(str(out / "checkpoints" / f"step_00000{k}.safetensors")) for k in (2, 4, 5)]
     averaged = load_file(str(out / "averaged" / "step_000005.safetensors"))
     assert averaged.keys() == singles[-1].keys()
@@ -148,8 +148,23 @@ def test_average_last_evaluates_the_mean_of_the_last_checkpoints(synthlab_root, 
     assert evaluated_weights(out) == out / "averaged" / "step_000005.json"
     assert evaluated_weights(tmp_path) == tmp_path  # a folder without metrics.json: its newest checkpoint
     capsys.readouterr()
+    # the averaged weights are not resumable state: refused in one line
+    assert recon_train.main(["--resume", str(out / "averaged" / "step_000005.json"), "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "not resumable (weights only, the mean of steps [2, 4, 5])" in error and "\n" not in error
+    # --resume continues the newest resumable checkpoint (step 5); without an evaluation the metrics.json that
+    # scored the step-5 average is removed, and the new average (steps 4, 5, 6) is kept beside the old one
     assert recon_train.main(["--resume", "--out", str(out), "--max-steps", "6", "eval.at_end=false"]) == 0
-    assert "resuming" in capsys.readouterr().out and (out / "checkpoints" / "step_000006.json").is_file()
+    printed = capsys.readouterr().out
+    assert "resuming" in printed and "removed" in printed and not (out / "metrics.json").exists()
+    assert (out / "checkpoints" / "step_000006.json").is_file()
+    assert json.loads((out / "averaged" / "step_000006.json").read_text())["averaged_steps"] == [4, 5, 6]
+    assert (out / "averaged" / "step_000005.json").is_file()
+    assert recon_test.main(["--ckpt", str(out / "averaged"), "--out", str(again_json)]) == 0  # the newest: step 6
+    assert "step 6" in capsys.readouterr().out
+    # --overwrite removes the averaged weights with the rest of the old run
+    assert recon_train.main(_run(synthlab_root, out, "--max-steps", "1", "--overwrite", "eval.at_end=false")) == 0
+    assert not (out / "averaged").exists()
 
 
 def test_average_last_must_be_positive(synthlab_root, tmp_path, capsys):

@@ -507,3 +507,15 @@ def test_a_validation_synthlab_with_the_training_seed_is_refused(synthlab_root, 
     with pytest.raises(table2.UsageError, match=f"written with seed {train_seed}, the training synthlab's seed"):
         table2.check_validation_seed(tmp_path / f"val{train_seed}", cfg)
     table2.check_validation_seed(tmp_path / f"val{train_seed + 1}", cfg)  # another seed: accepted
+
+
+def test_a_table_says_how_its_runs_were_scored_and_refuses_a_mix():
+    from recon.table2 import UsageError, _weights_of_runs, _weights_phrase
+
+    averaged = {"averaged_steps": [1088, 1152, 1200], "checkpoint": "averaged/step_001200.json"}
+    assert _weights_of_runs([{"weights": averaged}, {"weights": averaged}]) == {"average_last": 3}
+    assert _weights_of_runs([{"weights": {}}, {"weights": {}}]) == {"average_last": 1}
+    with pytest.raises(UsageError, match="scored with different weights"):
+        _weights_of_runs([{"weights": averaged}, {"weights": {}}])
+    assert "mean of the weights of its last 3 checkpoints" in _weights_phrase(3)
+    assert _weights_phrase(1) == "each run scored with its final weights"
