@@ -223,6 +223,27 @@ def test_finished_runs_are_skipped_and_the_report_has_every_field(synthlab_root,
     assert "git_commit" in report and report["wall_s"] >= 0
     markdown = (tmp_path / "results" / "mini-table2.md").read_text()
     assert "| baseline (r=0) |" in markdown and "121.00 ± 1.41" in markdown and "## Runs" in markdown
+    assert first["weights"] == {} and report["setup"]["weights"] == {"average_last": 1}
+    assert "each run scored with its final weights" in markdown
+
+
+def test_a_table_of_averaged_runs_says_so_and_a_mixed_one_is_refused(synthlab_root, tmp_path, capsys, monkeypatch):
+    argv = _argv(synthlab_root, tmp_path, "--seed-list", "3", "--max-steps", "2", "--figure-samples", "0")
+    averaged = {"averaged_steps": [1, 2], "checkpoint": "averaged/step_000002.json"}
+    metrics = {(0.0, 3): dict(_metrics(100.0, 120.0), weights=averaged),
+               (0.3, 3): dict(_metrics(99.0, 116.0), weights=averaged)}
+    runs = _fake_finished_runs(argv, metrics)
+    _no_training(monkeypatch)
+    assert table2.main(argv) == 0
+    report = json.loads((tmp_path / "results" / "mini-table2.json").read_text())
+    assert [r["weights"] for r in report["runs"]] == [averaged, averaged]
+    assert report["setup"]["weights"] == {"average_last": 2}
+    assert "mean of the weights of its last 2 checkpoints" in (tmp_path / "results" / "mini-table2.md").read_text()
+    capsys.readouterr()
+    (runs[1].folder / "metrics.json").write_text(json.dumps(_metrics(99.0, 116.0)))  # this run: final weights
+    assert table2.main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the runs' progress bar
+    assert error.startswith("recon.table2: error:") and "scored with different weights" in error
 
 
 def test_the_paper_rows_stand_beside_ours_on_the_paper_test_sets(tmp_path, capsys, monkeypatch):
