@@ -275,7 +275,7 @@ def read_checkpoint_info(path: str | Path, *, need_state: bool = False) -> Check
     for key in ("arch", "model_kwargs", "config", "step", "weights", "weights_sha256"):
         if key not in meta:
             raise CheckpointError(f"{json_path}: sidecar lacks the key {key!r}")
-    if need_state and meta.get("resumable") is False:
+    if need_state and (meta.get("resumable") is False or "averaged_steps" in meta):
         raise CheckpointError(
             f"{json_path}: not resumable (weights only{', the mean of steps ' + str(meta['averaged_steps']) if 'averaged_steps' in meta else ''}); "
             "resume from a checkpoint in the run's checkpoints/ folder"

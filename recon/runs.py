@@ -37,7 +37,8 @@ __all__ = ["RunFolderError", "RunFolder", "claim_run_folder", "new_run_id", "RUN
 LOCK_NAME = "run.lock"
 RUN_JSON = "run.json"
 # What a run writes into its folder; a new run refuses a folder holding any of them (unless --overwrite).
-RUN_FILES = ("run.json", "config.yaml", "metrics.json", "test_metrics.json", "checkpoints", "averaged", "tb")
+RUN_FILES = ("run.json", "config.yaml", "metrics.json", "metrics.previous.json", "test_metrics.json", "checkpoints",
+             "averaged", "tb")
 
 
 class RunFolderError(ValueError):
@@ -277,3 +278,7 @@ def _check_resume(out: Path, run_id: str, resume_meta: dict, overwrite: bool, no
         _remove_checkpoint(sidecar)
     if later:
         notes.append(f"--overwrite: deleted {len(later)} checkpoint(s) after step {step} in {folder}")
+        averaged = out / "averaged"  # averages of the discarded steps (train.average_last) go with them
+        for sidecar in sorted(averaged.glob("step_*.json")) if averaged.is_dir() else []:
+            if int(_sidecar_meta(sidecar).get("step", -1)) > step:
+                _remove_checkpoint(sidecar)

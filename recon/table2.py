@@ -1625,13 +1625,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from recon.config import ConfigError
     from recon.data import DataSpecError
     from recon.registry import PluginError
+    from recon.checkpoint import CheckpointError
     from recon.train import UsageError as TrainUsageError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)
         run_table(args, argv)
-    except (UsageError, TrainUsageError, ConfigError, DataSpecError, DatasetError, PluginError, MANOError) as error:
+    except (UsageError, TrainUsageError, ConfigError, DataSpecError, DatasetError, PluginError, MANOError,
+            CheckpointError) as error:  # CheckpointError: e.g. the averaged weights a run's metrics.json names are gone
         print(f"recon.table2: error: {error}", file=sys.stderr)
         return 2
     except RunFailed as error:

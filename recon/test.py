@@ -168,6 +168,7 @@ def _read_metrics(path: str) -> dict:
         raise UsageError(f"--compare {path}: expected {{dataset: {{metric: value}}}} (a metrics.json)")
     data.pop("mixing", None)  # recon.train's mixing statistics and the skip counts sit beside the datasets
     data.pop("skips", None)
+    data.pop("weights", None)  # which weights recon.train scored (train.average_last)
     for dataset, values in data.items():
         for name in HEADLINE:
             value = values.get(name)

@@ -689,7 +689,9 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
                 start_batch = batch_in_epoch
     except KeyboardInterrupt:  # Ctrl-C: leave a checkpoint that --resume continues from
         if is_main and step > 0 and saved_step != step:
-            path = save(epoch, batch_in_epoch, interrupted=True)
+            # a scheduled step (a multiple of ckpt_every, or the last) is what its own save would have written
+            scheduled = step % cfg.train.ckpt_every == 0 or step >= max_steps
+            path = save(epoch, batch_in_epoch, interrupted=not scheduled)
             say(f"\ninterrupted at step {step}; resumable checkpoint {path}")
         raise
     finally:  # joins the generator's producer thread, whatever ended the loop
@@ -727,7 +729,7 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
         sidecars = box[0]
         averaged_steps = ckpt.average_checkpoints(model, sidecars)
         if len(sidecars) < cfg.train.average_last:
-            say(f"train.average_last={cfg.train.average_last}: only {len(sidecars)} checkpoint(s) of this run exist")
+            say(f"train.average_last={cfg.train.average_last}: only {len(sidecars)} scheduled checkpoint(s) of this run are kept")
         if is_main:
             final = save(epoch, start_batch, averaged_steps=averaged_steps)
         say(f"averaged the weights of steps {', '.join(map(str, averaged_steps))} (train.average_last); saved as {final}"
@@ -738,9 +740,20 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
         say(f"train: {substituted} sample(s) replaced by the next one because their image did not decode")
     metrics: dict = {}
     stale = out / "metrics.json"
-    if is_main and not cfg.eval.at_end and stale.is_file() and (saved_step != resumed_step or averaged_steps is not None):
-        stale.unlink()  # it scored other weights than this run now ends with
-        say(f"removed {stale}: it scored the weights of an earlier end of this run (eval.at_end=false)")
+    if is_main and not cfg.eval.at_end and stale.is_file():
+        try:
+            earlier = json.loads(stale.read_text())
+        except (OSError, ValueError):
+            earlier = {}
+        scored = (earlier.get("weights") if isinstance(earlier, dict) else None) or {}
+        if isinstance(scored, dict) and "step" in scored:  # it says which weights it scored
+            same = scored["step"] == step and scored.get("averaged_steps") == averaged_steps
+        else:  # written before metrics.json named its step: the same weights only if nothing changed since
+            same = saved_step == resumed_step and averaged_steps is None
+        if not same:  # it scored other weights than this run now ends with: kept aside, not deleted
+            os.replace(stale, out / "metrics.previous.json")
+            say(f"moved {stale} to metrics.previous.json: it scored other weights than this run ends with "
+                "(eval.at_end=false)")
     if cfg.eval.at_end:
         test_skips: dict = {}
         metrics = evaluate_regressor(
@@ -760,8 +773,9 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
             for key, found in skip_report["test"].items():
                 say(f"test {key}: {describe_skips(Counter(found))} record(s) skipped, not scored")
             report = dict(metrics, skips=skip_report)
+            report["weights"] = {"step": step}  # which weights were scored: the final ones, or the averaged ones
             if averaged_steps is not None:
-                report["weights"] = {"averaged_steps": averaged_steps, "checkpoint": str(Path(final).relative_to(out))}
+                report["weights"].update(averaged_steps=averaged_steps, checkpoint=str(Path(final).relative_to(out)))
             if mixing_stats is not None:
                 report["mixing"] = mixing_stats
             tmp = out / ".metrics.json.tmp"  # written whole, then renamed: a reader never sees half of it

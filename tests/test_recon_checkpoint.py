@@ -157,3 +157,11 @@ def test_interrupted_checkpoints_are_resumable_but_not_averaged(tmp_path):
     assert ckpt.run_checkpoints(tmp_path, "r", scheduled_only=True) == [paths[0], paths[2]]
     assert ckpt.read_checkpoint_info(paths[1], need_state=True).step == 3
     assert ckpt.run_checkpoints(tmp_path / "nothing", "r") == []
+
+
+def test_averaged_weights_are_refused_for_resuming_even_with_a_state_file(tmp_path):
+    # the first version of train.average_last wrote averaged weights with a state file and no "resumable" key
+    path, _ = _save(tmp_path, _model(), step=4, extra={"averaged_steps": [2, 4]})
+    with pytest.raises(ckpt.CheckpointError, match=r"not resumable \(weights only, the mean of steps \[2, 4\]\)"):
+        ckpt.read_checkpoint_info(path, need_state=True)
+    assert ckpt.read_checkpoint_info(path).step == 4  # scoring them is fine

@@ -53,7 +53,7 @@ def test_torchrun_two_processes(tmp_path):
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1  # one writer: rank 0's
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics.pop("skips") == {"train": {}, "test": {}}
-    assert metrics.pop("weights") == {"averaged_steps": [3, 6], "checkpoint": "averaged/step_000006.json"}
+    assert metrics.pop("weights") == {"step": 6, "averaged_steps": [3, 6], "checkpoint": "averaged/step_000006.json"}
     single = tmp_path / "single.json"
     torch.set_num_threads(1)
     assert recon_test.main(["--ckpt", str(out / "averaged"), "--out", str(single)]) == 0

@@ -38,7 +38,7 @@ def test_the_documented_plugin_trains_and_tests(tmp_path, capsys):
     sidecar = json.loads(next((out / "checkpoints").glob("*.json")).read_text())
     assert sidecar["arch"] == "tiny_cnn" and sidecar["model_kwargs"] == {"width": 8, "mano_dir": None, "weight_rel_root": 10.0}
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics) == ["skips", "synthlab-test-wild"] and metrics["synthlab-test-wild"]["count_MPVPE"] > 0
+    assert list(metrics) == ["skips", "synthlab-test-wild", "weights"] and metrics["synthlab-test-wild"]["count_MPVPE"] > 0
 
     # the documented unknown-key message
     assert recon_train.main([*argv, "model.depth=3"]) == 2

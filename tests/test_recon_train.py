@@ -67,7 +67,8 @@ def test_train_writes_checkpoints_tensorboard_and_metrics_and_test_reproduces_th
     assert [p.name for p in sorted((out / "checkpoints").glob("*.json"))] == ["step_000002.json", "step_000004.json"]
     assert list((out / "tb").glob("events.out.tfevents.*"))
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"synthlab-test-lab", "synthlab-test-wild", "skips"}
+    assert set(metrics) == {"synthlab-test-lab", "synthlab-test-wild", "skips", "weights"}
+    assert metrics.pop("weights") == {"step": 4}  # the final weights
     assert metrics.pop("skips") == {"train": {}, "test": {}}  # the tiny synthlab has no bad record
     for values in metrics.values():
         assert values["count_MPVPE"] > 0 and values["records_skipped"] == 0
@@ -137,7 +138,7 @@ def test_average_last_evaluates_the_mean_of_the_last_checkpoints(synthlab_root, 
     meta = json.loads((out / "averaged" / "step_000005.json").read_text())
     assert meta["averaged_steps"] == [2, 4, 5] and meta["step"] == 5
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["weights"] == {"averaged_steps": [2, 4, 5], "checkpoint": "averaged/step_000005.json"}
+    assert metrics["weights"] == {"step": 5, "averaged_steps": [2, 4, 5], "checkpoint": "averaged/step_000005.json"}
     # metrics.json scored the averaged weights: recon.test on them gives the same numbers, the last single differs
     again_json = tmp_path / "again.json"
     assert recon_test.main(["--ckpt", str(out / "averaged"), "--out", str(again_json)]) == 0
@@ -152,11 +153,15 @@ def test_average_last_evaluates_the_mean_of_the_last_checkpoints(synthlab_root, 
     assert recon_train.main(["--resume", str(out / "averaged" / "step_000005.json"), "--out", str(out)]) == 2
     error = capsys.readouterr().err.strip()
     assert "not resumable (weights only, the mean of steps [2, 4, 5])" in error and "\n" not in error
+    # resuming a finished run that trains nothing and averages the same steps keeps its metrics.json
+    assert recon_train.main(["--resume", "--out", str(out), "--max-steps", "5", "eval.at_end=false"]) == 0
+    assert "moved" not in capsys.readouterr().out and json.loads((out / "metrics.json").read_text()) == metrics
     # --resume continues the newest resumable checkpoint (step 5); without an evaluation the metrics.json that
-    # scored the step-5 average is removed, and the new average (steps 4, 5, 6) is kept beside the old one
+    # scored the step-5 average is moved aside, and the new average (steps 4, 5, 6) is kept beside the old one
     assert recon_train.main(["--resume", "--out", str(out), "--max-steps", "6", "eval.at_end=false"]) == 0
     printed = capsys.readouterr().out
-    assert "resuming" in printed and "removed" in printed and not (out / "metrics.json").exists()
+    assert "resuming" in printed and "moved" in printed and not (out / "metrics.json").exists()
+    assert json.loads((out / "metrics.previous.json").read_text()) == metrics
     assert (out / "checkpoints" / "step_000006.json").is_file()
     assert json.loads((out / "averaged" / "step_000006.json").read_text())["averaged_steps"] == [4, 5, 6]
     assert (out / "averaged" / "step_000005.json").is_file()
