@@ -184,12 +184,18 @@ def save_checkpoint(
     return json_path
 
 
-def _run_id_of(sidecar: Path) -> Optional[str]:
+def _sidecar_meta(sidecar: Path) -> dict:
+    """A sidecar's JSON object, {} when it cannot be read (a listing skips such files; reading one for use goes
+    through :func:`read_checkpoint_info`, which says why)."""
     try:
         meta = json.loads(sidecar.read_text())
     except (OSError, ValueError):
-        return None
-    return meta.get("run_id") if isinstance(meta, dict) else None
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _run_id_of(sidecar: Path) -> Optional[str]:
+    return _sidecar_meta(sidecar).get("run_id")
 
 
 def _complete_checkpoints(folder: Path, run_id: Optional[str] = None, by_run: bool = False) -> list[Path]:
@@ -336,16 +342,8 @@ def run_checkpoints(folder: str | Path, run_id: Optional[str], *, scheduled_only
     folder = Path(folder)
     found = _complete_checkpoints(folder, run_id=run_id, by_run=True) if folder.is_dir() else []
     if scheduled_only:
-        found = [path for path in found if not _sidecar_flag(path, "interrupted")]
+        found = [path for path in found if _sidecar_meta(path).get("interrupted") is not True]
     return found
-
-
-def _sidecar_flag(sidecar: Path, key: str) -> bool:
-    try:
-        meta = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get(key) is True
 
 
 def average_checkpoints(model: nn.Module, sidecars: Sequence[str | Path]) -> list[int]:
@@ -354,7 +352,10 @@ def average_checkpoints(model: nn.Module, sidecars: Sequence[str | Path]) -> lis
     (BatchNorm's running statistics included) is averaged in float64; integer buffers (``num_batches_tracked``)
     are the last given checkpoint's. Each file is checked (checksum, and strictly against the model's keys and shapes:
     CheckpointError in one line), read into host memory and copied into the model wherever it lives; the sum is
-    kept on the model's device. Returns the checkpoints' steps, in the order given."""
+    kept on the model's device. Returns the checkpoints' steps, in the order given.
+
+    Not ``torch.optim.swa_utils.AveragedModel``: it keeps a second copy of the model on the device and its running
+    mean would average the integer buffers too; here the files are the models and the mean is exact."""
     if not sidecars:
         raise CheckpointError("average_checkpoints: no checkpoints to average")
     current = model.state_dict()
@@ -378,7 +379,7 @@ def average_checkpoints(model: nn.Module, sidecars: Sequence[str | Path]) -> lis
             for key, value in saved.items():
                 current[key].copy_(value.to(current[key].device))
         steps.append(int(info.meta.get("step", -1)))
-        for key, value in model.state_dict().items():
+        for key, value in current.items():
             if value.is_floating_point():
                 total[key] = total[key] + value.double() if key in total else value.detach().double().clone()
             else:

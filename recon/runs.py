@@ -263,22 +263,22 @@ def _check_resume(out: Path, run_id: str, resume_meta: dict, overwrite: bool, no
             "resume into an empty --out"
         )
     step = int(resume_meta.get("step", 0))
-    later = []
+
+    def later_in(folder: Path) -> list[Path]:  # this run's checkpoints after the resumed step
+        return [
+            sidecar for sidecar in (sorted(folder.glob("step_*.json")) if folder.is_dir() else [])
+            if (meta := _sidecar_meta(sidecar)).get("run_id", run_id if recorded is None else None) == run_id
+            and int(meta.get("step", -1)) > step
+        ]
+
     folder = out / "checkpoints"
-    for sidecar in sorted(folder.glob("step_*.json")) if folder.is_dir() else []:
-        meta = _sidecar_meta(sidecar)
-        if meta.get("run_id", run_id if recorded is None else None) == run_id and int(meta.get("step", -1)) > step:
-            later.append(sidecar)
+    later = later_in(folder)
     if later and not overwrite:
         raise RunFolderError(
             f"--resume: {out} holds later checkpoints of this run ({later[-1].name}); resume from the newest "
             "(--resume with no value) or add --overwrite to delete the later ones"
         )
-    for sidecar in later:
-        _remove_checkpoint(sidecar)
-    if later:
+    if later:  # the averages of the discarded steps (train.average_last) go with them
+        for sidecar in later + later_in(out / "averaged"):
+            _remove_checkpoint(sidecar)
         notes.append(f"--overwrite: deleted {len(later)} checkpoint(s) after step {step} in {folder}")
-        averaged = out / "averaged"  # averages of the discarded steps (train.average_last) go with them
-        for sidecar in sorted(averaged.glob("step_*.json")) if averaged.is_dir() else []:
-            if int(_sidecar_meta(sidecar).get("step", -1)) > step:
-                _remove_checkpoint(sidecar)

@@ -1252,8 +1252,9 @@ def mean_pose_row(cfg, max_samples: Optional[int], test_sets: Sequence[str]) -> 
 
 
 def run_weights(folder: Path) -> dict:
-    """What a finished run's ``metrics.json`` scored: ``{"averaged_steps": [...], "checkpoint": path relative to
-    the run folder}`` for averaged weights (``train.average_last`` > 1), else ``{}`` (its final weights)."""
+    """What a finished run's ``metrics.json`` scored when it names averaged weights (``train.average_last`` > 1):
+    its ``weights`` entry (``step``, ``averaged_steps``, ``checkpoint`` relative to the run folder); else ``{}``
+    (its final weights)."""
     try:
         weights = json.loads((folder / "metrics.json").read_text()).get("weights") or {}
     except (OSError, ValueError, AttributeError):

@@ -167,6 +167,13 @@ def test_average_last_evaluates_the_mean_of_the_last_checkpoints(synthlab_root, 
     assert (out / "averaged" / "step_000005.json").is_file()
     assert recon_test.main(["--ckpt", str(out / "averaged"), "--out", str(again_json)]) == 0  # the newest: step 6
     assert "step 6" in capsys.readouterr().out
+    # resuming an earlier checkpoint with --overwrite discards the later steps' checkpoints and their averages
+    argv = ["--resume", str(out / "checkpoints" / "step_000004.json"), "--out", str(out), "--overwrite",
+            "--max-steps", "4", "eval.at_end=false"]
+    assert recon_train.main(argv) == 0
+    assert sorted(p.name for p in (out / "averaged").glob("*.json")) == ["step_000004.json"]
+    assert json.loads((out / "averaged" / "step_000004.json").read_text())["averaged_steps"] == [2, 4]
+    capsys.readouterr()
     # --overwrite removes the averaged weights with the rest of the old run
     assert recon_train.main(_run(synthlab_root, out, "--max-steps", "1", "--overwrite", "eval.at_end=false")) == 0
     assert not (out / "averaged").exists()
