@@ -179,3 +179,56 @@ def test_pose_sampler_curls_to_the_palm_and_keeps_hands_apart(model):
         verts_left, _ = sampler.forward("left", left.pose[None], left.shape[None], left.trans[None])
         gap = torch.cdist(torch.from_numpy(verts_right[0]), torch.from_numpy(verts_left[0])).min()
         assert gap >= 0.004 - 1e-6
+
+
+def _camera_frame_hands(sampler, viewpoints, frames, seed=0):
+    """Wrist-relative joints (N, 21, 3) of every hand of ``frames`` sampled frames, in the cameras of a rig."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    hands = []
+    for _ in range(frames):
+        cam = synthlab_module.random_rig(rng, 256, 1, viewpoints)[0]
+        _, fits = sampler.sample_frame(rng)
+        for side, fit in fits.items():
+            if fit is not None:
+                _, joints = sampler.forward(side, fit.pose[None], fit.shape[None], fit.trans[None])
+                hands.append((joints[0] - joints[0, :1]) @ cam["R"].T)
+    return np.stack(hands)
+
+
+def test_studio_viewpoints_show_upright_hands_whose_mean_is_a_hand(model):
+    import numpy as np
+
+    from hands.datasets.poses import PoseSampler
+
+    # sphere (the default): any orientation in the camera frame, so the data's mean hand collapses to near a point
+    sphere = _camera_frame_hands(PoseSampler(model), "sphere", 150)
+    # studio: upright hands before front cameras with little roll: the middle knuckle is above the wrist in the
+    # image (camera -y) for most hands, and the mean hand keeps most of a hand's wrist-to-knuckle length
+    studio = _camera_frame_hands(PoseSampler(model, orientation="upright"), "studio", 150)
+    bone = np.linalg.norm(studio[:, 9], axis=1).mean()
+    up_sphere, up_studio = (sphere[:, 9, 1] < 0).mean(), (studio[:, 9, 1] < 0).mean()
+    assert 0.35 < up_sphere < 0.65 and up_studio > 0.9
+    assert np.linalg.norm(sphere[:, 9].mean(0)) < 0.2 * bone
+    assert np.linalg.norm(studio[:, 9].mean(0)) > 0.6 * bone
+
+
+def test_studio_synthlab_is_recorded_and_cached_apart_from_the_default(tmp_path, monkeypatch, model):
+    from hands.datasets.synthlab import cache_folder_name, cache_stamp
+
+    # the default's stamp (and cache folder) is that of the writers before the option existed
+    assert set(cache_stamp({})) == {"format_version", "seed", "sizes", "resolution"}
+    assert cache_stamp({"viewpoints": "sphere"}) == cache_stamp({})
+    assert cache_folder_name(model.fingerprint(), {"viewpoints": "studio"}) != cache_folder_name(model.fingerprint(), {})
+    monkeypatch.setenv("ATTENTIONHAND_CACHE", str(tmp_path / "cache"))
+    sizes = {"train-lab": 2, "test-lab": 0, "train-wild": 0, "test-wild": 0}
+    studio = ensure_synthlab(sizes=sizes, resolution=48, hand_model=model, show_progress=False, viewpoints="studio")
+    assert json.loads((studio / "synthlab.json").read_text())["viewpoints"] == "studio"
+    assert ensure_synthlab(sizes=sizes, resolution=48, hand_model=model, viewpoints="studio") == studio  # cached
+    assert ensure_synthlab(sizes=sizes, resolution=48, hand_model=model, show_progress=False) != studio
+    assert len(build_dataset("synthlab", studio, "train-lab", hand_model=model)) == 2
+    with pytest.raises(ValueError, match="unknown viewpoints 'dome'"):
+        write_synthlab(tmp_path / "bad", sizes=sizes, hand_model=model, viewpoints="dome")
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "cli"), "--viewpoints", "dome"])

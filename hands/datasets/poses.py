@@ -17,7 +17,7 @@ import torch
 
 from hands.rotation import axis_angle_to_matrix, matrix_to_axis_angle, mirror_axis_angle
 
-__all__ = ["PoseSampler", "GESTURES", "CONFIGS", "HandFit"]
+__all__ = ["PoseSampler", "GESTURES", "CONFIGS", "HandFit", "ORIENTATIONS"]
 
 # MANO parameter joints (1..15) per finger, knuckle to tip; tip vertex index in model.tip_verts
 FINGERS = {
@@ -53,6 +53,16 @@ CONFIGS = {
     "single-right": (0.2, None),
     "single-left": (0.2, None),
 }
+# how the hands' global orientations are drawn (PoseSampler's ``orientation``):
+#   uniform: uniformly over all rotations (synthlab's default; with cameras from every direction and any roll, a
+#            hand is seen at any orientation: the mean hand of the data is a point)
+#   upright: hands held in front of a person, fingers up, palms sideways (the right palm towards +x, the left
+#            towards -x, i.e. towards each other), then turned about the vertical by U[-90, 90] degrees and
+#            tilted about a random axis by up to 45 degrees: the orientations of hands held before a capture
+#            rig's front cameras (used with synthlab's ``studio`` viewpoints)
+ORIENTATIONS = ("uniform", "upright")
+UPRIGHT_YAW = np.pi / 2
+UPRIGHT_TILT = np.pi / 4
 
 
 @dataclass
@@ -92,9 +102,13 @@ class PoseSampler:
         model: a :class:`hands.mano.HandModel` (CPU).
     """
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, orientation: str = "uniform") -> None:
+        if orientation not in ORIENTATIONS:
+            raise ValueError(f"PoseSampler: unknown orientation {orientation!r}; known: {', '.join(ORIENTATIONS)}")
         self.model = model
+        self.orientation = orientation
         self.axes = {side: self._find_axes(side) for side in ("right", "left")}
+        self.upright = {side: self._upright_frame(side) for side in ("right", "left")} if orientation == "upright" else None
 
     # -- model queries -------------------------------------------------------------------------------------
     def forward(self, side: str, pose: np.ndarray, shape: np.ndarray, trans: np.ndarray | None = None):
@@ -160,6 +174,29 @@ class PoseSampler:
                     abduct[j] = side_axis
         return {"palm_sign": sign, "flex": flex, "abduct": abduct}
 
+    def _upright_frame(self, side: str) -> np.ndarray:
+        """The root rotation (3, 3) that turns the model's mean-pose hand upright: wrist -> middle knuckle along
+        world +z, the palm's outward normal along +x (right hand) or -x (left hand)."""
+        _, joints = self.forward(side, np.zeros((1, 48)), np.zeros((1, 10)))
+        joints = joints[0]
+        normal = self.palm_normal(joints, side)
+        up = joints[9] - joints[0]
+        up = up - normal * (up @ normal)
+        up /= np.linalg.norm(up)
+        source = np.stack([np.cross(up, normal), up, normal], axis=1)  # columns: a right-handed frame
+        palm = np.array([1.0, 0.0, 0.0]) if side == "right" else np.array([-1.0, 0.0, 0.0])
+        vertical = np.array([0.0, 0.0, 1.0])
+        target = np.stack([np.cross(vertical, palm), vertical, palm], axis=1)
+        return target @ source.T
+
+    def root_rotation(self, side: str, rng: np.random.Generator) -> np.ndarray:
+        """A global orientation (3, 3) for one hand, drawn as ``orientation`` says (module comment)."""
+        if self.orientation == "uniform":
+            return _random_rotation(rng)
+        yaw = rng.uniform(-UPRIGHT_YAW, UPRIGHT_YAW)
+        turn = axis_angle_to_matrix(torch.tensor([0.0, 0.0, yaw], dtype=torch.float64)).numpy()
+        return _small_rotation(rng, UPRIGHT_TILT) @ turn @ self.upright[side]
+
     # -- poses ---------------------------------------------------------------------------------------------
     def articulation(self, side: str, rng: np.random.Generator, gesture: str | None = None) -> tuple[np.ndarray, str]:
         """(45,) finger pose parameters (offsets from the mean pose) for ``gesture`` (random when None)."""
@@ -217,7 +254,7 @@ class PoseSampler:
         if config.startswith("single"):
             side = config.split("-")[1]
             fingers, gesture = self.articulation(side, rng)
-            root = matrix_to_axis_angle(torch.tensor(_random_rotation(rng))).numpy()
+            root = matrix_to_axis_angle(torch.tensor(self.root_rotation(side, rng))).numpy()
             pose = np.concatenate([root, fingers])
             trans = self.place(side, pose, shape, rng.uniform(-0.02, 0.02, size=3))
             fits = {side: HandFit(pose, shape, trans, gesture), ("left" if side == "right" else "right"): None}
@@ -225,7 +262,7 @@ class PoseSampler:
 
         # right hand: random orientation, palm centre near the origin
         fingers_right, gesture_right = self.articulation("right", rng)
-        root_right = _random_rotation(rng)
+        root_right = self.root_rotation("right", rng)
         pose_right = np.concatenate([matrix_to_axis_angle(torch.tensor(root_right)).numpy(), fingers_right])
         trans_right = self.place("right", pose_right, shape, rng.uniform(-0.02, 0.02, size=3))
         _, joints_right = self.forward("right", pose_right[None], shape[None], trans_right[None])

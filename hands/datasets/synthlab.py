@@ -1,7 +1,7 @@
 """synthlab, the embedded benchmark: two-hand images rendered from a MANO-format hand, in IH2.6M's layout.
 
 ``python -m hands.datasets.synthlab --out DIR [--seed 0] [--sizes 5000 500 5000 500] [--resolution 256]
-[--mano-dir DIR]`` writes, for each split, exactly what :class:`hands.datasets.ih26m.InterHand26M` reads::
+[--mano-dir DIR] [--viewpoints sphere|studio]`` writes, for each split, exactly what :class:`hands.datasets.ih26m.InterHand26M` reads::
 
     DIR/annotations/{split}/InterHand2.6M_{split}_{data,camera,joint_3d,MANO_NeuralAnnot}.json
     DIR/images/{split}/Capture{c}/{seq}/cam{k}/image{frame}.jpg
@@ -18,7 +18,10 @@ Splits mirror the paper's setting in miniature:
 
 Each capture has a rig of 4 cameras looking at the hands from random directions (0.45-0.7 m away,
 focal 1.2-1.6 x the image width); each time step draws a two-hand configuration (clasped, palms facing,
-near each other, or one hand: :mod:`hands.datasets.poses`) whose hands are in view of every camera. Hands
+near each other, or one hand: :mod:`hands.datasets.poses`) whose hands are in view of every camera. By default
+(``--viewpoints sphere``) cameras come from every direction with any roll and hands have uniformly random
+orientations; ``--viewpoints studio`` holds the hands upright in front of a person and puts the cameras in front
+of them with little roll, as in a capture studio (VIEWPOINTS; written to synthlab.json and the cache stamp). Hands
 have per-vertex skin colours (a skin tone per person with smooth variation), Lambert + ambient shading
 (:func:`hands.render.render_mesh`). Every image has a caption: a template sentence naming the hands'
 action and, for wild images, the scene and the light. Deterministic for a seed; a tqdm bar shows progress.
@@ -54,13 +57,20 @@ from hands.datasets.layouts import IH26MWriter
 from hands.datasets.poses import PoseSampler
 from hands.joints import IH26M_TO_OURS
 
-__all__ = ["SPLITS", "DEFAULT_SIZES", "SynthLab", "write_synthlab", "ensure_synthlab", "cache_stamp", "cache_folder_name",
+__all__ = ["SPLITS", "DEFAULT_SIZES", "VIEWPOINTS", "SynthLab", "write_synthlab", "ensure_synthlab", "cache_stamp", "cache_folder_name",
            "main"]
 
 SPLITS = ("train-lab", "test-lab", "train-wild", "test-wild")
 DEFAULT_SIZES = {"train-lab": 5000, "test-lab": 500, "train-wild": 5000, "test-wild": 500}
 DEFAULT_RESOLUTION = 256
 CAMERAS_PER_CAPTURE = 4
+# how the rig's cameras and the hands' orientations are drawn (``viewpoints``):
+#   sphere: cameras from every direction with any roll, hands at uniformly random orientations (the default):
+#           every orientation of a hand in the camera frame is equally likely
+#   studio: an IH2.6M-like capture: hands held upright in front of a person (PoseSampler's ``upright``), cameras
+#           in front of them (azimuth within 80 degrees of the front, elevation -15 to 50 degrees, roll within 12
+#           degrees): image up is about world up, and the data's mean hand is a hand, not a point
+VIEWPOINTS = ("sphere", "studio")
 # 3: default sizes 5000/500/5000/500 and a cache stamp that includes them; 2: joints regressed from the mesh
 # (1: smplx's LBS joints). The cache folder is keyed by it, so an older cache is never read.
 FORMAT_VERSION = 3
@@ -216,18 +226,26 @@ def look_at(position: np.ndarray, target: np.ndarray, roll: float) -> np.ndarray
     return roll_matrix @ R
 
 
-def random_rig(rng: np.random.Generator, resolution: int, count: int) -> list[dict]:
-    """``count`` cameras around the world origin: R (3, 3), position (3,) metres, focal (2,), princpt (2,)."""
+def random_rig(rng: np.random.Generator, resolution: int, count: int, viewpoints: str = "sphere") -> list[dict]:
+    """``count`` cameras around the world origin: R (3, 3), position (3,) metres, focal (2,), princpt (2,);
+    directions and roll as ``viewpoints`` says (VIEWPOINTS)."""
     rig = []
     for _ in range(count):
-        direction = rng.normal(size=3)
-        direction /= np.linalg.norm(direction)
+        if viewpoints == "studio":  # in front of the person (who stands at +y and faces -y)
+            azimuth, elevation = math.radians(rng.uniform(-80, 80)), math.radians(rng.uniform(-15, 50))
+            direction = np.array(
+                [math.sin(azimuth) * math.cos(elevation), -math.cos(azimuth) * math.cos(elevation), math.sin(elevation)]
+            )
+        else:
+            direction = rng.normal(size=3)
+            direction /= np.linalg.norm(direction)
         position = direction * rng.uniform(0.45, 0.7)
         target = rng.uniform(-0.02, 0.02, size=3)
         focal = rng.uniform(1.2, 1.6) * resolution
         focal = np.array([focal, focal * rng.uniform(0.99, 1.01)])
         princpt = np.array([(resolution - 1) / 2, (resolution - 1) / 2]) + rng.uniform(-3, 3, size=2)
-        rig.append({"R": look_at(position, target, rng.uniform(-math.pi, math.pi)), "position": position, "focal": focal, "princpt": princpt})
+        roll = rng.uniform(-math.pi, math.pi) if viewpoints == "sphere" else math.radians(rng.uniform(-12, 12))
+        rig.append({"R": look_at(position, target, roll), "position": position, "focal": focal, "princpt": princpt})
     return rig
 
 
@@ -256,7 +274,8 @@ def _to_ih_order(joints_ours: np.ndarray, offset: int, out: np.ndarray) -> None:
 
 
 def write_split(
-    root: Path, split: str, count: int, *, seed: int, resolution: int, model, sampler: PoseSampler, progress=None
+    root: Path, split: str, count: int, *, seed: int, resolution: int, model, sampler: PoseSampler, progress=None,
+    viewpoints: str = "sphere",
 ) -> int:
     """Write ``count`` images of ``split`` under ``root``; returns the number written."""
     from hands.render import render_mesh
@@ -273,7 +292,7 @@ def write_split(
     written, capture, frames_per_capture = 0, 0, 12
     margin = 0.04 * resolution
     while written < count:
-        rig = random_rig(rng, resolution, CAMERAS_PER_CAPTURE)
+        rig = random_rig(rng, resolution, CAMERAS_PER_CAPTURE, viewpoints)
         for k, cam in enumerate(rig):
             writer.add_camera(capture, str(400000 + k), cam["R"], cam["position"], cam["focal"], cam["princpt"])
         for frame in range(frames_per_capture):
@@ -400,16 +419,20 @@ def write_synthlab(
     mano_dir: str | Path | None = None,
     hand_model=None,
     show_progress: bool = True,
+    viewpoints: str = "sphere",
 ) -> Path:
     """Write synthlab into ``out`` (created; existing files of the same splits are overwritten).
 
     sizes: {split: number of images} (missing splits: DEFAULT_SIZES; 0 skips a split).
+    viewpoints: ``sphere`` (default) or ``studio`` (VIEWPOINTS).
     Returns ``out``. synthlab.json is written last.
     """
     from tqdm import tqdm
 
     if resolution < 32:
         raise ValueError(f"synthlab: resolution must be at least 32 px, got {resolution}")
+    if viewpoints not in VIEWPOINTS:
+        raise ValueError(f"synthlab: unknown viewpoints {viewpoints!r}; known: {', '.join(VIEWPOINTS)}")
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     unknown = set(sizes) - set(SPLITS)
     if unknown:
@@ -426,11 +449,12 @@ def write_synthlab(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        sampler = PoseSampler(hand_model)
+        sampler = PoseSampler(hand_model, orientation="upright" if viewpoints == "studio" else "uniform")
         with tqdm(total=total, desc="synthlab", unit="img", disable=not show_progress) as bar:
             for split in SPLITS:
                 if sizes[split] > 0:
-                    write_split(out, split, sizes[split], seed=seed, resolution=resolution, model=hand_model, sampler=sampler, progress=bar)
+                    write_split(out, split, sizes[split], seed=seed, resolution=resolution, model=hand_model, sampler=sampler, progress=bar,
+                                viewpoints=viewpoints)
     finally:
         torch.set_num_threads(threads)
     info = {
@@ -438,6 +462,7 @@ def write_synthlab(
         "seed": seed,
         "sizes": sizes,
         "resolution": resolution,
+        "viewpoints": viewpoints,
         "hand_model_fingerprint": hand_model.fingerprint(),
         "hand_model_procedural": bool(hand_model.is_procedural),
         "seconds": round(time.perf_counter() - start, 1),
@@ -471,13 +496,18 @@ def _remove_stale_partials(folder: Path) -> int:
 
 def cache_stamp(options: dict) -> dict:
     """What a cached synthlab must have been written with for ``options`` (ensure_synthlab's): format version,
-    seed, sizes per split and resolution (the hand model is in the folder's name and checked by the reader)."""
-    return {
+    seed, sizes per split, resolution, and the viewpoints when they are not the default ``sphere`` (so that the
+    default's stamp, and its cache folder, are those of the writers before the option; the hand model is in the
+    folder's name and checked by the reader)."""
+    stamp = {
         "format_version": FORMAT_VERSION,
         "seed": int(options.get("seed", 0)),
         "sizes": {**DEFAULT_SIZES, **(options.get("sizes") or {})},
         "resolution": int(options.get("resolution", DEFAULT_RESOLUTION)),
     }
+    if options.get("viewpoints", "sphere") != "sphere":
+        stamp["viewpoints"] = options["viewpoints"]
+    return stamp
 
 
 def cache_folder_name(fingerprint: str, options: dict) -> str:
@@ -494,7 +524,10 @@ def _stamp_of(root: Path) -> dict | None:
         return None
     if not isinstance(info, dict):
         return None
-    return {key: info.get(key) for key in ("format_version", "seed", "sizes", "resolution")}
+    stamp = {key: info.get(key) for key in ("format_version", "seed", "sizes", "resolution")}
+    if info.get("viewpoints", "sphere") != "sphere":
+        stamp["viewpoints"] = info["viewpoints"]
+    return stamp
 
 
 def ensure_synthlab(root: str | Path | None = None, **options) -> Path:
@@ -609,6 +642,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="square image size in pixels")
     parser.add_argument("--mano-dir", type=Path, default=None, help="folder with MANO_RIGHT.pkl / MANO_LEFT.pkl")
+    parser.add_argument(
+        "--viewpoints", choices=VIEWPOINTS, default="sphere",
+        help="sphere: cameras from every direction, hands at any orientation (default); studio: hands held upright "
+        "in front of a person, cameras in front of them, little roll (an IH2.6M-like capture)",
+    )
     args = parser.parse_args(argv)
     if any(s < 0 for s in args.sizes):
         parser.error("--sizes must be non-negative")
@@ -616,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out}: is a file; expected a folder")
         out = write_synthlab(
-            args.out, seed=args.seed, sizes=dict(zip(SPLITS, args.sizes)), resolution=args.resolution, mano_dir=args.mano_dir
+            args.out, seed=args.seed, sizes=dict(zip(SPLITS, args.sizes)), resolution=args.resolution, mano_dir=args.mano_dir,
+            viewpoints=args.viewpoints,
         )
     except (ValueError, OSError) as error:  # bad sizes or resolution, a bad MANO folder, an unwritable --out
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
