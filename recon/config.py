@@ -124,6 +124,11 @@ class TrainConfig:
     # evaluate and export (OUT/averaged/) the mean of the weights of the run's last N checkpoints (SWA over saved
     # checkpoints, BatchNorm statistics averaged too; recon.checkpoint.average_checkpoints); 1: the final weights
     average_last: int = 1
+    # the clock of everything counted in epochs (optim.lr_decay_epochs, the warm-up, the per-epoch cosine and its
+    # phases, the regressor's set_epoch: IntagHand's edge term) in optimizer steps: epoch = step // epoch_steps;
+    # None: the passes over the real data. recon.table2's equal-steps runs set it to the reference run's steps per
+    # epoch, so that a run with r > 0 (fewer real samples a batch) switches everything at the reference's steps
+    epoch_steps: Optional[int] = None
     log_every: int = 10  # steps between TensorBoard scalars
     image_every: int = 100  # steps between TensorBoard image grids; 0 disables them
     backbone_weights: Optional[str] = None  # a file the regressor's load_backbone_weights() reads

@@ -87,7 +87,9 @@ Steps (``--schedule``): recon.train's epoch is a pass over the *real* data, and 
 compares at equal optimizer steps and equal learning rates: the reference run's length (``--max-steps``, else
 its epochs x its steps per epoch, counted from its training set) is given to every run as ``--max-steps``, and
 its epoch milestones ``optim.lr_decay_epochs`` become step milestones ``optim.lr_decay_steps`` at the same
-steps (the JSON's ``schedule``). ``epochs`` passes the flags unchanged (the same real epochs, more steps with
+steps (the JSON's ``schedule``), and every other schedule counted in epochs (the warm-up, a regressor's
+``set_epoch``: IntagHand's edge term from epoch 50) runs on the reference run's epoch clock
+(``train.epoch_steps`` = its steps per epoch). ``epochs`` passes the flags unchanged (the same real epochs, more steps with
 r > 0); ``steps_note`` then says when the runs of a seed trained different numbers of steps.
 """
 from __future__ import annotations
@@ -541,7 +543,8 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, dict]:
         schedule.update(equal_steps(configs[runs[0].name]))
         args.max_steps = schedule["steps"]
         args.overrides = [*args.overrides, "optim.lr_decay_epochs=[]",
-                          "optim.lr_decay_steps=[" + ",".join(map(str, schedule["lr_decay_steps"])) + "]"]
+                          "optim.lr_decay_steps=[" + ",".join(map(str, schedule["lr_decay_steps"])) + "]",
+                          f"train.epoch_steps={schedule['steps_per_epoch']}"]
         runs = plan_runs(args)
         configs = {run.name: resolve_run_config(run) for run in runs}
     return runs, configs, schedule
@@ -998,7 +1001,7 @@ def _schedule_lines(schedule: Optional[dict]) -> list[str]:
     drops = ", ".join(map(str, schedule["lr_decay_steps"])) or "none"
     return [f"Equal steps: every run trained {schedule['steps']} optimizer steps with its learning-rate drops at "
             f"steps {drops} (the reference run's schedule; {schedule['steps_per_epoch']} steps per epoch of its "
-            "real data).", ""]
+            "real data, the epoch clock of every run's other epoch-counted schedules: train.epoch_steps).", ""]
 
 
 def control_row_name(method: str, control: dict) -> str:

@@ -188,6 +188,8 @@ def check_config(cfg: DictConfig) -> None:
             raise UsageError(f"{key}={OmegaConf.select(cfg, key)}: expected a positive integer")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
         raise UsageError(f"train.max_steps={cfg.train.max_steps}: expected a positive integer")
+    if cfg.train.get("epoch_steps") is not None and cfg.train.epoch_steps < 1:
+        raise UsageError(f"train.epoch_steps={cfg.train.epoch_steps}: expected a positive integer (null: the data's epochs)")
     if cfg.train.average_last < 1:
         raise UsageError(f"train.average_last={cfg.train.average_last}: expected a positive integer (1: the final weights)")
     if min(cfg.data.image_size) < 16:
@@ -616,20 +618,24 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
     if provider is not None and callable(getattr(provider, "prime", None)):
         provider.prime(n_synthetic)  # the first generated batch before the clock starts (reported as prime_s)
     saved_step = resumed_step = step if resume_info is not None else -1
+    epoch_steps = cfg.train.get("epoch_steps")  # .get: checkpoints' configs from before the key
     loop_start, samples_seen, substituted = time.perf_counter(), 0, 0
     batch_in_epoch, bar = start_batch, None
     try:
         while step < max_steps and epoch < cfg.train.epochs:
             model.train()
-            if callable(getattr(model, "set_epoch", None)):  # epoch-dependent losses (IntagHand's edge term)
-                model.set_epoch(epoch)
+            if epoch_steps is None and callable(getattr(model, "set_epoch", None)):  # epoch-dependent losses
+                model.set_epoch(epoch)  # (IntagHand's edge term)
             bar = tqdm(
                 total=batches_per_epoch, initial=start_batch, desc=f"epoch {epoch}", disable=not is_main, dynamic_ncols=True
             )
             batch_in_epoch = start_batch
             for batch in make_batches(epoch, start_batch):
+                clock = epoch if epoch_steps is None else step // epoch_steps  # the epoch of the schedules
+                if epoch_steps is not None and callable(getattr(model, "set_epoch", None)):
+                    model.set_epoch(clock)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(cfg, epoch, step)
+                    group["lr"] = lr_at(cfg, clock, step)
                 if cfg.train.channels_last:
                     batch = dataclasses.replace(batch, image=batch.image.contiguous(memory_format=torch.channels_last))
                 with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext():

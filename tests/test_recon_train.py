@@ -309,3 +309,46 @@ def test_help_lists_the_registered_regressors():
         text = " ".join(parser.format_help().split())
         for name in ("baseline", "dir", "ihmr", "intaghand", "intershape", "interwild"):
             assert name in text.rsplit("--arch ARCH", 1)[1].split(" --", 1)[0], (parser.prog, name)
+
+
+def test_epoch_steps_is_the_clock_of_the_epoch_counted_schedules(synthlab_root, tmp_path):
+    """train.epoch_steps=K (recon.table2's equal-steps runs): the regressor's set_epoch and the warm-up read
+    epoch = step // K at every step, whatever the data's epochs; unset, set_epoch follows the passes over the data."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hands.datasets import build_dataset
+
+    record = tmp_path / "epochs.txt"
+    plugin = tmp_path / "epoch_regressor.py"
+    plugin.write_text(
+        "from recon.archs.baseline import BaselineRegressor\n"
+        "from recon.registry import REGRESSORS\n"
+        "@REGRESSORS.register('_test_epoch_recorder')\n"
+        "class EpochRecorder(BaselineRegressor):\n"
+        "    epoch = None\n"
+        "    def set_epoch(self, epoch):\n"
+        "        self.epoch = epoch\n"
+        "    def losses(self, output, batch):\n"
+        f"        with open({str(record)!r}, 'a') as f:\n"
+        "            f.write(f'{self.epoch}\\n')\n"
+        "        return super().losses(output, batch)\n"
+    )
+    per_epoch = len(build_dataset("synthlab", synthlab_root, "train-lab")) // 4
+    steps = per_epoch + 2
+    common = ["--plugin", str(plugin), "--arch", "_test_epoch_recorder", "--max-steps", str(steps), "--epochs", "5",
+              "optim.lr=1.0", "optim.warmup_epochs=2", "optim.warmup_start=0.5", "train.log_every=1", "eval.at_end=false"]
+    assert recon_train.main(_run(synthlab_root, tmp_path / "clock", *common, "train.epoch_steps=2")) == 0
+    assert [int(line) for line in record.read_text().split()] == [step // 2 for step in range(steps)]
+    events = EventAccumulator(str(tmp_path / "clock" / "tb"))
+    events.Reload()
+    lr = [event.value for event in events.Scalars("train/lr")]  # logged after step s + 1 with step s's rate
+    warmup = {0: 0.5, 1: 0.75}  # 0.5 + 0.5 * epoch / 2 over the 2 warm-up epochs, then 1
+    assert lr == pytest.approx([warmup.get(step // 2, 1.0) for step in range(steps)])
+    record.unlink()
+    assert recon_train.main(_run(synthlab_root, tmp_path / "data", *common)) == 0
+    assert [int(line) for line in record.read_text().split()] == [0] * per_epoch + [1, 1]
+
+
+def test_epoch_steps_must_be_positive(synthlab_root, tmp_path, capsys):
+    assert recon_train.main(_run(synthlab_root, tmp_path / "bad", "--max-steps", "1", "train.epoch_steps=0")) == 2
+    assert "train.epoch_steps=0: expected a positive integer" in capsys.readouterr().err

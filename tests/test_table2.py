@@ -140,11 +140,14 @@ def test_equal_steps_give_every_run_the_reference_steps_and_learning_rate_drops(
         command = shlex.split(line)
         flags = dict(zip(command[3::2], command[4::2]))
         assert flags["--max-steps"] == str(3 * per_epoch) and flags["--epochs"] == "3"
-        assert command[-2:] == ["optim.lr_decay_epochs=[]", f"optim.lr_decay_steps=[{2 * per_epoch}]"]
+        # and the reference's epoch clock for every other epoch-counted schedule (warm-up, set_epoch)
+        assert command[-3:] == ["optim.lr_decay_epochs=[]", f"optim.lr_decay_steps=[{2 * per_epoch}]",
+                                f"train.epoch_steps={per_epoch}"]
     assert table2.main([*argv, "--schedule", "epochs"]) == 0
     for line in capsys.readouterr().out.strip().splitlines():
         command = shlex.split(line)
         assert "--max-steps" not in command and command[-2:] == ["optim.lr_decay_epochs=[2]", "optim.lr_decay_steps=[]"]
+        assert not any(part.startswith("train.epoch_steps") for part in command)
 
 
 def test_lr_drops_at_step_milestones():
