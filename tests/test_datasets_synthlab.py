@@ -203,10 +203,10 @@ def test_studio_viewpoints_show_upright_hands_whose_mean_is_a_hand(model):
     from hands.datasets.poses import PoseSampler
 
     # sphere (the default): any orientation in the camera frame, so the data's mean hand collapses to near a point
-    sphere = _camera_frame_hands(PoseSampler(model), "sphere", 150)
+    sphere = _camera_frame_hands(PoseSampler(model), "sphere", 60)
     # studio: upright hands before front cameras with little roll: the middle knuckle is above the wrist in the
     # image (camera -y) for most hands, and the mean hand keeps most of a hand's wrist-to-knuckle length
-    studio = _camera_frame_hands(PoseSampler(model, orientation="upright"), "studio", 150)
+    studio = _camera_frame_hands(PoseSampler(model, orientation="upright"), "studio", 60)
     bone = np.linalg.norm(studio[:, 9], axis=1).mean()
     up_sphere, up_studio = (sphere[:, 9, 1] < 0).mean(), (studio[:, 9, 1] < 0).mean()
     assert 0.35 < up_sphere < 0.65 and up_studio > 0.9
@@ -214,7 +214,46 @@ def test_studio_viewpoints_show_upright_hands_whose_mean_is_a_hand(model):
     assert np.linalg.norm(studio[:, 9].mean(0)) > 0.6 * bone
 
 
-def test_studio_synthlab_is_recorded_and_cached_apart_from_the_default(tmp_path, monkeypatch, model):
+def test_upright_frames_point_the_fingers_up_and_the_palms_outward_mirrored_for_the_left_hand(model):
+    import numpy as np
+
+    from hands.datasets.poses import PoseSampler
+
+    sampler = PoseSampler(model, orientation="upright")
+    mirror = np.diag([-1.0, 1.0, 1.0])
+    np.testing.assert_allclose(sampler.upright["left"], mirror @ sampler.upright["right"] @ mirror, atol=1e-9)
+    for side, palm_x in (("right", 1.0), ("left", -1.0)):
+        frame = sampler.upright[side]
+        np.testing.assert_allclose(frame @ frame.T, np.eye(3), atol=1e-9)
+        assert np.linalg.det(frame) == pytest.approx(1.0)
+        _, joints = sampler.forward(side, np.zeros((1, 48)), np.zeros((1, 10)))
+        up = frame @ (joints[0, 9] - joints[0, 0])
+        normal = frame @ sampler.palm_normal(joints[0], side)
+        assert up[2] > 0.95 * np.linalg.norm(up)  # wrist -> middle knuckle along world +z
+        assert normal[0] == pytest.approx(palm_x, abs=1e-6)  # the palm faces outward: +x right, -x left
+    with pytest.raises(ValueError, match="PoseSampler: unknown orientation 'sideways'; known: uniform, upright"):
+        PoseSampler(model, orientation="sideways")
+
+
+def test_default_viewpoints_draw_what_the_writers_before_the_option_drew(model):
+    """The sphere default's random stream is unchanged by the studio option: values drawn by commit b4a2e0c."""
+    import numpy as np
+
+    from hands.datasets.poses import PoseSampler
+
+    cam = synthlab_module.random_rig(np.random.default_rng(0), 256, 2)[1]
+    np.testing.assert_allclose(cam["R"], [[-0.29782133, -0.63289476, 0.71466543], [0.34265282, -0.76962109, -0.53876936],
+                                          [0.89100589, 0.08442512, 0.44607275]], atol=1e-7)
+    np.testing.assert_allclose(cam["position"], [-0.43385739, -0.04082715, -0.23249055], atol=1e-7)
+    config, fits = PoseSampler(model).sample_frame(np.random.default_rng(0))
+    assert config == "single-right" and fits["left"] is None
+    np.testing.assert_allclose(fits["right"].pose[:6], [0.65298897, -2.21803223, -0.88032678, 0.0, 0.18158946, -0.25],
+                               atol=1e-7)
+    with pytest.raises(ValueError, match="synthlab: unknown viewpoints 'Studio'; known: sphere, studio"):
+        synthlab_module.random_rig(np.random.default_rng(0), 256, 1, "Studio")
+
+
+def test_studio_synthlab_is_recorded_and_cached_apart_from_the_default(tmp_path, monkeypatch, model, capsys):
     from hands.datasets.synthlab import cache_folder_name, cache_stamp
 
     # the default's stamp (and cache folder) is that of the writers before the option existed
@@ -230,5 +269,6 @@ def test_studio_synthlab_is_recorded_and_cached_apart_from_the_default(tmp_path,
     assert len(build_dataset("synthlab", studio, "train-lab", hand_model=model)) == 2
     with pytest.raises(ValueError, match="unknown viewpoints 'dome'"):
         write_synthlab(tmp_path / "bad", sizes=sizes, hand_model=model, viewpoints="dome")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         main(["--out", str(tmp_path / "cli"), "--viewpoints", "dome"])
+    assert info.value.code == 2 and "argument --viewpoints: invalid choice: 'dome'" in capsys.readouterr().err

@@ -6,8 +6,8 @@
     DIR/annotations/{split}/InterHand2.6M_{split}_{data,camera,joint_3d,MANO_NeuralAnnot}.json
     DIR/images/{split}/Capture{c}/{seq}/cam{k}/image{frame}.jpg
     DIR/captions/{split}.json      {annotation id: caption}
-    DIR/synthlab.json              format version, seed, sizes, resolution, hand model fingerprint (written
-                                   last: the folder is complete when it exists)
+    DIR/synthlab.json              format version, seed, sizes, resolution, viewpoints, hand model fingerprint
+                                   (written last: the folder is complete when it exists)
 
 Splits mirror the paper's setting in miniature:
 
@@ -229,9 +229,12 @@ def look_at(position: np.ndarray, target: np.ndarray, roll: float) -> np.ndarray
 def random_rig(rng: np.random.Generator, resolution: int, count: int, viewpoints: str = "sphere") -> list[dict]:
     """``count`` cameras around the world origin: R (3, 3), position (3,) metres, focal (2,), princpt (2,);
     directions and roll as ``viewpoints`` says (VIEWPOINTS)."""
+    if viewpoints not in VIEWPOINTS:
+        raise ValueError(f"synthlab: unknown viewpoints {viewpoints!r}; known: {', '.join(VIEWPOINTS)}")
+    studio = viewpoints == "studio"
     rig = []
     for _ in range(count):
-        if viewpoints == "studio":  # in front of the person (who stands at +y and faces -y)
+        if studio:  # in front of the person (who stands at +y and faces -y)
             azimuth, elevation = math.radians(rng.uniform(-80, 80)), math.radians(rng.uniform(-15, 50))
             direction = np.array(
                 [math.sin(azimuth) * math.cos(elevation), -math.cos(azimuth) * math.cos(elevation), math.sin(elevation)]
@@ -244,7 +247,7 @@ def random_rig(rng: np.random.Generator, resolution: int, count: int, viewpoints
         focal = rng.uniform(1.2, 1.6) * resolution
         focal = np.array([focal, focal * rng.uniform(0.99, 1.01)])
         princpt = np.array([(resolution - 1) / 2, (resolution - 1) / 2]) + rng.uniform(-3, 3, size=2)
-        roll = rng.uniform(-math.pi, math.pi) if viewpoints == "sphere" else math.radians(rng.uniform(-12, 12))
+        roll = math.radians(rng.uniform(-12, 12)) if studio else rng.uniform(-math.pi, math.pi)
         rig.append({"R": look_at(position, target, roll), "position": position, "focal": focal, "princpt": princpt})
     return rig
 
@@ -535,7 +538,8 @@ def ensure_synthlab(root: str | Path | None = None, **options) -> Path:
     ``hands.paths.cache_dir() / "synthlab" / <hand model fingerprint>-v<FORMAT_VERSION>-<stamp hash>``.
 
     The default folder is keyed by the hand model's fingerprint, the format version and a hash of the
-    cache's stamp (:func:`cache_stamp`: format version, seed, sizes, resolution), so a changed hand model
+    cache's stamp (:func:`cache_stamp`: format version, seed, sizes, resolution, and viewpoints when not the
+    default sphere), so a changed hand model
     (another ``mano_dir``, a new version of the procedural hand), a changed label definition or other sizes
     get their own benchmark instead of a stale one, and writing one never touches a folder another process
     may be reading (a synthlab of other sizes is another folder; old ones stay until the user deletes them).
@@ -544,8 +548,8 @@ def ensure_synthlab(root: str | Path | None = None, **options) -> Path:
     says how it was written).
     Written into a temporary sibling folder (``.synthlab-<host>-<pid>-*``) and renamed into place, so an
     interrupted run leaves no half-written benchmark; such a folder left by a killed writer on this host is
-    deleted by the next first use. ``options`` go to :func:`write_synthlab` (seed, sizes, resolution, mano_dir,
-    hand_model).
+    deleted by the next first use. ``options`` go to :func:`write_synthlab` (seed, sizes, resolution, viewpoints,
+    mano_dir, hand_model).
     """
     cached = root is None
     if root is None:
