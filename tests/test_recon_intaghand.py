@@ -322,6 +322,8 @@ def test_config_profiles_and_backbone_weights(tmp_path):
     assert kwargs["edge_loss_epoch"] == 50 and kwargs["weight_mask"] == 500.0
     demo = load_config(profile="demo", arch="intaghand")
     assert demo.model.backbone == "resnet18" and demo.data.image_size[0] % 32 == 0
+    # the edge term on from the start: the demo's 1.6 epochs never reach the reference's epoch 50 (of 200)
+    assert demo.model.edge_loss_epoch == 0 and from_config(demo, IntagHand)["edge_loss_epoch"] == 0
     # sized by steps (about 15 minutes on 2 cores), the LR drop at 78 % of them, whatever the data's size
     assert demo.train.max_steps == 500 and list(demo.optim.lr_decay_steps) == [390] and list(demo.optim.lr_decay_epochs) == []
     torch.manual_seed(0)
