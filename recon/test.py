@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write predictions-<test set>.png beside the metrics JSON: the first N samples of each test set, "
              "columns input | ground truth | prediction (placed at the GT right wrist, as InterWild visualises)",
     )
+    parser.add_argument(
+        "--hand-stats", type=positive_int, metavar="N",
+        help="also measure the predicted hands of the first N samples of each test set: their spread across "
+             "images (0: one prediction for every image), wrist-to-middle-knuckle length and knuckle width, beside "
+             "the ground truth's and its mean hand's (\"hand_stats\" in the metrics JSON)",
+    )
     return parser
 
 
@@ -93,6 +99,63 @@ def write_prediction_figures(model, test_sets: dict, n: int, folder: Path, *, ha
         save_png(mesh_overlay_grid(batch, output, max_samples=count, **faces).cpu(), path)
         paths.append(path)
     return paths
+
+
+def shape_statistics(verts: torch.Tensor, joints: torch.Tensor) -> dict:
+    """What a set of wrist-relative hands (N, V, 3) and their joints (N, 21, 3), metres, look like, in mm:
+    ``spread`` (the mean distance of each hand's vertices from the same vertices of the set's mean hand: 0 when
+    every hand is the same), ``bone`` (wrist to middle knuckle, joints 0 -> 9, mean over the hands),
+    ``knuckle_width`` (index to little-finger knuckle, 5 -> 17), and the set's mean hand's own ``mean_bone`` and
+    ``mean_knuckle_width``; ``hands``: N. Empty sets give ``{"hands": 0}``."""
+    count = int(verts.shape[0])
+    if count == 0:
+        return {"hands": 0}
+    verts, joints = verts.double() * 1000.0, joints.double() * 1000.0
+    mean = joints.mean(0)
+    return {
+        "hands": count,
+        "spread": round(float((verts - verts.mean(0)).norm(dim=-1).mean()), 2),
+        "bone": round(float((joints[:, 9] - joints[:, 0]).norm(dim=-1).mean()), 2),
+        "knuckle_width": round(float((joints[:, 5] - joints[:, 17]).norm(dim=-1).mean()), 2),
+        "mean_bone": round(float((mean[9] - mean[0]).norm()), 2),
+        "mean_knuckle_width": round(float((mean[5] - mean[17]).norm()), 2),
+    }
+
+
+def hand_statistics(model, test_sets: dict, n: int, *, device, batch_size: int = 16, refine=None) -> dict:
+    """{test set key: {side: {"predicted": ..., "ground_truth": ...}}}: :func:`shape_statistics` of the predicted
+    and the labelled wrist-relative hands of the first ``n`` samples of each test set, over the samples where that
+    hand is labelled (``valid``). A regressor that ignores its image has spread 0; one that predicts the data's
+    mean hand has the ground truth's ``mean_bone`` and ``mean_knuckle_width`` (issue 25's diagnoses,
+    docs/intaghand.md)."""
+    from hands.sample import collate
+
+    report = {}
+    for spec, dataset in test_sets.items():
+        count = min(n, len(dataset))
+        found = {side: {"pred_v": [], "pred_j": [], "gt_v": [], "gt_j": []} for side in ("right", "left")}
+        for start in range(0, count, batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, count))]).to(device)
+            with torch.no_grad():
+                output = model(batch)
+            if refine is not None:
+                output = refine(batch, output)
+            for side, lists in found.items():
+                labels = getattr(batch, side)
+                valid = labels.valid.bool()
+                root = labels.joints_cam[:, :1]
+                lists["pred_v"].append(getattr(output, f"{side}_verts")[valid].detach().cpu())
+                lists["pred_j"].append(getattr(output, f"{side}_joints")[valid].detach().cpu())
+                lists["gt_v"].append((labels.verts_cam - root)[valid].cpu())
+                lists["gt_j"].append((labels.joints_cam - root)[valid].cpu())
+        report[spec.key] = {
+            side: {
+                "predicted": shape_statistics(torch.cat(lists["pred_v"]), torch.cat(lists["pred_j"])),
+                "ground_truth": shape_statistics(torch.cat(lists["gt_v"]), torch.cat(lists["gt_j"])),
+            }
+            for side, lists in found.items()
+        }
+    return report
 
 
 def load_regressor(path: str | Path, *, device: torch.device | str = "cpu", mano_dir: Optional[str] = None):
@@ -169,6 +232,7 @@ def _read_metrics(path: str) -> dict:
     data.pop("mixing", None)  # recon.train's mixing statistics and the skip counts sit beside the datasets
     data.pop("skips", None)
     data.pop("weights", None)  # which weights recon.train scored (train.average_last)
+    data.pop("hand_stats", None)  # --hand-stats: shapes, not metrics
     for dataset, values in data.items():
         for name in HEADLINE:
             value = values.get(name)
@@ -238,6 +302,17 @@ def run(args: argparse.Namespace) -> dict:
         out = Path(args.out) if args.out else info.json_path.parent.parent / default_name
         out.parent.mkdir(parents=True, exist_ok=True)
         report = dict(results, skips={"test": {key: dict(found) for key, found in skips.items() if found}})
+        if args.hand_stats:
+            report["hand_stats"] = hand_statistics(model, test_sets, args.hand_stats, device=device,
+                                                   batch_size=args.batch_size or cfg.eval.batch_size, refine=refine)
+            for key, sides in report["hand_stats"].items():
+                for side, found in sides.items():
+                    pred, truth = found["predicted"], found["ground_truth"]
+                    if pred["hands"]:
+                        print(f"{key} {side} hands ({pred['hands']}): spread {pred['spread']:.1f} mm, bone "
+                              f"{pred['bone']:.1f} mm (truth {truth['bone']:.1f}), knuckle width "
+                              f"{pred['knuckle_width']:.1f} mm (truth {truth['knuckle_width']:.1f}; the truth's mean "
+                              f"hand {truth['mean_knuckle_width']:.1f})")
         out.write_text(json.dumps(report, indent=2, sort_keys=True))
         print(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
         if args.figure:

@@ -94,6 +94,24 @@ def test_train_writes_checkpoints_tensorboard_and_metrics_and_test_reproduces_th
     assert list(subset) == ["skips", "synthlab-test-lab"] and 0 < subset["synthlab-test-lab"]["count_MPVPE"] <= 6  # 3 images
     capsys.readouterr()
 
+    # --hand-stats: the predicted and labelled hands of the first N samples, over the samples that label each hand
+    from hands.datasets import build_dataset
+
+    stats_json = tmp_path / "stats.json"
+    assert recon_test.main([*argv, "--out", str(stats_json), "--hand-stats", "3", "--compare", str(only)]) == 0
+    printed = capsys.readouterr().out  # (and --compare skipped the new key)
+    assert "synthlab-test-lab " in printed and " hands (" in printed and "knuckle width" in printed
+    stats = json.loads(stats_json.read_text())["hand_stats"]["synthlab-test-lab"]
+    samples = [build_dataset("synthlab", synthlab_root, "test-lab")[i] for i in range(3)]
+    for side in ("right", "left"):
+        labelled = [getattr(sample, side) for sample in samples if bool(getattr(sample, side).valid)]
+        truth = stats[side]["ground_truth"]
+        assert stats[side]["predicted"]["hands"] == truth["hands"] == len(labelled)
+        if labelled:
+            bones = [float((h.joints_cam[9] - h.joints_cam[0]).norm()) * 1000 for h in labelled]
+            assert truth["bone"] == pytest.approx(sum(bones) / len(bones), abs=0.01)
+            assert stats[side]["predicted"]["spread"] >= 0 and stats[side]["predicted"]["bone"] > 0
+
     # a truncated checkpoint is refused in one line
     weights = out / "checkpoints" / "step_000004.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -352,3 +370,17 @@ def test_epoch_steps_is_the_clock_of_the_epoch_counted_schedules(synthlab_root, 
 def test_epoch_steps_must_be_positive(synthlab_root, tmp_path, capsys):
     assert recon_train.main(_run(synthlab_root, tmp_path / "bad", "--max-steps", "1", "train.epoch_steps=0")) == 2
     assert "train.epoch_steps=0: expected a positive integer" in capsys.readouterr().err
+
+
+def test_shape_statistics_on_hand_made_hands():
+    """Two hands: the mean hand's bone and knuckle width, each hand's, and the spread about the mean hand (mm)."""
+    joints = torch.zeros(2, 21, 3)
+    joints[:, 9] = torch.tensor([[0.0, 0.08, 0.0], [0.0, 0.0, 0.08]])  # middle knuckles 8 cm away, at 90 degrees
+    joints[:, 5, 0], joints[:, 17, 0] = 0.03, -0.03  # knuckles 6 cm apart in both
+    verts = torch.zeros(2, 4, 3)
+    verts[0, :, 0], verts[1, :, 0] = 0.01, -0.01  # each 10 mm from the mean
+    stats = recon_test.shape_statistics(verts, joints)
+    assert stats["hands"] == 2 and stats["spread"] == pytest.approx(10.0)
+    assert stats["bone"] == pytest.approx(80.0) and stats["knuckle_width"] == pytest.approx(60.0)
+    assert stats["mean_bone"] == pytest.approx(80.0 / 2**0.5, abs=0.01) and stats["mean_knuckle_width"] == pytest.approx(60.0)
+    assert recon_test.shape_statistics(verts[:0], joints[:0]) == {"hands": 0}
