@@ -335,6 +335,11 @@ def save_png(image: Tensor, path: str | Path) -> Path:
 # ----------------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------------
+# keys of a metrics JSON (recon.train's metrics.json, recon.test's) that sit beside the datasets: the mixing
+# statistics, the skip counts, the scored weights, --hand-stats' shapes
+NON_DATASET_KEYS = ("mixing", "skips", "weights", "hand_stats")
+
+
 def load_results(path: str | Path) -> dict[str, dict[str, float]]:
     """A run's results file: JSON ``{dataset: {metric: value, ...}, ...}`` (the evaluators' dicts per
     dataset, millimetres). Raises ValueError naming the file when it is not of that form."""
@@ -345,8 +350,8 @@ def load_results(path: str | Path) -> dict[str, dict[str, float]]:
         raise ValueError(f"{path}: cannot read a results JSON ({error})") from error
     if not isinstance(payload, dict) or not all(isinstance(v, dict) for v in payload.values()):
         raise ValueError(f"{path}: expected {{dataset: {{metric: value}}}}, got {type(payload).__name__}")
-    payload.pop("mixing", None)  # recon.train's mixing statistics and skip counts sit beside the datasets
-    payload.pop("skips", None)
+    for key in NON_DATASET_KEYS:
+        payload.pop(key, None)
     return {
         dataset: {k: (math.nan if v is None else float(v)) for k, v in values.items() if isinstance(v, (int, float)) or v is None}
         for dataset, values in payload.items()

@@ -675,11 +675,24 @@ def _config_differences(run: RunSpec, cfg) -> list[str]:
         old.pop("mixing", None)
         new.pop("mixing", None)
     old, new = _flat(old), _flat(new)
+    if "train.epoch_steps" not in old and not epoch_clock_matters(cfg):
+        old["train.epoch_steps"] = new.get("train.epoch_steps")  # folders from before the key: the same run
     return [
         f"{key}: {old.get(key, '<unset>')!r} there, {new.get(key, '<unset>')!r} now"
         for key in sorted(set(old) | set(new))
         if old.get(key, "<unset>") != new.get(key, "<unset>")
     ]
+
+
+def epoch_clock_matters(cfg) -> bool:
+    """Whether ``train.epoch_steps`` can change a run of ``cfg``: it has a warm-up, epoch milestones, a cosine
+    counted in epochs, or a regressor with ``set_epoch`` (IntagHand's edge term, IHMR's stages)."""
+    from recon.registry import REGRESSORS
+
+    optim = cfg.optim
+    cosine_by_epoch = optim.schedule == "cosine" and (list(optim.cosine_phases) or not cfg.train.max_steps)
+    return bool(optim.warmup_epochs > 0 or list(optim.lr_decay_epochs) or cosine_by_epoch
+                or callable(getattr(REGRESSORS.get(cfg.arch), "set_epoch", None)))
 
 
 def eval_set_keys(cfg) -> list[str]:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from hands.datasets import DatasetError
 from hands.mano import HandModel, MANOError
 from hands.paths import output_file
+from eval.report import NON_DATASET_KEYS
 from recon import checkpoint as ckpt
 from recon.cards import hand_model_warning
 from recon.config import ConfigError, from_dict, load_config
@@ -124,25 +125,28 @@ def shape_statistics(verts: torch.Tensor, joints: torch.Tensor) -> dict:
 
 def hand_statistics(model, test_sets: dict, n: int, *, device, batch_size: int = 16, refine=None) -> dict:
     """{test set key: {side: {"predicted": ..., "ground_truth": ...}}}: :func:`shape_statistics` of the predicted
-    and the labelled wrist-relative hands of the first ``n`` samples of each test set, over the samples where that
-    hand is labelled (``valid``). A regressor that ignores its image has spread 0; one that predicts the data's
+    and the labelled hands of the first ``n`` samples of each test set (the labels relative to their wrist joint),
+    over the samples where that hand is labelled with a mesh (``valid`` and ``mano_valid``; skipped records left out). A regressor that ignores its image has spread 0; one that predicts the data's
     mean hand has the ground truth's ``mean_bone`` and ``mean_knuckle_width`` (issue 25's diagnoses,
     docs/intaghand.md)."""
-    from hands.sample import collate
+    from recon.evaluate import _collate_counting
 
     report = {}
     for spec, dataset in test_sets.items():
         count = min(n, len(dataset))
         found = {side: {"pred_v": [], "pred_j": [], "gt_v": [], "gt_j": []} for side in ("right", "left")}
         for start in range(0, count, batch_size):
-            batch = collate([dataset[i] for i in range(start, min(start + batch_size, count))]).to(device)
+            batch, _ = _collate_counting([dataset[i] for i in range(start, min(start + batch_size, count))])
+            if batch is None:  # every record of this slice skipped (counted by the evaluation)
+                continue
+            batch = batch.to(device)
             with torch.no_grad():
                 output = model(batch)
             if refine is not None:
                 output = refine(batch, output)
             for side, lists in found.items():
                 labels = getattr(batch, side)
-                valid = labels.valid.bool()
+                valid = labels.valid.bool() & labels.mano_valid.bool()  # a mesh to compare with
                 root = labels.joints_cam[:, :1]
                 lists["pred_v"].append(getattr(output, f"{side}_verts")[valid].detach().cpu())
                 lists["pred_j"].append(getattr(output, f"{side}_joints")[valid].detach().cpu())
@@ -229,10 +233,8 @@ def _read_metrics(path: str) -> dict:
         raise UsageError(f"--compare {path}: cannot read it ({error.strerror or type(error).__name__})") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise UsageError(f"--compare {path}: expected {{dataset: {{metric: value}}}} (a metrics.json)")
-    data.pop("mixing", None)  # recon.train's mixing statistics and the skip counts sit beside the datasets
-    data.pop("skips", None)
-    data.pop("weights", None)  # which weights recon.train scored (train.average_last)
-    data.pop("hand_stats", None)  # --hand-stats: shapes, not metrics
+    for key in NON_DATASET_KEYS:  # beside the datasets: mixing statistics, skips, scored weights, --hand-stats
+        data.pop(key, None)
     for dataset, values in data.items():
         for name in HEADLINE:
             value = values.get(name)
@@ -302,7 +304,9 @@ def run(args: argparse.Namespace) -> dict:
         out = Path(args.out) if args.out else info.json_path.parent.parent / default_name
         out.parent.mkdir(parents=True, exist_ok=True)
         report = dict(results, skips={"test": {key: dict(found) for key, found in skips.items() if found}})
-        if args.hand_stats:
+        out.write_text(json.dumps(report, indent=2, sort_keys=True))
+        print(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
+        if args.hand_stats:  # after the metrics are on disk: a failure here loses no evaluation
             report["hand_stats"] = hand_statistics(model, test_sets, args.hand_stats, device=device,
                                                    batch_size=args.batch_size or cfg.eval.batch_size, refine=refine)
             for key, sides in report["hand_stats"].items():
@@ -313,8 +317,8 @@ def run(args: argparse.Namespace) -> dict:
                               f"{pred['bone']:.1f} mm (truth {truth['bone']:.1f}), knuckle width "
                               f"{pred['knuckle_width']:.1f} mm (truth {truth['knuckle_width']:.1f}; the truth's mean "
                               f"hand {truth['mean_knuckle_width']:.1f})")
-        out.write_text(json.dumps(report, indent=2, sort_keys=True))
-        print(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
+            out.write_text(json.dumps(report, indent=2, sort_keys=True))
+            print(f"added hand_stats to {out}")
         if args.figure:
             for path in write_prediction_figures(model, test_sets, args.figure, out.parent, hand_model=hand_model,
                                                  device=device, refine=refine):

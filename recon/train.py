@@ -355,7 +355,7 @@ def lr_at(cfg: DictConfig, epoch: int, step: int = 0) -> float:
         if cfg.train.max_steps:
             progress = min(step, cfg.train.max_steps) / cfg.train.max_steps
             return factor * cfg.optim.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-        return factor * cfg.optim.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.train.epochs))
+        return factor * cfg.optim.lr * 0.5 * (1.0 + math.cos(math.pi * min(epoch, cfg.train.epochs) / cfg.train.epochs))
     drops = sum(1 for milestone in cfg.optim.lr_decay_epochs if epoch >= milestone)
     drops += sum(1 for milestone in cfg.optim.lr_decay_steps if step >= milestone)
     return cfg.optim.lr * cfg.optim.lr_decay_gamma**drops * factor

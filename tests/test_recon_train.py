@@ -363,6 +363,14 @@ def test_epoch_steps_is_the_clock_of_the_epoch_counted_schedules(synthlab_root, 
     warmup = {0: 0.5, 1: 0.75}  # 0.5 + 0.5 * epoch / 2 over the 2 warm-up epochs, then 1
     assert lr == pytest.approx([warmup.get(step // 2, 1.0) for step in range(steps)])
     record.unlink()
+    # resumed, the clock goes on from the checkpoint's step
+    first = list(common)
+    first[first.index("--max-steps") + 1] = "3"
+    assert recon_train.main(_run(synthlab_root, tmp_path / "resumed", *first, "train.epoch_steps=2", "train.ckpt_every=3")) == 0
+    assert recon_train.main(_run(synthlab_root, tmp_path / "resumed", *common, "train.epoch_steps=2", "train.ckpt_every=3",
+                                 "--resume")) == 0
+    assert [int(line) for line in record.read_text().split()] == [step // 2 for step in range(steps)]
+    record.unlink()
     assert recon_train.main(_run(synthlab_root, tmp_path / "data", *common)) == 0
     assert [int(line) for line in record.read_text().split()] == [0] * per_epoch + [1, 1]
 
@@ -384,3 +392,42 @@ def test_shape_statistics_on_hand_made_hands():
     assert stats["bone"] == pytest.approx(80.0) and stats["knuckle_width"] == pytest.approx(60.0)
     assert stats["mean_bone"] == pytest.approx(80.0 / 2**0.5, abs=0.01) and stats["mean_knuckle_width"] == pytest.approx(60.0)
     assert recon_test.shape_statistics(verts[:0], joints[:0]) == {"hands": 0}
+
+
+def test_hand_stats_of_a_regressor_that_predicts_the_labels_are_the_labels(synthlab_root, tmp_path, capsys):
+    """recon.test --hand-stats on a regressor whose output is its input's labels (wrist-relative): the predicted
+    hands' spread, bone, knuckle width and mean hand equal the ground truth's."""
+    plugin = tmp_path / "truth_regressor.py"
+    plugin.write_text(
+        "from recon.archs.baseline import BaselineRegressor\n"
+        "from recon.output import TwoHandOutput\n"
+        "from recon.registry import REGRESSORS\n"
+        "@REGRESSORS.register('_test_truth')\n"
+        "class Truth(BaselineRegressor):\n"
+        "    def forward(self, batch):\n"
+        "        zero = 0.0 * super().forward(batch).right_verts.sum()  # a gradient path for the one training step\n"
+        "        r, l = batch.right, batch.left\n"
+        "        return TwoHandOutput(\n"
+        "            right_verts=r.verts_cam - r.joints_cam[:, :1] + zero, left_verts=l.verts_cam - l.joints_cam[:, :1] + zero,\n"
+        "            right_joints=r.joints_cam - r.joints_cam[:, :1] + zero, left_joints=l.joints_cam - l.joints_cam[:, :1] + zero,\n"
+        "            rel_root=l.joints_cam[:, 0] - r.joints_cam[:, 0] + zero)\n"
+        "    def losses(self, output, batch):\n"
+        "        return {'zero': 0.0 * output.right_verts.sum()}\n"
+    )
+    out = tmp_path / "truth"
+    argv = _run(synthlab_root, out, "--plugin", str(plugin), "--arch", "_test_truth", "--max-steps", "1", "eval.at_end=false")
+    assert recon_train.main(argv) == 0
+    stats_json = tmp_path / "stats.json"
+    assert recon_test.main(["--ckpt", str(out), "--plugin", str(plugin), "--data-root", str(synthlab_root),
+                            "--datasets", "synthlab:test-lab", "--hand-stats", "8", "--out", str(stats_json)]) == 0
+    capsys.readouterr()
+    from eval.report import load_results
+
+    assert list(load_results(stats_json)) == ["synthlab-test-lab"]  # eval.report's tables skip the key
+    stats = json.loads(stats_json.read_text())["hand_stats"]["synthlab-test-lab"]
+    assert stats["right"]["ground_truth"]["hands"] + stats["left"]["ground_truth"]["hands"] > 0
+    for side in ("right", "left"):
+        predicted, truth = stats[side]["predicted"], stats[side]["ground_truth"]
+        assert set(predicted) == set(truth)
+        for key, value in truth.items():
+            assert predicted[key] == pytest.approx(value, abs=0.02), (side, key)

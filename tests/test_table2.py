@@ -111,8 +111,8 @@ def test_dry_run_prints_one_command_per_ratio_and_seed_with_the_same_flags(synth
         assert flags["--out"] == str(tmp_path / "runs" / f"baseline_r{ratio:g}_s{seed}")
         assert flags["--max-steps"] == "7" and flags["--batch-size"] == "4" and flags["--device"] == "cpu"
         # overrides passed through, then the equal-steps schedule (--max-steps 7 given: the reference's steps)
-        assert command[-len(TINY) - len(GEN) - 3:-1] == [*TINY, *GEN, "optim.lr=1e-3", "optim.lr_decay_epochs=[]"]
-        assert command[-1].startswith("optim.lr_decay_steps=[")
+        assert command[-len(TINY) - len(GEN) - 4:-2] == [*TINY, *GEN, "optim.lr=1e-3", "optim.lr_decay_epochs=[]"]
+        assert command[-2].startswith("optim.lr_decay_steps=[") and command[-1].startswith("train.epoch_steps=")
         # only the ratio, the seed and the folder (the values of tokens 6, 8, 10) differ between the runs
         assert command[5:11:2] == ["--synthetic-ratio", "--seed", "--out"]
         assert [t for i, t in enumerate(command) if i not in (6, 8, 10)] == [
@@ -275,6 +275,21 @@ def test_a_folder_holding_a_run_of_another_config_is_refused(synthlab_root, tmp_
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1
     assert "baseline_r0_s0 holds a run of another config (train.max_steps: 2 there, 3 now)" in error
+
+
+@pytest.mark.parametrize("extra, refused", [([], False), (["optim.warmup_epochs=1"], True)])
+def test_folders_from_before_the_epoch_clock_are_refused_only_where_the_clock_changes_the_run(
+        synthlab_root, tmp_path, capsys, extra, refused):
+    """A run folder whose config.yaml predates train.epoch_steps is the same run when nothing in its config counts
+    epochs (the baseline's step milestones); with a warm-up in epochs the clock moves it, so it is refused."""
+    argv = _argv(synthlab_root, tmp_path, "--seeds", "1", "--max-steps", "2", *extra)
+    for run in _fake_finished_runs(argv, {(r, 0): _metrics(1.0, 2.0) for r in (0.0, 0.3)}):
+        config = OmegaConf.load(run.folder / "config.yaml")
+        assert config.train.pop("epoch_steps") > 0  # as the folders written before the key
+        (run.folder / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    assert table2.main([*argv, "--dry-run"]) == (2 if refused else 0)
+    error = capsys.readouterr().err.strip()
+    assert ("train.epoch_steps: '<unset>' there" in error) == refused
 
 
 def test_a_failing_run_stops_the_table_naming_its_folder_and_log(synthlab_root, tmp_path, capsys, monkeypatch):

@@ -727,7 +727,8 @@ class IntagHand(HandModelMixin, nn.Module):
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the model the current training epoch (0-based): the edge-length loss is on from
-        ``edge_loss_epoch``. The trainer calls this at the start of every epoch."""
+        ``edge_loss_epoch``. The trainer calls this at the start of every epoch, or before every step with the
+        epoch of ``train.epoch_steps``'s clock when that is set (recon.table2's equal-steps runs)."""
         self.epoch = int(epoch)
 
     def protocol_evaluator(self) -> IntagHandProtocol:
