@@ -77,8 +77,11 @@ def heavy_edge_matching(weights: scipy.sparse.csr_matrix, degree: np.ndarray) ->
     the first level, with them later). Returns (N,) cluster ids 0..C-1 (each cluster one or two nodes),
     numbered in visit order.
 
-    Nodes are visited by increasing row sum (``np.argsort``, the reference's call: its random permutation is
-    overwritten by this sort at every level). An unmarked node is paired with the unmarked neighbour ``j``
+    Nodes are visited by increasing row sum, equal sums by index (a stable ``np.argsort``; the reference calls
+    ``np.argsort`` with NumPy's default sort, which overwrites its random permutation at every level but orders
+    equal sums as the CPU's SIMD sort kernel does: on one machine 62, 63 or 64 top nodes for the procedural hand
+    as NumPy dispatched baseline, AVX2 or AVX-512 kernels, 65 on earlier machines; a checkpoint's graph sizes
+    would then depend on the machine that built it). An unmarked node is paired with the unmarked neighbour ``j``
     maximising ``(2 W_ij + W_ii + W_jj) / (d_i + d_j)`` (strictly above 0 and above earlier candidates, in
     column order), or left alone. As in the reference's code (its row bookkeeping, reproduced on purpose so
     that the permutation is the reference's):
@@ -100,7 +103,7 @@ def heavy_edge_matching(weights: scipy.sparse.csr_matrix, degree: np.ndarray) ->
     first = values[starts[:-1]]  # (N,) the reference's "W_ii"
     degree = np.asarray(degree, dtype=np.float32).ravel()
     row_sums = np.asarray(weights.sum(axis=0), dtype=np.float32).ravel()
-    order = np.argsort(row_sums)
+    order = np.argsort(row_sums, kind="stable")  # ties by index: the same graphs on every CPU
     marked = np.zeros(num_nodes, dtype=bool)
     cluster = np.zeros(num_nodes, dtype=np.int64)
     count = 0
@@ -281,8 +284,8 @@ def coarsen_mesh(faces: np.ndarray, num_verts: int, levels: int = 4) -> CoarseGr
 
     faces: (F, 3) int; num_verts: V (every vertex must lie on a face). Heavy-edge matching
     (:func:`coarsen_graph`), fake nodes so that each level halves (:func:`compute_permutations`), the graphs
-    permuted into graph order, their normalised Laplacians and largest eigenvalues. Deterministic for a given
-    NumPy (the visit order is ``np.argsort`` of the row sums, whose order among equal sums is NumPy's).
+    permuted into graph order, their normalised Laplacians and largest eigenvalues. The same on every machine (the
+    visit order is a stable sort of the row sums).
     Returns :class:`CoarseGraphs`.
     """
     adjacency = mesh_adjacency(faces, num_verts)

@@ -11,7 +11,7 @@ Architecture and recipe as read from the reference code (FACTS.md §4); the code
    encoder stage of that size.
 2. Graph decoder (the reference's ``DualGraph``), per hand: the global feature (pooled last stage) -> linear +
    layer norm, repeated over the coarsest graph's nodes, plus a 3-d per-node code (the dense-correspondence
-   colour, pooled). Three levels (65 -> 130 -> 260 nodes on the procedural hand; 63 -> 126 -> 252 in IntagHand's
+   colour, pooled). Three levels (64 -> 128 -> 256 nodes on the procedural hand; 63 -> 126 -> 252 in IntagHand's
    shipped graphs of official MANO); each level (:class:`DualGraphLevel`) adds a vertex position embedding
    shared by both hands, runs a :class:`GraphLayer` per hand (residual Chebyshev blocks, K = 2; the first
    block maps the input width to the output width, everything after it runs at the output width),
@@ -80,7 +80,7 @@ BONE_LENGTH = 0.095  # metres, IntagHand's mean wrist-to-middle-knuckle length o
 SIDES = ("right", "left")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-COARSEN_LEVELS = 4  # 1040 -> 520 -> 260 -> 130 -> 65 on the procedural hand (IntagHand's MANO graphs: 1008 ... 63)
+COARSEN_LEVELS = 4  # 1024 -> 512 -> 256 -> 128 -> 64 on the procedural hand (IntagHand's MANO graphs: 1008 ... 63)
 DECODER_LEVELS = (4, 3, 2)  # graph levels of the three decoder stages (65, 130, 260 nodes on the procedural hand)
 UPSAMPLE_SAMPLES = 96  # meshes the level-2 -> 778 map is fitted on
 UPSAMPLE_SEED = 0
