@@ -29,10 +29,10 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from eval.report import NON_DATASET_KEYS
 from hands.datasets import DatasetError
 from hands.mano import HandModel, MANOError
 from hands.paths import output_file
-from eval.report import NON_DATASET_KEYS
 from recon import checkpoint as ckpt
 from recon.cards import hand_model_warning
 from recon.config import ConfigError, from_dict, load_config

@@ -81,7 +81,7 @@ SIDES = ("right", "left")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 COARSEN_LEVELS = 4  # 1024 -> 512 -> 256 -> 128 -> 64 on the procedural hand (IntagHand's MANO graphs: 1008 ... 63)
-DECODER_LEVELS = (4, 3, 2)  # graph levels of the three decoder stages (65, 130, 260 nodes on the procedural hand)
+DECODER_LEVELS = (4, 3, 2)  # graph levels of the three decoder stages (64, 128, 256 nodes on the procedural hand)
 UPSAMPLE_SAMPLES = 96  # meshes the level-2 -> 778 map is fitted on
 UPSAMPLE_SEED = 0
 # IntagHand's fingertip vertices of official MANO (its J_regressor's tip rows): thumb, index, middle, ring,
@@ -661,7 +661,7 @@ class IntagHand(HandModelMixin, nn.Module):
         sizes = {side: self.graphs[side].sizes for side in SIDES}
         if sizes["right"] != sizes["left"]:
             raise ValueError(f"intaghand: the right and left meshes coarsen differently ({sizes})")
-        node_counts = [sizes["right"][level] for level in DECODER_LEVELS]  # e.g. 65, 130, 260
+        node_counts = [sizes["right"][level] for level in DECODER_LEVELS]  # e.g. 64, 128, 256
         self.levels = nn.ModuleList(
             [
                 DualGraphLevel(
