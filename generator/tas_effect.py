@@ -26,7 +26,11 @@ each of the first k steps). The global branch only, as the reference's inference
 - `mesh_swap_change_in_mask`, `mesh_swap_change_out_mask`, `mesh_swap_ratio`: without TAS, the same seeds and
   captions with the next sample's mesh images: mean |change| on the union of the two silhouettes and off it (do
   the images follow the meshes?);
-- the settings (generator, steps, seeds, indices, prompts) and per-sample values.
+- the settings (generator, steps, seeds, indices, prompts, the hands each mesh shows) and per-sample values.
+
+`--prompts bank` replaces the captions with prompts drawn from the generator config's prompt bank naming the
+hands each mesh shows (what mixing gives its generated training samples), `--prompts bank-both` with the bank's
+two-hand prompts for every mesh (what mixing gave before its prompts followed the labels).
 
 and `DIR/tas-effect.png`, a figure like the paper's Fig. 9: per sample, the mesh, the image and each hand token's
 attention map over it, a row without TAS and a row with TAS, the token's text above its column and each map's
@@ -320,6 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--figure-samples", type=int, default=2, help="samples shown in the figure (2)")
     p.add_argument("--segmenter", help="hand segmenter weights (default: the shipped one); 'none' skips the score")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts", choices=("captions", "bank", "bank-both"), default="captions",
+                   help="captions (default): the split's own captions; bank: prompts drawn (--seed) from the "
+                        "generator config's prompt bank naming the hands each mesh shows, as mixing draws them; "
+                        "bank-both: the bank's two-hand prompts for every mesh")
     p.add_argument("--versus", metavar="OTHER_JSON",
                    help="another generator's tas-effect.json on the same samples: paired differences (this - other)")
     args = p.parse_args(argv)
@@ -346,16 +354,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from hands.datasets import build_dataset
     from hands.mano import HandModel
+    from hands.sample import collate
+
+    from .prompts import prompt_bank, shown_hands
 
     hand_model = HandModel()
     data = FramedDataset(build_dataset(args.dataset, args.data_root, args.split, hand_model=hand_model), size,
                          gen_cfg.extend, gen_cfg.framing)
     n = min(args.samples, len(data))
     indices = sorted({round(i * len(data) / n) for i in range(n)})
-    batch = make_train_batch([data[i] for i in indices], hand_model.faces_for("right"), hand_model.faces_for("left"),
-                             device=device)
+    samples = [data[i] for i in indices]
+    batch = make_train_batch(samples, hand_model.faces_for("right"), hand_model.faces_for("left"), device=device)
+    hands = shown_hands(collate(samples))
+    if args.prompts != "captions":
+        batch.prompts = prompt_bank(gen_cfg.prompts).sample(
+            len(samples), torch.Generator().manual_seed(args.seed), hands=hands if args.prompts == "bank" else None)
     segmenter = None if args.segmenter == "none" else load_segmenter(args.segmenter, device)
     settings = {"dataset": args.dataset, "split": args.split, "indices": indices, "prompts": list(batch.prompts),
+                "prompt_source": args.prompts, "hands": hands,
                 "size": size, "num_inference_steps": steps, "tas_steps": tas_steps, "seed": args.seed,
                 "framing": gen_cfg.framing, "guidance_scale": gen_cfg.sampling.guidance_scale,
                 "tas_schedule": {"kind": gen_cfg.sampling.tas_schedule, "scale": gen_cfg.sampling.tas_scale,

@@ -4,9 +4,9 @@ For each requested sample the source draws labels (MANO meshes, joints and a cam
 (:mod:`mixing.labels`), frames them in a square window (the whole source frame, or the union of the hand boxes
 grown by ``extend``: :mod:`generator.framing`) at the generator's resolution, renders the global mesh image there with
 :func:`hands.render.render_hands` and the local mesh image with :func:`hands.render.crop_local`, draws a
-prompt from a seeded :class:`generator.prompts.PromptBank`, and runs the generator. The returned
-:class:`hands.sample.HandBatch` holds the generated RGB images and *exactly the labels that were rendered*
-(the camera intrinsics, joints_img and boxes are those of the framed window); everything stays on the
+prompt naming the hands it shows from a seeded :class:`generator.prompts.PromptBank`, and runs the generator.
+The returned :class:`hands.sample.HandBatch` holds the generated RGB images and *exactly the labels that were
+rendered* (the camera intrinsics, joints_img and boxes are those of the framed window); everything stays on the
 device. Random numbers derive from (seed, rank, call counter), so runs repeat and ranks differ.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
-from generator.prompts import PromptBank
+from generator.prompts import PromptBank, shown_hands
 from generator.framing import window_boxes
 from hands.camera import apply_affine, bbox_crop_affine, inside_image, transform_intrinsics
 from hands.render import crop_local, render_hands
@@ -198,10 +198,14 @@ class SyntheticSource:
             call = self._calls
             self._calls += 1
         host_gen = torch.Generator().manual_seed(self._stream_seed(call))
-        labels = self.labels.draw(n, host_gen).to(self.device, non_blocking=True)
+        labels = self.labels.draw(n, host_gen)
+        # a prompt names the hands the mesh image shows; the blank-mesh control shows none of its labels, so its
+        # prompts stay two-hand ones and carry no label either
+        hands = ["both"] * n if self.blank_mesh else shown_hands(labels)
+        prompts = self.prompts.sample(n, host_gen, hands=hands)
+        labels = labels.to(self.device, non_blocking=True)
         framed = keep_rendered_hands(frame_labels(labels, self.size, self.extend, self.framing))
         mesh_images, local_mesh_images = self.render_conditions(framed, local=self.use_local)
-        prompts = self.prompts.sample(n, host_gen)
         noise_seeds = torch.randint(2**62, (n,), generator=host_gen).tolist()
         generators = [torch.Generator(device=self.device).manual_seed(s) for s in noise_seeds]
         out = self.generator(

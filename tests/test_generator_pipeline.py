@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 
 from pathlib import Path
@@ -184,7 +185,34 @@ def test_prompt_banks_always_name_hand_tokens():
     assert load_config("tiny-synthlab-init").prompts == "synthlab" and load_config("tiny").prompts == "wild"
     g = torch.Generator().manual_seed(0)
     for bank in (synthlab, prompt_bank("wild")):
-        for prompt in bank.sample(12, g):
+        for prompt in bank.sample(12, g) + bank.sample(12, g, hands=["right", "left"] * 6):
             assert hand_token_indices(prompt, tokenizer), prompt
+        for action in bank.one_hand_actions:  # every one-hand action is tagged, not only the drawn ones
+            assert hand_token_indices(action.format(side="left"), tokenizer), action
     with pytest.raises(ValueError, match="unknown prompt bank 'nope'"):
         prompt_bank("nope")
+
+
+def test_prompt_bank_draws_one_hand_prompts_for_one_hand_labels():
+    from generator.prompts import prompt_bank
+
+    for name in ("synthlab", "wild"):
+        bank = prompt_bank(name)
+        hands = ["both", "right", "left", "right"] * 6
+        drawn = bank.sample(len(hands), torch.Generator().manual_seed(4), hands=hands)
+        # the two-hand prompts are the same draws as without ``hands``
+        before = bank.sample(len(hands), torch.Generator().manual_seed(4))
+        assert [p for p, h in zip(drawn, hands) if h == "both"] == [p for p, h in zip(before, hands) if h == "both"]
+        for prompt, side in zip(drawn, hands):
+            if side == "both":
+                assert any(action in prompt for action in bank.actions)
+            else:
+                other = "left" if side == "right" else "right"
+                assert f"{side} hand" in prompt and not re.search(rf"\b({other}|both|hands)\b", prompt), prompt
+        assert len({p for p, h in zip(drawn, hands) if h != "both"}) > 6  # the one-hand draws vary
+    synthlab = prompt_bank("synthlab")
+    assert synthlab.prompt(0, "left") == "a person showing an open left hand in a cluttered kitchen under warm light"
+    with pytest.raises(ValueError, match="hands 'two'"):
+        synthlab.prompt(0, "two")
+    with pytest.raises(ValueError, match="hands: 2 entries for 3 prompts"):
+        synthlab.sample(3, torch.Generator().manual_seed(0), hands=["both", "left"])

@@ -3,6 +3,7 @@ random tiny generator (what it writes)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -155,3 +156,46 @@ def test_versus_flag_refuses_an_unreadable_file_in_one_line(tmp_path, capsys):
     (tmp_path / "short.json").write_text(json.dumps(_effect([0.9, 0.7])))
     with pytest.raises(SystemExit, match="expected 4 numbers"):
         main(["--out", str(tmp_path / "out"), "--versus", str(tmp_path / "short.json"), "--generator-config", "tiny"])
+
+
+def test_prompts_flag_picks_the_split_captions_or_the_bank_naming_each_mesh_hands(tmp_path, monkeypatch):
+    """--prompts bank gives every mesh a prompt of the generator's bank naming its hands (mixing's prompts),
+    bank-both the bank's two-hand prompts, captions (default) the split's own captions; recorded in settings."""
+    import generator.tas_effect as tas_effect
+    from generator.prompts import prompt_bank
+    from hands.datasets.synthlab import write_synthlab
+    from hands.mano import HandModel
+
+    root = write_synthlab(tmp_path / "synthlab", seed=2, sizes={"train-lab": 0, "test-lab": 0, "train-wild": 0,
+                                                                  "test-wild": 12},
+                          resolution=64, hand_model=HandModel(), show_progress=False)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(pipe, mesh_images, prompts, **kwargs):
+        seen["prompts"] = list(prompts)
+        raise Stop
+
+    monkeypatch.setattr(tas_effect, "measure", capture)
+    common = ["--out", str(tmp_path / "out"), "--samples", "12", "--generator-config", "tiny", "--size", "64",
+              "--data-root", str(root), "--segmenter", "none", "--device", "cpu"]
+    drawn = {}
+    for source in ("captions", "bank", "bank-both"):
+        with pytest.raises(Stop):
+            tas_effect.main(common + ["--prompts", source])
+        drawn[source] = seen.pop("prompts")
+    captions = [json.loads((root / "captions" / "test-wild.json").read_text())[k]
+                for k in sorted(json.loads((root / "captions" / "test-wild.json").read_text()), key=int)]
+    assert sorted(drawn["captions"]) == sorted(captions)
+    bank = prompt_bank("wild")  # the tiny config's bank
+    singles = [c for c in drawn["captions"] if re.search(r"\b(left|right) hand\b", c)]
+    assert singles, "the fixture should hold one-hand images"
+    for caption, prompt, both in zip(drawn["captions"], drawn["bank"], drawn["bank-both"]):
+        assert any(action in both for action in bank.actions)
+        side = re.search(r"\b(left|right) hand\b", caption)
+        if side:  # synthlab captions a one-hand image with its side
+            assert f"{side.group(1)} hand" in prompt and not re.search(r"\bhands\b", prompt), (caption, prompt)
+        else:
+            assert any(action in prompt for action in bank.actions), (caption, prompt)

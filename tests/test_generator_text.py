@@ -105,6 +105,7 @@ def test_living_room_is_not_a_hand_action_and_every_bank_word_is():
     tagged = {w.lower() for w, _, _, hand in tagging.hand_words("a person clasping hands in a cosy living room") if hand}
     assert tagged == {"clasping", "hands"}
     texts = list(bank.PEOPLE + bank.ACTIONS + bank.SCENES + bank.LIGHTS)
+    texts += [a.format(side="left") for a in bank.ONE_HAND_ACTIONS]
     texts += [a for v in synthlab.ACTIONS.values() for a in v]
     texts += [g.format(side="left") for g in synthlab.GESTURE_PHRASES.values()]
     texts += [f"in {s[1]} under {l[1]}" for s in synthlab.SCENES.values() for l in synthlab.LIGHTS.values()]

@@ -1,4 +1,6 @@
 """SyntheticSource: generated samples carry exactly the labels that were rendered."""
+import re
+
 import pytest
 import torch
 
@@ -154,3 +156,43 @@ def test_sampling_runs_the_global_branch_only_with_the_same_global_images_at_hal
     assert torch.equal(default.image, with_local.image)  # bit-identical global images
     assert rows[0] * 2 == rows[-1] and rows[0] == 2 * 2  # classifier-free guidance x2, 2 samples; x2 with local
     assert SyntheticSource.__init__.__kwdefaults__["use_local"] is False
+
+
+class _OneHandFirst:
+    """A label source whose first sample keeps only its right hand and second only its left (whatever the prior
+    drew there: a hand it drew is dropped, none is added)."""
+
+    def __init__(self, labels):
+        self.inner = labels
+
+    def draw(self, n, generator):
+        import dataclasses
+
+        batch = self.inner.draw(n, generator)
+        right, left = batch.right.valid.clone(), batch.left.valid.clone()
+        left[0], right[1] = False, False
+        return dataclasses.replace(batch, right=dataclasses.replace(batch.right, valid=right),
+                                   left=dataclasses.replace(batch.left, valid=left))
+
+
+def test_prompts_name_the_hands_the_mesh_image_shows(source):
+    """A label with one hand gets a one-hand prompt naming its side; one with both a two-hand prompt."""
+    from generator.prompts import prompt_bank
+    from generator.prompts import shown_hands
+
+    one_hand = SyntheticSource(labels=_OneHandFirst(source.labels), generator=source.generator,
+                               faces_right=source.faces_right, faces_left=source.faces_left, size=32, seed=3,
+                               prompts=prompt_bank("synthlab"), sampling={"num_inference_steps": 2})
+    batch = one_hand.generate(3)
+    prompts = [m["prompt"] for m in batch.meta]
+    assert batch.hand_type[:2] == ["right", "left"]
+    assert "right hand" in prompts[0] and not re.search(r"\b(left|both|hands)\b", prompts[0])
+    assert "left hand" in prompts[1] and not re.search(r"\b(right|both|hands)\b", prompts[1])
+    assert shown_hands(batch) == ["right", "left", "both"] and batch.hand_type[2] == "interacting"
+    synthlab_two_hand = set(prompt_bank("synthlab").actions)
+    assert any(action in prompts[2] for action in synthlab_two_hand)
+    # the blank-mesh control's images show no hand: its prompts stay two-hand ones, naming no label's side
+    blank = SyntheticSource(labels=_OneHandFirst(source.labels), generator=source.generator,
+                            faces_right=source.faces_right, faces_left=source.faces_left, size=32, seed=3,
+                            prompts=prompt_bank("synthlab"), sampling={"num_inference_steps": 2}, blank_mesh=True)
+    assert all(any(action in m["prompt"] for action in synthlab_two_hand) for m in blank.generate(3).meta)
