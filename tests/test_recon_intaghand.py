@@ -442,6 +442,63 @@ def test_checkpoints_of_the_previous_layout_fail_in_one_line():
     assert "\n" not in str(error.value)
 
 
+def test_a_checkpoint_carries_its_graph_and_predicts_the_same_where_the_nodes_are_ordered_otherwise(tmp_path, hand_model):
+    """The coarse graph is part of the weights: a model whose own coarsening ordered the nodes differently (as
+    NumPy's SIMD-dependent sort did before the stable sort) predicts exactly as the saved one once loaded."""
+    from recon import checkpoint as ckpt
+
+    torch.manual_seed(0)
+    source = build_regressor("intaghand", **TINY).eval()
+    state = source.state_dict()
+    for side in ("right", "left"):
+        assert {f"fill_index_{side}", f"upsample_{side}", f"laplacian_{side}_0"} <= set(state)
+    original = {name: value.clone() for name, value in state.items() if name.startswith(("upsample", "fill", "lapl"))}
+    batch = _make_batch(hand_model, 2)
+    with torch.no_grad():
+        expected = source(batch)
+    target = build_regressor("intaghand", **TINY).eval()
+    with torch.no_grad():  # another machine's graph: the same nodes, another order
+        for side in ("right", "left"):
+            order = torch.randperm(getattr(target, f"upsample_{side}").shape[1], generator=torch.Generator().manual_seed(1))
+            getattr(target, f"upsample_{side}").copy_(getattr(target, f"upsample_{side}")[:, order])
+            getattr(target, f"laplacian_{side}_2").copy_(getattr(target, f"laplacian_{side}_2")[order][:, order])
+            getattr(target, f"fill_index_{side}").copy_(getattr(target, f"fill_index_{side}").flip(0))
+    fresh = build_regressor("intaghand", **TINY)  # the changes stayed in the target: not in the cached graphs
+    for name, value in original.items():
+        assert torch.equal(getattr(fresh, name), value)
+    path = tmp_path / "weights.safetensors"
+    from safetensors.torch import save_model
+
+    save_model(source, str(path))
+    info = ckpt.CheckpointInfo(json_path=tmp_path / "w.json", weights_path=path, state_path=tmp_path / "s.pt", meta={"arch": "intaghand"})
+    ckpt.load_weights(target, info)
+    with torch.no_grad():
+        again = target(batch)
+    assert torch.equal(again.right_verts, expected.right_verts) and torch.equal(again.rel_root, expected.rel_root)
+    for side in ("right", "left"):
+        assert torch.equal(getattr(target, f"fill_index_{side}"), getattr(source, f"fill_index_{side}"))
+
+
+def test_checkpoints_without_their_graph_fail_in_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    from recon import checkpoint as ckpt
+
+    model = build_regressor("intaghand", **TINY)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not k.startswith(("fill_index_", "upsample_", "laplacian_"))}  # as written before they were saved
+    with pytest.raises(RuntimeError, match="carries no coarse graphs") as error:
+        model.load_state_dict(state, strict=False)
+    assert "\n" not in str(error.value)
+    path = tmp_path / "old.safetensors"
+    save_file(state, str(path))
+    info = ckpt.CheckpointInfo(json_path=tmp_path / "old.json", weights_path=path, state_path=tmp_path / "s.pt",
+                               meta={"arch": "intaghand"})
+    with pytest.raises(ckpt.CheckpointError, match="carries no coarse graphs.*retrain it") as error:
+        ckpt.load_weights(model, info)
+    assert "\n" not in str(error.value)
+
+
 @pytest.fixture(scope="module")
 def tiny_synthlab(tmp_path_factory):
     from tests.recon_helpers import write_tiny_synthlab

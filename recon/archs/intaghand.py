@@ -26,7 +26,11 @@ The coarse graphs (:mod:`recon.archs.graph`) are computed once per hand model (i
 memory: the reference's heavy-edge-matching coarsening of the loaded model's faces (procedural or official
 MANO), 4 levels, fake nodes so that each level halves; Laplacians rescaled as the reference's (or the intended
 Chebyshev form, ``laplacian_rescale``); the last level -> 778 map is a local least-squares fit on the hand
-model's own meshes (see :func:`recon.archs.graph.fit_upsampling`).
+model's own meshes (see :func:`recon.archs.graph.fit_upsampling`). A checkpoint carries the graph it was
+trained with (the vertex -> node order ``fill_index_*``, the Laplacians ``laplacian_*``, the map
+``upsample_*``: persistent buffers, as the reference ships its graph files beside its weights), so that it
+predicts the same wherever it is loaded, even where the coarsening would order the nodes differently; a
+checkpoint written before it did is refused in one line (:func:`_refuse_previous_layout`).
 
 Frames and units (stated once):
 
@@ -529,11 +533,21 @@ _PREVIOUS_LAYOUT_KEYS = ("levels.0.patch_proj.weight", "levels.0.out.right.weigh
 
 
 def _refuse_previous_layout(module, state_dict, prefix, *args) -> None:
-    """load_state_dict pre-hook: a checkpoint of the previous IntagHand layout fails in one line."""
+    """load_state_dict pre-hook: a checkpoint of the previous IntagHand layout, or one without its coarse
+    graphs, fails in one line."""
     if any(prefix + key in state_dict for key in _PREVIOUS_LAYOUT_KEYS):
         raise RuntimeError(
             "intaghand: this checkpoint has the previous IntagHand decoder layout (before the graph decoder was "
             "rebuilt to the reference's structure); it cannot be loaded, retrain it"
+        )
+    if prefix + "coord_head.weight" in state_dict and prefix + "fill_index_right" not in state_dict:
+        # Its graph was recomputed at load time; the coarsening's node order changed since (a stable sort,
+        # docs/intaghand.md), so its weights would meet other nodes than those they were trained on (measured: a
+        # demo checkpoint scoring 54.2 mm on a validation split when trained, 95.3 mm when reloaded after that
+        # change). Refuse rather than mispredict.
+        raise RuntimeError(
+            "intaghand: this checkpoint carries no coarse graphs (written before IntagHand checkpoints stored "
+            "them); its node order cannot be recovered, so it cannot be loaded: retrain it"
         )
 
 
@@ -653,8 +667,9 @@ class IntagHand(HandModelMixin, nn.Module):
             }
         )
 
-        # The hand model and everything derived from it are kept out of the checkpoint (as the baseline's MANO
-        # layer): they are rebuilt from mano_dir, and the sidecar records the hand model's fingerprint.
+        # The hand model is kept out of the checkpoint (as the baseline's MANO layer): it is rebuilt from mano_dir,
+        # and the sidecar records its fingerprint. The coarse graph derived from it is saved with the weights
+        # (persistent buffers below), so that a checkpoint keeps the node order it was trained with.
         self._set_hand_model(mano_dir)
         derived = hand_graphs(self.hand_model)
         self.graphs = derived.graphs
@@ -703,14 +718,13 @@ class IntagHand(HandModelMixin, nn.Module):
         for side in SIDES:
             for index, level in enumerate(DECODER_LEVELS):
                 laplacian = self.graphs[side].chebyshev_laplacian(level, laplacian_rescale)
-                self.register_buffer(
-                    f"laplacian_{side}_{index}", torch.as_tensor(laplacian, dtype=torch.float32), persistent=False
-                )
-            self.register_buffer(f"upsample_{side}", torch.as_tensor(derived.upsample[side]), persistent=False)
-            self.register_buffer(
-                f"fill_index_{side}", torch.as_tensor(self.graphs[side].fill_index), persistent=False
-            )
-        self.register_buffer("dense_code", torch.as_tensor(derived.dense_code), persistent=False)
+                self.register_buffer(f"laplacian_{side}_{index}", torch.tensor(laplacian, dtype=torch.float32))
+            # The graph is part of the weights: saved and loaded with them (the module docstring). Copies, not
+            # views of the cached arrays: loading a checkpoint writes into these buffers, and a view would carry
+            # that checkpoint's graph into every model built later in the process.
+            self.register_buffer(f"upsample_{side}", torch.tensor(derived.upsample[side]))
+            self.register_buffer(f"fill_index_{side}", torch.tensor(self.graphs[side].fill_index))
+        self.register_buffer("dense_code", torch.tensor(derived.dense_code), persistent=False)
         for side in SIDES:  # (21, 778): the 16 regressed joints + IntagHand's tips, in our joint order
             regressor = joint_regressor(self.hand_model.j_regressor_for(side).cpu(), tip_vertices(self.hand_model))
             self.register_buffer(f"joint_regressor_{side}", regressor, persistent=False)
