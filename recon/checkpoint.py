@@ -351,8 +351,8 @@ def average_checkpoints(model: nn.Module, sidecars: Sequence[str | Path]) -> lis
     checkpoints, Izmailov et al. 2018, without its BatchNorm update): every floating-point parameter and buffer
     (BatchNorm's running statistics included) is averaged in float64; integer buffers (``num_batches_tracked``)
     are the last given checkpoint's. Each file is checked (checksum, and strictly against the model's keys and shapes:
-    CheckpointError in one line), read into host memory and copied into the model wherever it lives; the sum is
-    kept on the model's device. Returns the checkpoints' steps, in the order given.
+    CheckpointError in one line), read into host memory and loaded into the model wherever it lives
+    (``load_state_dict``, so the model's load hooks run); the sum is kept on the model's device. Returns the checkpoints' steps, in the order given.
 
     Not ``torch.optim.swa_utils.AveragedModel``: it keeps a second copy of the model on the device and its running
     mean would average the integer buffers too; here the files are the models and the mean is exact."""
@@ -370,14 +370,19 @@ def average_checkpoints(model: nn.Module, sidecars: Sequence[str | Path]) -> lis
         loaded = {current[key].data_ptr() for key in saved if key in current}  # safetensors stores a shared tensor once
         unexpected = sorted(key for key in saved if key not in current or saved[key].shape != current[key].shape)
         missing = sorted(key for key in current if key not in saved and current[key].data_ptr() not in loaded)
+        if not unexpected:
+            # Through load_state_dict, so that a regressor's load hooks see every file and their one-line refusal
+            # (e.g. IntagHand's checkpoint without its graph) comes before the generic one below.
+            try:
+                model.load_state_dict(saved, strict=False)
+            except RuntimeError as error:
+                first = " ".join(str(error).split())[:300]
+                raise CheckpointError(f"{info.weights_path}: weights do not fit regressor {info.arch!r}: {first}") from None
         if missing or unexpected:
             raise CheckpointError(
                 f"{info.weights_path}: weights do not fit regressor {info.arch!r}: {len(missing)} missing keys "
                 f"{missing[:3]}, {len(unexpected)} unexpected or reshaped keys {unexpected[:3]}"
             )
-        with torch.no_grad():
-            for key, value in saved.items():
-                current[key].copy_(value.to(current[key].device))
         steps.append(int(info.meta.get("step", -1)))
         for key, value in current.items():
             if value.is_floating_point():

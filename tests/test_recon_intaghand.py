@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ from recon.archs.graph import (
 )
 from recon.archs.intaghand import (
     BONE_LENGTH,
+    GRAPH_BUFFERS,
     DualGraphLevel,
     IntagHand,
     _joints_from_verts,
@@ -450,8 +452,7 @@ def test_a_checkpoint_carries_its_graph_and_predicts_the_same_where_the_nodes_ar
     torch.manual_seed(0)
     source = build_regressor("intaghand", **TINY).eval()
     state = source.state_dict()
-    for side in ("right", "left"):
-        assert {f"fill_index_{side}", f"upsample_{side}", f"laplacian_{side}_0"} <= set(state)
+    assert set(GRAPH_BUFFERS) <= set(state) and len(GRAPH_BUFFERS) == 10  # per side: index, map, 3 Laplacians
     original = {name: value.clone() for name, value in state.items() if name.startswith(("upsample", "fill", "lapl"))}
     batch = _make_batch(hand_model, 2)
     with torch.no_grad():
@@ -462,6 +463,10 @@ def test_a_checkpoint_carries_its_graph_and_predicts_the_same_where_the_nodes_ar
             order = torch.randperm(getattr(target, f"upsample_{side}").shape[1], generator=torch.Generator().manual_seed(1))
             getattr(target, f"upsample_{side}").copy_(getattr(target, f"upsample_{side}")[:, order])
             getattr(target, f"laplacian_{side}_2").copy_(getattr(target, f"laplacian_{side}_2")[order][:, order])
+            for index in (0, 1):  # the coarser levels: another order of their nodes as well
+                laplacian = getattr(target, f"laplacian_{side}_{index}")
+                swap = torch.arange(laplacian.shape[0]).flip(0)
+                laplacian.copy_(laplacian[swap][:, swap])
             getattr(target, f"fill_index_{side}").copy_(getattr(target, f"fill_index_{side}").flip(0))
     fresh = build_regressor("intaghand", **TINY)  # the changes stayed in the target: not in the cached graphs
     for name, value in original.items():
@@ -475,8 +480,8 @@ def test_a_checkpoint_carries_its_graph_and_predicts_the_same_where_the_nodes_ar
     with torch.no_grad():
         again = target(batch)
     assert torch.equal(again.right_verts, expected.right_verts) and torch.equal(again.rel_root, expected.rel_root)
-    for side in ("right", "left"):
-        assert torch.equal(getattr(target, f"fill_index_{side}"), getattr(source, f"fill_index_{side}"))
+    for name in GRAPH_BUFFERS:
+        assert torch.equal(getattr(target, name), getattr(source, name)), name
 
 
 def test_checkpoints_without_their_graph_fail_in_one_line(tmp_path):
@@ -485,18 +490,29 @@ def test_checkpoints_without_their_graph_fail_in_one_line(tmp_path):
     from recon import checkpoint as ckpt
 
     model = build_regressor("intaghand", **TINY)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()
-             if not k.startswith(("fill_index_", "upsample_", "laplacian_"))}  # as written before they were saved
-    with pytest.raises(RuntimeError, match="carries no coarse graphs") as error:
+    full = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = {k: v for k, v in full.items() if k not in GRAPH_BUFFERS}  # as written before they were saved
+    with pytest.raises(RuntimeError, match="carries no coarse graph") as error:
         model.load_state_dict(state, strict=False)
     assert "\n" not in str(error.value)
-    path = tmp_path / "old.safetensors"
-    save_file(state, str(path))
-    info = ckpt.CheckpointInfo(json_path=tmp_path / "old.json", weights_path=path, state_path=tmp_path / "s.pt",
-                               meta={"arch": "intaghand"})
-    with pytest.raises(ckpt.CheckpointError, match="carries no coarse graphs.*retrain it") as error:
-        ckpt.load_weights(model, info)
-    assert "\n" not in str(error.value)
+    for key in GRAPH_BUFFERS:  # any one of them missing is refused, not filled in from the rebuilt graph
+        with pytest.raises(RuntimeError, match=f"carries no coarse graph \\({key} missing"):
+            model.load_state_dict({k: v for k, v in full.items() if k != key}, strict=False)
+    # Through the checkpoint readers: load_weights and the averaging of a run's last checkpoints.
+    sidecar = ckpt.save_checkpoint(
+        tmp_path / "run", model=model, arch="intaghand", model_kwargs=TINY, config={}, optimizer=None,
+        progress=dict(step=1, epoch=0, step_in_epoch=1, sampler_seed=0, world_size=1), resumable=False,
+    )
+    info = ckpt.read_checkpoint_info(sidecar)
+    save_file(state, str(info.weights_path))  # the same checkpoint as an older version wrote it
+    meta = json.loads(Path(sidecar).read_text())
+    meta["weights_sha256"] = ckpt._sha256(info.weights_path)
+    Path(sidecar).write_text(json.dumps(meta))
+    for load in (lambda: ckpt.load_weights(model, ckpt.read_checkpoint_info(sidecar)),
+                 lambda: ckpt.average_checkpoints(model, [sidecar])):
+        with pytest.raises(ckpt.CheckpointError, match="carries no coarse graph.*retrain it") as error:
+            load()
+        assert "\n" not in str(error.value)
 
 
 @pytest.fixture(scope="module")

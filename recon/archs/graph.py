@@ -14,8 +14,8 @@ Conventions of this module (stated once):
   ``perm[j]`` when ``perm[j] < V`` and a *fake* node otherwise. Positions ``(2k, 2k + 1)`` at level ``l`` are the
   two children of node ``k`` at level ``l + 1``, so average pooling by 2 coarsens and repetition by 2
   upsamples (``graph_pool`` / ``graph_repeat``). Level ``levels`` has ``M`` nodes, the matching's own count
-  (the reference pads nothing: 63 for official MANO's faces in IntagHand's shipped graphs, 65 for the
-  procedural hand with this machine's NumPy, see docs/intaghand.md).
+  (the reference pads nothing: 63 for official MANO's faces in IntagHand's shipped graphs, 64 for the
+  procedural hand with the stable visit order, see docs/intaghand.md).
 - Fake nodes carry a copy of their sibling's subtree (``fill_index``, the reference's ``cut_perm``), so that
   pooling averages real vertices only (with multiplicities).
 """

@@ -27,7 +27,7 @@ memory: the reference's heavy-edge-matching coarsening of the loaded model's fac
 MANO), 4 levels, fake nodes so that each level halves; Laplacians rescaled as the reference's (or the intended
 Chebyshev form, ``laplacian_rescale``); the last level -> 778 map is a local least-squares fit on the hand
 model's own meshes (see :func:`recon.archs.graph.fit_upsampling`). A checkpoint carries the graph it was
-trained with (the vertex -> node order ``fill_index_*``, the Laplacians ``laplacian_*``, the map
+trained with (the graph-position -> vertex index ``fill_index_*``, the Laplacians ``laplacian_*``, the map
 ``upsample_*``: persistent buffers, as the reference ships its graph files beside its weights), so that it
 predicts the same wherever it is loaded, even where the coarsening would order the nodes differently; a
 checkpoint written before it did is refused in one line (:func:`_refuse_previous_layout`).
@@ -528,6 +528,14 @@ def _normalise_pixels(pixels: Tensor, image_size: Tuple[int, int]) -> Tensor:
     return torch.cat([shifted[..., :1] / width, shifted[..., 1:] / height], -1) * 2.0 - 1.0
 
 
+# The coarse graph's buffers, saved with the weights (one per side: the graph-position -> vertex index, the three
+# levels' Laplacians, the last level -> 778 map).
+GRAPH_BUFFERS = tuple(
+    [f"fill_index_{side}" for side in SIDES]
+    + [f"upsample_{side}" for side in SIDES]
+    + [f"laplacian_{side}_{index}" for side in SIDES for index in range(len(DECODER_LEVELS))]
+)
+
 # Keys only the previous IntagHand layout (before the decoder followed the reference's structure) had.
 _PREVIOUS_LAYOUT_KEYS = ("levels.0.patch_proj.weight", "levels.0.out.right.weight", "fuse.0.bias")
 
@@ -540,14 +548,15 @@ def _refuse_previous_layout(module, state_dict, prefix, *args) -> None:
             "intaghand: this checkpoint has the previous IntagHand decoder layout (before the graph decoder was "
             "rebuilt to the reference's structure); it cannot be loaded, retrain it"
         )
-    if prefix + "coord_head.weight" in state_dict and prefix + "fill_index_right" not in state_dict:
-        # Its graph was recomputed at load time; the coarsening's node order changed since (a stable sort,
-        # docs/intaghand.md), so its weights would meet other nodes than those they were trained on (measured: a
-        # demo checkpoint scoring 54.2 mm on a validation split when trained, 95.3 mm when reloaded after that
-        # change). Refuse rather than mispredict.
+    missing = [key for key in GRAPH_BUFFERS if prefix + key not in state_dict]
+    if prefix + "coord_head.weight" in state_dict and missing:
+        # Its graph would be the one rebuilt here; the coarsening's node order changed once already (a stable
+        # sort, docs/intaghand.md), and weights that meet other nodes than those they were trained on mispredict
+        # without an error (measured: a demo checkpoint scoring 54.2 mm on a validation split when trained,
+        # 95.3 mm when reloaded after that change). Refuse rather than guess.
         raise RuntimeError(
-            "intaghand: this checkpoint carries no coarse graphs (written before IntagHand checkpoints stored "
-            "them); its node order cannot be recovered, so it cannot be loaded: retrain it"
+            f"intaghand: this checkpoint carries no coarse graph ({missing[0]} missing; written before IntagHand "
+            "checkpoints stored it), so the node order it was trained with cannot be checked: retrain it"
         )
 
 
@@ -576,7 +585,8 @@ class IntagHand(HandModelMixin, nn.Module):
         dropout: dropout of the graph blocks and attention layers (0.05); patch_grid: image grid tokens per side
             (8; the fused maps' sides must be multiples of it).
         laplacian_rescale: "reference" (IntagHand's code: L / (2 lambda_max) - I, the coarsest level unscaled)
-            or "chebyshev" (2 L / lambda_max - I on every level, the form its comment intends).
+            or "chebyshev" (2 L / lambda_max - I on every level, the form its comment intends). The Laplacians
+            are saved with the weights: a loaded checkpoint brings its own, whatever this argument says.
         mano_dir: folder with the official MANO_RIGHT/LEFT.pkl; None: the procedural hand model.
         weight_*: loss weights (FACTS.md §4): verts 100 (L1, also joints and the coarse level), verts_2d 50
             (MSE in [-1, 1] image units, also the coarse level), normal 10, edge 2000 from ``edge_loss_epoch``
@@ -672,8 +682,8 @@ class IntagHand(HandModelMixin, nn.Module):
         # (persistent buffers below), so that a checkpoint keeps the node order it was trained with.
         self._set_hand_model(mano_dir)
         derived = hand_graphs(self.hand_model)
-        self.graphs = derived.graphs
-        sizes = {side: self.graphs[side].sizes for side in SIDES}
+        graphs = derived.graphs  # only to build the buffers below: after a load, the checkpoint's graph is the model's
+        sizes = {side: graphs[side].sizes for side in SIDES}
         if sizes["right"] != sizes["left"]:
             raise ValueError(f"intaghand: the right and left meshes coarsen differently ({sizes})")
         node_counts = [sizes["right"][level] for level in DECODER_LEVELS]  # e.g. 64, 128, 256
@@ -717,13 +727,13 @@ class IntagHand(HandModelMixin, nn.Module):
         self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         for side in SIDES:
             for index, level in enumerate(DECODER_LEVELS):
-                laplacian = self.graphs[side].chebyshev_laplacian(level, laplacian_rescale)
+                laplacian = graphs[side].chebyshev_laplacian(level, laplacian_rescale)
                 self.register_buffer(f"laplacian_{side}_{index}", torch.tensor(laplacian, dtype=torch.float32))
             # The graph is part of the weights: saved and loaded with them (the module docstring). Copies, not
             # views of the cached arrays: loading a checkpoint writes into these buffers, and a view would carry
             # that checkpoint's graph into every model built later in the process.
             self.register_buffer(f"upsample_{side}", torch.tensor(derived.upsample[side]))
-            self.register_buffer(f"fill_index_{side}", torch.tensor(self.graphs[side].fill_index))
+            self.register_buffer(f"fill_index_{side}", torch.tensor(graphs[side].fill_index))
         self.register_buffer("dense_code", torch.tensor(derived.dense_code), persistent=False)
         for side in SIDES:  # (21, 778): the 16 regressed joints + IntagHand's tips, in our joint order
             regressor = joint_regressor(self.hand_model.j_regressor_for(side).cpu(), tip_vertices(self.hand_model))
