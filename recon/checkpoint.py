@@ -352,7 +352,8 @@ def average_checkpoints(model: nn.Module, sidecars: Sequence[str | Path]) -> lis
     (BatchNorm's running statistics included) is averaged in float64; integer buffers (``num_batches_tracked``)
     are the last given checkpoint's. Each file is checked (checksum, and strictly against the model's keys and shapes:
     CheckpointError in one line), read into host memory and loaded into the model wherever it lives
-    (``load_state_dict``, so the model's load hooks run); the sum is kept on the model's device. Returns the checkpoints' steps, in the order given.
+    (``load_state_dict``, so the model's load hooks run); the sum is kept on the model's device. Returns the
+    checkpoints' steps, in the order given.
 
     Not ``torch.optim.swa_utils.AveragedModel``: it keeps a second copy of the model on the device and its running
     mean would average the integer buffers too; here the files are the models and the mean is exact."""
