@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--hand-stats", type=positive_int, metavar="N",
         help="also measure the predicted hands of the first N samples of each test set: their spread across "
              "images (0: one prediction for every image), wrist-to-middle-knuckle length and knuckle width, beside "
-             "the ground truth's and its mean hand's (\"hand_stats\" in the metrics JSON)",
+             "the ground truth's and its mean hand's, and how they follow the labels per camera axis and in "
+             "which way the palm faces (\"hand_stats\" in the metrics JSON)",
     )
     return parser
 
@@ -107,7 +108,9 @@ def shape_statistics(verts: torch.Tensor, joints: torch.Tensor) -> dict:
     ``spread`` (the mean distance of each hand's vertices from the same vertices of the set's mean hand: 0 when
     every hand is the same), ``bone`` (wrist to middle knuckle, joints 0 -> 9, mean over the hands),
     ``knuckle_width`` (index to little-finger knuckle, 5 -> 17), and the set's mean hand's own ``mean_bone`` and
-    ``mean_knuckle_width``; ``hands``: N. Empty sets give ``{"hands": 0}``."""
+    ``mean_knuckle_width``; ``extent_xyz``: how far each hand reaches along the camera's x (image right), y (image
+    down) and z (depth) axes (the standard deviation of its vertices' coordinate, mean over the hands: a hand
+    flattened along an axis has a small entry there); ``hands``: N. Empty sets give ``{"hands": 0}``."""
     count = int(verts.shape[0])
     if count == 0:
         return {"hands": 0}
@@ -115,6 +118,7 @@ def shape_statistics(verts: torch.Tensor, joints: torch.Tensor) -> dict:
     mean = joints.mean(0)
     return {
         "hands": count,
+        "extent_xyz": [round(float(value), 2) for value in verts.std(dim=1, unbiased=False).mean(0)],
         "spread": round(float((verts - verts.mean(0)).norm(dim=-1).mean()), 2),
         "bone": round(float((joints[:, 9] - joints[:, 0]).norm(dim=-1).mean()), 2),
         "knuckle_width": round(float((joints[:, 5] - joints[:, 17]).norm(dim=-1).mean()), 2),
@@ -123,12 +127,72 @@ def shape_statistics(verts: torch.Tensor, joints: torch.Tensor) -> dict:
     }
 
 
+# a hand whose palm normal makes less than 60 degrees with the optical axis faces towards or away from the camera
+PALM_FACING_MIN_COS = 0.5
+
+
+def _palm_normal(joints: torch.Tensor) -> torch.Tensor:
+    """(N, 3) unit normals of the palms of (N, 21, 3) joints: (index knuckle - wrist) x (little knuckle - wrist).
+    Its sign depends on the side (a mirror image flips it), so compare a side's predictions with its own labels."""
+    normal = torch.cross(joints[:, 5] - joints[:, 0], joints[:, 17] - joints[:, 0], dim=-1)
+    return normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def agreement_statistics(pred_verts, pred_joints, gt_verts, gt_joints) -> dict:
+    """How predicted wrist-relative hands (N, V, 3) / (N, 21, 3), metres, follow their labels, in mm:
+
+    - ``mpvpe``: the mean vertex distance, wrist-relative (the test sets' MPVPE puts the root elsewhere for some
+      regressors: this is for comparing axes and subsets, not for tables);
+    - ``l1_xyz``: the mean absolute error along the camera's x (image right), y (image down) and z (depth) axes;
+    - ``follow_xyz``: per axis, the Pearson correlation across the hands between a vertex's predicted and labelled
+      coordinate, averaged over the vertices (x 100; 0 where the prediction does not vary across the hands): 100 when
+      the prediction moves with the truth along that axis, about 0 when it does not follow it;
+    - ``palm_facing``: over the ``clear`` hands whose labelled palm normal makes less than 60 degrees with the
+      optical axis, the share whose predicted palm faces the same way (towards or away from the camera;
+      ``agree``: about 0.5 when the regressor cannot tell the palm from the back of the hand) and the mean vertex
+      error of those it gets right / wrong (``mpvpe_right`` / ``mpvpe_wrong``; None for an empty subset).
+
+    Empty sets give ``{"hands": 0}``."""
+    count = int(pred_verts.shape[0])
+    if count == 0:
+        return {"hands": 0}
+    pred, truth = pred_verts.double() * 1000.0, gt_verts.double() * 1000.0
+    error = (pred - truth).norm(dim=-1).mean(1)  # (N,)
+    p_dev, t_dev = pred - pred.mean(0), truth - truth.mean(0)
+    p_std, t_std = p_dev.pow(2).mean(0).sqrt(), t_dev.pow(2).mean(0).sqrt()  # (V, 3)
+    moving = (p_std > 1e-6) & (t_std > 1e-6)  # 1e-6 mm: a prediction that does not vary follows nothing
+    corr = torch.where(moving, (p_dev * t_dev).mean(0) / (p_std * t_std).clamp_min(1e-12), torch.zeros_like(p_std))
+    facing_pred = _palm_normal(pred_joints.double())[:, 2]
+    facing_true = _palm_normal(gt_joints.double())[:, 2]
+    clear = facing_true.abs() > PALM_FACING_MIN_COS
+    right = clear & ((facing_pred > 0) == (facing_true > 0))
+    wrong = clear & ~right
+
+    def mean_error(mask):
+        return round(float(error[mask].mean()), 2) if bool(mask.any()) else None
+
+    return {
+        "hands": count,
+        "mpvpe": round(float(error.mean()), 2),
+        "l1_xyz": [round(float(value), 2) for value in (pred - truth).abs().mean((0, 1))],
+        "follow_xyz": [round(float(value) * 100.0, 1) for value in corr.mean(0)],
+        "palm_facing": {
+            "clear": int(clear.sum()),
+            "agree": round(float(right.sum()) / int(clear.sum()), 3) if bool(clear.any()) else None,
+            "mpvpe_right": mean_error(right),
+            "mpvpe_wrong": mean_error(wrong),
+        },
+    }
+
+
 def hand_statistics(model, test_sets: dict, n: int, *, device, batch_size: int = 16, refine=None) -> dict:
     """{test set key: {side: {"predicted": ..., "ground_truth": ...}}}: :func:`shape_statistics` of the predicted
     and the labelled hands of the first ``n`` samples of each test set (the labels relative to their wrist joint),
-    over the samples where that hand is labelled with a mesh (``valid`` and ``mano_valid``; skipped records left out). A regressor that ignores its image has spread 0; one that predicts the data's
-    mean hand has the ground truth's ``mean_bone`` and ``mean_knuckle_width`` (issue 25's diagnoses,
-    docs/intaghand.md)."""
+    over the samples where that hand is labelled with a mesh (``valid`` and ``mano_valid``; skipped records left
+    out), and ``versus_truth``: :func:`agreement_statistics` of the predictions against those labels. A regressor
+    that ignores its image has spread 0; one that predicts the data's mean hand has the ground truth's
+    ``mean_bone`` and ``mean_knuckle_width``; one that cannot tell which way a palm faces has ``palm_facing``
+    agreement about 0.5 (issue 25's diagnoses, docs/intaghand.md)."""
     from recon.evaluate import _collate_counting
 
     report = {}
@@ -156,6 +220,7 @@ def hand_statistics(model, test_sets: dict, n: int, *, device, batch_size: int =
             side: {
                 "predicted": shape_statistics(torch.cat(lists["pred_v"]), torch.cat(lists["pred_j"])),
                 "ground_truth": shape_statistics(torch.cat(lists["gt_v"]), torch.cat(lists["gt_j"])),
+                "versus_truth": agreement_statistics(*(torch.cat(lists[key]) for key in ("pred_v", "pred_j", "gt_v", "gt_j"))),
             }
             for side, lists in found.items()
         }
@@ -317,6 +382,12 @@ def run(args: argparse.Namespace) -> dict:
                               f"{pred['bone']:.1f} mm (truth {truth['bone']:.1f}), knuckle width "
                               f"{pred['knuckle_width']:.1f} mm (truth {truth['knuckle_width']:.1f}; the truth's mean "
                               f"hand {truth['mean_knuckle_width']:.1f})")
+                        versus, facing = found["versus_truth"], found["versus_truth"]["palm_facing"]
+                        axes = " / ".join(f"{p:.0f} ({t:.0f}), follows {c:.0f} %" for p, t, c in
+                                          zip(pred["extent_xyz"], truth["extent_xyz"], versus["follow_xyz"]))
+                        agree = "-" if facing["agree"] is None else f"{facing['agree']:.2f}"
+                        print(f"    x / y / z extent mm (truth): {axes}; palm facing the labelled way: {agree} of "
+                              f"{facing['clear']}")
             out.write_text(json.dumps(report, indent=2, sort_keys=True))
             print(f"added hand_stats to {out}")
         if args.figure:

@@ -394,6 +394,44 @@ def test_shape_statistics_on_hand_made_hands():
     assert recon_test.shape_statistics(verts[:0], joints[:0]) == {"hands": 0}
 
 
+def test_agreement_statistics_on_hand_made_hands():
+    """Per-axis following, errors and palm facing of predictions against labels (mm): a prediction mirrored
+    across the image's vertical axis follows x backwards and turns every palm the other way; a constant one
+    follows nothing."""
+    # three hands: the palm facing away from the camera (normal -z), edge-on (normal +x), towards it (+z)
+    joints = torch.zeros(3, 21, 3, dtype=torch.float64)
+    joints[0, 5], joints[0, 17] = torch.tensor([0.03, -0.08, 0.0]), torch.tensor([-0.03, -0.08, 0.0])
+    joints[1, 5], joints[1, 17] = torch.tensor([0.0, -0.08, 0.03]), torch.tensor([0.0, -0.08, -0.03])
+    joints[2, 5], joints[2, 17] = torch.tensor([-0.03, -0.08, 0.0]), torch.tensor([0.03, -0.08, 0.0])
+    verts = torch.randn(3, 10, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.02
+    mirror = torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)
+
+    same = recon_test.agreement_statistics(verts, joints, verts, joints)
+    assert same["hands"] == 3 and same["mpvpe"] == 0.0 and same["l1_xyz"] == [0.0, 0.0, 0.0]
+    assert same["follow_xyz"] == [100.0, 100.0, 100.0]
+    assert same["palm_facing"] == {"clear": 2, "agree": 1.0, "mpvpe_right": 0.0, "mpvpe_wrong": None}
+
+    stretched = verts * torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64) + 0.01  # follows: scale and shift aside
+    assert recon_test.agreement_statistics(stretched, joints, verts, joints)["follow_xyz"] == [100.0, 100.0, 100.0]
+
+    mirrored = recon_test.agreement_statistics(verts * mirror, joints * mirror, verts, joints)
+    assert mirrored["follow_xyz"] == [-100.0, 100.0, 100.0]
+    assert mirrored["l1_xyz"][1:] == [0.0, 0.0]
+    assert mirrored["l1_xyz"][0] == pytest.approx(float((2 * verts[..., 0]).abs().mean()) * 1000, abs=0.01)
+    errors = (verts * mirror - verts).norm(dim=-1).mean(1) * 1000
+    facing = mirrored["palm_facing"]
+    assert facing["clear"] == 2 and facing["agree"] == 0.0 and facing["mpvpe_right"] is None
+    assert facing["mpvpe_wrong"] == pytest.approx(float(errors[[0, 2]].mean()), abs=0.01)
+
+    constant = recon_test.agreement_statistics(verts[:1].expand(3, -1, -1), joints[:1].expand(3, -1, -1), verts, joints)
+    assert constant["follow_xyz"] == [0.0, 0.0, 0.0]
+    assert constant["palm_facing"]["agree"] == 0.5  # the first hand's facing: right for it, wrong for the third
+    assert recon_test.agreement_statistics(verts[:0], joints[:0], verts[:0], joints[:0]) == {"hands": 0}
+
+    extent = recon_test.shape_statistics(verts * torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64), joints)["extent_xyz"]
+    assert extent[0] == 0.0 and extent[1] > 0 and extent[2] > 0  # a hand flattened along x
+
+
 def test_hand_stats_of_a_regressor_that_predicts_the_labels_are_the_labels(synthlab_root, tmp_path, capsys):
     """recon.test --hand-stats on a regressor whose output is its input's labels (wrist-relative): the predicted
     hands' spread, bone, knuckle width and mean hand equal the ground truth's."""
@@ -431,3 +469,10 @@ def test_hand_stats_of_a_regressor_that_predicts_the_labels_are_the_labels(synth
         assert set(predicted) == set(truth)
         for key, value in truth.items():
             assert predicted[key] == pytest.approx(value, abs=0.02), (side, key)
+        versus = stats[side]["versus_truth"]
+        assert versus["hands"] == truth["hands"]
+        if versus["hands"]:
+            assert versus["mpvpe"] == pytest.approx(0.0, abs=0.01) and versus["l1_xyz"] == pytest.approx([0.0] * 3, abs=0.01)
+            assert versus["palm_facing"]["agree"] in (None, 1.0) and versus["palm_facing"]["mpvpe_wrong"] is None
+        if versus["hands"] >= 2:
+            assert versus["follow_xyz"] == pytest.approx([100.0] * 3, abs=0.1)
