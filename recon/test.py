@@ -149,9 +149,14 @@ def agreement_statistics(pred_verts, pred_joints, gt_verts, gt_joints) -> dict:
       the prediction moves with the truth along that axis, about 0 when it does not follow it;
     - ``palm_facing``: over the ``clear`` hands whose labelled palm normal makes less than 60 degrees with the
       optical axis, the share whose predicted palm faces the same way (towards or away from the camera;
-      ``agree``: about 0.5 when the regressor cannot tell the palm from the back of the hand) and the mean vertex
-      error of those it gets right / wrong (``mpvpe_right`` / ``mpvpe_wrong``; None for an empty subset).
+      ``agree``), ``chance``: the agreement expected were the predicted facings drawn independently of the
+      labelled ones with the same shares (p q + (1 - p)(1 - q); ``agree`` above it: the regressor tells the palm
+      from the back of the hand), ``majority``: the share of them whose palm faces the more common way (what a
+      prediction that always faces one way scores at best), and the mean vertex error of the hands it gets right / wrong (``mpvpe_right`` /
+      ``mpvpe_wrong``; None for an empty subset).
 
+    ``follow_xyz`` ignores scale: a prediction that varies by a millimetre in step with the truth follows fully,
+    so read it beside ``extent_xyz`` and the spread (:func:`shape_statistics`); it is None for fewer than 2 hands.
     Empty sets give ``{"hands": 0}``."""
     count = int(pred_verts.shape[0])
     if count == 0:
@@ -167,6 +172,10 @@ def agreement_statistics(pred_verts, pred_joints, gt_verts, gt_joints) -> dict:
     clear = facing_true.abs() > PALM_FACING_MIN_COS
     right = clear & ((facing_pred > 0) == (facing_true > 0))
     wrong = clear & ~right
+    towards = int((clear & (facing_true > 0)).sum())
+    majority = max(towards, int(clear.sum()) - towards)
+    share_true = towards / max(int(clear.sum()), 1)
+    share_pred = int((clear & (facing_pred > 0)).sum()) / max(int(clear.sum()), 1)
 
     def mean_error(mask):
         return round(float(error[mask].mean()), 2) if bool(mask.any()) else None
@@ -175,10 +184,12 @@ def agreement_statistics(pred_verts, pred_joints, gt_verts, gt_joints) -> dict:
         "hands": count,
         "mpvpe": round(float(error.mean()), 2),
         "l1_xyz": [round(float(value), 2) for value in (pred - truth).abs().mean((0, 1))],
-        "follow_xyz": [round(float(value) * 100.0, 1) for value in corr.mean(0)],
+        "follow_xyz": [round(float(value) * 100.0, 1) for value in corr.mean(0)] if count >= 2 else None,
         "palm_facing": {
             "clear": int(clear.sum()),
             "agree": round(float(right.sum()) / int(clear.sum()), 3) if bool(clear.any()) else None,
+            "chance": round(share_true * share_pred + (1 - share_true) * (1 - share_pred), 3) if bool(clear.any()) else None,
+            "majority": round(majority / int(clear.sum()), 3) if bool(clear.any()) else None,
             "mpvpe_right": mean_error(right),
             "mpvpe_wrong": mean_error(wrong),
         },
@@ -192,7 +203,7 @@ def hand_statistics(model, test_sets: dict, n: int, *, device, batch_size: int =
     out), and ``versus_truth``: :func:`agreement_statistics` of the predictions against those labels. A regressor
     that ignores its image has spread 0; one that predicts the data's mean hand has the ground truth's
     ``mean_bone`` and ``mean_knuckle_width``; one that cannot tell which way a palm faces has ``palm_facing``
-    agreement about 0.5 (issue 25's diagnoses, docs/intaghand.md)."""
+    agreement no higher than its ``chance`` (issue 25's diagnoses, docs/intaghand.md)."""
     from recon.evaluate import _collate_counting
 
     report = {}
@@ -383,11 +394,12 @@ def run(args: argparse.Namespace) -> dict:
                               f"{pred['knuckle_width']:.1f} mm (truth {truth['knuckle_width']:.1f}; the truth's mean "
                               f"hand {truth['mean_knuckle_width']:.1f})")
                         versus, facing = found["versus_truth"], found["versus_truth"]["palm_facing"]
-                        axes = " / ".join(f"{p:.0f} ({t:.0f}), follows {c:.0f} %" for p, t, c in
-                                          zip(pred["extent_xyz"], truth["extent_xyz"], versus["follow_xyz"]))
-                        agree = "-" if facing["agree"] is None else f"{facing['agree']:.2f}"
-                        print(f"    x / y / z extent mm (truth): {axes}; palm facing the labelled way: {agree} of "
-                              f"{facing['clear']}")
+                        follow = versus["follow_xyz"] or [None] * 3
+                        axes = " / ".join(f"{p:.0f} ({t:.0f}), follows " + ("-" if c is None else f"{c:.0f} %")
+                                          for p, t, c in zip(pred["extent_xyz"], truth["extent_xyz"], follow))
+                        agree = "-" if facing["agree"] is None else (
+                            f"{facing['agree']:.2f} of {facing['clear']} (chance {facing['chance']:.2f})")
+                        print(f"    x / y / z extent mm (truth): {axes}; palm facing the labelled way: {agree}")
             out.write_text(json.dumps(report, indent=2, sort_keys=True))
             print(f"added hand_stats to {out}")
         if args.figure:

@@ -398,7 +398,7 @@ def test_agreement_statistics_on_hand_made_hands():
     """Per-axis following, errors and palm facing of predictions against labels (mm): a prediction mirrored
     across the image's vertical axis follows x backwards and turns every palm the other way; a constant one
     follows nothing."""
-    # three hands: the palm facing away from the camera (normal -z), edge-on (normal +x), towards it (+z)
+    # three hands: the palm normal along -z, edge-on (normal +x), along +z (the camera looks down +z)
     joints = torch.zeros(3, 21, 3, dtype=torch.float64)
     joints[0, 5], joints[0, 17] = torch.tensor([0.03, -0.08, 0.0]), torch.tensor([-0.03, -0.08, 0.0])
     joints[1, 5], joints[1, 17] = torch.tensor([0.0, -0.08, 0.03]), torch.tensor([0.0, -0.08, -0.03])
@@ -409,7 +409,11 @@ def test_agreement_statistics_on_hand_made_hands():
     same = recon_test.agreement_statistics(verts, joints, verts, joints)
     assert same["hands"] == 3 and same["mpvpe"] == 0.0 and same["l1_xyz"] == [0.0, 0.0, 0.0]
     assert same["follow_xyz"] == [100.0, 100.0, 100.0]
-    assert same["palm_facing"] == {"clear": 2, "agree": 1.0, "mpvpe_right": 0.0, "mpvpe_wrong": None}
+    assert same["palm_facing"] == {"clear": 2, "agree": 1.0, "chance": 0.5, "majority": 0.5, "mpvpe_right": 0.0,
+                                   "mpvpe_wrong": None}
+    assert recon_test.agreement_statistics(verts[:1], joints[:1], verts[:1], joints[:1])["follow_xyz"] is None  # one hand
+    facing_one_way = recon_test.agreement_statistics(verts, joints[[0, 1, 0]], verts, joints[[0, 1, 0]])["palm_facing"]
+    assert facing_one_way["clear"] == 2 and facing_one_way["majority"] == 1.0 and facing_one_way["chance"] == 1.0
 
     stretched = verts * torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64) + 0.01  # follows: scale and shift aside
     assert recon_test.agreement_statistics(stretched, joints, verts, joints)["follow_xyz"] == [100.0, 100.0, 100.0]
@@ -426,6 +430,7 @@ def test_agreement_statistics_on_hand_made_hands():
     constant = recon_test.agreement_statistics(verts[:1].expand(3, -1, -1), joints[:1].expand(3, -1, -1), verts, joints)
     assert constant["follow_xyz"] == [0.0, 0.0, 0.0]
     assert constant["palm_facing"]["agree"] == 0.5  # the first hand's facing: right for it, wrong for the third
+    assert constant["palm_facing"]["chance"] == 0.5  # one facing for all: agreement is the labels' share of it
     assert recon_test.agreement_statistics(verts[:0], joints[:0], verts[:0], joints[:0]) == {"hands": 0}
 
     extent = recon_test.shape_statistics(verts * torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64), joints)["extent_xyz"]
@@ -474,5 +479,9 @@ def test_hand_stats_of_a_regressor_that_predicts_the_labels_are_the_labels(synth
         if versus["hands"]:
             assert versus["mpvpe"] == pytest.approx(0.0, abs=0.01) and versus["l1_xyz"] == pytest.approx([0.0] * 3, abs=0.01)
             assert versus["palm_facing"]["agree"] in (None, 1.0) and versus["palm_facing"]["mpvpe_wrong"] is None
+            facing = versus["palm_facing"]
+            assert facing["majority"] is None or 0.5 <= facing["majority"] <= 1.0
+            assert facing["chance"] is None or facing["chance"] == pytest.approx(  # the labels as predictions
+                facing["majority"] ** 2 + (1 - facing["majority"]) ** 2, abs=2e-3)
         if versus["hands"] >= 2:
             assert versus["follow_xyz"] == pytest.approx([100.0] * 3, abs=0.1)
