@@ -152,8 +152,8 @@ def agreement_statistics(pred_verts, pred_joints, gt_verts, gt_joints) -> dict:
       ``agree``), ``chance``: the agreement expected were the predicted facings drawn independently of the
       labelled ones with the same shares (p q + (1 - p)(1 - q); ``agree`` above it: the regressor tells the palm
       from the back of the hand), ``majority``: the share of them whose palm faces the more common way (what a
-      prediction that always faces one way scores at best), and the mean vertex error of the hands it gets right / wrong (``mpvpe_right`` /
-      ``mpvpe_wrong``; None for an empty subset).
+      prediction that always faces one way scores at best), and the mean vertex error of the hands it gets right
+      / wrong (``mpvpe_right`` / ``mpvpe_wrong``; None for an empty subset).
 
     ``follow_xyz`` ignores scale: a prediction that varies by a millimetre in step with the truth follows fully,
     so read it beside ``extent_xyz`` and the spread (:func:`shape_statistics`); it is None for fewer than 2 hands.
@@ -231,7 +231,9 @@ def hand_statistics(model, test_sets: dict, n: int, *, device, batch_size: int =
             side: {
                 "predicted": shape_statistics(torch.cat(lists["pred_v"]), torch.cat(lists["pred_j"])),
                 "ground_truth": shape_statistics(torch.cat(lists["gt_v"]), torch.cat(lists["gt_j"])),
-                "versus_truth": agreement_statistics(*(torch.cat(lists[key]) for key in ("pred_v", "pred_j", "gt_v", "gt_j"))),
+                "versus_truth": agreement_statistics(
+                    *(torch.cat(lists[key]) for key in ("pred_v", "pred_j", "gt_v", "gt_j"))
+                ),
             }
             for side, lists in found.items()
         }
