@@ -132,10 +132,16 @@ PALM_FACING_MIN_COS = 0.5
 
 
 def _palm_normal(joints: torch.Tensor) -> torch.Tensor:
-    """(N, 3) unit normals of the palms of (N, 21, 3) joints: (index knuckle - wrist) x (little knuckle - wrist).
+    """(N, 3) unit normals of the palms of (N, 21, 3) joints: (index knuckle - wrist) x (little knuckle - wrist),
+    the plane synthlab's pose sampler uses (``hands.datasets.poses.PoseSampler.palm_frame``, one numpy hand).
     Its sign depends on the side (a mirror image flips it), so compare a side's predictions with its own labels."""
     normal = torch.cross(joints[:, 5] - joints[:, 0], joints[:, 17] - joints[:, 0], dim=-1)
     return normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _independent_agreement(share_true: float, share_pred: float) -> float:
+    """How often two independent binary answers agree, given how often each says yes."""
+    return share_true * share_pred + (1 - share_true) * (1 - share_pred)
 
 
 def agreement_statistics(pred_verts, pred_joints, gt_verts, gt_joints) -> dict:
@@ -172,10 +178,8 @@ def agreement_statistics(pred_verts, pred_joints, gt_verts, gt_joints) -> dict:
     clear = facing_true.abs() > PALM_FACING_MIN_COS
     right = clear & ((facing_pred > 0) == (facing_true > 0))
     wrong = clear & ~right
-    towards = int((clear & (facing_true > 0)).sum())
-    majority = max(towards, int(clear.sum()) - towards)
-    share_true = towards / max(int(clear.sum()), 1)
-    share_pred = int((clear & (facing_pred > 0)).sum()) / max(int(clear.sum()), 1)
+    n_clear = int(clear.sum())
+    towards_true, towards_pred = int((clear & (facing_true > 0)).sum()), int((clear & (facing_pred > 0)).sum())
 
     def mean_error(mask):
         return round(float(error[mask].mean()), 2) if bool(mask.any()) else None
@@ -186,10 +190,10 @@ def agreement_statistics(pred_verts, pred_joints, gt_verts, gt_joints) -> dict:
         "l1_xyz": [round(float(value), 2) for value in (pred - truth).abs().mean((0, 1))],
         "follow_xyz": [round(float(value) * 100.0, 1) for value in corr.mean(0)] if count >= 2 else None,
         "palm_facing": {
-            "clear": int(clear.sum()),
-            "agree": round(float(right.sum()) / int(clear.sum()), 3) if bool(clear.any()) else None,
-            "chance": round(share_true * share_pred + (1 - share_true) * (1 - share_pred), 3) if bool(clear.any()) else None,
-            "majority": round(majority / int(clear.sum()), 3) if bool(clear.any()) else None,
+            "clear": n_clear,
+            "agree": round(int(right.sum()) / n_clear, 3) if n_clear else None,
+            "chance": round(_independent_agreement(towards_true / n_clear, towards_pred / n_clear), 3) if n_clear else None,
+            "majority": round(max(towards_true, n_clear - towards_true) / n_clear, 3) if n_clear else None,
             "mpvpe_right": mean_error(right),
             "mpvpe_wrong": mean_error(wrong),
         },
