@@ -11,6 +11,8 @@ in this one run (see benchmarks.common); the JSON records the machine, versions,
 - p6_generation: the mixing producer's images/s (SyntheticSource.generate, shipped generator) in the default
   mixing config over the issue-26-time behaviour (local branch rows sampled too, mesh images encoded every
   step), same size, steps and samples (>= 2.0).
+- p7_train_step (CPU only): InterWild's demo training step with both threads and channels-last over the demo as it
+  ships (one thread), the step time issue 25's 40 mm in 15 minutes needs (<= 0.625; benchmarks.train_step).
 - p5_sd15 (CUDA only, in the default set there): an SD1.5-sized random-initialised generator (UNet 320/640/1280/1280,
   ControlNet, VAE) at 512 px, 20 DDIM steps with guidance: images/s in the default mixing setting (mixing.dtype
   auto: bf16 / fp16) over fp32, ours over diffusers' pipeline in fp32 beside it.
@@ -30,8 +32,9 @@ from pathlib import Path
 from hands.paths import write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TARGETS = ("p1", "p2", "p3", "p5", "p6", "p4")
-NAMES = {"p1": "p1_sampler", "p2": "p2_mixing", "p3": "p3_tas", "p4": "p4_render", "p5": "p5_sd15", "p6": "p6_generation"}
+TARGETS = ("p1", "p2", "p3", "p5", "p6", "p7", "p4")
+NAMES = {"p1": "p1_sampler", "p2": "p2_mixing", "p3": "p3_tas", "p4": "p4_render", "p5": "p5_sd15", "p6": "p6_generation",
+         "p7": "p7_train_step"}
 TITLES = {
     "p1_sampler": "P1 sampler: ours / diffusers ControlNet pipeline (images/s)",
     "p2_mixing": "P2 training step: synthetic 0.3 online / 0",
@@ -39,6 +42,7 @@ TITLES = {
     "p4_render": "P4 mesh images: hands.render / moderngl (time)",
     "p5_sd15": "P5 SD1.5-sized sampler, 512 px: default mixing dtype / fp32 (images/s)",
     "p6_generation": "P6 mixing generator: default config / issue-time (local rows, per-step mesh encoding) (images/s)",
+    "p7_train_step": "P7 InterWild demo step: 2 threads + channels-last / the demo's 1 thread (time)",
 }
 
 
@@ -46,15 +50,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[1])
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a few minutes)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--only", help="comma-separated subset of p1,p2,p3,p4,p5,p6 (default: all but p5, and p5 on CUDA)")
+    parser.add_argument("--only", help="comma-separated subset of p1,p2,p3,p4,p5,p6,p7 (default: all but p5 on the CPU, "
+                        "all but p7 on CUDA)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads, and llvmpipe's (LP_NUM_THREADS) for moderngl (default 1: the shared "
-                             "2-core machine; P2's recon.train children use their profile's threads setting)")
+                             "2-core machine; P2's recon.train children use their profile's threads setting, P7's its own sides)")
     parser.add_argument("--p2-set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra recon.train override for both sides of P2, e.g. mixing.max_reuse=8 (repeatable)")
     parser.add_argument("--out", help="JSON file to write (default: benchmarks/results/<device>.json)")
     args = parser.parse_args(argv)
-    default = TARGETS if args.device == "cuda" else tuple(t for t in TARGETS if t != "p5")
+    default = tuple(t for t in TARGETS if t != ("p7" if args.device == "cuda" else "p5"))
     only = [t.strip() for t in (args.only or ",".join(default)).split(",") if t.strip()]
     unknown = [t for t in only if t not in TARGETS]
     if unknown or not only:
@@ -71,20 +76,21 @@ def settings_for(quick: bool, p2_set=(), device: str = "cpu"):
     from .render import RenderSettings
     from .generation import GenerationSettings
     from .sampler import SD15_SIZED, SamplerSettings
+    from .train_step import TrainStepSettings
 
     if quick:
         sampler = SamplerSettings(size=64, batch=2, steps=10, tas_steps=5, repeats=3)
         sd15 = SamplerSettings(config="tiny", overrides=SD15_SIZED, size=256, batch=1, steps=4, repeats=1, compile=False)
         return (sampler, MixingSettings(steps=8, batch=8, repeats=1, overrides=p2_set), RenderSettings(repeats=3), sd15,
-                GenerationSettings(repeats=1))
+                GenerationSettings(repeats=1), TrainStepSettings(steps=8, repeats=1))
     # the tiny generator at its native 64 px (8 x 8 latents) and the mixing chunk of 8, as mixing runs it
     sampler = SamplerSettings(size=64, batch=8, steps=20, tas_steps=10, repeats=5)
     sd15 = SamplerSettings(config="tiny", overrides=SD15_SIZED, size=512, batch=4, steps=20, repeats=3, compile=False)
     if device == "cuda":  # make gpu-check: the 200-step online run of the issue, once per side
         return (sampler, MixingSettings(steps=200, batch=16, repeats=1, overrides=p2_set), RenderSettings(repeats=9),
-                sd15, GenerationSettings(repeats=5))
+                sd15, GenerationSettings(repeats=5), TrainStepSettings())
     return (sampler, MixingSettings(steps=32, batch=16, repeats=3, overrides=p2_set), RenderSettings(repeats=9), sd15,
-            GenerationSettings(repeats=5))
+            GenerationSettings(repeats=5), TrainStepSettings())
 
 
 def markdown(report: dict) -> str:
@@ -109,6 +115,10 @@ def markdown(report: dict) -> str:
                 median_text += "; steps/s " + ", ".join(f"{n} {v:.3g}" for n, v in entry["steps_per_s"].items())
             if entry.get("gpu_peak_mib"):
                 median_text += "; GPU peak MiB " + ", ".join(f"{n} {v:.0f}" for n, v in entry["gpu_peak_mib"].items())
+        if key == "p7_train_step":
+            median_text += (f"; channels-last alone {entry['channels_last_ratio']:.2f}, 2 threads alone "
+                            f"{entry['threads_ratio']:.2f}; steps in 15 min " +
+                            ", ".join(f"{n} {v}" for n, v in entry["steps_for_15_min"].items()))
         if entry.get("images_per_s"):
             median_text += "; images/s " + ", ".join(f"{n} {v:.3g}" for n, v in entry["images_per_s"].items())
         growth = entry.get("peak_growth_mib", {})
@@ -131,7 +141,7 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    sampler, mixing, render, sd15, generation = settings_for(args.quick, list(args.p2_set), args.device)
+    sampler, mixing, render, sd15, generation, train_step = settings_for(args.quick, list(args.p2_set), args.device)
     report = {
         "command": " ".join(["python -m benchmarks.run", shlex.join(sys.argv[1:] if argv is None else list(argv))]).strip(),
         "date": now_utc(), "quick": args.quick, "machine": machine_info(device),
@@ -147,7 +157,7 @@ def main(argv=None) -> int:
         print(f"benchmarks: {NAMES[target]} ...", flush=True)
         try:
             entry = run_target(target, device, sampler=sampler, mixing=mixing, render=render, sd15=sd15,
-                               generation=generation)
+                               generation=generation, train_step=train_step)
             print(f"benchmarks: {NAMES[target]} ratio {entry['ratio']} (target {entry['target']}, "
                   f"met {entry['met']})", flush=True)
         except Exception as error:  # one target failing (no EGL for P4, out of memory) keeps the others
@@ -166,10 +176,10 @@ def main(argv=None) -> int:
 
 
 TARGET_BOUNDS = {"p1": ">= 1.5 (CPU), >= 2.0 (CUDA)", "p2": "<= 1.1, stall <= 1%", "p3": "<= 1.3", "p4": "<= 3.0",
-                 "p5": ">= 2.0", "p6": ">= 2.0"}
+                 "p5": ">= 2.0", "p6": ">= 2.0", "p7": "<= 0.625"}
 
 
-def run_target(target: str, device, *, sampler, mixing, render, sd15, generation) -> dict:
+def run_target(target: str, device, *, sampler, mixing, render, sd15, generation, train_step) -> dict:
     if target == "p1":
         from .sampler import run_p1
 
@@ -190,6 +200,12 @@ def run_target(target: str, device, *, sampler, mixing, render, sd15, generation
         from .generation import run_p6
 
         return run_p6(generation, device)
+    if target == "p7":
+        from .train_step import run_p7
+
+        if device.type != "cpu":
+            raise ValueError("P7 measures the CPU's threads and memory layout; run it with --device cpu")
+        return run_p7(train_step)
     from .render import run_p4
 
     return run_p4(render, device)

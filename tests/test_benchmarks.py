@@ -106,7 +106,40 @@ def test_p2_runs_on_the_requested_device_and_reads_the_gpu_peak():
     parsed = _parse("trained 200 steps in 20.0 s; checkpoint c; peak GPU memory 1234 MiB\n")
     assert parsed == {"steps": 200, "loop_s": 20.0, "gpu_peak_mib": 1234.0}
     assert run.parse_args(["--device", "cuda"]).only == ["p1", "p2", "p3", "p5", "p6", "p4"]
-    assert run.parse_args([]).only == ["p1", "p2", "p3", "p6", "p4"]  # P5 (SD1.5-sized) on CUDA only
+    assert run.parse_args([]).only == ["p1", "p2", "p3", "p6", "p7", "p4"]  # P5 (SD1.5-sized) on CUDA only, P7 on the CPU
+
+
+def test_p7_compares_the_demo_step_with_two_threads_and_channels_last(monkeypatch, tmp_path, restore_threads):
+    """P7's sides, their interleaving and the ratios, with recon.train's runs replaced by known step times."""
+    from pathlib import Path
+
+    import benchmarks.train_step as p7
+
+    command = p7.train_command(p7.TrainStepSettings(steps=5), "threads2_channels_last", Path("out"))
+    assert command[command.index("--arch") + 1] == "interwild" and command[command.index("--synthetic-ratio") + 1] == "0"
+    assert command[command.index("--max-steps") + 1] == "5" and command[-2:] == ["threads=2", "train.channels_last=true"]
+    assert p7.train_command(p7.TrainStepSettings(), "demo", Path("out"))[-1] == "threads=1"
+    seconds = {"demo": 0.6, "threads2": 0.4, "threads2_channels_last": 0.34}
+    order = []
+
+    def fake_run(settings, side, workdir, tag):
+        order.append(side)
+        return {"steps": 10, "loop_s": 10 * seconds[side] * (1.1 if tag.endswith("_1") else 1.0)}, 1 << 20
+
+    monkeypatch.setattr(p7, "run_once", fake_run)
+    entry = p7.run_p7(p7.TrainStepSettings(steps=10, repeats=3))
+    assert order == ["demo", "threads2", "threads2_channels_last", "threads2", "threads2_channels_last", "demo",
+                     "threads2_channels_last", "demo", "threads2"]  # every side first once
+    assert entry["step_s_median"] == {name: pytest.approx(value) for name, value in seconds.items()}
+    assert entry["ratio"] == pytest.approx(0.34 / 0.6, abs=1e-3) and entry["met"] is True and entry["target"] == 0.625
+    assert entry["channels_last_ratio"] == pytest.approx(0.85) and entry["threads_ratio"] == pytest.approx(0.667, abs=1e-3)
+    assert entry["steps_for_15_min"] == {"demo": 1500, "threads2": 2250, "threads2_channels_last": 2647}
+    monkeypatch.setattr(run, "run_target", lambda target, device, **settings: entry)
+    out = tmp_path / "cpu.json"
+    assert run.main(["--only", "p7", "--out", str(out)]) == 0
+    table = out.with_suffix(".md").read_text()
+    assert "| P7 InterWild demo step: 2 threads + channels-last / the demo's 1 thread (time) | 0.57 | <= 0.625 | yes |" in table
+    assert "steps in 15 min demo 1500, threads2 2250, threads2_channels_last 2647" in table
 
 
 def test_scheduler_agreement_is_psnr_and_absolute_differences():
