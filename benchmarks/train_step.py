@@ -32,7 +32,7 @@ TARGET = 0.625
 
 @dataclass
 class TrainStepSettings:
-    steps: int = 60
+    steps: int = 150  # about 1.5 min a run at the demo's one thread; 9 runs (3 sides x 3 repeats) take about 12 min
     repeats: int = 3
     arch: str = "interwild"
     overrides: list[str] = field(default_factory=list)  # extra KEY=VALUE for recon.train on every side
