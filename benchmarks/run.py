@@ -11,8 +11,9 @@ in this one run (see benchmarks.common); the JSON records the machine, versions,
 - p6_generation: the mixing producer's images/s (SyntheticSource.generate, shipped generator) in the default
   mixing config over the issue-26-time behaviour (local branch rows sampled too, mesh images encoded every
   step), same size, steps and samples (>= 2.0).
-- p7_train_step (CPU only): InterWild's demo training step with both threads and channels-last over the demo as it
-  ships (one thread), the step time issue 25's 40 mm in 15 minutes needs (<= 0.625; benchmarks.train_step).
+- p7_train_step (CPU only, run when named: `--only p7`, about 12 min): InterWild's demo training step with both
+  threads and channels-last over the demo as it ships (one thread), the step time issue 25's 40 mm in 15 minutes
+  needs (<= 0.625; benchmarks.train_step).
 - p5_sd15 (CUDA only, in the default set there): an SD1.5-sized random-initialised generator (UNet 320/640/1280/1280,
   ControlNet, VAE) at 512 px, 20 DDIM steps with guidance: images/s in the default mixing setting (mixing.dtype
   auto: bf16 / fp16) over fp32, ours over diffusers' pipeline in fp32 beside it.
@@ -50,8 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[1])
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a few minutes)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--only", help="comma-separated subset of p1,p2,p3,p4,p5,p6,p7 (default: all but p5 on the CPU, "
-                        "all but p7 on CUDA)")
+    parser.add_argument("--only", help="comma-separated subset of p1,p2,p3,p4,p5,p6,p7 (default: p1-p4 and p6, with p5 on "
+                        "CUDA; p7, about 12 min of training with both threads, only when named)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads, and llvmpipe's (LP_NUM_THREADS) for moderngl (default 1: the shared "
                              "2-core machine; P2's recon.train children use their profile's threads setting, P7's its own sides)")
@@ -59,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="extra recon.train override for both sides of P2, e.g. mixing.max_reuse=8 (repeatable)")
     parser.add_argument("--out", help="JSON file to write (default: benchmarks/results/<device>.json)")
     args = parser.parse_args(argv)
-    default = tuple(t for t in TARGETS if t != ("p7" if args.device == "cuda" else "p5"))
+    default = tuple(t for t in TARGETS if t != "p7" and (t != "p5" or args.device == "cuda"))
     only = [t.strip() for t in (args.only or ",".join(default)).split(",") if t.strip()]
     unknown = [t for t in only if t not in TARGETS]
     if unknown or not only:

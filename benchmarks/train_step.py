@@ -12,6 +12,7 @@ machine with a free core: say the load average when quoting it (the report recor
 """
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,12 +62,6 @@ def run_once(settings: TrainStepSettings, side: str, workdir: Path, tag: str) ->
     return _parse(text), peak
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def run_p7(settings: TrainStepSettings) -> dict:
     """Step time of each side, repetitions interleaved (the order rotates every repetition)."""
     names = list(SIDES)
@@ -81,7 +76,7 @@ def run_p7(settings: TrainStepSettings) -> dict:
                 runs[name].append(result)
                 peaks[name] = max(peaks[name], peak)
     step_s = {name: sorted(r["loop_s"] / r["steps"] for r in found) for name, found in runs.items()}
-    median = {name: _median(values) for name, values in step_s.items()}
+    median = {name: statistics.median(values) for name, values in step_s.items()}
     ratio = median["threads2_channels_last"] / median["demo"]
     return {
         "ratio": round(ratio, 3), "target": TARGET, "met": bool(ratio <= TARGET), "better": "lower",

@@ -106,7 +106,8 @@ def test_p2_runs_on_the_requested_device_and_reads_the_gpu_peak():
     parsed = _parse("trained 200 steps in 20.0 s; checkpoint c; peak GPU memory 1234 MiB\n")
     assert parsed == {"steps": 200, "loop_s": 20.0, "gpu_peak_mib": 1234.0}
     assert run.parse_args(["--device", "cuda"]).only == ["p1", "p2", "p3", "p5", "p6", "p4"]
-    assert run.parse_args([]).only == ["p1", "p2", "p3", "p6", "p7", "p4"]  # P5 (SD1.5-sized) on CUDA only, P7 on the CPU
+    assert run.parse_args([]).only == ["p1", "p2", "p3", "p6", "p4"]  # P5 (SD1.5-sized) on CUDA only; P7 when named
+    assert run.parse_args(["--only", "p7,p1"]).only == ["p1", "p7"]
 
 
 def test_p7_compares_the_demo_step_with_two_threads_and_channels_last(monkeypatch, tmp_path, restore_threads):
@@ -134,6 +135,9 @@ def test_p7_compares_the_demo_step_with_two_threads_and_channels_last(monkeypatc
     assert entry["ratio"] == pytest.approx(0.34 / 0.6, abs=1e-3) and entry["met"] is True and entry["target"] == 0.625
     assert entry["channels_last_ratio"] == pytest.approx(0.85) and entry["threads_ratio"] == pytest.approx(0.667, abs=1e-3)
     assert entry["steps_for_15_min"] == {"demo": 1500, "threads2": 2250, "threads2_channels_last": 2647}
+    with pytest.raises(ValueError, match="run it with --device cpu"):  # a CPU measurement: refused on a GPU
+        run.run_target("p7", torch.device("cuda"), sampler=None, mixing=None, render=None, sd15=None, generation=None,
+                       train_step=p7.TrainStepSettings())
     monkeypatch.setattr(run, "run_target", lambda target, device, **settings: entry)
     out = tmp_path / "cpu.json"
     assert run.main(["--only", "p7", "--out", str(out)]) == 0
