@@ -59,21 +59,26 @@ def _parse(text: str) -> dict:
     return result
 
 
-def run_once(settings: MixingSettings, ratio: float, workdir: Path, tag: str, device: str = "cpu") -> tuple[dict, int]:
-    """One recon.train subprocess; (parsed figures, peak RSS bytes of the child)."""
-    out = workdir / tag
+def run_train_process(command: list[str], workdir: Path, tag: str, what: str) -> tuple[dict, int]:
+    """Run one recon.train `command` with its output in `workdir/tag.log`; (parsed figures, peak RSS bytes of the
+    child). A non-zero exit raises RuntimeError naming `what` and the log's last lines. P2 and P7 use it."""
     log = workdir / f"{tag}.log"
     with open(log, "w") as handle:
-        child = subprocess.Popen(train_command(settings, ratio, out, device), stdout=handle, stderr=subprocess.STDOUT,
-                                 cwd=Path(__file__).resolve().parent.parent)
+        child = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
         sampler = RssSampler(child.pid, interval=0.02).start()
         code = child.wait()
         peak = sampler.stop()
     text = log.read_text(errors="replace")
     if code != 0:
         tail = "\n".join(text.strip().splitlines()[-5:])
-        raise RuntimeError(f"recon.train --synthetic-ratio {ratio} exited with {code}:\n{tail}")
+        raise RuntimeError(f"recon.train {what} exited with {code}:\n{tail}")
     return _parse(text), peak
+
+
+def run_once(settings: MixingSettings, ratio: float, workdir: Path, tag: str, device: str = "cpu") -> tuple[dict, int]:
+    """One recon.train subprocess; (parsed figures, peak RSS bytes of the child)."""
+    return run_train_process(train_command(settings, ratio, workdir / tag, device), workdir, tag,
+                             f"--synthetic-ratio {ratio}")
 
 
 def run_p2(settings: MixingSettings, device="cpu") -> dict:

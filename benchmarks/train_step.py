@@ -13,15 +13,14 @@ machine with a free core: say the load average when quoting it (the report recor
 from __future__ import annotations
 
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import RssSampler, mib
-from .mixing import _parse
+from .common import mib
+from .mixing import run_train_process
 
 SIDES = {
     "demo": ["threads=1"],
@@ -48,18 +47,7 @@ def train_command(settings: TrainStepSettings, side: str, out: Path) -> list[str
 
 def run_once(settings: TrainStepSettings, side: str, workdir: Path, tag: str) -> tuple[dict, int]:
     """One recon.train subprocess; (parsed figures, peak RSS bytes of the child)."""
-    out, log = workdir / tag, workdir / f"{tag}.log"
-    with open(log, "w") as handle:
-        child = subprocess.Popen(train_command(settings, side, out), stdout=handle, stderr=subprocess.STDOUT,
-                                 cwd=Path(__file__).resolve().parent.parent)
-        sampler = RssSampler(child.pid, interval=0.02).start()
-        code = child.wait()
-        peak = sampler.stop()
-    text = log.read_text(errors="replace")
-    if code != 0:
-        tail = "\n".join(text.strip().splitlines()[-5:])
-        raise RuntimeError(f"recon.train ({' '.join(SIDES[side])}) exited with {code}:\n{tail}")
-    return _parse(text), peak
+    return run_train_process(train_command(settings, side, workdir / tag), workdir, tag, f"({' '.join(SIDES[side])})")
 
 
 def run_p7(settings: TrainStepSettings) -> dict:

@@ -166,3 +166,20 @@ def test_scheduler_benchmark_arguments_are_checked(capsys):
         with pytest.raises(SystemExit):
             parse_args(bad)
     assert "--steps" in capsys.readouterr().err
+
+
+def test_train_process_runner_parses_its_log_and_names_a_failure(tmp_path):
+    """P2's and P7's subprocess runner: the child's output goes to TAG.log and is parsed; a failed child is an error
+    naming the run and the log's last lines."""
+    import sys
+
+    pytest.importorskip("psutil")
+    from benchmarks.mixing import run_train_process
+
+    ok = [sys.executable, "-c", "import time; time.sleep(0.3); print('trained 3 steps in 1.5 s; checkpoint c')"]
+    parsed, peak = run_train_process(ok, tmp_path, "ok", "(threads=2)")
+    assert parsed == {"steps": 3, "loop_s": 1.5} and peak > 0  # sampled while the child lived
+    assert "trained 3 steps" in (tmp_path / "ok.log").read_text()
+    bad = [sys.executable, "-c", "print('boom'); raise SystemExit(3)"]
+    with pytest.raises(RuntimeError, match=r"recon.train \(threads=2\) exited with 3:\nboom"):
+        run_train_process(bad, tmp_path, "bad", "(threads=2)")
