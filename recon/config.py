@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -217,6 +218,17 @@ def _parse_overrides(overrides: List[str]) -> DictConfig:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as error:
         raise _one_line(error, "key=value overrides") from None
+    except yaml.YAMLError as error:  # the value is not YAML, e.g. a flow mapping written without spaces
+        for item in overrides:
+            try:
+                OmegaConf.from_dotlist([item])
+            except yaml.YAMLError as item_error:
+                problem = str(getattr(item_error, "problem", None) or item_error).splitlines()[0]
+                raise ConfigError(
+                    f"override {item!r}: its value is not YAML ({problem}); set one key at a time, "
+                    "e.g. model.backbone_kwargs.channels=[32,64,128,256], or write {key: value} with a space"
+                ) from None
+        raise ConfigError(f"key=value overrides: not YAML ({error})".splitlines()[0]) from None
 
 
 def load_config(
