@@ -37,6 +37,9 @@ def train_command(settings: MixingSettings, ratio: float, out: Path, device: str
     return [sys.executable, "-m", "recon.train", "--synthetic-ratio", str(ratio), "--max-steps", str(settings.steps), "--epochs", "1000",
             "--batch-size", str(settings.batch), "--seed", "0", "--device", str(device), "--out", str(out),
             "eval.at_end=false", "train.ckpt_every=1000000", "train.image_every=0", "train.log_every=1000000",
+            # the regressor every P2 result was measured with (the baseline's demo profile before 2026-12-06: a
+            # full-width ResNet-18, final weights), so that results of different commits compare
+            "model.backbone_kwargs=null", "train.average_last=1",
             *settings.overrides]
 
 

@@ -103,6 +103,14 @@ def test_p2_runs_on_the_requested_device_and_reads_the_gpu_peak():
 
     command = train_command(MixingSettings(), 0.3, Path("out"), "cuda:0")
     assert command[command.index("--device") + 1] == "cuda:0"
+    # P2 keeps the regressor its results were measured with (full-width ResNet-18, final weights), whatever the
+    # baseline's demo profile becomes
+    from recon.config import load_config
+    from recon.train import _flags, parse_args
+
+    args = parse_args(command[command.index("recon.train") + 1:])
+    cfg = load_config(profile=args.profile, arch=args.arch, flags=_flags(args), overrides=args.overrides)
+    assert (cfg.arch, cfg.model.backbone_kwargs, cfg.train.average_last) == ("baseline", None, 1)
     parsed = _parse("trained 200 steps in 20.0 s; checkpoint c; peak GPU memory 1234 MiB\n")
     assert parsed == {"steps": 200, "loop_s": 20.0, "gpu_peak_mib": 1234.0}
     assert run.parse_args(["--device", "cuda"]).only == ["p1", "p2", "p3", "p5", "p6", "p4"]

@@ -188,7 +188,7 @@ def test_a_training_step_with_online_mixing_is_device_clean_and_syncs_a_handful_
 
     monkeypatch.setattr(torch.optim.Adam, "step", counted_step)
     args = run_args(synthlab_root, tmp_path / "run", "--synthetic-ratio", "0.5", "--max-steps", "4", "--device", "cuda:0",
-                    "eval.at_end=false", *GEN)
+                    "eval.at_end=false", "train.average_last=1", *GEN)  # the steps; no averaged weights at the end
     with fake_cuda() as fake:
         result = recon_train.train(recon_train.parse_args(args))
     assert result["step"] == 4 and result["mixing"]["taken"] == 4 * 2

@@ -42,7 +42,7 @@ def _dead_pid() -> int:
 
 def test_a_reused_out_is_refused_then_overwritten_and_test_scores_this_runs_checkpoint(synthlab_root, tmp_path, capsys):
     out = tmp_path / "run"
-    quick = ["eval.at_end=false", "train.ckpt_every=1"]
+    quick = ["eval.at_end=false", "train.ckpt_every=1", "train.average_last=1"]  # the final weights: keep_last rules alone
     # an older, longer run: checkpoints 4, 5, 6 (keep_last 3)
     assert recon_train.main(run_args(synthlab_root, out, "--max-steps", "6", "--epochs", "3", *quick)) == 0
     old_run = json.loads((out / "run.json").read_text())["run_id"]
