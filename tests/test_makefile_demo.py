@@ -1,0 +1,51 @@
+"""`make demo`: its commands, as make would run them, parse as the modules read them (a typo in a flag or an
+override would otherwise surface only after the synthlab write, minutes into a user's first run)."""
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from recon import test as recon_test
+from recon.config import load_config
+from recon.train import _flags, check_config, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _demo_commands(**variables: str) -> list[list[str]]:
+    settings = [f"{key}={value}" for key, value in {"STAMP": "", **variables}.items()]  # no install prerequisite
+    listing = subprocess.run(
+        ["make", "--no-print-directory", "-n", "demo", *settings], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    return [shlex.split(line) for line in listing.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def _module_argv(commands: list[list[str]], module: str) -> list[str]:
+    found = [words[words.index(module) + 1:] for words in commands if module in words and words[words.index(module) - 1] == "-m"]
+    assert len(found) == 1, f"make demo runs {module} {len(found)} times"
+    return found[0]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_trains_interwild_on_the_studio_synthlab_and_draws_its_predictions(tmp_path):
+    data, out = tmp_path / "studio", tmp_path / "demo"
+    commands = _demo_commands(DEMO_DATA=str(data), DEMO_OUT=str(out))
+
+    writer = [words for words in commands if "hands.datasets.synthlab" in words]
+    assert len(writer) == 1 and writer[0][:3] == ["test", "-f", f"{data}/synthlab.json"]  # written once, then reused
+    assert writer[0][writer[0].index("--out") + 1] == str(data) and "studio" in writer[0]
+
+    args = parse_args(_module_argv(commands, "recon.train"))
+    cfg = load_config(profile=args.profile, arch=args.arch, config_file=args.config, flags=_flags(args), overrides=args.overrides)
+    check_config(cfg)
+    assert (cfg.arch, cfg.profile, cfg.train.synthetic_ratio) == ("interwild", "demo", 0.3)
+    assert (cfg.data.root, cfg.out, args.overwrite) == (str(data), str(out), True)
+    assert (cfg.train.max_steps, cfg.threads, cfg.train.channels_last, cfg.train.average_last) == (1600, 2, True, 3)
+
+    figure = recon_test.build_parser().parse_args(_module_argv(commands, "recon.test"))
+    assert (figure.ckpt, figure.data_root, figure.figure) == (f"{out}/averaged", str(data), 4)
+
+    one_thread = parse_args(_module_argv(_demo_commands(DEMO_THREADS="1", DEMO_STEPS="1200"), "recon.train"))
+    assert {"threads=1"} <= set(one_thread.overrides) and one_thread.max_steps == 1200
