@@ -224,10 +224,11 @@ def _parse_overrides(overrides: List[str]) -> DictConfig:
                 OmegaConf.from_dotlist([item])
             except yaml.YAMLError as item_error:
                 problem = str(getattr(item_error, "problem", None) or item_error).splitlines()[0]
-                raise ConfigError(
-                    f"override {item!r}: its value is not YAML ({problem}); set one key at a time, "
-                    "e.g. model.backbone_kwargs.channels=[32,64,128,256], or write {key: value} with a space"
-                ) from None
+                hint = ""
+                if "{" in item.split("=", 1)[1]:
+                    hint = ("; set one key at a time, e.g. model.backbone_kwargs.channels=[32,64,128,256], "
+                            "or write {key: value} with a space")
+                raise ConfigError(f"override {item!r}: its value is not YAML ({problem}){hint}") from None
         raise ConfigError(f"key=value overrides: not YAML ({error})".splitlines()[0]) from None
 
 

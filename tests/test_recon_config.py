@@ -35,8 +35,9 @@ def test_layers_profile_arch_file_flags_overrides(tmp_path):
         (dict(overrides=["epochs"]), r"override 'epochs': expected key=value"),
         (
             dict(overrides=["optim.lr=3e-4", "model.backbone_kwargs={channels:[32,64]}"]),
-            r"^override 'model.backbone_kwargs=\{channels:\[32,64\]\}': its value is not YAML",
+            r"^override 'model.backbone_kwargs=\{channels:\[32,64\]\}': its value is not YAML .*with a space$",
         ),
+        (dict(overrides=["data.image_size=[64,64"]), r"^override 'data.image_size=\[64,64': its value is not YAML \([^;]*\)$"),
         (dict(profile="huge"), r"--profile huge: expected one of demo, paper"),
         (dict(config_file="/nonexistent/x.yaml"), r"no such file"),
     ],
