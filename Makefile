@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` (the main job, InterWild at r = 0.3, on the studio variant of the embedded synthlab) and `make test`.
+# The README's two commands: `make demo` (the main job, InterWild at r = 0.3, on the studio variant of the embedded
+# synthlab) and `make test`.
 # Each creates .venv and installs what is needed on a fresh machine.
 PYTHON ?= python3
 VENV := .venv
