@@ -34,6 +34,7 @@ from recon.archs.graph import (
 )
 from recon.archs.intaghand import (
     BONE_LENGTH,
+    DECODER_LEVELS,
     GRAPH_BUFFERS,
     DualGraphLevel,
     IntagHand,
@@ -298,6 +299,49 @@ def test_losses_fall_when_overfitting_four_samples(hand_model):
     assert sum(history[-1].values()) < 0.75 * sum(history[0].values())  # 0.65 measured (the mask term dominates)
     for name in ("verts", "joints", "verts_2d", "coarse_verts", "mask", "heatmap"):
         assert history[-1][name] < history[0][name], name
+
+
+def test_per_hand_loss_frame_separates_each_hands_shape_from_their_relative_position(hand_model):
+    # loss_frame="shared" (the reference): the right hand's 3D terms are taken in the left knuckle's frame, so
+    # moving the right hand's prediction changes them. "per_hand": each hand's terms about its own middle
+    # knuckle (moving a hand leaves them as they were) and one rel_root term for the knuckles' relative position.
+    torch.manual_seed(0)
+    batch = _make_batch(hand_model, 3, seed=2)
+    shift = torch.tensor([0.03, -0.02, 0.05])
+    mesh_terms = ("verts", "joints", "coarse_verts")
+    for frame in ("shared", "per_hand"):
+        model = build_regressor("intaghand", **TINY, loss_frame=frame).eval()
+        with torch.no_grad():
+            out = model(batch)
+            labels = model._labels(batch, hand_model)
+            moved = dict(out.extras)
+            for key in ("right_verts_norm", "right_joints_norm", "right_nodes_norm"):
+                moved[key] = moved[key] + shift
+            before = model.losses(out, batch)
+            after = model.losses(dataclasses.replace(out, extras=moved), batch)
+            # The truth as the prediction: every 3D term is 0 in either frame.
+            exact = dict(out.extras)
+            for side in ("right", "left"):
+                exact[f"{side}_verts_norm"] = labels[f"{side}_verts_norm"]
+                exact[f"{side}_joints_norm"] = labels[f"{side}_joints_norm"]
+                exact[f"{side}_nodes_norm"] = model.pool_graph(
+                    model.to_graph(side, labels[f"{side}_verts_norm"]), DECODER_LEVELS[-1]
+                )
+            perfect = model.losses(dataclasses.replace(out, extras=exact), batch)
+        for name in mesh_terms + (("rel_root",) if frame == "per_hand" else ()):
+            assert perfect[name].item() < 1e-5, (frame, name)
+        if frame == "shared":
+            assert "rel_root" not in before
+            for name in mesh_terms:
+                assert abs(after[name].item() - before[name].item()) > 0.1, name
+        else:
+            for name in mesh_terms + ("normal",):
+                assert after[name].item() == pytest.approx(before[name].item(), rel=1e-5, abs=1e-6), name
+            # the prediction's relative knuckle error moves by the shift: the L1 mean changes
+            assert abs(after["rel_root"].item() - before["rel_root"].item()) > 0.1
+            assert before["rel_root"].item() > 0.0
+    with pytest.raises(ValueError, match="loss_frame='knuckle': expected one of shared, per_hand"):
+        build_regressor("intaghand", **TINY, loss_frame="knuckle")
 
 
 def test_render_targets_match_the_rendered_sides(hand_model):

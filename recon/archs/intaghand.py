@@ -94,6 +94,10 @@ INTAGHAND_TIP_VERTS = (745, 317, 444, 556, 673)
 # The coordinate and camera heads start at this fraction of Xavier's weights, so that the first predictions
 # have the labels' scale (see IntagHand.__init__; a departure from the reference, docs/fidelity.md).
 HEAD_INIT_GAIN = 0.01
+# Frames of the 3D loss terms: "shared" (the reference: both hands in the one normalised frame, so that every
+# right-hand vertex carries the hands' relative position) or "per_hand" (each hand about its own middle knuckle,
+# plus one L1 term on the knuckles' relative position; a departure measured in docs/intaghand.md).
+LOSS_FRAMES = ("shared", "per_hand")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -592,6 +596,10 @@ class IntagHand(HandModelMixin, nn.Module):
             (MSE in [-1, 1] image units, also the coarse level), normal 10, edge 2000 from ``edge_loss_epoch``
             (50) on (see :meth:`set_epoch`), mask 500 (SmoothL1), dense 30 (SmoothL1), heatmap 100 (MSE).
         heatmap_sigma: the Gaussian of the ground-truth heatmaps, decoder pixels (1/4 of the input).
+        loss_frame: "shared" (the reference: the 3D terms compare both hands in the normalised space, whose
+            origin is the left middle knuckle, so the right hand's terms include the hands' relative position) or
+            "per_hand" (each hand's 3D terms about its own middle knuckle, predicted against true, plus a
+            ``rel_root`` L1 term, weight ``weight_verts``, on the right knuckle's position from the left one).
     """
 
     input_crop = "verts"
@@ -622,6 +630,7 @@ class IntagHand(HandModelMixin, nn.Module):
         weight_dense: float = 30.0,
         weight_heatmap: float = 100.0,
         heatmap_sigma: float = 2.0,
+        loss_frame: str = "shared",
     ) -> None:
         super().__init__()
         gcn_in, gcn_out, grid_widths = list(gcn_in), list(gcn_out), list(grid_widths)
@@ -648,6 +657,8 @@ class IntagHand(HandModelMixin, nn.Module):
             )
         if graph_blocks < 1:
             raise ValueError(f"graph_blocks must be at least 1, got {graph_blocks}")
+        if loss_frame not in LOSS_FRAMES:
+            raise ValueError(f"loss_frame={loss_frame!r}: expected one of {', '.join(LOSS_FRAMES)}")
         self.input_size = input_size
         self.encoder = timm.create_model(
             backbone, pretrained=False, features_only=True, out_indices=(1, 2, 3, 4), **(backbone_kwargs or {})
@@ -744,6 +755,7 @@ class IntagHand(HandModelMixin, nn.Module):
         )
         self.edge_loss_epoch = edge_loss_epoch
         self.heatmap_sigma = heatmap_sigma
+        self.loss_frame = loss_frame
         self.epoch = 0
         self.register_load_state_dict_pre_hook(_refuse_previous_layout)
 
@@ -891,8 +903,10 @@ class IntagHand(HandModelMixin, nn.Module):
         """IntagHand's weighted terms (FACTS.md §4), each averaged over the two hands and masked by validity:
         ``verts``, ``joints``, ``verts_2d``, ``normal``, ``edge`` (0 before ``edge_loss_epoch``),
         ``coarse_verts``, ``coarse_verts_2d`` (the last level's nodes against the pooled ground truth), ``mask``,
-        ``dense`` (ground truth rendered from the GT meshes at the decoder's resolution), ``heatmap``.
-        3D terms compare normalised-space coordinates; 2D terms image coordinates scaled to [-1, 1]."""
+        ``dense`` (ground truth rendered from the GT meshes at the decoder's resolution), ``heatmap``; with
+        ``loss_frame="per_hand"`` also ``rel_root`` (both hands labelled: right minus left middle knuckle).
+        3D terms compare normalised-space coordinates (``per_hand``: each hand's about its own middle knuckle);
+        2D terms image coordinates scaled to [-1, 1]."""
         extras = output.extras
         hand_model = self._hand_model_on(output.right_verts.device)
         labels = self._labels(batch, hand_model)
@@ -901,14 +915,21 @@ class IntagHand(HandModelMixin, nn.Module):
         zero = output.rel_root.new_zeros(())
         names = ("verts", "joints", "verts_2d", "normal", "edge", "coarse_verts", "coarse_verts_2d")
         terms = {name: zero for name in names}
+        per_hand = self.loss_frame == "per_hand"
+        roots = {}  # per_hand: each hand's middle knuckle, predicted and true, (B, 1, 3)
         for side in SIDES:
             valid = labels[f"{side}_has_mesh"]  # (B,)
-            gt_verts = labels[f"{side}_verts_norm"]
-            pred_verts = extras[f"{side}_verts_norm"]
+            pred_root = extras[f"{side}_joints_norm"][:, MIDDLE_KNUCKLE : MIDDLE_KNUCKLE + 1]
+            gt_root = labels[f"{side}_joints_norm"][:, MIDDLE_KNUCKLE : MIDDLE_KNUCKLE + 1]
+            roots[side] = (pred_root, gt_root)
+            if not per_hand:  # the reference: every 3D term in the shared frame (origin: the left middle knuckle)
+                pred_root, gt_root = torch.zeros_like(pred_root), torch.zeros_like(gt_root)
+            gt_verts = labels[f"{side}_verts_norm"] - gt_root
+            pred_verts = extras[f"{side}_verts_norm"] - pred_root
             gt_verts_img = project(labels[f"{side}_verts_cam"], K)  # (B, 778, 2)
             terms["verts"] = terms["verts"] + _masked_mean((pred_verts - gt_verts).abs(), valid) / 2
             terms["joints"] = terms["joints"] + _masked_mean(
-                (extras[f"{side}_joints_norm"] - labels[f"{side}_joints_norm"]).abs(), valid
+                ((extras[f"{side}_joints_norm"] - pred_root) - (labels[f"{side}_joints_norm"] - gt_root)).abs(), valid
             ) / 2
             error_2d = _normalise_pixels(extras[f"{side}_verts_img"], size) - _normalise_pixels(gt_verts_img, size)
             terms["verts_2d"] = terms["verts_2d"] + _masked_mean(error_2d**2, valid) / 2
@@ -919,12 +940,18 @@ class IntagHand(HandModelMixin, nn.Module):
             gt_nodes = self.pool_graph(self.to_graph(side, gt_verts), level)  # (B, N2, 3)
             gt_nodes_img = self.pool_graph(self.to_graph(side, gt_verts_img), level)  # (B, N2, 2)
             terms["coarse_verts"] = terms["coarse_verts"] + _masked_mean(
-                (extras[f"{side}_nodes_norm"] - gt_nodes).abs(), valid
+                ((extras[f"{side}_nodes_norm"] - pred_root) - gt_nodes).abs(), valid
             ) / 2
             coarse_2d = _normalise_pixels(extras[f"{side}_nodes_img"], size) - _normalise_pixels(gt_nodes_img, size)
             terms["coarse_verts_2d"] = terms["coarse_verts_2d"] + _masked_mean(coarse_2d**2, valid) / 2
+        if per_hand:  # the hands' relative position, which the shared frame puts into every right-hand vertex
+            both = labels["right_has_mesh"] & labels["left_has_mesh"]
+            pred_rel = roots["right"][0] - roots["left"][0]
+            gt_rel = roots["right"][1] - roots["left"][1]
+            terms["rel_root"] = _masked_mean((pred_rel - gt_rel).abs(), both)
         terms.update(self._aux_losses(output, batch, labels, K))
         weights = dict(
+            rel_root=self.weights["verts"],
             verts=self.weights["verts"],
             joints=self.weights["verts"],
             verts_2d=self.weights["verts_2d"],
