@@ -301,6 +301,16 @@ def test_losses_fall_when_overfitting_four_samples(hand_model):
         assert history[-1][name] < history[0][name], name
 
 
+def _exact_extras(model, out, labels) -> dict:
+    """The output's extras with the truth as the 3D prediction (vertices, joints, last-level nodes)."""
+    exact = dict(out.extras)
+    for side in ("right", "left"):
+        exact[f"{side}_verts_norm"] = labels[f"{side}_verts_norm"].clone()
+        exact[f"{side}_joints_norm"] = labels[f"{side}_joints_norm"].clone()
+        exact[f"{side}_nodes_norm"] = model.pool_graph(model.to_graph(side, labels[f"{side}_verts_norm"]), DECODER_LEVELS[-1])
+    return exact
+
+
 def test_per_hand_loss_frame_separates_each_hands_shape_from_their_relative_position(hand_model):
     # loss_frame="shared" (the reference): the right hand's 3D terms are taken in the left knuckle's frame, so
     # moving the right hand's prediction changes them. "per_hand": each hand's terms about its own middle
@@ -314,32 +324,43 @@ def test_per_hand_loss_frame_separates_each_hands_shape_from_their_relative_posi
         with torch.no_grad():
             out = model(batch)
             labels = model._labels(batch, hand_model)
-            moved = dict(out.extras)
-            for key in ("right_verts_norm", "right_joints_norm", "right_nodes_norm"):
-                moved[key] = moved[key] + shift
             before = model.losses(out, batch)
-            after = model.losses(dataclasses.replace(out, extras=moved), batch)
+            for moved_side in ("right", "left"):
+                moved = dict(out.extras)
+                for key in ("verts_norm", "joints_norm", "nodes_norm"):
+                    moved[f"{moved_side}_{key}"] = moved[f"{moved_side}_{key}"] + shift
+                after = model.losses(dataclasses.replace(out, extras=moved), batch)
+                if frame == "shared":
+                    assert "rel_root" not in after
+                    for name in mesh_terms:
+                        assert abs(after[name].item() - before[name].item()) > 0.1, (moved_side, name)
+                else:
+                    for name in mesh_terms:
+                        assert after[name].item() == pytest.approx(before[name].item(), rel=1e-5, abs=1e-6), name
+                    assert abs(after["rel_root"].item() - before["rel_root"].item()) > 0.1, moved_side
             # The truth as the prediction: every 3D term is 0 in either frame.
-            exact = dict(out.extras)
-            for side in ("right", "left"):
-                exact[f"{side}_verts_norm"] = labels[f"{side}_verts_norm"]
-                exact[f"{side}_joints_norm"] = labels[f"{side}_joints_norm"]
-                exact[f"{side}_nodes_norm"] = model.pool_graph(
-                    model.to_graph(side, labels[f"{side}_verts_norm"]), DECODER_LEVELS[-1]
-                )
-            perfect = model.losses(dataclasses.replace(out, extras=exact), batch)
+            perfect = model.losses(dataclasses.replace(out, extras=_exact_extras(model, out, labels)), batch)
         for name in mesh_terms + (("rel_root",) if frame == "per_hand" else ()):
             assert perfect[name].item() < 1e-5, (frame, name)
-        if frame == "shared":
-            assert "rel_root" not in before
-            for name in mesh_terms:
-                assert abs(after[name].item() - before[name].item()) > 0.1, name
-        else:
-            for name in mesh_terms + ("normal",):
-                assert after[name].item() == pytest.approx(before[name].item(), rel=1e-5, abs=1e-6), name
-            # the prediction's relative knuckle error moves by the shift: the L1 mean changes
-            assert abs(after["rel_root"].item() - before["rel_root"].item()) > 0.1
-            assert before["rel_root"].item() > 0.0
+    # rel_root counts the samples with both hands' meshes only: the truth with sample 0's right hand moved is
+    # penalised, unless sample 0's left hand has no mesh.
+    model = build_regressor("intaghand", **TINY, loss_frame="per_hand").eval()
+    left_unfitted = dataclasses.replace(
+        batch, left=dataclasses.replace(batch.left, mano_valid=torch.tensor([False, True, True]))
+    )
+    with torch.no_grad():
+        out = model(batch)
+        rel = {}
+        for name, b in (("all fitted", batch), ("left 0 unfitted", left_unfitted)):
+            extras = _exact_extras(model, out, model._labels(b, hand_model))
+            for key in ("verts_norm", "joints_norm", "nodes_norm"):
+                extras[f"right_{key}"][0] += shift
+            terms = model.losses(dataclasses.replace(out, extras=extras), b)
+            rel[name] = terms["rel_root"].item()
+            assert terms["verts"].item() < 1e-5  # moved, not reshaped
+    # weighted by weight_verts; 1 of 3 samples off by the shift
+    assert rel["all fitted"] == pytest.approx(model.weights["verts"] * shift.abs().mean().item() / 3, rel=1e-4)
+    assert rel["left 0 unfitted"] < 1e-6
     with pytest.raises(ValueError, match="loss_frame='knuckle': expected one of shared, per_hand"):
         build_regressor("intaghand", **TINY, loss_frame="knuckle")
 
