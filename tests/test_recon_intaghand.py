@@ -337,6 +337,7 @@ def test_per_hand_loss_frame_separates_each_hands_shape_from_their_relative_posi
                 else:
                     for name in mesh_terms:
                         assert after[name].item() == pytest.approx(before[name].item(), rel=1e-5, abs=1e-6), name
+                    assert before["rel_root"].item() > 0.0
                     assert abs(after["rel_root"].item() - before["rel_root"].item()) > 0.1, moved_side
             # The truth as the prediction: every 3D term is 0 in either frame.
             perfect = model.losses(dataclasses.replace(out, extras=_exact_extras(model, out, labels)), batch)
