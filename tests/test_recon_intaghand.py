@@ -437,6 +437,40 @@ def test_a_baseline_checkpoint_is_a_pretrained_encoder(tmp_path):
         target.load_backbone_weights(str(sidecar.with_suffix(".safetensors")))
 
 
+
+def test_the_pretrained_config_starts_from_the_baseline_demo_encoder(tmp_path):
+    """configs/recon/intaghand-pretrained.yaml (docs/intaghand.md, thirteenth pass): the demo with the paper's graph
+    widths on the trunk of the baseline's demo profile, whose checkpoint must load into it, weight for weight."""
+    from recon.archs.baseline import BaselineRegressor
+    from recon.checkpoint import save_checkpoint
+    from recon.config import CONFIG_DIR
+
+    cfg = load_config(config_file=str(CONFIG_DIR / "intaghand-pretrained.yaml"))
+    paper = load_config(profile="paper", arch="intaghand")
+    baseline_demo = load_config(profile="demo", arch="baseline")
+    assert cfg.arch == "intaghand" and cfg.profile == "demo" and cfg.model.backbone == "resnet18"
+    for key in ("gcn_in", "gcn_out", "grid_widths"):
+        assert list(cfg.model[key]) == list(paper.model[key]), key
+    assert cfg.model.backbone == baseline_demo.model.backbone
+    assert dict(cfg.model.backbone_kwargs) == dict(baseline_demo.model.backbone_kwargs)
+    # 1,000 steps, the lr drop at 78 % of them (as the demo's), sized to 15 minutes on 2 cores
+    assert cfg.train.max_steps == 1000 and list(cfg.optim.lr_decay_steps) == [780] and list(cfg.optim.lr_decay_epochs) == []
+    assert cfg.threads == 2 and cfg.train.channels_last
+    assert cfg.train.backbone_weights is None  # the encoder's file is the user's: --backbone-weights
+    torch.manual_seed(2)
+    baseline = build_regressor("baseline", **from_config(baseline_demo, BaselineRegressor))
+    progress = dict(step=1920, epoch=6, step_in_epoch=48, sampler_seed=0, world_size=1)
+    sidecar = save_checkpoint(tmp_path / "averaged", model=baseline, arch="baseline", model_kwargs={}, config={},
+                              optimizer=None, progress=progress)
+    model = build_regressor("intaghand", **from_config(cfg, IntagHand))
+    model.load_backbone_weights(str(sidecar.with_suffix(".safetensors")))
+    source, loaded = baseline.backbone.state_dict(), model.encoder.state_dict()
+    assert set(loaded) == set(source)
+    for key, value in source.items():
+        assert torch.equal(loaded[key], value), key
+    # the graph decoder's last level at the paper's 64 channels (the demo's: 16)
+    assert model.coord_head.in_features == 64
+
 # -- the graph decoder's structure (the reference's DualGraph) ----------------------------------------------
 
 
