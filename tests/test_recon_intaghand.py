@@ -437,7 +437,6 @@ def test_a_baseline_checkpoint_is_a_pretrained_encoder(tmp_path):
         target.load_backbone_weights(str(sidecar.with_suffix(".safetensors")))
 
 
-
 def test_the_pretrained_config_starts_from_the_baseline_demo_encoder(tmp_path):
     """configs/recon/intaghand-pretrained.yaml (docs/intaghand.md, thirteenth pass): the demo with the paper's graph
     widths on the trunk of the baseline's demo profile, whose checkpoint must load into it, weight for weight."""
@@ -457,8 +456,13 @@ def test_the_pretrained_config_starts_from_the_baseline_demo_encoder(tmp_path):
     assert cfg.train.max_steps == 1000 and list(cfg.optim.lr_decay_steps) == [780] and list(cfg.optim.lr_decay_epochs) == []
     assert cfg.threads == 2 and cfg.train.channels_last
     assert cfg.train.backbone_weights is None  # the encoder's file is the user's: --backbone-weights
+    # the documented file, RUN/averaged/step_001920.safetensors, is what the baseline's demo profile writes
+    assert baseline_demo.train.max_steps == 1920 and baseline_demo.train.average_last > 1
     torch.manual_seed(2)
     baseline = build_regressor("baseline", **from_config(baseline_demo, BaselineRegressor))
+    with torch.no_grad():
+        for buffer in baseline.backbone.buffers():
+            buffer.add_(3)  # running statistics unlike a fresh model's, so that loading them is checked
     progress = dict(step=1920, epoch=6, step_in_epoch=48, sampler_seed=0, world_size=1)
     sidecar = save_checkpoint(tmp_path / "averaged", model=baseline, arch="baseline", model_kwargs={}, config={},
                               optimizer=None, progress=progress)
