@@ -233,7 +233,9 @@ def test_streaming_equals_one_pass_and_reset_forgets():
     for part in (slice(0, 3), slice(3, 8)):
         sub = Prediction(**{k: getattr(pred, k)[part] for k in pred.__dataclass_fields__})
         streamed.process(sub, batch.select(part))
-    assert_results_close(streamed.evaluate(), once.evaluate(), rtol=1e-9)
+    # float32 inputs: a batch of 3 and one of 5 may round a per-sample error differently from one batch of 8 (seen:
+    # 1.06e-6 mm of 16.7 on one machine); a sample counted twice or forgotten moves it by percent
+    assert_results_close(streamed.evaluate(), once.evaluate(), rtol=1e-6)
     streamed.reset()
     res = streamed.evaluate()
     assert res["count_MPVPE"] == 0 and math.isnan(res["MPVPE"])
@@ -298,8 +300,9 @@ def test_distributed_evaluation_equals_single_process(tmp_path):
     single = HandEvaluator(j_regressor_right=reg, rules="ih26m")
     single.process(noisy_prediction(batch), batch)
     want = single.evaluate()
-    assert_results_close(results[0], want, rtol=1e-9)
-    assert_results_close(results[1], want, rtol=1e-9)
+    # float32 per-sample errors of shards of 5 and 3 against one batch of 8: equal up to float32 rounding (above)
+    assert_results_close(results[0], want, rtol=1e-6)
+    assert_results_close(results[1], want, rtol=1e-6)
 
 
 def test_half_precision_predictions_are_scored_in_float32():
