@@ -452,7 +452,7 @@ def test_the_pretrained_config_starts_from_the_baseline_demo_encoder(tmp_path):
         assert list(cfg.model[key]) == list(paper.model[key]), key
     assert cfg.model.backbone == baseline_demo.model.backbone
     assert dict(cfg.model.backbone_kwargs) == dict(baseline_demo.model.backbone_kwargs)
-    # 1,000 steps, the lr drop at 78 % of them (as the demo's), sized to 15 minutes on 2 cores
+    # 1,000 steps, the lr drop at 78 % of them (as the demo's), sized to about 15 minutes on 2 cores
     assert cfg.train.max_steps == 1000 and list(cfg.optim.lr_decay_steps) == [780] and list(cfg.optim.lr_decay_epochs) == []
     assert cfg.threads == 2 and cfg.train.channels_last
     assert cfg.train.backbone_weights is None  # the encoder's file is the user's: --backbone-weights
@@ -474,6 +474,7 @@ def test_the_pretrained_config_starts_from_the_baseline_demo_encoder(tmp_path):
         assert torch.equal(loaded[key], value), key
     # the graph decoder's last level at the paper's 64 channels (the demo's: 16)
     assert model.coord_head.in_features == 64
+
 
 # -- the graph decoder's structure (the reference's DualGraph) ----------------------------------------------
 
