@@ -25,7 +25,11 @@ What it does, top to bottom:
    ``OUT/<run>/train.log``; a tqdm bar over runs. A run whose folder holds a finished ``metrics.json`` (every
    test set evaluated) is skipped, one with checkpoints but no metrics continues from its newest checkpoint
    (``--resume``), so a killed table run continues where it stopped; a folder whose ``config.yaml`` differs
-   from the run's config is refused (another experiment's run). A failed run stops the table (the other
+   from the run's config is refused (another experiment's run), unless it differs only in where the run was
+   written and how it is scored (``SCORING_KEYS``: ``out``, ``eval.at_end``, ``eval.batch_size``,
+   ``train.average_last``, ``data.test``, ``data.max_test_samples``): that is the same training run (trained
+   by hand with the table's command and ``eval.at_end=false``, say, then moved into ``--out``), resumed at its
+   last step with the table's values of those keys, so it is scored as the table's other runs, not trained again. A failed run stops the table (the other
    runs get SIGINT, which makes recon.train leave a resumable checkpoint) with one line naming its folder
    and its log.
    Control rows (``--controls``; default for InterWild: ``tas_off,mesh_blank``): per seed one more run at
@@ -95,6 +99,7 @@ r > 0); ``steps_note`` then says when the runs of a seed trained different numbe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -661,15 +666,22 @@ def _flat(data, prefix: str = "") -> dict:
     return {prefix[:-1]: list(data) if isinstance(data, tuple) else data}  # a YAML list is a typed tuple here
 
 
-def _config_differences(run: RunSpec, cfg) -> list[str]:
-    """Dotted keys whose value in ``<folder>/config.yaml`` differs from the run's config (``mixing`` only
-    counts for r > 0: a run without generated images does not use it)."""
+# Keys that say where a run is written and how it is scored, not what it trains: a folder whose config differs
+# from the run's only in these holds the same training run (moved, or trained with eval.at_end=false or another
+# train.average_last); it is resumed and scored again under the table's values (see :func:`run_state`).
+SCORING_KEYS = ("out", "eval.at_end", "eval.batch_size", "train.average_last", "data.test", "data.max_test_samples")
+
+
+def _differing_keys(run: RunSpec, cfg) -> dict[str, tuple]:
+    """{dotted key: (value in ``<folder>/config.yaml``, value now)} for every key that differs (``mixing`` only
+    counts for r > 0: a run without generated images does not use it); {"config.yaml": (error, None)} when the
+    file cannot be read."""
     from omegaconf import OmegaConf
 
     try:
         old = OmegaConf.to_container(OmegaConf.load(run.folder / "config.yaml"), resolve=True)
     except Exception as error:  # yaml / OmegaConf errors: an unreadable file is a different config
-        return [f"config.yaml unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"]
+        return {"config.yaml": (f"unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})", None)}
     new = OmegaConf.to_container(cfg, resolve=True)
     if run.ratio == 0:
         old.pop("mixing", None)
@@ -677,11 +689,25 @@ def _config_differences(run: RunSpec, cfg) -> list[str]:
     old, new = _flat(old), _flat(new)
     if "train.epoch_steps" not in old and not epoch_clock_matters(cfg):
         old["train.epoch_steps"] = new.get("train.epoch_steps")  # folders from before the key: the same run
-    return [
-        f"{key}: {old.get(key, '<unset>')!r} there, {new.get(key, '<unset>')!r} now"
-        for key in sorted(set(old) | set(new))
-        if old.get(key, "<unset>") != new.get(key, "<unset>")
-    ]
+    return {key: (old.get(key, "<unset>"), new.get(key, "<unset>")) for key in sorted(set(old) | set(new))
+            if old.get(key, "<unset>") != new.get(key, "<unset>")}
+
+
+def _config_differences(run: RunSpec, cfg) -> list[str]:
+    """The keys whose value in ``<folder>/config.yaml`` differs from the run's config, as ``key: old there, new
+    now`` lines."""
+    return [f"config.yaml {old}" if key == "config.yaml" else f"{key}: {old!r} there, {new!r} now"
+            for key, (old, new) in _differing_keys(run, cfg).items()]
+
+
+def rescore_overrides(run: RunSpec, cfg) -> list[str]:
+    """``KEY=VALUE`` overrides (the table's values) for the scoring keys (:data:`SCORING_KEYS`, but ``out``: the
+    run's ``--out`` says it) in which ``<folder>/config.yaml`` differs from the run's config; [] without the file.
+    A resumed run takes its config from its checkpoint, so these make it score as the table asks."""
+    if not (run.folder / "config.yaml").is_file():
+        return []
+    return [f"{key}={json.dumps(new)}" for key, (_, new) in _differing_keys(run, cfg).items()
+            if key in SCORING_KEYS and key != "out"]
 
 
 def epoch_clock_matters(cfg) -> bool:
@@ -721,19 +747,29 @@ def read_metrics(folder: Path, test_sets: Sequence[str]) -> Optional[dict]:
 
 
 def run_state(run: RunSpec, cfg, test_sets: Sequence[str]) -> str:
-    """``"finished"`` (skip it), ``"resume"`` (checkpoints, no metrics) or ``"new"``. Raises UsageError when
-    the folder holds a run of another config."""
+    """``"finished"`` (skip it), ``"resume"`` (checkpoints, no metrics; or metrics scored under other scoring keys
+    than the table's, :data:`SCORING_KEYS`: scored again) or ``"new"``. Raises UsageError when the folder holds a
+    run of another config (a key outside :data:`SCORING_KEYS` differs)."""
+    rescore = False
     if (run.folder / "config.yaml").is_file():
-        differences = _config_differences(run, cfg)
-        if differences:
-            shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+        differing = _differing_keys(run, cfg)
+        trained = [line for key, line in zip(differing, _config_differences(run, cfg)) if key not in SCORING_KEYS]
+        if trained:
+            shown = "; ".join(trained[:3]) + ("; ..." if len(trained) > 3 else "")
             raise UsageError(
                 f"--out {run.folder.parent}: {run.folder} holds a run of another config ({shown}); "
                 "give another --out or remove that folder"
             )
+        rescore = any(key != "out" for key in differing)
+    has_checkpoints = any((run.folder / "checkpoints").glob("step_*.json"))
     if read_metrics(run.folder, test_sets) is not None:
-        return "finished"
-    if any((run.folder / "checkpoints").glob("step_*.json")):
+        if not rescore:
+            return "finished"
+        if not has_checkpoints:
+            raise UsageError(f"--out {run.folder.parent}: {run.folder}'s metrics.json was scored under other settings "
+                             f"({'; '.join(_config_differences(run, cfg)[:3])}) and it keeps no checkpoint to score "
+                             "again; remove that folder or give another --out")
+    if has_checkpoints:
         return "resume"
     return "new"
 
@@ -1493,6 +1529,9 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     identical = same_as_main(runs, configs)  # controls that would generate exactly as the main runs
     runs = [run for run in runs if run.control not in identical]
     states = {run.name: run_state(run, configs[run.name], tests) for run in runs}
+    # a resumed run scores under the table's scoring keys, whatever its folder's config.yaml says of them
+    runs = [dataclasses.replace(run, command=(*run.command, *rescore_overrides(run, configs[run.name])))
+            if states[run.name] == "resume" else run for run in runs]
     if args.dry_run:
         for control, why in identical.items():
             print(f"# control {control}: not trained: {why}")

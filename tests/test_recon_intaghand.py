@@ -444,7 +444,15 @@ def test_the_pretrained_config_starts_from_the_baseline_demo_encoder(tmp_path):
     from recon.checkpoint import save_checkpoint
     from recon.config import CONFIG_DIR
 
-    cfg = load_config(config_file=str(CONFIG_DIR / "intaghand-pretrained.yaml"))
+    from recon.config import ConfigError
+
+    config_file = str(CONFIG_DIR / "intaghand-pretrained.yaml")
+    # the encoder's file is the user's and required: without it the config is refused, not trained from scratch
+    with pytest.raises(ConfigError, match=r"train.backbone_weights is required .*give --backbone-weights FILE"):
+        load_config(config_file=config_file)
+    cfg = load_config(config_file=config_file, flags={"train.backbone_weights": "encoder.safetensors"})
+    assert cfg.train.backbone_weights == "encoder.safetensors"
+    assert load_config(config_file=config_file, overrides=["train.backbone_weights=e.pt"]).train.backbone_weights == "e.pt"
     paper = load_config(profile="paper", arch="intaghand")
     baseline_demo = load_config(profile="demo", arch="baseline")
     assert cfg.arch == "intaghand" and cfg.profile == "demo" and cfg.model.backbone == "resnet18"
@@ -455,7 +463,6 @@ def test_the_pretrained_config_starts_from_the_baseline_demo_encoder(tmp_path):
     # 1,000 steps, the lr drop at 78 % of them (as the demo's), sized to about 15 minutes on 2 cores
     assert cfg.train.max_steps == 1000 and list(cfg.optim.lr_decay_steps) == [780] and list(cfg.optim.lr_decay_epochs) == []
     assert cfg.threads == 2 and cfg.train.channels_last
-    assert cfg.train.backbone_weights is None  # the encoder's file is the user's: --backbone-weights
     # the documented file, RUN/averaged/step_001920.safetensors, is what the baseline's demo profile writes
     assert baseline_demo.train.max_steps == 1920 and baseline_demo.train.average_last > 1
     torch.manual_seed(2)

@@ -48,11 +48,15 @@ def _fake_finished_runs(argv: list[str], metrics: dict) -> list[table2.RunSpec]:
     """Run folders as recon.train leaves them (config.yaml of the run's config, metrics.json), no training."""
     runs = table2.plan(table2.parse_args(argv))[0]
     for run in runs:
-        run.folder.mkdir(parents=True)
-        (run.folder / "config.yaml").write_text(OmegaConf.to_yaml(table2.resolve_run_config(run)))
         key = (run.control, run.seed) if (run.control, run.seed) in metrics else (run.ratio, run.seed)
-        (run.folder / "metrics.json").write_text(json.dumps(metrics[key]))
+        _fake_finished_run(run, metrics[key])
     return runs
+
+
+def _fake_finished_run(run: table2.RunSpec, metrics: dict) -> None:
+    run.folder.mkdir(parents=True)
+    (run.folder / "config.yaml").write_text(OmegaConf.to_yaml(table2.resolve_run_config(run)))
+    (run.folder / "metrics.json").write_text(json.dumps(metrics))
 
 
 def _no_training(monkeypatch):
@@ -275,6 +279,50 @@ def test_a_folder_holding_a_run_of_another_config_is_refused(synthlab_root, tmp_
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1
     assert "baseline_r0_s0 holds a run of another config (train.max_steps: 2 there, 3 now)" in error
+
+
+def test_a_run_trained_elsewhere_without_its_end_evaluation_is_scored_not_trained_again(synthlab_root, tmp_path, capsys):
+    """A run trained by hand with the table's command but eval.at_end=false and another train.average_last, its
+    folder then moved into the table's --out, is the same training run: the table resumes it at its last step
+    with the table's scoring keys and scores it; a key that changes training is still refused."""
+    from recon import train as recon_train
+
+    argv = _argv(synthlab_root, tmp_path, "--seeds", "1", "--max-steps", "2", "--figure-samples", "0")
+    runs = table2.plan(table2.parse_args(argv))[0]
+    reference, mixed = runs
+    elsewhere = tmp_path / "elsewhere"
+    command = [*reference.command[3:], "eval.at_end=false", "train.average_last=1"]
+    command[command.index("--out") + 1] = str(elsewhere)
+    assert recon_train.main(command) == 0
+    assert not (elsewhere / "metrics.json").exists()
+    reference.folder.parent.mkdir(parents=True)
+    elsewhere.rename(reference.folder)
+    _fake_finished_run(mixed, _metrics(1.0, 2.0))
+    capsys.readouterr()
+
+    assert table2.main([*argv, "--dry-run"]) == 0
+    planned = [line for line in capsys.readouterr().out.splitlines() if "_r0_s0" in line]
+    assert len(planned) == 1 and planned[0].startswith("# would resume: ")
+    assert planned[0].endswith("eval.at_end=true train.average_last=3 --resume auto")  # "out" is --out's
+
+    assert table2.main(argv) == 0
+    report = json.loads((tmp_path / "results" / "mini-table2.json").read_text())
+    entry = next(run for run in report["runs"] if run["name"] == reference.name)
+    assert entry["status"] == "resumed" and entry["steps"] == 2
+    metrics = json.loads((reference.folder / "metrics.json").read_text())
+    assert metrics["weights"]["step"] == 2 and metrics["weights"]["averaged_steps"] == [2]  # the table's average_last
+    assert entry["metrics"]["synthlab-test-lab"]["MPVPE"] == metrics["synthlab-test-lab"]["MPVPE"]
+    assert sorted(p.name for p in (reference.folder / "checkpoints").glob("step_*.json")) == ["step_000002.json"]
+    assert OmegaConf.load(reference.folder / "config.yaml").out == str(reference.folder)
+
+    # scored under another eval.batch_size and no checkpoint to score again: refused, not taken as finished
+    config = OmegaConf.load(mixed.folder / "config.yaml")
+    config.eval.batch_size += 1
+    (mixed.folder / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    capsys.readouterr()
+    assert table2.main([*argv, "--dry-run"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "metrics.json was scored under other settings (eval.batch_size:" in error and "no checkpoint" in error
 
 
 @pytest.mark.parametrize("extra, refused", [([], False), (["optim.warmup_epochs=1"], True)])
