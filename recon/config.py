@@ -234,6 +234,7 @@ def _parse_overrides(overrides: List[str]) -> DictConfig:
         raise ConfigError(f"key=value overrides: not YAML ({error})".splitlines()[0]) from None
 
 
+_ABSENT = object()  # a key no flag or override gives (an explicit KEY=null override gives null, on purpose)
 # the command-line flag of a key a config file may leave ??? (recon.train's flags; named in the error)
 _FLAG_OF = {"train.backbone_weights": "--backbone-weights FILE", "mano_dir": "--mano-dir DIR", "data.root": "--data-root DIR"}
 
@@ -289,7 +290,7 @@ def load_config(
         if (CONFIG_DIR / name).is_file():
             cfg = _merge(cfg, _read_yaml(CONFIG_DIR / name, name), name)
     for key in sorted(OmegaConf.missing_keys(file_cfg)):  # merging ??? keeps the earlier layers' value: ask here
-        if OmegaConf.select(flag_cfg, key) is None and OmegaConf.select(override_cfg, key) is None:
+        if all(OmegaConf.select(layer, key, default=_ABSENT) is _ABSENT for layer in (flag_cfg, override_cfg)):
             flag = _FLAG_OF.get(key)
             raise ConfigError(f"--config {config_file}: {key} is required (??? there); give "
                               + (f"{flag} or " if flag else "") + f"{key}=VALUE")

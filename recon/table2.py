@@ -669,7 +669,11 @@ def _flat(data, prefix: str = "") -> dict:
 # Keys that say where a run is written and how it is scored, not what it trains: a folder whose config differs
 # from the run's only in these holds the same training run (moved, or trained with eval.at_end=false or another
 # train.average_last); it is resumed and scored again under the table's values (see :func:`run_state`).
+# (train.average_last also sets how many checkpoints a run keeps: run_state checks that enough were kept.)
 SCORING_KEYS = ("out", "eval.at_end", "eval.batch_size", "train.average_last", "data.test", "data.max_test_samples")
+# of these, the ones whose difference alone does not call for scoring again: where the folder is, and the
+# evaluation's batch size (the same scores up to float rounding)
+_NO_RESCORE = ("out", "eval.batch_size")
 
 
 def _differing_keys(run: RunSpec, cfg) -> dict[str, tuple]:
@@ -693,21 +697,25 @@ def _differing_keys(run: RunSpec, cfg) -> dict[str, tuple]:
             if old.get(key, "<unset>") != new.get(key, "<unset>")}
 
 
-def _config_differences(run: RunSpec, cfg) -> list[str]:
-    """The keys whose value in ``<folder>/config.yaml`` differs from the run's config, as ``key: old there, new
-    now`` lines."""
+def _difference_lines(differing: dict) -> list[str]:
+    """``key: old there, new now`` lines of :func:`_differing_keys`'s result."""
     return [f"config.yaml {old}" if key == "config.yaml" else f"{key}: {old!r} there, {new!r} now"
-            for key, (old, new) in _differing_keys(run, cfg).items()]
+            for key, (old, new) in differing.items()]
 
 
-def rescore_overrides(run: RunSpec, cfg) -> list[str]:
-    """``KEY=VALUE`` overrides (the table's values) for the scoring keys (:data:`SCORING_KEYS`, but ``out``: the
-    run's ``--out`` says it) in which ``<folder>/config.yaml`` differs from the run's config; [] without the file.
-    A resumed run takes its config from its checkpoint, so these make it score as the table asks."""
-    if not (run.folder / "config.yaml").is_file():
-        return []
-    return [f"{key}={json.dumps(new)}" for key, (_, new) in _differing_keys(run, cfg).items()
-            if key in SCORING_KEYS and key != "out"]
+def _config_differences(run: RunSpec, cfg) -> list[str]:
+    """The keys whose value in ``<folder>/config.yaml`` differs from the run's config, as lines."""
+    return _difference_lines(_differing_keys(run, cfg))
+
+
+def rescore_overrides(cfg) -> list[str]:
+    """``KEY=VALUE`` overrides of every scoring key (:data:`SCORING_KEYS`, but ``out``: the run's ``--out`` says it)
+    at the run's config's value. A resumed run takes its config from its checkpoint, whatever its config.yaml says
+    now, so every resume gets them: it scores as the table asks."""
+    from omegaconf import OmegaConf
+
+    values = _flat(OmegaConf.to_container(cfg, resolve=True))
+    return [f"{key}={json.dumps(values[key])}" for key in SCORING_KEYS if key != "out"]
 
 
 def epoch_clock_matters(cfg) -> bool:
@@ -749,18 +757,34 @@ def read_metrics(folder: Path, test_sets: Sequence[str]) -> Optional[dict]:
 def run_state(run: RunSpec, cfg, test_sets: Sequence[str]) -> str:
     """``"finished"`` (skip it), ``"resume"`` (checkpoints, no metrics; or metrics scored under other scoring keys
     than the table's, :data:`SCORING_KEYS`: scored again) or ``"new"``. Raises UsageError when the folder holds a
-    run of another config (a key outside :data:`SCORING_KEYS` differs)."""
+    run of another config (a key outside :data:`SCORING_KEYS` differs), or one to score again that cannot be (no
+    checkpoint; fewer scheduled checkpoints kept than the table's ``train.average_last`` averages)."""
     rescore = False
     if (run.folder / "config.yaml").is_file():
         differing = _differing_keys(run, cfg)
-        trained = [line for key, line in zip(differing, _config_differences(run, cfg)) if key not in SCORING_KEYS]
+        trained = _difference_lines({key: value for key, value in differing.items() if key not in SCORING_KEYS})
         if trained:
             shown = "; ".join(trained[:3]) + ("; ..." if len(trained) > 3 else "")
             raise UsageError(
                 f"--out {run.folder.parent}: {run.folder} holds a run of another config ({shown}); "
                 "give another --out or remove that folder"
             )
-        rescore = any(key != "out" for key in differing)
+        rescore = any(key not in _NO_RESCORE for key in differing)
+        if "train.average_last" in differing and cfg.train.average_last > 1:
+            # recon.train keeps max(3, average_last + 1) checkpoints: a folder that kept fewer than the table's
+            # runs keep may have pruned some the table's mean needs (where it kept all it wrote, it is as a new run)
+            from recon.checkpoint import _folder_run_id, run_checkpoints
+
+            old_last = differing["train.average_last"][0]
+            run_id = _folder_run_id(run.folder)
+            written = run_checkpoints(run.folder / "checkpoints", run_id)
+            scheduled = run_checkpoints(run.folder / "checkpoints", run_id, scheduled_only=True)
+            if len(written) >= max(3, int(old_last) + 1) and len(scheduled) < cfg.train.average_last:
+                raise UsageError(
+                    f"--out {run.folder.parent}: {run.folder} keeps {len(scheduled)} scheduled checkpoint(s) of its "
+                    f"run (trained with train.average_last={old_last}, which pruned the rest); the table's "
+                    f"train.average_last={cfg.train.average_last} averages more; train it again or score alike"
+                )
     has_checkpoints = any((run.folder / "checkpoints").glob("step_*.json"))
     if read_metrics(run.folder, test_sets) is not None:
         if not rescore:
@@ -1529,8 +1553,8 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     identical = same_as_main(runs, configs)  # controls that would generate exactly as the main runs
     runs = [run for run in runs if run.control not in identical]
     states = {run.name: run_state(run, configs[run.name], tests) for run in runs}
-    # a resumed run scores under the table's scoring keys, whatever its folder's config.yaml says of them
-    runs = [dataclasses.replace(run, command=(*run.command, *rescore_overrides(run, configs[run.name])))
+    # a resumed run scores under the table's scoring keys, whatever its checkpoint's config says of them
+    runs = [dataclasses.replace(run, command=(*run.command, *rescore_overrides(configs[run.name])))
             if states[run.name] == "resume" else run for run in runs]
     if args.dry_run:
         for control, why in identical.items():
@@ -1567,6 +1591,10 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             warn = "" if (run.folder / "config.yaml").is_file() else " (no config.yaml to check it against)"
             say(f"skip {run.name}: finished ({run.folder / 'metrics.json'}){warn}")
         else:
+            stale = run.folder / "metrics.json"
+            if states[run.name] == "resume" and stale.is_file():  # scored under other settings: kept aside, so
+                os.replace(stale, run.folder / "metrics.previous.json")  # an unfinished rescore never looks done
+                say(f"moved {stale} to metrics.previous.json: {run.name} is scored again under the table's settings")
             todo.append((run, states[run.name]))
     done = len(runs) - len(todo)
     with tqdm(total=len(runs), initial=done, desc="table2 runs", unit="run", dynamic_ncols=True) as bar:

@@ -453,6 +453,7 @@ def test_the_pretrained_config_starts_from_the_baseline_demo_encoder(tmp_path):
     cfg = load_config(config_file=config_file, flags={"train.backbone_weights": "encoder.safetensors"})
     assert cfg.train.backbone_weights == "encoder.safetensors"
     assert load_config(config_file=config_file, overrides=["train.backbone_weights=e.pt"]).train.backbone_weights == "e.pt"
+    assert load_config(config_file=config_file, overrides=["train.backbone_weights=null"]).train.backbone_weights is None
     paper = load_config(profile="paper", arch="intaghand")
     baseline_demo = load_config(profile="demo", arch="baseline")
     assert cfg.arch == "intaghand" and cfg.profile == "demo" and cfg.model.backbone == "resnet18"

@@ -303,7 +303,9 @@ def test_a_run_trained_elsewhere_without_its_end_evaluation_is_scored_not_traine
     assert table2.main([*argv, "--dry-run"]) == 0
     planned = [line for line in capsys.readouterr().out.splitlines() if "_r0_s0" in line]
     assert len(planned) == 1 and planned[0].startswith("# would resume: ")
-    assert planned[0].endswith("eval.at_end=true train.average_last=3 --resume auto")  # "out" is --out's
+    # every scoring key at the table's value (the resumed config is the checkpoint's); "out" is --out's
+    assert " eval.at_end=true " in planned[0] and " train.average_last=3 " in planned[0]
+    assert " data.max_test_samples=null " in planned[0] and planned[0].endswith(" --resume auto")
 
     assert table2.main(argv) == 0
     report = json.loads((tmp_path / "results" / "mini-table2.json").read_text())
@@ -315,14 +317,45 @@ def test_a_run_trained_elsewhere_without_its_end_evaluation_is_scored_not_traine
     assert sorted(p.name for p in (reference.folder / "checkpoints").glob("step_*.json")) == ["step_000002.json"]
     assert OmegaConf.load(reference.folder / "config.yaml").out == str(reference.folder)
 
-    # scored under another eval.batch_size and no checkpoint to score again: refused, not taken as finished
+    # scored on part of the test sets (data.max_test_samples): scored again, the earlier metrics kept aside first
+    config = OmegaConf.load(reference.folder / "config.yaml")
+    config.data.max_test_samples = 1
+    (reference.folder / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    (reference.folder / "metrics.json").write_text(json.dumps(dict(metrics, marker="earlier")))
+    assert table2.main(argv) == 0
+    assert json.loads((reference.folder / "metrics.previous.json").read_text())["marker"] == "earlier"
+    again = json.loads((reference.folder / "metrics.json").read_text())
+    assert "marker" not in again and again["synthlab-test-lab"] == metrics["synthlab-test-lab"]  # all of it again
+
+    # a folder that pruned checkpoints the table's average needs (kept 3 = max(3, 1 + 1), 1 of them scheduled)
+    checkpoints = reference.folder / "checkpoints"
+    sidecar = json.loads((checkpoints / "step_000002.json").read_text())
+    for step in (3, 4):  # two more checkpoints of the same run, written when it was interrupted
+        for suffix in (".safetensors", ".state.pt"):
+            (checkpoints / f"step_{step:06d}{suffix}").write_bytes((checkpoints / f"step_000002{suffix}").read_bytes())
+        (checkpoints / f"step_{step:06d}.json").write_text(json.dumps(dict(sidecar, step=step, interrupted=True)))
+    config.train.average_last = 2
+    (reference.folder / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    capsys.readouterr()
+    assert table2.main([*argv, "--dry-run"]) == 2
+    assert "keeps 1 scheduled checkpoint(s) of its run (trained with train.average_last=2" in capsys.readouterr().err
+
+    config.train.average_last, config.data.max_test_samples = 3, None  # the table's again
+    (reference.folder / "config.yaml").write_text(OmegaConf.to_yaml(config))
+
+    # scored on part of the test sets and no checkpoint to score again: refused, not taken as finished
     config = OmegaConf.load(mixed.folder / "config.yaml")
-    config.eval.batch_size += 1
+    config.data.max_test_samples = 5
     (mixed.folder / "config.yaml").write_text(OmegaConf.to_yaml(config))
     capsys.readouterr()
     assert table2.main([*argv, "--dry-run"]) == 2
     error = capsys.readouterr().err.strip()
-    assert "metrics.json was scored under other settings (eval.batch_size:" in error and "no checkpoint" in error
+    assert "metrics.json was scored under other settings (data.max_test_samples: 5 there" in error
+    assert "no checkpoint to score again" in error
+    config.data.max_test_samples, config.eval.batch_size = None, config.eval.batch_size + 1
+    (mixed.folder / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    assert table2.main([*argv, "--dry-run"]) == 0  # another eval batch size alone: the same scores, finished
+    assert "# finished, would be skipped: " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("extra, refused", [([], False), (["optim.warmup_epochs=1"], True)])
