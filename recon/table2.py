@@ -29,7 +29,9 @@ What it does, top to bottom:
    written and how it is scored (``SCORING_KEYS``: ``out``, ``eval.at_end``, ``eval.batch_size``,
    ``train.average_last``, ``data.test``, ``data.max_test_samples``): that is the same training run (trained
    by hand with the table's command and ``eval.at_end=false``, say, then moved into ``--out``), resumed at its
-   last step with the table's values of those keys, so it is scored as the table's other runs, not trained again. A failed run stops the table (the other
+   last step with the table's values of those keys, so it is scored as the table's other runs, not trained again
+   (a ``metrics.json`` it had is kept as ``metrics.previous.json``; ``out`` or ``eval.batch_size`` alone: the
+   same scores, skipped as finished). A failed run stops the table (the other
    runs get SIGINT, which makes recon.train leave a resumable checkpoint) with one line naming its folder
    and its log.
    Control rows (``--controls``; default for InterWild: ``tas_off,mesh_blank``): per seed one more run at
