@@ -207,7 +207,7 @@ def _complete_checkpoints(folder: Path, run_id: Optional[str] = None, by_run: bo
     return [path for _, path in sorted(found)]
 
 
-def _folder_run_id(run_folder: Path) -> Optional[str]:
+def folder_run_id(run_folder: Path) -> Optional[str]:
     """The run id recorded in ``run_folder/run.json`` (:mod:`recon.runs`), None without one."""
     try:
         data = json.loads((run_folder / "run.json").read_text())
@@ -222,7 +222,7 @@ def _newest_in(folder: Path, run_folder: Path) -> Optional[Path]:
     found = _complete_checkpoints(folder)
     if not found:
         return None
-    run_id = _folder_run_id(run_folder)
+    run_id = folder_run_id(run_folder)
     if run_id is not None:  # a checkpoint without a run id predates run ids: it counts as the folder's run's
         own = [path for path in found if _run_id_of(path) in (run_id, None)]
         if not own:

@@ -775,10 +775,10 @@ def run_state(run: RunSpec, cfg, test_sets: Sequence[str]) -> str:
         if "train.average_last" in differing and cfg.train.average_last > 1:
             # recon.train keeps max(3, average_last + 1) checkpoints: a folder that kept fewer than the table's
             # runs keep may have pruned some the table's mean needs (where it kept all it wrote, it is as a new run)
-            from recon.checkpoint import _folder_run_id, run_checkpoints
+            from recon.checkpoint import folder_run_id, run_checkpoints
 
             old_last = differing["train.average_last"][0]
-            run_id = _folder_run_id(run.folder)
+            run_id = folder_run_id(run.folder)
             written = run_checkpoints(run.folder / "checkpoints", run_id)
             scheduled = run_checkpoints(run.folder / "checkpoints", run_id, scheduled_only=True)
             if len(written) >= max(3, int(old_last) + 1) and len(scheduled) < cfg.train.average_last:
