@@ -614,6 +614,8 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
         f"training {cfg.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) on {device}, "
         f"{world_size} process(es), {batches_per_epoch} steps/epoch, {max_steps} steps, batch {cfg.train.batch_size}"
         f" ({n_synthetic} synthetic) per process"
+        + (f"; forward pass under {str(autocast_dtype).replace('torch.', '')} autocast (train.amp={cfg.train.amp})"
+           if autocast_dtype is not None else "")
     )
     if provider is not None and callable(getattr(provider, "prime", None)):
         provider.prime(n_synthetic)  # the first generated batch before the clock starts (reported as prime_s)

@@ -64,3 +64,11 @@ def test_a_bad_amp_mode_is_one_line(synthlab_root, tmp_path, capsys):
     assert recon_train.main(run_args(synthlab_root, tmp_path / "bad", "--max-steps", "1", "train.amp=fp8")) == 2
     error = capsys.readouterr().err.strip()
     assert error == "recon.train: error: train.amp='fp8': expected one of off, bf16, fp16, auto"
+
+
+def test_the_log_says_when_the_forward_pass_runs_under_autocast(synthlab_root, tmp_path, capsys):
+    args = run_args(synthlab_root, tmp_path / "bf16", "--max-steps", "1", "train.amp=bf16", "eval.at_end=false")
+    assert recon_train.main(args) == 0
+    assert "forward pass under bfloat16 autocast (train.amp=bf16)" in capsys.readouterr().out
+    assert recon_train.main(run_args(synthlab_root, tmp_path / "fp32", "--max-steps", "1", "eval.at_end=false")) == 0
+    assert "autocast" not in capsys.readouterr().out
