@@ -67,8 +67,13 @@ def test_a_bad_amp_mode_is_one_line(synthlab_root, tmp_path, capsys):
 
 
 def test_the_log_says_when_the_forward_pass_runs_under_autocast(synthlab_root, tmp_path, capsys):
-    args = run_args(synthlab_root, tmp_path / "bf16", "--max-steps", "1", "train.amp=bf16", "eval.at_end=false")
-    assert recon_train.main(args) == 0
-    assert "forward pass under bfloat16 autocast (train.amp=bf16)" in capsys.readouterr().out
-    assert recon_train.main(run_args(synthlab_root, tmp_path / "fp32", "--max-steps", "1", "eval.at_end=false")) == 0
-    assert "autocast" not in capsys.readouterr().out
+    def start_line(*extra: str) -> str:
+        args = run_args(synthlab_root, tmp_path / "_".join(extra or ("fp32",)), "--max-steps", "1", "eval.at_end=false", *extra)
+        assert recon_train.main(args) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("training ")]
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    assert start_line("train.amp=bf16").endswith("per process; forward pass under bfloat16 autocast (train.amp=bf16)")
+    assert start_line().endswith("per process")  # train.amp=off, the default: nothing said
+    assert start_line("train.amp=auto").endswith("per process")  # auto on the CPU: full precision, nothing said
