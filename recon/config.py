@@ -71,7 +71,10 @@ class DataConfig:
         ``input_crop`` refuses the others (recon.data.check_input_protocol).
     augment: apply the training augmentation (else the test-time crop); augmentation: whose —
         "interwild" (:class:`hands.datasets.transforms.InterWildAugment`) or "intaghand"
-        (:class:`hands.datasets.transforms.IntagHandAugment`).
+        (:class:`hands.datasets.transforms.IntagHandAugment`), "dir" or "internet".
+    augment_kwargs: keyword arguments for that augmentation's constructor, to change a range the reference fixes
+        (e.g. ``data.augment_kwargs.rot_range_deg=30`` for IntagHand's in-plane turn of U[-30, 30] degrees instead of
+        U[-90, 90]); empty: the reference's ranges. An argument the augmentation lacks is refused, named.
     """
 
     root: Optional[str] = None
@@ -81,6 +84,7 @@ class DataConfig:
     crop: str = "hands"  # "hands": the union of the ground-truth hand boxes x1.3; "image": the whole image
     augment: bool = True
     augmentation: str = "interwild"  # which training augmentation: interwild | intaghand | dir | internet (recon.data.train_transform)
+    augment_kwargs: Dict[str, Any] = field(default_factory=dict)  # its constructor's arguments; {}: the reference's ranges
     train_frames: str = "all"  # "interacting_both_fits": IntagHand's training frames (recon.data._select_frames)
     num_workers: int = 0
     max_train_samples: Optional[int] = None
@@ -168,10 +172,12 @@ class RunConfig:
 
 
 def _schema() -> DictConfig:
-    """RunConfig as a strict OmegaConf node; ``model`` stays open (the regressor's signature checks it)."""
+    """RunConfig as a strict OmegaConf node; ``model`` and ``data.augment_kwargs`` stay open (the regressor's and the
+    augmentation's signatures check them)."""
     cfg = OmegaConf.structured(RunConfig)
     OmegaConf.set_struct(cfg, True)
     OmegaConf.set_struct(cfg.model, False)
+    OmegaConf.set_struct(cfg.data.augment_kwargs, False)
     return cfg
 
 

@@ -14,12 +14,15 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, Sampler, Subset
 
 from hands.camera import square_bbox
@@ -43,6 +46,7 @@ __all__ = [
     "describe_skips",
     "index_skips",
     "build_train_set",
+    "augment_kwargs",
     "train_transform",
     "base_readers",
     "build_test_sets",
@@ -308,24 +312,62 @@ def describe_default_data(cfg) -> Optional[str]:
 
 
 def train_transform(cfg) -> Callable[[HandSample, torch.Generator], HandSample]:
-    """The training input of a run: InterWild's augmentation (or IntagHand's or DIR's, ``data.augmentation``) then the
-    crop to ``cfg.data.image_size`` (``cfg.data.augment``), or the deterministic test-time crop. Real samples get it in the data loader,
-    generated ones in :mod:`mixing` (the same transform, so both look alike to the regressor)."""
+    """The training input of a run: InterWild's augmentation (or IntagHand's or DIR's, ``data.augmentation``, built
+    with ``data.augment_kwargs``) then the crop to ``cfg.data.image_size`` (``cfg.data.augment``), or the
+    deterministic test-time crop. Real samples get it in the data loader, generated ones in :mod:`mixing` (the same
+    transform, so both look alike to the regressor)."""
     image_size = tuple(cfg.data.image_size)
-    if cfg.data.augment and cfg.data.get("augmentation", "interwild") == "intaghand":
-        return transforms.IntagHandAugment(image_size, box=cfg.data.crop)
-    if cfg.data.augment and cfg.data.get("augmentation", "interwild") == "dir":  # DIR's own (recon.archs.dir.augment)
-        from recon.archs.dir.augment import DIRAugment
+    if not cfg.data.augment:
+        fixed = eval_transform(cfg.data.crop, image_size)
+        return lambda sample, generator: fixed(sample)  # noqa: E731
+    name = cfg.data.get("augmentation", "interwild")
+    if name == "intaghand":
+        cls = transforms.IntagHandAugment
+    elif name == "dir":  # DIR's own (recon.archs.dir.augment)
+        from recon.archs.dir.augment import DIRAugment as cls
+    elif name == "internet":  # InterShape's (InterNet's)
+        from recon.archs.intershape.augment import InterNetAugment as cls
+    elif name == "interwild":
+        cls = transforms.InterWildAugment
+    else:
+        raise DataSpecError(f"data.augmentation={name!r}: unknown; known: interwild, intaghand, dir, internet")
+    return cls(image_size, box=cfg.data.crop, **augment_kwargs(cfg, cls))
 
-        return DIRAugment(image_size, box=cfg.data.crop)
-    if cfg.data.augment and cfg.data.get("augmentation", "interwild") == "internet":  # InterShape's (InterNet's)
-        from recon.archs.intershape.augment import InterNetAugment
 
-        return InterNetAugment(image_size, box=cfg.data.crop)
-    if cfg.data.augment:
-        return transforms.InterWildAugment(image_size, box=cfg.data.crop)
-    fixed = eval_transform(cfg.data.crop, image_size)
-    return lambda sample, generator: fixed(sample)  # noqa: E731
+def augment_kwargs(cfg, cls: type) -> dict:
+    """``cfg.data.augment_kwargs`` as plain Python (lists as tuples, as the constructors' defaults), each key checked
+    against ``cls``'s keyword arguments (``out_size`` and ``box`` come from data.image_size and data.crop) and each
+    value against the kind of its default (a finite number, a list of as many numbers, a flag, a word)."""
+    raw = cfg.data.get("augment_kwargs") or {}
+    if not isinstance(raw, dict):
+        raw = OmegaConf.to_container(raw, resolve=True)
+    defaults = {}
+    for klass in reversed(cls.__mro__):  # a subclass's own arguments over those it passes on (InterNetAugment)
+        init = klass.__dict__.get("__init__")
+        if init is not None and klass is not object:
+            defaults.update({name: p.default for name, p in inspect.signature(init).parameters.items()
+                             if p.kind is p.KEYWORD_ONLY})
+    defaults.pop("box", None)
+    out = {}
+    for key, value in raw.items():
+        if key not in defaults:
+            raise DataSpecError(f"data.augment_kwargs.{key}: not an argument of {cls.__name__} (its arguments: "
+                                f"{', '.join(sorted(defaults))})")
+        default = defaults[key]
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        if isinstance(default, bool):
+            fits = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            fits = number(value)
+        elif isinstance(default, tuple):
+            fits = isinstance(value, (list, tuple)) and len(value) == len(default) and all(map(number, value))
+        else:
+            fits = isinstance(value, type(default))
+        if not fits:
+            raise DataSpecError(f"data.augment_kwargs.{key}={value!r}: expected a value like {cls.__name__}'s "
+                                f"default {default!r}")
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out
 
 
 def base_readers(dataset: Dataset) -> list:

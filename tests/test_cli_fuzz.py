@@ -290,6 +290,7 @@ def _train_cases() -> list[list[str]]:
                  "eval.batch_size=0", "seed=abc", "=", "novalue", "train=3", "train.lr_decay_gamma=x",
                  "data.max_train_samples=0", "data.max_test_samples=-1", "mixing.capacity=0", "mixing.size=12",
                  "mixing.chunk=0", "mixing.labels=nowhere", "optim.grad_clip=abc", "data.num_workers=-1",
+                 "data.augment_kwargs.nope=1", "data.augment_kwargs.rot_sigma_deg=abc",
                  "${oc.env:NOPE_XYZ}=1", "train.max_steps=${nope}"]
     cases += [[*TRAIN_BASE, *QUICK, override] for override in overrides]
     combos = [
