@@ -44,7 +44,7 @@ from recon.archs.intaghand import (
     normalised_to_metric,
     tip_vertices,
 )
-from recon.config import from_config, load_config
+from recon.config import from_config, from_dict, load_config, to_dict
 from recon.registry import build_regressor
 from tests.recon_helpers import overfit_history, rendered_two_hand_samples
 
@@ -464,6 +464,19 @@ def test_the_pretrained_config_starts_from_the_baseline_demo_encoder(tmp_path):
     # 1,000 steps, the lr drop at 78 % of them (as the demo's), sized to about 15 minutes on 2 cores
     assert cfg.train.max_steps == 1000 and list(cfg.optim.lr_decay_steps) == [780] and list(cfg.optim.lr_decay_epochs) == []
     assert cfg.threads == 2 and cfg.train.channels_last
+    # its two departures from the reference's recipe (fifteenth and sixteenth passes): the mask, dense and heatmap
+    # terms at a tenth of the reference's weights, and no in-plane turn in IntagHand's augmentation
+    reference = load_config(profile="demo", arch="intaghand")
+    for key in ("weight_mask", "weight_dense", "weight_heatmap"):
+        assert cfg.model[key] == pytest.approx(reference.model[key] / 10), key
+    from recon.data import train_transform
+
+    assert train_transform(cfg).rot_range_deg == 0.0 and train_transform(reference).rot_range_deg == 90.0
+    # the reference's values given back as overrides rebuild the recipe its committed mini Table 2 ran with
+    as_table = load_config(config_file=config_file, flags={"train.backbone_weights": "e.safetensors"}, overrides=[
+        "model.weight_mask=500", "model.weight_dense=30", "model.weight_heatmap=100", "data.augment_kwargs.rot_range_deg=90"])
+    assert all(as_table.model[k] == reference.model[k] for k in ("weight_mask", "weight_dense", "weight_heatmap"))
+    assert train_transform(as_table).rot_range_deg == 90.0
     # the documented file, RUN/averaged/step_001920.safetensors, is what the baseline's demo profile writes
     assert baseline_demo.train.max_steps == 1920 and baseline_demo.train.average_last > 1
     torch.manual_seed(2)
@@ -791,6 +804,27 @@ def test_intaghand_augment_draws_its_ranges_and_keeps_labels_consistent(hand_mod
         span = float((moved.amax(0) - moved.amin(0)).max())
         params = out.meta["augment"]
         assert span <= 0.8 * 64 * params["scale"] * math.sqrt(2) + 1e-3
+
+
+def test_augment_kwargs_narrow_the_turn_and_unknown_ones_are_refused_by_name(hand_model):
+    from recon.data import DataSpecError, train_transform
+
+    cfg = load_config(arch="intaghand", overrides=["data.augment_kwargs.rot_range_deg=30",
+                                                   "data.augment_kwargs.scale_range=[0.95,1.05]"])
+    augment = train_transform(cfg)
+    assert isinstance(augment, IntagHandAugment) and augment.scale_range == (0.95, 1.05)
+    rotations = np.array([augment.draw(torch.Generator().manual_seed(s))["rotation_deg"] for s in range(400)])
+    assert np.abs(rotations).max() <= 30 and np.abs(rotations).max() > 28
+    # the run's config keeps them (a checkpoint's config rebuilds the same augmentation)
+    assert from_dict(to_dict(cfg)).data.augment_kwargs == {"rot_range_deg": 30, "scale_range": [0.95, 1.05]}
+    assert train_transform(load_config(arch="intaghand")).rot_range_deg == 90.0  # the reference's by default
+    bad = load_config(arch="intaghand", overrides=["data.augment_kwargs.rot=30"])
+    with pytest.raises(DataSpecError, match=r"data.augment_kwargs.rot: not an argument of IntagHandAugment .*rot_range_deg"):
+        train_transform(bad)
+    from recon.train import check_config
+
+    with pytest.raises(DataSpecError, match=r"data.augment_kwargs.rot_range_deg='wide': expected a value like"):
+        check_config(load_config(arch="intaghand", overrides=["data.augment_kwargs.rot_range_deg=wide"]))
 
 
 def test_paper_recipe_warms_up_for_three_epochs_then_decays_after_153():
