@@ -47,6 +47,8 @@ __all__ = [
     "index_skips",
     "build_train_set",
     "augment_kwargs",
+    "augmentation_class",
+    "augmentation_defaults",
     "train_transform",
     "base_readers",
     "build_test_sets",
@@ -320,52 +322,77 @@ def train_transform(cfg) -> Callable[[HandSample, torch.Generator], HandSample]:
     if not cfg.data.augment:
         fixed = eval_transform(cfg.data.crop, image_size)
         return lambda sample, generator: fixed(sample)  # noqa: E731
-    name = cfg.data.get("augmentation", "interwild")
+    cls = augmentation_class(cfg.data.get("augmentation", "interwild"))
+    return cls(image_size, box=cfg.data.crop, **augment_kwargs(cfg))
+
+
+def augmentation_class(name: str) -> type:
+    """The class of ``data.augmentation`` ``name``: interwild, intaghand, dir or internet."""
     if name == "intaghand":
-        cls = transforms.IntagHandAugment
-    elif name == "dir":  # DIR's own (recon.archs.dir.augment)
-        from recon.archs.dir.augment import DIRAugment as cls
-    elif name == "internet":  # InterShape's (InterNet's)
-        from recon.archs.intershape.augment import InterNetAugment as cls
-    elif name == "interwild":
-        cls = transforms.InterWildAugment
-    else:
-        raise DataSpecError(f"data.augmentation={name!r}: unknown; known: interwild, intaghand, dir, internet")
-    return cls(image_size, box=cfg.data.crop, **augment_kwargs(cfg, cls))
+        return transforms.IntagHandAugment
+    if name == "dir":  # DIR's own (recon.archs.dir.augment)
+        from recon.archs.dir.augment import DIRAugment
+
+        return DIRAugment
+    if name == "internet":  # InterShape's (InterNet's)
+        from recon.archs.intershape.augment import InterNetAugment
+
+        return InterNetAugment
+    if name == "interwild":
+        return transforms.InterWildAugment
+    raise DataSpecError(f"data.augmentation={name!r}: unknown; known: interwild, intaghand, dir, internet")
 
 
-def augment_kwargs(cfg, cls: type) -> dict:
-    """``cfg.data.augment_kwargs`` as plain Python (lists as tuples, as the constructors' defaults), each key checked
-    against ``cls``'s keyword arguments (``out_size`` and ``box`` come from data.image_size and data.crop) and each
-    value against the kind of its default (a finite number, a list of as many numbers, a flag, a word)."""
-    raw = cfg.data.get("augment_kwargs") or {}
-    if not isinstance(raw, dict):
-        raw = OmegaConf.to_container(raw, resolve=True)
+def augmentation_defaults(cls: type) -> dict:
+    """``{argument: default}`` of the keyword-only arguments ``data.augment_kwargs`` may set for the augmentation
+    class ``cls``, a subclass's own over those it passes on to its base (InterNetAugment's over InterWildAugment's);
+    ``box`` comes from data.crop."""
     defaults = {}
-    for klass in reversed(cls.__mro__):  # a subclass's own arguments over those it passes on (InterNetAugment)
+    for klass in reversed(cls.__mro__):
         init = klass.__dict__.get("__init__")
         if init is not None and klass is not object:
             defaults.update({name: p.default for name, p in inspect.signature(init).parameters.items()
                              if p.kind is p.KEYWORD_ONLY})
     defaults.pop("box", None)
+    return defaults
+
+
+_SET_ELSEWHERE = {"out_size": "data.image_size", "box": "data.crop"}
+
+
+def augment_kwargs(cfg) -> dict:
+    """``cfg.data.augment_kwargs`` as plain Python (lists as tuples, as the constructors' defaults) for the run's
+    ``data.augmentation``: each key checked against the augmentation's keyword arguments and each value against
+    the kind of its default (a finite number, an integer where the default is one, a list of as many of them, a
+    flag, a word); the ranges themselves are the user's. Raises DataSpecError naming the key."""
+    cls = augmentation_class(cfg.data.get("augmentation", "interwild"))
+    raw = cfg.data.get("augment_kwargs") or {}
+    if not isinstance(raw, dict):
+        raw = OmegaConf.to_container(raw, resolve=True)
+    defaults = augmentation_defaults(cls)
+
+    def fits(value, default) -> bool:
+        if isinstance(default, bool):
+            return isinstance(value, bool)
+        if isinstance(default, int):
+            return isinstance(value, int) and not isinstance(value, bool)
+        if isinstance(default, float):
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if isinstance(default, tuple):
+            return (isinstance(value, (list, tuple)) and len(value) == len(default)
+                    and all(fits(v, d) for v, d in zip(value, default)))
+        return isinstance(value, type(default))
+
     out = {}
     for key, value in raw.items():
+        if key in _SET_ELSEWHERE:
+            raise DataSpecError(f"data.augment_kwargs.{key}: set by {_SET_ELSEWHERE[key]}, not here")
         if key not in defaults:
             raise DataSpecError(f"data.augment_kwargs.{key}: not an argument of {cls.__name__} (its arguments: "
                                 f"{', '.join(sorted(defaults))})")
-        default = defaults[key]
-        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-        if isinstance(default, bool):
-            fits = isinstance(value, bool)
-        elif isinstance(default, (int, float)):
-            fits = number(value)
-        elif isinstance(default, tuple):
-            fits = isinstance(value, (list, tuple)) and len(value) == len(default) and all(map(number, value))
-        else:
-            fits = isinstance(value, type(default))
-        if not fits:
+        if not fits(value, defaults[key]):
             raise DataSpecError(f"data.augment_kwargs.{key}={value!r}: expected a value like {cls.__name__}'s "
-                                f"default {default!r}")
+                                f"default {defaults[key]!r}")
         out[key] = tuple(value) if isinstance(value, list) else value
     return out
 

@@ -695,6 +695,22 @@ def _differing_keys(run: RunSpec, cfg) -> dict[str, tuple]:
     old, new = _flat(old), _flat(new)
     if "train.epoch_steps" not in old and not epoch_clock_matters(cfg):
         old["train.epoch_steps"] = new.get("train.epoch_steps")  # folders from before the key: the same run
+    # data.augment_kwargs: an argument one side leaves out is the augmentation's default (folders from before the
+    # key, or a range given back to its default as an override, hold the same run)
+    prefix = "data.augment_kwargs."
+    named = {key for key in set(old) | set(new) if key.startswith(prefix)}
+    if named and old.get("data.augmentation") == new.get("data.augmentation"):
+        from recon.data import DataSpecError, augmentation_class, augmentation_defaults
+
+        try:
+            defaults = augmentation_defaults(augmentation_class(str(new.get("data.augmentation", "interwild"))))
+        except DataSpecError:
+            defaults = {}
+        for key in named:
+            default = defaults.get(key[len(prefix):], "<unset>")
+            default = list(default) if isinstance(default, tuple) else default
+            old.setdefault(key, default)
+            new.setdefault(key, default)
     return {key: (old.get(key, "<unset>"), new.get(key, "<unset>")) for key in sorted(set(old) | set(new))
             if old.get(key, "<unset>") != new.get(key, "<unset>")}
 

@@ -68,6 +68,7 @@ from recon.data import (
     check_data,
     describe_default_data,
     set_epoch,
+    augment_kwargs,
     train_transform,
 )
 from recon.evaluate import evaluate_regressor, format_results
@@ -209,8 +210,7 @@ def check_config(cfg: DictConfig) -> None:
             f"data.augmentation={cfg.data.augmentation!r} does not crop data.crop={cfg.data.crop!r} "
             "(InterWild's and InterNet's crop 'image' or 'hands', IntagHand's 'verts' or 'hands')"
         )
-    if cfg.data.augment:
-        train_transform(cfg)  # data.augment_kwargs checked against the augmentation's arguments, before any data is read
+    augment_kwargs(cfg)  # checked against data.augmentation's arguments before any data is read (even with augment off)
     if cfg.optim.warmup_epochs < 0 or not 0.0 <= cfg.optim.warmup_start <= 1.0:
         raise UsageError(
             f"optim.warmup_epochs={cfg.optim.warmup_epochs}, optim.warmup_start={cfg.optim.warmup_start}: "

@@ -827,6 +827,29 @@ def test_augment_kwargs_narrow_the_turn_and_unknown_ones_are_refused_by_name(han
         check_config(load_config(arch="intaghand", overrides=["data.augment_kwargs.rot_range_deg=wide"]))
 
 
+def test_augment_kwargs_reach_a_base_class_and_are_checked_with_the_augmentation_off():
+    from recon.archs.intershape.augment import InterNetAugment
+    from recon.data import DataSpecError, augmentation_defaults, train_transform
+    from recon.train import check_config
+
+    # InterNetAugment passes the base's arguments on (InterWildAugment's scale_sigma) and has its own (shift, and
+    # its own rotation default of 45 degrees over the base's 30)
+    defaults = augmentation_defaults(InterNetAugment)
+    assert defaults["rot_sigma_deg"] == 45.0 and defaults["shift"] == 0.15 and defaults["scale_sigma"] == 0.25
+    augment = train_transform(load_config(arch="intershape", overrides=["data.augment_kwargs.scale_sigma=0.1",
+                                                                        "data.augment_kwargs.shift=0.05"]))
+    assert isinstance(augment, InterNetAugment) and augment.scale_sigma == 0.1 and augment.shift == 0.05
+    assert augment.rot_sigma_deg == 45.0
+    # an integer argument takes integers only; size and box come from their own keys
+    with pytest.raises(DataSpecError, match=r"data.augment_kwargs.shift_reference=256.5: expected a value like DIRAugment's default 256"):
+        train_transform(load_config(arch="dir", overrides=["data.augment_kwargs.shift_reference=256.5"]))
+    with pytest.raises(DataSpecError, match=r"data.augment_kwargs.box: set by data.crop, not here"):
+        train_transform(load_config(arch="intaghand", overrides=["data.augment_kwargs.box=hands"]))
+    # checked before any data is read even where the run does not augment (the profile's keys stay valid)
+    with pytest.raises(DataSpecError, match=r"data.augment_kwargs.rot: not an argument of IntagHandAugment"):
+        check_config(load_config(arch="intaghand", overrides=["data.augment=false", "data.augment_kwargs.rot=3"]))
+
+
 def test_paper_recipe_warms_up_for_three_epochs_then_decays_after_153():
     from recon.train import lr_at
 

@@ -281,6 +281,24 @@ def test_a_folder_holding_a_run_of_another_config_is_refused(synthlab_root, tmp_
     assert "baseline_r0_s0 holds a run of another config (train.max_steps: 2 there, 3 now)" in error
 
 
+def test_augment_kwargs_left_out_in_a_folder_are_the_augmentations_defaults(synthlab_root, tmp_path, capsys):
+    """A folder from before data.augment_kwargs (its config.yaml has no such key) holds the same run as a table that
+    sets an argument to the augmentation's default (InterWild's rotation sigma 30 degrees), not one that changes it."""
+    argv = _argv(synthlab_root, tmp_path, "--seeds", "1", "--max-steps", "2")
+    runs = _fake_finished_runs(argv, {(r, 0): _metrics(1.0, 2.0) for r in (0.0, 0.3)})
+    for run in runs:  # written as before the key existed
+        written = OmegaConf.to_container(OmegaConf.load(run.folder / "config.yaml"))
+        assert written["data"].pop("augment_kwargs") == {}
+        (run.folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(written)))
+    capsys.readouterr()
+    assert table2.main([*argv, "--dry-run", "data.augment_kwargs.rot_sigma_deg=30"]) == 0
+    planned = capsys.readouterr().out.splitlines()
+    assert len(planned) == 2 and all(line.startswith("# finished, would be skipped: ") for line in planned)
+    assert table2.main([*argv, "--dry-run", "data.augment_kwargs.rot_sigma_deg=10"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "holds a run of another config (data.augment_kwargs.rot_sigma_deg: 30.0 there, 10 now)" in error
+
+
 def test_a_run_trained_elsewhere_without_its_end_evaluation_is_scored_not_trained_again(synthlab_root, tmp_path, capsys):
     """A run trained by hand with the table's command but eval.at_end=false and another train.average_last, its
     folder then moved into the table's --out, is the same training run: the table resumes it at its last step
