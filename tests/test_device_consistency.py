@@ -220,6 +220,27 @@ def test_an_interwild_step_on_the_device_needs_no_host_sync(synthlab_root, batch
     assert sum(fake.events["h2d"].values()) == h2d, fake.events["h2d"]
 
 
+@pytest.mark.parametrize("name", ["intaghand", "dir", "internet"])
+def test_the_other_regressors_augmentations_on_the_device_mix_no_cpu_tensor(batch, name):
+    """IntagHand's, DIR's and InterNet's augmentations, as mixing applies them to generated samples on the device
+    (mixing.build), with their parameters drawn on the host: no CPU tensor in a device op (IntagHand's colour
+    factors were one), the same image as on the CPU. Their vertex box reads validity flags from the host (syncs)."""
+    from recon.archs.dir.augment import DIRAugment
+    from recon.archs.intershape.augment import InterNetAugment
+    from hands.datasets.transforms import IntagHandAugment
+
+    augment = {"intaghand": lambda: IntagHandAugment((32, 32)), "dir": lambda: DIRAugment((32, 32), box="verts"),
+               "internet": lambda: InterNetAugment((32, 32), box="hands")}[name]()
+    params = augment.draw(torch.Generator().manual_seed(3))
+    expected = augment.apply(batch.unbind()[0], params)
+    with fake_cuda() as fake:
+        out = augment.apply(batch.to("cuda:0").unbind()[0], params)
+        assert out.image.device.type == "meta"  # the fake device
+        got = out.image.elem.clone()
+    assert report(fake, HAZARDS) == ""
+    torch.testing.assert_close(got, expected.image)
+
+
 def test_intaghands_vertex_crop_on_the_device_mixes_no_cpu_tensor(batch):
     """vertex_box (IntagHand's and DIR's input box) keeps its box on the sample's device, the no-hand fallback
     included; what it reads from the host is only the per-hand validity flags."""

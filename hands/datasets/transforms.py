@@ -423,7 +423,7 @@ class IntagHandAugment:
         out_h, out_w = self.out_size
         box = scale_bbox(square_bbox(box, aspect=out_w / out_h), 1.0 / params["scale"])
         out = crop(sample, box, self.out_size, rotation_deg=params["rotation_deg"])
-        factors = params["color"].to(out.image.dtype).reshape(3, 1, 1)
+        factors = params["color"].to(device=out.image.device, dtype=out.image.dtype, non_blocking=True).reshape(3, 1, 1)
         image = (out.image * factors + params["brightness"]).clamp(0.0, 1.0)
         out = dataclasses.replace(out, image=image, meta=dict(out.meta))
         if params["flip"]:
