@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, Sampler, Subset
 
 from hands.camera import square_bbox
@@ -343,18 +344,23 @@ def augmentation_class(name: str) -> type:
     raise DataSpecError(f"data.augmentation={name!r}: unknown; known: interwild, intaghand, dir, internet")
 
 
-def augmentation_defaults(cls: type) -> dict:
-    """``{argument: default}`` of the keyword-only arguments ``data.augment_kwargs`` may set for the augmentation
-    class ``cls``, a subclass's own over those it passes on to its base (InterNetAugment's over InterWildAugment's);
-    ``box`` comes from data.crop."""
-    defaults = {}
+def _keyword_arguments(cls: type) -> dict[str, tuple[type, object]]:
+    """``{argument: (the class whose constructor declares it, its default)}`` for the keyword-only arguments of the
+    augmentation class ``cls``, a subclass's own over those it passes on to its base (InterNetAugment's over
+    InterWildAugment's)."""
+    found = {}
     for klass in reversed(cls.__mro__):
         init = klass.__dict__.get("__init__")
         if init is not None and klass is not object:
-            defaults.update({name: p.default for name, p in inspect.signature(init).parameters.items()
-                             if p.kind is p.KEYWORD_ONLY})
-    defaults.pop("box", None)
-    return defaults
+            found.update({name: (klass, p.default) for name, p in inspect.signature(init).parameters.items()
+                          if p.kind is p.KEYWORD_ONLY})
+    return found
+
+
+def augmentation_defaults(cls: type) -> dict:
+    """``{argument: default}`` of the keyword-only arguments ``data.augment_kwargs`` may set for the augmentation
+    class ``cls`` (``box`` comes from data.crop)."""
+    return {name: default for name, (_, default) in _keyword_arguments(cls).items() if name != "box"}
 
 
 _SET_ELSEWHERE = {"out_size": "data.image_size", "box": "data.crop"}
@@ -363,37 +369,32 @@ _SET_ELSEWHERE = {"out_size": "data.image_size", "box": "data.crop"}
 def augment_kwargs(cfg) -> dict:
     """``cfg.data.augment_kwargs`` as plain Python (lists as tuples, as the constructors' defaults) for the run's
     ``data.augmentation``: each key checked against the augmentation's keyword arguments and each value against
-    the kind of its default (a finite number, an integer where the default is one, a list of as many of them, a
-    flag, a word); the ranges themselves are the user's. Raises DataSpecError naming the key."""
+    the argument's annotation, as ``model`` sections are (:func:`recon.config.model_schema`); the ranges
+    themselves are the user's. Raises DataSpecError naming the key."""
+    from recon.config import model_schema
+
     cls = augmentation_class(cfg.data.get("augmentation", "interwild"))
     raw = cfg.data.get("augment_kwargs") or {}
     if not isinstance(raw, dict):
         raw = OmegaConf.to_container(raw, resolve=True)
-    defaults = augmentation_defaults(cls)
-
-    def fits(value, default) -> bool:
-        if isinstance(default, bool):
-            return isinstance(value, bool)
-        if isinstance(default, int):
-            return isinstance(value, int) and not isinstance(value, bool)
-        if isinstance(default, float):
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if isinstance(default, tuple):
-            return (isinstance(value, (list, tuple)) and len(value) == len(default)
-                    and all(fits(v, d) for v, d in zip(value, default)))
-        return isinstance(value, type(default))
-
+    arguments = _keyword_arguments(cls)
     out = {}
     for key, value in raw.items():
         if key in _SET_ELSEWHERE:
             raise DataSpecError(f"data.augment_kwargs.{key}: set by {_SET_ELSEWHERE[key]}, not here")
-        if key not in defaults:
+        if key not in arguments:
             raise DataSpecError(f"data.augment_kwargs.{key}: not an argument of {cls.__name__} (its arguments: "
-                                f"{', '.join(sorted(defaults))})")
-        if not fits(value, defaults[key]):
+                                f"{', '.join(sorted(augmentation_defaults(cls)))})")
+        owner, default = arguments[key]
+        try:
+            checked = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(model_schema(owner)), {key: value}))[key]
+        except OmegaConfBaseException as error:
+            reason = str(getattr(error, "msg", None) or error).splitlines()[0]
             raise DataSpecError(f"data.augment_kwargs.{key}={value!r}: expected a value like {cls.__name__}'s "
-                                f"default {defaults[key]!r}")
-        out[key] = tuple(value) if isinstance(value, list) else value
+                                f"default {default!r} ({reason})") from None
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (checked if isinstance(checked, list) else [checked])):
+            raise DataSpecError(f"data.augment_kwargs.{key}={value!r}: expected a finite value")
+        out[key] = tuple(checked) if isinstance(checked, list) else checked
     return out
 
 
