@@ -125,6 +125,14 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 1
     max_steps: Optional[int] = None  # stop after this many optimizer steps (across epochs)
+    # a time budget (like Lightning's Trainer(max_time), but it ends the run at a checkpoint step and a resumed run
+    # starts its budget again): end the run at the first checkpoint step (a multiple of ckpt_every) reached after
+    # this many minutes of this process's training loop (setup, the first generated batch and the evaluation not
+    # counted), at most max_steps; None: no budget. The run's length then depends on the machine (its steps are in
+    # the final checkpoint, and with eval.at_end in metrics.json's "time_budget"); the learning-rate schedule still
+    # runs over max_steps / epochs and is cut where the budget ends it. For demos on machines of unknown speed
+    # (`make demo`); recon.table2 refuses it (its runs are compared at equal steps)
+    max_minutes: Optional[float] = None
     batch_size: int = 16  # per process
     synthetic_ratio: float = 0.0  # share of each batch from the generator (mixing package), 0 <= r < 1
     ckpt_every: int = 200  # steps between checkpoints (a final one is always written)

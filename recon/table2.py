@@ -545,6 +545,10 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, dict]:
     (``optim.lr_decay_steps``; see the module docstring). Plugins must be imported before."""
     runs = plan_runs(args)
     configs = {run.name: resolve_run_config(run) for run in runs}
+    budgets = sorted({str(cfg.train.max_minutes) for cfg in configs.values() if cfg.train.max_minutes is not None})
+    if budgets:
+        raise UsageError(f"train.max_minutes={budgets[0]}: a time budget makes a run's length depend on the machine; "
+                         "the table compares runs of equal steps (leave it unset, give --max-steps or train.max_steps)")
     schedule = {"kind": args.schedule}
     if args.schedule == "steps":
         schedule.update(equal_steps(configs[runs[0].name]))
@@ -695,6 +699,7 @@ def _differing_keys(run: RunSpec, cfg) -> dict[str, tuple]:
     old, new = _flat(old), _flat(new)
     if "train.epoch_steps" not in old and not epoch_clock_matters(cfg):
         old["train.epoch_steps"] = new.get("train.epoch_steps")  # folders from before the key: the same run
+    old.setdefault("train.max_minutes", None)  # folders from before the key had no time budget
     # data.augment_kwargs: an argument one side leaves out is the augmentation's default (folders from before the
     # key, or a range given back to its default as an override, hold the same run)
     prefix = "data.augment_kwargs."

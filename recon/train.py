@@ -180,6 +180,22 @@ def _flags(args: argparse.Namespace) -> dict:
     return flags
 
 
+def _budget_clock() -> float:
+    """Seconds, for train.max_minutes (a function of its own, so that tests can run the budget on a clock of theirs)."""
+    return time.perf_counter()
+
+
+def _out_of_time(spent: bool, world_size: int, device: torch.device) -> bool:
+    """Whether any process has spent its time budget (train.max_minutes): every process must stop at the same
+    step. One process: ``spent`` as it is; several: the maximum over them (an all-reduce at a checkpoint step,
+    only in runs with a budget)."""
+    if world_size == 1:
+        return spent
+    flag = torch.tensor([1.0 if spent else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def check_config(cfg: DictConfig) -> None:
     """Value checks the types cannot express; UsageError names the key."""
     if not 0.0 <= cfg.train.synthetic_ratio < 1.0:
@@ -189,6 +205,9 @@ def check_config(cfg: DictConfig) -> None:
             raise UsageError(f"{key}={OmegaConf.select(cfg, key)}: expected a positive integer")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
         raise UsageError(f"train.max_steps={cfg.train.max_steps}: expected a positive integer")
+    budget = cfg.train.get("max_minutes")  # .get: checkpoints' configs from before the key
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise UsageError(f"train.max_minutes={budget}: expected a positive number of minutes (null: no time budget)")
     if cfg.train.get("epoch_steps") is not None and cfg.train.epoch_steps < 1:
         raise UsageError(f"train.epoch_steps={cfg.train.epoch_steps}: expected a positive integer (null: the data's epochs)")
     if cfg.train.average_last < 1:
@@ -623,7 +642,10 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
         provider.prime(n_synthetic)  # the first generated batch before the clock starts (reported as prime_s)
     saved_step = resumed_step = step if resume_info is not None else -1
     epoch_steps = cfg.train.get("epoch_steps")  # .get: checkpoints' configs from before the key
+    budget_s = None if cfg.train.get("max_minutes") is None else 60.0 * float(cfg.train.max_minutes)
+    budget_spent = False
     loop_start, samples_seen, substituted = time.perf_counter(), 0, 0
+    budget_start = _budget_clock() if budget_s is not None else None
     batch_in_epoch, bar = start_batch, None
     try:
         while step < max_steps and epoch < cfg.train.epochs:
@@ -690,6 +712,11 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
                 if is_main and step % cfg.train.ckpt_every == 0:
                     save(epoch, batch_in_epoch)
                     saved_step = step
+                if budget_s is not None and step % cfg.train.ckpt_every == 0 and step < max_steps:
+                    if _out_of_time(_budget_clock() - budget_start >= budget_s, world_size, device):
+                        say(f"\ntrain.max_minutes={cfg.train.max_minutes}: the time budget is spent; the run ends at "
+                            f"step {step} of {max_steps}")
+                        max_steps, budget_spent = step, True  # the run's last step, as if train.max_steps said so
                 if step >= max_steps:
                     break
             bar.close()
@@ -788,6 +815,9 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
                 report["weights"].update(averaged_steps=averaged_steps, checkpoint=str(Path(final).relative_to(out)))
             if mixing_stats is not None:
                 report["mixing"] = mixing_stats
+            if budget_s is not None:  # a time-budgeted run: how long it trained and whether the budget ended it
+                report["time_budget"] = {"max_minutes": float(cfg.train.max_minutes), "ended_run": budget_spent,
+                                         "steps": step, "train_time_s": round(train_time, 1)}
             tmp = out / ".metrics.json.tmp"  # written whole, then renamed: a reader never sees half of it
             tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
             os.replace(tmp, out / "metrics.json")

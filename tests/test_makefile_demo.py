@@ -54,10 +54,11 @@ def test_make_demo_trains_interwild_on_the_studio_synthlab_and_draws_its_predict
     check_config(cfg)
     assert (cfg.arch, cfg.profile, cfg.train.synthetic_ratio) == ("interwild", "demo", 0.3)
     assert (cfg.data.root, cfg.out, args.overwrite) == (str(data), str(out), True)
-    assert (cfg.train.max_steps, cfg.threads, cfg.train.channels_last, cfg.train.average_last) == (1600, 2, True, 3)
+    assert (cfg.train.max_steps, cfg.threads, cfg.train.channels_last, cfg.train.average_last) == (2400, 2, True, 3)
+    assert cfg.train.max_minutes == 13.0  # a time budget: the run ends at the first checkpoint after 13 minutes
 
     figure = recon_test.build_parser().parse_args(_module_argv(commands, "recon.test"))
     assert (figure.ckpt, figure.data_root, figure.figure) == (f"{out}/averaged", str(data), 4)
 
-    one_thread = parse_args(_module_argv(_demo_commands(DEMO_THREADS="1", DEMO_STEPS="1200"), "recon.train"))
-    assert {"threads=1"} <= set(one_thread.overrides) and one_thread.max_steps == 1200
+    one_thread = parse_args(_module_argv(_demo_commands(DEMO_THREADS="1", DEMO_STEPS="1200", DEMO_MINUTES="20"), "recon.train"))
+    assert {"threads=1", "train.max_minutes=20"} <= set(one_thread.overrides) and one_thread.max_steps == 1200

@@ -199,6 +199,81 @@ def test_average_last_evaluates_the_mean_of_the_last_checkpoints(synthlab_root, 
     assert not (out / "averaged").exists()
 
 
+def test_max_minutes_ends_the_run_at_the_first_checkpoint_after_the_budget(synthlab_root, tmp_path, capsys):
+    """train.max_minutes: a budget spent before the first checkpoint (step 2 of 6) ends the run there, with the
+    weights a run told to stop at step 2 ends with, averaged over the checkpoints it has; metrics.json says so.
+    A budget not spent leaves the run to its steps."""
+    out = tmp_path / "budget"
+    argv = _run(synthlab_root, out, "--max-steps", "6", "train.ckpt_every=2", "train.average_last=2",
+                "train.max_minutes=1e-9")
+    assert recon_train.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "train.max_minutes=1e-09: the time budget is spent; the run ends at step 2 of 6" in printed
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.json")) == ["step_000002.json"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["weights"]["step"] == 2 and metrics["weights"]["averaged_steps"] == [2]
+    budget = metrics["time_budget"]
+    assert (budget["max_minutes"], budget["ended_run"], budget["steps"]) == (1e-9, True, 2) and budget["train_time_s"] > 0
+    two = tmp_path / "two"
+    assert recon_train.main(_run(synthlab_root, two, "--max-steps", "2", "train.ckpt_every=2", "eval.at_end=false")) == 0
+    for name, value in load_file(str(two / "checkpoints" / "step_000002.safetensors")).items():
+        assert torch.equal(value, _weights(out)[name]), name
+    capsys.readouterr()
+    plenty = tmp_path / "plenty"
+    argv = _run(synthlab_root, plenty, "--max-steps", "3", "train.ckpt_every=2", "train.max_minutes=60")
+    assert recon_train.main(argv) == 0
+    assert "time budget" not in capsys.readouterr().out
+    budget = json.loads((plenty / "metrics.json").read_text())["time_budget"]
+    assert (budget["ended_run"], budget["steps"]) == (False, 3)
+
+
+def test_max_minutes_ends_the_run_at_the_first_checkpoint_after_the_budget_not_before(
+        synthlab_root, tmp_path, capsys, monkeypatch):
+    """On a clock that reads 30 s at the step-2 checkpoint and 90 s at step 4, a 1-minute budget ends the run at
+    step 4 of 8 (not at 2, where 30 s were spent, nor at 3, no checkpoint step); the averaged weights are those of
+    the checkpoints it wrote. Resumed without the budget, the run goes on to its steps."""
+    readings = iter([0.0, 30.0, 90.0])  # the budget's start, then one reading per checkpoint step it checks
+    monkeypatch.setattr(recon_train, "_budget_clock", lambda: next(readings))
+    out = tmp_path / "after"
+    argv = _run(synthlab_root, out, "--max-steps", "8", "train.ckpt_every=2", "train.average_last=2",
+                "train.max_minutes=1")
+    assert recon_train.main(argv) == 0
+    assert "the run ends at step 4 of 8" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["weights"]["averaged_steps"] == [2, 4] and metrics["time_budget"]["steps"] == 4
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.json")) == ["step_000002.json", "step_000004.json"]
+    assert recon_train.main(["--resume", "--out", str(out), "eval.at_end=false", "train.max_minutes=null"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert json.loads((out / "checkpoints" / "step_000008.json").read_text())["step"] == 8
+
+
+def _agree_on_the_budget(rank: int, world_size: int, init_file: str, spent_ranks: tuple, results: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        stop = recon_train._out_of_time(rank in spent_ranks, world_size, torch.device("cpu"))
+        Path(results, f"rank{rank}").write_text(json.dumps(stop))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("spent_ranks, stop", [((1,), True), ((), False)])
+def test_every_process_stops_when_one_has_spent_its_budget(tmp_path, spent_ranks, stop):
+    """Two processes (gloo): when one of them has spent its time budget both end the run at that step."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree_on_the_budget, args=(2, str(tmp_path / "init"), spent_ranks, str(tmp_path)), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"rank{rank}").read_text()) for rank in (0, 1)] == [stop, stop]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_max_minutes_must_be_a_positive_number(synthlab_root, tmp_path, capsys, value):
+    assert recon_train.main(_run(synthlab_root, tmp_path / "bad", "--max-steps", "1", f"train.max_minutes={value}")) == 2
+    error = capsys.readouterr().err.strip()
+    assert "train.max_minutes=" in error and "expected a positive number of minutes" in error and "\n" not in error
+
+
 def test_average_last_must_be_positive(synthlab_root, tmp_path, capsys):
     assert recon_train.main(_run(synthlab_root, tmp_path / "bad", "--max-steps", "1", "train.average_last=0")) == 2
     assert "train.average_last=0: expected a positive integer" in capsys.readouterr().err

@@ -558,6 +558,23 @@ def test_controls_of_an_offline_table_are_not_trained_and_say_why(synthlab_root,
         assert f"_{control}_s0" not in out
 
 
+def test_a_time_budget_is_refused_and_folders_from_before_it_hold_the_same_run(synthlab_root, tmp_path, capsys):
+    """train.max_minutes makes a run's length depend on the machine: a table (runs of equal steps) refuses it in one
+    line; a folder whose config.yaml predates the key had no budget, so it holds the table's run."""
+    argv = _argv(synthlab_root, tmp_path, "--seeds", "1", "--max-steps", "2")
+    assert table2.main([*argv, "--dry-run", "train.max_minutes=5"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "train.max_minutes=5.0: a time budget makes a run's length depend on the machine" in error
+    assert len(error.splitlines()) == 1
+    for run in _fake_finished_runs(argv, {(r, 0): _metrics(1.0, 2.0) for r in (0.0, 0.3)}):
+        config = OmegaConf.load(run.folder / "config.yaml")
+        assert config.train.pop("max_minutes") is None  # as the folders written before the key
+        (run.folder / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    assert table2.main([*argv, "--dry-run"]) == 0
+    planned = capsys.readouterr().out.splitlines()
+    assert len(planned) == 2 and all(line.startswith("# finished, would be skipped: ") for line in planned)
+
+
 def test_a_schedule_restarted_per_epoch_phase_is_refused_on_equal_steps(synthlab_root, tmp_path, capsys):
     argv = _argv(synthlab_root, tmp_path, "--seeds", "1", "--dry-run", "optim.schedule=cosine",
                  "optim.cosine_phases=[1,1]")
