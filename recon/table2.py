@@ -62,7 +62,8 @@ The JSON (millimetres)::
 
     {"arch", "method", "profile", "unit": "mm", "seeds": [0, 1, 2], "ratios": [0.0, 0.3],
      "reference_ratio": 0.0, "test_sets": ["synthlab-test-lab", ...], "metrics": ["MPVPE", "RRVE", "MRRPE"],
-     "setup": {datasets, steps, batch size, image size, generator ...},
+     "setup": {datasets, steps, batch size, image size, generator, "synthetic_batch": "share" | "add",
+               "batch_sizes": {ratio: batch}, "real_per_batch": {ratio: n} ...},
      "runs": [{"name", "ratio", "seed", "control": null | name, "folder", "status": "trained" | "resumed" |
                "skipped", "steps", "train_time_s", "wall_s", "metrics": {test set: {metric: mm, count_*: n, ...}}},
               ...],
@@ -97,6 +98,13 @@ steps (the JSON's ``schedule``), and every other schedule counted in epochs (the
 ``set_epoch``: IntagHand's edge term from epoch 50) runs on the reference run's epoch clock
 (``train.epoch_steps`` = its steps per epoch). ``epochs`` passes the flags unchanged (the same real epochs, more steps with
 r > 0); ``steps_note`` then says when the runs of a seed trained different numbers of steps.
+
+Batches (``--synthetic-batch``): ``share`` (default; recon.train's ``--synthetic-ratio``) gives a run with r > 0
+the reference's batch B, of which round(r x B) are generated, so it sees fewer real images per step (16 -> 11
+at r = 0.3); ``add`` keeps the reference run's real images per batch in every run and puts the generated images
+on top: a run at ratio r gets ``train.batch_size`` = the smallest B_r with B_r - round(r x B_r) real images
+(:func:`batch_with_real`; 16 real at r = 0.3: B_r = 23 = 16 + 7), as the paper's "additionally training" with
+generated images. Equal real images per step also make every run's epochs equally long.
 """
 from __future__ import annotations
 
@@ -218,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="steps (default): every run trains the reference run's optimizer steps with its "
                         "learning-rate drops at the same steps; epochs: every run trains the same passes over the "
                         "real data (runs with r > 0 then take more steps)")
+    parser.add_argument("--synthetic-batch", choices=("share", "add"), default="share",
+                        help="share (default): the generated images take round(r x B) of every batch of B, so a run "
+                        "with r > 0 sees fewer real images per step; add: every run keeps the reference run's real "
+                        "images per batch and the generated images come on top (batch B_r, the smallest with B_r - "
+                        "round(r x B_r) real; 16 real at r = 0.3: batch 23), the paper's 'additionally training'")
     parser.add_argument("--out", default="runs/table2", help="folder of the run folders (default runs/table2)")
     parser.add_argument("--results-dir", help="where mini-table2.md/.json/-samples.png go (default: docs/results on "
                         "synthlab, else --out)")
@@ -441,7 +454,33 @@ def train_command(args: argparse.Namespace, ratio: float, seed: int, folder: Pat
             command += [flag, str(value)]
     for plugin in args.plugin:
         command += ["--plugin", plugin]
-    return command + list(args.overrides) + (control_overrides(args, control) if control else [])
+    batch = (getattr(args, "batch_by_ratio", None) or {}).get(ratio)
+    own = [f"train.batch_size={batch}"] if batch is not None else []  # --synthetic-batch add (see plan)
+    return command + list(args.overrides) + own + (control_overrides(args, control) if control else [])
+
+
+def batch_with_real(n_real: int, ratio: float) -> int:
+    """The smallest batch B whose real part, B - round(ratio x B) (:func:`mixing.mixer.split_batch_size`), is
+    ``n_real``: the batch of a run with ``--synthetic-batch add``. B - round(ratio x B) grows by 0 or 1 from one
+    B to the next (ratio < 1), so it meets every ``n_real`` exactly."""
+    from mixing.mixer import split_batch_size
+
+    if n_real < 1:
+        raise ValueError(f"n_real must be >= 1, got {n_real}")
+    batch = n_real
+    while split_batch_size(batch, ratio)[0] < n_real:
+        batch += 1
+    return batch
+
+
+def added_batches(args: argparse.Namespace, reference_cfg) -> dict[float, int]:
+    """{ratio: train.batch_size} for ``--synthetic-batch add``: every ratio of the table and the control ratio
+    get the batch whose real part is the reference run's (its batch at its ratio)."""
+    from mixing.mixer import split_batch_size
+
+    n_real, _ = split_batch_size(reference_cfg.train.batch_size, reference_cfg.train.synthetic_ratio)
+    ratios = set(args.ratio_list) | ({args.control_ratio_value} if getattr(args, "control_list", ()) else set())
+    return {ratio: batch_with_real(n_real, ratio) for ratio in sorted(ratios)}
 
 
 def equal_steps(reference_cfg) -> dict:
@@ -543,8 +582,15 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, dict]:
     """(runs, their resolved configs by run name, the schedule) of a parsed command line. With ``--schedule
     steps`` every run's command also gets the reference run's steps (``--max-steps``) and learning-rate drops
     (``optim.lr_decay_steps``; see the module docstring). Plugins must be imported before."""
+    args.batch_by_ratio = None
     runs = plan_runs(args)
     configs = {run.name: resolve_run_config(run) for run in runs}
+    if getattr(args, "synthetic_batch", "share") == "add":
+        # equal real images per step: the reference's batch at its ratio fixes the real part of every run's batch
+        args.batch_by_ratio = {r: b for r, b in added_batches(args, configs[runs[0].name]).items()
+                               if r != args.ratio_list[0]}
+        runs = plan_runs(args)
+        configs = {run.name: resolve_run_config(run) for run in runs}
     budgets = sorted({str(cfg.train.max_minutes) for cfg in configs.values() if cfg.train.max_minutes is not None})
     if budgets:
         raise UsageError(f"train.max_minutes={budgets[0]}: a time budget makes a run's length depend on the machine; "
@@ -1202,7 +1248,7 @@ def format_markdown(report: dict) -> str:
         f"{_duration(report['wall_s'])} in all).",
         "",
         f"Every run: {setup['arch']} trained on {', '.join(setup['train_datasets'])} "
-        f"({setup['length']}, batch {setup['batch_size']}, {setup['image_size'][0]}x"
+        f"({setup['length']}, {_batch_phrase(setup)}, {setup['image_size'][0]}x"
         f"{setup['image_size'][1]} px, profile {setup['profile']}), seeds {', '.join(map(str, report['seeds']))}; "
         f"r = share of every batch generated by {setup['generator']} ({setup['generator_config']}, "
         f"{setup['generator_size']} px, labels: {setup['labels']}); "
@@ -1560,6 +1606,31 @@ def _setup(cfg, mixed_cfg) -> dict:
     }
 
 
+def _batch_setup(args: argparse.Namespace, runs: Sequence[RunSpec], configs: dict) -> dict:
+    """{"synthetic_batch": share | add, "batch_sizes": {ratio: batch}, "real_per_batch": {ratio: n}} of the
+    table's rows (controls run at the control ratio's batch)."""
+    from mixing.mixer import split_batch_size
+
+    sizes, real = {}, {}
+    for run in runs:
+        if run.control is None:
+            cfg = configs[run.name]
+            sizes[ratio_tag(run.ratio)] = int(cfg.train.batch_size)
+            real[ratio_tag(run.ratio)] = split_batch_size(cfg.train.batch_size, cfg.train.synthetic_ratio)[0]
+    return {"synthetic_batch": getattr(args, "synthetic_batch", "share"), "batch_sizes": sizes, "real_per_batch": real}
+
+
+def _batch_phrase(setup: dict) -> str:
+    """The batch in the table's setup line: one number, or with --synthetic-batch add the batch of every ratio."""
+    if setup.get("synthetic_batch") != "add":
+        return f"batch {setup['batch_size']}"
+    sizes, real = setup["batch_sizes"], setup["real_per_batch"]
+    per_ratio = ", ".join(f"{sizes[tag]} at r = {tag}" for tag in sizes)
+    n_real = sorted(set(real.values()))
+    return (f"the generated images on top of {'/'.join(map(str, n_real))} real ones per batch "
+            f"(--synthetic-batch add; batch {per_ratio})")
+
+
 def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     """Plan, check, draw the figure, train, tabulate (see the module docstring); returns the JSON payload
     (or {} for --dry-run)."""
@@ -1670,7 +1741,8 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         "reference_ratio": args.ratio_list[0],
         "test_sets": tests,
         "metrics": metric_names,
-        "setup": {**_setup(reference_cfg, configs[first_mixed.name]), "weights": _weights_of_runs(run_entries)},
+        "setup": {**_setup(reference_cfg, configs[first_mixed.name]), "weights": _weights_of_runs(run_entries),
+                  **_batch_setup(args, runs, configs)},
         "schedule": schedule,
         "runs": run_entries,
         **summary,

@@ -674,3 +674,52 @@ def test_a_table_says_how_its_runs_were_scored_and_refuses_a_mix():
         _weights_of_runs([{"weights": averaged}, {"weights": {}}])
     assert "mean of the weights of its last 3 checkpoints" in _weights_phrase(3)
     assert _weights_phrase(1) == "each run scored with its final weights"
+
+
+def test_batch_with_real_is_the_smallest_batch_with_that_many_real_images():
+    from mixing.mixer import split_batch_size
+
+    assert table2.batch_with_real(16, 0.3) == 23  # 16 real + round(6.9) = 7 generated (batch 22: 15 real)
+    assert table2.batch_with_real(4, 0.3) == 6 and table2.batch_with_real(4, 0.5) == 8 and table2.batch_with_real(4, 0.0) == 4
+    for n_real in range(1, 40):
+        for ratio in (0.1, 0.25, 0.3, 0.5, 0.75, 0.9):
+            batch = table2.batch_with_real(n_real, ratio)
+            assert split_batch_size(batch, ratio)[0] == n_real
+            assert batch == 1 or split_batch_size(batch - 1, ratio)[0] < n_real
+
+
+def test_synthetic_batch_add_keeps_the_real_images_per_step_and_says_so(synthlab_root, tmp_path, capsys, monkeypatch):
+    """--synthetic-batch add: every run of a ratio r > 0 (controls too) gets the batch whose real part is the
+    reference's, as its last override before a control's; the report and the table say which batches ran."""
+    from mixing.mixer import split_batch_size
+
+    argv = _argv(synthlab_root, tmp_path, "--seeds", "1", "--ratios", "0,0.3,0.5", "--max-steps", "2",
+                 "--figure-samples", "0", "--controls", "mesh_blank", "--synthetic-batch", "add")
+    runs, configs, schedule = table2.plan(table2.parse_args(argv))
+    batches = {(run.ratio, run.control): configs[run.name].train.batch_size for run in runs}
+    assert batches == {(0.0, None): 4, (0.3, None): 6, (0.5, None): 8, (0.3, "mesh_blank"): 6}
+    for run in runs:
+        cfg = configs[run.name]
+        assert split_batch_size(cfg.train.batch_size, cfg.train.synthetic_ratio)[0] == 4
+        assert cfg.train.epoch_steps == schedule["steps_per_epoch"]  # the same epoch clock as before
+    mixed = next(run for run in runs if run.ratio == 0.3 and run.control is None)
+    assert mixed.command[-1] == "train.batch_size=6" and mixed.command[-4] == "optim.lr_decay_epochs=[]"  # after the schedule
+    blank = next(run for run in runs if run.control == "mesh_blank")
+    assert blank.command[-2:] == ("train.batch_size=6", "mixing.mesh_condition=blank")  # before the control's own
+    assert "train.batch_size" not in " ".join(runs[0].command)  # the reference keeps its --batch-size 4
+    # share (the default): one batch for every run
+    shared = table2.plan(table2.parse_args([a for a in argv if a not in ("--synthetic-batch", "add")]))[1]
+    assert {cfg.train.batch_size for cfg in shared.values()} == {4}
+
+    metrics = {(0.0, 0): _metrics(10.0, 20.0), (0.3, 0): _metrics(11.0, 18.0), (0.5, 0): _metrics(12.0, 17.0),
+               ("mesh_blank", 0): _metrics(11.0, 19.0)}
+    _fake_finished_runs(argv, metrics)
+    _no_training(monkeypatch)
+    assert table2.main(argv) == 0
+    report = json.loads((tmp_path / "results" / "mini-table2.json").read_text())
+    setup = report["setup"]
+    assert setup["synthetic_batch"] == "add" and setup["batch_sizes"] == {"0": 4, "0.3": 6, "0.5": 8}
+    assert setup["real_per_batch"] == {"0": 4, "0.3": 4, "0.5": 4}
+    markdown = (tmp_path / "results" / "mini-table2.md").read_text()
+    assert "the generated images on top of 4 real ones per batch (--synthetic-batch add; batch 4 at r = 0, 6 at " \
+           "r = 0.3, 8 at r = 0.5)" in markdown
