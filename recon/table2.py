@@ -103,8 +103,10 @@ Batches (``--synthetic-batch``): ``share`` (default; recon.train's ``--synthetic
 the reference's batch B, of which round(r x B) are generated, so it sees fewer real images per step (16 -> 11
 at r = 0.3); ``add`` keeps the reference run's real images per batch in every run and puts the generated images
 on top: a run at ratio r gets ``train.batch_size`` = the smallest B_r with B_r - round(r x B_r) real images
-(:func:`batch_with_real`; 16 real at r = 0.3: B_r = 23 = 16 + 7), as the paper's "additionally training" with
-generated images. Equal real images per step also make every run's epochs equally long.
+(:func:`batch_with_real`; 16 real at r = 0.3: B_r = 23 = 16 + 7), one reading of the paper's "additionally training" with
+generated images. Equal real images per step also make every run's epochs equally long. Its runs at r > 0 are
+``OUT/<arch>_r<r>_add_s<seed>`` (controls ``..._add_<control>_s<seed>``), so a share table's reference runs in the
+same ``--out`` serve an add table as they are.
 """
 from __future__ import annotations
 
@@ -230,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share (default): the generated images take round(r x B) of every batch of B, so a run "
                         "with r > 0 sees fewer real images per step; add: every run keeps the reference run's real "
                         "images per batch and the generated images come on top (batch B_r, the smallest with B_r - "
-                        "round(r x B_r) real; 16 real at r = 0.3: batch 23), the paper's 'additionally training'")
+                        "round(r x B_r) real; 16 real at r = 0.3: batch 23; folders <arch>_r<r>_add_s<seed>), one "
+                        "reading of the paper's 'additionally training'")
     parser.add_argument("--out", default="runs/table2", help="folder of the run folders (default runs/table2)")
     parser.add_argument("--results-dir", help="where mini-table2.md/.json/-samples.png go (default: docs/results on "
                         "synthlab, else --out)")
@@ -511,6 +514,12 @@ def equal_steps(reference_cfg) -> dict:
     return {"steps": int(steps), "lr_decay_steps": [int(d) for d in drops], "steps_per_epoch": int(per_epoch)}
 
 
+def _batch_tag(args: argparse.Namespace, ratio: float) -> str:
+    """``_add`` in the folder name of a run whose batch --synthetic-batch add set (every ratio but the
+    reference's), so that a share table and an add table can use one --out, sharing their reference runs."""
+    return "_add" if ratio in (getattr(args, "batch_by_ratio", None) or {}) else ""
+
+
 def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
     """Every (ratio, seed) run and every control run (``<arch>_r<r>_<control>_s<seed>``), ordered seed by seed
     (so that a stopped table has whole pairs first)."""
@@ -518,11 +527,11 @@ def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
     runs = []
     for seed in args.seed_values:
         for ratio in args.ratio_list:
-            folder = out / f"{args.arch}_r{ratio_tag(ratio)}_s{seed}"
+            folder = out / f"{args.arch}_r{ratio_tag(ratio)}{_batch_tag(args, ratio)}_s{seed}"
             runs.append(RunSpec(args.arch, ratio, seed, folder, tuple(train_command(args, ratio, seed, folder))))
         for control in getattr(args, "control_list", ()):
             ratio = args.control_ratio_value
-            folder = out / f"{args.arch}_r{ratio_tag(ratio)}_{control}_s{seed}"
+            folder = out / f"{args.arch}_r{ratio_tag(ratio)}{_batch_tag(args, ratio)}_{control}_s{seed}"
             command = tuple(train_command(args, ratio, seed, folder, control))
             runs.append(RunSpec(args.arch, ratio, seed, folder, command, control))
     return runs
@@ -579,7 +588,9 @@ def generator_tas_steps(cfg) -> int:
 
 
 def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, dict]:
-    """(runs, their resolved configs by run name, the schedule) of a parsed command line. With ``--schedule
+    """(runs, their resolved configs by run name, the schedule) of a parsed command line. With
+    ``--synthetic-batch add`` every ratio but the reference's gets the batch whose real part is the reference's
+    (:func:`added_batches`; folders ``<arch>_r<r>_add_s<seed>``). With ``--schedule
     steps`` every run's command also gets the reference run's steps (``--max-steps``) and learning-rate drops
     (``optim.lr_decay_steps``; see the module docstring). Plugins must be imported before."""
     args.batch_by_ratio = None
@@ -1607,16 +1618,15 @@ def _setup(cfg, mixed_cfg) -> dict:
 
 
 def _batch_setup(args: argparse.Namespace, runs: Sequence[RunSpec], configs: dict) -> dict:
-    """{"synthetic_batch": share | add, "batch_sizes": {ratio: batch}, "real_per_batch": {ratio: n}} of the
-    table's rows (controls run at the control ratio's batch)."""
+    """{"synthetic_batch": share | add, "batch_sizes": {ratio: batch}, "real_per_batch": {ratio: n}} of every
+    ratio that ran, the control ratio included."""
     from mixing.mixer import split_batch_size
 
     sizes, real = {}, {}
-    for run in runs:
-        if run.control is None:
-            cfg = configs[run.name]
-            sizes[ratio_tag(run.ratio)] = int(cfg.train.batch_size)
-            real[ratio_tag(run.ratio)] = split_batch_size(cfg.train.batch_size, cfg.train.synthetic_ratio)[0]
+    for run in sorted(runs, key=lambda run: run.ratio):
+        cfg = configs[run.name]
+        sizes[ratio_tag(run.ratio)] = int(cfg.train.batch_size)
+        real[ratio_tag(run.ratio)] = split_batch_size(cfg.train.batch_size, cfg.train.synthetic_ratio)[0]
     return {"synthetic_batch": getattr(args, "synthetic_batch", "share"), "batch_sizes": sizes, "real_per_batch": real}
 
 
@@ -1625,10 +1635,10 @@ def _batch_phrase(setup: dict) -> str:
     if setup.get("synthetic_batch") != "add":
         return f"batch {setup['batch_size']}"
     sizes, real = setup["batch_sizes"], setup["real_per_batch"]
-    per_ratio = ", ".join(f"{sizes[tag]} at r = {tag}" for tag in sizes)
-    n_real = sorted(set(real.values()))
-    return (f"the generated images on top of {'/'.join(map(str, n_real))} real ones per batch "
-            f"(--synthetic-batch add; batch {per_ratio})")
+    per_ratio = ", ".join(f"{sizes[tag]} at r = {tag}" if sizes[tag] == real[tag] else
+                          f"{sizes[tag]} = {real[tag]} real + {sizes[tag] - real[tag]} generated at r = {tag}"
+                          for tag in sizes)
+    return f"--synthetic-batch add: the generated images on top of the real ones, batch {per_ratio}"
 
 
 def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:

@@ -688,28 +688,42 @@ def test_batch_with_real_is_the_smallest_batch_with_that_many_real_images():
             assert batch == 1 or split_batch_size(batch - 1, ratio)[0] < n_real
 
 
+def _overrides(command) -> dict:
+    return dict(part.split("=", 1) for part in command if "=" in part and not part.startswith("-"))
+
+
 def test_synthetic_batch_add_keeps_the_real_images_per_step_and_says_so(synthlab_root, tmp_path, capsys, monkeypatch):
-    """--synthetic-batch add: every run of a ratio r > 0 (controls too) gets the batch whose real part is the
-    reference's, as its last override before a control's; the report and the table say which batches ran."""
+    """--synthetic-batch add: every run of a ratio r > 0 (controls too, at a control ratio of their own) gets the
+    batch whose real part is the reference's, after the table's overrides and before a control's; its folders are
+    named apart from a share table's, whose reference runs it shares; the report and the table say which batches ran."""
     from mixing.mixer import split_batch_size
 
     argv = _argv(synthlab_root, tmp_path, "--seeds", "1", "--ratios", "0,0.3,0.5", "--max-steps", "2",
-                 "--figure-samples", "0", "--controls", "mesh_blank", "--synthetic-batch", "add")
+                 "--figure-samples", "0", "--controls", "mesh_blank", "--control-ratio", "0.25",
+                 "--synthetic-batch", "add")
     runs, configs, schedule = table2.plan(table2.parse_args(argv))
     batches = {(run.ratio, run.control): configs[run.name].train.batch_size for run in runs}
-    assert batches == {(0.0, None): 4, (0.3, None): 6, (0.5, None): 8, (0.3, "mesh_blank"): 6}
+    assert batches == {(0.0, None): 4, (0.3, None): 6, (0.5, None): 8, (0.25, "mesh_blank"): 5}
     for run in runs:
         cfg = configs[run.name]
         assert split_batch_size(cfg.train.batch_size, cfg.train.synthetic_ratio)[0] == 4
         assert cfg.train.epoch_steps == schedule["steps_per_epoch"]  # the same epoch clock as before
-    mixed = next(run for run in runs if run.ratio == 0.3 and run.control is None)
-    assert mixed.command[-1] == "train.batch_size=6" and mixed.command[-4] == "optim.lr_decay_epochs=[]"  # after the schedule
+    assert [run.name for run in runs] == ["baseline_r0_s0", "baseline_r0.3_add_s0", "baseline_r0.5_add_s0",
+                                          "baseline_r0.25_add_mesh_blank_s0"]
+    mixed = next(run for run in runs if run.ratio == 0.3)
+    assert _overrides(mixed.command)["train.batch_size"] == "6"
+    assert mixed.command.index("train.batch_size=6") > mixed.command.index("optim.lr_decay_epochs=[]")
     blank = next(run for run in runs if run.control == "mesh_blank")
-    assert blank.command[-2:] == ("train.batch_size=6", "mixing.mesh_condition=blank")  # before the control's own
-    assert "train.batch_size" not in " ".join(runs[0].command)  # the reference keeps its --batch-size 4
-    # share (the default): one batch for every run
-    shared = table2.plan(table2.parse_args([a for a in argv if a not in ("--synthetic-batch", "add")]))[1]
+    assert blank.command[-2:] == ("train.batch_size=5", "mixing.mesh_condition=blank")  # before the control's own
+    assert "train.batch_size" not in _overrides(runs[0].command)  # the reference keeps its --batch-size 4
+    # share (the default): one batch for every run, and the same reference folder
+    share_argv = [a for a in argv if a not in ("--synthetic-batch", "add")]
+    share_runs, shared, _ = table2.plan(table2.parse_args(share_argv))
     assert {cfg.train.batch_size for cfg in shared.values()} == {4}
+    assert share_runs[0].folder == runs[0].folder and share_runs[1].folder != runs[1].folder
+    # the reference's batch from a KEY=VALUE override and a reference ratio above 0: 11 real of batch 16 at r = 0.3
+    other = table2.plan(table2.parse_args([*argv, "--ratios", "0.3,0", "--controls", "none", "train.batch_size=16"]))[1]
+    assert {cfg.train.synthetic_ratio: cfg.train.batch_size for cfg in other.values()} == {0.3: 16, 0.0: 11}
 
     metrics = {(0.0, 0): _metrics(10.0, 20.0), (0.3, 0): _metrics(11.0, 18.0), (0.5, 0): _metrics(12.0, 17.0),
                ("mesh_blank", 0): _metrics(11.0, 19.0)}
@@ -718,8 +732,8 @@ def test_synthetic_batch_add_keeps_the_real_images_per_step_and_says_so(synthlab
     assert table2.main(argv) == 0
     report = json.loads((tmp_path / "results" / "mini-table2.json").read_text())
     setup = report["setup"]
-    assert setup["synthetic_batch"] == "add" and setup["batch_sizes"] == {"0": 4, "0.3": 6, "0.5": 8}
-    assert setup["real_per_batch"] == {"0": 4, "0.3": 4, "0.5": 4}
+    assert setup["synthetic_batch"] == "add" and setup["batch_sizes"] == {"0": 4, "0.25": 5, "0.3": 6, "0.5": 8}
+    assert setup["real_per_batch"] == {"0": 4, "0.25": 4, "0.3": 4, "0.5": 4}
     markdown = (tmp_path / "results" / "mini-table2.md").read_text()
-    assert "the generated images on top of 4 real ones per batch (--synthetic-batch add; batch 4 at r = 0, 6 at " \
-           "r = 0.3, 8 at r = 0.5)" in markdown
+    assert ("--synthetic-batch add: the generated images on top of the real ones, batch 4 at r = 0, 5 = 4 real + 1 "
+            "generated at r = 0.25, 6 = 4 real + 2 generated at r = 0.3, 8 = 4 real + 4 generated at r = 0.5") in markdown
