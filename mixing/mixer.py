@@ -17,7 +17,10 @@ import torch
 
 from hands.sample import HandBatch, concat_batches
 
-__all__ = ["SyntheticProvider", "SyncProvider", "Mixer", "split_batch_size"]
+__all__ = ["SyntheticProvider", "SyncProvider", "Mixer", "split_batch_size", "batch_with_real", "batch_parts",
+           "SYNTHETIC_BATCH_MODES"]
+
+SYNTHETIC_BATCH_MODES = ("share", "add")
 
 
 class SyntheticProvider(Protocol):
@@ -36,6 +39,34 @@ def split_batch_size(batch_size: int, ratio: float) -> tuple[int, int]:
         raise ValueError(f"synthetic ratio must satisfy 0 <= r < 1, got {ratio}")
     n_syn = int(round(ratio * batch_size))
     return batch_size - n_syn, n_syn
+
+
+def batch_with_real(n_real: int, ratio: float) -> int:
+    """The smallest batch B whose real part, B - round(ratio x B) (:func:`split_batch_size`), is ``n_real``.
+    B - round(ratio x B) grows by 0 or 1 from one B to the next (ratio < 1), so it meets every ``n_real`` exactly
+    (16 real at r = 0.3: B = 23, 16 real + 7 generated)."""
+    if n_real < 1:
+        raise ValueError(f"n_real must be >= 1, got {n_real}")
+    batch = n_real
+    while split_batch_size(batch, ratio)[0] < n_real:
+        batch += 1
+    return batch
+
+
+def batch_parts(batch_size: int, ratio: float, mode: str = "share") -> tuple[int, int]:
+    """(n_real, n_synthetic) of a step's batch under ``train.synthetic_batch``:
+
+    - ``share``: ``batch_size`` counts every sample; round(r x B) of them are generated (:func:`split_batch_size`);
+    - ``add``: ``batch_size`` counts the real samples; the generated ones come on top, as many as make them the
+      share r of the whole batch (:func:`batch_with_real`): the same real images a step as at r = 0.
+    """
+    if mode == "share":
+        return split_batch_size(batch_size, ratio)
+    if mode == "add":
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"synthetic ratio must satisfy 0 <= r < 1, got {ratio}")
+        return batch_size, batch_with_real(batch_size, ratio) - batch_size
+    raise ValueError(f"synthetic batch mode must be one of {', '.join(SYNTHETIC_BATCH_MODES)}, got {mode!r}")
 
 
 class SyncProvider:

@@ -3,7 +3,8 @@
     card = {
       "datasets": {"train": ["synthlab:train-lab"], "test": [...], "root": str | None,
                    "variants": {name: {...}}},                # IH2.6M fps folders / H or H+M subset, ...
-      "mix": {"synthetic_ratio": r, "mode": "online" | "sync" | "offline", "labels": ..., "size": px},
+      "mix": {"synthetic_ratio": r, "mode": "online" | "sync" | "offline", "labels": ..., "size": px,
+              "synthetic_batch": "share" | "add", "real_per_batch": n, "generated_per_batch": m},  # one process's
       "generator": None (r = 0 or round(r * B) = 0) | {"name", "config" (the resolved generator config), "weights": {file: sha256}},
       "hand_model": {"kind": "procedural" | "official", "fingerprint": sha256, "mano_dir": str | None},
       "code": {"package": "attentionhand-aug", "version": ..., "git_commit": str | None, "git_dirty": bool | None},
@@ -142,14 +143,20 @@ def _dataset_variants(names: list[str], data_root: Optional[str]) -> dict:
     return variants
 
 
+def _batch(cfg) -> tuple[str, tuple[int, int]]:
+    """(train.synthetic_batch, (real, generated) samples per batch of one process)."""
+    from mixing.mixer import batch_parts
+
+    mode = str(cfg.train.get("synthetic_batch", "share"))  # .get: configs from before the key were share
+    return mode, batch_parts(int(cfg.train.batch_size), float(cfg.train.synthetic_ratio), mode)
+
+
 def _generator_card(cfg) -> Optional[dict]:
     """The generator's name, resolved configuration and weight hashes; None when no image is generated
     (r = 0 or round(r * B) = 0)."""
     from omegaconf import OmegaConf
 
-    from mixing.mixer import split_batch_size
-
-    if split_batch_size(int(cfg.train.batch_size), float(cfg.train.synthetic_ratio))[1] == 0:
+    if _batch(cfg)[1][1] == 0:
         return None  # r = 0, or round(r * B) = 0: no batch gets a generated sample
     mixing = OmegaConf.to_container(cfg.mixing, resolve=True)
     card: dict[str, Any] = {"name": mixing["generator"], "config_name": mixing["generator_config"]}
@@ -189,6 +196,7 @@ def build_card(cfg, hand_model) -> dict:
     test_specs = parse_specs(list(cfg.data.test), "test")
     names = sorted({spec.name for spec in (*train_specs, *test_specs)})
     generator = _generator_card(cfg)
+    mode, (n_real, n_synthetic) = _batch(cfg)
     hand = hand_model_card(hand_model)
     licences = [LICENCES["procedural" if hand["kind"] == "procedural" else "mano"]]
     licences += [LICENCES[name] for name in names if name in LICENCES]
@@ -209,6 +217,9 @@ def build_card(cfg, hand_model) -> dict:
             "mode": cfg.mixing.mode if generator is not None else None,
             "labels": cfg.mixing.labels if generator is not None else None,
             "size": int(cfg.mixing.size) if generator is not None else None,
+            "synthetic_batch": mode,  # what train.batch_size counted (mixing.mixer.batch_parts)
+            "real_per_batch": n_real,
+            "generated_per_batch": n_synthetic,
         },
         "generator": generator,
         "hand_model": hand,

@@ -103,8 +103,10 @@ Batches (``--synthetic-batch``): ``share`` (default; recon.train's ``--synthetic
 the reference's batch B, of which round(r x B) are generated, so it sees fewer real images per step (16 -> 11
 at r = 0.3); ``add`` keeps the reference run's real images per batch in every run and puts the generated images
 on top: a run at ratio r gets ``train.batch_size`` = the smallest B_r with B_r - round(r x B_r) real images
-(:func:`batch_with_real`; 16 real at r = 0.3: B_r = 23 = 16 + 7), one reading of the paper's "additionally training" with
-generated images. Equal real images per step also make every run's epochs equally long. Its runs at r > 0 are
+(:func:`mixing.mixer.batch_with_real`; 16 real at r = 0.3: B_r = 23 = 16 + 7), one reading of the paper's "additionally
+training" with generated images: the batch ``recon.train --synthetic-batch add`` gives with the reference's real
+count, written as the whole batch so that the runs' configs stay those of a share run (a config of the table's
+with ``train.synthetic_batch=add`` is refused). Equal real images per step also make every run's epochs equally long. Its runs at r > 0 are
 ``OUT/<arch>_r<r>_add_s<seed>`` (controls ``..._add_<control>_s<seed>``), so a share table's reference runs in the
 same ``--out`` serve an add table as they are.
 """
@@ -462,24 +464,10 @@ def train_command(args: argparse.Namespace, ratio: float, seed: int, folder: Pat
     return command + list(args.overrides) + own + (control_overrides(args, control) if control else [])
 
 
-def batch_with_real(n_real: int, ratio: float) -> int:
-    """The smallest batch B whose real part, B - round(ratio x B) (:func:`mixing.mixer.split_batch_size`), is
-    ``n_real``: the batch of a run with ``--synthetic-batch add``. B - round(ratio x B) grows by 0 or 1 from one
-    B to the next (ratio < 1), so it meets every ``n_real`` exactly."""
-    from mixing.mixer import split_batch_size
-
-    if n_real < 1:
-        raise ValueError(f"n_real must be >= 1, got {n_real}")
-    batch = n_real
-    while split_batch_size(batch, ratio)[0] < n_real:
-        batch += 1
-    return batch
-
-
 def added_batches(args: argparse.Namespace, reference_cfg) -> dict[float, int]:
     """{ratio: train.batch_size} for ``--synthetic-batch add``: every ratio of the table and the control ratio
     get the batch whose real part is the reference run's (its batch at its ratio)."""
-    from mixing.mixer import split_batch_size
+    from mixing.mixer import batch_with_real, split_batch_size
 
     n_real, _ = split_batch_size(reference_cfg.train.batch_size, reference_cfg.train.synthetic_ratio)
     ratios = set(args.ratio_list) | ({args.control_ratio_value} if getattr(args, "control_list", ()) else set())
@@ -596,6 +584,10 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, dict]:
     args.batch_by_ratio = None
     runs = plan_runs(args)
     configs = {run.name: resolve_run_config(run) for run in runs}
+    added = sorted({run.name for run in runs if configs[run.name].train.get("synthetic_batch", "share") != "share"})
+    if added:  # the table sets every run's batch itself; the same real images a step is its --synthetic-batch add
+        raise UsageError(f"train.synthetic_batch={configs[added[0]].train.synthetic_batch} (run {added[0]}): the table "
+                         "gives every run its batch; leave it share and pass recon.table2 --synthetic-batch add")
     if getattr(args, "synthetic_batch", "share") == "add":
         # equal real images per step: the reference's batch at its ratio fixes the real part of every run's batch
         args.batch_by_ratio = {r: b for r, b in added_batches(args, configs[runs[0].name]).items()
@@ -757,6 +749,7 @@ def _differing_keys(run: RunSpec, cfg) -> dict[str, tuple]:
     if "train.epoch_steps" not in old and not epoch_clock_matters(cfg):
         old["train.epoch_steps"] = new.get("train.epoch_steps")  # folders from before the key: the same run
     old.setdefault("train.max_minutes", None)  # folders from before the key had no time budget
+    old.setdefault("train.synthetic_batch", "share")  # folders from before the key: every sample counted in the batch
     # data.augment_kwargs: an argument one side leaves out is the augmentation's default (folders from before the
     # key, or a range given back to its default as an override, hold the same run)
     prefix = "data.augment_kwargs."

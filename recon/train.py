@@ -12,7 +12,8 @@ A plain PyTorch loop, read top to bottom:
 2. processes (torchrun's environment), device, seeds; the run folder claimed (:mod:`recon.runs`: one run
    per --out, locked while it runs);
 3. data: the training and test sets (skipped records reported; an empty split is an error), a resumable sampler, and the one ``batches`` iterator per epoch (the mixer of
-   :mod:`mixing` puts ``round(r * B)`` generated samples into each batch when --synthetic-ratio > 0);
+   :mod:`mixing` puts ``round(r * B)`` generated samples into each batch when --synthetic-ratio > 0, or, with
+   --synthetic-batch add, B real ones and the generated ones on top: :func:`mixing.mixer.batch_parts`);
 4. model (through the registry), optimizer; --resume restores weights, optimizer, RNG and data order;
 5. the loop: lr, forward, loss dict, finite check, backward, clip, step, log, checkpoint;
 6. a final checkpoint, evaluation on the test sets (MPVPE / RRVE / MRRPE in mm), ``<out>/metrics.json``
@@ -53,7 +54,7 @@ from hands.sample import collate
 from mixing.build import build_label_source, build_provider, build_source, per_sample_preprocess
 from mixing.pool import trainer_stream
 from mixing.config import MIX_MODES, MixingConfig
-from mixing.mixer import Mixer, split_batch_size
+from mixing.mixer import SYNTHETIC_BATCH_MODES, Mixer, batch_parts
 from recon import checkpoint as ckpt
 from recon.cards import build_card
 from recon.config import ConfigError, from_config, from_dict, load_config, to_dict
@@ -124,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch", help=f"registered regressor: {', '.join(REGRESSORS.names())} or a --plugin's (default: baseline)"
     )
     parser.add_argument("--synthetic-ratio", type=_ratio, help="share r of each batch from the generator, 0 <= r < 1")
+    parser.add_argument(
+        "--synthetic-batch", choices=SYNTHETIC_BATCH_MODES,
+        help="share (default): --batch-size counts every sample, round(r * B) generated; add: --batch-size counts "
+        "the real samples and the generated ones come on top (16 real at r = 0.3: 16 + 7)",
+    )
     parser.add_argument("--profile", choices=("demo", "paper"), help="configs/recon/<profile>.yaml (default: demo)")
     parser.add_argument("--config", help="a YAML file layered over the profile and arch files")
     parser.add_argument("--data-root", help="folder with one sub-folder per dataset (or the one dataset's folder)")
@@ -163,6 +169,7 @@ def _flags(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "device": args.device,
         "train.synthetic_ratio": args.synthetic_ratio,
+        "train.synthetic_batch": args.synthetic_batch,
         "train.max_steps": args.max_steps,
         "train.epochs": args.epochs,
         "train.batch_size": args.batch_size,
@@ -200,6 +207,8 @@ def check_config(cfg: DictConfig) -> None:
     """Value checks the types cannot express; UsageError names the key."""
     if not 0.0 <= cfg.train.synthetic_ratio < 1.0:
         raise UsageError(f"train.synthetic_ratio={cfg.train.synthetic_ratio}: expected 0 <= r < 1")
+    if synthetic_batch(cfg) not in SYNTHETIC_BATCH_MODES:
+        raise UsageError(f"train.synthetic_batch={synthetic_batch(cfg)}: expected one of {', '.join(SYNTHETIC_BATCH_MODES)}")
     for key in ("train.epochs", "train.batch_size", "eval.batch_size", "train.ckpt_every", "train.log_every"):
         if OmegaConf.select(cfg, key) < 1:
             raise UsageError(f"{key}={OmegaConf.select(cfg, key)}: expected a positive integer")
@@ -270,11 +279,30 @@ def check_config(cfg: DictConfig) -> None:
     check_mixing(cfg)
 
 
+def synthetic_batch(cfg: DictConfig) -> str:
+    """train.synthetic_batch (share | add); .get: checkpoints' configs from before the key were share."""
+    return str(cfg.train.get("synthetic_batch", "share"))
+
+
+def batch_split(cfg: DictConfig) -> tuple[int, int]:
+    """(real, generated) samples in each step's batch of one process (:func:`mixing.mixer.batch_parts`)."""
+    return batch_parts(cfg.train.batch_size, cfg.train.synthetic_ratio, synthetic_batch(cfg))
+
+
+def describe_batch(cfg: DictConfig) -> str:
+    """'batch 16', 'batch 16 (11 real + 5 generated)', or with add 'batch 23 (16 real + 7 generated on top)'."""
+    n_real, n_synthetic = batch_split(cfg)
+    if n_synthetic == 0:
+        return f"batch {n_real + n_synthetic}"
+    return (f"batch {n_real + n_synthetic} ({n_real} real + {n_synthetic} generated"
+            f"{' on top' if synthetic_batch(cfg) == 'add' else ''})")
+
+
 def check_mixing(cfg: DictConfig) -> None:
     """The combinations of batch size, ratio and mixing settings that would fail once training runs;
     UsageError names the flag or key. Nothing is checked when no generated sample is used (round(r * B) = 0)."""
     ratio, batch = cfg.train.synthetic_ratio, cfg.train.batch_size
-    n_real, n_synthetic = split_batch_size(batch, ratio)
+    n_real, n_synthetic = batch_split(cfg)
     if n_real < 1:
         raise UsageError(
             f"--synthetic-ratio {ratio} with --batch-size {batch}: round(r * B) = {n_synthetic} generated samples "
@@ -285,7 +313,7 @@ def check_mixing(cfg: DictConfig) -> None:
     if cfg.mixing.mode == "online" and cfg.mixing.capacity < n_synthetic:
         raise UsageError(
             f"mixing.capacity={cfg.mixing.capacity}: smaller than the {n_synthetic} generated samples each batch takes "
-            f"(round({ratio} * {batch})); raise it to at least {n_synthetic}"
+            f"({describe_batch(cfg)}); raise it to at least {n_synthetic}"
         )
     if cfg.mixing.mode == "offline":
         return  # the shards' images are used as they are
@@ -473,7 +501,7 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
     check_data(cfg)
     arch_cls = REGRESSORS.get(cfg.arch)
     model_kwargs = from_config(cfg, arch_cls)
-    n_real, n_synthetic = split_batch_size(cfg.train.batch_size, cfg.train.synthetic_ratio)
+    n_real, n_synthetic = batch_split(cfg)
 
     # 2. processes, device, seeds -------------------------------------------------------------------------
     rank, world_size, local_rank = _distributed()
@@ -544,7 +572,7 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
         except (ValueError, ImportError, OSError) as error:  # OSError: diffusers' unreadable weight files
             raise UsageError(f"--synthetic-ratio {cfg.train.synthetic_ratio}: {one_line(error)}") from error
         say(
-            f"mixing: {n_synthetic} of {cfg.train.batch_size} samples per batch from {cfg.mixing.generator} "
+            f"mixing: {n_synthetic} of {n_real + n_synthetic} samples per batch from {cfg.mixing.generator} "
             f"({cfg.mixing.mode}, labels: {cfg.mixing.labels}, {cfg.mixing.size} px)"
         )
 
@@ -633,7 +661,7 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
     # 5. the loop -----------------------------------------------------------------------------------------
     say(
         f"training {cfg.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) on {device}, "
-        f"{world_size} process(es), {batches_per_epoch} steps/epoch, {max_steps} steps, batch {cfg.train.batch_size}"
+        f"{world_size} process(es), {batches_per_epoch} steps/epoch, {max_steps} steps, {describe_batch(cfg)}"
         f" ({n_synthetic} synthetic) per process"
         + (f"; forward pass under {str(autocast_dtype).replace('torch.', '')} autocast (train.amp={cfg.train.amp})"
            if autocast_dtype is not None else "")

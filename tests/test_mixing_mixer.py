@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mixing.mixer import Mixer, SyncProvider, split_batch_size
+from mixing.mixer import Mixer, SyncProvider, batch_parts, batch_with_real, split_batch_size
 from mixing.pool import SamplePool
 from tests.fakes import fake_batch
 
@@ -23,6 +23,28 @@ def test_split_batch_size(batch_size, ratio, expected):
 def test_split_batch_size_refuses_bad_ratio(ratio):
     with pytest.raises(ValueError, match="0 <= r < 1"):
         split_batch_size(8, ratio)
+
+
+def test_batch_with_real_is_the_smallest_batch_with_that_many_real_images():
+    assert batch_with_real(16, 0.3) == 23  # 16 real + round(6.9) = 7 generated (batch 22: 15 real)
+    assert batch_with_real(4, 0.3) == 6 and batch_with_real(4, 0.5) == 8 and batch_with_real(4, 0.0) == 4
+    for n_real in range(1, 40):
+        for ratio in (0.1, 0.25, 0.3, 0.5, 0.75, 0.9):
+            batch = batch_with_real(n_real, ratio)
+            assert split_batch_size(batch, ratio)[0] == n_real
+            assert batch == 1 or split_batch_size(batch - 1, ratio)[0] < n_real
+
+
+def test_batch_parts_share_counts_every_sample_add_counts_the_real_ones():
+    assert batch_parts(16, 0.3) == batch_parts(16, 0.3, "share") == (11, 5)
+    assert batch_parts(16, 0.3, "add") == (16, 7)  # the r = 0 run's 16 real images, 7 generated on top: 7/23 ~ 0.3
+    assert batch_parts(16, 0.0, "add") == (16, 0)
+    assert batch_parts(1, 0.5, "add") == (1, 0)  # batch 1, round(0.5) = 0 (half to even): as share with batch 1
+    assert batch_parts(8, 0.5, "add") == (8, 8) and batch_parts(8, 0.5) == (4, 4)
+    with pytest.raises(ValueError, match="one of share, add"):
+        batch_parts(16, 0.3, "extra")
+    with pytest.raises(ValueError, match="0 <= r < 1"):
+        batch_parts(16, 1.0, "add")
 
 
 def test_every_batch_has_exactly_round_rB_synthetic_samples_online():

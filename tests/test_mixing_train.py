@@ -108,3 +108,40 @@ def test_sync_mixing_repeats_bit_for_bit_under_the_same_seed(synthlab_root, tmp_
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         assert weights[0][key].equal(weights[1][key]), key
+
+
+def test_synthetic_batch_add_keeps_the_real_batch_of_r0_and_puts_the_generated_on_top(
+    synthlab_root, tmp_path, monkeypatch, capsys
+):
+    """--synthetic-batch add: --batch-size counts the real samples; each step gets the same real samples as the r = 0
+    run of that batch and seed, and the generated ones on top (batch 4 at r = 0.5: 4 real + 4 generated); the
+    checkpoint's card says so. share (the default) at the same flags takes half of the 4."""
+    from mixing import mixer as mixing_mixer
+
+    steps, current = {}, [None]
+    real_iter = mixing_mixer.Mixer.__iter__
+
+    def recording(self):
+        for batch in real_iter(self):
+            steps.setdefault(current[0], []).append(
+                ([m["id"] for m in batch.meta if not m.get("is_synthetic")], sum(bool(m.get("is_synthetic")) for m in batch.meta))
+            )
+            yield batch
+
+    monkeypatch.setattr(mixing_mixer.Mixer, "__iter__", recording)
+    common = ("--max-steps", "3", "--mix-mode", "sync", "eval.at_end=false", *GEN)
+    runs = {"r0": ("--synthetic-ratio", "0"), "add": ("--synthetic-ratio", "0.5", "--synthetic-batch", "add"),
+            "share": ("--synthetic-ratio", "0.5")}
+    for name, flags in runs.items():
+        current[0] = name
+        recon_train.train(recon_train.parse_args(run_args(synthlab_root, tmp_path / name, *flags, *common)))
+    assert [len(real) for real, _ in steps["r0"]] == [4, 4, 4] and [n for _, n in steps["r0"]] == [0, 0, 0]
+    assert all(isinstance(i, str) and i for real, _ in steps["r0"] for i in real)
+    assert [real for real, _ in steps["add"]] == [real for real, _ in steps["r0"]]  # the same real images a step
+    assert [n for _, n in steps["add"]] == [4, 4, 4]
+    assert [(len(real), n) for real, n in steps["share"]] == [(2, 2)] * 3
+    assert "3 steps, batch 8 (4 real + 4 generated on top)" in capsys.readouterr().out
+    card = json.loads(sorted((tmp_path / "add" / "checkpoints").glob("step_*.json"))[-1].read_text())["card"]
+    assert card["mix"]["synthetic_batch"] == "add"
+    assert (card["mix"]["real_per_batch"], card["mix"]["generated_per_batch"]) == (4, 4)
+    assert "synthetic_batch: add" in (tmp_path / "add" / "config.yaml").read_text()

@@ -307,6 +307,7 @@ def test_bad_flags_fail_clearly(argv, message, capsys):
         (["--datasets", "ih26m"], "dataset 'ih26m' needs --data-root"),
         (["--resume"], "--resume: no checkpoints in "),
         (["threads=0"], "threads=0: expected a positive number of CPU threads"),
+        (["train.synthetic_batch=extra"], "train.synthetic_batch=extra: expected one of share, add"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     ],
 )

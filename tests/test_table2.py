@@ -560,7 +560,8 @@ def test_controls_of_an_offline_table_are_not_trained_and_say_why(synthlab_root,
 
 def test_a_time_budget_is_refused_and_folders_from_before_it_hold_the_same_run(synthlab_root, tmp_path, capsys):
     """train.max_minutes makes a run's length depend on the machine: a table (runs of equal steps) refuses it in one
-    line; a folder whose config.yaml predates the key had no budget, so it holds the table's run."""
+    line; a folder whose config.yaml predates the key had no budget, so it holds the table's run (so does one from
+    before train.synthetic_batch, whose batches were share's)."""
     argv = _argv(synthlab_root, tmp_path, "--seeds", "1", "--max-steps", "2")
     assert table2.main([*argv, "--dry-run", "train.max_minutes=5"]) == 2
     error = capsys.readouterr().err.strip()
@@ -569,6 +570,7 @@ def test_a_time_budget_is_refused_and_folders_from_before_it_hold_the_same_run(s
     for run in _fake_finished_runs(argv, {(r, 0): _metrics(1.0, 2.0) for r in (0.0, 0.3)}):
         config = OmegaConf.load(run.folder / "config.yaml")
         assert config.train.pop("max_minutes") is None  # as the folders written before the key
+        assert config.train.pop("synthetic_batch") == "share"  # likewise: every sample counted in the batch
         (run.folder / "config.yaml").write_text(OmegaConf.to_yaml(config))
     assert table2.main([*argv, "--dry-run"]) == 0
     planned = capsys.readouterr().out.splitlines()
@@ -676,18 +678,6 @@ def test_a_table_says_how_its_runs_were_scored_and_refuses_a_mix():
     assert _weights_phrase(1) == "each run scored with its final weights"
 
 
-def test_batch_with_real_is_the_smallest_batch_with_that_many_real_images():
-    from mixing.mixer import split_batch_size
-
-    assert table2.batch_with_real(16, 0.3) == 23  # 16 real + round(6.9) = 7 generated (batch 22: 15 real)
-    assert table2.batch_with_real(4, 0.3) == 6 and table2.batch_with_real(4, 0.5) == 8 and table2.batch_with_real(4, 0.0) == 4
-    for n_real in range(1, 40):
-        for ratio in (0.1, 0.25, 0.3, 0.5, 0.75, 0.9):
-            batch = table2.batch_with_real(n_real, ratio)
-            assert split_batch_size(batch, ratio)[0] == n_real
-            assert batch == 1 or split_batch_size(batch - 1, ratio)[0] < n_real
-
-
 def _overrides(command) -> dict:
     return dict(part.split("=", 1) for part in command if "=" in part and not part.startswith("-"))
 
@@ -724,6 +714,12 @@ def test_synthetic_batch_add_keeps_the_real_images_per_step_and_says_so(synthlab
     # the reference's batch from a KEY=VALUE override and a reference ratio above 0: 11 real of batch 16 at r = 0.3
     other = table2.plan(table2.parse_args([*argv, "--ratios", "0.3,0", "--controls", "none", "train.batch_size=16"]))[1]
     assert {cfg.train.synthetic_ratio: cfg.train.batch_size for cfg in other.values()} == {0.3: 16, 0.0: 11}
+    # each batch is the one recon.train --synthetic-batch add gives the reference's 4 real images, written whole
+    from mixing.mixer import batch_parts
+
+    assert all(sum(batch_parts(4, ratio, "add")) == batch for (ratio, _), batch in batches.items())
+    with pytest.raises(table2.UsageError, match="train.synthetic_batch=add .*pass recon.table2 --synthetic-batch add"):
+        table2.plan(table2.parse_args([*share_argv, "train.synthetic_batch=add"]))
 
     metrics = {(0.0, 0): _metrics(10.0, 20.0), (0.3, 0): _metrics(11.0, 18.0), (0.5, 0): _metrics(12.0, 17.0),
                ("mesh_blank", 0): _metrics(11.0, 19.0)}

@@ -205,7 +205,8 @@ def test_card_with_generated_images_records_the_generator_and_its_weights(tmp_pa
     weights.write_bytes(b"not really weights, hashed all the same")
     cfg = load_config(overrides=["train.synthetic_ratio=0.25", "mixing.mode=sync", f"mixing.sd_path={sd}", "data.train=[ih26m]", "data.test=[hic]"])
     card = build_card(cfg, HandModel())["card"]
-    assert card["mix"] == {"synthetic_ratio": 0.25, "mode": "sync", "labels": "train", "size": 64}
+    assert card["mix"] == {"synthetic_ratio": 0.25, "mode": "sync", "labels": "train", "size": 64,
+                           "synthetic_batch": "share", "real_per_batch": 12, "generated_per_batch": 4}
     generator = card["generator"]
     assert generator["name"] == "attentionhand" and generator["config_name"] == "tiny-synthlab"
     assert generator["config"]["sd_path"] == str(sd) and generator["config"]["tiny"]["unet_channels"]
