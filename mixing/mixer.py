@@ -42,29 +42,28 @@ def split_batch_size(batch_size: int, ratio: float) -> tuple[int, int]:
 
 
 def batch_with_real(n_real: int, ratio: float) -> int:
-    """The smallest batch B whose real part, B - round(ratio x B) (:func:`split_batch_size`), is ``n_real``.
-    B - round(ratio x B) grows by 0 or 1 from one B to the next (ratio < 1), so it meets every ``n_real`` exactly
-    (16 real at r = 0.3: B = 23, 16 real + 7 generated)."""
+    """The batch of ``n_real`` real samples and generated ones on top: as many generated as the whole number
+    nearest to ratio x n_real / (1 - ratio), the count that would make them the share ``ratio`` of the batch
+    (16 real at r = 0.3: 16 + round(6.86) = 23; 1 real at r = 0.5: 1 + 1). It is also a share batch with exactly
+    that split: :func:`split_batch_size` of it gives back (n_real, the generated), since ratio x B then differs
+    from the generated count by less than 1/2."""
     if n_real < 1:
         raise ValueError(f"n_real must be >= 1, got {n_real}")
-    batch = n_real
-    while split_batch_size(batch, ratio)[0] < n_real:
-        batch += 1
-    return batch
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"synthetic ratio must satisfy 0 <= r < 1, got {ratio}")
+    return n_real + int(round(ratio * n_real / (1.0 - ratio)))
 
 
 def batch_parts(batch_size: int, ratio: float, mode: str = "share") -> tuple[int, int]:
     """(n_real, n_synthetic) of a step's batch under ``train.synthetic_batch``:
 
     - ``share``: ``batch_size`` counts every sample; round(r x B) of them are generated (:func:`split_batch_size`);
-    - ``add``: ``batch_size`` counts the real samples; the generated ones come on top, as many as make them the
-      share r of the whole batch (:func:`batch_with_real`): the same real images a step as at r = 0.
+    - ``add``: ``batch_size`` counts the real samples; the generated ones come on top, about the share r of the
+      whole batch (:func:`batch_with_real`): the same real images a step as at r = 0.
     """
     if mode == "share":
         return split_batch_size(batch_size, ratio)
     if mode == "add":
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"synthetic ratio must satisfy 0 <= r < 1, got {ratio}")
         return batch_size, batch_with_real(batch_size, ratio) - batch_size
     raise ValueError(f"synthetic batch mode must be one of {', '.join(SYNTHETIC_BATCH_MODES)}, got {mode!r}")
 

@@ -40,8 +40,11 @@ What it does, top to bottom:
    trained without TAS), ``mesh_blank`` = ``mixing.mesh_condition=blank`` (the generator's mesh images drawn
    without hands: images that do not follow their labels, so a gain from regularisation alone shows). A control
    whose runs would generate exactly as the main runs (tas_off when the generator samples without TAS and no
-   ``--tas-off-generator`` is given) is not trained; the table says why. Control folders:
-   ``OUT/<arch>_r<r>_<control>_s<seed>``; they resume like the others.
+   ``--tas-off-generator`` is given) is not trained; the table says why. ``real_batch`` (only with
+   ``--synthetic-batch add``) = ``train.synthetic_ratio=0`` at the control ratio's batch: as many images a step as
+   the main run, all real, so that the table separates the generated images from the larger batch they come in.
+   Control folders: ``OUT/<arch>_r<r>_<control>_s<seed>`` (``..._add_<control>_...`` with add); they resume like
+   the others.
 4. the table: per test set and metric, the mean ± sample standard deviation (n - 1) over seeds of every
    ratio and control, and the delta ``metric(r) - metric(r0)`` paired by seed, mean ± std and its two-sided
    ``--confidence`` (0.95) t-interval ``mean ± t(1 - a/2, n - 1) std / sqrt(n)`` (scipy.stats.t), for every
@@ -64,8 +67,8 @@ The JSON (millimetres)::
      "reference_ratio": 0.0, "test_sets": ["synthlab-test-lab", ...], "metrics": ["MPVPE", "RRVE", "MRRPE"],
      "setup": {datasets, steps, batch size, image size, generator, "synthetic_batch": "share" | "add",
                "batch_sizes": {ratio: batch}, "real_per_batch": {ratio: n} ...},
-     "runs": [{"name", "ratio", "seed", "control": null | name, "folder", "status": "trained" | "resumed" |
-               "skipped", "steps", "train_time_s", "wall_s", "metrics": {test set: {metric: mm, count_*: n, ...}}},
+     "runs": [{"name", "ratio", "seed", "control": null | name, "folder", "batch": {"size", "real", "generated",
+               "synthetic_ratio"}, "status": "trained" | "resumed" | "skipped", "steps", "train_time_s", "wall_s", "metrics": {test set: {metric: mm, count_*: n, ...}}},
               ...],
      "mean": {"0": {test set: {metric: mm}}, "0.3": ...}, "std": {...same; null with one seed...},
      "deltas": {"0.3": {"0": {test set: {metric: mm}}, ...}},          # per seed, r minus the reference
@@ -102,8 +105,9 @@ r > 0); ``steps_note`` then says when the runs of a seed trained different numbe
 Batches (``--synthetic-batch``): ``share`` (default; recon.train's ``--synthetic-ratio``) gives a run with r > 0
 the reference's batch B, of which round(r x B) are generated, so it sees fewer real images per step (16 -> 11
 at r = 0.3); ``add`` keeps the reference run's real images per batch in every run and puts the generated images
-on top: a run at ratio r gets ``train.batch_size`` = the smallest B_r with B_r - round(r x B_r) real images
-(:func:`mixing.mixer.batch_with_real`; 16 real at r = 0.3: B_r = 23 = 16 + 7), one reading of the paper's "additionally
+on top: a run at ratio r gets ``train.batch_size`` = B_r = n + round(r x n / (1 - r)) for the reference's n real
+images, whose share split B_r - round(r x B_r) is n again (:func:`mixing.mixer.batch_with_real`; 16 real at
+r = 0.3: B_r = 23 = 16 + 7), one reading of the paper's "additionally
 training" with generated images: the batch ``recon.train --synthetic-batch add`` gives with the reference's real
 count, written as the whole batch so that the runs' configs stay those of a share run (a config of the table's
 with ``train.synthetic_batch=add`` is refused). Equal real images per step also make every run's epochs equally long. Its runs at r > 0 are
@@ -174,6 +178,7 @@ class Control:
     overrides: tuple[str, ...]
     title: str
     description: str
+    row: str = "{method}+AttentionHand (r={ratio}), {title}"  # its rows' name in the md tables
 
 
 CONTROLS = {
@@ -188,6 +193,14 @@ CONTROLS = {
         "mesh blanked",
         "the same generator with its mesh conditioning blanked (mixing.mesh_condition=blank: mesh images without "
         "hands), so the images do not follow their labels: what regularisation alone gives",
+    ),
+    "real_batch": Control(
+        ("train.synthetic_ratio=0",),
+        "all real, same batch",
+        "no generated image: the main run's batch at the control ratio, all of it real (train.synthetic_ratio=0; e.g. "
+        "with --synthetic-batch add, 23 real where the main run has 16 real + 7 generated), so that a gain the "
+        "larger batch alone gives shows: whether the generated images help more than as many real ones would",
+        "{method} (r=0, all real), the r={ratio} runs' batch",
     ),
 }
 DEFAULT_CONTROLS = {"interwild": ("tas_off", "mesh_blank")}
@@ -233,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic-batch", choices=("share", "add"), default="share",
                         help="share (default): the generated images take round(r x B) of every batch of B, so a run "
                         "with r > 0 sees fewer real images per step; add: every run keeps the reference run's real "
-                        "images per batch and the generated images come on top (batch B_r, the smallest with B_r - "
-                        "round(r x B_r) real; 16 real at r = 0.3: batch 23; folders <arch>_r<r>_add_s<seed>), one "
+                        "images per batch and the generated images come on top (batch B_r = n + round(r x n / (1 - r)) "
+                        "for n real; 16 real at r = 0.3: batch 23; folders <arch>_r<r>_add_s<seed>), one "
                         "reading of the paper's 'additionally training'")
     parser.add_argument("--out", default="runs/table2", help="folder of the run folders (default runs/table2)")
     parser.add_argument("--results-dir", help="where mini-table2.md/.json/-samples.png go (default: docs/results on "
@@ -242,8 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--figure-samples", default="8", help="generated samples in the figure; 0: no figure")
     parser.add_argument("--controls", default="auto",
                         help="control rows, comma-separated: tas_off (the generator's TAS off), mesh_blank (the mesh "
-                        "conditioning blanked: images that do not follow their labels); none; auto (default): both for "
-                        "interwild, none otherwise")
+                        "conditioning blanked: images that do not follow their labels), real_batch (with "
+                        "--synthetic-batch add: the control ratio's batch, all real); none; auto (default): tas_off and "
+                        "mesh_blank for interwild, none otherwise")
     parser.add_argument("--control-ratio", help="the ratio of the control runs (default: the first after the reference)")
     parser.add_argument("--tas-off-generator",
                         help="tas_off control: a generator folder trained without TAS (generator.train --tas-updates 0), "
@@ -400,6 +414,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             raise UsageError(f"--control-ratio {args.control_ratio}: expected a number 0 < r < 1") from None
         if not 0.0 < args.control_ratio_value < 1.0:
             raise UsageError(f"--control-ratio {args.control_ratio}: expected a number 0 < r < 1")
+    if "real_batch" in args.control_list and args.synthetic_batch != "add":
+        raise UsageError("--controls real_batch: only with --synthetic-batch add (with share the main run's batch is "
+                         "the reference's, and the control would be the r = 0 run itself)")
     if args.tas_off_generator is not None and "tas_off" not in args.control_list:
         raise UsageError("--tas-off-generator: only with the tas_off control (--controls tas_off,...)")
     if args.tas_off_generator is not None and not Path(args.tas_off_generator).is_dir():
@@ -490,6 +507,7 @@ def equal_steps(reference_cfg) -> dict:
             "(IHMR's, whose stages also switch by epoch) cannot be put on equal steps across ratios; pass "
             "--schedule epochs"
         )
+    # share's split: plan() refuses a table config with train.synthetic_batch=add (the table sets add batches itself)
     n_real, _ = split_batch_size(reference_cfg.train.batch_size, reference_cfg.train.synthetic_ratio)
     size = len(build_train_set(reference_cfg, hand_model=HandModel(mano_dir=reference_cfg.mano_dir)))
     per_epoch = size // n_real
@@ -547,8 +565,8 @@ def same_as_main(runs: Sequence[RunSpec], configs: dict) -> dict[str, str]:
         if run.control is None or run.control in out:
             continue
         main = next((r for r in runs if r.control is None and r.seed == run.seed and r.ratio == run.ratio), None)
-        if main is None:
-            continue
+        if main is None or configs[run.name].train.synthetic_ratio != configs[main.name].train.synthetic_ratio:
+            continue  # a control with a ratio of its own (real_batch: none generated) differs from main in it
         if effective_generator(configs[run.name]) == effective_generator(configs[main.name]):
             if configs[main.name].mixing.mode == "offline":
                 out[run.control] = (
@@ -742,7 +760,7 @@ def _differing_keys(run: RunSpec, cfg) -> dict[str, tuple]:
     except Exception as error:  # yaml / OmegaConf errors: an unreadable file is a different config
         return {"config.yaml": (f"unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})", None)}
     new = OmegaConf.to_container(cfg, resolve=True)
-    if run.ratio == 0:
+    if float(cfg.train.synthetic_ratio) == 0:  # run.ratio is the control ratio for a real_batch control
         old.pop("mixing", None)
         new.pop("mixing", None)
     old, new = _flat(old), _flat(new)
@@ -1151,7 +1169,8 @@ def _schedule_lines(schedule: Optional[dict]) -> list[str]:
 
 
 def control_row_name(method: str, control: dict) -> str:
-    return f"{method}+AttentionHand (r={ratio_tag(control['ratio'])}), {control['title']}"
+    template = CONTROLS[control["name"]].row if control.get("name") in CONTROLS else Control((), "", "").row
+    return template.format(method=method, ratio=ratio_tag(control["ratio"]), title=control["title"])
 
 
 def _ci_cell(mean, interval) -> str:
@@ -1618,9 +1637,21 @@ def _batch_setup(args: argparse.Namespace, runs: Sequence[RunSpec], configs: dic
     sizes, real = {}, {}
     for run in sorted(runs, key=lambda run: run.ratio):
         cfg = configs[run.name]
+        if float(cfg.train.synthetic_ratio) != run.ratio:
+            continue  # a real_batch control: its ratio's batch, all real (its row says so)
         sizes[ratio_tag(run.ratio)] = int(cfg.train.batch_size)
         real[ratio_tag(run.ratio)] = split_batch_size(cfg.train.batch_size, cfg.train.synthetic_ratio)[0]
     return {"synthetic_batch": getattr(args, "synthetic_batch", "share"), "batch_sizes": sizes, "real_per_batch": real}
+
+
+def _run_batch(cfg) -> dict:
+    """{"size", "real", "generated", "synthetic_ratio"}: what one run trained on a step (a real_batch control:
+    its ratio's batch at synthetic_ratio 0)."""
+    from mixing.mixer import split_batch_size
+
+    n_real, n_generated = split_batch_size(int(cfg.train.batch_size), float(cfg.train.synthetic_ratio))
+    return {"size": int(cfg.train.batch_size), "real": n_real, "generated": n_generated,
+            "synthetic_ratio": float(cfg.train.synthetic_ratio)}
 
 
 def _batch_phrase(setup: dict) -> str:
@@ -1708,6 +1739,7 @@ def run_table(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         status = {"finished": "skipped", "resume": "resumed", "new": "trained"}[states[run.name]]
         run_entries.append({
             "name": run.name, "ratio": run.ratio, "seed": run.seed, "control": run.control, "folder": str(run.folder),
+            "batch": _run_batch(configs[run.name]),
             "status": status, "steps": steps, "train_time_s": train_time, "wall_s": walls.get(run.name),
             "weights": run_weights(run.folder),
             "metrics": {t: {k: v for k, v in metrics[t].items() if v is None or isinstance(v, (int, float))}

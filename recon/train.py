@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="run folder for checkpoints, TensorBoard logs and metrics.json")
     parser.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
     parser.add_argument("--epochs", type=positive_int)
-    parser.add_argument("--batch-size", type=positive_int, help="samples per step and process")
+    parser.add_argument("--batch-size", type=positive_int, help="samples per step and process (the real ones with --synthetic-batch add)")
     parser.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint (default: newest in --out)")
     parser.add_argument("--overwrite", action="store_true",
                         help="a new run replaces the run already in --out (its checkpoints, logs, metrics); with "
@@ -502,6 +502,12 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
     arch_cls = REGRESSORS.get(cfg.arch)
     model_kwargs = from_config(cfg, arch_cls)
     n_real, n_synthetic = batch_split(cfg)
+    if resume_info is not None and batch_split(base)[0] != n_real:  # the sampler resumes in batches of real samples
+        raise UsageError(
+            f"--resume {resume_info.json_path}: trained with {describe_batch(base)}, this command gives "
+            f"{describe_batch(cfg)}: {batch_split(base)[0]} real samples a step cannot resume as {n_real}; keep "
+            "--batch-size, --synthetic-ratio and --synthetic-batch (or start a new run)"
+        )
 
     # 2. processes, device, seeds -------------------------------------------------------------------------
     rank, world_size, local_rank = _distributed()
@@ -662,7 +668,7 @@ def _train(args: argparse.Namespace, cleanup: ExitStack) -> dict:
     say(
         f"training {cfg.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) on {device}, "
         f"{world_size} process(es), {batches_per_epoch} steps/epoch, {max_steps} steps, {describe_batch(cfg)}"
-        f" ({n_synthetic} synthetic) per process"
+        " per process"
         + (f"; forward pass under {str(autocast_dtype).replace('torch.', '')} autocast (train.amp={cfg.train.amp})"
            if autocast_dtype is not None else "")
     )

@@ -25,21 +25,24 @@ def test_split_batch_size_refuses_bad_ratio(ratio):
         split_batch_size(8, ratio)
 
 
-def test_batch_with_real_is_the_smallest_batch_with_that_many_real_images():
-    assert batch_with_real(16, 0.3) == 23  # 16 real + round(6.9) = 7 generated (batch 22: 15 real)
+def test_batch_with_real_adds_the_nearest_count_to_share_r_and_is_a_share_batch_of_that_split():
+    assert batch_with_real(16, 0.3) == 23  # 16 real + round(6.86) = 7 generated
     assert batch_with_real(4, 0.3) == 6 and batch_with_real(4, 0.5) == 8 and batch_with_real(4, 0.0) == 4
+    assert batch_with_real(1, 0.5) == 2 and batch_with_real(8, 0.25) == 11  # 8 + round(2.67) = 3
     for n_real in range(1, 40):
         for ratio in (0.1, 0.25, 0.3, 0.5, 0.75, 0.9):
             batch = batch_with_real(n_real, ratio)
-            assert split_batch_size(batch, ratio)[0] == n_real
-            assert batch == 1 or split_batch_size(batch - 1, ratio)[0] < n_real
+            assert abs((batch - n_real) - ratio * n_real / (1 - ratio)) <= 0.5
+            assert split_batch_size(batch, ratio) == (n_real, batch - n_real)  # the share split of that batch
+    with pytest.raises(ValueError, match="n_real must be >= 1"):
+        batch_with_real(0, 0.3)
 
 
 def test_batch_parts_share_counts_every_sample_add_counts_the_real_ones():
     assert batch_parts(16, 0.3) == batch_parts(16, 0.3, "share") == (11, 5)
     assert batch_parts(16, 0.3, "add") == (16, 7)  # the r = 0 run's 16 real images, 7 generated on top: 7/23 ~ 0.3
     assert batch_parts(16, 0.0, "add") == (16, 0)
-    assert batch_parts(1, 0.5, "add") == (1, 0)  # batch 1, round(0.5) = 0 (half to even): as share with batch 1
+    assert batch_parts(1, 0.5, "add") == (1, 1)  # share at batch 1 would give round(0.5) = 0 (half to even)
     assert batch_parts(8, 0.5, "add") == (8, 8) and batch_parts(8, 0.5) == (4, 4)
     with pytest.raises(ValueError, match="one of share, add"):
         batch_parts(16, 0.3, "extra")

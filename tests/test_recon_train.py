@@ -121,14 +121,24 @@ def test_train_writes_checkpoints_tensorboard_and_metrics_and_test_reproduces_th
     assert error.startswith("recon.test: error:") and "checksum differs" in error and "\n" not in error
 
 
-def test_resume_gives_the_weights_of_an_uninterrupted_run(synthlab_root, tmp_path):
+def test_resume_gives_the_weights_of_an_uninterrupted_run(synthlab_root, tmp_path, capsys):
     # 12 images, batch 4 -> 3 steps per epoch: stop mid-epoch (step 2), resume across an epoch boundary (to 5)
     full, split = tmp_path / "full", tmp_path / "split"
     common = ["--epochs", "3", "eval.at_end=false", "train.ckpt_every=100"]
     assert recon_train.main(_run(synthlab_root, full, "--max-steps", "5", *common)) == 0
     assert recon_train.main(_run(synthlab_root, split, "--max-steps", "2", *common)) == 0
-    meta = json.loads((split / "checkpoints" / "step_000002.json").read_text())
+    sidecar = split / "checkpoints" / "step_000002.json"
+    meta = json.loads(sidecar.read_text())
     assert (meta["epoch"], meta["step_in_epoch"]) == (0, 2)
+    # another real batch cannot continue the data order: refused in one line, nothing written
+    capsys.readouterr()
+    assert recon_train.main(["--resume", "--out", str(split), "--max-steps", "5", "--batch-size", "3"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "trained with batch 4, this command gives batch 3: 4 real samples a step cannot resume as 3" in error
+    assert error.count("\n") == 0 and sorted(p.name for p in (split / "checkpoints").glob("*.json")) == [sidecar.name]
+    # a checkpoint from before train.synthetic_batch resumes as share, the same run
+    assert meta["config"]["train"].pop("synthetic_batch") == "share"
+    sidecar.write_text(json.dumps(meta))
     assert recon_train.main(["--resume", "--out", str(split), "--max-steps", "5"]) == 0
     expected, resumed = _weights(full), _weights(split)
     assert expected.keys() == resumed.keys()

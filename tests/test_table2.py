@@ -733,3 +733,39 @@ def test_synthetic_batch_add_keeps_the_real_images_per_step_and_says_so(synthlab
     markdown = (tmp_path / "results" / "mini-table2.md").read_text()
     assert ("--synthetic-batch add: the generated images on top of the real ones, batch 4 at r = 0, 5 = 4 real + 1 "
             "generated at r = 0.25, 6 = 4 real + 2 generated at r = 0.3, 8 = 4 real + 4 generated at r = 0.5") in markdown
+
+
+def test_real_batch_control_trains_the_add_batch_all_real_and_separates_it(synthlab_root, tmp_path, capsys, monkeypatch):
+    """--controls real_batch (with --synthetic-batch add): per seed one run at r = 0 with the control ratio's batch
+    (6 = 4 real + 2 generated at r = 0.3 -> 6 real), so the table gives what the larger batch alone changes (against
+    r = 0) and what the generated images add beyond it (against r = 0.3); refused with share, where it would be the
+    reference run itself."""
+    argv = _argv(synthlab_root, tmp_path, "--seeds", "2", "--max-steps", "2", "--figure-samples", "0",
+                 "--synthetic-batch", "add", "--controls", "real_batch")
+    runs, configs, _ = table2.plan(table2.parse_args(argv))
+    control = [run for run in runs if run.control == "real_batch"]
+    assert [run.name for run in control] == ["baseline_r0.3_add_real_batch_s0", "baseline_r0.3_add_real_batch_s1"]
+    cfg = configs[control[0].name]
+    assert (cfg.train.synthetic_ratio, cfg.train.batch_size) == (0.0, 6)
+    assert control[0].command[-2:] == ("train.batch_size=6", "train.synthetic_ratio=0")
+    assert table2.same_as_main(runs, configs) == {}  # generating nothing, it is not the main run's double
+    with pytest.raises(table2.UsageError, match="--controls real_batch: only with --synthetic-batch add"):
+        table2.parse_args([a for a in argv if a not in ("--synthetic-batch", "add")])
+
+    metrics = {(0.0, 0): _metrics(10.0, 20.0), (0.3, 0): _metrics(11.0, 17.0), ("real_batch", 0): _metrics(9.0, 19.0),
+               (0.0, 1): _metrics(12.0, 22.0), (0.3, 1): _metrics(12.0, 18.0), ("real_batch", 1): _metrics(10.0, 21.0)}
+    _fake_finished_runs(argv, metrics)
+    _no_training(monkeypatch)
+    assert table2.main(argv) == 0
+    report = json.loads((tmp_path / "results" / "mini-table2.json").read_text())
+    entry = report["controls"]["real_batch"]
+    assert entry["status"] == "trained" and entry["overrides"] == ["train.synthetic_ratio=0"]
+    assert entry["delta_mean"]["synthlab-test-wild"]["MPVPE"] == -1.0  # the larger batch alone: 19 - 20, 21 - 22
+    assert entry["vs_main"]["delta_mean"]["synthlab-test-wild"]["MPVPE"] == 2.5  # all real minus generated: +2, +3
+    batches = {run["name"]: run["batch"] for run in report["runs"]}
+    assert batches["baseline_r0.3_add_real_batch_s0"] == {"size": 6, "real": 6, "generated": 0, "synthetic_ratio": 0.0}
+    assert batches["baseline_r0.3_add_s0"] == {"size": 6, "real": 4, "generated": 2, "synthetic_ratio": 0.3}
+    assert report["setup"]["real_per_batch"] == {"0": 4, "0.3": 4}  # the control's 6 real do not overwrite r = 0.3's
+    markdown = (tmp_path / "results" / "mini-table2.md").read_text()
+    assert "| baseline (r=0, all real), the r=0.3 runs' batch | " in markdown
+    assert "+AttentionHand (r=0.3), all real" not in markdown

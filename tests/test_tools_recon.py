@@ -207,6 +207,10 @@ def test_card_with_generated_images_records_the_generator_and_its_weights(tmp_pa
     card = build_card(cfg, HandModel())["card"]
     assert card["mix"] == {"synthetic_ratio": 0.25, "mode": "sync", "labels": "train", "size": 64,
                            "synthetic_batch": "share", "real_per_batch": 12, "generated_per_batch": 4}
+    added = load_config(overrides=["train.synthetic_ratio=0.25", "train.synthetic_batch=add", "mixing.mode=sync",
+                                   f"mixing.sd_path={sd}", "data.train=[ih26m]", "data.test=[hic]"])
+    mix = build_card(added, HandModel())["card"]["mix"]  # batch 16 real + round(0.25 * 16 / 0.75) = 5 on top
+    assert (mix["synthetic_batch"], mix["real_per_batch"], mix["generated_per_batch"]) == ("add", 16, 5)
     generator = card["generator"]
     assert generator["name"] == "attentionhand" and generator["config_name"] == "tiny-synthlab"
     assert generator["config"]["sd_path"] == str(sd) and generator["config"]["tiny"]["unet_channels"]
