@@ -1241,6 +1241,11 @@ def _validation_lines(validation: dict, metrics, names: dict, reference: str) ->
     for name, control in (validation.get("controls") or {}).items():
         cells = [_ci_cell(control["delta_mean"][key][m], control["delta_ci"][key][m]) for m in metrics]
         lines.append(f"| Δ {name} (r={ratio_tag(control['ratio'])}) − r={reference} | " + " | ".join(cells) + " |")
+        versus = control.get("vs_main")
+        if versus:  # against the main run at its ratio: above zero, the control lost what the main run gained
+            cells = [_ci_cell(versus["delta_mean"][key][m], versus["delta_ci"][key][m]) for m in metrics]
+            lines.append(f"| Δ {name} (r={ratio_tag(control['ratio'])}) − r={ratio_tag(control['ratio'])} | "
+                         + " | ".join(cells) + " |")
     return lines
 
 

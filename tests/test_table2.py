@@ -769,3 +769,15 @@ def test_real_batch_control_trains_the_add_batch_all_real_and_separates_it(synth
     markdown = (tmp_path / "results" / "mini-table2.md").read_text()
     assert "| baseline (r=0, all real), the r=0.3 runs' batch | " in markdown
     assert "+AttentionHand (r=0.3), all real" not in markdown
+
+
+def test_validation_lines_give_each_control_against_the_reference_and_the_main_run():
+    one = lambda value: {"k": {"MPVPE": value}}  # noqa: E731
+    validation = {"key": "k", "split": "train-wild", "root": "/val", "mean": {"0": one(50.0), "0.3": one(48.0)},
+                  "std": {"0": one(1.0), "0.3": one(1.0)}, "delta_mean": {"0.3": one(-2.0)},
+                  "delta_ci": {"0.3": {"k": {"MPVPE": [-3.0, -1.0]}}},
+                  "controls": {"real_batch": {"ratio": 0.3, "delta_mean": one(-0.5), "delta_ci": {"k": {"MPVPE": [-1.0, 0.0]}},
+                                              "vs_main": {"delta_mean": one(1.5), "delta_ci": {"k": {"MPVPE": [0.5, 2.5]}}}}}}
+    lines = table2._validation_lines(validation, ["MPVPE"], {"0": "A (r=0)", "0.3": "A+AttentionHand (r=0.3)"}, "0")
+    assert "| Δ real_batch (r=0.3) − r=0 | -0.50 [-1.00, +0.00] |" in lines
+    assert "| Δ real_batch (r=0.3) − r=0.3 | +1.50 [+0.50, +2.50] |" in lines
