@@ -1077,11 +1077,13 @@ def summarize(
 def steps_note(runs: Sequence[dict]) -> Optional[str]:
     """A sentence when runs of the same seed trained different numbers of steps (None when every seed's runs
     agree or the steps are unknown). recon.train's epoch is a pass over the real data and a batch with
-    r > 0 holds fewer real samples, so without --max-steps an epoch of a run with r > 0 has more steps."""
+    r > 0 holds fewer real samples, so without --max-steps an epoch of a run with r > 0 has more steps (and a
+    real_batch control's, with more real samples a batch, fewer). Control runs are named with their control."""
     by_seed: dict[int, dict[str, int]] = {}
     for run in runs:
         if run["steps"] is not None:
-            by_seed.setdefault(run["seed"], {})[ratio_tag(run["ratio"])] = run["steps"]
+            tag = ratio_tag(run["ratio"]) + (f" {run['control']}" if run.get("control") else "")
+            by_seed.setdefault(run["seed"], {})[tag] = run["steps"]
     differing = {seed: steps for seed, steps in by_seed.items() if len(set(steps.values())) > 1}
     if not differing:
         return None
@@ -1224,7 +1226,7 @@ def _weights_phrase(average_last: int) -> str:
     return "each run scored with its final weights"
 
 
-def _validation_lines(validation: dict, metrics, names: dict, reference: str) -> list[str]:
+def _validation_lines(validation: dict, metrics, names: dict, reference: str, method: str = "") -> list[str]:
     stamp = validation.get("synthlab") or {}
     where = f"{validation['split']} of {validation['root']}" + (f" (synthlab seed {stamp['seed']})" if "seed" in stamp else "")
     lines = ["", f"## Validation ({validation['key']})", "",
@@ -1239,13 +1241,14 @@ def _validation_lines(validation: dict, metrics, names: dict, reference: str) ->
             cells = [_ci_cell(validation["delta_mean"][tag][key][m], validation["delta_ci"][tag][key][m]) for m in metrics]
             lines.append(f"| Δ (r={tag} − r={reference}) | " + " | ".join(cells) + " |")
     for name, control in (validation.get("controls") or {}).items():
+        row = (control_row_name(method, {"name": name, "ratio": control["ratio"], "title": CONTROLS[name].title})
+               if method and name in CONTROLS else f"{name} (r={ratio_tag(control['ratio'])})")
         cells = [_ci_cell(control["delta_mean"][key][m], control["delta_ci"][key][m]) for m in metrics]
-        lines.append(f"| Δ {name} (r={ratio_tag(control['ratio'])}) − r={reference} | " + " | ".join(cells) + " |")
+        lines.append(f"| Δ {row} − r={reference} | " + " | ".join(cells) + " |")
         versus = control.get("vs_main")
         if versus:  # against the main run at its ratio: above zero, the control lost what the main run gained
             cells = [_ci_cell(versus["delta_mean"][key][m], versus["delta_ci"][key][m]) for m in metrics]
-            lines.append(f"| Δ {name} (r={ratio_tag(control['ratio'])}) − r={ratio_tag(control['ratio'])} | "
-                         + " | ".join(cells) + " |")
+            lines.append(f"| Δ {row} − r={ratio_tag(control['ratio'])} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -1327,7 +1330,7 @@ def format_markdown(report: dict) -> str:
             lines += ["", f"Control {name} ({control['title']}): {control['reason']}."]
     validation = report.get("validation")
     if validation:
-        lines += _validation_lines(validation, metrics, names, reference)
+        lines += _validation_lines(validation, metrics, names, reference, report["method"])
 
     if report.get("steps_note"):
         lines += ["", f"Note: {report['steps_note']}"]
@@ -1368,7 +1371,9 @@ def format_markdown(report: dict) -> str:
         steps = "-" if run["steps"] is None else str(run["steps"])
         train_time = "-" if run["train_time_s"] is None else _duration(run["train_time_s"])
         mpvpe = [_cell(num(run["metrics"][t].get("MPVPE")), math.nan) for t in tests]
-        lines.append(f"| {run['name']} | {ratio_tag(run['ratio'])} | {run['seed']} | {run['status']} | {steps} | "
+        trained = (run.get("batch") or {}).get("synthetic_ratio", run["ratio"])
+        ratio = ratio_tag(run["ratio"]) if trained == run["ratio"] else f"{ratio_tag(trained)} (r={ratio_tag(run['ratio'])}'s batch)"
+        lines.append(f"| {run['name']} | {ratio} | {run['seed']} | {run['status']} | {steps} | "
                      f"{train_time} | " + " | ".join(mpvpe) + " |")
 
     predictions = report.get("prediction_figure")

@@ -768,6 +768,7 @@ def test_real_batch_control_trains_the_add_batch_all_real_and_separates_it(synth
     assert report["setup"]["real_per_batch"] == {"0": 4, "0.3": 4}  # the control's 6 real do not overwrite r = 0.3's
     markdown = (tmp_path / "results" / "mini-table2.md").read_text()
     assert "| baseline (r=0, all real), the r=0.3 runs' batch | " in markdown
+    assert "| baseline_r0.3_add_real_batch_s0 | 0 (r=0.3's batch) | 0 |" in markdown  # trained at r = 0
     assert "+AttentionHand (r=0.3), all real" not in markdown
 
 
@@ -779,5 +780,14 @@ def test_validation_lines_give_each_control_against_the_reference_and_the_main_r
                   "controls": {"real_batch": {"ratio": 0.3, "delta_mean": one(-0.5), "delta_ci": {"k": {"MPVPE": [-1.0, 0.0]}},
                                               "vs_main": {"delta_mean": one(1.5), "delta_ci": {"k": {"MPVPE": [0.5, 2.5]}}}}}}
     lines = table2._validation_lines(validation, ["MPVPE"], {"0": "A (r=0)", "0.3": "A+AttentionHand (r=0.3)"}, "0")
-    assert "| Δ real_batch (r=0.3) − r=0 | -0.50 [-1.00, +0.00] |" in lines
+    assert "| Δ real_batch (r=0.3) − r=0 | -0.50 [-1.00, +0.00] |" in lines  # no method: the control's key
     assert "| Δ real_batch (r=0.3) − r=0.3 | +1.50 [+0.50, +2.50] |" in lines
+    named = table2._validation_lines(validation, ["MPVPE"], {"0": "A (r=0)", "0.3": "A+AttentionHand (r=0.3)"}, "0", "A")
+    assert "| Δ A (r=0, all real), the r=0.3 runs' batch − r=0.3 | +1.50 [+0.50, +2.50] |" in named
+
+
+def test_steps_note_keeps_a_control_apart_from_the_main_run_at_its_ratio():
+    runs = [{"seed": 0, "ratio": 0.0, "steps": 10}, {"seed": 0, "ratio": 0.3, "steps": 10},
+            {"seed": 0, "ratio": 0.3, "control": "real_batch", "steps": 7}]
+    assert "r=0.3 real_batch: 7" in table2.steps_note(runs) and "r=0.3: 10" in table2.steps_note(runs)
+    assert table2.steps_note(runs[:2]) is None
