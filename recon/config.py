@@ -136,8 +136,9 @@ class TrainConfig:
     batch_size: int = 16  # per process
     synthetic_ratio: float = 0.0  # share of each batch from the generator (mixing package), 0 <= r < 1
     # what batch_size counts when r > 0 (mixing.mixer.batch_parts): "share": every sample, round(r * B) of them
-    # generated (fewer real images a step than at r = 0); "add": the real samples, the generated ones on top so that
-    # they are the share r of the batch (16 real at r = 0.3: 16 + 7), the same real images a step as at r = 0
+    # generated (fewer real images a step than at r = 0); "add": the real samples, the generated ones on top, about
+    # the share r of the batch (round(r * B / (1 - r)); 16 real at r = 0.3: 16 + 7), the same real images a step as
+    # at r = 0
     synthetic_batch: str = "share"
     ckpt_every: int = 200  # steps between checkpoints (a final one is always written)
     # evaluate and export (OUT/averaged/) the mean of the weights of the run's last N checkpoints (SWA over saved
