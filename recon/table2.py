@@ -178,7 +178,7 @@ class Control:
     overrides: tuple[str, ...]
     title: str
     description: str
-    row: str = "{method}+AttentionHand (r={ratio}), {title}"  # its rows' name in the md tables
+    row: str = "{method}+AttentionHand (r={ratio}), {title}"  # its rows' name in the md tables (CONTROL_ROW)
 
 
 CONTROLS = {
@@ -204,6 +204,7 @@ CONTROLS = {
     ),
 }
 DEFAULT_CONTROLS = {"interwild": ("tas_off", "mesh_blank")}
+CONTROL_ROW = Control.row  # a control row's name unless its Control says otherwise
 
 
 class UsageError(ValueError):
@@ -1171,7 +1172,7 @@ def _schedule_lines(schedule: Optional[dict]) -> list[str]:
 
 
 def control_row_name(method: str, control: dict) -> str:
-    template = CONTROLS[control["name"]].row if control.get("name") in CONTROLS else Control((), "", "").row
+    template = CONTROLS[control["name"]].row if control.get("name") in CONTROLS else CONTROL_ROW
     return template.format(method=method, ratio=ratio_tag(control["ratio"]), title=control["title"])
 
 
@@ -1642,25 +1643,22 @@ def _setup(cfg, mixed_cfg) -> dict:
 def _batch_setup(args: argparse.Namespace, runs: Sequence[RunSpec], configs: dict) -> dict:
     """{"synthetic_batch": share | add, "batch_sizes": {ratio: batch}, "real_per_batch": {ratio: n}} of every
     ratio that ran, the control ratio included."""
-    from mixing.mixer import split_batch_size
-
     sizes, real = {}, {}
     for run in sorted(runs, key=lambda run: run.ratio):
-        cfg = configs[run.name]
-        if float(cfg.train.synthetic_ratio) != run.ratio:
+        batch = _run_batch(configs[run.name])
+        if batch["synthetic_ratio"] != run.ratio:
             continue  # a real_batch control: its ratio's batch, all real (its row says so)
-        sizes[ratio_tag(run.ratio)] = int(cfg.train.batch_size)
-        real[ratio_tag(run.ratio)] = split_batch_size(cfg.train.batch_size, cfg.train.synthetic_ratio)[0]
+        sizes[ratio_tag(run.ratio)], real[ratio_tag(run.ratio)] = batch["size"], batch["real"]
     return {"synthetic_batch": getattr(args, "synthetic_batch", "share"), "batch_sizes": sizes, "real_per_batch": real}
 
 
 def _run_batch(cfg) -> dict:
     """{"size", "real", "generated", "synthetic_ratio"}: what one run trained on a step (a real_batch control:
     its ratio's batch at synthetic_ratio 0)."""
-    from mixing.mixer import split_batch_size
+    from recon.train import batch_split
 
-    n_real, n_generated = split_batch_size(int(cfg.train.batch_size), float(cfg.train.synthetic_ratio))
-    return {"size": int(cfg.train.batch_size), "real": n_real, "generated": n_generated,
+    n_real, n_generated = batch_split(cfg)
+    return {"size": n_real + n_generated, "real": n_real, "generated": n_generated,
             "synthetic_ratio": float(cfg.train.synthetic_ratio)}
 
 
