@@ -6,6 +6,7 @@
       "mix": {"synthetic_ratio": r, "mode": "online" | "sync" | "offline", "labels": ..., "size": px,
               "synthetic_batch": "share" | "add", "real_per_batch": n, "generated_per_batch": m},  # one process's
       "generator": None (r = 0 or round(r * B) = 0) | {"name", "config" (the resolved generator config), "weights": {file: sha256}},
+      "start_weights": {"path": str, "weights": {file: sha256}},  # only with train.backbone_weights (--backbone-weights)
       "hand_model": {"kind": "procedural" | "official", "fingerprint": sha256, "mano_dir": str | None},
       "code": {"package": "attentionhand-aug", "version": ..., "git_commit": str | None, "git_dirty": bool | None},
       "licences": [{"part", "name", "url", "note"}],          # what binds the weights
@@ -27,7 +28,7 @@ from typing import Any, Optional
 
 from hands.provenance import code_version
 
-__all__ = ["build_card", "hand_model_card", "hand_model_warning", "code_version", "LICENCES", "file_sha256"]
+__all__ = ["build_card", "start_weights_card", "hand_model_card", "hand_model_warning", "code_version", "LICENCES", "file_sha256"]
 
 # Summaries of the terms that bind weights trained on or with each part; the URLs are the official pages.
 LICENCES = {
@@ -187,6 +188,14 @@ def _generator_card(cfg) -> Optional[dict]:
     return card
 
 
+def start_weights_card(cfg) -> Optional[dict]:
+    """The weights a run started from (``train.backbone_weights``): their path and the SHA-256 of their files
+    ({} when they are no longer there, e.g. at a resumed run's later checkpoint); None when it started from
+    random init. Two runs that name the same path may not have started from the same weights: the hash says."""
+    path = cfg.train.backbone_weights
+    return {"path": str(path), "weights": _weights_hashes(path)} if path else None
+
+
 def build_card(cfg, hand_model) -> dict:
     """``{"card": {...}}`` for a run's config (recon.config's DictConfig) and its hand model; the keys of
     the module docstring. Safe to call at every checkpoint (hashes are cached)."""
@@ -226,6 +235,9 @@ def build_card(cfg, hand_model) -> dict:
         "code": code_version(),
         "licences": licences,
     }
+    start = start_weights_card(cfg)
+    if start is not None:  # a run from random init has no such key
+        card["start_weights"] = start
     return {"card": card}
 
 

@@ -1162,6 +1162,14 @@ def row_names(method: str, ratios: Sequence[float]) -> dict[str, str]:
     return names
 
 
+def _start_weights_lines(start: Optional[dict]) -> list[str]:
+    """The weights every run started from (--backbone-weights), by path and SHA-256; none for random init."""
+    if not start:
+        return []
+    hashes = ", ".join(f"{name} {digest[:16]}" for name, digest in start["weights"].items()) or "not found when tabulated"
+    return [f"Every run started from `{start['path']}` (SHA-256: {hashes}).", ""]
+
+
 def _schedule_lines(schedule: Optional[dict]) -> list[str]:
     if not schedule or schedule.get("kind") != "steps":
         return []
@@ -1288,6 +1296,7 @@ def format_markdown(report: dict) -> str:
         "better; mean ± sample standard deviation over seeds; Δ = metric(r) − metric(r="
         f"{reference}), paired by seed.",
         "",
+        *_start_weights_lines(setup.get("start_weights")),
         *_schedule_lines(report.get("schedule")),
         "| Method | " + " | ".join(f"{DATASET_TITLES.get(t, t)} {m} ↓" for t, m in columns) + " |",
         "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|",
@@ -1618,6 +1627,7 @@ def _write_text(path: Path, text: str) -> Path:
 # ----------------------------------------------------------------------------------------------------
 def _setup(cfg, mixed_cfg) -> dict:
     """The facts every run shares (from the reference run's config) and the generator of the runs with r > 0."""
+    from recon.cards import start_weights_card
     from recon.data import parse_specs
 
     return {
@@ -1637,6 +1647,7 @@ def _setup(cfg, mixed_cfg) -> dict:
         "generator_size": mixed_cfg.mixing.size,
         "mix_mode": mixed_cfg.mixing.mode,
         "labels": mixed_cfg.mixing.labels,
+        "start_weights": start_weights_card(cfg),  # --backbone-weights: path and SHA-256 (a path alone is not the weights)
     }
 
 

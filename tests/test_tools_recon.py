@@ -301,3 +301,25 @@ def test_demo_with_interwild_finds_boxes_itself_and_reports_absolute_positions(r
     assert recon_demo.main(["--ckpt", str(ckpt), "--input", str(images), "--out", str(out), "--hand-threshold", "1.01"]) == 0
     assert all(json.loads(p.read_text())["hands"] == [] for p in (out / "json").glob("*.json"))
     assert len(list((out / "overlays").glob("*.png"))) == 2
+
+
+def test_card_and_table_setup_record_the_start_weights_by_hash(tmp_path):
+    from hands.mano import HandModel
+    from recon import table2
+    from recon.cards import build_card
+    from recon.config import load_config
+
+    encoder = tmp_path / "encoder.safetensors"
+    encoder.write_bytes(b"an encoder's bytes")
+    digest = hashlib.sha256(encoder.read_bytes()).hexdigest()
+    cfg = load_config(overrides=[f"train.backbone_weights={encoder}"])
+    card = build_card(cfg, HandModel())["card"]
+    assert card["start_weights"] == {"path": str(encoder), "weights": {"encoder.safetensors": digest}}
+    assert "start_weights" not in build_card(load_config(), HandModel())["card"]  # random init
+    setup = table2._setup(cfg, cfg)
+    assert setup["start_weights"] == card["start_weights"] and table2._setup(load_config(), load_config())["start_weights"] is None
+    assert table2._start_weights_lines(setup["start_weights"]) == [
+        f"Every run started from `{encoder}` (SHA-256: encoder.safetensors {digest[:16]}).", ""]
+    assert table2._start_weights_lines(None) == []
+    encoder.write_bytes(b"another encoder at the same path")  # the same path, other weights: another hash
+    assert build_card(cfg, HandModel())["card"]["start_weights"]["weights"]["encoder.safetensors"] != digest
