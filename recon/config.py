@@ -12,8 +12,11 @@ overriding the previous one:
 6. ``key=value`` overrides (``optim.lr=3e-4 model.backbone=resnet34``).
 
 An unknown key or a value of the wrong type fails with one line naming the key and where it came from. A value
-that a ``--config FILE`` leaves ``???`` (OmegaConf's mandatory value) must be given by a flag or an override
-(``configs/recon/intaghand-pretrained.yaml``'s ``train.backbone_weights``), else one line names it.
+that a ``--config FILE`` leaves ``???`` (OmegaConf's mandatory value) must be given by a flag or an override,
+else one line names it. A relative ``train.backbone_weights`` written in a ``--config FILE`` is relative to that
+file's folder (as a generator config's ``sd_path``), so that ``configs/recon/intaghand-pretrained.yaml`` finds the
+shipped encoder from any working directory; it is recorded relative to the working directory when the file lies
+under it, else as an absolute path. One given by a flag or an override is relative to the working directory.
 The ``model`` section is checked against the regressor's constructor signature (its annotated keyword
 arguments are its schema). :func:`from_config` is the one place where a config becomes constructor
 arguments.
@@ -277,6 +280,8 @@ def load_config(
     flags = {key: value for key, value in (flags or {}).items() if value is not None}
     override_cfg = _parse_overrides(overrides or [])
     file_cfg = _read_yaml(Path(config_file), f"--config {config_file}") if config_file else OmegaConf.create()
+    if config_file:
+        _paths_relative_to(file_cfg, Path(config_file).parent)
     flag_cfg = OmegaConf.create()
     for key, value in flags.items():
         OmegaConf.update(flag_cfg, key, value, force_add=True)
@@ -319,6 +324,31 @@ def load_config(
     cfg = _merge(cfg, {"profile": profile, "arch": arch}, "command-line flags")
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+# Keys whose relative value in a --config file is read from that file's folder (see the module docstring).
+FILE_RELATIVE_KEYS = ("train.backbone_weights",)
+
+
+def _paths_relative_to(layer: DictConfig, folder: Path) -> None:
+    """Rewrite each relative :data:`FILE_RELATIVE_KEYS` value of a config file's ``layer`` as the path it names from
+    ``folder``: relative to the working directory when it lies under it, else absolute. ``???``, null,
+    interpolations and absolute paths stay as written."""
+    for key in FILE_RELATIVE_KEYS:
+        section_key, _, leaf = key.rpartition(".")
+        section = OmegaConf.select(layer, section_key, default=None)
+        if not isinstance(section, DictConfig) or leaf not in section:
+            continue
+        if OmegaConf.is_missing(section, leaf) or OmegaConf.is_interpolation(section, leaf):
+            continue
+        value = section[leaf]
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        path = (folder / Path(value).expanduser()).resolve()
+        try:
+            section[leaf] = str(path.relative_to(Path.cwd().resolve()))
+        except ValueError:
+            section[leaf] = str(path)
 
 
 def model_schema(cls: type) -> type:

@@ -55,6 +55,33 @@ def test_bad_key_in_a_config_file_names_the_file(tmp_path):
         load_config(config_file=str(bad))
 
 
+
+def test_a_weights_path_in_a_config_file_is_read_from_that_files_folder(tmp_path, monkeypatch):
+    """train.backbone_weights written relative in a --config FILE names a file beside FILE, whatever the working
+    directory (the shipped IntagHand config finds the shipped encoder from anywhere); given by a flag or an
+    override it is the working directory's; absolute paths, null and ??? stay as written."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "mine.yaml").write_text("train:\n  backbone_weights: weights/enc.safetensors\n")
+    monkeypatch.chdir(tmp_path)  # the file lies under the working directory: recorded relative to it
+    assert load_config(config_file="configs/mine.yaml").train.backbone_weights == "configs/weights/enc.safetensors"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # it does not: recorded absolute
+    cfg = load_config(config_file=str(folder / "mine.yaml"))
+    assert cfg.train.backbone_weights == str((folder / "weights" / "enc.safetensors").resolve())
+    assert load_config(config_file=str(folder / "mine.yaml"), flags={"train.backbone_weights": "a.pt"}).train.backbone_weights == "a.pt"
+    assert load_config(config_file=str(folder / "mine.yaml"), overrides=["train.backbone_weights=b.pt"]).train.backbone_weights == "b.pt"
+    assert load_config(overrides=["train.backbone_weights=c.pt"]).train.backbone_weights == "c.pt"
+    (folder / "abs.yaml").write_text(f"train:\n  backbone_weights: {tmp_path / 'x.pt'}\n")
+    assert load_config(config_file=str(folder / "abs.yaml")).train.backbone_weights == str(tmp_path / "x.pt")
+    (folder / "none.yaml").write_text("train:\n  backbone_weights: null\n")
+    assert load_config(config_file=str(folder / "none.yaml")).train.backbone_weights is None
+    (folder / "must.yaml").write_text("train:\n  backbone_weights: ???\n")
+    with pytest.raises(ConfigError, match="train.backbone_weights is required"):
+        load_config(config_file=str(folder / "must.yaml"))
+    assert load_config(config_file=str(folder / "must.yaml"), flags={"train.backbone_weights": "d.pt"}).train.backbone_weights == "d.pt"
+
 class _Model:
     def __init__(self, *, width: int = 8, name: str = "x", mano_dir: Optional[str] = None, scale: float = 1.0):
         pass

@@ -447,9 +447,15 @@ def test_the_pretrained_config_starts_from_the_baseline_demo_encoder(tmp_path):
     from recon.config import ConfigError
 
     config_file = str(CONFIG_DIR / "intaghand-pretrained.yaml")
-    # the encoder's file is the user's and required: without it the config is refused, not trained from scratch
+    # it starts from the shipped encoder unless given another (twenty-first pass: the same bytes on every machine)
+    shipped = CONFIG_DIR.parents[1] / "recon" / "weights" / "baseline-studio-encoder.safetensors"
+    assert Path(load_config(config_file=config_file).train.backbone_weights).resolve() == shipped.resolve()
+    # a config file that leaves the encoder ??? is refused without one, not trained from scratch
+    required = tmp_path / "required.yaml"
+    required.write_text(Path(config_file).read_text().replace(
+        "backbone_weights: ../../recon/weights/baseline-studio-encoder.safetensors", "backbone_weights: ???"))
     with pytest.raises(ConfigError, match=r"train.backbone_weights is required .*give --backbone-weights FILE"):
-        load_config(config_file=config_file)
+        load_config(config_file=str(required))
     cfg = load_config(config_file=config_file, flags={"train.backbone_weights": "encoder.safetensors"})
     assert cfg.train.backbone_weights == "encoder.safetensors"
     assert load_config(config_file=config_file, overrides=["train.backbone_weights=e.pt"]).train.backbone_weights == "e.pt"
@@ -495,6 +501,40 @@ def test_the_pretrained_config_starts_from_the_baseline_demo_encoder(tmp_path):
         assert torch.equal(loaded[key], value), key
     # the graph decoder's last level at the paper's 64 channels (the demo's: 16)
     assert model.coord_head.in_features == 64
+
+
+def test_the_shipped_encoder_is_the_file_its_card_names_and_loads_whole(tmp_path, monkeypatch):
+    """recon/weights/baseline-studio-encoder.safetensors (twenty-first pass): the bytes its card's SHA-256 names, the
+    whole trained trunk of the baseline's demo profile (every encoder tensor of the pretrained config, BatchNorm
+    statistics included), which the pretrained config starts IntagHand from by default."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from recon.config import CONFIG_DIR
+
+    root = CONFIG_DIR.parents[1]
+    card = json.loads((root / "recon" / "weights" / "baseline-studio-encoder.json").read_text())
+    path = root / "recon" / "weights" / card["file"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == card["sha256"]
+    # the config finds it from any working directory (its path is read from the config file's folder)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(config_file=str(CONFIG_DIR / "intaghand-pretrained.yaml"))
+    assert Path(cfg.train.backbone_weights).is_absolute() and Path(cfg.train.backbone_weights).resolve() == path.resolve()
+    torch.manual_seed(0)
+    model = build_regressor("intaghand", **from_config(cfg, IntagHand))
+    fresh = {key: value.clone() for key, value in model.encoder.state_dict().items()}
+    shipped = load_file(str(path))
+    assert set(shipped) == set(fresh)  # the trunk only: no head, nothing missing
+    model.load_backbone_weights(str(path))
+    loaded = model.encoder.state_dict()
+    for key, value in shipped.items():
+        assert torch.equal(loaded[key], value), key
+    # trained, not a random start: every convolution's weights moved and the BatchNorm statistics were gathered
+    convolutions = [key for key, value in fresh.items() if value.dim() == 4]
+    assert len(convolutions) >= 20 and all(not torch.equal(loaded[key], fresh[key]) for key in convolutions)
+    variances = [key for key in fresh if key.endswith("running_var")]
+    assert variances and all(not torch.allclose(loaded[key], torch.ones_like(loaded[key])) for key in variances)
 
 
 # -- the graph decoder's structure (the reference's DualGraph) ----------------------------------------------
