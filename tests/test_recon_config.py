@@ -55,7 +55,6 @@ def test_bad_key_in_a_config_file_names_the_file(tmp_path):
         load_config(config_file=str(bad))
 
 
-
 def test_a_weights_path_in_a_config_file_is_read_from_that_files_folder(tmp_path, monkeypatch):
     """train.backbone_weights written relative in a --config FILE names a file beside FILE, whatever the working
     directory (the shipped IntagHand config finds the shipped encoder from anywhere); given by a flag or an
@@ -81,6 +80,7 @@ def test_a_weights_path_in_a_config_file_is_read_from_that_files_folder(tmp_path
     with pytest.raises(ConfigError, match="train.backbone_weights is required"):
         load_config(config_file=str(folder / "must.yaml"))
     assert load_config(config_file=str(folder / "must.yaml"), flags={"train.backbone_weights": "d.pt"}).train.backbone_weights == "d.pt"
+
 
 class _Model:
     def __init__(self, *, width: int = 8, name: str = "x", mano_dir: Optional[str] = None, scale: float = 1.0):
